@@ -1,0 +1,126 @@
+"""Graph: inputs, constants (weights), nodes and outputs, immutable.
+
+A graph is a value: passes return new graphs. Equality is structural (hash-consed nodes make it
+an identity check on the outputs) plus the identity of constant data. Constant arrays are kept
+as given (a memory-mapped GGUF tensor stays mapped); nothing here copies them.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from ember.ir.node import Node
+
+
+class Graph:
+    __slots__ = ("name", "inputs", "outputs", "constants", "_order", "_users")
+
+    def __init__(self, inputs: Iterable[Node], outputs: Iterable[Node],
+                 constants: Mapping[str, np.ndarray] | None = None, name: str = "main"):
+        self.name = name
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+        self._order = None
+        self._users = None
+        for node in self.inputs:
+            if node.op != "input":
+                raise ValueError(f"graph input {node!r} is not an input node")
+        names = [n.name for n in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"graph {name!r} has duplicate input names: {names}")
+        # Keep only constants the graph still uses: a pass that drops a node drops its weight.
+        used = {n.name for n in self.nodes if n.op == "const" and n.attr("value") is None}
+        constants = dict(constants or {})
+        missing = sorted(used - constants.keys())
+        if missing:
+            raise ValueError(f"graph {name!r}: no data for constants {missing}")
+        self.constants = MappingProxyType({k: constants[k] for k in sorted(used)})
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """Every node reachable from the outputs, plus the inputs, in a topological order.
+
+        The order is deterministic: inputs first (as declared), then a depth-first post-order
+        from the outputs taking operands left to right.
+        """
+        if self._order is None:
+            order: list[Node] = list(self.inputs)
+            seen = set(order)
+            for out in self.outputs:
+                stack = [(out, 0)]
+                while stack:
+                    node, i = stack.pop()
+                    if node in seen:
+                        continue
+                    if i < len(node.inputs):
+                        stack.append((node, i + 1))
+                        child = node.inputs[i]
+                        if child not in seen:
+                            stack.append((child, 0))
+                    else:
+                        seen.add(node)
+                        order.append(node)
+            self._order = tuple(order)
+        return self._order
+
+    @property
+    def users(self) -> Mapping[Node, tuple[Node, ...]]:
+        """For each node, the nodes that consume it (in topological order)."""
+        if self._users is None:
+            users: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+            for n in self.nodes:
+                for i in dict.fromkeys(n.inputs):
+                    users[i].append(n)
+            self._users = MappingProxyType({k: tuple(v) for k, v in users.items()})
+        return self._users
+
+    def to_networkx(self):
+        """A networkx DiGraph over the nodes (edge operand -> user, with the operand index)."""
+        import networkx as nx
+        g = nx.MultiDiGraph()
+        for n in self.nodes:
+            g.add_node(n, op=n.op)
+            for idx, i in enumerate(n.inputs):
+                g.add_edge(i, n, index=idx)
+        return g
+
+    def constant_data(self, node: Node) -> np.ndarray:
+        """The stored data of a const node (literal constants are materialized)."""
+        value = node.attr("value")
+        if value is not None:
+            return np.asarray(value, dtype=node.dtype.numpy).reshape(node.shape)
+        return self.constants[node.name]
+
+    def replace(self, outputs=None, inputs=None, constants=None, name=None) -> "Graph":
+        """A new graph sharing everything not given."""
+        merged = dict(self.constants)
+        merged.update(constants or {})
+        return Graph(self.inputs if inputs is None else inputs,
+                     self.outputs if outputs is None else outputs,
+                     merged, self.name if name is None else name)
+
+    # ---- equality --------------------------------------------------------------------------
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Graph):
+            return NotImplemented
+        if (self.name, self.inputs, self.outputs) != (other.name, other.inputs, other.outputs):
+            return False
+        if self.constants.keys() != other.constants.keys():
+            return False
+        return all(a is other.constants[k] or (a.shape == other.constants[k].shape
+                                               and np.array_equal(a, other.constants[k]))
+                   for k, a in self.constants.items())
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.inputs, self.outputs))
+
+    def __repr__(self) -> str:
+        return (f"<Graph {self.name!r}: {len(self.inputs)} inputs, {len(self.nodes)} nodes, "
+                f"{len(self.outputs)} outputs, {len(self.constants)} constants>")
+
+    def __str__(self) -> str:
+        from ember.ir.printer import print_ir
+        return print_ir(self)

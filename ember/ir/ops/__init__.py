@@ -1,0 +1,111 @@
+"""The op table: every op's inputs, attributes, shape/dtype rule and NumPy reference.
+
+Each op is one `OpDef`. The reference function *is* the definition of the op: backends are
+tested against it. Modules in this package register their ops on import.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ember.ir.errors import ShapeError
+from ember.ir.types import TensorType
+
+REQUIRED = object()
+ATTR_KINDS = ("int", "float", "bool", "str", "ints", "dtype", "values")
+
+
+@dataclass(frozen=True)
+class Attr:
+    kind: str
+    default: object = REQUIRED
+    choices: tuple = ()
+
+    def check(self, op: str, name: str, value):
+        ok = {
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "bool": lambda v: isinstance(v, bool),
+            "str": lambda v: isinstance(v, str),
+            "ints": lambda v: isinstance(v, tuple) and all(isinstance(i, int) for i in v),
+            "dtype": lambda v: isinstance(v, str),
+            "values": lambda v: isinstance(v, tuple),
+        }[self.kind](value)
+        if not ok:
+            raise ShapeError(f"{op}: attribute {name}={value!r} is not of kind {self.kind}")
+        if self.choices and value not in self.choices:
+            raise ShapeError(f"{op}: attribute {name}={value!r} is not one of {self.choices}")
+        return float(value) if self.kind == "float" else value
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    inputs: tuple[str, ...]                 # names of required operands
+    infer: Callable[[list[TensorType], dict], TensorType]
+    reference: Callable | None              # (list[np.ndarray], attrs) -> np.ndarray
+    optional: tuple[str, ...] = ()          # names of trailing optional operands
+    attrs: dict = field(default_factory=dict)
+    category: str = "compute"               # compute | elementwise | view | source
+    doc: str = ""
+    # A raw op's reference sees operands as stored (quantized blocks, bf16 bits) and gets
+    # (arrays, attrs, input_types, output_type); the others see float arrays and (arrays, attrs).
+    raw: bool = False
+
+    @property
+    def is_view(self) -> bool:
+        return self.category == "view"
+
+    def normalize_attrs(self, given: dict) -> dict:
+        """Fill defaults, check kinds; unknown or missing attributes are errors naming the op."""
+        unknown = set(given) - set(self.attrs)
+        if unknown:
+            raise ShapeError(f"{self.name}: unknown attribute(s) {sorted(unknown)}; "
+                             f"expected {sorted(self.attrs) or 'none'}")
+        out = {}
+        for name, spec in self.attrs.items():
+            if name in given and given[name] is not None:
+                value = given[name]
+                if spec.kind == "ints":
+                    value = tuple(value)
+                out[name] = spec.check(self.name, name, value)
+            elif spec.default is REQUIRED:
+                raise ShapeError(f"{self.name}: missing attribute {name!r}")
+            else:
+                out[name] = spec.default
+        return out
+
+    def check_arity(self, n: int):
+        lo, hi = len(self.inputs), len(self.inputs) + len(self.optional)
+        if not lo <= n <= hi:
+            want = f"{lo}" if lo == hi else f"{lo} to {hi}"
+            raise ShapeError(f"{self.name}: takes {want} operands "
+                             f"({', '.join(self.inputs + tuple(o + '?' for o in self.optional))}), got {n}")
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    if op.name in OPS:
+        raise ValueError(f"op {op.name!r} registered twice")
+    OPS[op.name] = op
+    return op
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise ShapeError(f"unknown op {name!r}") from None
+
+
+def infer_type(op: str, input_types: list[TensorType], attrs: dict) -> tuple[TensorType, dict]:
+    """Check arity and attributes, then apply the op's shape rule. Returns (type, full attrs)."""
+    opdef = get_op(op)
+    opdef.check_arity(len(input_types))
+    full = opdef.normalize_attrs(attrs)
+    return opdef.infer(list(input_types), full), full
+
+
+from ember.ir.ops import sources, elementwise, linalg, norm, rope, attention, views, indexing  # noqa: E402,F401

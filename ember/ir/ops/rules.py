@@ -1,0 +1,38 @@
+"""Small helpers shared by the shape/dtype rules of the op table."""
+from __future__ import annotations
+
+import numpy as np
+
+from ember.ir import dtypes
+from ember.ir.errors import ShapeError
+from ember.ir.types import TensorType
+
+FLOAT_ACT = (dtypes.f32,)
+F32_OR_F16 = (dtypes.f32, dtypes.f16)
+
+
+def require(cond: bool, message: str):
+    if not cond:
+        raise ShapeError(message)
+
+
+def expect_dtype(op: str, what: str, t: TensorType, allowed):
+    require(t.dtype in allowed, f"{op}: {what} has dtype {t.dtype}, expected one of "
+                                f"{', '.join(d.name for d in allowed)}")
+
+
+def broadcasts_to(small: tuple, big: tuple) -> bool:
+    if len(small) > len(big):
+        return False
+    for s, b in zip(reversed(small), reversed(big)):
+        if s != b and s != 1:
+            return False
+    return True
+
+
+def as_f32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32, copy=False)
+
+
+def f32(shape) -> TensorType:
+    return TensorType(dtypes.f32, tuple(shape))

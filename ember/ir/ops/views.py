@@ -1,0 +1,137 @@
+"""View ops (no data moves: a new shape and byte strides over the operand's storage) and the
+ops that make or convert contiguous copies (cont, cast, concat)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ember.ir import dtypes
+from ember.ir.ops import Attr, OpDef, register
+from ember.ir.ops.rules import require
+from ember.ir.types import TensorType
+
+
+# ---- storage helpers used by the references of raw ops -------------------------------------
+def storage_layout(t: TensorType) -> tuple[tuple, tuple]:
+    """NumPy shape and strides of a tensor's storage (quantized: bytes along the last axis)."""
+    if t.dtype.is_quantized:
+        return t.shape[:-1] + (t.dtype.row_bytes(t.shape[-1]),), t.strides[:-1] + (1,)
+    return t.shape, t.strides
+
+
+def root_of(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """The ndarray that owns a's memory, and a's byte offset inside it."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root, a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+
+
+def storage_view(a: np.ndarray, offset: int, t: TensorType) -> np.ndarray:
+    root, base = root_of(a)
+    shape, strides = storage_layout(t)
+    return np.ndarray(shape, dtype=t.dtype.numpy, buffer=root, offset=base + offset, strides=strides)
+
+
+# ---- view ------------------------------------------------------------------------------------
+def _view_infer(ts, attrs):
+    x = ts[0]
+    shape, strides, offset = attrs["shape"], attrs["strides"], attrs["offset"]
+    require(len(shape) == len(strides), f"view: shape {list(shape)} and strides {list(strides)} differ in rank")
+    require(offset >= 0, f"view: negative offset {offset}")
+    t = TensorType(x.dtype, shape, strides)
+    if x.dtype.is_quantized:
+        require(strides[-1] == x.dtype.block_bytes, f"view: a {x.dtype} view must keep its blocks contiguous")
+    require(offset + t.span_bytes <= x.span_bytes,
+            f"view: bytes [{offset}, {offset + t.span_bytes}) fall outside the operand's {x.span_bytes} bytes")
+    return t
+
+
+register(OpDef("view", ("x",), _view_infer,
+               lambda xs, a, its, ot: storage_view(xs[0], a["offset"], ot),
+               attrs={"shape": Attr("ints"), "strides": Attr("ints"), "offset": Attr("int", 0)},
+               category="view", raw=True,
+               doc="A view of x's storage at a byte offset with the given shape and byte strides."))
+
+
+def _reshape_infer(ts, attrs):
+    x, shape = ts[0], attrs["shape"]
+    require(x.is_contiguous, f"reshape: operand {x} is not contiguous (use cont first)")
+    t = TensorType(x.dtype, shape)
+    require(t.numel == x.numel, f"reshape: {list(x.shape)} has {x.numel} values, {list(shape)} has {t.numel}")
+    return t
+
+
+register(OpDef("reshape", ("x",), _reshape_infer,
+               lambda xs, a, its, ot: storage_view(xs[0], 0, ot),
+               attrs={"shape": Attr("ints")}, category="view", raw=True,
+               doc="The same contiguous data under a new shape."))
+
+
+def _permute_infer(ts, attrs):
+    x, axes = ts[0], attrs["axes"]
+    require(sorted(axes) == list(range(x.rank)), f"permute: axes {list(axes)} are not a permutation of 0..{x.rank - 1}")
+    if x.dtype.is_quantized:
+        require(axes[-1] == x.rank - 1, f"permute: a {x.dtype} tensor must keep its last axis last")
+    return TensorType(x.dtype, tuple(x.shape[i] for i in axes), tuple(x.strides[i] for i in axes))
+
+
+register(OpDef("permute", ("x",), _permute_infer,
+               lambda xs, a, its, ot: storage_view(xs[0], 0, ot),
+               attrs={"axes": Attr("ints")}, category="view", raw=True,
+               doc="Axes reordered: result axis i is operand axis axes[i]."))
+
+
+def _transpose_infer(ts, attrs):
+    x = ts[0]
+    require(x.rank >= 2, f"transpose: operand must be at least 2-D, got {list(x.shape)}")
+    require(not x.dtype.is_quantized, f"transpose: {x.dtype} blocks cannot be transposed")
+    axes = tuple(range(x.rank - 2)) + (x.rank - 1, x.rank - 2)
+    return TensorType(x.dtype, tuple(x.shape[i] for i in axes), tuple(x.strides[i] for i in axes))
+
+
+register(OpDef("transpose", ("x",), _transpose_infer,
+               lambda xs, a, its, ot: storage_view(xs[0], 0, ot),
+               category="view", raw=True, doc="The last two axes swapped."))
+
+
+# ---- copies ----------------------------------------------------------------------------------
+register(OpDef("cont", ("x",), lambda ts, a: TensorType(ts[0].dtype, ts[0].shape),
+               lambda xs, a, its, ot: np.ascontiguousarray(xs[0]),
+               raw=True, doc="A contiguous copy of a (possibly strided) tensor."))
+
+CASTABLE = (dtypes.f32, dtypes.f16, dtypes.bf16)
+
+
+def _cast_infer(ts, attrs):
+    x, target = ts[0], dtypes.dtype(attrs["dtype"])
+    require(x.dtype in CASTABLE and target in CASTABLE,
+            f"cast: only between {', '.join(d.name for d in CASTABLE)}; got {x.dtype} -> {target}")
+    return TensorType(target, x.shape)
+
+
+register(OpDef("cast", ("x",), _cast_infer,
+               lambda xs, a, its, ot: dtypes.from_float32(dtypes.to_float32(xs[0], its[0].dtype), ot.dtype),
+               attrs={"dtype": Attr("dtype")}, raw=True,
+               doc="Convert between float types (round to nearest even)."))
+
+
+def _concat_infer(ts, attrs):
+    a, b = ts
+    axis = attrs["axis"]
+    require(a.dtype == b.dtype, f"concat: dtypes differ: {a.dtype} vs {b.dtype}")
+    require(a.rank == b.rank and -a.rank <= axis < a.rank,
+            f"concat: ranks {a.rank}, {b.rank} and axis {axis} do not fit")
+    axis %= a.rank
+    require(all(x == y for i, (x, y) in enumerate(zip(a.shape, b.shape)) if i != axis),
+            f"concat: shapes {list(a.shape)} and {list(b.shape)} differ off axis {axis}")
+    if a.dtype.is_quantized:
+        require(axis != a.rank - 1, f"concat: {a.dtype} tensors join along an outer axis only")
+    shape = list(a.shape)
+    shape[axis] += b.shape[axis]
+    return TensorType(a.dtype, tuple(shape))
+
+
+register(OpDef("concat", ("a", "b"), _concat_infer,
+               lambda xs, a, its, ot: np.concatenate(xs, axis=a["axis"] % len(ot.shape)),
+               attrs={"axis": Attr("int", 0)}, raw=True,
+               doc="a and b joined along axis (quantized: outer axes only, whole blocks)."))
