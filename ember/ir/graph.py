@@ -11,6 +11,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from ember.ir import dtypes
 from ember.ir.node import Node
 
 
@@ -18,12 +19,18 @@ class Graph:
     __slots__ = ("name", "inputs", "outputs", "constants", "_order", "_users")
 
     def __init__(self, inputs: Iterable[Node], outputs: Iterable[Node],
-                 constants: Mapping[str, np.ndarray] | None = None, name: str = "main"):
+                 constants: Mapping[str, np.ndarray] | None = None, name: str = "main",
+                 nodes: Iterable[Node] | None = None):
+        """`nodes`, when given, is the declared node list (as IR text or a builder wrote it): it
+        may hold dead nodes, which stay until dead-code elimination. Without it the graph is
+        exactly what the outputs reach."""
         self.name = name
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self._order = None
         self._users = None
+        if nodes is not None:
+            self._order = self._checked_order(nodes)
         for node in self.inputs:
             if node.op != "input":
                 raise ValueError(f"graph input {node!r} is not an input node")
@@ -39,6 +46,39 @@ class Graph:
         self.constants = MappingProxyType({k: constants[k] for k in sorted(used)})
 
     # ---- structure -------------------------------------------------------------------------
+    def _checked_order(self, nodes: Iterable[Node]) -> tuple[Node, ...]:
+        order = list(self.inputs) + [n for n in nodes if n.op != "input"]
+        position = {}
+        for n in order:
+            position.setdefault(n, len(position))
+        order = list(position)
+        for n in order:
+            for i in n.inputs:
+                if position.get(i, len(order)) >= position[n]:
+                    raise ValueError(f"graph {self.name!r}: {n!r} uses {i!r}, which is not "
+                                     "declared before it")
+        for n in self.outputs:
+            if n not in position:
+                raise ValueError(f"graph {self.name!r}: output {n!r} is not among the declared nodes")
+        return tuple(order)
+
+    @property
+    def live_nodes(self) -> tuple[Node, ...]:
+        """The nodes the outputs depend on, plus the inputs, in declared order."""
+        return Graph(self.inputs, self.outputs, self.constants, self.name).nodes \
+            if self.has_dead_nodes else self.nodes
+
+    @property
+    def has_dead_nodes(self) -> bool:
+        live = {self.inputs[i] for i in range(len(self.inputs))}
+        stack = list(self.outputs)
+        while stack:
+            n = stack.pop()
+            if n not in live:
+                live.add(n)
+                stack.extend(n.inputs)
+        return len(live) != len(self.nodes)
+
     @property
     def nodes(self) -> tuple[Node, ...]:
         """Every node reachable from the outputs, plus the inputs, in a topological order.
@@ -91,11 +131,13 @@ class Graph:
         """The stored data of a const node (literal constants are materialized)."""
         value = node.attr("value")
         if value is not None:
+            if node.dtype is dtypes.bf16:   # a bf16 literal holds its float values, stored as bits
+                return dtypes.f32_to_bf16(np.asarray(value, dtype=np.float32)).reshape(node.shape)
             return np.asarray(value, dtype=node.dtype.numpy).reshape(node.shape)
         return self.constants[node.name]
 
     def replace(self, outputs=None, inputs=None, constants=None, name=None) -> "Graph":
-        """A new graph sharing everything not given."""
+        """A new graph sharing everything not given; its nodes are what the outputs reach."""
         merged = dict(self.constants)
         merged.update(constants or {})
         return Graph(self.inputs if inputs is None else inputs,
@@ -107,6 +149,8 @@ class Graph:
         if not isinstance(other, Graph):
             return NotImplemented
         if (self.name, self.inputs, self.outputs) != (other.name, other.inputs, other.outputs):
+            return False
+        if self.nodes != other.nodes:   # dead nodes and declared order count too
             return False
         if self.constants.keys() != other.constants.keys():
             return False

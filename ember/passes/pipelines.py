@@ -1,0 +1,28 @@
+"""Per-target pipelines, built from named phases (TVM/MLC style)."""
+from __future__ import annotations
+
+from ember.passes.base import Phase, Pipeline
+from ember.passes.cse import CommonSubexpressionElimination
+from ember.passes.dce import DeadCodeElimination
+from ember.passes.fold_constants import FoldConstants
+
+TARGETS = ("cpu", "opencl-generic", "opencl-adreno", "vulkan")
+
+
+def simplify_phase() -> Phase:
+    return Phase("simplify", (FoldConstants(), CommonSubexpressionElimination(), DeadCodeElimination()))
+
+
+def pipeline_for(target: str) -> Pipeline:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    return Pipeline(phases=(simplify_phase(),), label=target)
+
+
+def known_pass_names() -> tuple[str, ...]:
+    names = []
+    for target in TARGETS:
+        for p in pipeline_for(target).passes:
+            if p.name not in names:
+                names.append(p.name)
+    return tuple(names)
