@@ -45,12 +45,21 @@ def const_node(name: str, dt, shape) -> Node:
 
 
 def literal_node(values, dt="f32", shape=None) -> Node:
-    arr = np.asarray(values, dtype=dtypes.dtype(dt).numpy)
+    dt = dtypes.dtype(dt)
+    if dt.is_quantized:
+        raise ShapeError(f"const: a literal cannot be {dt}; quantized constants are named")
+    # A bf16 literal holds the float values a bf16 can represent (Graph.constant_data stores bits).
+    arr = np.asarray(values, dtype=np.float32 if dt is dtypes.bf16 else dt.numpy)
     shape = arr.shape if shape is None else tuple(shape)
     if arr.size > LITERAL_LIMIT:
         raise ShapeError(f"const: a literal holds at most {LITERAL_LIMIT} values, got {arr.size}")
-    flat = tuple(v.item() for v in arr.reshape(-1))
-    return Node("const", (), {"value": flat}, TensorType(dtypes.dtype(dt), shape))
+    t = TensorType(dt, shape)
+    if arr.size != t.numel:
+        raise ShapeError(f"const: {arr.size} literal values do not fill {t}")
+    flat = arr.reshape(-1)
+    if dt is dtypes.bf16:
+        flat = dtypes.bf16_to_f32(dtypes.f32_to_bf16(flat))
+    return Node("const", (), {"value": tuple(v.item() for v in flat)}, t)
 
 
 def check_constant_data(name: str, t: TensorType, data: np.ndarray):

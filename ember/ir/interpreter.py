@@ -42,7 +42,7 @@ def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[Node, np.nd
                 raise IRError(f"{node.op} ({node.type}): {e}") from e
             if not opdef.is_view:
                 # Compute results own fresh contiguous storage, as on every backend.
-                out = np.ascontiguousarray(out, dtype=node.dtype.numpy)
+                out = np.asarray(out, dtype=node.dtype.numpy, order="C")   # keeps 0-d arrays 0-d
             values[node] = out
     return values
 
@@ -53,7 +53,7 @@ def run_reference(graph: Graph, inputs: Mapping[str, np.ndarray] | None = None,
     if inputs is None:
         inputs = random_inputs(graph, seed)
     values = evaluate(graph, inputs)
-    return [np.ascontiguousarray(values[o]) for o in graph.outputs]
+    return [np.asarray(values[o], order="C") for o in graph.outputs]
 
 
 def random_inputs(graph: Graph, seed: int | None = 0) -> dict[str, np.ndarray]:

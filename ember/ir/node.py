@@ -7,6 +7,7 @@ is mostly free. Nodes never change; passes build new ones.
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 
 from ember.ir.types import TensorType
@@ -22,6 +23,8 @@ def _freeze(value):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, float) and value == 0.0:
         return 0.0  # -0.0 and 0.0 hash alike but print differently; keep one
+    if isinstance(value, float) and value != value:
+        return math.nan  # NaN != NaN: only one shared NaN object lets equal nodes be found again
     return value
 
 

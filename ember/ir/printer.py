@@ -9,9 +9,10 @@
       return %1, %2
     }
 
-Inputs and named constants print under their own names (made unique); other values are
-numbered in order. Types print after every node so the text can be read alone; non-contiguous
-types show their byte strides in braces.
+Inputs and named constants print under their own names (constants made unique; an input
+name that is no identifier prints quoted, `%"a-b"`); other values are numbered in order. Types
+print after every node so the text can be read alone; non-contiguous types show their byte
+strides in braces.
 """
 from __future__ import annotations
 
@@ -59,7 +60,12 @@ def value_names(graph: Graph) -> dict[Node, str]:
         return name
 
     for node in graph.inputs:
-        names[node] = claim(node.name if _IDENT.match(node.name) else "in")
+        # An input's value name is its name, so one that is no identifier prints quoted.
+        if _IDENT.match(node.name):
+            names[node] = claim(node.name)
+        else:
+            names[node] = format_scalar(node.name)
+            taken.add(node.name)
     counter = 0
     for node in graph.nodes:
         if node in names:
@@ -67,6 +73,8 @@ def value_names(graph: Graph) -> dict[Node, str]:
         if node.op == "const" and node.name is not None and _IDENT.match(node.name):
             names[node] = claim(node.name)
         else:
+            while str(counter) in taken:
+                counter += 1
             names[node] = str(counter)
             taken.add(names[node])
             counter += 1
@@ -76,7 +84,8 @@ def value_names(graph: Graph) -> dict[Node, str]:
 def print_ir(graph: Graph) -> str:
     names = value_names(graph)
     params = ", ".join(f"%{names[n]}: {n.type}" for n in graph.inputs)
-    lines = [f"graph {graph.name}({params}) {{"]
+    title = graph.name if _IDENT.match(graph.name) else format_scalar(graph.name)
+    lines = [f"graph {title}({params}) {{"]
     for node in graph.nodes:
         if node.op == "input":
             continue

@@ -27,14 +27,17 @@ Supported kinds (``BLOCK_LAYOUTS[kind] == (values per block, bytes per block)``)
     ``value = d * scales[j // 16] * (q - 32)`` with ``q`` a 6-bit value (low
     4 bits in ``ql``, high 2 bits in ``qh``; see ``_pack_q6_k``).
 
-The q8_0 / q4_0 / q5_0 quantizers reproduce ggml's reference quantizers
-(``quantize_row_*_ref``) bit for bit.  The q4_k / q6_k quantizers are simpler
-than ggml's (a min/max or abs-max start followed by a few least-squares
-refinement steps instead of ggml's weighted grid search), so their bytes differ
-from llama.cpp's, but they produce valid blocks of comparable accuracy.
+``dequantize`` follows ggml's ``dequantize_row_*`` arithmetic (same float32
+operations in the same order as ``gguf.quants.dequantize``), so it returns the
+same floats.  The q8_0 / q4_0 / q5_0 quantizers reproduce ggml's reference
+quantizers (``quantize_row_*_ref``) bit for bit.  The q4_k / q6_k quantizers are
+our own (a few least-squares-refined starting grids per sub-block, then the
+sub-block scales snapped to the 6-bit / int8 grid), so their bytes differ from
+llama.cpp's, but the blocks are valid and on Gaussian data about as accurate as
+ggml's reference quantizers (q4_k) or slightly better (q6_k).
 
-All work is vectorised over blocks; large inputs are processed in chunks of
-blocks to bound temporary memory.
+Kind names are case-insensitive.  All work is vectorised over blocks; large
+inputs are processed in chunks of blocks to bound temporary memory.
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
 }
 
 # Values processed per chunk (a multiple of every block size).  Keeps each
-# float32 temporary at ~4 MiB, which is both cache friendly and memory bounded.
-_CHUNK_VALUES = 1 << 20
+# float32 temporary at 1 MiB: cache friendly and memory bounded, while the
+# per-sub-block arrays stay large enough to amortise NumPy's per-call overhead.
+# (Threads over chunks were tried and were slower: too many small GIL-holding ops.)
+_CHUNK_VALUES = 1 << 18
 
 _F16 = np.dtype("<f2")
-_U32 = np.dtype("<u4")
 
 
 def _layout(kind: str) -> tuple[str, int, int]:
@@ -214,62 +218,131 @@ def _dequantize_q4_k(raw: np.ndarray) -> np.ndarray:
     return (ds * q - dm).reshape(n, 256)
 
 
-def _fit_affine(x: np.ndarray, L: np.ndarray, scale: np.ndarray, off: np.ndarray):
-    """Least-squares ``x ~= scale * L + off`` per sub-block (last axis) with
-    ``off <= 0`` and ``scale > 0``; keeps the previous fit where degenerate."""
-    k = np.float32(x.shape[-1])
-    sl = L.sum(axis=-1, keepdims=True)
-    sl2 = (L * L).sum(axis=-1, keepdims=True)
-    sx = x.sum(axis=-1, keepdims=True)
-    sxl = (x * L).sum(axis=-1, keepdims=True)
+def _affine_codes(xt: np.ndarray, scale: np.ndarray, off: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = clip(rint((xt - off) / scale), 0, 15)`` (0 where scale == 0), in place."""
+    np.subtract(xt, off, out=out)
+    out *= _safe_recip(scale)
+    np.rint(out, out=out)
+    np.clip(out, 0, 15, out=out)
+    return out
+
+
+def _dot1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sum of ``a * b`` over axis 1 of 3-d arrays, keeping the axis."""
+    return np.einsum("ijk,ijk->ik", a, b)[:, None, :]
+
+
+def _fit_affine(xt, L, sx, sx2, scale, off):
+    """Least-squares ``x ~= scale * L + off`` per sub-block (axis 1 of ``xt``) under
+    the q4_k constraint ``off <= 0``; keeps the previous fit where degenerate (all
+    codes equal) or where the fitted scale is not positive.
+
+    Returns (scale, off, squared error of the fit for these codes, sum of L^2).
+    Sums of integer codes are exact in float32, so float32 is enough here."""
+    k = np.float32(xt.shape[1])
+    sl = L.sum(axis=1, keepdims=True)
+    sl2 = _dot1(L, L)
+    sxl = _dot1(xt, L)
     det = k * sl2 - sl * sl
-    ok = det > 0
-    safe = np.where(ok, det, np.float32(1))
-    new_scale = (k * sxl - sl * sx) / safe
-    new_off = (sl2 * sx - sl * sxl) / safe
-    # constrained fit (off = 0) where the free fit wants a positive offset
+    inv_det = _safe_recip(det)
+    new_scale = (k * sxl - sl * sx) * inv_det
+    new_off = (sl2 * sx - sl * sxl) * inv_det
+    # where the free fit wants a positive offset, fit the scale alone (off = 0)
     pos = new_off > 0
-    new_scale = np.where(pos, sxl / np.where(sl2 > 0, sl2, np.float32(1)), new_scale)
-    new_off = np.where(pos, np.float32(0), new_off)
-    good = ok & (new_scale > 0)
-    return np.where(good, new_scale, scale), np.where(good, new_off, off)
+    if pos.any():
+        new_scale = np.where(pos, sxl * _safe_recip(sl2), new_scale)
+        new_off = np.where(pos, np.float32(0), new_off)
+    good = (det > 0) & (new_scale > 0)
+    s = np.where(good, new_scale, scale)
+    o = np.where(good, new_off, off)
+    err = sx2 + s * (s * sl2 - 2 * sxl) + o * (k * o - 2 * sx + 2 * s * sl)
+    return s, o, err, sl2
 
 
-def _quantize_q4_k(x: np.ndarray, refine_steps: int = 2) -> np.ndarray:
+def _pick(best: list | None, err: np.ndarray, *vals: np.ndarray) -> list:
+    """Keep, per element, the candidate with the smaller ``err``."""
+    if best is None:
+        return [err, *vals]
+    better = err < best[0]
+    return [np.where(better, new, old) for old, new in zip(best, (err, *vals))]
+
+
+def _snap_scales(vals, weight, limit, cands, lo, hi):
+    """Quantize the sub-block scales ``vals`` [S, 1, n] (S sub-blocks per super-block)
+    to integers in [lo, hi] times one fp16 super-block step ``d``.
+
+    ``d = limit / c`` is tried for every ``c`` in ``cands`` and, per super-block, the
+    one with the least ``weight``-weighted squared scale error wins.
+    Returns (d as fp16 [1, 1, n], integer-valued float32 [S, 1, n])."""
+    c = np.asarray(cands, np.float32).reshape(-1, 1, 1, 1)
+    d16 = (limit[None] / c).astype(_F16)  # [C, 1, 1, n]
+    d = d16.astype(np.float32)
+    q = np.clip(np.rint(vals[None] * _safe_recip(d)), lo, hi)  # [C, S, 1, n]
+    err = (weight[None] * np.square(q * d - vals[None])).sum(axis=1, keepdims=True)
+    idx = err.argmin(axis=0)[None]  # [1, 1, 1, n]
+    d16 = np.take_along_axis(d16, idx, axis=0)[0]
+    q = np.take_along_axis(q, np.broadcast_to(idx, (1, *q.shape[1:])), axis=0)[0]
+    return d16, q
+
+
+# Search settings (see _quantize_q4_k / _quantize_q6_k).
+# q4_k starting grids: step = range / (15 * m); grid anchored at the sub-block
+# minimum (centring 0) or centred on the range (centring 0.5).
+_Q4K_STARTS = ((1.0, 0.0), (0.95, 0.0), (1.05, 0.5))  # (m, centring)
+_Q4K_STEPS = 2
+_Q4K_GRID = tuple(63.49 - 0.5 * np.arange(9))
+_Q6K_STARTS = (1.0, 1.03, 0.97)  # q6_k starts: the abs-max value lands on code -32 * m
+_Q6K_STEPS = 2
+# The coarse tail (d = limit / 96 ... / 8) only wins when d would underflow fp16
+# (tiny weights, |x| below ~1e-3): a larger, representable d beats a flushed one.
+_Q6K_GRID = tuple(128.0 - 0.5 * np.arange(9)) + (96.0, 64.0, 48.0, 32.0, 16.0, 8.0)
+
+
+def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """q4_k quantizer.
+
+    Per 32-value sub-block an affine fit ``x ~= scale * L + off`` (L in 0..15,
+    off <= 0) is searched: a few starting grids derived from the sub-block's
+    min/max are each refined by alternating code assignment and least squares,
+    and the fit with the least squared error is kept.  Scales and mins are then
+    snapped to 6-bit multiples of fp16 ``d`` / ``dmin`` (trying a few choices of
+    ``d``), and the codes are recomputed against the decoder's exact values.
+    Work happens in a transposed [value, block] layout so that per-sub-block
+    reductions and broadcasts run over long contiguous rows.
+    """
     n = x.shape[0]
-    xs = x.reshape(n, 8, 32)
-    f15 = np.float32(15)
+    xt = np.ascontiguousarray(x.T).reshape(8, 32, n)  # [sub-block, value, block]
+    sx = xt.sum(axis=1, keepdims=True)
+    sx2 = _dot1(xt, xt)
+    lo = np.minimum(xt.min(axis=1, keepdims=True), np.float32(0))
+    rng = xt.max(axis=1, keepdims=True) - lo
+    L = np.empty_like(xt)
 
-    # 1. per sub-block affine fit: start from min/max, refine by least squares
-    off = np.minimum(xs.min(axis=-1, keepdims=True), np.float32(0))  # <= 0
-    scale = (xs.max(axis=-1, keepdims=True) - off) / f15
-    for _ in range(refine_steps):
-        L = np.clip(np.rint((xs - off) * _safe_recip(scale)), 0, f15)
-        scale, off = _fit_affine(xs, L, scale, off)
+    best = None
+    for mult, centre in _Q4K_STARTS:
+        scale = rng / np.float32(15 * mult)
+        off = lo + np.float32(centre) * (rng - 15 * scale)
+        for _ in range(_Q4K_STEPS):
+            _affine_codes(xt, scale, off, L)
+            scale, off, err, sl2 = _fit_affine(xt, L, sx, sx2, scale, off)
+        best = _pick(best, err, scale, off, sl2)
+    _, scale, off, sl2 = best
+    mins = np.maximum(-off, np.float32(0))
 
-    # 2. 6-bit scales / mins relative to the super-block maxima (as ggml does)
-    scale = scale[:, :, 0]
-    mins = -off[:, :, 0]  # >= 0
-    max_scale = scale.max(axis=1, keepdims=True)
-    max_min = mins.max(axis=1, keepdims=True)
-    inv_scale = np.where(max_scale > 0, np.float32(63) / np.where(max_scale > 0, max_scale, 1), 0)
-    inv_min = np.where(max_min > 0, np.float32(63) / np.where(max_min > 0, max_min, 1), 0)
-    ls = np.clip(np.rint(inv_scale * scale), 0, 63).astype(np.uint8)
-    lm = np.clip(np.rint(inv_min * mins), 0, 63).astype(np.uint8)
-    d16 = (max_scale / np.float32(63)).astype(_F16)
-    dmin16 = (max_min / np.float32(63)).astype(_F16)
-
-    # 3. final codes against the values the decoder will actually use
-    ds = (d16.astype(np.float32) * ls.astype(np.float32))[:, :, None]
-    dm = (dmin16.astype(np.float32) * lm.astype(np.float32))[:, :, None]
-    L = np.clip(np.rint((xs + dm) * _safe_recip(ds)), 0, f15).astype(np.uint8)
+    d16, ls = _snap_scales(scale, sl2, scale.max(axis=0, keepdims=True), _Q4K_GRID, 0, 63)
+    dmin16, lm = _snap_scales(mins, np.ones_like(mins), mins.max(axis=0, keepdims=True), _Q4K_GRID, 0, 63)
+    ds = d16.astype(np.float32) * ls
+    dm = dmin16.astype(np.float32) * lm
+    Lq = _affine_codes(xt, ds, -dm, L).astype(np.uint8).reshape(4, 2, 32, n)
 
     out = np.empty((n, 144), np.uint8)
     out[:, 0:2] = d16.view(np.uint8).reshape(n, 2)
     out[:, 2:4] = dmin16.view(np.uint8).reshape(n, 2)
-    out[:, 4:16] = _pack_scale_min_k4(ls, lm)
-    L = L.reshape(n, 4, 2, 32)
-    out[:, 16:] = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(n, 128)
+    out[:, 4:16] = _pack_scale_min_k4(
+        np.ascontiguousarray(ls.astype(np.uint8).reshape(8, n).T),
+        np.ascontiguousarray(lm.astype(np.uint8).reshape(8, n).T),
+    )
+    out[:, 16:] = (Lq[:, 0] | (Lq[:, 1] << 4)).reshape(128, n).T
     return out
 
 
@@ -292,52 +365,73 @@ def _dequantize_q6_k(raw: np.ndarray) -> np.ndarray:
 
 
 def _pack_q6_k(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """6-bit codes uint8 [n, 256] -> (ql [n, 128], qh [n, 64]).
+    """6-bit codes in transposed layout, uint8 [256, n] -> (ql [n, 128], qh [n, 64]).
 
     Within each 128-value half h: for l < 32, ``ql[64h + l]`` holds values l (low
     nibble) and l+64 (high nibble), ``ql[64h + 32 + l]`` values l+32 and l+96;
     ``qh[32h + l]`` holds the top two bits of values l, l+32, l+64, l+96 at bit
     offsets 0, 2, 4, 6."""
-    n = L.shape[0]
-    g = L.reshape(n, 2, 4, 32)
+    n = L.shape[-1]
+    g = L.reshape(2, 4, 32, n)
     lo = g & 0x0F
-    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+    ql = np.concatenate([lo[:, 0] | (lo[:, 2] << 4), lo[:, 1] | (lo[:, 3] << 4)], axis=1)
     h = g >> 4
-    qh = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)
-    return ql.reshape(n, 128), qh.reshape(n, 64)
+    qh = h[:, 0] | (h[:, 1] << 2) | (h[:, 2] << 4) | (h[:, 3] << 6)
+    return ql.reshape(128, n).T, qh.reshape(64, n).T
 
 
-def _quantize_q6_k(x: np.ndarray, refine_steps: int = 2) -> np.ndarray:
+def _sym_codes(xt: np.ndarray, scale: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = clip(rint(xt / scale), -32, 31)`` (0 where scale == 0), in place."""
+    np.multiply(xt, _safe_recip(scale.astype(np.float32)), out=out)
+    np.rint(out, out=out)
+    np.clip(out, -32, 31, out=out)
+    return out
+
+
+def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """q6_k quantizer.
+
+    Per 16-value sub-block a scale is searched: starting from "largest-magnitude
+    value maps to -32" (and two slightly shrunk / stretched variants), codes and
+    least-squares scale are alternated and the best fit kept.  The 16 scales are
+    snapped to int8 multiples of an fp16 ``d`` (a few choices of ``d`` tried) and
+    the codes recomputed against the decoder's exact values.
+    """
     n = x.shape[0]
-    xs = x.reshape(n, 16, 16)
-    lo_q, hi_q = np.float32(-32), np.float32(31)
+    xt = np.ascontiguousarray(x.T).reshape(16, 16, n)  # [sub-block, value, block]
+    sx2 = _dot1(xt, xt)
+    xmax = xt.max(axis=1, keepdims=True)
+    xmin = xt.min(axis=1, keepdims=True)
+    peak = np.where(-xmin > xmax, xmin, xmax)  # signed largest-magnitude value
+    L = np.empty_like(xt)
 
-    # 1. per sub-block scale: signed abs-max maps to -32, then least squares
-    scale = _signed_absmax(xs) / np.float32(-32)
-    for _ in range(refine_steps):
-        L = np.clip(np.rint(xs * _safe_recip(scale)), lo_q, hi_q)
-        sxl = (xs * L).sum(axis=-1, keepdims=True)
-        sl2 = (L * L).sum(axis=-1, keepdims=True)
-        new = sxl / np.where(sl2 > 0, sl2, np.float32(1))
-        scale = np.where(sl2 > 0, new, scale)
+    best = None
+    for mult in _Q6K_STARTS:
+        scale = peak / np.float32(-32 * mult)
+        for _ in range(_Q6K_STEPS):
+            _sym_codes(xt, scale, L)
+            sxl = _dot1(xt, L)
+            sl2 = _dot1(L, L)
+            inv = _safe_recip(sl2)
+            scale = np.where(sl2 > 0, sxl * inv, scale)
+            err = sx2 - sxl * sxl * inv
+        best = _pick(best, err, scale, sl2)
+    _, scale, sl2 = best
 
-    # 2. int8 scales relative to the super-block's largest-magnitude scale
-    scale = scale[:, :, 0]
-    max_scale = _signed_absmax(scale)  # [n, 1]
-    nz = np.abs(max_scale) >= np.float32(1e-15)  # ggml GROUP_MAX_EPS
-    iscale = np.where(nz, np.float32(-128) / np.where(nz, max_scale, 1), 0).astype(np.float32)
-    d16 = np.where(nz, np.float32(1) / np.where(nz, iscale, 1), 0).astype(_F16)
-    sc = np.clip(np.rint(iscale * scale), -128, 127).astype(np.int8)
-
-    # 3. final codes against the decoder's scales
-    ds = (d16.astype(np.float32) * sc.astype(np.float32))[:, :, None]
-    L = np.clip(np.rint(xs * _safe_recip(ds)), lo_q, hi_q) + np.float32(32)
-    ql, qh = _pack_q6_k(L.astype(np.uint8).reshape(n, 256))
+    # super-block step: the largest-magnitude scale maps to about -128
+    amax = np.abs(scale).max(axis=0, keepdims=True)
+    smax = np.where((scale == amax).any(axis=0, keepdims=True), amax, -amax)
+    limits = np.where(amax >= np.float32(1e-15), -smax, np.float32(0))  # ggml GROUP_MAX_EPS
+    d16, sc = _snap_scales(scale, sl2, limits, _Q6K_GRID, -128, 127)
+    ds = d16.astype(np.float32) * sc
+    Lq = _sym_codes(xt, ds, L)
+    Lq += np.float32(32)
+    ql, qh = _pack_q6_k(Lq.astype(np.uint8).reshape(256, n))
 
     out = np.empty((n, 210), np.uint8)
     out[:, 0:128] = ql
     out[:, 128:192] = qh
-    out[:, 192:208] = sc.view(np.uint8)
+    out[:, 192:208] = sc.astype(np.int8).reshape(16, n).T.view(np.uint8)
     out[:, 208:210] = d16.view(np.uint8).reshape(n, 2)
     return out
 
@@ -354,6 +448,15 @@ _QUANTIZERS = {
     "q6_k": _quantize_q6_k,
 }
 
+# Byte offsets of the fp16 scale fields inside one block, per kind.
+_F16_FIELDS = {
+    "q8_0": (0,),
+    "q4_0": (0,),
+    "q5_0": (0,),
+    "q4_k": (0, 2),
+    "q6_k": (208,),
+}
+
 _DEQUANTIZERS = {
     "q8_0": _dequantize_q8_0,
     "q4_0": _dequantize_q4_0,
@@ -363,39 +466,55 @@ _DEQUANTIZERS = {
 }
 
 
+def _run_chunks(work, nblocks: int, step: int) -> None:
+    """Call ``work(start, stop)`` for consecutive block ranges of at most ``step``."""
+    for start in range(0, nblocks, step):
+        work(start, min(start + step, nblocks))
+
+
 def quantize(values: np.ndarray, kind: str) -> np.ndarray:
     """Quantize ``values`` (float array ``[..., K]``) to ggml block format ``kind``.
 
     ``K`` must be a multiple of the kind's block size.  Each row of ``K`` values
     becomes ``K // block * block_bytes`` bytes, so the result is a uint8 array of
     shape ``[..., K // block * block_bytes]`` whose rows are exactly the bytes
-    ggml stores for that row.  Values must be finite.
+    ggml stores for that row.  Values are converted to float32 first (as ggml
+    quantizes from f32) and must be finite.
     """
     key, block, nbytes = _layout(kind)
     values = np.asarray(values)
     if values.ndim == 0:
         raise ValueError(f"cannot quantize a 0-d array to {key}; need shape [..., K]")
-    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
-            or values.dtype == np.bool_):
-        raise TypeError(f"cannot quantize array of dtype {values.dtype} to {key}")
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        raise TypeError(f"cannot quantize an array of dtype {values.dtype} to {key}")
     k = values.shape[-1]
     if k % block != 0:
         raise ValueError(
             f"cannot quantize to {key}: last dimension K={k} is not a multiple of "
             f"the {key} block size {block}"
         )
-    lead = values.shape[:-1]
-    out_shape = (*lead, k // block * nbytes)
-    x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, block)
-    nblocks = x.shape[0]
-    out = np.empty((nblocks, nbytes), np.uint8)
+    out_shape = (*values.shape[:-1], k // block * nbytes)
+    x = np.ascontiguousarray(values).reshape(-1, block)
+    out = np.empty((x.shape[0], nbytes), np.uint8)
     fn = _QUANTIZERS[key]
-    step = max(1, _CHUNK_VALUES // block)
-    for start in range(0, nblocks, step):
-        chunk = x[start:start + step]
+
+    def work(start: int, stop: int) -> None:
+        chunk = x[start:stop].astype(np.float32, copy=False)
         if not np.isfinite(chunk).all():
             raise ValueError(f"cannot quantize to {key}: input contains NaN or infinity")
-        out[start:start + step] = fn(chunk)
+        # Overflow / invalid warnings can only come from values too large for the
+        # fp16 scales, which the check below turns into a clear error.
+        with np.errstate(over="ignore", invalid="ignore"):
+            res = fn(chunk)
+        for off in _F16_FIELDS[key]:
+            if not np.isfinite(np.ascontiguousarray(res[:, off:off + 2]).view(_F16)).all():
+                raise ValueError(
+                    f"cannot quantize to {key}: values too large for the format's fp16 "
+                    f"block scales (largest |value| {float(np.abs(chunk).max()):.4g})"
+                )
+        out[start:stop] = res
+
+    _run_chunks(work, x.shape[0], max(1, _CHUNK_VALUES // block))
     return out.reshape(out_shape)
 
 
@@ -403,12 +522,14 @@ def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
     """Decode ggml block format ``kind``: uint8 ``[..., nbytes]`` -> float32 ``[..., n]``.
 
     ``nbytes`` must be a multiple of the kind's block size in bytes; the result
-    has ``nbytes // block_bytes * block`` values per row.
+    has ``nbytes // block_bytes * block`` values per row.  Decoding follows
+    ggml's ``dequantize_row_*`` arithmetic, so the floats are the ones ggml (and
+    ``gguf.quants.dequantize``) produce.
     """
     key, block, nbytes = _layout(kind)
     raw = np.asarray(raw)
     if raw.dtype != np.uint8:
-        raise TypeError(f"dequantize({key}) expects a uint8 array, got dtype {raw.dtype}")
+        raise TypeError(f"dequantize({key!r}) expects a uint8 array, got dtype {raw.dtype}")
     if raw.ndim == 0:
         raise ValueError(f"cannot dequantize a 0-d array from {key}; need shape [..., nbytes]")
     nb = raw.shape[-1]
@@ -419,10 +540,11 @@ def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
         )
     out_shape = (*raw.shape[:-1], nb // nbytes * block)
     r = np.ascontiguousarray(raw).reshape(-1, nbytes)
-    nblocks = r.shape[0]
-    out = np.empty((nblocks, block), np.float32)
+    out = np.empty((r.shape[0], block), np.float32)
     fn = _DEQUANTIZERS[key]
-    step = max(1, _CHUNK_VALUES // block)
-    for start in range(0, nblocks, step):
-        out[start:start + step] = fn(r[start:start + step])
+
+    def work(start: int, stop: int) -> None:
+        out[start:stop] = fn(r[start:stop])
+
+    _run_chunks(work, r.shape[0], max(1, _CHUNK_VALUES // block))
     return out.reshape(out_shape)

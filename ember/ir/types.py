@@ -38,7 +38,10 @@ class TensorType:
             raise ValueError(f"rank {len(self.shape)} > {MAX_RANK}: {self.shape}")
         if any(s < 0 for s in self.shape):
             raise ValueError(f"negative dimension in shape {self.shape}")
-        if self.dtype.is_quantized and self.shape and self.shape[-1] % self.dtype.block_size:
+        if self.dtype.is_quantized and not self.shape:
+            raise ValueError(f"{self.dtype}: a quantized type packs its last axis into blocks; "
+                             f"it needs at least one axis")
+        if self.dtype.is_quantized and self.shape[-1] % self.dtype.block_size:
             raise ValueError(f"{self.dtype}: last dimension {self.shape[-1]} is not a multiple "
                              f"of the block size {self.dtype.block_size}")
         if self.strides is None:

@@ -96,7 +96,7 @@ register(OpDef("transpose", ("x",), _transpose_infer,
 
 # ---- copies ----------------------------------------------------------------------------------
 register(OpDef("cont", ("x",), lambda ts, a: TensorType(ts[0].dtype, ts[0].shape),
-               lambda xs, a, its, ot: np.ascontiguousarray(xs[0]),
+               lambda xs, a, its, ot: np.asarray(xs[0], order="C"),
                raw=True, doc="A contiguous copy of a (possibly strided) tensor."))
 
 CASTABLE = (dtypes.f32, dtypes.f16, dtypes.bf16)

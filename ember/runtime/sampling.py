@@ -1,0 +1,87 @@
+"""Choosing the next token from logits: greedy, or llama.cpp's default chain
+(repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw), seeded.
+
+Greedy (temperature <= 0) is an argmax with the lowest index winning ties, the same rule as
+the `argmax` op, so a greedy run is reproducible bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40            # 0 = off
+    top_p: float = 0.95        # 1.0 = off
+    min_p: float = 0.05        # 0.0 = off
+    repeat_penalty: float = 1.0  # 1.0 = off
+    repeat_last_n: int = 64
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Sampler:
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.params.seed)
+
+    def state(self):
+        """The random generator's state, to restore after a rejected speculative draft."""
+        return self.rng.bit_generator.state
+
+    def restore(self, state) -> None:
+        self.rng.bit_generator.state = state
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        logits = np.asarray(logits, dtype=np.float32)
+        p = self.params
+        if p.repeat_penalty != 1.0 and history:
+            logits = apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
+        if p.greedy:
+            return int(np.argmax(logits))
+        ids, probs = candidate_probs(logits, p)
+        return int(ids[self.rng.choice(len(ids), p=probs)])
+
+
+def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    out = logits.copy()
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    vals = out[ids]
+    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def candidate_probs(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids left after top-k / top-p / min-p, and their probabilities at the temperature."""
+    n = logits.shape[-1]
+    k = p.top_k if 0 < p.top_k < n else n
+    if k < n:
+        ids = np.argpartition(-logits, k - 1)[:k]
+    else:
+        ids = np.arange(n)
+    # Sort by logit, ties by id, so the candidate order (and the draw) is deterministic.
+    ids = ids[np.lexsort((ids, -logits[ids]))]
+    vals = logits[ids].astype(np.float64)
+    probs = _softmax(vals)
+    if p.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+        ids, vals, probs = ids[:keep], vals[:keep], probs[:keep]
+    if p.min_p > 0.0:
+        keep = probs >= p.min_p * probs[0]
+        ids, vals = ids[keep], vals[keep]
+    probs = _softmax(vals / p.temperature)
+    return ids, probs
+
+
+def _softmax(v: np.ndarray) -> np.ndarray:
+    e = np.exp(v - v.max())
+    return e / e.sum()

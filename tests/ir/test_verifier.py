@@ -1,0 +1,143 @@
+"""Each rule of the verifier broken once, by nodes made with Node(...) and so bypassing
+make_node's checks, or by graphs corrupted after construction."""
+from types import MappingProxyType
+
+import numpy as np
+import pytest
+
+from ember.ir import Graph, GraphBuilder, Node, VerifyError, dtypes, parse_ir, verify
+from ember.ir.builder import const_node, input_node, make_node
+from ember.ir.types import TensorType, tensor_type
+
+X = input_node("x", "f32", (4,))
+Y = input_node("y", "f32", (3,))
+
+
+def verify_fails(graph: Graph, *fragments: str):
+    with pytest.raises(VerifyError) as e:
+        verify(graph)
+    for fragment in fragments:
+        assert fragment in str(e.value), str(e.value)
+
+
+def test_well_formed_graphs_verify():
+    b = GraphBuilder()
+    x = b.input("x", "f32", (2, 64))
+    w = b.weight("w", np.ones((32, 64)), "q4_0")
+    b_ = b.literal([1.0])
+    verify(b.build(b.add(b.mul_mat(x, w), b_), x))
+    verify(parse_ir("graph g(%x: f32[4]) {\n  %0 = exp(%x)\n  %1 = neg(%x)\n  return %1\n}\n"))
+
+
+def test_wrong_type():
+    bad = Node("exp", (X,), {}, tensor_type("f32", 5))
+    verify_fails(Graph([X], [bad]), "%0 (exp : f32[5])",
+                 "type f32[5] differs from the inferred type f32[4]")
+
+
+def test_wrong_dtype_of_result():
+    bad = Node("argmax", (X,), {}, tensor_type("f32"))
+    verify_fails(Graph([X], [bad]), "%0 (argmax", "inferred type i32[]")
+
+
+def test_broken_shape_rule():
+    bad = Node("add", (X, Y), {}, X.type)
+    verify_fails(Graph([X, Y], [bad]), "%0 (add", "shape rule", "does not broadcast")
+
+
+def test_view_out_of_bounds():
+    t = TensorType(dtypes.f32, (2,), (8,))
+    bad = Node("view", (X,), {"shape": (2,), "strides": (8,), "offset": 8}, t)
+    verify_fails(Graph([X], [bad]), "%0 (view", "bytes [8, 20) fall outside the operand's 16 bytes")
+
+
+def test_attributes_not_normalized():
+    bad = Node("rms_norm", (X,), {}, X.type)   # eps missing: make_node would fill the default
+    verify_fails(Graph([X], [bad]), "%0 (rms_norm", "not the op's normalized attributes")
+
+
+def test_unknown_op():
+    bad = Node("frobnicate", (X,), {}, X.type)
+    verify_fails(Graph([X], [bad]), "%0 (frobnicate", "unknown op 'frobnicate'")
+
+
+def test_input_used_but_not_declared():
+    z = input_node("z", "f32", (4,))
+    verify_fails(Graph([X], [make_node("add", [X, z])]), "(input : f32[4])",
+                 "input 'z' is used but is not one of the graph's inputs")
+
+
+def test_input_with_wrong_attributes():
+    odd = Node("input", (), {"name": "x", "extra": 1}, X.type)
+    verify_fails(Graph([odd], [odd]), "%x (input", "exactly one attribute")
+
+
+def test_constant_data_of_wrong_type():
+    w = const_node("w", "f32", (4,))
+    g = Graph([X], [make_node("add", [X, w])], {"w": np.zeros(4, np.float16)})
+    verify_fails(g, "%w (const : f32[4])", "data float16[4] does not store f32[4]")
+
+
+def test_quantized_constant_data_of_wrong_size():
+    w = const_node("w", "q8_0", (2, 32))
+    g = Graph([], [w], {"w": np.zeros((2, 32), np.uint8)})
+    verify_fails(g, "%w (const", "expected uint8[2, 34]")
+
+
+def test_constant_without_data():
+    w = const_node("w", "f32", (4,))
+    g = Graph([X], [make_node("add", [X, w])], {"w": np.zeros(4, np.float32)})
+    g.constants = MappingProxyType({})   # corrupted after construction
+    verify_fails(g, "%w (const", "constant 'w' has no data")
+
+
+def test_literal_of_wrong_size():
+    bad = Node("const", (), {"value": (1.0, 2.0)}, tensor_type("f32", 3))
+    verify_fails(Graph([], [bad]), "%0 (const", "literal holds 2 values, its type f32[3] needs 3")
+
+
+def test_const_with_name_and_value():
+    bad = Node("const", (), {"name": "w", "value": (1.0,)}, tensor_type("f32", 1))
+    verify_fails(Graph([], [bad], {"w": np.zeros(1, np.float32)}), "either a name or a literal value")
+
+
+def test_graph_input_that_is_no_input_node():
+    g = Graph([X], [X])
+    g.inputs = (make_node("exp", [X]),)     # Graph() refuses this; simulate a corrupted graph
+    g._order = None
+    verify_fails(g, "input <Node exp f32[4]> must be an input node")
+
+
+def test_operand_after_its_user():
+    a = make_node("exp", [X])
+    b = make_node("neg", [a])
+    g = Graph([X], [b])
+    g._order = (X, b, a)                     # Graph(nodes=...) refuses this order; corrupt it
+    verify_fails(g, "(neg", "operand %", "does not come before its user")
+
+
+def test_output_that_is_no_node_of_the_graph():
+    g = Graph([X], [make_node("exp", [X])])
+    g.nodes
+    g.outputs = g.outputs + (make_node("neg", [Y]),)
+    verify_fails(g, "output <Node neg", "is not a node of the graph")
+
+
+def test_cycle():
+    u = input_node("cycle_u", "f32", (4,))
+    a = Node("exp", (u,), {}, u.type)
+    b = Node("neg", (a,), {}, u.type)
+    a.inputs = (b,)                          # nodes are never mutated; this one is, to make a cycle
+    try:
+        verify_fails(_graph_without_walk([u], [b]), "lies on a cycle")
+    finally:
+        a.inputs = (u,)
+
+
+def _graph_without_walk(inputs, outputs) -> Graph:
+    """A Graph whose constructor did not walk the nodes (the walk would not end on a cycle)."""
+    g = Graph.__new__(Graph)
+    g.name, g.inputs, g.outputs = "cyclic", tuple(inputs), tuple(outputs)
+    g.constants = MappingProxyType({})
+    g._order = g._users = None
+    return g

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from ember.runtime.sampling import Sampler, SamplingParams, apply_repeat_penalty, candidate_probs
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    logits = np.array([0.0, 3.0, 1.0, 3.0], dtype=np.float32)
+    assert Sampler(SamplingParams(temperature=0)).sample(logits) == 1
+
+
+def test_same_seed_same_draws_and_state_restores():
+    logits = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+    a = Sampler(SamplingParams(seed=7, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0))
+    b = Sampler(SamplingParams(seed=7, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0))
+    assert [a.sample(logits) for _ in range(20)] == [b.sample(logits) for _ in range(20)]
+    saved = a.state()
+    first = [a.sample(logits) for _ in range(5)]
+    a.restore(saved)
+    assert [a.sample(logits) for _ in range(5)] == first
+
+
+def test_top_k_top_p_min_p_filter_candidates():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float64)).astype(np.float32)
+    ids, probs = candidate_probs(logits, SamplingParams(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0))
+    assert list(ids) == [0, 1, 2]
+    ids, _ = candidate_probs(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.8, min_p=0.0))
+    assert list(ids) == [0, 1]
+    ids, _ = candidate_probs(logits, SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.35))
+    assert list(ids) == [0, 1]
+    np.testing.assert_allclose(probs.sum(), 1.0)
+
+
+def test_temperature_sharpens_distribution():
+    logits = np.array([1.0, 0.0], dtype=np.float32)
+    _, hot = candidate_probs(logits, SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0))
+    _, cold = candidate_probs(logits, SamplingParams(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0))
+    assert cold[0] > hot[0] > 0.5
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([0.6, 0.3, 0.1])).astype(np.float32)
+    s = Sampler(SamplingParams(seed=3, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0))
+    counts = np.bincount([s.sample(logits) for _ in range(4000)], minlength=3) / 4000
+    np.testing.assert_allclose(counts, [0.6, 0.3, 0.1], atol=0.03)
+
+
+def test_repeat_penalty_lowers_recent_tokens():
+    logits = np.array([2.0, -1.0, 2.0], dtype=np.float32)
+    out = apply_repeat_penalty(logits, [0, 1, 1], 2.0)
+    assert list(out) == [1.0, -2.0, 2.0]
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=2.0)).sample(logits, [0]) == 2
+
+
