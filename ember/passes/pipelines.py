@@ -5,6 +5,7 @@ from ember.passes.base import Phase, Pipeline
 from ember.passes.cse import CommonSubexpressionElimination
 from ember.passes.dce import DeadCodeElimination
 from ember.passes.fold_constants import FoldConstants
+from ember.passes.fuse_qkv import FuseQKV
 
 TARGETS = ("cpu", "opencl-generic", "opencl-adreno", "vulkan")
 
@@ -16,7 +17,11 @@ def simplify_phase() -> Phase:
 def pipeline_for(target: str) -> Pipeline:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
-    return Pipeline(phases=(simplify_phase(),), label=target)
+    return Pipeline(phases=(simplify_phase(), fusion_phase()), label=target)
+
+
+def fusion_phase() -> Phase:
+    return Phase("fusion", (FuseQKV(), DeadCodeElimination()))
 
 
 def known_pass_names() -> tuple[str, ...]:

@@ -53,18 +53,56 @@ register(OpDef("view", ("x",), _view_infer,
                doc="A view of x's storage at a byte offset with the given shape and byte strides."))
 
 
+def nocopy_reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
+    """Byte strides that give a strided tensor a new shape without moving data, or None.
+
+    Groups of old axes whose sizes multiply to a group of new axes must be contiguous with
+    each other; the new axes of the group then take strides from the group's innermost one.
+    (The same rule as NumPy's no-copy reshape.)
+    """
+    old = [(d, s) for d, s in zip(shape, strides) if d != 1]
+    out = [0] * len(new_shape)
+    oi = ni = 0
+    while ni < len(new_shape) and oi < len(old):
+        nsize, osize = new_shape[ni], old[oi][0]
+        nj, oj = ni + 1, oi + 1
+        while nsize != osize:
+            if nsize < osize:
+                nsize *= new_shape[nj]
+                nj += 1
+            else:
+                osize *= old[oj][0]
+                oj += 1
+        for k in range(oi, oj - 1):
+            if old[k][1] != old[k + 1][0] * old[k + 1][1]:
+                return None
+        out[nj - 1] = old[oj - 1][1]
+        for k in range(nj - 1, ni, -1):
+            out[k - 1] = out[k] * new_shape[k]
+        ni, oi = nj, oj
+    for k in range(ni, len(new_shape)):   # trailing size-1 axes
+        out[k] = out[ni - 1] if ni else strides[-1]
+    return tuple(out)
+
+
 def _reshape_infer(ts, attrs):
     x, shape = ts[0], attrs["shape"]
-    require(x.is_contiguous, f"reshape: operand {x} is not contiguous (use cont first)")
     t = TensorType(x.dtype, shape)
     require(t.numel == x.numel, f"reshape: {list(x.shape)} has {x.numel} values, {list(shape)} has {t.numel}")
-    return t
+    if x.is_contiguous or t.numel == 0:
+        return t
+    require(not x.dtype.is_quantized, f"reshape: a strided {x.dtype} operand cannot be reshaped (use cont first)")
+    strides = nocopy_reshape_strides(x.shape, x.strides, shape)
+    require(strides is not None,
+            f"reshape: operand {x} cannot take shape {list(shape)} without a copy (use cont first)")
+    return TensorType(x.dtype, shape, strides)
 
 
 register(OpDef("reshape", ("x",), _reshape_infer,
                lambda xs, a, its, ot: storage_view(xs[0], 0, ot),
                attrs={"shape": Attr("ints")}, category="view", raw=True,
-               doc="The same contiguous data under a new shape."))
+               doc="The same data under a new shape; a strided operand keeps its strides where "
+                   "no copy is needed (as NumPy's reshape), else the op is refused."))
 
 
 def _permute_infer(ts, attrs):

@@ -1,0 +1,104 @@
+"""fuse-qkv: parallel matmuls on one input become one matmul and strided views.
+
+Q/K/V projections (and an FFN's gate/up) read the same activations with weights of the same
+type and inner size. Concatenating the weights row-wise (quantized weights block by block:
+rows are whole blocks, nothing is requantized) lets one matmul read the activations once and
+launch once; each original result is a view of the fused result at a byte offset of its
+leading columns, with the fused row stride (REFERENCE.md section 1). When every member is
+followed by the addition of a constant bias, the biases are concatenated too.
+
+Each output element is computed exactly as before (same row of weights, same reduction over
+K), so on batch-invariant kernels the results are bit-identical.
+
+Refused (graph unchanged): different inputs, different weight types or inner sizes, weights
+that are not constants, batched (3-D+) weights, a lone matmul.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ember.ir.builder import const_node, make_node
+from ember.ir.graph import Graph
+from ember.ir.node import Node
+from ember.passes.base import Pass, PassContext
+from ember.passes.rewrite import RewriteState, apply_rules
+
+
+def _fusable(node: Node) -> bool:
+    w = node.inputs[1]
+    return (node.op == "mul_mat" and w.op == "const" and w.attr("value") is None
+            and w.type.rank == 2 and w.type.is_contiguous)
+
+
+def _const_bias(graph: Graph, mm: Node) -> tuple[Node, Node] | None:
+    """(add node, bias const) when mm's only user adds a constant bias of one value per column."""
+    users = graph.users.get(mm, ())
+    if len(users) != 1 or users[0].op != "add" or users[0].inputs[0] is not mm:
+        return None
+    bias = users[0].inputs[1]
+    if bias.op != "const" or bias.attr("value") is not None or bias.shape != (mm.shape[-1],):
+        return None
+    return users[0], bias
+
+
+def find_groups(graph: Graph) -> list[list[Node]]:
+    """Matmuls to fuse, each group in declared order, groups in order of their first member."""
+    groups: dict[tuple, list[Node]] = {}
+    for node in graph.live_nodes:   # dead matmuls (left by an earlier fusion) do not count
+        if node.op == "mul_mat" and _fusable(node):
+            x, w = node.inputs
+            groups.setdefault((x, w.dtype, w.shape[-1]), []).append(node)
+    return [g for g in groups.values() if len({m.inputs[1] for m in g}) >= 2]
+
+
+@dataclass(frozen=True)
+class FuseQKV(Pass):
+    name: ClassVar[str] = "fuse-qkv"
+    opt_level: ClassVar[int] = 1
+
+    def transform(self, graph: Graph, ctx: PassContext) -> Graph:
+        # One group at a time: a fusion rebuilds everything downstream of it, and the next
+        # group's members must be looked up in the graph as it is then.
+        groups = find_groups(graph)
+        while groups:
+            constants: dict = {}
+            replace = self._fuse(graph, groups[0], constants)
+
+            def substitute(node: Node, state: RewriteState) -> Node | None:
+                return replace.get(node)
+
+            graph = apply_rules(graph, {"*": [substitute]}, RewriteState(graph, constants))
+            groups = find_groups(graph)
+        return graph
+
+    @staticmethod
+    def _fuse(graph: Graph, group: list[Node], constants: dict) -> dict[Node, Node]:
+        group = list({m.inputs[1]: m for m in reversed(group)}.values())[::-1]  # one per weight
+        x = group[0].inputs[0]
+        weights = [m.inputs[1] for m in group]
+        name = "+".join(w.name for w in weights)
+        constants[name] = np.concatenate([graph.constants[w.name] for w in weights], axis=0)
+        widths = [w.shape[0] for w in weights]
+        fused_w = const_node(name, weights[0].dtype, (sum(widths), weights[0].shape[1]))
+        y = make_node("mul_mat", (x, fused_w))
+
+        biases = [_const_bias(graph, m) for m in group]
+        with_bias = all(b is not None for b in biases)
+        if with_bias:
+            bias_name = "+".join(b[1].name for b in biases)
+            constants[bias_name] = np.concatenate([graph.constants[b[1].name] for b in biases])
+            y = make_node("add", (y, const_node(bias_name, biases[0][1].dtype, (sum(widths),))))
+
+        out: dict[Node, Node] = {}
+        offset = 0
+        for member, width, bias in zip(group, widths, biases):
+            shape = member.shape
+            strides = y.type.strides[:-1] + (y.type.strides[-1],)
+            view = make_node("view", (y,), {"shape": shape, "strides": strides,
+                                            "offset": offset * y.dtype.block_bytes})
+            out[bias[0] if with_bias else member] = view
+            offset += width
+        return out
