@@ -1,0 +1,156 @@
+"""The CPU backend: a graph becomes one C file (ember.codegen.cpu), one shared library (built
+through CompileCache) and one call per run into its entry point.
+
+The executable keeps the constants' arrays referenced and passes their data pointers (weights are
+never copied; a memory-mapped weight stays mapped), allocates its arena once, and on each run
+checks the inputs, allocates the outputs and calls ember_graph_run with the GIL released.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import threading
+from typing import Mapping
+
+import numpy as np
+
+from ember.backends.base import Backend, Executable
+from ember.backends.cpu.compiler import ISA_FLAGS, CompileCache, find_compiler
+from ember.codegen.cpu import ARENA_ALIGNMENT, ENTRY_POINT, CpuProgram, render_graph, supports_node
+from ember.errors import BackendUnavailable, EmberError
+from ember.ir.graph import Graph
+from ember.ir.node import Node
+from ember.ir.ops.views import storage_layout
+from ember.ir.types import TensorType
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, threads: int | None = None, isa: str = "native", cache_dir=None,
+                 cc: str | None = None):
+        if isa not in ISA_FLAGS:
+            raise EmberError(f"cpu backend: unknown isa {isa!r}; known: {', '.join(ISA_FLAGS)}")
+        if threads is not None and threads < 1:
+            raise EmberError(f"cpu backend: threads must be at least 1, got {threads}")
+        self.threads = threads or os.cpu_count() or 1
+        self.isa = isa
+        self.cache_dir = cache_dir
+        self.cc = cc
+        self._cache: CompileCache | None = None
+
+    def __repr__(self) -> str:
+        return f"<CpuBackend threads={self.threads} isa={self.isa}>"
+
+    @property
+    def cache(self) -> CompileCache:
+        """The compile cache (created on first use; `hits` and `builds` count its work)."""
+        if self._cache is None:
+            self.require_available()
+            self._cache = CompileCache(self.cache_dir, self.cc)
+        return self._cache
+
+    def available(self) -> tuple[bool, str]:
+        if self.cc is not None and shutil.which(self.cc) is None:
+            return False, f"C compiler {self.cc!r} not found on PATH"
+        try:
+            find_compiler(self.cc)
+        except BackendUnavailable as e:
+            return False, str(e)
+        return True, ""
+
+    def supports_op(self, node: Node) -> tuple[bool, str]:
+        return supports_node(node)
+
+    def compile(self, graph: Graph, **options) -> "CpuExecutable":
+        """options: threads (overrides the backend's)."""
+        unknown = set(options) - {"threads"}
+        if unknown:
+            raise EmberError(f"cpu backend: unknown compile options {sorted(unknown)}")
+        self.require_available()
+        self.require_supported(graph)
+        program = render_graph(graph)
+        library = self.cache.build(program.source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}")
+        return CpuExecutable(graph, program, ctypes.CDLL(str(library)),
+                             options.get("threads") or self.threads)
+
+
+class CpuExecutable(Executable):
+    def __init__(self, graph: Graph, program: CpuProgram, library: ctypes.CDLL, threads: int):
+        self.graph = graph
+        self.program = program
+        self.threads = threads
+        self.planned_peak_bytes = program.plan.peak_bytes
+        self._library = library   # keeps the code loaded while this executable lives
+        self._entry = getattr(library, ENTRY_POINT)
+        self._entry.restype = ctypes.c_int
+        self._entry.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_int]
+        self._lock = threading.Lock()   # one run at a time: the arena is shared
+        self._inputs = program.graph.inputs
+        self._outputs = [_storage(TensorType(n.dtype, n.shape)) for n in program.graph.outputs]
+        # Constants: their own arrays, referenced, never copied (unless not contiguous).
+        self._constants = [_contiguous(graph.constant_data(n)) for n in program.constants]
+        self._consts = _pointer_array(self._constants)
+        self._arena_storage, self._arena = _aligned(program.plan.peak_bytes, ARENA_ALIGNMENT)
+
+    def __repr__(self) -> str:
+        return (f"<CpuExecutable {self.graph.name!r}: {self.program.n_kernels} kernels, "
+                f"{self.program.n_barriers} barriers, arena {self.planned_peak_bytes} bytes>")
+
+    @property
+    def source(self) -> str:
+        return self.program.source
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = self._checked_inputs(inputs)
+        outputs = [np.empty(shape, dtype) for shape, dtype in self._outputs]
+        in_ptrs = _pointer_array(arrays)
+        out_ptrs = _pointer_array(outputs)
+        with self._lock:
+            status = self._entry(in_ptrs, out_ptrs, self._consts, self._arena, self.threads)
+        if status:
+            message = self.program.status_messages.get(status, f"kernel status {status}")
+            raise EmberError(f"cpu backend: graph {self.graph.name!r}: {message}")
+        return outputs
+
+    def _checked_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        names = [n.name for n in self._inputs]
+        missing = [n for n in names if n not in inputs]
+        unknown = [n for n in inputs if n not in names]
+        if missing or unknown:
+            parts = ([f"missing input(s) {missing}"] if missing else []) + \
+                    ([f"unknown input(s) {unknown}"] if unknown else [])
+            raise EmberError(f"graph {self.graph.name!r}: {'; '.join(parts)} "
+                             f"(expected {names})")
+        arrays = []
+        for node in self._inputs:
+            value = np.asarray(inputs[node.name])
+            shape, dtype = _storage(node.type)
+            if value.shape != shape or value.dtype != dtype:
+                raise EmberError(f"graph {self.graph.name!r}: input {node.name!r} must be "
+                                 f"{node.type} (NumPy {dtype}{list(shape)}), got "
+                                 f"{value.dtype}{list(value.shape)}")
+            arrays.append(_contiguous(value))
+        return arrays
+
+
+def _storage(t: TensorType) -> tuple[tuple, np.dtype]:
+    shape, _ = storage_layout(t)
+    return shape, t.dtype.numpy
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _pointer_array(arrays) -> ctypes.Array:
+    return (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
+
+
+def _aligned(nbytes: int, alignment: int) -> tuple[np.ndarray, int]:
+    """A buffer of nbytes whose start is aligned; returns (owner, address)."""
+    storage = np.empty(nbytes + alignment, np.uint8)
+    address = storage.ctypes.data
+    return storage, address + (-address) % alignment

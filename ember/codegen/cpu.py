@@ -1,0 +1,591 @@
+"""The CPU renderer: a whole graph -> one C file with one entry point.
+
+    int ember_graph_run(void **inputs, void **outputs, void **consts, uint8_t *arena, int n_threads);
+
+The entry point opens one OpenMP parallel region; every kernel is a static function called by all
+threads with (ith, nth), and `#pragma omp barrier` goes between two kernels only when the second
+touches bytes the kernels since the last barrier wrote (or writes bytes they touched). There is no
+Python between ops and no thread spawn per op.
+
+Each kernel is rendered from templates/cpu/<template>.c.j2 with the node's shapes, byte strides
+and attributes baked in as constants (a compiled graph serves one set of shapes), and starts with
+a comment naming the node, the template and its parameters. Views are free: a view's data is its
+operand's pointer plus a byte offset, read through its own strides, and every kernel takes byte
+strides for its operands. Values live where the memory plan puts them (ember.runtime.memory_plan):
+inputs and constants in the caller's arrays, graph outputs in the caller's output arrays, the rest
+in one arena. mul_mat calls the kernels of ember.codegen.cpu_matmul.
+
+Imports jinja2, NumPy and ember only: no compiler or device library.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import numpy as np
+
+from ember.errors import EmberError
+from ember.ir import dtypes
+from ember.ir.graph import Graph
+from ember.ir.node import Node
+from ember.ir.ops import OPS
+from ember.ir.ops.elementwise import BINARY, GATED, UNARY
+from ember.ir.printer import format_value, value_names
+from ember.ir.types import TensorType, contiguous_strides
+from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
+
+TEMPLATE_DIR = Path(__file__).parent / "templates" / "cpu"
+ENTRY_POINT = "ember_graph_run"
+ARENA_ALIGNMENT = 64
+
+# Elementwise ops as C expressions of the float operands a (and b); f32 math with libm.
+ELTWISE_C = {
+    "add": "a + b",
+    "sub": "a - b",
+    "mul": "a * b",
+    "div": "a / b",
+    "neg": "-a",
+    "exp": "expf(a)",
+    "tanh": "tanhf(a)",
+    "sqrt": "sqrtf(a)",
+    "rsqrt": "1.0f / sqrtf(a)",
+    "silu": "a / (1.0f + expf(-a))",
+    "gelu": "ember_gelu(a)",
+    "relu": "a < 0.0f ? 0.0f : a",
+    "sigmoid": "1.0f / (1.0f + expf(-a))",
+    "softplus": "fmaxf(a, 0.0f) + log1pf(expf(-fabsf(a)))",
+    "swiglu": "a / (1.0f + expf(-a)) * b",
+    "geglu": "ember_gelu(a) * b",
+}
+assert set(ELTWISE_C) == set(BINARY) | set(UNARY) | set(GATED), "an elementwise op has no C form"
+
+
+# ---- templates ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _static_file(name: str) -> str:
+    return (TEMPLATE_DIR / name).read_text()
+
+
+def render_template(template: str, **params) -> str:
+    return _environment().get_template(template).render(**params)
+
+
+def _matmul():
+    """The matmul kernel module (written separately; imported when a graph needs it)."""
+    from ember.codegen import cpu_matmul
+    return cpu_matmul
+
+
+# ---- C literals and index arithmetic -----------------------------------------------------------
+def c_float(v: float) -> str:
+    """A float attribute as a C float expression (the value rounded to f32, as stored)."""
+    if math.isnan(v):
+        return "NAN"
+    if math.isinf(v):
+        return "INFINITY" if v > 0 else "(-INFINITY)"
+    return f"((float){float(v)!r})"
+
+
+def c_double(v: float) -> str:
+    if math.isinf(v) or math.isnan(v):
+        return "NAN" if math.isnan(v) else ("INFINITY" if v > 0 else "(-INFINITY)")
+    return repr(float(v))
+
+
+def offset_expr(var: str, sizes, strides) -> str:
+    """The byte offset of flat (row-major) index `var` over dims `sizes` with byte `strides`,
+    as a C expression."""
+    total = math.prod(sizes)
+    terms, inner = [], 1
+    for size, stride in reversed(list(zip(sizes, strides))):
+        if size > 1 and stride != 0:
+            index = var if inner == 1 else f"{var} / {inner}"
+            if inner * size != total:
+                index = f"({index}) % {size}"
+            terms.append(f"({index}) * {stride}")
+        inner *= size
+    return "(" + " + ".join(terms) + ")" if terms else "0"
+
+
+def coalesce(shape, strides_list, keep_last: bool = False):
+    """Merge adjacent dims that every operand walks as one (and drop size-1 dims). Returns
+    (sizes, [strides per operand]); with keep_last the last dim stays last and separate (the
+    axis a row op reduces over)."""
+    dims = list(zip(shape, zip(*strides_list))) if shape else []
+    last = dims.pop() if keep_last and dims else None
+    merged: list[tuple[int, tuple]] = []
+    for size, strides in dims:
+        if size == 1:
+            continue
+        if merged and all(o == size * i for o, i in zip(merged[-1][1], strides)):
+            merged[-1] = (merged[-1][0] * size, strides)
+        else:
+            merged.append((size, strides))
+    if last is not None:
+        merged.append(last)
+    if not merged:
+        merged = [(1, tuple(0 for _ in strides_list))]
+    sizes = [m[0] for m in merged]
+    return sizes, [[m[1][k] for m in merged] for k in range(len(strides_list))]
+
+
+@dataclass(frozen=True)
+class RowLoop:
+    """A loop nest over `rows` rows of `n` items: per operand, the C byte offset of row r and the
+    byte stride of the items."""
+    rows: int
+    n: int
+    row: list[str]
+    step: list[int]
+
+
+def row_loop(shape, strides_list, keep_last: bool = False) -> RowLoop:
+    sizes, strides = coalesce(shape, strides_list, keep_last)
+    outer = sizes[:-1]
+    return RowLoop(math.prod(outer), sizes[-1], [offset_expr("r", outer, s[:-1]) for s in strides],
+                   [s[-1] for s in strides])
+
+
+def broadcast_strides(small: TensorType, shape) -> tuple[int, ...]:
+    """Strides that read `small` as if broadcast to `shape` (zero along broadcast dims)."""
+    pad = len(shape) - small.rank
+    return tuple(0 for _ in range(pad)) + tuple(
+        0 if s == 1 and big != 1 else st for s, st, big in zip(small.shape, small.strides, shape[pad:]))
+
+
+def span_bytes(t: TensorType) -> int:
+    """Bytes a tensor's data spans (TensorType.span_bytes, extended to rank 0)."""
+    return t.dtype.block_bytes if not t.shape else t.span_bytes
+
+
+def _round_up(n: int, m: int = ARENA_ALIGNMENT) -> int:
+    return -(-n // m) * m
+
+
+# ---- where values live -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Place:
+    """Bytes of a region: an input, an output, a constant or the arena, at an offset."""
+    region: str    # "in", "out", "const", "arena"
+    index: int
+    offset: int = 0
+
+    @property
+    def base(self) -> str:
+        return "arena" if self.region == "arena" else f"{self.region}_{self.index}"
+
+    @property
+    def c(self) -> str:
+        return self.base if not self.offset else f"({self.base} + {self.offset})"
+
+    def shifted(self, by: int) -> "Place":
+        return Place(self.region, self.index, self.offset + by)
+
+
+@dataclass
+class Step:
+    """One kernel call of the entry point, with the bytes it reads and writes (for barriers)."""
+    call: str
+    reads: list[tuple[Place, int]]
+    writes: list[tuple[Place, int]]
+
+
+def _touches(a: tuple[Place, int], b: tuple[Place, int]) -> bool:
+    (pa, na), (pb, nb) = a, b
+    return (pa.region, pa.index) == (pb.region, pb.index) and na > 0 and nb > 0 and \
+        pa.offset < pb.offset + nb and pb.offset < pa.offset + na
+
+
+@dataclass(frozen=True)
+class CpuProgram:
+    """A rendered graph: the C source and what the executor must pass to its entry point."""
+    source: str
+    graph: Graph
+    plan: MemoryPlan
+    constants: tuple[Node, ...]          # consts[i] of the entry point holds constants[i]'s data
+    status_messages: dict[int, str]      # entry point return code -> error message
+    n_kernels: int
+    n_barriers: int
+    matmul_wtypes: tuple[str, ...] = ()
+
+
+# ---- support -----------------------------------------------------------------------------------
+def supports_node(node: Node) -> tuple[bool, str]:
+    """Whether the CPU renderer handles node (every op of the op table, at the dtypes it allows)."""
+    if node.op not in OPS:
+        return False, f"{node.op}: unknown op"
+    if node.op == "mul_mat":
+        w = node.inputs[1]
+        try:
+            wtypes = _matmul().MATMUL_WTYPES
+        except ImportError as e:
+            return False, f"mul_mat: matmul kernels unavailable ({e})"
+        wtype = w.dtype.name if w.dtype.is_quantized or w.type.strides[-1] == w.dtype.block_bytes else "f32"
+        if wtype not in wtypes:
+            return False, f"mul_mat: w dtype {w.dtype} unsupported"
+        if w.shape[-1] == 0:
+            return False, "mul_mat: K == 0 unsupported"
+    if node.op == "get_rows" and node.inputs[0].dtype.is_quantized:
+        try:
+            wtypes = _matmul().MATMUL_WTYPES
+        except ImportError as e:
+            return False, f"get_rows: dequantization kernels unavailable ({e})"
+        if node.inputs[0].dtype.name not in wtypes:
+            return False, f"get_rows: table dtype {node.inputs[0].dtype} unsupported"
+    return True, ""
+
+
+# ---- mul_mat layout ----------------------------------------------------------------------------
+@dataclass
+class _MulMatLayout:
+    wtype: str
+    T: int
+    N: int
+    K: int
+    batches: int
+    x_row: int
+    w_row: int
+    x_batch: str
+    w_batch: str
+    y_batch: int
+    x_copy: dict | None
+    w_copy: dict | None
+    mm_scratch: int
+    scratch_bytes: int
+
+
+def _mul_mat_layout(node: Node) -> _MulMatLayout:
+    x, w = node.inputs[0].type, node.inputs[1].type
+    K, N = w.shape[-1], w.shape[-2]
+    if x.rank == 1:
+        x = TensorType(x.dtype, (1, K), (x.strides[0] * K, x.strides[0]))
+    batch, T = x.shape[:-2], x.shape[-2]
+    x_bs, x_row, x_step = x.strides[:-2], x.strides[-2], x.strides[-1]
+    w_batch_shape, w_bs, w_row, w_step = w.shape[:-2], w.strides[:-2], w.strides[-2], w.strides[-1]
+    offset = 0
+    x_copy = w_copy = None
+    if x.dtype is not dtypes.f32 or x_step != 4:
+        x_copy = dict(rows=math.prod(batch) * T, n=K, step=x_step, dtype=x.dtype.name, offset=0,
+                      src_row=offset_expr("r", batch + (T,), x_bs + (x_row,)))
+        x_row = K * 4
+        x_bs = contiguous_strides(dtypes.f32, batch + (T, K))[:-2]
+        offset = _round_up(x_copy["rows"] * K * 4)
+    wtype = w.dtype.name
+    if not w.dtype.is_quantized and w_step != w.dtype.block_bytes:
+        w_copy = dict(rows=math.prod(w_batch_shape) * N, n=K, step=w_step, dtype=w.dtype.name,
+                      offset=offset, src_row=offset_expr("r", w_batch_shape + (N,), w_bs + (w_row,)))
+        wtype, w_row = "f32", K * 4
+        w_bs = contiguous_strides(dtypes.f32, w_batch_shape + (N, K))[:-2]
+        offset += _round_up(w_copy["rows"] * K * 4)
+
+    # With no batch of w to follow, the batch dims of x fold into T when x walks them as one.
+    if all(s == 1 for s in w_batch_shape):
+        sizes, (strides,) = coalesce(batch + (T,), [x_bs + (x_row,)])
+        if len(sizes) == 1:
+            batch, T, x_row = (), sizes[0], strides[0] if sizes[0] > 1 else x_row
+            x_bs = ()
+    batches = math.prod(batch)
+    x_batch = offset_expr("b", batch, x_bs)
+    terms, inner = [], 1
+    for i in reversed(range(len(batch))):
+        if w_batch_shape and w_batch_shape[i] > 1 and w_bs[i]:
+            ratio = batch[i] // w_batch_shape[i]
+            index = f"(b / {inner}) % {batch[i]}"
+            terms.append(f"(({index}) / {ratio}) * {w_bs[i]}" if ratio > 1 else f"({index}) * {w_bs[i]}")
+        inner *= batch[i]
+    w_batch = "(" + " + ".join(terms) + ")" if terms else "0"
+    mm_scratch = _matmul().matmul_scratch_bytes(wtype, T, K)
+    return _MulMatLayout(wtype, T, N, K, batches, x_row, w_row, x_batch, w_batch, T * N * 4,
+                         x_copy, w_copy, offset, offset + mm_scratch)
+
+
+def scratch_bytes(node: Node) -> int:
+    """Bytes of arena scratch node's kernel needs while it runs."""
+    if node.op == "mul_mat" and node.type.numel:
+        return _mul_mat_layout(node).scratch_bytes
+    return 0
+
+
+# ---- the renderer ------------------------------------------------------------------------------
+class _Renderer:
+    def __init__(self, graph: Graph):
+        if graph.has_dead_nodes:
+            graph = graph.replace()
+        self.graph = graph
+        self.names = value_names(graph)
+        self.plan = plan_memory(graph, alignment=ARENA_ALIGNMENT, extra=scratch_bytes)
+        self.places: dict[Node, Place] = {}
+        self.constants: list[Node] = []
+        self.kernels: list[str] = []
+        self.steps: list[Step] = []
+        self.status_messages: dict[int, str] = {}
+        self.wtypes: dict[str, None] = {}
+
+    def describe(self, node: Node) -> str:
+        args = ", ".join(f"%{self.names[i]}" for i in node.inputs)
+        attrs = "".join(f", {k}={format_value(v)}" for k, v in node.attrs)
+        return f"%{self.names[node]} = {node.op}({args}{attrs}) : {node.type}"
+
+    # ---- places --------------------------------------------------------------------------
+    def assign_places(self):
+        first_output: dict[Node, int] = {}
+        for k, out in enumerate(self.graph.outputs):
+            first_output.setdefault(out, k)
+        for i, node in enumerate(self.graph.inputs):
+            self.places[node] = Place("in", i)
+        for node in self.graph.nodes:
+            if node in self.places:
+                continue
+            if node.op == "const":
+                self.places[node] = Place("const", len(self.constants))
+                self.constants.append(node)
+            elif is_view(node):
+                offset = node.attr("offset", 0) if node.op == "view" else 0
+                self.places[node] = self.places[node.inputs[0]].shifted(offset)
+            elif node in first_output:
+                self.places[node] = Place("out", first_output[node])
+            else:
+                self.places[node] = Place("arena", 0, self.plan.offsets[node])
+
+    # ---- steps ---------------------------------------------------------------------------
+    def add_kernel(self, node: Node, template: str, args: list[str], reads, writes, **params):
+        name = f"k{len(self.kernels)}_{node.op}"
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        comment = _c_comment(f"{name}: {self.describe(node)}\n * template {template}: {shown}")
+        self.kernels.append(comment + render_template(template, name=name, **params))
+        self.steps.append(Step(f"{name}(ith, nth, {', '.join(args)});", reads, writes))
+
+    def reads_of(self, *nodes: Node):
+        return [(self.places[n], span_bytes(n.type)) for n in nodes]
+
+    def status_code(self, node: Node, what: str) -> int:
+        code = len(self.status_messages) + 1
+        self.status_messages[code] = f"{self.describe(node)}: {what}"
+        return code
+
+    def render(self) -> CpuProgram:
+        self.assign_places()
+        for node in self.graph.nodes:
+            if node.op not in ("input", "const") and not is_view(node) and node.type.numel:
+                getattr(self, f"_render_{_KIND.get(node.op, node.op)}")(node)
+            for k, out in enumerate(self.graph.outputs):
+                if out is node and self.places[node] != Place("out", k) and node.type.numel:
+                    self.copy(node, node, Place("out", k), TensorType(node.dtype, node.shape))
+        body, barriers = self.schedule()
+        pointers = [(f"in_{i}", "inputs", i) for i in range(len(self.graph.inputs))]
+        pointers += [(f"out_{k}", "outputs", k) for k in range(len(self.graph.outputs))]
+        pointers += [(f"const_{j}", "consts", j) for j in range(len(self.constants))]
+        library = [_matmul().matmul_source(w) for w in self.wtypes]
+        source = render_template(
+            "graph.c.j2", graph_name=self.graph.name.replace("*/", "* /"), n_kernels=len(self.kernels),
+            n_barriers=barriers, arena_bytes=self.plan.peak_bytes,
+            common_h=_static_file("common.h"), helpers_h=_static_file("helpers.h"),
+            library=library, kernels=self.kernels, pointers=pointers, body=body)
+        return CpuProgram(source, self.graph, self.plan, tuple(self.constants),
+                          dict(self.status_messages), len(self.kernels), barriers, tuple(self.wtypes))
+
+    def schedule(self) -> tuple[list[str], int]:
+        """The calls in order, with a barrier before any call that touches what the calls since
+        the last barrier wrote, or writes what they touched."""
+        lines, barriers = [], 0
+        epoch_reads: list = []
+        epoch_writes: list = []
+        for step in self.steps:
+            hazard = any(_touches(w, e) for w in step.writes for e in epoch_reads + epoch_writes) or \
+                any(_touches(r, e) for r in step.reads for e in epoch_writes)
+            if hazard:
+                lines.append("#pragma omp barrier")
+                barriers += 1
+                epoch_reads, epoch_writes = [], []
+            lines.append(step.call)
+            epoch_reads += step.reads
+            epoch_writes += step.writes
+        return lines, barriers
+
+    # ---- copies --------------------------------------------------------------------------
+    def copy(self, node: Node, src: Node, dst: Place, dst_type: TensorType):
+        """A copy kernel (for node): src's data into a tensor of dst_type at dst."""
+        s, d = src.type, dst_type
+        if s.dtype.is_quantized:
+            row = s.dtype.row_bytes(s.shape[-1])
+            s = _bytes_type(s, row)
+            d = _bytes_type(d, row)
+        loop = row_loop(s.shape, [s.strides, d.strides])
+        if s.dtype == d.dtype:
+            item = s.dtype.block_bytes
+            mode = "memcpy" if loop.step == [item, item] else "items"
+        else:
+            item, mode = 0, "convert"
+        self.add_kernel(node, "copy.c.j2", [self.places[src].c, dst.c],
+                        reads=[(self.places[src], span_bytes(s))], writes=[(dst, span_bytes(d))],
+                        rows=loop.rows, n=loop.n, src_row=loop.row[0], dst_row=loop.row[1],
+                        src_step=loop.step[0], dst_step=loop.step[1], src_dtype=s.dtype.name,
+                        dst_dtype=d.dtype.name, item_bytes=item, mode=mode)
+
+    def _render_cont(self, node: Node):
+        self.copy(node, node.inputs[0], self.places[node], node.type)
+
+    _render_cast = _render_cont
+
+    def _render_concat(self, node: Node):
+        a, b = node.inputs
+        axis = node.attr("axis") % node.type.rank
+        out = node.type
+        for part, start in ((a, 0), (b, a.shape[axis])):
+            dst = TensorType(out.dtype, part.shape, out.strides)
+            self.copy(node, part, self.places[node].shifted(start * out.strides[axis]), dst)
+
+    # ---- elementwise ---------------------------------------------------------------------
+    def _render_eltwise(self, node: Node):
+        operands = list(node.inputs)
+        shape = node.shape
+        strides = [operands[0].type.strides]
+        if len(operands) == 2:
+            strides.append(broadcast_strides(operands[1].type, shape))
+        strides.append(node.type.strides)
+        loop = row_loop(shape, strides)
+        if node.op == "scale":
+            expr = f"a * {c_float(node.attr('scale'))} + {c_float(node.attr('bias'))}"
+        elif node.op == "clamp":
+            expr = f"fminf(fmaxf(a, {c_float(node.attr('min'))}), {c_float(node.attr('max'))})"
+        else:
+            expr = ELTWISE_C[node.op]
+        two = len(operands) == 2
+        self.add_kernel(node, "eltwise.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
+                        reads=self.reads_of(*operands), writes=self.reads_of(node),
+                        arity=len(operands), expr=expr, rows=loop.rows, n=loop.n,
+                        a_row=loop.row[0], b_row=loop.row[1] if two else "0", y_row=loop.row[-1],
+                        a_step=loop.step[0], b_step=loop.step[1] if two else 0)
+
+    # ---- rows ----------------------------------------------------------------------------
+    def _render_rows(self, node: Node):
+        x = node.inputs[0]
+        loop = row_loop(x.shape, [x.type.strides], keep_last=True)
+        params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0])
+        if node.op in ("rms_norm", "layer_norm"):
+            params["eps"] = c_double(node.attr("eps"))
+        self.add_kernel(node, f"{node.op}.c.j2", [self.places[x].c, self.places[node].c],
+                        reads=self.reads_of(x), writes=self.reads_of(node), **params)
+
+    def _render_softmax(self, node: Node):
+        x = node.inputs[0]
+        mask = node.inputs[1] if len(node.inputs) > 1 else None
+        strides = [x.type.strides] + ([broadcast_strides(mask.type, x.shape)] if mask else [])
+        loop = row_loop(x.shape, strides, keep_last=True)
+        softcap = node.attr("softcap")
+        operands = [x] + ([mask] if mask else [])
+        self.add_kernel(node, "softmax.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
+                        reads=self.reads_of(*operands), writes=self.reads_of(node),
+                        rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0],
+                        has_mask=mask is not None, mask_row=loop.row[1] if mask else "0",
+                        mask_step=loop.step[1] if mask else 0,
+                        mask_dtype=mask.dtype.name if mask else "f32",
+                        scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None)
+
+    # ---- rope, attention -----------------------------------------------------------------
+    def _render_rope(self, node: Node):
+        x, pos = node.inputs[:2]
+        ff = node.inputs[2] if len(node.inputs) > 2 else None
+        T, H, D = x.shape
+        n_dims = node.attr("n_dims") or D
+        inv_freq = node.attr("freq_base") ** (-np.arange(0, n_dims, 2, dtype=np.float64) / n_dims)
+        operands = [x, pos] + ([ff] if ff else [])
+        self.add_kernel(node, "rope.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
+                        reads=self.reads_of(*operands), writes=self.reads_of(node),
+                        T=T, H=H, D=D, n_dims=n_dims, mode=node.attr("mode"), xs=x.type.strides,
+                        pos_step=pos.type.strides[0], has_ff=ff is not None,
+                        ff_step=ff.type.strides[0] if ff else 0,
+                        freq_scale=c_double(node.attr("freq_scale")),
+                        inv_freq=[repr(float(v)) for v in inv_freq])
+
+    def _render_attention(self, node: Node):
+        q, k, v = node.inputs[:3]
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        Tq, Hq, D = q.shape
+        Tk, Hkv, Dv = v.shape
+        softcap = node.attr("softcap")
+        operands = [q, k, v] + ([mask] if mask else [])
+        self.add_kernel(node, "attention.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
+                        reads=self.reads_of(*operands), writes=self.reads_of(node),
+                        Tq=Tq, Tk=Tk, Hq=Hq, group=Hq // Hkv, D=D, Dv=Dv,
+                        qs=q.type.strides, ks=k.type.strides, vs=v.type.strides,
+                        ms=mask.type.strides if mask else (0, 0), k_dtype=k.dtype.name,
+                        v_dtype=v.dtype.name, has_mask=mask is not None,
+                        mask_dtype=mask.dtype.name if mask else "f32",
+                        scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None,
+                        causal=node.attr("causal"), window=node.attr("window"), block=32)
+
+    # ---- matmul and rows of tables -------------------------------------------------------
+    def _render_mul_mat(self, node: Node):
+        x, w = node.inputs
+        lay = _mul_mat_layout(node)
+        self.wtypes[lay.wtype] = None
+        scratch = Place("arena", 0, self.plan.scratch_offsets.get(node, 0))
+        self.add_kernel(node, "mul_mat.c.j2",
+                        [self.places[x].c, self.places[w].c, self.places[node].c, scratch.c],
+                        reads=self.reads_of(x, w),
+                        writes=self.reads_of(node) + [(scratch, lay.scratch_bytes)],
+                        wtype=lay.wtype, T=lay.T, N=lay.N, K=lay.K, batches=lay.batches,
+                        x_row=lay.x_row, w_row=lay.w_row, y_row=lay.N * 4, x_batch=lay.x_batch,
+                        w_batch=lay.w_batch, y_batch=lay.y_batch, x_copy=lay.x_copy,
+                        w_copy=lay.w_copy, mm_scratch=lay.mm_scratch,
+                        batch_barrier=lay.scratch_bytes > lay.mm_scratch)
+
+    def _render_get_rows(self, node: Node):
+        table, idx = node.inputs
+        R, D = table.shape
+        quantized = table.dtype.is_quantized
+        if quantized:
+            self.wtypes[table.dtype.name] = None
+        self.add_kernel(node, "get_rows.c.j2",
+                        [self.places[table].c, self.places[idx].c, self.places[node].c, "&status"],
+                        reads=self.reads_of(table, idx), writes=self.reads_of(node),
+                        T=idx.shape[0], R=R, D=D, wtype=table.dtype.name, quantized=quantized,
+                        row_stride=table.type.strides[0], step=table.type.strides[1],
+                        idx_step=idx.type.strides[0],
+                        code=self.status_code(node, f"an index is out of range [0, {R})"))
+
+    def _render_set_rows(self, node: Node):
+        dst, idx, src = node.inputs
+        R, D = dst.shape
+        self.add_kernel(node, "set_rows.c.j2",
+                        [self.places[o].c for o in (dst, idx, src)] + [self.places[node].c, "&status"],
+                        reads=self.reads_of(dst, idx, src), writes=self.reads_of(node),
+                        T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, ds=dst.type.strides,
+                        idx_step=idx.type.strides[0], ss=src.type.strides,
+                        esize=dst.dtype.block_bytes,
+                        code=self.status_code(node, f"an index is out of range [0, {R})"))
+
+
+def _c_comment(text: str) -> str:
+    return "/* " + text.replace("*/", "* /") + " */\n"
+
+
+def _bytes_type(t: TensorType, row_bytes: int) -> TensorType:
+    """A quantized tensor's storage as bytes: blocks copy as opaque data."""
+    return TensorType(dtypes.i8, t.shape[:-1] + (row_bytes,), t.strides[:-1] + (1,))
+
+
+_KIND = {name: "eltwise" for name in ELTWISE_C}
+_KIND.update(scale="eltwise", clamp="eltwise", rms_norm="rows", layer_norm="rows",
+             sum_rows="rows", argmax="rows")
+
+
+def render_graph(graph: Graph) -> CpuProgram:
+    """The C program for graph (dead nodes dropped). Raises EmberError naming the first node
+    the CPU renderer cannot handle."""
+    for node in graph.nodes:
+        ok, reason = supports_node(node)
+        if not ok:
+            raise EmberError(f"cpu: %{value_names(graph)[node]} ({node.op} : {node.type}): {reason}")
+    return _Renderer(graph).render()

@@ -1,0 +1,528 @@
+"""Conformance: every op of the op table on every backend, against the NumPy reference.
+
+Each case builds a few nodes of one op (random shapes including 1, 3, 17 and 4096 wide,
+non-contiguous operands through permute/transpose/view with a byte offset and row stride) and is
+compared with run_reference by the NMSE bound of its op (NMSE_BOUND below). Cases of one group are
+compiled together as one graph, so a group costs one compile per backend. A case whose op the
+backend does not support is skipped with the backend's reason; on the CPU backend nothing may be
+unsupported (test_cpu_supports_every_case). A representative subset also runs on the CPU backend
+built for the portable ISA ("scalar").
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from ember.backends.cpu.backend import CpuBackend
+from ember.ir import GraphBuilder, dtypes
+from ember.ir.interpreter import run_reference
+from ember.ir.node import Node
+from ember.ir.ops import OPS
+from ember.testing import nmse
+
+# ---- per-op NMSE bounds ------------------------------------------------------------------------
+EXACT = 1e-10          # data movement and conversions: the same values up to rounding noise
+F32_MATH = 1e-7        # f32 arithmetic and libm against the float64 reference
+QUANT_MATMUL = 1e-3    # quantized weights with activations quantized to 8 bits
+
+NMSE_BOUND = {op: EXACT for op in ("view", "reshape", "permute", "transpose", "cont", "cast",
+                                   "concat", "get_rows", "set_rows", "argmax")}
+NMSE_BOUND.update({op: F32_MATH for op in OPS if op not in NMSE_BOUND})
+MUL_MAT_BOUND = {"f32": F32_MATH, "f16": F32_MATH, "bf16": F32_MATH, "q8_0": QUANT_MATMUL,
+                 "q4_0": QUANT_MATMUL, "q5_0": QUANT_MATMUL, "q4_k": QUANT_MATMUL,
+                 "q6_k": QUANT_MATMUL}
+
+
+# ---- cases -------------------------------------------------------------------------------------
+def normal(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def positive(rng, shape):
+    return (np.abs(rng.standard_normal(shape)) + 0.5).astype(np.float32)
+
+
+def indices(high, values=None):
+    def fill(rng, shape):
+        if values is not None:
+            return np.asarray(values, dtype=np.int32).reshape(shape)
+        return rng.integers(0, high, size=shape).astype(np.int32)
+    return fill
+
+
+class Scope:
+    """A case's view of its group's builder: names get the case's prefix, data its seed."""
+
+    def __init__(self, builder: GraphBuilder, prefix: str, fills: dict):
+        self.b = builder
+        self.prefix = prefix
+        self.fills = fills
+        self.rng = np.random.default_rng(zlib.crc32(prefix.encode()))
+
+    def input(self, name: str, dt, shape, fill=normal) -> Node:
+        node = self.b.input(f"{self.prefix}.{name}", dt, shape)
+        self.fills[node.name] = (fill, dtypes.dtype(dt))
+        return node
+
+    def weight(self, name: str, shape, dt="f32", fill=normal) -> Node:
+        return self.b.weight(f"{self.prefix}.{name}", fill(self.rng, shape), dt)
+
+    def __getattr__(self, op: str):
+        return getattr(self.b, op)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    op: str
+    build: Callable[[Scope], list[Node]]
+    bound: float | None = None
+    scalar: bool = False      # also run on the portable-ISA CPU build
+
+    @property
+    def group(self) -> str:
+        return self.id.split("/")[0]
+
+    @property
+    def nmse_bound(self) -> float:
+        return self.bound if self.bound is not None else NMSE_BOUND[self.op]
+
+
+def strided_view(s: Scope, name: str, shape: tuple, dt="f32", fill=normal) -> Node:
+    """shape read out of a wider input at a byte offset, with a row stride of its own."""
+    esize = dtypes.dtype(dt).block_bytes
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
+    base = s.input(name, dt, (rows + 1, cols + 5), fill)
+    row = (cols + 5) * esize
+    strides = tuple(int(np.prod(shape[i + 1:-1])) * row for i in range(len(shape) - 1)) + (esize,)
+    return s.view(base, shape=shape, strides=strides, offset=3 * esize)
+
+
+def transposed(s: Scope, name: str, shape: tuple, dt="f32", fill=normal) -> Node:
+    """shape as the transpose of a contiguous input (last axis strided)."""
+    base = s.input(name, dt, shape[:-2] + (shape[-1], shape[-2]), fill)
+    return s.transpose(base)
+
+
+CASES: list[Case] = []
+
+
+def case(id: str, op: str, bound=None, scalar=False):
+    def register(build):
+        CASES.append(Case(id, op, build, bound, scalar))
+        return build
+    return register
+
+
+# elementwise, unary
+UNARY_ATTRS = {"scale": dict(scale=0.37, bias=-1.5), "clamp": dict(min=-0.5, max=0.75)}
+UNARY_OPS = ("neg", "exp", "tanh", "sqrt", "rsqrt", "silu", "gelu", "relu", "sigmoid", "softplus",
+             "scale", "clamp")
+for _op in UNARY_OPS:
+    _fill = positive if _op in ("sqrt", "rsqrt") else normal
+    _attrs = UNARY_ATTRS.get(_op, {})
+    for _shape in ((1,), (3, 17), (2, 3, 4, 5)):
+        case(f"unary/{_op}-{'x'.join(map(str, _shape))}", _op, scalar=_shape == (3, 17))(
+            lambda s, op=_op, shape=_shape, fill=_fill, attrs=_attrs:
+            [s.op(op, s.input("x", "f32", shape, fill), **attrs)])
+    case(f"unary/{_op}-transposed", _op)(
+        lambda s, op=_op, fill=_fill, attrs=_attrs: [s.op(op, transposed(s, "x", (3, 17), fill=fill), **attrs)])
+    case(f"unary/{_op}-view", _op, scalar=True)(
+        lambda s, op=_op, fill=_fill, attrs=_attrs: [s.op(op, strided_view(s, "x", (3, 17), fill=fill), **attrs)])
+for _op in ("silu", "exp", "gelu"):
+    case(f"unary/{_op}-4096", _op)(lambda s, op=_op: [s.op(op, s.input("x", "f32", (4096,)))])
+
+# elementwise, binary (b broadcasts to a) and gated
+BINARY_SHAPES = {"3x17+17": ((3, 17), (17,)), "2x3x4x5+3x1x5": ((2, 3, 4, 5), (3, 1, 5)),
+                 "4096+1": ((4096,), (1,)), "1+1": ((1,), (1,)), "17x3+17x1": ((17, 3), (17, 1))}
+for _op in ("add", "sub", "mul", "div"):
+    _bfill = positive if _op == "div" else normal
+    for _name, (_a, _b) in BINARY_SHAPES.items():
+        case(f"binary/{_op}-{_name}", _op, scalar=_name == "2x3x4x5+3x1x5")(
+            lambda s, op=_op, a=_a, b=_b, bf=_bfill: [s.op(op, s.input("a", "f32", a), s.input("b", "f32", b, bf))])
+    case(f"binary/{_op}-views", _op, scalar=True)(
+        lambda s, op=_op, bf=_bfill: [s.op(op, s.permute(s.input("a", "f32", (17, 3, 2)), 2, 1, 0),
+                                           strided_view(s, "b", (3, 17), fill=bf))])
+for _op in ("swiglu", "geglu"):
+    for _shape in ((3, 17), (1, 4096)):
+        case(f"binary/{_op}-{'x'.join(map(str, _shape))}", _op, scalar=_shape == (3, 17))(
+            lambda s, op=_op, shape=_shape: [s.op(op, s.input("g", "f32", shape), s.input("u", "f32", shape))])
+    case(f"binary/{_op}-views", _op)(
+        lambda s, op=_op: [s.op(op, transposed(s, "g", (3, 17)), strided_view(s, "u", (3, 17)))])
+
+# row reductions
+for _op, _attrs in (("rms_norm", dict(eps=1e-5)), ("layer_norm", dict(eps=1e-5)),
+                    ("sum_rows", {}), ("argmax", {})):
+    for _shape in ((1,), (3, 17), (3, 4096), (2, 3, 4, 5)):
+        case(f"rows/{_op}-{'x'.join(map(str, _shape))}", _op, scalar=_shape == (3, 17))(
+            lambda s, op=_op, shape=_shape, attrs=_attrs: [s.op(op, s.input("x", "f32", shape), **attrs)])
+    case(f"rows/{_op}-transposed", _op)(
+        lambda s, op=_op, attrs=_attrs: [s.op(op, transposed(s, "x", (3, 17)), **attrs)])
+    case(f"rows/{_op}-view", _op, scalar=True)(
+        lambda s, op=_op, attrs=_attrs: [s.op(op, strided_view(s, "x", (2, 3, 17)), **attrs)])
+    case(f"rows/{_op}-permuted", _op)(
+        lambda s, op=_op, attrs=_attrs: [s.op(op, s.permute(s.input("x", "f32", (4, 3, 2, 5)), 2, 0, 1, 3), **attrs)])
+
+
+# softmax
+def _masked_rows(rng, shape):
+    m = rng.standard_normal(shape).astype(np.float32)
+    m[..., 1, :] = -np.inf          # one row masked out entirely: zeros, not NaN
+    m[..., 2, ::3] = -np.inf
+    return m
+
+
+case("softmax/plain-3x17", "softmax", scalar=True)(lambda s: [s.softmax(s.input("x", "f32", (3, 17)))])
+case("softmax/plain-1", "softmax")(lambda s: [s.softmax(s.input("x", "f32", (1,)))])
+case("softmax/wide-2x4096", "softmax")(lambda s: [s.softmax(s.input("x", "f32", (2, 4096)), scale=0.5)])
+case("softmax/scale-softcap", "softmax", scalar=True)(
+    lambda s: [s.softmax(s.input("x", "f32", (3, 17)), scale=4.0, softcap=2.5)])
+case("softmax/mask-broadcast", "softmax")(
+    lambda s: [s.softmax(s.input("x", "f32", (2, 3, 17)), s.input("m", "f32", (3, 17)), scale=0.125)])
+case("softmax/mask-f16-row", "softmax")(
+    lambda s: [s.softmax(s.input("x", "f32", (4, 17)), s.input("m", "f16", (1, 17)))])
+case("softmax/mask-masked-rows", "softmax", scalar=True)(
+    lambda s: [s.softmax(s.input("x", "f32", (2, 3, 17)), s.input("m", "f32", (3, 17), _masked_rows),
+                         softcap=1.5)])
+case("softmax/transposed-mask-view", "softmax")(
+    lambda s: [s.softmax(transposed(s, "x", (3, 17)), strided_view(s, "m", (3, 17)))])
+
+
+# rope
+def _rope_case(T, H, D, mode, n_dims=0, ff=False, view=False, freq_scale=1.0, scalar=False):
+    def build(s):
+        if view:   # q out of a fused QKV row: byte offset H*D*4, row stride 3*H*D*4
+            fused = s.input("qkv", "f32", (T, 3 * H * D))
+            x = s.view(fused, shape=(T, H, D), strides=(3 * H * D * 4, D * 4, 4), offset=H * D * 4)
+        else:
+            x = s.input("x", "f32", (T, H, D))
+        pos = s.input("pos", "i32", (T,), indices(5000))
+        factors = s.input("ff", "f32", ((n_dims or D) // 2,), positive) if ff else None
+        return [s.rope(x, pos, factors, mode=mode, n_dims=n_dims, freq_base=10000.0,
+                       freq_scale=freq_scale)]
+    name = f"rope/{mode}-{T}x{H}x{D}" + (f"-n{n_dims}" if n_dims else "") + ("-ff" if ff else "") + \
+        ("-view" if view else "") + (f"-fs{freq_scale}" if freq_scale != 1.0 else "")
+    case(name, "rope", scalar=scalar)(build)
+
+
+for _mode in ("normal", "neox"):
+    _rope_case(3, 2, 16, _mode, scalar=True)
+    _rope_case(1, 4, 64, _mode, n_dims=32)
+    _rope_case(17, 4, 64, _mode, ff=True, view=True, scalar=_mode == "neox")
+    _rope_case(5, 1, 128, _mode, n_dims=64, ff=True, freq_scale=0.25)
+
+
+# attention
+def _attention_case(name, Tq, Tk, Hq, Hkv, D, Dv, scale=0.25, causal=False, window=0, softcap=0.0,
+                    mask=None, kv="f32", q_view=False, v_permuted=False, scalar=False):
+    def build(s):
+        if q_view:
+            fused = s.input("qkv", "f32", (Tq, 3 * Hq * D))
+            q = s.view(fused, shape=(Tq, Hq, D), strides=(3 * Hq * D * 4, D * 4, 4), offset=Hq * D * 4)
+        else:
+            q = s.input("q", "f32", (Tq, Hq, D))
+        k = s.input("k", kv, (Tk, Hkv, D))
+        v = s.permute(s.input("v", kv, (Hkv, Tk, Dv)), 1, 0, 2) if v_permuted else s.input("v", kv, (Tk, Hkv, Dv))
+        m = s.input("mask", mask, (Tq, Tk), _attention_mask) if mask else None
+        return [s.attention(q, k, v, m, scale=scale, causal=causal, window=window, softcap=softcap)]
+    case(f"attention/{name}", "attention", scalar=scalar)(build)
+
+
+def _attention_mask(rng, shape):
+    m = rng.standard_normal(shape).astype(np.float32)
+    m[rng.random(shape) < 0.2] = -np.inf
+    return m
+
+
+_attention_case("gqa-causal", 3, 17, 4, 2, 16, 16, causal=True, scalar=True)
+_attention_case("gqa-causal-window", 5, 17, 4, 2, 16, 16, causal=True, window=4)
+_attention_case("mask-f32", 3, 17, 2, 2, 16, 8, mask="f32")
+_attention_case("mask-f16-softcap", 3, 17, 4, 1, 32, 32, mask="f16", softcap=1.5, scale=0.5, scalar=True)
+_attention_case("kv-f16", 4, 9, 4, 2, 16, 16, causal=True, kv="f16")
+_attention_case("decode-mqa", 1, 17, 8, 1, 64, 32, causal=True, window=8)
+_attention_case("q-view-v-permuted", 3, 17, 4, 2, 16, 16, causal=True, q_view=True, v_permuted=True)
+_attention_case("more-queries-than-keys", 5, 3, 2, 1, 16, 16, causal=True)
+_attention_case("head-256", 2, 33, 2, 1, 256, 256, scale=0.0625, causal=True, kv="f16")
+
+
+# mul_mat
+def _mm(name, wtype, x_shape, w_shape, x="plain", x_dtype="f32", w_view=None, scalar=False):
+    def build(s):
+        if x == "transposed":
+            xn = transposed(s, "x", x_shape, x_dtype)
+        elif x == "permuted":     # [B, T, K] read from a [T, B, K] input: batches not foldable
+            xn = s.permute(s.input("x", x_dtype, (x_shape[1], x_shape[0], x_shape[2])), 1, 0, 2)
+        else:
+            xn = s.input("x", x_dtype, x_shape)
+        if w_view == "rows":      # every other row of a bigger weight: a row stride of its own
+            N, K = w_shape
+            big = s.weight("w", (2 * N, K), wtype)
+            row = dtypes.dtype(wtype).row_bytes(K)
+            wn = s.view(big, shape=(N, K), strides=(2 * row, dtypes.dtype(wtype).block_bytes), offset=row)
+        elif w_view == "transposed":
+            wn = transposed(s, "w", w_shape, wtype)
+        else:
+            wn = s.weight("w", w_shape, wtype)
+        return [s.mul_mat(xn, wn)]
+    group = "mul_mat_float" if wtype in ("f32", "f16", "bf16") else "mul_mat_quant"
+    case(f"{group}/{wtype}-{name}", "mul_mat", bound=MUL_MAT_BOUND[wtype], scalar=scalar)(build)
+
+
+for _wt in ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k"):
+    _K = 256 if _wt in ("q4_k", "q6_k") else 64
+    _mm("gemv", _wt, (1, _K), (17, _K), scalar=True)
+    _mm("T3", _wt, (3, _K), (3, _K))
+    _mm("T17", _wt, (17, 2 * _K), (33, 2 * _K))
+    _mm("x-rank1", _wt, (_K,), (5, _K))
+    _mm("x-transposed", _wt, (3, _K), (17, _K), x="transposed")
+    _mm("w-row-view", _wt, (3, _K), (9, _K), w_view="rows", scalar=_wt in ("q4_k", "bf16"))
+    _mm("batched-3d", _wt, (2, 3, _K), (2, 7, _K))
+    _mm("batch-folds", _wt, (2, 3, _K), (7, _K))
+    _mm("batch-permuted", _wt, (2, 5, _K), (7, _K), x="permuted")
+_mm("wide-4096", "f32", (2, 4096), (32, 4096))
+_mm("wide-4096", "q4_0", (2, 4096), (32, 4096))
+_mm("wide-4096", "q6_k", (1, 4096), (16, 4096))
+_mm("K17", "f32", (3, 17), (5, 17))
+_mm("x-f16", "f16", (3, 64), (17, 64), x_dtype="f16")
+_mm("x-f16-q8", "q8_0", (3, 64), (17, 64), x_dtype="f16")
+_mm("broadcast-4d", "f32", (4, 3, 5, 32), (2, 1, 7, 32), scalar=True)
+_mm("broadcast-3d", "f16", (6, 5, 32), (3, 7, 32))
+_mm("broadcast-4d", "q8_0", (2, 3, 5, 64), (1, 3, 7, 64))
+
+
+def _mm_activation_w(s):   # w is an activation (an input), batched and transposed
+    return [s.mul_mat(s.input("x", "f32", (4, 5, 32)), transposed(s, "w", (4, 7, 32)))]
+
+
+case("mul_mat_float/f32-w-input-transposed", "mul_mat", bound=F32_MATH, scalar=True)(_mm_activation_w)
+
+
+# get_rows
+def _get_rows(name, dt, R, D, T=5, view=None, idx_values=None, scalar=False):
+    def build(s):
+        if view == "transposed":
+            table = transposed(s, "table", (R, D), dt)
+        elif view == "rows":
+            table = strided_view(s, "table", (R, D), dt)
+        else:
+            table = s.weight("table", (R, D), dt)
+        idx = s.input("idx", "i32", (T,), indices(R, idx_values))
+        return [s.get_rows(table, idx)]
+    case(f"get_rows/{dt}-{name}", "get_rows", scalar=scalar)(build)
+
+
+for _dt in ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k"):
+    _D = 256 if _dt in ("q4_k", "q6_k") else 64
+    _get_rows("repeats", _dt, 20, _D, idx_values=[3, 0, 19, 3, 7], scalar=_dt in ("q4_k", "f16"))
+    _get_rows("one", _dt, 1, _D, T=1)
+for _dt in ("f32", "f16", "bf16"):
+    _get_rows("transposed", _dt, 17, 3, T=4, view="transposed")
+    _get_rows("row-view", _dt, 17, 3, T=4, view="rows")
+_get_rows("wide-4096", "f32", 6, 4096, T=3)
+
+
+def _get_rows_idx_view(s):
+    idx = s.view(s.input("idx", "i32", (10,), indices(6)), shape=(5,), strides=(8,), offset=4)
+    return [s.get_rows(s.weight("table", (6, 17)), idx)]
+
+
+case("get_rows/f32-strided-idx", "get_rows")(_get_rows_idx_view)
+
+
+# set_rows
+def _set_rows(name, dt, R, D, idx_values, src="plain", dst_view=False, scalar=False):
+    def build(s):
+        dst = strided_view(s, "dst", (R, D), dt) if dst_view else s.input("dst", dt, (R, D))
+        idx = s.input("idx", "i32", (len(idx_values),), indices(R, idx_values))
+        T = len(idx_values)
+        srcn = transposed(s, "src", (T, D)) if src == "transposed" else s.input("src", "f32", (T, D))
+        return [s.set_rows(dst, idx, srcn)]
+    case(f"set_rows/{dt}-{name}", "set_rows", scalar=scalar)(build)
+
+
+for _dt in ("f32", "f16", "bf16"):
+    _set_rows("repeat", _dt, 9, 17, [4, 1, 4], scalar=_dt != "f32")
+    _set_rows("views", _dt, 9, 17, [0, 8], src="transposed", dst_view=True)
+_set_rows("wide", "f16", 3, 4096, [2])
+
+
+# views and copies
+case("copies/view-output", "view", scalar=True)(lambda s: [strided_view(s, "x", (3, 17))])
+case("copies/reshape-of-value", "reshape")(
+    lambda s: [s.reshape(s.neg(s.input("x", "f32", (3, 4, 5))), 12, 5)])
+case("copies/permute-output", "permute")(
+    lambda s: [s.permute(s.input("x", "f32", (2, 3, 4, 5)), 3, 1, 0, 2)])
+case("copies/transpose-output", "transpose")(lambda s: [s.transpose(s.input("x", "f16", (17, 3)))])
+case("copies/view-of-view", "view")(
+    lambda s: [s.view(strided_view(s, "x", (4, 17)), shape=(2, 5), strides=(88, 8), offset=4)])
+case("copies/cont-permuted", "cont", scalar=True)(
+    lambda s: [s.cont(s.permute(s.input("x", "f32", (2, 3, 4, 5)), 3, 1, 0, 2))])
+case("copies/cont-view-i32", "cont")(
+    lambda s: [s.cont(s.view(s.input("x", "i32", (4, 9), indices(100)), shape=(3, 4), strides=(36, 8), offset=4))])
+
+
+def _cont_quant_view(s):
+    w = s.weight("w", (6, 64), "q4_0")
+    row = dtypes.q4_0.row_bytes(64)
+    return [s.cont(s.view(w, shape=(2, 64), strides=(2 * row, dtypes.q4_0.block_bytes), offset=row))]
+
+
+case("copies/cont-quantized-view", "cont")(_cont_quant_view)
+for _src, _dst in (("f32", "f16"), ("f16", "f32"), ("f32", "bf16"), ("bf16", "f32"), ("f16", "bf16"),
+                   ("bf16", "f16"), ("f32", "f32")):
+    case(f"copies/cast-{_src}-{_dst}", "cast", scalar=_src == "f32")(
+        lambda s, a=_src, b=_dst: [s.cast(s.input("x", a, (3, 17)), dtype=b)])
+case("copies/cast-transposed-4096", "cast")(
+    lambda s: [s.cast(transposed(s, "x", (4096, 2)), dtype="f16")])
+for _axis, (_a, _b) in {0: ((2, 17), (3, 17)), 1: ((2, 3, 5), (2, 4, 5)), -1: ((3, 1), (3, 17))}.items():
+    case(f"copies/concat-axis{_axis}", "concat", scalar=_axis == 1)(
+        lambda s, a=_a, b=_b, axis=_axis: [s.concat(s.input("a", "f32", a), s.input("b", "f32", b), axis=axis)])
+case("copies/concat-views-f16", "concat")(
+    lambda s: [s.concat(transposed(s, "a", (3, 17), "f16"), strided_view(s, "b", (3, 17), "f16"), axis=0)])
+case("copies/concat-quantized", "concat")(
+    lambda s: [s.concat(s.weight("a", (2, 64), "q8_0"), s.weight("b", (3, 64), "q8_0"), axis=0)])
+
+
+# ---- running groups ----------------------------------------------------------------------------
+@dataclass
+class GroupRun:
+    results: dict = field(default_factory=dict)       # case id -> (got, expected, output nodes)
+    unsupported: dict = field(default_factory=dict)   # case id -> reason
+    error: Exception | None = None
+
+
+_RUNS: dict[tuple[int, str, bool], GroupRun] = {}
+
+
+def _reachable(outputs) -> list[Node]:
+    seen, stack = {}, list(outputs)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen[n] = None
+            stack.extend(n.inputs)
+    return list(seen)
+
+
+def _build(cases, backend):
+    """One graph for cases (leaving out those the backend does not support) and its inputs."""
+    builder = GraphBuilder(cases[0].group)
+    fills: dict = {}
+    outputs, owners, unsupported = [], [], {}
+    for c in cases:
+        outs = c.build(Scope(builder, c.id.replace("/", "."), fills))
+        reasons = [backend.supports_op(n)[1] for n in _reachable(outs)
+                   if n.op not in ("input", "const") and not backend.supports_op(n)[0]]
+        if reasons:
+            unsupported[c.id] = reasons[0]
+            continue
+        owners.append((c.id, len(outputs), len(outs)))
+        outputs += outs
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for node in builder.inputs:
+        fill, dt = fills[node.name]
+        inputs[node.name] = dtypes.from_float32(fill(rng, node.shape), dt) if dt.is_float \
+            else fill(rng, node.shape)
+    graph = builder.build(outputs) if outputs else None
+    return graph, inputs, owners, unsupported
+
+
+def _group_run(backend, group: str, scalar_only: bool) -> GroupRun:
+    key = (id(backend), group, scalar_only)
+    if key not in _RUNS:
+        cases = [c for c in CASES if c.group == group and (c.scalar or not scalar_only)]
+        run = GroupRun()
+        try:
+            graph, inputs, owners, run.unsupported = _build(cases, backend)
+            if graph is not None:
+                got = backend.compile(graph).run(inputs)
+                expected = run_reference(graph, inputs)
+                for cid, start, count in owners:
+                    sl = slice(start, start + count)
+                    run.results[cid] = (got[sl], expected[sl], graph.outputs[sl])
+        except Exception as e:   # reported by every case of the group
+            run.error = e
+        _RUNS[key] = run
+    return _RUNS[key]
+
+
+def check(backend, c: Case, scalar_only: bool = False):
+    run = _group_run(backend, c.group, scalar_only)
+    if c.id in run.unsupported:
+        pytest.skip(f"{backend.name}: unsupported: {run.unsupported[c.id]}")
+    if run.error is not None:
+        raise AssertionError(f"group {c.group!r} failed on {backend!r}: "
+                             f"{type(run.error).__name__}: {run.error}") from run.error
+    got, expected, nodes = run.results[c.id]
+    for i, (g, e, node) in enumerate(zip(got, expected, nodes)):
+        assert g.shape == e.shape and g.dtype == e.dtype, \
+            f"output {i}: {g.dtype}{list(g.shape)}, expected {e.dtype}{list(e.shape)}"
+        if node.dtype.is_float:
+            err = nmse(dtypes.to_float32(g, node.dtype), dtypes.to_float32(e, node.dtype))
+            assert err <= c.nmse_bound, f"output {i} ({node.type}): NMSE {err:.3g} > {c.nmse_bound:g}"
+        else:
+            np.testing.assert_array_equal(g, e, err_msg=f"output {i} ({node.type})")
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_op(backend, c):
+    check(backend, c)
+
+
+SCALAR_CASES = [c for c in CASES if c.scalar]
+
+
+@pytest.mark.parametrize("c", SCALAR_CASES, ids=[c.id for c in SCALAR_CASES])
+def test_op_scalar_isa(scalar_cpu, c):
+    check(scalar_cpu, c, scalar_only=True)
+
+
+# ---- coverage ----------------------------------------------------------------------------------
+def _case_nodes():
+    builder = GraphBuilder("all")
+    fills: dict = {}
+    for c in CASES:
+        for n in _reachable(c.build(Scope(builder, c.id.replace("/", "."), fills))):
+            yield c, n
+
+
+def test_every_op_has_a_case():
+    covered = {n.op for _, n in _case_nodes()}
+    missing = sorted(op for op, d in OPS.items() if d.category != "source" and op not in covered)
+    assert not missing, f"ops without a conformance case: {missing}"
+
+
+def test_every_weight_dtype_has_mul_mat_and_get_rows_cases():
+    seen = {(n.op, n.inputs[0 if n.op == "get_rows" else 1].dtype.name)
+            for _, n in _case_nodes() if n.op in ("mul_mat", "get_rows")}
+    for dt in dtypes.WEIGHT_TYPES:
+        assert ("mul_mat", dt.name) in seen and ("get_rows", dt.name) in seen, dt.name
+
+
+def test_cpu_supports_every_case():
+    """On CPU nothing may hide behind "unsupported"."""
+    cpu = CpuBackend(threads=1)
+    for c, n in _case_nodes():
+        if n.op not in ("input", "const"):
+            ok, reason = cpu.supports_op(n)
+            assert ok, f"{c.id}: {n.op} unsupported on cpu: {reason}"
+
+
+class _NoMatmul(CpuBackend):
+    name = "cpu-no-matmul"
+
+    def supports_op(self, node):
+        if node.op == "mul_mat":
+            return False, f"mul_mat: w dtype {node.inputs[1].dtype} unsupported"
+        return super().supports_op(node)
+
+
+def test_unsupported_case_is_reported_as_a_skip(backend_cache):
+    c = next(c for c in CASES if c.id == "mul_mat_float/bf16-gemv")
+    with pytest.raises(pytest.skip.Exception, match="cpu-no-matmul: unsupported: mul_mat: w dtype bf16 unsupported"):
+        check(_NoMatmul(cache_dir=backend_cache), c)

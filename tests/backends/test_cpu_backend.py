@@ -1,0 +1,223 @@
+"""The CPU backend itself: compile cache, input checks, errors, memory plan, threads, registry."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from ember.backends import BACKEND_NAMES, available_backends, get_backend
+from ember.backends.cpu.backend import CpuBackend
+from ember.backends.cpu.compiler import ISA_FLAGS
+from ember.codegen.cpu import render_graph
+from ember.errors import BackendUnavailable, EmberError
+from ember.ir import GraphBuilder, run_reference
+from ember.ir.interpreter import random_inputs
+from ember.testing import nmse
+
+
+@pytest.fixture(scope="module")
+def cpu(tmp_path_factory):
+    """A backend whose cache the tests of this module share."""
+    return CpuBackend(threads=2, cache_dir=tmp_path_factory.mktemp("cpu-cache"))
+
+
+@pytest.fixture
+def fresh_cpu(tmp_path):
+    """A backend with an empty cache of its own."""
+    return CpuBackend(threads=2, cache_dir=tmp_path)
+
+
+def small_graph(name="small", matmul=False):
+    b = GraphBuilder(name)
+    x = b.input("x", "f32", (3, 32))
+    if matmul:
+        x = b.mul_mat(x, b.weight("w", np.random.default_rng(0).standard_normal((8, 32)), "q8_0"))
+    return b.build(b.rms_norm(b.silu(x)))
+
+
+def mixed_graph():
+    """Several kinds of kernel, for the thread-count and batch-invariance checks."""
+    rng = np.random.default_rng(1)
+    b = GraphBuilder("mixed")
+    x = b.input("x", "f32", (5, 64))
+    pos = b.input("pos", "i32", (5,))
+    h = b.rms_norm(x)
+    qkv = b.mul_mat(h, b.weight("wqkv", rng.standard_normal((3 * 64, 64)), "q4_0"))
+    q, k, v = (b.view(qkv, shape=(5, 4, 16), strides=(3 * 64 * 4, 64, 4), offset=i * 64 * 4) for i in range(3))
+    q, k = b.rope(q, pos, mode="neox"), b.rope(k, pos, mode="neox")
+    a = b.attention(q, k, v, scale=0.25, causal=True)
+    o = b.mul_mat(b.reshape(b.cont(a), 5, 64), b.weight("wo", rng.standard_normal((64, 64)), "f16"))
+    y = b.add(x, o)
+    return b.build(b.softmax(y, softcap=5.0), b.layer_norm(y), b.sum_rows(y))
+
+
+# ---- compile cache -----------------------------------------------------------------------------
+def test_second_compile_hits_the_cache(fresh_cpu):
+    graph = small_graph("hit")
+    fresh_cpu.compile(graph)
+    assert (fresh_cpu.cache.builds, fresh_cpu.cache.hits) == (1, 0)
+    exe = fresh_cpu.compile(graph)
+    assert (fresh_cpu.cache.builds, fresh_cpu.cache.hits) == (1, 1)
+    inputs = random_inputs(graph)
+    assert nmse(exe.run(inputs)[0], run_reference(graph, inputs)[0]) < 1e-7
+
+
+def test_corrupted_cache_entry_is_rebuilt_not_loaded(fresh_cpu):
+    graph = small_graph("corrupt")
+    library = fresh_cpu.cache.build(render_graph(graph).source, ISA_FLAGS[fresh_cpu.isa])
+    assert fresh_cpu.cache.builds == 1
+    library.write_bytes(b"\x7fELF garbage" + bytes(100))   # not loaded in this process yet
+    exe = fresh_cpu.compile(graph)
+    assert (fresh_cpu.cache.builds, fresh_cpu.cache.hits) == (2, 0)
+    inputs = random_inputs(graph)
+    assert nmse(exe.run(inputs)[0], run_reference(graph, inputs)[0]) < 1e-7
+
+
+def test_missing_compiler_is_backend_unavailable(tmp_path):
+    backend = CpuBackend(cc="ember-no-such-cc", cache_dir=tmp_path)
+    ok, reason = backend.available()
+    assert not ok and "ember-no-such-cc" in reason
+    with pytest.raises(BackendUnavailable, match="ember-no-such-cc"):
+        backend.compile(small_graph())
+
+
+def test_unknown_isa_and_bad_threads():
+    with pytest.raises(EmberError, match="isa"):
+        CpuBackend(isa="avx9000")
+    with pytest.raises(EmberError, match="threads"):
+        CpuBackend(threads=0)
+
+
+# ---- running -----------------------------------------------------------------------------------
+def test_input_errors_name_the_input(cpu):
+    exe = cpu.compile(small_graph())
+    good = np.zeros((3, 32), np.float32)
+    with pytest.raises(EmberError, match=r"input 'x'.*f32\[3, 32\].*float64"):
+        exe.run({"x": good.astype(np.float64)})
+    with pytest.raises(EmberError, match=r"input 'x'.*got float32\[3, 31\]"):
+        exe.run({"x": good[:, :31]})
+    with pytest.raises(EmberError, match=r"missing input\(s\) \['x'\]"):
+        exe.run({})
+    with pytest.raises(EmberError, match=r"unknown input\(s\) \['y'\]"):
+        exe.run({"x": good, "y": good})
+
+
+def test_non_contiguous_input_is_accepted(cpu):
+    graph = small_graph()
+    exe = cpu.compile(graph)
+    x = np.asfortranarray(np.random.default_rng(2).standard_normal((3, 32)).astype(np.float32))
+    assert nmse(exe.run({"x": x})[0], run_reference(graph, {"x": x})[0]) < 1e-7
+
+
+def test_outputs_that_are_inputs_constants_views_or_repeated(cpu):
+    b = GraphBuilder("outs")
+    x = b.input("x", "f32", (3, 4))
+    c = b.const("c", np.arange(6, dtype=np.float32).reshape(2, 3))
+    y = b.neg(x)
+    graph = b.build(x, c, y, y, b.transpose(y), b.view(x, shape=(2, 2), strides=(16, 4), offset=4))
+    exe = cpu.compile(graph)
+    inputs = random_inputs(graph)
+    outs = exe.run(inputs)
+    for got, want in zip(outs, run_reference(graph, inputs)):
+        np.testing.assert_array_equal(got, want)
+        assert got.flags.c_contiguous
+    assert outs[2] is not outs[3] and outs[0] is not inputs["x"]
+
+
+def test_out_of_range_index_names_the_node(cpu):
+    b = GraphBuilder("rows")
+    idx = b.input("idx", "i32", (2,))
+    graph = b.build(b.get_rows(b.weight("table", np.ones((4, 8))), idx))
+    exe = cpu.compile(graph)
+    np.testing.assert_array_equal(exe.run({"idx": np.array([3, 0], np.int32)})[0], np.ones((2, 8)))
+    with pytest.raises(EmberError, match=r"%\d+ = get_rows\(%table, %idx\).*out of range \[0, 4\)"):
+        exe.run({"idx": np.array([1, 4], np.int32)})
+
+
+def test_constants_are_not_copied(cpu, tmp_path):
+    weights = np.lib.format.open_memmap(tmp_path / "w.npy", mode="w+", dtype=np.float32, shape=(8, 32))
+    weights[:] = np.random.default_rng(3).standard_normal((8, 32))
+    b = GraphBuilder("mapped")
+    x = b.input("x", "f32", (2, 32))
+    graph = b.build(b.mul_mat(x, b.const("w", weights)))
+    exe = cpu.compile(graph)
+    held = [a for a in exe._constants if a.ctypes.data == weights.ctypes.data]
+    assert held and isinstance(held[0], np.memmap)
+    inputs = random_inputs(graph)
+    assert nmse(exe.run(inputs)[0], run_reference(graph, inputs)[0]) < 1e-10
+
+
+def test_planned_peak_is_below_the_sum_of_intermediates(cpu):
+    b = GraphBuilder("chain")
+    x = b.input("x", "f32", (16, 256))
+    y = x
+    for op in ("neg", "exp", "tanh", "silu", "gelu", "relu", "sigmoid", "neg"):
+        y = b.op(op, y)
+    graph = b.build(y)
+    exe = cpu.compile(graph)
+    intermediates = sum(n.type.nbytes for n in graph.nodes if n.op not in ("input",) and n is not y)
+    assert 0 < exe.planned_peak_bytes < intermediates
+    assert exe.planned_peak_bytes == 2 * 16 * 256 * 4
+    inputs = random_inputs(graph)
+    assert nmse(exe.run(inputs)[0], run_reference(graph, inputs)[0]) < 1e-7
+
+
+def test_thread_counts_give_bit_identical_outputs(tmp_path):
+    graph = mixed_graph()
+    inputs = random_inputs(graph, seed=4)
+    results = [CpuBackend(threads=t, cache_dir=tmp_path).compile(graph).run(inputs) for t in (1, 2, 3)]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    for got, want in zip(results[0], run_reference(graph, inputs)):
+        assert nmse(got, want) < 1e-3
+
+
+def test_row_results_do_not_depend_on_the_batch(cpu):
+    """Batch invariance of the row kernels: row 0 alone equals row 0 among 7 rows, bit for bit."""
+    def build(T):
+        b = GraphBuilder("rows")
+        x = b.input("x", "f32", (T, 4, 64))
+        k = b.input("k", "f32", (9, 2, 64))
+        flat = b.reshape(x, T, 256)
+        return b.build(b.rms_norm(flat), b.layer_norm(flat), b.softmax(flat, scale=0.3), b.sum_rows(flat),
+                       b.attention(x, k, k, scale=0.125))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 4, 64)).astype(np.float32)
+    k = rng.standard_normal((9, 2, 64)).astype(np.float32)
+    many = cpu.compile(build(7)).run({"x": x, "k": k})
+    one = cpu.compile(build(1)).run({"x": x[:1], "k": k})
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+# ---- errors and registry -----------------------------------------------------------------------
+class NoMatmulBackend(CpuBackend):
+    def supports_op(self, node):
+        if node.op == "mul_mat":
+            return False, f"mul_mat: w dtype {node.inputs[1].dtype} unsupported"
+        return super().supports_op(node)
+
+
+def test_unsupported_node_is_named(tmp_path):
+    with pytest.raises(EmberError, match=r"%\d+ \(mul_mat : f32\[3, 8\]\).*w dtype q8_0 unsupported"):
+        NoMatmulBackend(cache_dir=tmp_path).compile(small_graph(matmul=True))
+
+
+def test_registry():
+    assert "cpu" in BACKEND_NAMES and "cpu" in available_backends()
+    backend = get_backend("cpu", threads=1, isa="scalar")
+    assert isinstance(backend, CpuBackend) and backend.threads == 1 and backend.isa == "scalar"
+    with pytest.raises(EmberError, match="unknown backend 'nope'; known: cpu"):
+        get_backend("nope")
+
+
+def test_source_is_one_file_with_one_parallel_region():
+    program = render_graph(mixed_graph())
+    src = program.source
+    assert src.count("#pragma omp parallel") == 1
+    assert len(re.findall(r"^int ember_graph_run\(", src, re.M)) == 1
+    kernels = re.findall(r"^/\* (k\d+_\w+): .*\n \* template (\w+\.c\.j2): ", src, re.M)
+    assert len(kernels) == program.n_kernels >= 8
+    assert src.count("#pragma omp barrier") >= program.n_barriers
