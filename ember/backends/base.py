@@ -25,10 +25,17 @@ class Executable(abc.ABC):
     graph: Graph
     planned_peak_bytes: int   # bytes of device memory for intermediates (the arena), as planned
 
+    # output index -> name of the input whose buffer that output may share (set_rows updating
+    # a cache where it lies); a backend that cannot update in place leaves it empty.
+    in_place_outputs: Mapping[int, str] = {}
+
     @abc.abstractmethod
-    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The graph's outputs, as fresh contiguous arrays the caller owns (stored as the IR
-        stores them: bf16 as uint16 bits, quantized as uint8 blocks)."""
+    def run(self, inputs: Mapping[str, np.ndarray],
+            outputs: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
+        """The graph's outputs, as contiguous arrays the caller owns (stored as the IR stores
+        them: bf16 as uint16 bits, quantized as uint8 blocks). `outputs` may give arrays to
+        write outputs into, by output index; one may be the very buffer of an input only where
+        `in_place_outputs` allows it."""
 
 
 class Backend(abc.ABC):

@@ -217,6 +217,7 @@ class CpuProgram:
     n_kernels: int
     n_barriers: int
     matmul_wtypes: tuple[str, ...] = ()
+    in_place: dict[int, int] = None      # output index -> input index whose buffer it may share
 
 
 # ---- support -----------------------------------------------------------------------------------
@@ -317,6 +318,7 @@ def scratch_bytes(node: Node) -> int:
 
 
 # ---- the renderer ------------------------------------------------------------------------------
+_KERNEL_NAME_SLOT = "ember_kernel_name_slot"
 class _Renderer:
     def __init__(self, graph: Graph):
         if graph.has_dead_nodes:
@@ -327,6 +329,8 @@ class _Renderer:
         self.places: dict[Node, Place] = {}
         self.constants: list[Node] = []
         self.kernels: list[str] = []
+        self.kernel_by_body: dict[str, str] = {}
+        self.in_place: dict[int, int] = {}   # output index -> input index it may share
         self.steps: list[Step] = []
         self.status_messages: dict[int, str] = {}
         self.wtypes: dict[str, None] = {}
@@ -359,10 +363,16 @@ class _Renderer:
 
     # ---- steps ---------------------------------------------------------------------------
     def add_kernel(self, node: Node, template: str, args: list[str], reads, writes, **params):
-        name = f"k{len(self.kernels)}_{node.op}"
-        shown = ", ".join(f"{k}={v}" for k, v in params.items())
-        comment = _c_comment(f"{name}: {self.describe(node)}\n * template {template}: {shown}")
-        self.kernels.append(comment + render_template(template, name=name, **params))
+        # Kernels with the same body (the same op at the same shapes, as in every layer of a
+        # model) are emitted once: compile time grows with distinct kernels, not with nodes.
+        body = render_template(template, name=_KERNEL_NAME_SLOT, **params)
+        name = self.kernel_by_body.get(body)
+        if name is None:
+            name = f"k{len(self.kernels)}_{node.op}"
+            self.kernel_by_body[body] = name
+            shown = ", ".join(f"{k}={v}" for k, v in params.items())
+            comment = _c_comment(f"{name}: first used by {self.describe(node)}\n * template {template}: {shown}")
+            self.kernels.append(comment + body.replace(_KERNEL_NAME_SLOT, name))
         self.steps.append(Step(f"{name}(ith, nth, {', '.join(args)});", reads, writes))
 
     def reads_of(self, *nodes: Node):
@@ -385,14 +395,17 @@ class _Renderer:
         pointers = [(f"in_{i}", "inputs", i) for i in range(len(self.graph.inputs))]
         pointers += [(f"out_{k}", "outputs", k) for k in range(len(self.graph.outputs))]
         pointers += [(f"const_{j}", "consts", j) for j in range(len(self.constants))]
-        library = [_matmul().matmul_source(w) for w in self.wtypes]
+        # The matmul kernels live in a separate library built once per ISA (kernel_library_source);
+        # a graph only declares the ones it calls, so compiling a graph stays cheap.
+        library = [matmul_prototypes(w) for w in self.wtypes]
         source = render_template(
             "graph.c.j2", graph_name=self.graph.name.replace("*/", "* /"), n_kernels=len(self.kernels),
             n_barriers=barriers, arena_bytes=self.plan.peak_bytes,
             common_h=_static_file("common.h"), helpers_h=_static_file("helpers.h"),
             library=library, kernels=self.kernels, pointers=pointers, body=body)
         return CpuProgram(source, self.graph, self.plan, tuple(self.constants),
-                          dict(self.status_messages), len(self.kernels), barriers, tuple(self.wtypes))
+                          dict(self.status_messages), len(self.kernels), barriers, tuple(self.wtypes),
+                          dict(self.in_place))
 
     def schedule(self) -> tuple[list[str], int]:
         """The calls in order, with a barrier before any call that touches what the calls since
@@ -548,23 +561,59 @@ class _Renderer:
         if quantized:
             self.wtypes[table.dtype.name] = None
         self.add_kernel(node, "get_rows.c.j2",
-                        [self.places[table].c, self.places[idx].c, self.places[node].c, "&status"],
+                        [self.places[table].c, self.places[idx].c, self.places[node].c, "&status",
+                         str(self.status_code(node, f"an index is out of range [0, {R})"))],
                         reads=self.reads_of(table, idx), writes=self.reads_of(node),
                         T=idx.shape[0], R=R, D=D, wtype=table.dtype.name, quantized=quantized,
                         row_stride=table.type.strides[0], step=table.type.strides[1],
-                        idx_step=idx.type.strides[0],
-                        code=self.status_code(node, f"an index is out of range [0, {R})"))
+                        idx_step=idx.type.strides[0])
 
     def _render_set_rows(self, node: Node):
         dst, idx, src = node.inputs
         R, D = dst.shape
+        in_place = self.in_place_input(node)
         self.add_kernel(node, "set_rows.c.j2",
-                        [self.places[o].c for o in (dst, idx, src)] + [self.places[node].c, "&status"],
+                        [self.places[o].c for o in (dst, idx, src)] + [self.places[node].c, "&status",
+                         str(self.status_code(node, f"an index is out of range [0, {R})"))],
                         reads=self.reads_of(dst, idx, src), writes=self.reads_of(node),
                         T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, ds=dst.type.strides,
                         idx_step=idx.type.strides[0], ss=src.type.strides,
-                        esize=dst.dtype.block_bytes,
-                        code=self.status_code(node, f"an index is out of range [0, {R})"))
+                        esize=dst.dtype.block_bytes, in_place=in_place is not None)
+
+    def in_place_input(self, node: Node) -> int | None:
+        """The input index whose buffer a set_rows output may share (a cache updated where it
+        lies): its dst is a graph input read by nothing else, and its result is a graph output
+        the kernel writes directly. None otherwise."""
+        dst = node.inputs[0]
+        if dst.op != "input" or self.graph.users[dst] != (node,) or dst.type != node.type:
+            return None
+        place = self.places[node]
+        if place.region != "out" or place.offset:
+            return None
+        index = self.graph.inputs.index(dst)
+        self.in_place[place.index] = index
+        return index
+
+
+def matmul_prototypes(wtype: str) -> str:
+    return (f"void ember_mm_{wtype}(int ith, int nth, int64_t T, int64_t N, int64_t K, const float *x, "
+            f"int64_t x_row, const void *w, int64_t w_row, float *y, int64_t y_row, void *scratch);\n"
+            f"void ember_dequant_row_{wtype}(const void *row, float *out, int64_t K);\n")
+
+
+def kernel_library_source() -> str:
+    """The C source of the library every graph links against: all matmul and dequantization
+    kernels, for every weight type."""
+    mm = _matmul()
+    parts = [_static_file("common.h"), _static_file("helpers.h"), mm.matmul_common_source()]
+    parts += [mm.matmul_source(w) for w in mm.MATMUL_WTYPES]
+    return "\n".join(parts)
+
+
+def tag_kernel_symbols(source: str, tag: str) -> str:
+    """Give the library's exported names a tag (a hash of the library), so libraries built for
+    different ISAs or versions can be loaded into one process side by side."""
+    return source.replace("ember_mm_", f"ember_mm_{tag}_").replace("ember_dequant_row_", f"ember_dequant_row_{tag}_")
 
 
 def _c_comment(text: str) -> str:

@@ -1,0 +1,49 @@
+"""Model definitions written with the IR builder, and loading them from GGUF files.
+
+    model = load_model("gemma-3-270m-q4_k_m.gguf")
+    graph = model.build_step(n_tokens=8, n_kv=64, n_outputs=1)
+
+`ARCHITECTURES` maps a GGUF `general.architecture` to the function that builds its step graph
+(the contract is in ember/models/common.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from types import MappingProxyType
+from typing import Callable
+
+from ember.ir.graph import Graph
+from ember.models import gemma3, llama, qwen2, qwen3
+from ember.models.common import Model, StepGraph, build_qkv  # noqa: F401
+from ember.models.gguf_file import GGUFFile, ModelFileError, open_gguf  # noqa: F401
+from ember.models.hparams import HParams
+
+ARCHITECTURES: dict[str, Callable[[Model, int, int, int], Graph]] = {
+    "llama": llama.build_step,
+    "qwen2": qwen2.build_step,
+    "qwen3": qwen3.build_step,
+    "gemma3": gemma3.build_step,
+}
+
+
+def load_model(path: str | os.PathLike) -> Model:
+    """Open a GGUF file and check that ember can run it: a supported architecture, sound
+    hyper-parameters, every tensor the graph needs (right shape) and no tensor it would ignore."""
+    file = GGUFFile(path)
+    arch = file.architecture
+    if arch not in ARCHITECTURES:
+        raise ModelFileError(f"{file.path}: architecture {arch!r} is not supported; supported: "
+                             f"{', '.join(sorted(ARCHITECTURES))}")
+    hp = HParams.from_metadata(file.metadata, str(file.path))
+    if hp.n_vocab == 0 and "token_embd.weight" in file:
+        hp = dataclasses.replace(hp, n_vocab=file.tensor_infos["token_embd.weight"].shape[0])
+    tokenizer = MappingProxyType({k: v for k, v in file.metadata.items() if k.startswith("tokenizer.")})
+    model = Model(arch, hp, file, tokenizer, ARCHITECTURES[arch])
+    used = set(model.build_step(1, 1, 1).constants)
+    unused = sorted(set(file.tensor_infos) - used)
+    if unused:
+        listed = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        raise ModelFileError(f"{file.path}: ember's {arch} graph does not use tensor(s) {listed}; "
+                             "the file holds a variant ember does not support")
+    return model

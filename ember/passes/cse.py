@@ -9,7 +9,6 @@ this pass is what hash-consing cannot see:
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,20 +37,33 @@ def _commute(node: Node, state: RewriteState) -> Node | None:
     return None
 
 
+def _fingerprint(data: np.ndarray) -> bytes:
+    """A cheap summary of a constant's bytes: its size and up to 64 evenly spread 64-byte
+    samples. Equal data give equal fingerprints; a match is confirmed by a full comparison."""
+    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if flat.size <= 4096:
+        return flat.tobytes()
+    starts = np.linspace(0, flat.size - 64, 64).astype(np.int64)
+    return flat.size.to_bytes(8, "little") + b"".join(flat[i:i + 64].tobytes() for i in starts)
+
+
 def _duplicate_constants(graph: Graph) -> dict[str, str]:
-    """name -> the first-declared name holding the same type and bytes."""
-    first: dict[tuple, str] = {}
+    """name -> the first-declared name holding the same type and bytes (weights are never
+    hashed whole: a model's constants are hundreds of megabytes)."""
+    candidates: dict[tuple, list[str]] = {}
     alias: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "const" or node.attr("value") is not None:
             continue
         data = graph.constants[node.name]
-        digest = hashlib.sha256(np.ascontiguousarray(data).view(np.uint8).reshape(-1)).hexdigest()
-        key = (node.type, digest)
-        if key in first and first[key] != node.name:
-            alias[node.name] = first[key]
+        same = candidates.setdefault((node.type, _fingerprint(data)), [])
+        for other in same:
+            earlier = graph.constants[other]
+            if earlier is data or np.array_equal(earlier, data):
+                alias[node.name] = other
+                break
         else:
-            first.setdefault(key, node.name)
+            same.append(node.name)
     return alias
 
 

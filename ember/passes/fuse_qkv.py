@@ -51,7 +51,9 @@ def find_groups(graph: Graph) -> list[list[Node]]:
         if node.op == "mul_mat" and _fusable(node):
             x, w = node.inputs
             groups.setdefault((x, w.dtype, w.shape[-1]), []).append(node)
-    return [g for g in groups.values() if len({m.inputs[1] for m in g}) >= 2]
+    # A weight used twice by one input is one projection (cse makes them one node anyway).
+    groups = [list({m.inputs[1]: m for m in g}.values()) for g in groups.values()]
+    return [g for g in groups if len(g) >= 2]
 
 
 @dataclass(frozen=True)
@@ -60,24 +62,35 @@ class FuseQKV(Pass):
     opt_level: ClassVar[int] = 1
 
     def transform(self, graph: Graph, ctx: PassContext) -> Graph:
-        # One group at a time: a fusion rebuilds everything downstream of it, and the next
-        # group's members must be looked up in the graph as it is then.
         groups = find_groups(graph)
-        while groups:
-            constants: dict = {}
-            replace = self._fuse(graph, groups[0], constants)
+        if not groups:
+            return graph
+        biases = {m: _const_bias(graph, m) for group in groups for m in group}
+        # The node each member's result replaces: the member itself, or its bias addition
+        # when the whole group's biases are fused.
+        key_group: dict[Node, int] = {}
+        for k, group in enumerate(groups):
+            with_bias = all(biases[m] is not None for m in group)
+            for m in group:
+                key_group[biases[m][0] if with_bias else m] = k
+        constants: dict = {}
+        built: dict[int, dict[Node, Node]] = {}   # group -> {replaced node: its view}
 
-            def substitute(node: Node, state: RewriteState) -> Node | None:
-                return replace.get(node)
+        def substitute(node: Node, mapping: dict) -> Node | None:
+            k = key_group.get(node)
+            if k is None:
+                return None
+            if k not in built:
+                built[k] = self._fuse(graph, groups[k], mapping, biases, constants)
+            return built[k][node]
 
-            graph = apply_rules(graph, {"*": [substitute]}, RewriteState(graph, constants))
-            groups = find_groups(graph)
-        return graph
+        return apply_rules(graph, {}, RewriteState(graph, constants), substitute=substitute)
 
     @staticmethod
-    def _fuse(graph: Graph, group: list[Node], constants: dict) -> dict[Node, Node]:
-        group = list({m.inputs[1]: m for m in reversed(group)}.values())[::-1]  # one per weight
-        x = group[0].inputs[0]
+    def _fuse(graph: Graph, group: list[Node], mapping: dict, biases: dict, constants: dict) -> dict[Node, Node]:
+        """The fused matmul for a group (built on the replacement of its input) and, for each
+        member (or, with fused biases, each member's bias addition), the view replacing it."""
+        x = mapping[group[0].inputs[0]]
         weights = [m.inputs[1] for m in group]
         name = "+".join(w.name for w in weights)
         constants[name] = np.concatenate([graph.constants[w.name] for w in weights], axis=0)
@@ -85,19 +98,17 @@ class FuseQKV(Pass):
         fused_w = const_node(name, weights[0].dtype, (sum(widths), weights[0].shape[1]))
         y = make_node("mul_mat", (x, fused_w))
 
-        biases = [_const_bias(graph, m) for m in group]
-        with_bias = all(b is not None for b in biases)
+        member_biases = [biases[m] for m in group]
+        with_bias = all(b is not None for b in member_biases)
         if with_bias:
-            bias_name = "+".join(b[1].name for b in biases)
-            constants[bias_name] = np.concatenate([graph.constants[b[1].name] for b in biases])
-            y = make_node("add", (y, const_node(bias_name, biases[0][1].dtype, (sum(widths),))))
+            bias_name = "+".join(b[1].name for b in member_biases)
+            constants[bias_name] = np.concatenate([graph.constants[b[1].name] for b in member_biases])
+            y = make_node("add", (y, const_node(bias_name, member_biases[0][1].dtype, (sum(widths),))))
 
         out: dict[Node, Node] = {}
         offset = 0
-        for member, width, bias in zip(group, widths, biases):
-            shape = member.shape
-            strides = y.type.strides[:-1] + (y.type.strides[-1],)
-            view = make_node("view", (y,), {"shape": shape, "strides": strides,
+        for member, width, bias in zip(group, widths, member_biases):
+            view = make_node("view", (y,), {"shape": member.shape, "strides": y.type.strides,
                                             "offset": offset * y.dtype.block_bytes})
             out[bias[0] if with_bias else member] = view
             offset += width

@@ -47,13 +47,21 @@ def rebuild(node: Node, inputs: tuple[Node, ...]) -> Node:
     return make_node(node.op, inputs, node.attr_dict)
 
 
-def apply_rules(graph: Graph, rules: dict[str, list[Rule]], state: RewriteState | None = None) -> Graph:
-    """The graph with every rule applied to a fixed point; `graph` itself when nothing fired."""
+def apply_rules(graph: Graph, rules: dict[str, list[Rule]], state: RewriteState | None = None,
+                substitute: Callable[[Node, dict], "Node | None"] | None = None) -> Graph:
+    """The graph with every rule applied to a fixed point; `graph` itself when nothing fired.
+
+    `substitute(original, mapping)`, when given, may replace a node of the original graph
+    outright (before it is rebuilt); `mapping` takes original nodes to their replacements so
+    far, so a substitute can be built on its operands' replacements.
+    """
     state = state or RewriteState(graph)
     mapping: dict[Node, Node] = {}
     changed = False
     for index, node in enumerate(graph.nodes):
-        new = rebuild(node, tuple(mapping[i] for i in node.inputs))
+        new = substitute(node, mapping) if substitute else None
+        if new is None:
+            new = rebuild(node, tuple(mapping[i] for i in node.inputs))
         for _ in range(MAX_REWRITES_PER_NODE):
             replacement = None
             for rule in (*rules.get(new.op, ()), *rules.get("*", ())):

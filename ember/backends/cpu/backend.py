@@ -17,7 +17,8 @@ import numpy as np
 
 from ember.backends.base import Backend, Executable
 from ember.backends.cpu.compiler import ISA_FLAGS, CompileCache, find_compiler
-from ember.codegen.cpu import ARENA_ALIGNMENT, ENTRY_POINT, CpuProgram, render_graph, supports_node
+from ember.codegen.cpu import (ARENA_ALIGNMENT, ENTRY_POINT, CpuProgram, kernel_library_source, render_graph,
+                               supports_node, tag_kernel_symbols)
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir.graph import Graph
 from ember.ir.node import Node
@@ -71,9 +72,29 @@ class CpuBackend(Backend):
         self.require_available()
         self.require_supported(graph)
         program = render_graph(graph)
-        library = self.cache.build(program.source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}")
+        tag = self._kernel_library()
+        library = self.cache.build(tag_kernel_symbols(program.source, tag), ISA_FLAGS[self.isa],
+                                   name=f"graph_{graph.name}")
         return CpuExecutable(graph, program, ctypes.CDLL(str(library)),
                              options.get("threads") or self.threads)
+
+    def _kernel_library(self) -> str:
+        """Build (once, cached) and load the matmul kernel library; returns its symbol tag.
+
+        It is loaded with RTLD_GLOBAL so graph libraries resolve its functions; the tag (from
+        the library's cache key) keeps libraries of different ISAs apart in one process.
+        """
+        flags = ISA_FLAGS[self.isa]
+        source = kernel_library_source()
+        tag = "k" + self.cache.key(source, flags)[:12]
+        if tag not in _LOADED_KERNEL_LIBRARIES:
+            path = self.cache.build(tag_kernel_symbols(source, tag), flags, name="kernels")
+            _LOADED_KERNEL_LIBRARIES[tag] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        return tag
+
+
+# tag -> loaded kernel library; kept for the life of the process (graphs resolve into it)
+_LOADED_KERNEL_LIBRARIES: dict[str, ctypes.CDLL] = {}
 
 
 class CpuExecutable(Executable):
@@ -94,6 +115,7 @@ class CpuExecutable(Executable):
         self._constants = [_contiguous(graph.constant_data(n)) for n in program.constants]
         self._consts = _pointer_array(self._constants)
         self._arena_storage, self._arena = _aligned(program.plan.peak_bytes, ARENA_ALIGNMENT)
+        self.in_place_outputs = {k: self._inputs[i].name for k, i in (program.in_place or {}).items()}
 
     def __repr__(self) -> str:
         return (f"<CpuExecutable {self.graph.name!r}: {self.program.n_kernels} kernels, "
@@ -103,9 +125,10 @@ class CpuExecutable(Executable):
     def source(self) -> str:
         return self.program.source
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray],
+            outputs: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
         arrays = self._checked_inputs(inputs)
-        outputs = [np.empty(shape, dtype) for shape, dtype in self._outputs]
+        outputs = self._output_arrays(outputs or {}, arrays)
         in_ptrs = _pointer_array(arrays)
         out_ptrs = _pointer_array(outputs)
         with self._lock:
@@ -114,6 +137,25 @@ class CpuExecutable(Executable):
             message = self.program.status_messages.get(status, f"kernel status {status}")
             raise EmberError(f"cpu backend: graph {self.graph.name!r}: {message}")
         return outputs
+
+    def _output_arrays(self, given: Mapping[int, np.ndarray], inputs: list[np.ndarray]) -> list[np.ndarray]:
+        arrays = []
+        for k, (shape, dtype) in enumerate(self._outputs):
+            out = given.get(k)
+            if out is None:
+                arrays.append(np.empty(shape, dtype))
+                continue
+            if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
+                raise EmberError(f"graph {self.graph.name!r}: output {k} must be a writable contiguous "
+                                 f"{dtype}{list(shape)} array, got {out.dtype}{list(out.shape)}")
+            for node, arr in zip(self._inputs, inputs):
+                if np.shares_memory(out, arr):
+                    same = arr.ctypes.data == out.ctypes.data and arr.nbytes == out.nbytes
+                    if not (same and self.in_place_outputs.get(k) == node.name):
+                        raise EmberError(f"graph {self.graph.name!r}: output {k} overlaps input "
+                                         f"{node.name!r}, which it may not update in place")
+            arrays.append(out)
+        return arrays
 
     def _checked_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         names = [n.name for n in self._inputs]

@@ -1,0 +1,239 @@
+"""What every model graph shares: the `Model` a GGUF file loads into, and `StepGraph`, the
+scaffolding of one generation step (the step-graph contract below), with the pieces llama.cpp's
+`llm_graph_context` provides: norms, QKV projections (`build_qkv`), attention through the KV
+cache, gated FFNs and the output head.
+
+The step-graph contract, relied on by the generation runtime:
+
+    model.build_step(n_tokens, n_kv, n_outputs) -> Graph
+    inputs   tokens i32[n_tokens], pos i32[n_tokens] (positions), slots i32[n_tokens] (the cache
+             rows the new K/V rows go to), out_ids i32[n_outputs] (the rows that produce logits),
+             mask f32[n_tokens, n_kv] (0 / -inf: causal + padding, built by the runtime),
+             mask_swa f32[n_tokens, n_kv] (only for models with sliding-window layers),
+             then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each layer il.
+    outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
+             set_rows(cache, slots, rows) for every layer, in layer order.
+    Attention reads the updated caches with causal=False: the masks say everything.
+
+Weights are graph constants under their GGUF names, holding views of the memory-mapped file.
+Imports the IR and the GGUF reader only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ember.ir import dtypes
+from ember.ir.builder import GraphBuilder
+from ember.ir.graph import Graph
+from ember.ir.node import Node
+from ember.models.gguf_file import GGUFFile, ModelFileError
+from ember.models.hparams import HParams
+
+CACHE_DTYPE = dtypes.f16
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A loaded model: hyper-parameters, the file's tensors (mmap views), the tokenizer
+    metadata (every `tokenizer.*` key) and the builder of its step graphs."""
+    arch: str
+    hparams: HParams
+    file: GGUFFile
+    tokenizer: Mapping[str, object]
+    step_builder: Callable[["Model", int, int, int], Graph]
+
+    @property
+    def path(self):
+        return self.file.path
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        return self.file.tensors()
+
+    @property
+    def n_vocab(self) -> int:
+        return self.hparams.n_vocab
+
+    @property
+    def uses_swa(self) -> bool:
+        return self.hparams.uses_swa
+
+    def cache_shape(self, n_kv: int, which: str = "k") -> tuple[int, int]:
+        hp = self.hparams
+        return (n_kv, hp.n_embd_k_gqa if which == "k" else hp.n_embd_v_gqa)
+
+    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
+        if n_tokens < 1 or n_kv < 1:
+            raise ValueError(f"build_step: need n_tokens >= 1 and n_kv >= 1, got {n_tokens}, {n_kv}")
+        if not 0 <= n_outputs <= n_tokens:
+            raise ValueError(f"build_step: n_outputs {n_outputs} must be in [0, {n_tokens}]")
+        return self.step_builder(self, n_tokens, n_kv, n_outputs)
+
+    def __repr__(self) -> str:
+        hp = self.hparams
+        return (f"<Model {self.arch} {str(self.path)!r}: {hp.n_layer} layers, n_embd {hp.n_embd}, "
+                f"{hp.n_head}/{hp.n_head_kv} heads of {hp.head_dim_k}, vocab {hp.n_vocab}>")
+
+
+class StepGraph:
+    """One step graph under construction: the contract's inputs, the weights, the per-layer
+    cache updates; `finish` adds the output head and returns the Graph."""
+
+    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int):
+        self.model, self.hp, self.file = model, model.hparams, model.file
+        self.n_tokens, self.n_kv, self.n_outputs = n_tokens, n_kv, n_outputs
+        b = self.b = GraphBuilder(f"{model.arch}_step")
+        self.tokens = b.input("tokens", "i32", (n_tokens,))
+        self.pos = b.input("pos", "i32", (n_tokens,))
+        self.slots = b.input("slots", "i32", (n_tokens,))
+        self.out_ids = b.input("out_ids", "i32", (n_outputs,))
+        self.mask = b.input("mask", "f32", (n_tokens, n_kv))
+        self.mask_swa = b.input("mask_swa", "f32", (n_tokens, n_kv)) if self.hp.uses_swa else None
+        self.k_cache, self.v_cache = [], []
+        for il in range(self.hp.n_layer):
+            self.k_cache.append(b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(n_kv, "k")))
+            self.v_cache.append(b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(n_kv, "v")))
+        self.k_updated: list[Node | None] = [None] * self.hp.n_layer
+        self.v_updated: list[Node | None] = [None] * self.hp.n_layer
+
+    # ---- weights --------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.file
+
+    def weight(self, name: str, *shape: int) -> Node:
+        """The tensor as a constant (mmap data); shape, when given, is checked (outermost first)."""
+        if name not in self.file:
+            raise ModelFileError(f"{self.file.path}: tensor {name!r} is missing "
+                                 f"({self.model.arch} needs it)")
+        info = self.file.tensor_infos[name]
+        if shape and info.shape != tuple(shape):
+            raise ModelFileError(f"{self.file.path}: tensor {name!r} has shape {list(info.shape)}, "
+                                 f"expected {list(shape)}")
+        return self.b.const(name, self.file.tensor(name), info.dtype, info.shape)
+
+    def optional(self, name: str, *shape: int) -> Node | None:
+        return self.weight(name, *shape) if name in self.file else None
+
+    def vector(self, name: str, n: int, required: bool = True) -> Node | None:
+        """A 1-D tensor (norm weight, bias, freq factors) as f32, ready for elementwise ops."""
+        if not required and name not in self.file:
+            return None
+        w = self.weight(name, n)
+        if w.dtype is not dtypes.f32:
+            if w.dtype not in (dtypes.f16, dtypes.bf16):
+                raise ModelFileError(f"{self.file.path}: tensor {name!r} is {w.dtype}; a vector "
+                                     "must be f32, f16 or bf16")
+            w = self.b.cast(w, dtype="f32")
+        return w
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def rms_norm(self, x: Node, weight_name: str) -> Node:
+        """llama.cpp's build_norm(LLM_NORM_RMS): normalize the last axis, times the weight."""
+        n = x.shape[-1]
+        return self.b.mul(self.b.rms_norm(x, eps=self.hp.rms_eps), self.vector(weight_name, n))
+
+    def linear(self, x: Node, prefix: str, n_out: int) -> Node:
+        """x times {prefix}.weight [n_out, K], plus {prefix}.bias when the file has one."""
+        y = self.b.mul_mat(x, self.weight(f"{prefix}.weight", n_out, x.shape[-1]))
+        bias = self.vector(f"{prefix}.bias", n_out, required=False)
+        return self.b.add(y, bias) if bias is not None else y
+
+    def ffn(self, x: Node, il: int, gate_op: str) -> Node:
+        """The parallel gated FFN: down(act(gate(x)) * up(x)); gate_op is swiglu or geglu."""
+        p, n_ff = f"blk.{il}.", self.hp.n_ff
+        gate = self.linear(x, p + "ffn_gate", n_ff)
+        up = self.linear(x, p + "ffn_up", n_ff)
+        return self.linear(self.b.op(gate_op, gate, up), p + "ffn_down", self.hp.n_embd)
+
+    def attention(self, il: int, q: Node, k: Node, v: Node, scale: float, softcap: float = 0.0,
+                  swa: bool = False) -> Node:
+        """Write this step's K/V rows into layer il's caches, attend over the updated caches,
+        and return the heads flattened: f32[n_tokens, n_head * head_dim_v]."""
+        b, hp = self.b, self.hp
+        k_cache = b.set_rows(self.k_cache[il], self.slots, flatten_heads(b, k))
+        v_cache = b.set_rows(self.v_cache[il], self.slots, flatten_heads(b, v))
+        self.k_updated[il], self.v_updated[il] = k_cache, v_cache
+        keys = b.reshape(k_cache, self.n_kv, hp.n_head_kv, hp.head_dim_k)
+        values = b.reshape(v_cache, self.n_kv, hp.n_head_kv, hp.head_dim_v)
+        mask = self.mask_swa if swa else self.mask
+        out = b.attention(q, keys, values, mask, scale=scale, softcap=softcap, causal=False)
+        return b.reshape(out, self.n_tokens, hp.n_head * hp.head_dim_v)
+
+    def select_outputs(self, x: Node) -> Node:
+        """Only the rows that produce logits (llama.cpp does this in the last layer, so the last
+        FFN runs on those rows alone)."""
+        return self.b.get_rows(x, self.out_ids)
+
+    def finish(self, h: Node, output_name: str = "output.weight", softcap: float = 0.0) -> Graph:
+        """Final norm and output matmul on h[n_outputs, n_embd] (already selected rows); the
+        output falls back to the tied token embedding. Returns the step graph."""
+        b, hp = self.b, self.hp
+        if h.shape[0] != self.n_outputs:
+            raise ValueError(f"finish: h has {h.shape[0]} rows, expected n_outputs={self.n_outputs}")
+        h = self.rms_norm(h, "output_norm.weight")
+        name = output_name if output_name in self.file else "token_embd.weight"
+        logits = b.mul_mat(h, self.weight(name, hp.n_vocab, hp.n_embd))
+        bias = self.vector("output.bias", hp.n_vocab, required=False)
+        if bias is not None:
+            logits = b.add(logits, bias)
+        if softcap:
+            logits = b.scale(b.tanh(b.scale(logits, scale=1.0 / softcap)), scale=softcap)
+        missing = [il for il, k in enumerate(self.k_updated) if k is None]
+        if missing:
+            raise ValueError(f"finish: layers {missing} never wrote their KV cache")
+        caches = [c for il in range(hp.n_layer) for c in (self.k_updated[il], self.v_updated[il])]
+        return b.build(logits, *caches)
+
+
+def flatten_heads(b: GraphBuilder, x: Node) -> Node:
+    """[T, H, D] -> [T, H * D]; a strided view (the fused-QKV split) is made contiguous first."""
+    if not x.type.is_contiguous:
+        x = b.cont(x)
+    return b.reshape(x, x.shape[0], x.shape[1] * x.shape[2])
+
+
+def build_qkv(s: StepGraph, il: int, x: Node) -> tuple[Node, Node, Node]:
+    """Q, K, V of layer il as f32[T, heads, head_dim], after llama.cpp's build_qkv.
+
+    A fused `attn_qkv.weight` [n_q + n_k + n_v, n_embd] (+ a fused bias, or the three separate
+    biases concatenated) is one matmul whose result is split by three strided views at byte
+    offsets 0, row_size(n_q), row_size(n_q + n_k) with the fused row stride. Otherwise Q, K and V
+    are three matmuls (each with its optional bias) reshaped to 3-D.
+    """
+    b, hp = s.b, s.hp
+    p = f"blk.{il}."
+    T = x.shape[0]
+    n_q, n_k, n_v = hp.n_head * hp.head_dim_k, hp.n_embd_k_gqa, hp.n_embd_v_gqa
+    if s.has(p + "attn_qkv.weight"):
+        qkv = b.mul_mat(x, s.weight(p + "attn_qkv.weight", n_q + n_k + n_v, x.shape[-1]))
+        bias = s.vector(p + "attn_qkv.bias", n_q + n_k + n_v, required=False)
+        if bias is None and all(s.has(f"{p}attn_{w}.bias") for w in "qkv"):
+            bias = b.concat(b.concat(s.vector(p + "attn_q.bias", n_q), s.vector(p + "attn_k.bias", n_k),
+                                     axis=0), s.vector(p + "attn_v.bias", n_v), axis=0)
+        if bias is not None:
+            qkv = b.add(qkv, bias)
+        row_stride = qkv.type.strides[0]
+        item = qkv.dtype.row_bytes(1)   # offsets in bytes of the result type (f32), not of w
+
+        def split(offset_values: int, heads: int, head_dim: int) -> Node:
+            return b.view(qkv, shape=(T, heads, head_dim), strides=(row_stride, head_dim * item, item),
+                          offset=qkv.dtype.row_bytes(offset_values))
+
+        return (split(0, hp.n_head, hp.head_dim_k),
+                split(n_q, hp.n_head_kv, hp.head_dim_k),
+                split(n_q + n_k, hp.n_head_kv, hp.head_dim_v))
+    q = s.linear(x, p + "attn_q", n_q)
+    k = s.linear(x, p + "attn_k", n_k)
+    v = s.linear(x, p + "attn_v", n_v)
+    return (b.reshape(q, T, hp.n_head, hp.head_dim_k),
+            b.reshape(k, T, hp.n_head_kv, hp.head_dim_k),
+            b.reshape(v, T, hp.n_head_kv, hp.head_dim_v))
+
+
+def embed_tokens(s: StepGraph) -> Node:
+    """The token embedding rows, f32[n_tokens, n_embd]."""
+    hp = s.hp
+    return s.b.get_rows(s.weight("token_embd.weight", hp.n_vocab, hp.n_embd), s.tokens)

@@ -1,0 +1,204 @@
+"""Hyper-parameters of a model, read from GGUF metadata the way llama.cpp reads them.
+
+Defaults follow llama.cpp's `llama_model::load_hparams` (llama-model.cpp) and the per-architecture
+`load_arch_hparams`: head_count_kv defaults to head_count, key/value length to n_embd / n_head,
+the rope dimension count to the key length, the rope base to 10000. Imports only the GGUF reader.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from gguf.constants import Keys
+
+from ember.models.gguf_file import ModelFileError
+
+# rope.scaling.type values whose effect is a plain frequency scale (ggml's ext_factor stays 0).
+# llama-3's scaling needs no type: it comes as the `rope_freqs.weight` tensor (freq factors).
+SUPPORTED_ROPE_SCALING = ("none", "linear")
+
+# gemma3 in llama.cpp: without an explicit pattern every 6th layer is global (full attention),
+# the others use the sliding window; local layers rotate with their own base (default 10000).
+GEMMA3_SWA_PERIOD = 6
+DEFAULT_ROPE_BASE_SWA = 10000.0
+
+# The older name of rope.scaling.factor, still read by llama.cpp; gguf.constants no longer has it.
+ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
+
+
+@dataclass(frozen=True)
+class HParams:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_rot: int                      # rotated dimensions of each head (from the front)
+    n_ctx_train: int
+    n_vocab: int
+    rms_eps: float
+    rope_freq_base: float
+    rope_freq_scale: float = 1.0    # 1 / rope.scaling.factor (linear scaling)
+    rope_scaling_type: str = "none"
+    rope_freq_base_swa: float = DEFAULT_ROPE_BASE_SWA
+    rope_freq_scale_swa: float = 1.0
+    sliding_window: int = 0         # keys this many positions back or more are hidden; 0: none
+    swa_layers: tuple[bool, ...] = field(default=())
+    attn_scale: float = 0.0         # 0: 1/sqrt(head_dim_k)
+    final_logit_softcap: float = 0.0
+
+    def __post_init__(self):
+        if not self.swa_layers:
+            object.__setattr__(self, "swa_layers", (False,) * self.n_layer)
+        if not self.attn_scale:
+            object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim_k))
+
+    @property
+    def n_embd_k_gqa(self) -> int:
+        """Width of one K cache row: all KV heads of one token."""
+        return self.n_head_kv * self.head_dim_k
+
+    @property
+    def n_embd_v_gqa(self) -> int:
+        return self.n_head_kv * self.head_dim_v
+
+    @property
+    def uses_swa(self) -> bool:
+        return self.sliding_window > 0 and any(self.swa_layers)
+
+    def is_swa(self, il: int) -> bool:
+        return self.sliding_window > 0 and self.swa_layers[il]
+
+    def rope_base(self, il: int) -> float:
+        return self.rope_freq_base_swa if self.is_swa(il) else self.rope_freq_base
+
+    def rope_scale(self, il: int) -> float:
+        return self.rope_freq_scale_swa if self.is_swa(il) else self.rope_freq_scale
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], source: str = "<metadata>") -> "HParams":
+        return _Reader(metadata, source).hparams()
+
+
+class _Reader:
+    """Typed metadata lookups that fail with a ModelFileError naming the key."""
+
+    def __init__(self, metadata: Mapping[str, Any], source: str):
+        self.meta, self.source = metadata, source
+        arch = metadata.get(Keys.General.ARCHITECTURE)
+        if not isinstance(arch, str):
+            raise ModelFileError(f"{source}: metadata has no {Keys.General.ARCHITECTURE!r}")
+        self.arch = arch
+
+    def key(self, template: str) -> str:
+        return template.format(arch=self.arch)
+
+    def get(self, template: str, kind: type, default=None, required: bool = False):
+        key = self.key(template)
+        if key not in self.meta:
+            if required:
+                raise ModelFileError(f"{self.source}: required metadata {key!r} is missing")
+            return default
+        value = self.meta[key]
+        if kind is int and isinstance(value, np.ndarray) and value.ndim == 1 and value.size:
+            # llama.cpp's get_key_or_arr: a per-layer array; ember supports uniform layers only.
+            if np.any(value != value[0]):
+                raise ModelFileError(f"{self.source}: {key!r} differs between layers "
+                                     f"({value.tolist()}); ember supports uniform layers only")
+            value = value[0].item()
+        ok = {int: lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float, np.floating)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str),
+              bool: lambda v: isinstance(v, (bool, np.bool_))}[kind](value)
+        if not ok:
+            raise ModelFileError(f"{self.source}: metadata {key!r} = {value!r} is not a {kind.__name__}")
+        return kind(value)
+
+    def hparams(self) -> HParams:
+        n_embd = self.get(Keys.LLM.EMBEDDING_LENGTH, int, required=True)
+        n_head = self.get(Keys.Attention.HEAD_COUNT, int, required=True)
+        head_dim_k = self.get(Keys.Attention.KEY_LENGTH, int, n_embd // max(n_head, 1))
+        n_vocab = self.get(Keys.LLM.VOCAB_SIZE, int, None)
+        if n_vocab is None:
+            n_vocab = len(self.meta.get(Keys.Tokenizer.LIST, ()))
+        values = dict(
+            arch=self.arch,
+            n_layer=self.get(Keys.LLM.BLOCK_COUNT, int, required=True),
+            n_embd=n_embd,
+            n_ff=self.get(Keys.LLM.FEED_FORWARD_LENGTH, int, 0),
+            n_head=n_head,
+            n_head_kv=self.get(Keys.Attention.HEAD_COUNT_KV, int, n_head),
+            head_dim_k=head_dim_k,
+            head_dim_v=self.get(Keys.Attention.VALUE_LENGTH, int, n_embd // max(n_head, 1)),
+            n_rot=self.get(Keys.Rope.DIMENSION_COUNT, int, head_dim_k),
+            n_ctx_train=self.get(Keys.LLM.CONTEXT_LENGTH, int, required=True),
+            n_vocab=n_vocab,
+            rms_eps=self.get(Keys.Attention.LAYERNORM_RMS_EPS, float, required=True),
+            rope_freq_base=self.get(Keys.Rope.FREQ_BASE, float, 10000.0),
+        )
+        values.update(self.rope_scaling())
+        if self.arch == "gemma3":
+            values.update(self.gemma3(values))
+        hp = HParams(**values)
+        self.check(hp)
+        return hp
+
+    def rope_scaling(self) -> dict:
+        kind = self.get(Keys.Rope.SCALING_TYPE, str, "linear")
+        if kind not in SUPPORTED_ROPE_SCALING:
+            raise ModelFileError(f"{self.source}: rope scaling {kind!r} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
+        factor = self.get(Keys.Rope.SCALING_FACTOR, float, None)
+        if factor is None:
+            factor = self.get(ROPE_SCALE_LINEAR, float, 0.0)
+        scale = 1.0 if kind == "none" or not factor else 1.0 / factor
+        # llama.cpp's default type is "linear", which with no factor is no scaling at all.
+        return dict(rope_freq_scale=scale, rope_scaling_type=kind if scale != 1.0 else "none")
+
+    def gemma3(self, values: dict) -> dict:
+        """llama_model_gemma3::load_arch_hparams."""
+        n_layer = values["n_layer"]
+        out = {"final_logit_softcap": self.get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, float, 0.0)}
+        # gemma_pytorch: the 27B model scales queries by 1/sqrt(n_embd / n_head), the others by
+        # 1/sqrt(head_dim); llama.cpp recognizes the 27B model by its 62 layers.
+        if n_layer == 62:
+            out["attn_scale"] = 1.0 / math.sqrt(values["n_embd"] / values["n_head"])
+        window = self.get(Keys.Attention.SLIDING_WINDOW, int, 0)
+        if window > 0:
+            out["sliding_window"] = window
+            out["swa_layers"] = self.swa_pattern(n_layer, GEMMA3_SWA_PERIOD)
+            out["rope_freq_base_swa"] = self.get(Keys.Rope.FREQ_BASE_SWA, float, DEFAULT_ROPE_BASE_SWA)
+        return out
+
+    def swa_pattern(self, n_layer: int, period: int) -> tuple[bool, ...]:
+        """llama_model_base::load_swa_pattern: a per-layer bool array, or a period n where layer
+        il slides when il % n < n - 1 (n = 0: every layer slides)."""
+        key = self.key(Keys.Attention.SLIDING_WINDOW_PATTERN)
+        value = self.meta.get(key, period)
+        if isinstance(value, np.ndarray):
+            if value.size != n_layer:
+                raise ModelFileError(f"{self.source}: {key!r} has {value.size} entries for "
+                                     f"{n_layer} layers")
+            return tuple(bool(v) for v in value)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ModelFileError(f"{self.source}: metadata {key!r} = {value!r} is neither a layer "
+                                 "count nor a per-layer array")
+        n = int(value)
+        return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
+
+    def check(self, hp: HParams):
+        problems = []
+        for name in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim_k", "head_dim_v"):
+            if getattr(hp, name) <= 0:
+                problems.append(f"{name} = {getattr(hp, name)} must be positive")
+        if hp.n_head_kv > 0 and hp.n_head % hp.n_head_kv:
+            problems.append(f"head_count {hp.n_head} is not a multiple of head_count_kv {hp.n_head_kv}")
+        if hp.n_rot % 2 or not 0 < hp.n_rot <= hp.head_dim_k:
+            problems.append(f"rope dimension count {hp.n_rot} must be even and in (0, {hp.head_dim_k}]")
+        if problems:
+            raise ModelFileError(f"{self.source}: bad hyper-parameters: {'; '.join(problems)}")

