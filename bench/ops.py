@@ -1,0 +1,233 @@
+"""Benchmark of the CPU backend's matmul kernels against NumPy and the machine's memory.
+
+Prints one table, measured in one run (median of several repetitions after a warm-up):
+  * f32 matmul GFLOP/s, ember vs NumPy (OpenBLAS), at 1024^3 and T=512, N=4096, K=4096;
+  * GB/s of weight bytes read by quantized GEMV (T=1) for q8_0 / q4_0 / q4_k, against the
+    machine's read bandwidth measured by a C streaming-read kernel (same OpenMP thread count,
+    over a buffer larger than the L3 cache) compiled in the same run;
+  * prompt-sized (T=512) quantized GEMM GFLOP/s, for scale.
+
+    python bench/ops.py [--threads 2] [--reps 7] [--rounds 1] [--markdown]
+
+--markdown writes the table as Markdown to stdout (for BENCHMARKS.md).
+
+Notes: OPENBLAS_CORETYPE (and OPENBLAS_L2_SIZE) may be set on some machines and slow NumPy's
+sgemm; run once with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/ops.py` to
+see both numbers. The 4096x4096 quantized matrices (9-18 MB) fit in a 32 MiB L3, so their
+GEMV can read faster than DRAM. Other processes on the machine (see the load average in the
+title) make 2-thread timings jumpy: a woken OpenMP thread may wait milliseconds for its core.
+q4_k needs K to be a multiple of 256, so its large-N row uses K=768 instead of 640. Weights are
+random bytes with sane scales: speed does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ember.backends.cpu.compiler import ISA_FLAGS, CompileCache  # noqa: E402
+from ember.codegen.cpu_matmul import matmul_scratch_bytes, standalone_source  # noqa: E402
+from ember.ir.dtypes import dtype, from_float32  # noqa: E402
+
+STREAM_SOURCE = r"""
+/* Streaming read of n floats by nth threads; returns the sum so nothing is optimized away. */
+#include <omp.h>
+#include <stdint.h>
+#include <immintrin.h>
+float ember_bench_stream(const float *a, int64_t n, int nth) {
+    float total = 0.0f;
+#pragma omp parallel num_threads(nth) reduction(+:total)
+    {
+        int ith = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t per = (n / nt) & ~(int64_t)63;
+        int64_t b = per * ith, e = ith == nt - 1 ? n : b + per;
+#if defined(__AVX2__)
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int64_t i = b;
+        for (; i + 32 <= e; i += 32) {
+            s0 = _mm256_add_ps(s0, _mm256_loadu_ps(a + i));
+            s1 = _mm256_add_ps(s1, _mm256_loadu_ps(a + i + 8));
+            s2 = _mm256_add_ps(s2, _mm256_loadu_ps(a + i + 16));
+            s3 = _mm256_add_ps(s3, _mm256_loadu_ps(a + i + 24));
+        }
+        float tmp[8];
+        _mm256_storeu_ps(tmp, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+        float s = 0.0f;
+        for (int j = 0; j < 8; j++) s += tmp[j];
+        for (; i < e; i++) s += a[i];
+#else
+        float s = 0.0f;
+        for (int64_t i = b; i < e; i++) s += a[i];
+#endif
+        total += s;
+    }
+    return total;
+}
+"""
+
+I64 = ctypes.c_int64
+PTR = ctypes.c_void_p
+
+
+def median_time(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def aligned(nbytes: int) -> np.ndarray:
+    buf = np.empty(nbytes + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + nbytes]
+
+
+def random_weights(wtype: str, N: int, K: int, rng) -> np.ndarray:
+    """Random blocks of wtype with small, finite fp16 scales (quantizing real data is slow)."""
+    dt = dtype(wtype)
+    if dt.is_float:
+        values = rng.standard_normal((N, K), dtype=np.float32)
+        return values if dt.name == "f32" else from_float32(values, dt)
+    nblocks = N * K // dt.block_size
+    raw = rng.integers(0, 256, size=(nblocks, dt.block_bytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    offsets = {"q8_0": (0,), "q4_0": (0,), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}[wtype]
+    for off in offsets:
+        raw[:, off:off + 2] = scale
+    return raw.reshape(N, K // dt.block_size * dt.block_bytes)
+
+
+class Bench:
+    def __init__(self, threads: int, reps: int):
+        self.threads, self.reps = threads, reps
+        cache = CompileCache(Path(tempfile.gettempdir()) / "ember-bench-cache")
+        flags = ISA_FLAGS["native"]
+        self.lib = ctypes.CDLL(str(cache.build(standalone_source(), flags, "bench_matmul")))
+        self.stream_lib = ctypes.CDLL(str(cache.build(STREAM_SOURCE, flags, "bench_stream")))
+        self.stream_lib.ember_bench_stream.argtypes = [PTR, I64, ctypes.c_int]
+        self.stream_lib.ember_bench_stream.restype = ctypes.c_float
+        self.rng = np.random.default_rng(0)
+        self.weights = {}
+
+    def run(self, wtype, x, w, y, scratch, K):
+        fn = getattr(self.lib, f"ember_mm_{wtype}_run")
+        fn.argtypes = [ctypes.c_int, I64, I64, I64, PTR, I64, PTR, I64, PTR, I64, PTR]
+        T, N = x.shape[0], w.shape[0]
+        args = (self.threads, T, N, K, x.ctypes.data, x.strides[0], w.ctypes.data, w.strides[0],
+                y.ctypes.data, y.strides[0], scratch.ctypes.data)
+        return lambda: fn(*args)
+
+    def matmul_seconds(self, wtype, T, N, K):
+        if (wtype, N, K) not in self.weights:
+            self.weights[(wtype, N, K)] = random_weights(wtype, N, K, self.rng)
+        w = self.weights[(wtype, N, K)]
+        x = self.rng.standard_normal((T, K), dtype=np.float32)
+        y = np.empty((T, N), np.float32)
+        scratch = aligned(max(64, matmul_scratch_bytes(wtype, T, K)))
+        return median_time(self.run(wtype, x, w, y, scratch, K), self.reps), w.nbytes
+
+    def numpy_gflops(self, T, N, K):
+        x = self.rng.standard_normal((T, K), dtype=np.float32)
+        w = self.rng.standard_normal((N, K), dtype=np.float32)
+        out = np.empty((T, N), np.float32)
+        return 2 * T * N * K / median_time(lambda: np.matmul(x, w.T, out=out), self.reps) / 1e9
+
+    def read_bandwidth(self, nbytes=512 << 20):
+        a = np.ones(nbytes // 4, np.float32)
+        seconds = median_time(lambda: self.stream_lib.ember_bench_stream(a.ctypes.data, a.size,
+                                                                         self.threads), self.reps)
+        return nbytes / seconds / 1e9
+
+
+F32_SIZES = ((1024, 1024, 1024), (512, 4096, 4096))
+GEMV_CASES = tuple((wtype, N, K) for wtype in ("q8_0", "q4_0", "q4_k")
+                   for N, K in ((4096, 4096), (262144, 768 if wtype == "q4_k" else 640)))
+GEMM_CASES = tuple((wtype, 512, 4096, 4096) for wtype in ("q8_0", "q4_0", "q4_k"))
+
+
+def measure_round(b: Bench) -> dict:
+    """One pass over every case; throughputs keyed by case."""
+    out = {}
+    # NumPy first, then a pause: OpenBLAS's idle threads spin for a while after each call and
+    # would steal the cores from ember's OpenMP team.
+    for T, N, K in F32_SIZES:
+        out[("numpy", T, N, K)] = b.numpy_gflops(T, N, K)
+    time.sleep(1.0)
+    for T, N, K in F32_SIZES:
+        out[("f32", T, N, K)] = 2 * T * N * K / b.matmul_seconds("f32", T, N, K)[0] / 1e9
+    out["bandwidth"] = b.read_bandwidth()
+    for wtype, N, K in GEMV_CASES:
+        seconds, nbytes = b.matmul_seconds(wtype, 1, N, K)
+        out[(wtype, 1, N, K)] = nbytes / seconds / 1e9
+    for wtype, T, N, K in GEMM_CASES:
+        out[(wtype, T, N, K)] = 2 * T * N * K / b.matmul_seconds(wtype, T, N, K)[0] / 1e9
+    return out
+
+
+def measure(threads: int, reps: int, rounds: int = 1) -> list[tuple[str, str, str, str]]:
+    """The table rows; with rounds > 1 each number is the best of the rounds' medians."""
+    b = Bench(threads, reps)
+    results = [measure_round(b) for _ in range(rounds)]
+    best = {key: max(r[key] for r in results) for key in results[0]}
+    rows = []
+    for T, N, K in F32_SIZES:
+        ours, theirs = best[("f32", T, N, K)], best[("numpy", T, N, K)]
+        rows.append((f"f32 matmul T={T} N={N} K={K}", f"{ours:.1f} GFLOP/s",
+                     f"numpy {theirs:.1f} GFLOP/s", f"{ours / theirs:.2f}x"))
+    bandwidth = best["bandwidth"]
+    rows.append(("read bandwidth (C stream, 512 MiB)", f"{bandwidth:.1f} GB/s", "", ""))
+    for wtype, N, K in GEMV_CASES:
+        gbs = best[(wtype, 1, N, K)]
+        rows.append((f"{wtype} GEMV T=1 N={N} K={K}", f"{gbs:.1f} GB/s",
+                     f"read {bandwidth:.1f} GB/s", f"{gbs / bandwidth:.2f}x"))
+    for wtype, T, N, K in GEMM_CASES:
+        rows.append((f"{wtype} GEMM T={T} N={N} K={K}", f"{best[(wtype, T, N, K)]:.1f} GFLOP/s",
+                     "", ""))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=7, help="repetitions per case (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="passes over the table; each number is the best round's median")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    rows = measure(args.threads, args.reps, args.rounds)
+    load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    header = ("case", "ember", "reference", "ratio")
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                    if k in os.environ) or "OPENBLAS_CORETYPE unset"
+    rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
+    title = (f"ember CPU matmul, {args.threads} threads, median of {args.reps}{rounds} "
+             f"({env}; {load})")
+    if args.markdown:
+        print(f"**{title}**\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join(["---"] * len(header)) + "|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        print(title)
+        for row in [header] + rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""C source of the CPU backend's matrix-multiply kernels, one set of functions per weight type.
+
+For each wtype in MATMUL_WTYPES the rendered source defines
+
+    void ember_mm_<wtype>(int ith, int nth, int64_t T, int64_t N, int64_t K,
+                          const float *x, int64_t x_row, const void *w, int64_t w_row,
+                          float *y, int64_t y_row, void *scratch);
+    void ember_dequant_row_<wtype>(const void *row, float *out, int64_t K);
+    int64_t ember_mm_<wtype>_scratch(int64_t T, int64_t K);
+
+y[t, n] = sum_k x[t, k] * w[n, k]; strides are in bytes. ember_mm_* is called by all nth threads
+of an OpenMP team; the quantized ones quantize x into the scratch and hold one barrier (none
+when T = 1 and the row's 8-bit form fits 32 KiB), the float ones hold none. The caller barriers before y is read or the scratch is
+reused. Threads split w's rows in chunks of 16. Stack: up to 64 KiB per thread (packed f32
+panels) or 32 KiB (one quantized activation row).
+
+Numerics: the bits of y[t, n] depend only on row t of x and row n of w, never on T, on the other
+rows, on the tiling or on nth (GEMV and GEMM paths agree bit for bit). The path is chosen by the
+compiler's macros: AVX2+FMA+F16C, else portable C; the two paths differ in the last bits.
+
+The sources expect common.h to be included first; each carries the shared helpers behind an
+include guard, so any number of them may be concatenated into one file (matmul_common_source()
+is that guarded block alone, for a caller that wants it placed explicitly).
+matmul_scratch_bytes is authoritative; ember_mm_<wtype>_scratch returns the same number.
+
+Imports only jinja2 and the dtype table; compiling and running is the backend's business.
+"""
+from __future__ import annotations
+
+import functools
+
+import jinja2
+
+from ember.ir.dtypes import dtype
+
+MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
+
+_FLOAT_PARAMS = {
+    "f32": {"ctype": "float", "to_f32": "v", "load8": "_mm256_loadu_ps(p)"},
+    "f16": {"ctype": "ember_f16", "to_f32": "ember_f16_to_f32(v)",
+            "load8": "_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p))"},
+    "bf16": {"ctype": "ember_bf16", "to_f32": "ember_bf16_to_f32(v)",
+             "load8": "_mm256_castsi256_ps(_mm256_slli_epi32("
+                      "_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16))"},
+}
+# Activation layout used by each quantized weight type: q32 = blocks of 32 with an f32 scale
+# (llama.cpp's q8_0 idea), q256 = blocks of 256 with an f32 scale and 16-value sums (q8_K).
+_ACTIVATIONS = {"q8_0": "q32", "q4_0": "q32", "q5_0": "q32", "q4_k": "q256", "q6_k": "q256"}
+# Tile shapes of the AVX2 path (performance only: results do not depend on them): gemv_c weight
+# rows per T=1 tile, gemm_r x gemm_c tiles for T > 1 over blocks of gemm_tb activation rows.
+_TILES = {
+    "q8_0": {"gemv_c": 1, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32},
+    "q4_0": {"gemv_c": 1, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32},
+    "q5_0": {"gemv_c": 1, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32},
+    "q4_k": {"gemv_c": 1, "gemm_r": 2, "gemm_c": 2, "gemm_tb": 32},
+    "q6_k": {"gemv_c": 1, "gemm_r": 2, "gemm_c": 2, "gemm_tb": 32},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("ember.codegen", "templates/cpu"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _check(wtype: str) -> str:
+    if wtype not in MATMUL_WTYPES:
+        raise ValueError(f"no CPU matmul kernel for weight type {wtype!r}; "
+                         f"known: {', '.join(MATMUL_WTYPES)}")
+    return wtype
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_common_source() -> str:
+    """The helpers every matmul source shares, behind an include guard (optional to call)."""
+    return _environment().get_template("matmul/common.c.j2").render()
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_source(wtype: str) -> str:
+    """C source defining ember_mm_<wtype>, ember_dequant_row_<wtype>, ember_mm_<wtype>_scratch."""
+    _check(wtype)
+    env = _environment()
+    if wtype in _FLOAT_PARAMS:
+        body = env.get_template("matmul/float.c.j2").render(wtype=wtype, **_FLOAT_PARAMS[wtype])
+    else:
+        dt = dtype(wtype)
+        tiles = _TILES[wtype]
+        body = env.get_template("matmul/quant.c.j2").render(
+            wtype=wtype, block=dt.block_size, block_bytes=dt.block_bytes, act=_ACTIVATIONS[wtype],
+            max_r=max(tiles["gemm_r"], 1), max_c=max(tiles["gemm_c"], tiles["gemv_c"]), **tiles)
+    return matmul_common_source() + "\n" + body
+
+
+def _align64(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+def matmul_scratch_bytes(wtype: str, T: int, K: int) -> int:
+    """Bytes of scratch ember_mm_<wtype> needs for T activation rows of K values."""
+    _check(wtype)
+    if wtype in _FLOAT_PARAMS:
+        return 0
+    if _ACTIVATIONS[wtype] == "q32":
+        return T * _align64(K + 4 * (K // 32))
+    return T * _align64(K + 4 * (K // 256) + 2 * (K // 16))
+
+
+def standalone_source(wtypes=MATMUL_WTYPES) -> str:
+    """A whole C file with the kernels of wtypes and, for each, an entry point that opens its own
+    OpenMP team, for tests and benchmarks (the graph codegen calls the kernels from its own
+    parallel region instead):
+
+        void ember_mm_<wtype>_run(int nth, <the arguments of ember_mm_<wtype> after nth>);
+    """
+    common_h, _, _ = _environment().loader.get_source(_environment(), "common.h")
+    parts = [common_h]
+    for wtype in wtypes:
+        parts.append(matmul_source(wtype))
+        parts.append(_RUN_TEMPLATE.replace("WTYPE", _check(wtype)))
+    return "\n".join(parts)
+
+
+_RUN_TEMPLATE = """
+void ember_mm_WTYPE_run(int nth, int64_t T, int64_t N, int64_t K, const float *x, int64_t x_row,
+                        const void *w, int64_t w_row, float *y, int64_t y_row, void *scratch) {
+#pragma omp parallel num_threads(nth)
+    ember_mm_WTYPE(omp_get_thread_num(), omp_get_num_threads(), T, N, K, x, x_row, w, w_row,
+                   y, y_row, scratch);
+}
+"""
