@@ -485,10 +485,18 @@ class _Renderer:
         x = node.inputs[0]
         loop = row_loop(x.shape, [x.type.strides], keep_last=True)
         params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0])
-        if node.op in ("rms_norm", "layer_norm"):
+        if node.op in ("rms_norm", "layer_norm", "rms_norm_mul"):
             params["eps"] = c_double(node.attr("eps"))
-        self.add_kernel(node, f"{node.op}.c.j2", [self.places[x].c, self.places[node].c],
-                        reads=self.reads_of(x), writes=self.reads_of(node), **params)
+        template, args = f"{node.op}.c.j2", [self.places[x].c]
+        if node.op == "rms_norm":
+            params.update(weighted=False, w_step=0)
+        elif node.op == "rms_norm_mul":
+            w = node.inputs[1]
+            template = "rms_norm.c.j2"
+            params.update(weighted=True, w_step=w.type.strides[0])
+            args.append(self.places[w].c)
+        self.add_kernel(node, template, args + [self.places[node].c],
+                        reads=self.reads_of(*node.inputs), writes=self.reads_of(node), **params)
 
     def _render_softmax(self, node: Node):
         x = node.inputs[0]
@@ -626,7 +634,7 @@ def _bytes_type(t: TensorType, row_bytes: int) -> TensorType:
 
 
 _KIND = {name: "eltwise" for name in ELTWISE_C}
-_KIND.update(scale="eltwise", clamp="eltwise", rms_norm="rows", layer_norm="rows",
+_KIND.update(scale="eltwise", clamp="eltwise", rms_norm="rows", layer_norm="rows", rms_norm_mul="rows",
              sum_rows="rows", argmax="rows")
 
 

@@ -15,6 +15,8 @@ def example_node(op: str) -> Node:
     idx = input_node("idx", "i32", (4,))
     if op in ("add", "sub", "mul", "div"):
         return make_node(op, (x, _f32("b", 8)))
+    if op == "rms_norm_mul":
+        return make_node(op, (x, _f32("w", 8)))
     if op in ("swiglu", "geglu"):
         return make_node(op, (x, _f32("u", 4, 8)))
     if op == "scale":

@@ -5,6 +5,7 @@ from ember.passes.base import Phase, Pipeline
 from ember.passes.cse import CommonSubexpressionElimination
 from ember.passes.dce import DeadCodeElimination
 from ember.passes.fold_constants import FoldConstants
+from ember.passes.fuse_elementwise import FuseElementwise
 from ember.passes.fuse_qkv import FuseQKV
 
 TARGETS = ("cpu", "opencl-generic", "opencl-adreno", "vulkan")
@@ -21,7 +22,7 @@ def pipeline_for(target: str) -> Pipeline:
 
 
 def fusion_phase() -> Phase:
-    return Phase("fusion", (FuseQKV(), DeadCodeElimination()))
+    return Phase("fusion", (FuseQKV(), FuseElementwise(), DeadCodeElimination()))
 
 
 def known_pass_names() -> tuple[str, ...]:

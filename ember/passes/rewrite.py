@@ -24,6 +24,11 @@ class RewriteState:
     graph: Graph
     new_constants: dict = field(default_factory=dict)
     position: dict = field(default_factory=dict)   # node -> index of the node it replaced
+    origin: dict = field(default_factory=dict)     # node -> the original node it replaced
+
+    def users(self, node: Node) -> tuple[Node, ...]:
+        """The users, in the original graph, of the node that `node` replaced."""
+        return self.graph.users.get(self.origin.get(node, node), ())
 
     def rank(self, node: Node) -> int:
         """A stable order of the values seen so far (declared order of what they replace)."""
@@ -80,6 +85,7 @@ def apply_rules(graph: Graph, rules: dict[str, list[Rule]], state: RewriteState 
         changed |= new is not node
         mapping[node] = new
         state.position.setdefault(new, index)
+        state.origin.setdefault(new, node)
     if not changed:
         return graph
     constants = dict(graph.constants)

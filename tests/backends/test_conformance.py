@@ -167,6 +167,14 @@ for _op, _attrs in (("rms_norm", dict(eps=1e-5)), ("layer_norm", dict(eps=1e-5))
     case(f"rows/{_op}-permuted", _op)(
         lambda s, op=_op, attrs=_attrs: [s.op(op, s.permute(s.input("x", "f32", (4, 3, 2, 5)), 2, 0, 1, 3), **attrs)])
 
+for _shape in ((1,), (3, 17), (3, 4096), (2, 3, 4, 5)):
+    case(f"rows/rms_norm_mul-{'x'.join(map(str, _shape))}", "rms_norm_mul", scalar=_shape == (3, 17))(
+        lambda s, shape=_shape: [s.op("rms_norm_mul", s.input("x", "f32", shape),
+                                      s.input("w", "f32", shape[-1:]), eps=1e-6)])
+case("rows/rms_norm_mul-view", "rms_norm_mul", scalar=True)(
+    lambda s: [s.op("rms_norm_mul", strided_view(s, "x", (2, 3, 17)), s.permute(s.input("w", "f32", (17,)), 0),
+                    eps=1e-6)])
+
 
 # softmax
 def _masked_rows(rng, shape):

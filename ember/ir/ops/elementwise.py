@@ -65,9 +65,11 @@ UNARY = {
     "softplus": _softplus,
 }
 
+# The activation is rounded to f32 before the product, as the unfused pair rounds it, so the
+# fuse-elementwise pass changes no bit.
 GATED = {
-    "swiglu": lambda g, u: g * _sigmoid(g) * u,
-    "geglu": lambda g, u: _gelu(g) * u,
+    "swiglu": lambda g, u: (g * _sigmoid(g)).astype(np.float32) * u,
+    "geglu": lambda g, u: _gelu(g).astype(np.float32) * u,
 }
 
 for _name, _fn in BINARY.items():

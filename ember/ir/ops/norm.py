@@ -35,6 +35,27 @@ register(OpDef("layer_norm", ("x",), _norm_infer("layer_norm"), _layer_norm,
                doc="(x - mean) / sqrt(var + eps) over the last axis (no weight or bias)."))
 
 
+def _rms_norm_mul_infer(ts, attrs):
+    x, w = ts
+    expect_dtype("rms_norm_mul", "x", x, FLOAT_ACT)
+    expect_dtype("rms_norm_mul", "w", w, FLOAT_ACT)
+    require(x.rank >= 1 and w.shape == (x.shape[-1],),
+            f"rms_norm_mul: w {list(w.shape)} must be [{x.shape[-1] if x.rank else '?'}] (one weight per column)")
+    return f32(x.shape)
+
+
+def _rms_norm_mul(xs, attrs):
+    # Rounded to f32 after the normalization, as the unfused pair is, so fusing changes no bit.
+    normed = _rms_norm(xs[:1], attrs)
+    return (normed * xs[1].astype(np.float32)).astype(np.float32)
+
+
+register(OpDef("rms_norm_mul", ("x", "w"), _rms_norm_mul_infer, _rms_norm_mul,
+               attrs={"eps": Attr("float", 1e-6)},
+               doc="rms_norm(x, eps) * w, with w one weight per column: the fused form of the "
+                   "pair every pre-norm transformer uses (made by the fuse-elementwise pass)."))
+
+
 def _softmax_infer(ts, attrs):
     x = ts[0]
     expect_dtype("softmax", "x", x, FLOAT_ACT)
