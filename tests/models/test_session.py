@@ -1,0 +1,85 @@
+"""The generation session on the CPU backend: caches, micro-batches, graph reuse, passes."""
+import numpy as np
+import pytest
+
+from ember.backends import get_backend
+from ember.models import load_model
+from tiny_gguf import Spec
+from ember.runtime.session import Session, SessionOptions
+
+PROMPT = [1, 17, 42, 99, 5, 23, 64, 7, 11, 3]
+
+
+@pytest.fixture(scope="module")
+def cpu(tmp_path_factory):
+    return get_backend("cpu", threads=2, cache_dir=tmp_path_factory.mktemp("cpu-cache"))
+
+
+def run(model, backend, options, prompt=PROMPT, decode=6):
+    """Teacher-forced logits of the prompt, then greedy decode logits, and the session."""
+    s = Session(model, backend, options)
+    logits = [s.eval(prompt, all_logits=True)]
+    token = int(np.argmax(logits[-1][-1]))
+    for _ in range(decode):
+        logits.append(s.eval([token]))
+        token = int(np.argmax(logits[-1][-1]))
+    return np.concatenate(logits), s
+
+
+@pytest.mark.parametrize("spec", [Spec("llama", "q8_0"),
+                                  pytest.param(Spec("gemma3", "q4_k"), marks=pytest.mark.slow)], ids=str)
+def test_reuse_on_and_off_give_identical_logits(tiny_files, cpu, spec):
+    model = load_model(tiny_files[spec])
+    with_reuse, s1 = run(model, cpu, SessionOptions(n_ctx=64, kv_bucket=16))
+    without, s2 = run(model, cpu, SessionOptions(n_ctx=64, kv_bucket=16, reuse=False))
+    np.testing.assert_array_equal(with_reuse, without)
+    # with reuse, decode steps hit the plan cache by uid; without, every step builds its graph
+    assert s1.plans.stats.uid_hits >= 5 and s1.stats.graph_builds == 2
+    assert s2.stats.graph_builds == 7
+
+
+def test_bucket_change_misses_then_hits(tiny_files, cpu):
+    model = load_model(tiny_files[Spec("llama", "f32")])
+    s = Session(model, cpu, SessionOptions(n_ctx=64, kv_bucket=8))
+    s.eval([1, 2, 3, 4, 5, 6])           # n_kv 8
+    for t in range(5):                   # positions 6..10: buckets 8, 8, 16, 16, 16
+        s.eval([t + 1])
+    assert s.plans.stats.misses == 3      # prompt, decode at n_kv 8, decode at n_kv 16
+    assert s.plans.stats.uid_hits == 3
+
+
+def test_micro_batches_equal_one_batch(tiny_files, cpu):
+    model = load_model(tiny_files[Spec("qwen2", "f32")])
+    one, _ = run(model, cpu, SessionOptions(n_ctx=64, ubatch=64), decode=0)
+    split, _ = run(model, cpu, SessionOptions(n_ctx=64, ubatch=3), decode=0)
+    # rows are batch invariant on the CPU backend, so splitting the prompt changes no bit
+    np.testing.assert_array_equal(one, split)
+
+
+@pytest.mark.parametrize("spec", [Spec("qwen2", "q8_0"),
+                                  pytest.param(Spec("llama", "q4_0"), marks=pytest.mark.slow),
+                                  pytest.param(Spec("gemma3", "f16"), marks=pytest.mark.slow)], ids=str)
+def test_fusion_passes_change_no_bit(tiny_files, cpu, spec):
+    model = load_model(tiny_files[spec])
+    fused, _ = run(model, cpu, SessionOptions(n_ctx=64, kv_bucket=16), decode=2)
+    unfused = SessionOptions(n_ctx=64, kv_bucket=16, disabled_passes=frozenset({"fuse-qkv", "fuse-elementwise"}))
+    plain, _ = run(model, cpu, unfused, decode=2)
+    np.testing.assert_array_equal(fused, plain)
+
+
+def test_context_overflow_is_refused(tiny_files, cpu):
+    model = load_model(tiny_files[Spec("llama", "f32")])
+    s = Session(model, cpu, SessionOptions(n_ctx=8, kv_bucket=8))
+    s.eval([1, 2, 3, 4, 5, 6])
+    with pytest.raises(Exception, match="context full"):
+        s.eval([1, 2, 3])
+
+
+def test_truncate_then_redecode_matches(tiny_files, cpu):
+    model = load_model(tiny_files[Spec("llama", "f32")])
+    s = Session(model, cpu, SessionOptions(n_ctx=32, kv_bucket=8))
+    s.eval(PROMPT[:6])
+    first = s.eval([9])
+    s.eval([10, 11])
+    s.truncate(6)
+    np.testing.assert_array_equal(s.eval([9]), first)
