@@ -88,7 +88,9 @@ def generate(session: Session, tokenizer, prompt: str, n_predict: int, sampler: 
              stops: Sequence[str] = (), ignore_eos: bool = False,
              on_text: Callable[[str], None] | None = None, parse_special: bool = True) -> Generation:
     result = Generation()
-    prompt_ids = tokenizer.encode(prompt, add_special=True, parse_special=parse_special)
+    # a prompt may be given as token ids (tests, benchmarks) or as text
+    prompt_ids = list(prompt) if not isinstance(prompt, str) else \
+        tokenizer.encode(prompt, add_special=True, parse_special=parse_special)
     if not prompt_ids:
         raise ValueError("the prompt is empty and the model adds no BOS token")
     result.prompt_tokens = len(prompt_ids)

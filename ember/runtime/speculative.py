@@ -1,0 +1,207 @@
+"""Speculative decoding: draft tokens cheaply, verify them all in one target batch.
+
+Each round the target evaluates [last, d1..dk] in one batch and keeps the longest prefix of
+drafts that agrees with its own greedy choice, plus its own next token: 1 to k+1 tokens per
+target pass. The rejected tail of the KV cache is dropped (Session.truncate). With greedy
+sampling the output is token-identical to decoding without speculation, because the CPU
+kernels are batch invariant: a verify row is computed exactly as a single-token decode would.
+
+Draft sources: n-grams of the context (prompt lookup) and a smaller draft model with the same
+vocabulary.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from ember.errors import EmberError
+from ember.runtime.generate import Generation, TextStream
+from ember.runtime.session import Session
+
+
+class DraftSource(Protocol):
+    name: str
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        """Up to k tokens likely to follow context."""
+
+    def accepted(self, context: Sequence[int], n_drafted: int, n_accepted: int) -> None:
+        """Told after each round how many of its drafts the target kept; context is the whole
+        accepted sequence so far."""
+
+
+@dataclass
+class NgramDraft:
+    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens
+    (n from n_max down to n_min) and propose what followed it. Gives up for a while when
+    acceptance stays low, as llama.cpp's n-gram drafter does."""
+    n_min: int = 1
+    n_max: int = 4
+    name: str = "ngram"
+    low_rounds: int = 0
+    paused: int = 0
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        if self.paused:
+            self.paused -= 1
+            return []
+        ctx = list(context)
+        for n in range(min(self.n_max, len(ctx) - 1), self.n_min - 1, -1):
+            tail = ctx[-n:]
+            for start in range(len(ctx) - n - 1, -1, -1):
+                if ctx[start:start + n] == tail:
+                    follow = ctx[start + n:start + n + k]
+                    if follow:
+                        return follow
+        return []
+
+    def accepted(self, context, n_drafted: int, n_accepted: int) -> None:
+        if n_drafted and n_accepted / n_drafted < 0.5:
+            self.low_rounds += 1
+            if self.low_rounds >= 3:
+                self.paused, self.low_rounds = 8, 0
+        else:
+            self.low_rounds = 0
+
+
+class ModelDraft:
+    """A smaller model with the same vocabulary, decoding greedily in its own session; its
+    cache is kept in step with the accepted sequence."""
+
+    name = "draft-model"
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.synced: list[int] = []      # tokens the draft's cache holds, in order
+        self.next_logits = None
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        context = list(context)
+        common = 0
+        while common < min(len(self.synced), len(context)) and self.synced[common] == context[common]:
+            common += 1
+        if common == len(context):        # the cache holds all of it: recompute the last one
+            common -= 1
+        self.session.truncate(common)
+        logits = self.session.eval(context[common:])[-1]
+        self.synced = context[:]
+        drafts = []
+        for _ in range(k):
+            token = int(np.argmax(logits))
+            drafts.append(token)
+            if len(drafts) == k or self.session.n_past >= self.session.n_ctx:
+                break
+            logits = self.session.eval([token])[-1]
+            self.synced.append(token)
+        return drafts
+
+    def accepted(self, context, n_drafted: int, n_accepted: int) -> None:
+        pass
+
+
+@dataclass
+class SpecStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    target_tokens: int = 0           # tokens evaluated by the target in verify batches
+    checkpoint_seconds: float = 0.0  # saving recurrent state before verify
+    restore_seconds: float = 0.0     # restoring it and re-decoding after a partial acceptance
+    round_seconds: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def summary(self) -> str:
+        share = (self.checkpoint_seconds + self.restore_seconds) / self.round_seconds if self.round_seconds else 0.0
+        return (f"speculative: {self.rounds} verify passes, acceptance {self.acceptance:.2f} "
+                f"({self.accepted}/{self.drafted}), {self.tokens_per_pass:.2f} tokens per pass; "
+                f"checkpoint {1e3 * self.checkpoint_seconds:.1f} ms + restore "
+                f"{1e3 * self.restore_seconds:.1f} ms ({100 * share:.1f}% of round time)")
+
+
+def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt: str, n_predict: int,
+                         draft_max: int = 8, stops: Sequence[str] = (), ignore_eos: bool = False,
+                         on_text: Callable[[str], None] | None = None,
+                         parse_special: bool = True) -> tuple[Generation, SpecStats]:
+    """Greedy generation with speculation; token-identical to greedy `generate`."""
+    if draft_max < 1:
+        raise EmberError("--draft-max must be at least 1")
+    result, stats = Generation(), SpecStats()
+    # a prompt may be given as token ids (tests, benchmarks) or as text
+    prompt_ids = list(prompt) if not isinstance(prompt, str) else \
+        tokenizer.encode(prompt, add_special=True, parse_special=parse_special)
+    result.prompt_tokens = len(prompt_ids)
+    target.reset()
+    stream = TextStream(stops)
+    context = list(prompt_ids)
+    logits = target.eval(prompt_ids)[-1]
+    result.prompt_seconds = target.last_eval_seconds
+    next_token = int(np.argmax(logits))
+    result.stop_reason = "length"
+    sessions = [target] + ([draft.session] if isinstance(draft, ModelDraft) else [])
+    compile_before = sum(s.stats.compile_seconds for s in sessions)
+    start = time.perf_counter()
+
+    def emit(token: int) -> bool:
+        """Add one token to the output; True when generation must stop."""
+        if not ignore_eos and tokenizer.is_eog(token):
+            result.stop_reason = "eos"
+            return True
+        result.tokens.append(token)
+        shown = stream.push(tokenizer.token_to_piece(token))
+        if shown and on_text:
+            on_text(shown)
+        if stream.stop_hit():
+            result.stop_reason = "stop string"
+            return True
+        return len(result.tokens) >= n_predict
+
+    while True:
+        if emit(next_token):
+            break
+        context.append(next_token)
+        room = min(draft_max, n_predict - len(result.tokens), target.n_ctx - target.n_past - 1)
+        drafts = draft.propose(context, room) if room > 0 else []
+        round_start = time.perf_counter()
+        base = target.n_past
+        rows = target.eval([next_token] + drafts, all_logits=True)
+        choices = [int(np.argmax(r)) for r in rows]
+        n_ok = 0
+        while n_ok < len(drafts) and drafts[n_ok] == choices[n_ok]:
+            n_ok += 1
+        # the cache keeps the last token and the accepted drafts; the rest is dropped
+        target.truncate(base + 1 + n_ok)
+        stats.rounds += 1
+        stats.drafted += len(drafts)
+        stats.accepted += n_ok
+        stats.target_tokens += len(drafts) + 1
+        draft.accepted(context, len(drafts), n_ok)
+        stop = False
+        for token in drafts[:n_ok]:
+            if emit(token):
+                stop = True
+                break
+            context.append(token)
+        stats.round_seconds += time.perf_counter() - round_start
+        if stop:
+            break
+        next_token = choices[n_ok]
+        if target.n_past >= target.n_ctx:
+            result.stop_reason = "context"
+            break
+    # compiling new step shapes is not decoding time (the CLI reports it on its own)
+    result.decode_seconds = time.perf_counter() - start - (sum(s.stats.compile_seconds for s in sessions) - compile_before)
+    tail = stream.finish()
+    if tail and on_text:
+        on_text(tail)
+    result.text = stream.text[:stream.shown]
+    return result, stats

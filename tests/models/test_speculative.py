@@ -1,0 +1,74 @@
+"""Speculative decoding is token-identical to greedy decoding (attention-only models)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ember.backends import get_backend
+from ember.models import load_model
+from ember.models.tokenizer import Tokenizer
+from ember.runtime.generate import generate
+from ember.runtime.sampling import Sampler, SamplingParams
+from ember.runtime.session import Session, SessionOptions
+from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
+from tiny_gguf import Spec
+
+OPTIONS = SessionOptions(n_ctx=96, kv_bucket=32)
+PROMPT_LEN = 12
+N_PREDICT = 24
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_files, tmp_path_factory):
+    backend = get_backend("cpu", threads=2, cache_dir=tmp_path_factory.mktemp("spec-cache"))
+    target = load_model(tiny_files[Spec("llama", "f32")])
+    draft = load_model(tiny_files[Spec("llama", "q4_0")])   # same vocabulary, cheaper weights
+    tokenizer = Tokenizer.from_metadata(target.tokenizer)
+    return backend, Session(target, backend, OPTIONS), Session(draft, backend, OPTIONS), tokenizer
+
+
+def greedy(session, tokenizer, prompt):
+    return generate(session, tokenizer, prompt, N_PREDICT, Sampler(SamplingParams(temperature=0)),
+                    ignore_eos=True).tokens
+
+
+def repetitive_prompt(seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    motif = list(rng.integers(3, 200, size=4))
+    return [1] + (motif * 4)[:PROMPT_LEN - 1]
+
+
+@pytest.mark.parametrize("draft_max", [1, pytest.param(2, marks=pytest.mark.slow), 3,
+                                       pytest.param(5, marks=pytest.mark.slow), 8])
+def test_ngram_speculation_is_token_identical(setup, draft_max):
+    _, target, _, tokenizer = setup
+    prompt = repetitive_prompt(0)
+    expected = greedy(target, tokenizer, prompt)
+    got, stats = speculative_generate(target, NgramDraft(), tokenizer, prompt, N_PREDICT,
+                                      draft_max=draft_max, ignore_eos=True)
+    assert got.tokens == expected
+    assert stats.drafted > 0 and stats.rounds < N_PREDICT   # it did speculate
+
+
+@pytest.mark.parametrize("draft_max", [4, pytest.param(1, marks=pytest.mark.slow),
+                                       pytest.param(8, marks=pytest.mark.slow)])
+def test_draft_model_speculation_is_token_identical(setup, draft_max):
+    _, target, draft, tokenizer = setup
+    prompt = repetitive_prompt(1)
+    expected = greedy(target, tokenizer, prompt)
+    got, stats = speculative_generate(target, ModelDraft(draft), tokenizer, prompt, N_PREDICT,
+                                      draft_max=draft_max, ignore_eos=True)
+    assert got.tokens == expected
+    assert stats.drafted > 0
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), draft_max=st.integers(1, 8))
+def test_speculation_identity_over_seeds(setup, seed, draft_max):
+    _, target, _, tokenizer = setup
+    rng = np.random.default_rng(seed)
+    prompt = [1] + list(rng.integers(3, 200, size=PROMPT_LEN - 1))
+    expected = greedy(target, tokenizer, prompt)
+    got, _ = speculative_generate(target, NgramDraft(), tokenizer, prompt, N_PREDICT,
+                                  draft_max=draft_max, ignore_eos=True)
+    assert got.tokens == expected
