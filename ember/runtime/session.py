@@ -39,6 +39,7 @@ class SessionStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     host_seconds: float = 0.0       # outside the compiled graph: lookups, inputs, cache copies
+    run_seconds: float = 0.0        # inside the compiled graph (Executable.run)
     graph_builds: int = 0
     compile_seconds: float = 0.0
 
@@ -126,6 +127,7 @@ class Session:
         t1 = time.perf_counter()
         outputs = step.executable.run(inputs, targets)
         t2 = time.perf_counter()
+        self.stats.run_seconds += t2 - t1
         for il in range(hp.n_layer):
             for k, cache in ((1 + 2 * il, self.k_cache[il]), (2 + 2 * il, self.v_cache[il])):
                 if k not in targets:
