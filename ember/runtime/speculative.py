@@ -2,7 +2,9 @@
 
 Each round the target evaluates [last, d1..dk] in one batch and keeps the longest prefix of
 drafts that agrees with its own greedy choice, plus its own next token: 1 to k+1 tokens per
-target pass. The rejected tail of the KV cache is dropped (Session.truncate). With greedy
+target pass. The rejected tail of the KV cache is dropped (Session.truncate); a model with recurrent
+layers is checkpointed before verify and, on a partial acceptance, restored and the accepted
+tokens re-decoded (one extra target pass; llama.cpp's method). With greedy
 sampling the output is token-identical to decoding without speculation, because the CPU
 kernels are batch invariant: a verify row is computed exactly as a single-token decode would.
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from ember.errors import EmberError
 from ember.runtime.generate import Generation, TextStream
+from ember.runtime.memory import SequenceMemory
 from ember.runtime.session import Session
 
 
@@ -148,6 +151,7 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
     next_token = int(np.argmax(logits))
     result.stop_reason = "length"
     sessions = [target] + ([draft.session] if isinstance(draft, ModelDraft) else [])
+    memory = SequenceMemory(target)
     compile_before = sum(s.stats.compile_seconds for s in sessions)
     start = time.perf_counter()
 
@@ -173,13 +177,27 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
         drafts = draft.propose(context, room) if room > 0 else []
         round_start = time.perf_counter()
         base = target.n_past
-        rows = target.eval([next_token] + drafts, all_logits=True)
+        checkpoint = None
+        if target.is_recurrent and drafts:
+            t = time.perf_counter()
+            checkpoint = memory.checkpoint()     # references: no copy (see ember.runtime.memory)
+            stats.checkpoint_seconds += time.perf_counter() - t
+        batch = [next_token] + drafts
+        rows = target.eval(batch, all_logits=True)
         choices = [int(np.argmax(r)) for r in rows]
         n_ok = 0
         while n_ok < len(drafts) and drafts[n_ok] == choices[n_ok]:
             n_ok += 1
-        # the cache keeps the last token and the accepted drafts; the rest is dropped
-        target.truncate(base + 1 + n_ok)
+        if checkpoint is not None and n_ok < len(drafts):
+            # Recurrent state cannot drop a tail: back to the checkpoint, then re-decode the
+            # accepted tokens (one extra target pass, as llama.cpp does).
+            t = time.perf_counter()
+            memory.restore(checkpoint)
+            target.eval(batch[:1 + n_ok])
+            stats.restore_seconds += time.perf_counter() - t
+        else:
+            # the cache keeps the last token and the accepted drafts; the rest is dropped
+            target.truncate(base + 1 + n_ok)
         stats.rounds += 1
         stats.drafted += len(drafts)
         stats.accepted += n_ok

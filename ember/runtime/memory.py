@@ -1,0 +1,118 @@
+"""One interface over a session's memory: attention KV caches and recurrent (SSM) state.
+
+Sequences can be added, removed, forked and switched; a tail can be truncated. Attention
+layers truncate by position (the rows past it are masked from then on). Recurrent layers keep
+only the state after the last token, so their tail can only be dropped by restoring a
+checkpoint: the recurrent state plus its position, of fixed size per model.
+
+A checkpoint costs no copy: a step never writes into the state arrays it was given (it returns
+new ones), so holding references keeps the state as it stood, in the backend's own memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ember.errors import EmberError
+from ember.runtime.session import Session
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    position: int
+    recurrent: Mapping[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.recurrent.values())
+
+
+@dataclass
+class _Saved:
+    position: int
+    k_rows: list[np.ndarray]
+    v_rows: list[np.ndarray]
+    recurrent: Mapping[str, np.ndarray]
+
+
+class SequenceMemory:
+    def __init__(self, session: Session):
+        self.session = session
+        self.active = 0
+        self._saved: dict[int, _Saved] = {}
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.session.n_past, self.session.recurrent_state())
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Back to the checkpoint: its recurrent state and position (KV rows past it masked)."""
+        if checkpoint.position > self.session.n_past:
+            raise EmberError(f"restore: checkpoint at {checkpoint.position} is past the sequence "
+                             f"end {self.session.n_past}")
+        if self.session.is_recurrent:
+            self.session.set_recurrent_state(dict(checkpoint.recurrent), checkpoint.position)
+        else:
+            self.session.truncate(checkpoint.position)
+
+    def truncate(self, position: int, checkpoint: Checkpoint | None = None) -> None:
+        """Drop the tail from position on. A recurrent model needs a checkpoint taken there."""
+        if not self.session.is_recurrent:
+            self.session.truncate(position)
+            return
+        if checkpoint is None or checkpoint.position != position:
+            raise EmberError(f"truncate: {self.session.model.arch} has recurrent layers; their "
+                             f"tail can only be dropped by restoring a checkpoint taken at {position}")
+        self.restore(checkpoint)
+
+    # ---- sequences -------------------------------------------------------------------------
+    def _snapshot(self) -> _Saved:
+        s, n = self.session, self.session.n_past
+        return _Saved(n, [k[:n].copy() for k in s.k_cache], [v[:n].copy() for v in s.v_cache],
+                      s.recurrent_state())
+
+    def _load(self, saved: _Saved) -> None:
+        s, n = self.session, saved.position
+        for cache, rows in zip(s.k_cache + s.v_cache, saved.k_rows + saved.v_rows):
+            cache[:n] = rows
+        s.reset()
+        if s.is_recurrent:
+            s.set_recurrent_state(dict(saved.recurrent), n)
+        else:
+            s.n_past = n
+
+    def sequences(self) -> list[int]:
+        return sorted({self.active, *self._saved})
+
+    def add(self, seq: int) -> None:
+        """A new empty sequence (not active until switched to)."""
+        if seq == self.active or seq in self._saved:
+            raise EmberError(f"sequence {seq} exists already")
+        s = self.session
+        empty_state = {k: np.zeros_like(v) for k, v in s.recurrent_state().items()}
+        self._saved[seq] = _Saved(0, [k[:0].copy() for k in s.k_cache], [v[:0].copy() for v in s.v_cache],
+                                  empty_state)
+
+    def fork(self, seq: int) -> None:
+        """A copy of the active sequence under a new id (its caches and recurrent state)."""
+        if seq == self.active or seq in self._saved:
+            raise EmberError(f"sequence {seq} exists already")
+        self._saved[seq] = self._snapshot()
+
+    def switch(self, seq: int) -> None:
+        if seq == self.active:
+            return
+        if seq not in self._saved:
+            raise EmberError(f"no sequence {seq}; sequences: {self.sequences()}")
+        current = self._snapshot()
+        self._load(self._saved.pop(seq))
+        self._saved[self.active] = current
+        self.active = seq
+
+    def remove(self, seq: int) -> None:
+        if seq == self.active:
+            raise EmberError("cannot remove the active sequence; switch to another first")
+        if self._saved.pop(seq, None) is None:
+            raise EmberError(f"no sequence {seq}; sequences: {self.sequences()}")
