@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=32,
                    help="tokens per prompt step (default 32)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--disable", action="append", default=[], metavar="PASS", help="skip this compiler pass (repeatable)")
+    p.add_argument("--disable", action="append", default=[], metavar="PASS",
+                   help="skip this compiler pass (repeatable)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="generate text with a compiled artifact",
@@ -183,6 +184,10 @@ def add_generation_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
+    p.add_argument("--spec", metavar="SOURCE",
+                   help="speculative decoding (greedy only, output identical to plain decoding): "
+                        "'ngram' (prompt lookup) or 'draft:DRAFT_MODEL' (a smaller GGUF with the same vocabulary)")
+    p.add_argument("--draft-max", type=int, default=8, help="draft tokens per verify pass (default 8)")
 
 
 def model_path(args) -> Path:
@@ -235,8 +240,11 @@ def generate_and_report(args, tokenizer, session) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = generate(session, tokenizer, args.prompt, args.n_predict, sampler, stops=args.stop,
-                      ignore_eos=args.ignore_eos, on_text=show)
+    if args.spec:
+        result = _speculative(args, session, tokenizer, show)
+    else:
+        result = generate(session, tokenizer, args.prompt, args.n_predict, sampler, stops=args.stop,
+                          ignore_eos=args.ignore_eos, on_text=show)
     sys.stdout.write("\n")
     stats = session.stats
     print(f"ember: prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f} s "
@@ -353,6 +361,30 @@ def cmd_run(args) -> int:
           f"{session.n_ctx}, {model.arch} from {model.path}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr, flush=True)
     return generate_and_report(args, tokenizer, session)
+
+
+def _speculative(args, session, tokenizer, show):
+    from ember.models import load_model
+    from ember.runtime.session import Session, SessionOptions
+    from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
+    if args.temp > 0:
+        raise EmberError("--spec needs greedy decoding (--temp 0): speculation is verified against "
+                         "the target's greedy choice")
+    if args.spec == "ngram":
+        draft = NgramDraft()
+    elif args.spec.startswith("draft:"):
+        draft_model = load_model(args.spec[len("draft:"):])
+        if draft_model.hparams.n_vocab != session.model.hparams.n_vocab:
+            raise EmberError(f"{args.spec[6:]}: the draft model's vocabulary ({draft_model.hparams.n_vocab}) "
+                             f"differs from the target's ({session.model.hparams.n_vocab})")
+        draft = ModelDraft(Session(draft_model, session.backend, session.options))
+    else:
+        raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")
+    result, stats = speculative_generate(session, draft, tokenizer, args.prompt, args.n_predict,
+                                         draft_max=args.draft_max, stops=args.stop,
+                                         ignore_eos=args.ignore_eos, on_text=show)
+    print(f"ember: {stats.summary()}", file=sys.stderr)
+    return result
 
 
 def cmd_ir(args) -> int:

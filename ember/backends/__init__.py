@@ -15,6 +15,8 @@ from ember.errors import BackendUnavailable, EmberError
 
 _REGISTRY: dict[str, str] = {
     "cpu": "ember.backends.cpu.backend:CpuBackend",
+    "opencl": "ember.backends.opencl.backend:OpenCLBackend",
+    "vulkan": "ember.backends.vulkan.backend:VulkanBackend",
 }
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)

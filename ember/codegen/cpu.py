@@ -41,24 +41,40 @@ TEMPLATE_DIR = Path(__file__).parent / "templates" / "cpu"
 ENTRY_POINT = "ember_graph_run"
 ARENA_ALIGNMENT = 64
 
-# Elementwise ops as C expressions of the float operands a (and b); f32 math with libm.
+# Elementwise ops as C expressions of the float operands a (and b): f32 math, exp through
+# ember_expf (helpers.h), the rest through libm.
 ELTWISE_C = {
     "add": "a + b",
     "sub": "a - b",
     "mul": "a * b",
     "div": "a / b",
     "neg": "-a",
-    "exp": "expf(a)",
+    "exp": "ember_expf(a)",
     "tanh": "tanhf(a)",
     "sqrt": "sqrtf(a)",
     "rsqrt": "1.0f / sqrtf(a)",
-    "silu": "a / (1.0f + expf(-a))",
+    "silu": "ember_silu(a)",
     "gelu": "ember_gelu(a)",
     "relu": "a < 0.0f ? 0.0f : a",
-    "sigmoid": "1.0f / (1.0f + expf(-a))",
+    "sigmoid": "1.0f / (1.0f + ember_expf(-a))",
     "softplus": "fmaxf(a, 0.0f) + log1pf(expf(-fabsf(a)))",
-    "swiglu": "a / (1.0f + expf(-a)) * b",
+    "swiglu": "ember_silu(a) * b",
     "geglu": "ember_gelu(a) * b",
+}
+# The same ops on 8 lanes (a, b: ember_f32x8), for the ones worth it; each gives the bits of its
+# scalar form above, so a value does not care whether it lands in a vector or in a tail.
+ELTWISE_V8 = {
+    "add": "a + b",
+    "sub": "a - b",
+    "mul": "a * b",
+    "div": "a / b",
+    "neg": "-a",
+    "exp": "ember_exp8(a)",
+    "silu": "ember_silu8(a)",
+    "gelu": "ember_gelu8(a)",
+    "sigmoid": "ember_splat8(1.0f) / (ember_splat8(1.0f) + ember_exp8(-a))",
+    "swiglu": "ember_silu8(a) * b",
+    "geglu": "ember_gelu8(a) * b",
 }
 assert set(ELTWISE_C) == set(BINARY) | set(UNARY) | set(GATED), "an elementwise op has no C form"
 
@@ -194,10 +210,48 @@ class Place:
 
 @dataclass
 class Step:
-    """One kernel call of the entry point, with the bytes it reads and writes (for barriers)."""
+    """One kernel call of the entry point, with the bytes it reads and writes (for barriers)
+    and a label naming the kind of work (for profiles: op, plus the weight type of a matmul)."""
     call: str
     reads: list[tuple[Place, int]]
     writes: list[tuple[Place, int]]
+    label: str = ""
+    serial: bool = False     # run by thread 0 alone
+
+
+# Kernels with no barrier inside, which may run on thread 0 alone when their work is at most
+# SERIAL_MAX_ITEMS values: cheaper than the barriers around a split of a few hundred values.
+SERIAL_TEMPLATES = frozenset({"eltwise.c.j2", "rms_norm.c.j2", "layer_norm.c.j2", "sum_rows.c.j2",
+                              "argmax.c.j2", "softmax.c.j2", "rope.c.j2", "get_rows.c.j2",
+                              "set_rows.c.j2", "copy.c.j2"})
+SERIAL_MAX_ITEMS = 1024
+
+
+def _attention_items(Tq: int, Hkv: int, group: int) -> dict:
+    """The attention kernel's work item, qb queries x hb heads of one kv head (at most 4 x 4,
+    sharing each converted key block): as large as allows two items or more, so two threads
+    both have work even for one query (performance only: rows do not depend on it)."""
+    qb, hb = min(4, Tq), group
+    while hb > 4 and hb % 2 == 0:
+        hb //= 2
+    while -(-Tq // qb) * Hkv * (group // hb) < 2 and (hb % 2 == 0 or qb > 1):
+        if hb % 2 == 0:
+            hb //= 2
+        else:
+            qb = -(-qb // 2)
+    while qb * hb > 16:
+        qb = -(-qb // 2)
+    return dict(qb=qb, hb=hb)
+
+
+def _work_items(node: Node) -> int:
+    """Values a kernel for node touches (a measure of its work)."""
+    if node.op == "set_rows":
+        dst, _, src = node.inputs
+        return src.type.numel if dst.op == "input" else dst.type.numel + src.type.numel
+    if node.op in ("sum_rows", "argmax"):
+        return node.inputs[0].type.numel
+    return node.type.numel
 
 
 def _touches(a: tuple[Place, int], b: tuple[Place, int]) -> bool:
@@ -218,6 +272,7 @@ class CpuProgram:
     n_barriers: int
     matmul_wtypes: tuple[str, ...] = ()
     in_place: dict[int, int] = None      # output index -> input index whose buffer it may share
+    profile_labels: tuple[str, ...] = () # rendered with profile: the label of each timed call
 
 
 # ---- support -----------------------------------------------------------------------------------
@@ -305,7 +360,8 @@ def _mul_mat_layout(node: Node) -> _MulMatLayout:
             terms.append(f"(({index}) / {ratio}) * {w_bs[i]}" if ratio > 1 else f"({index}) * {w_bs[i]}")
         inner *= batch[i]
     w_batch = "(" + " + ".join(terms) + ")" if terms else "0"
-    mm_scratch = _matmul().matmul_scratch_bytes(wtype, T, K)
+    mm = _matmul()
+    mm_scratch = mm.matmul_scratch_bytes(wtype, T, K) if mm.matmul_uses_scratch(wtype, T, K) else 0
     return _MulMatLayout(wtype, T, N, K, batches, x_row, w_row, x_batch, w_batch, T * N * 4,
                          x_copy, w_copy, offset, offset + mm_scratch)
 
@@ -319,11 +375,51 @@ def scratch_bytes(node: Node) -> int:
 
 # ---- the renderer ------------------------------------------------------------------------------
 _KERNEL_NAME_SLOT = "ember_kernel_name_slot"
+def cluster_matmuls(graph: Graph) -> Graph:
+    """The graph with each mul_mat moved up next to the first mul_mat of the same activations
+    (e.g. a V projection next to the fused Q/K one), when its weight allows: such matmuls then
+    run between the same two barriers. Same nodes, same results; only the order changes."""
+    order = list(graph.nodes)
+    first: dict[Node, Node] = {}      # activations -> the last mul_mat of their group so far
+    moved = False
+    for node in list(order):
+        if node.op != "mul_mat":
+            continue
+        x, w = node.inputs
+        anchor = first.get(x)
+        first[x] = node
+        if anchor is None:
+            continue
+        at = order.index(anchor)
+        if order.index(node) == at + 1:
+            continue
+        if w.op not in ("const", "input") and order.index(w) > at:
+            first[x] = anchor
+            continue
+        order.remove(node)
+        if w.op == "const" and order.index(w) > at:
+            order.remove(w)
+            order.insert(at + 1, w)
+            at += 1
+        order.insert(at + 1, node)
+        moved = True
+    if not moved:
+        return graph
+    return Graph(graph.inputs, graph.outputs, graph.constants, graph.name, nodes=order)
+
+
+PROFILE_CLOCKS = {"wall": "CLOCK_MONOTONIC", "cpu": "CLOCK_THREAD_CPUTIME_ID"}
+
+
 class _Renderer:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, profile: str | None = None):
+        if profile is not None and profile not in PROFILE_CLOCKS:
+            raise EmberError(f"cpu: profile must be one of {sorted(PROFILE_CLOCKS)} or None, got {profile!r}")
         if graph.has_dead_nodes:
             graph = graph.replace()
+        graph = cluster_matmuls(graph)
         self.graph = graph
+        self.profile = profile
         self.names = value_names(graph)
         self.plan = plan_memory(graph, alignment=ARENA_ALIGNMENT, extra=scratch_bytes)
         self.places: dict[Node, Place] = {}
@@ -373,7 +469,14 @@ class _Renderer:
             shown = ", ".join(f"{k}={v}" for k, v in params.items())
             comment = _c_comment(f"{name}: first used by {self.describe(node)}\n * template {template}: {shown}")
             self.kernels.append(comment + body.replace(_KERNEL_NAME_SLOT, name))
-        self.steps.append(Step(f"{name}(ith, nth, {', '.join(args)});", reads, writes))
+        label = node.op + (f"[{params['wtype']}]" if node.op in ("mul_mat", "get_rows") else "")
+        if template in SERIAL_TEMPLATES and _work_items(node) <= SERIAL_MAX_ITEMS:
+            # Tiny work (one token's norms, ropes, cache rows): thread 0 alone, so a chain of
+            # such kernels needs no barrier between its links (see schedule).
+            call = f"if (ith == 0) {name}(0, 1, {', '.join(args)});"
+            self.steps.append(Step(call, reads, writes, label, serial=True))
+        else:
+            self.steps.append(Step(f"{name}(ith, nth, {', '.join(args)});", reads, writes, label))
 
     def reads_of(self, *nodes: Node):
         return [(self.places[n], span_bytes(n.type)) for n in nodes]
@@ -392,6 +495,9 @@ class _Renderer:
                 if out is node and self.places[node] != Place("out", k) and node.type.numel:
                     self.copy(node, node, Place("out", k), TensorType(node.dtype, node.shape))
         body, barriers = self.schedule()
+        labels = [step.label for step in self.steps]
+        if self.profile:
+            body = self.timed(body)
         pointers = [(f"in_{i}", "inputs", i) for i in range(len(self.graph.inputs))]
         pointers += [(f"out_{k}", "outputs", k) for k in range(len(self.graph.outputs))]
         pointers += [(f"const_{j}", "consts", j) for j in range(len(self.constants))]
@@ -402,27 +508,44 @@ class _Renderer:
             "graph.c.j2", graph_name=self.graph.name.replace("*/", "* /"), n_kernels=len(self.kernels),
             n_barriers=barriers, arena_bytes=self.plan.peak_bytes,
             common_h=_static_file("common.h"), helpers_h=_static_file("helpers.h"),
-            library=library, kernels=self.kernels, pointers=pointers, body=body)
+            library=library, kernels=self.kernels, pointers=pointers, body=body,
+            profile_steps=len(labels) + 1 if self.profile else 0,
+            profile_clock=PROFILE_CLOCKS.get(self.profile, ""))
         return CpuProgram(source, self.graph, self.plan, tuple(self.constants),
                           dict(self.status_messages), len(self.kernels), barriers, tuple(self.wtypes),
-                          dict(self.in_place))
+                          dict(self.in_place), tuple(labels) + ("barrier",) if self.profile else ())
+
+    @staticmethod
+    def timed(body: list[str]) -> list[str]:
+        """The body with every call and barrier timed per thread into ember_profile[ith]: slot i
+        for call i, the last slot for the waits at the barriers between calls."""
+        out, call = [], 0
+        for line in body:
+            if line.startswith("#pragma omp barrier"):
+                out += ["ember_prof_t = ember_prof_now();", line, "EMBER_PROF_ADD(-1);"]
+            else:
+                out += ["ember_prof_t = ember_prof_now();", line, f"EMBER_PROF_ADD({call});"]
+                call += 1
+        return out
 
     def schedule(self) -> tuple[list[str], int]:
         """The calls in order, with a barrier before any call that touches what the calls since
         the last barrier wrote, or writes what they touched."""
         lines, barriers = [], 0
-        epoch_reads: list = []
+        epoch_reads: list = []     # (place, bytes, serial) of the calls since the last barrier
         epoch_writes: list = []
         for step in self.steps:
-            hazard = any(_touches(w, e) for w in step.writes for e in epoch_reads + epoch_writes) or \
-                any(_touches(r, e) for r in step.reads for e in epoch_writes)
+            # Two serial calls run on the same thread, in order: never a hazard between them.
+            def clash(mine, theirs):
+                return any(_touches(m, e[:2]) and not (step.serial and e[2]) for m in mine for e in theirs)
+            hazard = clash(step.writes, epoch_reads + epoch_writes) or clash(step.reads, epoch_writes)
             if hazard:
                 lines.append("#pragma omp barrier")
                 barriers += 1
                 epoch_reads, epoch_writes = [], []
             lines.append(step.call)
-            epoch_reads += step.reads
-            epoch_writes += step.writes
+            epoch_reads += [(p, n, step.serial) for p, n in step.reads]
+            epoch_writes += [(p, n, step.serial) for p, n in step.writes]
         return lines, barriers
 
     # ---- copies --------------------------------------------------------------------------
@@ -468,17 +591,23 @@ class _Renderer:
         strides.append(node.type.strides)
         loop = row_loop(shape, strides)
         if node.op == "scale":
-            expr = f"a * {c_float(node.attr('scale'))} + {c_float(node.attr('bias'))}"
+            scale, bias = c_float(node.attr("scale")), c_float(node.attr("bias"))
+            expr = f"a * {scale} + {bias}"
+            vec_expr = f"a * ember_splat8({scale}) + ember_splat8({bias})"
         elif node.op == "clamp":
             expr = f"fminf(fmaxf(a, {c_float(node.attr('min'))}), {c_float(node.attr('max'))})"
+            vec_expr = None
         else:
-            expr = ELTWISE_C[node.op]
+            expr, vec_expr = ELTWISE_C[node.op], ELTWISE_V8.get(node.op)
         two = len(operands) == 2
+        a_step, b_step = loop.step[0], loop.step[1] if two else 0
+        if a_step != 4 or b_step not in (0, 4) or operands[0].dtype is not dtypes.f32:
+            vec_expr = None
         self.add_kernel(node, "eltwise.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
                         reads=self.reads_of(*operands), writes=self.reads_of(node),
-                        arity=len(operands), expr=expr, rows=loop.rows, n=loop.n,
+                        arity=len(operands), expr=expr, vec_expr=vec_expr, rows=loop.rows, n=loop.n,
                         a_row=loop.row[0], b_row=loop.row[1] if two else "0", y_row=loop.row[-1],
-                        a_step=loop.step[0], b_step=loop.step[1] if two else 0)
+                        a_step=a_step, b_step=b_step)
 
     # ---- rows ----------------------------------------------------------------------------
     def _render_rows(self, node: Node):
@@ -538,13 +667,31 @@ class _Renderer:
         operands = [q, k, v] + ([mask] if mask else [])
         self.add_kernel(node, "attention.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
                         reads=self.reads_of(*operands), writes=self.reads_of(node),
-                        Tq=Tq, Tk=Tk, Hq=Hq, group=Hq // Hkv, D=D, Dv=Dv,
+                        Tq=Tq, Tk=Tk, Hq=Hq, Hkv=Hkv, group=Hq // Hkv, D=D, Dv=Dv,
                         qs=q.type.strides, ks=k.type.strides, vs=v.type.strides,
                         ms=mask.type.strides if mask else (0, 0), k_dtype=k.dtype.name,
                         v_dtype=v.dtype.name, has_mask=mask is not None,
                         mask_dtype=mask.dtype.name if mask else "f32",
                         scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None,
-                        causal=node.attr("causal"), window=node.attr("window"), block=32)
+                        causal=node.attr("causal"), window=node.attr("window"),
+                        **_attention_items(Tq, Hkv, Hq // Hkv))
+
+    # ---- state-space ops (Mamba-2) -------------------------------------------------------
+    def _render_ssm_conv(self, node: Node):
+        sx, w = node.inputs
+        T, C = node.shape
+        self.add_kernel(node, "ssm_conv.c.j2", [self.places[sx].c, self.places[w].c, self.places[node].c],
+                        reads=self.reads_of(sx, w), writes=self.reads_of(node),
+                        T=T, C=C, K=w.shape[1], xs=sx.type.strides, ws=w.type.strides)
+
+    def _render_ssm_scan(self, node: Node):
+        state, x, dt, a, b, c = node.inputs
+        H, P, N = state.shape
+        self.add_kernel(node, "ssm_scan.c.j2", [self.places[o].c for o in node.inputs] + [self.places[node].c],
+                        reads=self.reads_of(*node.inputs), writes=self.reads_of(node),
+                        T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
+                        xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
+                        bs=b.type.strides, cs=c.type.strides)
 
     # ---- matmul and rows of tables -------------------------------------------------------
     def _render_mul_mat(self, node: Node):
@@ -638,11 +785,13 @@ _KIND.update(scale="eltwise", clamp="eltwise", rms_norm="rows", layer_norm="rows
              sum_rows="rows", argmax="rows")
 
 
-def render_graph(graph: Graph) -> CpuProgram:
+def render_graph(graph: Graph, profile: str | None = None) -> CpuProgram:
     """The C program for graph (dead nodes dropped). Raises EmberError naming the first node
-    the CPU renderer cannot handle."""
+    the CPU renderer cannot handle. With profile ("wall" or "cpu": the clock), every kernel call
+    and barrier is timed per thread (ember_graph_profile reads the totals; see
+    CpuExecutable.profile)."""
     for node in graph.nodes:
         ok, reason = supports_node(node)
         if not ok:
             raise EmberError(f"cpu: %{value_names(graph)[node]} ({node.op} : {node.type}): {reason}")
-    return _Renderer(graph).render()
+    return _Renderer(graph, profile).render()

@@ -111,6 +111,18 @@ def matmul_scratch_bytes(wtype: str, T: int, K: int) -> int:
     return T * _align64(K + 4 * (K // 256) + 2 * (K // 16))
 
 
+# One activation row up to this many quantized bytes is quantized by each thread on its own
+# stack (EMBER_MM_LOCAL_ROW in matmul/common.c.j2): a T = 1 call then touches no scratch.
+LOCAL_ROW_BYTES = 32768
+
+
+def matmul_uses_scratch(wtype: str, T: int, K: int) -> bool:
+    """Whether ember_mm_<wtype> writes its scratch for T rows of K values (a caller need not
+    order two calls around a scratch they do not use)."""
+    size = matmul_scratch_bytes(wtype, T, K)
+    return size > 0 and not (T == 1 and size <= LOCAL_ROW_BYTES)
+
+
 def standalone_source(wtypes=MATMUL_WTYPES) -> str:
     """A whole C file with the kernels of wtypes and, for each, an entry point that opens its own
     OpenMP team, for tests and benchmarks (the graph codegen calls the kernels from its own

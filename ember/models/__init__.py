@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Callable
 
 from ember.ir.graph import Graph
-from ember.models import gemma3, llama, qwen2, qwen3
+from ember.models import gemma3, granite_hybrid, llama, mamba2, qwen2, qwen3
 from ember.models.common import Model, StepGraph, build_qkv  # noqa: F401
 from ember.models.gguf_file import GGUFFile, ModelFileError, open_gguf  # noqa: F401
 from ember.models.hparams import HParams
@@ -24,6 +24,8 @@ ARCHITECTURES: dict[str, Callable[[Model, int, int, int], Graph]] = {
     "qwen2": qwen2.build_step,
     "qwen3": qwen3.build_step,
     "gemma3": gemma3.build_step,
+    "mamba2": mamba2.build_step,
+    "granitehybrid": granite_hybrid.build_step,
 }
 
 

@@ -10,10 +10,19 @@ The step-graph contract, relied on by the generation runtime:
              rows the new K/V rows go to), out_ids i32[n_outputs] (the rows that produce logits),
              mask f32[n_tokens, n_kv] (0 / -inf: causal + padding, built by the runtime),
              mask_swa f32[n_tokens, n_kv] (only for models with sliding-window layers),
-             then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each layer il.
+             then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each attention
+             layer il, then conv_state.{il} f32[d_conv - 1, d_inner + 2 * n_group * d_state] and
+             ssm_state.{il} f32[n_ssm_head, ssm_head_dim, d_state] for each recurrent layer il
+             (Mamba-2; HParams.recurrent_layers says which), each group in layer order.
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
-             set_rows(cache, slots, rows) for every layer, in layer order.
+             set_rows(cache, slots, rows) for every attention layer, then conv_state.{il},
+             ssm_state.{il} after the step's tokens for every recurrent layer, each group in
+             layer order (the inputs' order).
     Attention reads the updated caches with causal=False: the masks say everything.
+    A recurrent layer holds only the state after the last token it saw, so the runtime feeds it
+    the tokens of one sequence in order and replaces its state by the returned one after each
+    step; positions, slots and masks mean nothing to it. A model with no attention layer still
+    takes every input above (unused), so the runtime builds the same inputs for every model.
 
 Weights are graph constants under their GGUF names, holding views of the memory-mapped file.
 Imports the IR and the GGUF reader only.
@@ -33,6 +42,7 @@ from ember.models.gguf_file import GGUFFile, ModelFileError
 from ember.models.hparams import HParams
 
 CACHE_DTYPE = dtypes.f16
+STATE_DTYPE = dtypes.f32     # recurrent state stays f32, as in llama.cpp
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +75,23 @@ class Model:
         hp = self.hparams
         return (n_kv, hp.n_embd_k_gqa if which == "k" else hp.n_embd_v_gqa)
 
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers with a KV cache (every layer of a transformer), in order."""
+        return self.hparams.attention_layers
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """The layers with recurrent state (conv_state.{il}, ssm_state.{il}), in order."""
+        return self.hparams.recurrent_layer_ids
+
+    def state_shape(self, which: str) -> tuple[int, ...]:
+        """Shape of one recurrent layer's "conv" or "ssm" state (f32)."""
+        if which not in ("conv", "ssm"):
+            raise ValueError(f"state_shape: which must be 'conv' or 'ssm', got {which!r}")
+        hp = self.hparams
+        return hp.conv_state_shape if which == "conv" else hp.ssm_state_shape
+
     def build_step(self, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
         if n_tokens < 1 or n_kv < 1:
             raise ValueError(f"build_step: need n_tokens >= 1 and n_kv >= 1, got {n_tokens}, {n_kv}")
@@ -74,8 +101,13 @@ class Model:
 
     def __repr__(self) -> str:
         hp = self.hparams
-        return (f"<Model {self.arch} {str(self.path)!r}: {hp.n_layer} layers, n_embd {hp.n_embd}, "
-                f"{hp.n_head}/{hp.n_head_kv} heads of {hp.head_dim_k}, vocab {hp.n_vocab}>")
+        parts = [f"{hp.n_layer} layers", f"n_embd {hp.n_embd}"]
+        if self.recurrent_layers:
+            parts.append(f"{len(self.recurrent_layers)} Mamba-2 ({hp.ssm_n_head} heads of "
+                         f"{hp.ssm_head_dim}, d_state {hp.ssm_d_state})")
+        if self.attention_layers:
+            parts.append(f"{hp.n_head}/{hp.n_head_kv} heads of {hp.head_dim_k}")
+        return f"<Model {self.arch} {str(self.path)!r}: {', '.join(parts)}, vocab {hp.n_vocab}>"
 
 
 class StepGraph:
@@ -92,12 +124,20 @@ class StepGraph:
         self.out_ids = b.input("out_ids", "i32", (n_outputs,))
         self.mask = b.input("mask", "f32", (n_tokens, n_kv))
         self.mask_swa = b.input("mask_swa", "f32", (n_tokens, n_kv)) if self.hp.uses_swa else None
-        self.k_cache, self.v_cache = [], []
-        for il in range(self.hp.n_layer):
-            self.k_cache.append(b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(n_kv, "k")))
-            self.v_cache.append(b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(n_kv, "v")))
+        self.k_cache: dict[int, Node] = {}
+        self.v_cache: dict[int, Node] = {}
+        for il in model.attention_layers:
+            self.k_cache[il] = b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(n_kv, "k"))
+            self.v_cache[il] = b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(n_kv, "v"))
+        self.conv_state: dict[int, Node] = {}
+        self.ssm_state: dict[int, Node] = {}
+        for il in model.recurrent_layers:
+            self.conv_state[il] = b.input(f"conv_state.{il}", STATE_DTYPE, model.state_shape("conv"))
+            self.ssm_state[il] = b.input(f"ssm_state.{il}", STATE_DTYPE, model.state_shape("ssm"))
         self.k_updated: list[Node | None] = [None] * self.hp.n_layer
         self.v_updated: list[Node | None] = [None] * self.hp.n_layer
+        self.conv_updated: list[Node | None] = [None] * self.hp.n_layer
+        self.ssm_updated: list[Node | None] = [None] * self.hp.n_layer
 
     # ---- weights --------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -167,9 +207,11 @@ class StepGraph:
         FFN runs on those rows alone)."""
         return self.b.get_rows(x, self.out_ids)
 
-    def finish(self, h: Node, output_name: str = "output.weight", softcap: float = 0.0) -> Graph:
+    def finish(self, h: Node, output_name: str = "output.weight", softcap: float = 0.0,
+               logit_scale: float = 0.0) -> Graph:
         """Final norm and output matmul on h[n_outputs, n_embd] (already selected rows); the
-        output falls back to the tied token embedding. Returns the step graph."""
+        output falls back to the tied token embedding; logits are divided by logit_scale when
+        it is set (granite). Returns the step graph."""
         b, hp = self.b, self.hp
         if h.shape[0] != self.n_outputs:
             raise ValueError(f"finish: h has {h.shape[0]} rows, expected n_outputs={self.n_outputs}")
@@ -179,13 +221,20 @@ class StepGraph:
         bias = self.vector("output.bias", hp.n_vocab, required=False)
         if bias is not None:
             logits = b.add(logits, bias)
+        if logit_scale:
+            logits = b.scale(logits, scale=1.0 / logit_scale)
         if softcap:
             logits = b.scale(b.tanh(b.scale(logits, scale=1.0 / softcap)), scale=softcap)
-        missing = [il for il, k in enumerate(self.k_updated) if k is None]
+        missing = [il for il in self.k_cache if self.k_updated[il] is None]
         if missing:
             raise ValueError(f"finish: layers {missing} never wrote their KV cache")
-        caches = [c for il in range(hp.n_layer) for c in (self.k_updated[il], self.v_updated[il])]
-        return b.build(logits, *caches)
+        missing = [il for il in self.conv_state
+                   if self.conv_updated[il] is None or self.ssm_updated[il] is None]
+        if missing:
+            raise ValueError(f"finish: layers {missing} never returned their recurrent state")
+        caches = [c for il in self.k_cache for c in (self.k_updated[il], self.v_updated[il])]
+        states = [st for il in self.conv_state for st in (self.conv_updated[il], self.ssm_updated[il])]
+        return b.build(logits, *caches, *states)
 
 
 def flatten_heads(b: GraphBuilder, x: Node) -> Node:

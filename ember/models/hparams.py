@@ -27,6 +27,11 @@ DEFAULT_ROPE_BASE_SWA = 10000.0
 # The older name of rope.scaling.factor, still read by llama.cpp; gguf.constants no longer has it.
 ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
 
+# Architectures with Mamba-2 layers (llm_arch_is_recurrent / llm_arch_is_hybrid): in mamba2 every
+# layer is recurrent; in granitehybrid a layer is recurrent when its head_count_kv is 0.
+RECURRENT_ARCHS = ("mamba2",)
+HYBRID_ARCHS = ("granitehybrid",)
+
 
 @dataclass(frozen=True)
 class HParams:
@@ -51,10 +56,24 @@ class HParams:
     swa_layers: tuple[bool, ...] = field(default=())
     attn_scale: float = 0.0         # 0: 1/sqrt(head_dim_k)
     final_logit_softcap: float = 0.0
+    use_rope: bool = True           # granitehybrid: rope.scaling.finetuned false means no rope
+    embedding_scale: float = 0.0    # granite multipliers; 0: not applied
+    residual_scale: float = 0.0
+    logit_scale: float = 0.0        # logits are divided by it
+    # Mamba-2 layers: which layers are recurrent, and the ssm.* sizes (ssm_n_head is the GGUF's
+    # ssm.time_step_rank, which Mamba-2 uses as its head count).
+    recurrent_layers: tuple[bool, ...] = field(default=())
+    ssm_d_conv: int = 0
+    ssm_d_inner: int = 0
+    ssm_d_state: int = 0
+    ssm_n_head: int = 0
+    ssm_n_group: int = 0
 
     def __post_init__(self):
         if not self.swa_layers:
             object.__setattr__(self, "swa_layers", (False,) * self.n_layer)
+        if not self.recurrent_layers:
+            object.__setattr__(self, "recurrent_layers", (False,) * self.n_layer)
         if not self.attn_scale:
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim_k))
 
@@ -73,6 +92,36 @@ class HParams:
 
     def is_swa(self, il: int) -> bool:
         return self.sliding_window > 0 and self.swa_layers[il]
+
+    def is_recurrent(self, il: int) -> bool:
+        return self.recurrent_layers[il]
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers with a KV cache, in order."""
+        return tuple(il for il in range(self.n_layer) if not self.recurrent_layers[il])
+
+    @property
+    def recurrent_layer_ids(self) -> tuple[int, ...]:
+        """The layers with recurrent state (conv and SSM state), in order."""
+        return tuple(il for il in range(self.n_layer) if self.recurrent_layers[il])
+
+    @property
+    def ssm_head_dim(self) -> int:
+        return self.ssm_d_inner // self.ssm_n_head
+
+    @property
+    def ssm_conv_channels(self) -> int:
+        """Channels of the causal convolution: x, B and C of every group."""
+        return self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state
+
+    @property
+    def conv_state_shape(self) -> tuple[int, int]:
+        return (self.ssm_d_conv - 1, self.ssm_conv_channels)
+
+    @property
+    def ssm_state_shape(self) -> tuple[int, int, int]:
+        return (self.ssm_n_head, self.ssm_head_dim, self.ssm_d_state)
 
     def rope_base(self, il: int) -> float:
         return self.rope_freq_base_swa if self.is_swa(il) else self.rope_freq_base
@@ -126,13 +175,16 @@ class _Reader:
         n_vocab = self.get(Keys.LLM.VOCAB_SIZE, int, None)
         if n_vocab is None:
             n_vocab = len(self.meta.get(Keys.Tokenizer.LIST, ()))
+        n_layer = self.get(Keys.LLM.BLOCK_COUNT, int, required=True)
+        n_head_kv, recurrent = self.head_count_kv(n_head, n_layer)
         values = dict(
             arch=self.arch,
-            n_layer=self.get(Keys.LLM.BLOCK_COUNT, int, required=True),
+            n_layer=n_layer,
             n_embd=n_embd,
             n_ff=self.get(Keys.LLM.FEED_FORWARD_LENGTH, int, 0),
             n_head=n_head,
-            n_head_kv=self.get(Keys.Attention.HEAD_COUNT_KV, int, n_head),
+            n_head_kv=n_head_kv,
+            recurrent_layers=recurrent,
             head_dim_k=head_dim_k,
             head_dim_v=self.get(Keys.Attention.VALUE_LENGTH, int, n_embd // max(n_head, 1)),
             n_rot=self.get(Keys.Rope.DIMENSION_COUNT, int, head_dim_k),
@@ -144,9 +196,57 @@ class _Reader:
         values.update(self.rope_scaling())
         if self.arch == "gemma3":
             values.update(self.gemma3(values))
+        if self.arch in RECURRENT_ARCHS + HYBRID_ARCHS:
+            values.update(self.mamba2(values))
+        if self.arch == "granitehybrid":
+            values.update(self.granite())
         hp = HParams(**values)
         self.check(hp)
         return hp
+
+    def head_count_kv(self, n_head: int, n_layer: int) -> tuple[int, tuple[bool, ...]]:
+        """head_count_kv and, for a hybrid, which layers are recurrent: a hybrid's head_count_kv
+        is per layer and 0 for its recurrent layers (llama.cpp's granitehybrid); the attention
+        layers must agree on one value."""
+        key = self.key(Keys.Attention.HEAD_COUNT_KV)
+        per_layer = self.meta.get(key)
+        if self.arch not in HYBRID_ARCHS or not isinstance(per_layer, np.ndarray):
+            return self.get(Keys.Attention.HEAD_COUNT_KV, int, n_head), ()
+        if per_layer.size != n_layer:
+            raise ModelFileError(f"{self.source}: {key!r} has {per_layer.size} entries for "
+                                 f"{n_layer} layers")
+        kv = sorted({int(v) for v in per_layer} - {0})
+        if len(kv) > 1:
+            raise ModelFileError(f"{self.source}: {key!r} differs between attention layers "
+                                 f"({per_layer.tolist()}); ember supports uniform layers only")
+        return (kv[0] if kv else 0), tuple(bool(v == 0) for v in per_layer)
+
+    def mamba2(self, values: dict) -> dict:
+        """llama_model_mamba2 / granite_hybrid load_arch_hparams: the ssm.* sizes."""
+        out = dict(
+            ssm_d_conv=self.get(Keys.SSM.CONV_KERNEL, int, required=True),
+            ssm_d_inner=self.get(Keys.SSM.INNER_SIZE, int, required=True),
+            ssm_d_state=self.get(Keys.SSM.STATE_SIZE, int, required=True),
+            ssm_n_head=self.get(Keys.SSM.TIME_STEP_RANK, int, required=True),
+            ssm_n_group=self.get(Keys.SSM.GROUP_COUNT, int, required=True),
+        )
+        if self.arch in RECURRENT_ARCHS:
+            out["recurrent_layers"] = (True,) * values["n_layer"]
+        return out
+
+    def granite(self) -> dict:
+        """llama_model_granite_hybrid::load_arch_hparams (dense FFN only)."""
+        if self.get(Keys.LLM.EXPERT_COUNT, int, 0) > 0:
+            raise ModelFileError(f"{self.source}: a mixture-of-experts {self.arch} model is not "
+                                 "supported (only the dense FFN)")
+        out = dict(use_rope=self.get(Keys.Rope.SCALING_FINETUNED, bool, True),
+                   embedding_scale=self.get(Keys.LLM.EMBEDDING_SCALE, float, 0.0),
+                   residual_scale=self.get(Keys.LLM.RESIDUAL_SCALE, float, 0.0),
+                   logit_scale=self.get(Keys.LLM.LOGIT_SCALE, float, 0.0))
+        scale = self.get(Keys.Attention.SCALE, float, 0.0)
+        if scale:
+            out["attn_scale"] = scale
+        return out
 
     def rope_scaling(self) -> dict:
         kind = self.get(Keys.Rope.SCALING_TYPE, str, "linear")
@@ -193,12 +293,23 @@ class _Reader:
 
     def check(self, hp: HParams):
         problems = []
-        for name in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim_k", "head_dim_v"):
+        attention = ("n_head", "n_head_kv", "head_dim_k", "head_dim_v") if hp.attention_layers else ()
+        for name in ("n_layer", "n_embd") + attention:
             if getattr(hp, name) <= 0:
                 problems.append(f"{name} = {getattr(hp, name)} must be positive")
-        if hp.n_head_kv > 0 and hp.n_head % hp.n_head_kv:
+        if attention and hp.n_head_kv > 0 and hp.n_head % hp.n_head_kv:
             problems.append(f"head_count {hp.n_head} is not a multiple of head_count_kv {hp.n_head_kv}")
-        if hp.n_rot % 2 or not 0 < hp.n_rot <= hp.head_dim_k:
+        if attention and (hp.n_rot % 2 or not 0 < hp.n_rot <= hp.head_dim_k):
             problems.append(f"rope dimension count {hp.n_rot} must be even and in (0, {hp.head_dim_k}]")
+        if hp.recurrent_layer_ids:
+            for name in ("ssm_d_conv", "ssm_d_inner", "ssm_d_state", "ssm_n_head", "ssm_n_group"):
+                if getattr(hp, name) <= 0:
+                    problems.append(f"{name} = {getattr(hp, name)} must be positive")
+            if hp.ssm_n_head > 0 and hp.ssm_d_inner % hp.ssm_n_head:
+                problems.append(f"ssm inner size {hp.ssm_d_inner} is not a multiple of the "
+                                f"{hp.ssm_n_head} ssm heads")
+            if hp.ssm_n_group > 0 and hp.ssm_n_head % hp.ssm_n_group:
+                problems.append(f"ssm heads {hp.ssm_n_head} are not a multiple of the "
+                                f"{hp.ssm_n_group} groups")
         if problems:
             raise ModelFileError(f"{self.source}: bad hyper-parameters: {'; '.join(problems)}")

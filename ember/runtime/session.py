@@ -5,6 +5,11 @@ are made reusable by fixed shapes: the KV length is padded up to a bucket and th
 masked; positions, cache slots and output rows are inputs. A step graph is built, optimized
 and compiled once per (n_tokens, n_kv, n_outputs) and reused through the plan cache (graph
 uids), so a decode step costs one lookup plus the kernels. Prompts run in micro-batches.
+
+Models with Mamba-2 layers (mamba2, granitehybrid) also carry a recurrent state per layer
+(conv_state.{il}, ssm_state.{il}, f32): zeros at reset, passed to each step and replaced by the
+step's returned state. It is the state after the last evaluated token only, so it cannot be
+truncated; `recurrent_state()` / `set_recurrent_state()` take and restore snapshots.
 """
 from __future__ import annotations
 
@@ -48,6 +53,78 @@ class SessionStats:
 class _Step:
     version: GraphVersion
     executable: Executable
+    feed: "_Feed | None" = None    # its input arrays, bound to the executable on first use
+
+
+class _Feed:
+    """The arrays one step graph runs on, made once per compiled step: the small inputs
+    (rewritten in place every step), the caches' first n_kv rows, and the run itself; a
+    backend that can bind arrays (CpuExecutable.bind) checks them once, so a decode step
+    costs a few NumPy writes and one call."""
+
+    def __init__(self, session: "Session", executable: Executable, T: int, n_kv: int, n_out: int):
+        hp = session.model.hparams
+        self.kpos = np.arange(n_kv, dtype=np.int32)
+        self.inputs = {
+            "tokens": np.zeros(T, np.int32),
+            "pos": np.zeros(T, np.int32),
+            "slots": np.zeros(T, np.int32),   # the cache row of a token is its position
+            "out_ids": np.arange(T - n_out, T, dtype=np.int32),
+            "mask": np.zeros((T, n_kv), np.float32),
+        }
+        if hp.uses_swa:
+            self.inputs["mask_swa"] = np.zeros((T, n_kv), np.float32)
+        self.window = hp.sliding_window if hp.uses_swa else 0
+        # The updated caches are written where they lie when the backend can do it in place;
+        # the others come back as outputs and are copied.
+        in_place = executable.in_place_outputs
+        self.targets, self.copies = {}, []
+        for j, il in enumerate(session.attention_layers):
+            for k, which, cache in ((1 + 2 * j, "k", session.k_cache[j]), (2 + 2 * j, "v", session.v_cache[j])):
+                view = cache[:n_kv]
+                self.inputs[f"{which}_cache.{il}"] = view
+                if k in in_place:
+                    self.targets[k] = view
+                else:
+                    self.copies.append((k, view))
+        # Recurrent state: new arrays in and out every step (the session keeps snapshots).
+        first = 1 + 2 * len(session.attention_layers)
+        self.states = [(first + r, name) for r, name in enumerate(session._state)]
+        self.inputs.update(session._state)
+        self.fresh = (0,) + tuple(k for k, _ in self.states)
+        bind = getattr(executable, "bind", None)
+        if bind is not None:
+            self._run = bind(self.inputs, self.targets)
+        else:
+            self._run = lambda fresh, inputs: executable.run({**self.inputs, **inputs}, self.targets)
+
+    def run(self, state: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The step's outputs; logits and states in new arrays (a caller may keep old ones)."""
+        return self._run(fresh=self.fresh, inputs=state)
+
+    def set(self, chunk: np.ndarray, n_past: int) -> None:
+        T = chunk.size
+        pos = self.inputs["pos"]
+        self.inputs["tokens"][:] = chunk
+        pos[:] = np.arange(n_past, n_past + T, dtype=np.int32)
+        self.inputs["slots"][:] = pos
+        if T == 1:     # a decode step: two slices per mask
+            for name, lo in (("mask", 0), ("mask_swa", n_past - self.window + 1)):
+                if name in self.inputs:
+                    row = self.inputs[name][0]
+                    lo = max(lo, 0)
+                    row[:lo] = -np.inf
+                    row[lo:n_past + 1] = 0.0
+                    row[n_past + 1:] = -np.inf
+            return
+        ahead = self.kpos[None, :] > pos[:, None]        # later positions and padding
+        mask = self.inputs["mask"]
+        mask.fill(0.0)
+        mask[ahead] = -np.inf
+        if self.window:
+            swa = self.inputs["mask_swa"]
+            swa.fill(0.0)
+            swa[ahead | (pos[:, None] - self.kpos[None, :] >= self.window)] = -np.inf
 
 
 class Session:
@@ -56,8 +133,12 @@ class Session:
         self.model, self.backend, self.options = model, backend, options
         hp = model.hparams
         self.n_ctx = min(options.n_ctx, hp.n_ctx_train) if hp.n_ctx_train else options.n_ctx
-        self.k_cache = [np.zeros(model.cache_shape(self.n_ctx, "k"), np.float16) for _ in range(hp.n_layer)]
-        self.v_cache = [np.zeros(model.cache_shape(self.n_ctx, "v"), np.float16) for _ in range(hp.n_layer)]
+        # KV caches of the attention layers (every layer of a transformer), in layer order
+        self.attention_layers = model.attention_layers
+        self.k_cache = [np.zeros(model.cache_shape(self.n_ctx, "k"), np.float16) for _ in self.attention_layers]
+        self.v_cache = [np.zeros(model.cache_shape(self.n_ctx, "v"), np.float16) for _ in self.attention_layers]
+        self._state: dict[str, np.ndarray] = {}
+        self._zero_recurrent_state()
         self.n_past = 0
         self.stats = SessionStats()
         self.last_eval_seconds = 0.0
@@ -68,12 +149,59 @@ class Session:
     # ---- public --------------------------------------------------------------------------
     def reset(self) -> None:
         self.n_past = 0
+        self._zero_recurrent_state()
 
     def truncate(self, n_past: int) -> None:
-        """Forget every position from n_past on (rows past n_past are masked from then on)."""
+        """Forget every position from n_past on (rows past n_past are masked from then on).
+        A model with recurrent layers can only be truncated to 0 (a reset) or to where it is:
+        restore a snapshot with set_recurrent_state(arrays, n_past) instead."""
         if not 0 <= n_past <= self.n_past:
             raise ValueError(f"truncate: {n_past} is outside [0, {self.n_past}]")
+        if self._state and n_past not in (0, self.n_past):
+            raise EmberError(f"truncate: {self.model.arch} has recurrent layers, whose state after "
+                             f"position {n_past} is gone; restore a snapshot with "
+                             "set_recurrent_state(arrays, n_past) instead")
+        if n_past == 0:
+            self._zero_recurrent_state()
         self.n_past = n_past
+
+    @property
+    def is_recurrent(self) -> bool:
+        """Whether the model has recurrent (Mamba-2) layers."""
+        return bool(self._state)
+
+    def recurrent_state(self) -> dict[str, np.ndarray]:
+        """The recurrent state after the last evaluated token: conv_state.{il} and ssm_state.{il}
+        of every recurrent layer (empty for a transformer). The session never writes into these
+        arrays (each step replaces them), so the dict is a snapshot as it stands; with the
+        position (n_past) and the KV cache rows before it, it is all a checkpoint needs."""
+        return dict(self._state)
+
+    def set_recurrent_state(self, arrays: dict[str, np.ndarray], n_past: int | None = None) -> None:
+        """Replace the recurrent state by arrays (as recurrent_state() returns them: every name,
+        same shapes, f32; they are used as given, not copied, and never written into). With
+        n_past, also move the position there (the KV cache rows past it are masked from then
+        on), as restoring a checkpoint needs."""
+        if set(arrays) != set(self._state):
+            raise ValueError(f"set_recurrent_state: expected arrays {sorted(self._state)}, got {sorted(arrays)}")
+        checked = {}
+        for name, current in self._state.items():
+            a = np.asarray(arrays[name])
+            if a.shape != current.shape or a.dtype != current.dtype:
+                raise ValueError(f"set_recurrent_state: {name} is {a.dtype}{list(a.shape)}, expected "
+                                 f"{current.dtype}{list(current.shape)}")
+            checked[name] = np.ascontiguousarray(a)
+        if n_past is not None:
+            if not 0 <= n_past <= self.n_ctx:
+                raise ValueError(f"set_recurrent_state: n_past {n_past} is outside [0, {self.n_ctx}]")
+            self.n_past = n_past
+        self._state = checked
+
+    def _zero_recurrent_state(self) -> None:
+        self._state = {}
+        for il in self.model.recurrent_layers:
+            self._state[f"conv_state.{il}"] = np.zeros(self.model.state_shape("conv"), np.float32)
+            self._state[f"ssm_state.{il}"] = np.zeros(self.model.state_shape("ssm"), np.float32)
 
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Run tokens after the current position. Returns logits f32[rows, n_vocab]: every
@@ -115,23 +243,17 @@ class Session:
         end = self.n_past + T
         n_kv = min(self.n_ctx, -(-end // self.options.kv_bucket) * self.options.kv_bucket)
         step = self._plan(T, n_kv, n_out)
-        inputs = self._inputs(chunk, n_kv, n_out)
-        hp = self.model.hparams
-        # The updated caches are written where they lie when the backend can do it in place.
-        in_place = step.executable.in_place_outputs
-        targets = {}
-        for il in range(hp.n_layer):
-            for k, cache in ((1 + 2 * il, self.k_cache[il]), (2 + 2 * il, self.v_cache[il])):
-                if k in in_place:
-                    targets[k] = cache[:n_kv]
+        if step.feed is None:
+            step.feed = _Feed(self, step.executable, T, n_kv, n_out)
+        feed = step.feed
+        feed.set(chunk, self.n_past)
         t1 = time.perf_counter()
-        outputs = step.executable.run(inputs, targets)
+        outputs = feed.run(self._state)
         t2 = time.perf_counter()
-        self.stats.run_seconds += t2 - t1
-        for il in range(hp.n_layer):
-            for k, cache in ((1 + 2 * il, self.k_cache[il]), (2 + 2 * il, self.v_cache[il])):
-                if k not in targets:
-                    cache[:n_kv] = outputs[k]
+        for k, cache in feed.copies:
+            cache[...] = outputs[k]
+        for k, name in feed.states:
+            self._state[name] = outputs[k]
         self.n_past = end
         self.stats.host_seconds += (t1 - t0) + (time.perf_counter() - t2) - (self.stats.compile_seconds - compile_before)
         return outputs[0]
@@ -156,24 +278,3 @@ class Session:
         executable = self.backend.compile(optimized)
         self.stats.compile_seconds += time.perf_counter() - start
         return _Step(version, executable)
-
-    def _inputs(self, chunk: np.ndarray, n_kv: int, n_out: int) -> dict[str, np.ndarray]:
-        T = chunk.size
-        pos = np.arange(self.n_past, self.n_past + T, dtype=np.int32)
-        kpos = np.arange(n_kv, dtype=np.int32)
-        visible = kpos[None, :] <= pos[:, None]
-        inputs = {
-            "tokens": chunk,
-            "pos": pos,
-            "slots": pos.copy(),          # the cache row of a token is its position
-            "out_ids": np.arange(T - n_out, T, dtype=np.int32),
-            "mask": np.where(visible, 0.0, -np.inf).astype(np.float32),
-        }
-        hp = self.model.hparams
-        if hp.uses_swa:
-            in_window = pos[:, None] - kpos[None, :] < hp.sliding_window
-            inputs["mask_swa"] = np.where(visible & in_window, 0.0, -np.inf).astype(np.float32)
-        for il in range(hp.n_layer):
-            inputs[f"k_cache.{il}"] = self.k_cache[il][:n_kv]
-            inputs[f"v_cache.{il}"] = self.v_cache[il][:n_kv]
-        return inputs

@@ -257,6 +257,71 @@ _attention_case("more-queries-than-keys", 5, 3, 2, 1, 16, 16, causal=True)
 _attention_case("head-256", 2, 33, 2, 1, 256, 256, scale=0.0625, causal=True, kv="f16")
 
 
+# state-space ops (Mamba-2)
+def _ssm_conv_case(name, T, C, K, window="plain", scalar=False):
+    def build(s):
+        w = s.input("w", "f32", (C, K))
+        if window == "concat":   # the step-graph pattern: state rows, then a strided x; new state out
+            x = s.view(s.input("xz", "f32", (T, 2 * C + 3)), shape=(T, C), strides=((2 * C + 3) * 4, 4),
+                       offset=(C + 3) * 4)
+            sx = s.concat(s.input("state", "f32", (K - 1, C)), x, axis=0)
+            state = s.view(sx, shape=(K - 1, C), strides=(C * 4, 4), offset=T * C * 4)
+            return [s.ssm_conv(sx, w), state]
+        if window == "view":
+            sx = strided_view(s, "sx", (K - 1 + T, C))
+        elif window == "transposed":
+            sx = transposed(s, "sx", (K - 1 + T, C))
+        else:
+            sx = s.input("sx", "f32", (K - 1 + T, C))
+        return [s.ssm_conv(sx, w)]
+    case(f"ssm/conv-{name}", "ssm_conv", scalar=scalar)(build)
+
+
+_ssm_conv_case("T3-C17-K4", 3, 17, 4, scalar=True)
+_ssm_conv_case("decode-C64", 1, 64, 4)
+_ssm_conv_case("K1", 5, 17, 1)
+_ssm_conv_case("view", 7, 33, 4, window="view")
+_ssm_conv_case("transposed", 4, 17, 3, window="transposed")
+_ssm_conv_case("concat-state", 5, 40, 4, window="concat", scalar=True)
+
+
+def _ssm_dt(rng, shape):
+    dt = 2.0 * rng.standard_normal(shape).astype(np.float32)
+    dt.flat[::7] = 25.0                         # softplus's linear branch
+    return dt
+
+
+def _ssm_decay(rng, shape):
+    return -positive(rng, shape)
+
+
+def _ssm_scan_case(name, T, H, P, N, G, fused=False, scalar=False):
+    def build(s):
+        a = s.input("A", "f32", (H,), _ssm_decay)
+        if fused:   # x, B, C out of one conv row and dt out of a wider projection; a permuted state
+            row = H * P + 2 * G * N
+            xbc = s.input("xBC", "f32", (T, row))
+            x = s.view(xbc, shape=(T, H, P), strides=(row * 4, P * 4, 4))
+            b = s.view(xbc, shape=(T, G, N), strides=(row * 4, N * 4, 4), offset=H * P * 4)
+            c = s.view(xbc, shape=(T, G, N), strides=(row * 4, N * 4, 4), offset=(H * P + G * N) * 4)
+            dt = s.view(s.input("proj", "f32", (T, H + 3), _ssm_dt), shape=(T, H), strides=((H + 3) * 4, 4),
+                        offset=3 * 4)
+            state = s.permute(s.input("state", "f32", (P, H, N)), 1, 0, 2)
+        else:
+            x = s.input("x", "f32", (T, H, P))
+            b, c = s.input("B", "f32", (T, G, N)), s.input("C", "f32", (T, G, N))
+            dt = s.input("dt", "f32", (T, H), _ssm_dt)
+            state = s.input("state", "f32", (H, P, N))
+        return [s.ssm_scan(state, x, dt, a, b, c)]
+    case(f"ssm/scan-{name}", "ssm_scan", scalar=scalar)(build)
+
+
+_ssm_scan_case("T3-H4-P3-N5-G2", 3, 4, 3, 5, 2, scalar=True)
+_ssm_scan_case("decode-H8-P16-N16", 1, 8, 16, 16, 1)
+_ssm_scan_case("T5-N128-G2", 5, 2, 4, 128, 2)
+_ssm_scan_case("fused-views", 4, 4, 8, 17, 2, fused=True, scalar=True)
+
+
 # mul_mat
 def _mm(name, wtype, x_shape, w_shape, x="plain", x_dtype="f32", w_view=None, scalar=False):
     def build(s):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tiny_gguf import Spec, write_tiny_gguf
+from tiny_gguf_ssm import SsmSpec, write_ssm_gguf
 
 
 class TinyFiles:
@@ -14,9 +15,10 @@ class TinyFiles:
     def __init__(self, folder: Path):
         self.folder, self.paths = folder, {}
 
-    def __getitem__(self, spec: Spec) -> Path:
+    def __getitem__(self, spec: Spec | SsmSpec) -> Path:
         if spec not in self.paths:
-            self.paths[spec] = write_tiny_gguf(self.folder / spec.filename, spec)
+            write = write_ssm_gguf if isinstance(spec, SsmSpec) else write_tiny_gguf
+            self.paths[spec] = write(self.folder / spec.filename, spec)
         return self.paths[spec]
 
 

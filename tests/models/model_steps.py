@@ -1,5 +1,6 @@
 """Running step graphs with the reference interpreter the way the generation runtime does:
-cache slots, positions and the 0/-inf masks (causal + padding, and the sliding window)."""
+cache slots, positions and the 0/-inf masks (causal + padding, and the sliding window), and the
+recurrent state of Mamba-2 layers (zeros at first, replaced by the returned state each step)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,10 +15,13 @@ class ReferenceSession:
     def __init__(self, model: Model, n_kv: int):
         self.model, self.n_kv = model, n_kv
         self.slot_pos = np.full(n_kv, -1)          # position held by each cache row, -1: empty
-        self.caches = {}
-        for il in range(model.hparams.n_layer):
+        self.caches = {}                           # in the order of the graph's inputs and outputs
+        for il in model.attention_layers:
             self.caches[f"k_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "k"), np.float16)
             self.caches[f"v_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "v"), np.float16)
+        for il in model.recurrent_layers:
+            self.caches[f"conv_state.{il}"] = np.zeros(model.state_shape("conv"), np.float32)
+            self.caches[f"ssm_state.{il}"] = np.zeros(model.state_shape("ssm"), np.float32)
 
     def masks(self, pos: np.ndarray) -> dict[str, np.ndarray]:
         keys = self.slot_pos[None, :]
@@ -43,8 +47,7 @@ class ReferenceSession:
         inputs = dict(tokens=tokens, pos=pos, slots=slots, out_ids=out_ids, **self.masks(pos),
                       **self.caches)
         logits, *caches = run_reference(graph, inputs)
-        names = [f"{kind}_cache.{il}" for il in range(self.model.hparams.n_layer) for kind in "kv"]
-        self.caches = dict(zip(names, caches))
+        self.caches = dict(zip(self.caches, caches))
         return logits
 
 

@@ -8,6 +8,7 @@ from ember.models.gguf_file import ModelFileError
 from ember.models.hparams import HParams
 
 from tiny_gguf import CONFIGS, Spec
+from tiny_gguf_ssm import SSM_CONFIGS, SsmSpec
 
 
 def llama_metadata(**extra):
@@ -135,3 +136,59 @@ def test_default_model_hparams(default_model_path):
     assert hp.sliding_window == 512 and hp.swa_layers.count(False) == 3
     assert hp.rope_freq_base == 1e6 and hp.rope_freq_base_swa == 10000.0
     assert hp.attn_scale == 1 / 16 and hp.final_logit_softcap == 0.0
+
+
+# ---- Mamba-2 layers ----------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", sorted(SSM_CONFIGS))
+def test_tiny_ssm_file_hparams(tiny_files, arch):
+    cfg = SSM_CONFIGS[arch]
+    hp = load_model(tiny_files[SsmSpec(arch)]).hparams
+    assert (hp.ssm_d_conv, hp.ssm_d_inner, hp.ssm_d_state, hp.ssm_n_head, hp.ssm_n_group) == \
+        (cfg.d_conv, cfg.d_inner, cfg.d_state, cfg.n_ssm_head, cfg.n_group)
+    assert hp.recurrent_layers == tuple(il not in cfg.attention_layers for il in range(cfg.n_layer))
+    assert hp.attention_layers == cfg.attention_layers
+    assert hp.conv_state_shape == (cfg.d_conv - 1, cfg.d_inner + 2 * cfg.n_group * cfg.d_state)
+    assert hp.ssm_state_shape == (cfg.n_ssm_head, cfg.d_inner // cfg.n_ssm_head, cfg.d_state)
+
+
+def test_tiny_granitehybrid_multipliers(tiny_files):
+    hp = load_model(tiny_files[SsmSpec("granitehybrid")]).hparams
+    assert (hp.n_head, hp.n_head_kv, hp.head_dim_k) == (4, 2, 64)
+    assert hp.embedding_scale == 12.0 and hp.residual_scale == pytest.approx(0.22)
+    assert hp.attn_scale == 0.015625 and hp.logit_scale == 8.0 and not hp.use_rope
+
+
+def granite_metadata(**extra):
+    meta = {"general.architecture": "granitehybrid", "granitehybrid.block_count": 3,
+            "granitehybrid.embedding_length": 256, "granitehybrid.attention.head_count": 4,
+            "granitehybrid.attention.head_count_kv": np.array([0, 2, 0], np.uint32),
+            "granitehybrid.context_length": 2048,
+            "granitehybrid.attention.layer_norm_rms_epsilon": 1e-5,
+            "granitehybrid.ssm.conv_kernel": 4, "granitehybrid.ssm.inner_size": 512,
+            "granitehybrid.ssm.state_size": 16, "granitehybrid.ssm.time_step_rank": 8,
+            "granitehybrid.ssm.group_count": 1}
+    meta.update(extra)
+    return meta
+
+
+def test_hybrid_layers_follow_head_count_kv():
+    hp = HParams.from_metadata(granite_metadata())
+    assert hp.recurrent_layers == (True, False, True) and hp.n_head_kv == 2
+    assert hp.use_rope and hp.attn_scale == pytest.approx(1 / 8)     # llama.cpp's defaults
+
+
+def test_hybrid_attention_layers_must_agree():
+    bad = granite_metadata(**{"granitehybrid.attention.head_count_kv": np.array([0, 2, 4], np.uint32)})
+    with pytest.raises(ModelFileError, match="differs between attention layers"):
+        HParams.from_metadata(bad)
+
+
+def test_bad_ssm_sizes_and_moe_are_refused():
+    with pytest.raises(ModelFileError, match="required metadata 'granitehybrid.ssm.state_size'"):
+        meta = granite_metadata()
+        del meta["granitehybrid.ssm.state_size"]
+        HParams.from_metadata(meta)
+    with pytest.raises(ModelFileError, match="not a multiple of the 8 ssm heads"):
+        HParams.from_metadata(granite_metadata(**{"granitehybrid.ssm.inner_size": 500}))
+    with pytest.raises(ModelFileError, match="mixture-of-experts"):
+        HParams.from_metadata(granite_metadata(**{"granitehybrid.expert_count": 8}))

@@ -8,6 +8,7 @@ from ember.models.gguf_file import ModelFileError
 
 from model_steps import ReferenceSession, nmse, reference_logits
 from tiny_gguf import ARCHS, CONFIGS, WEIGHT_TYPES, Spec, write_tiny_gguf
+from tiny_gguf_ssm import SSM_ARCHS, SSM_CONFIGS, SsmSpec, write_ssm_gguf
 
 PROMPT = [1, 17, 260, 300, 42, 9]
 
@@ -18,7 +19,7 @@ TYPE_NMSE = {"f16": 1e-6, "bf16": 1e-4, "q8_0": 1e-3, "q6_k": 1e-2, "q5_0": 5e-2
 
 
 def test_registry():
-    assert sorted(ARCHITECTURES) == sorted(ARCHS)
+    assert sorted(ARCHITECTURES) == sorted(ARCHS + SSM_ARCHS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -145,6 +146,77 @@ def test_default_model_step_graph_verifies(default_model_path):
     attention = [n for n in g.nodes if n.op == "attention"]
     assert [a.inputs[3].name for a in attention].count("mask") == 3
     assert g.outputs[0].shape == (1, 262144)
+
+
+# ---- Mamba-2 layers (mamba2, granitehybrid) ----------------------------------------------------
+@pytest.mark.parametrize("arch", SSM_ARCHS)
+def test_ssm_step_contract(tiny_files, arch):
+    """Caches of the attention layers, then conv/SSM state of the recurrent ones, in and out."""
+    model = load_model(tiny_files[SsmSpec(arch)])
+    cfg, hp = SSM_CONFIGS[arch], model.hparams
+    assert model.attention_layers == cfg.attention_layers
+    assert model.recurrent_layers == tuple(il for il in range(cfg.n_layer) if il not in cfg.attention_layers)
+    g = model.build_step(n_tokens=3, n_kv=8, n_outputs=2)
+    verify(g)
+    caches = [f"{kind}_cache.{il}" for il in model.attention_layers for kind in "kv"]
+    states = [f"{kind}_state.{il}" for il in model.recurrent_layers for kind in ("conv", "ssm")]
+    assert [n.name for n in g.inputs] == ["tokens", "pos", "slots", "out_ids", "mask"] + caches + states
+    by_name = {n.name: n.type for n in g.inputs}
+    conv_channels = cfg.d_inner + 2 * cfg.n_group * cfg.d_state
+    for il in model.recurrent_layers:
+        assert str(by_name[f"conv_state.{il}"]) == f"f32[{cfg.d_conv - 1}, {conv_channels}]"
+        assert str(by_name[f"ssm_state.{il}"]) == \
+            f"f32[{cfg.n_ssm_head}, {cfg.d_inner // cfg.n_ssm_head}, {cfg.d_state}]"
+    logits, *updated = g.outputs
+    assert logits.shape == (2, hp.n_vocab)
+    assert [u.type for u in updated] == [by_name[n] for n in caches + states]
+    assert all(u.op == "set_rows" for u in updated[:len(caches)])
+
+
+@pytest.mark.parametrize("arch", SSM_ARCHS)
+def test_ssm_decode_with_returned_state_equals_longer_prefill(tiny_files, arch):
+    model = load_model(tiny_files[SsmSpec(arch)])
+    full = reference_logits(model, PROMPT, n_kv=8)
+    session = ReferenceSession(model, n_kv=8)
+    prefill = session.step(PROMPT[:3], out_ids=[2])
+    decode = [session.step([t]) for t in PROMPT[3:]]
+    np.testing.assert_allclose(prefill[0], full[2], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.concatenate(decode), full[3:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", SSM_ARCHS)
+def test_ssm_state_carries_the_past(tiny_files, arch):
+    """The tiny models' recurrent state matters: forgetting it changes the next logits a lot
+    (so the decode tests against llama.cpp do test the carried state)."""
+    model = load_model(tiny_files[SsmSpec(arch)])
+    session = ReferenceSession(model, n_kv=8)
+    session.step(PROMPT[:-1])
+    carried = session.step(PROMPT[-1:])
+    session = ReferenceSession(model, n_kv=8)
+    session.step(PROMPT[:-1])
+    for name in session.caches:          # the recurrent state only; KV caches stay
+        if "_state." in name:
+            session.caches[name] = np.zeros_like(session.caches[name])
+    forgotten = session.step(PROMPT[-1:])
+    assert nmse(forgotten, carried) > 1e-2
+
+
+def test_granitehybrid_multipliers_and_no_rope(tiny_files):
+    g = load_model(tiny_files[SsmSpec("granitehybrid")]).build_step(2, 8, 1)
+    assert not [n for n in g.nodes if n.op == "rope"]
+    assert [n.attr("scale") for n in g.nodes if n.op == "attention"] == [0.015625]
+    scales = sorted({n.attr("scale") for n in g.nodes if n.op == "scale"})
+    assert scales == pytest.approx(sorted([12.0, 0.22, 1 / 8.0]))
+    assert sum(n.op == "ssm_scan" for n in g.nodes) == sum(n.op == "ssm_conv" for n in g.nodes) == 2
+
+
+def test_missing_ssm_tensor_is_named(tmp_path):
+    def drop(w):
+        del w["blk.2.ssm_norm.weight"]
+        return w
+    path = write_ssm_gguf(tmp_path / "broken.gguf", SsmSpec("granitehybrid"), edit=drop)
+    with pytest.raises(ModelFileError, match="'blk.2.ssm_norm.weight' is missing"):
+        load_model(path)
 
 
 # ---- broken files ----------------------------------------------------------------------------

@@ -3,9 +3,12 @@ import numpy as np
 import pytest
 
 from ember.backends import get_backend
+from ember.errors import EmberError
 from ember.models import load_model
-from tiny_gguf import Spec
 from ember.runtime.session import Session, SessionOptions
+from model_steps import ReferenceSession, nmse
+from tiny_gguf import Spec
+from tiny_gguf_ssm import SsmSpec
 
 PROMPT = [1, 17, 42, 99, 5, 23, 64, 7, 11, 3]
 
@@ -83,3 +86,46 @@ def test_truncate_then_redecode_matches(tiny_files, cpu):
     s.eval([10, 11])
     s.truncate(6)
     np.testing.assert_array_equal(s.eval([9]), first)
+
+
+# ---- recurrent (Mamba-2) layers ----------------------------------------------------------------
+@pytest.mark.parametrize("spec", [SsmSpec("granitehybrid"), pytest.param(SsmSpec("mamba2"), marks=pytest.mark.slow)],
+                         ids=str)
+def test_recurrent_session_matches_reference_in_any_batching(tiny_files, cpu, spec):
+    """The state is carried across micro-batches and steps; splitting the prompt or changing the
+    thread count changes no bit (the SSM kernels are batch invariant and deterministic)."""
+    model = load_model(tiny_files[spec])
+    one, s = run(model, cpu, SessionOptions(n_ctx=64, kv_bucket=16), decode=3)
+    one_thread = get_backend("cpu", threads=1, cache_dir=cpu.cache_dir)
+    split, _ = run(model, one_thread, SessionOptions(n_ctx=64, kv_bucket=16, ubatch=3), decode=3)
+    np.testing.assert_array_equal(one, split)
+    ref = ReferenceSession(model, 16)
+    tokens = PROMPT + [int(np.argmax(row)) for row in one[len(PROMPT) - 1:-1]]
+    expected = np.concatenate([ref.step(PROMPT)] + [ref.step([t]) for t in tokens[len(PROMPT):]])
+    assert nmse(one, expected) < 1e-10
+    assert list(s.recurrent_state()) == [f"{kind}_state.{il}" for il in model.recurrent_layers
+                                           for kind in ("conv", "ssm")]
+
+
+def test_recurrent_state_snapshot_and_restore(tiny_files, cpu):
+    model = load_model(tiny_files[SsmSpec("granitehybrid")])
+    s = Session(model, cpu, SessionOptions(n_ctx=32, kv_bucket=16))
+    assert s.is_recurrent and all(not a.any() for a in s.recurrent_state().values())
+    first = s.eval(PROMPT[:6])
+    snapshot, position = s.recurrent_state(), s.n_past
+    after = s.eval([9])
+    s.eval([10, 11])
+    with pytest.raises(EmberError, match="recurrent layers"):
+        s.truncate(position)
+    s.set_recurrent_state(snapshot, n_past=position)
+    np.testing.assert_array_equal(s.eval([9]), after)
+    s.reset()
+    assert all(not a.any() for a in s.recurrent_state().values())
+    np.testing.assert_array_equal(s.eval(PROMPT[:6]), first)
+    with pytest.raises(ValueError, match="expected arrays"):
+        s.set_recurrent_state({})
+
+
+def test_transformer_session_has_no_recurrent_state(tiny_files, cpu):
+    s = Session(load_model(tiny_files[Spec("llama", "f32")]), cpu, SessionOptions(n_ctx=16, kv_bucket=8))
+    assert not s.is_recurrent and s.recurrent_state() == {}

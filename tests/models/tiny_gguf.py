@@ -240,7 +240,13 @@ def write_tiny_gguf(path: str | Path, spec: Spec, edit=None) -> Path:
     if cfg.final_logit_softcap:
         w.add_final_logit_softcapping(cfg.final_logit_softcap)
 
-    vocab = bpe_vocab(cfg.n_vocab) if cfg.arch.startswith("qwen") else spm_vocab(cfg.n_vocab)
+    write_vocab(w, bpe_vocab(cfg.n_vocab) if cfg.arch.startswith("qwen") else spm_vocab(cfg.n_vocab))
+    write_tensors(w, weights, spec.weight_type)
+    return path
+
+
+def write_vocab(w: gguf.GGUFWriter, vocab: dict):
+    """The tokenizer.* metadata of a vocabulary from spm_vocab or bpe_vocab."""
     w.add_tokenizer_model(vocab["model"])
     if vocab["pre"]:
         w.add_tokenizer_pre(vocab["pre"])
@@ -256,8 +262,12 @@ def write_tiny_gguf(path: str | Path, spec: Spec, edit=None) -> Path:
         w.add_unk_token_id(vocab["unk"])
     w.add_add_bos_token(vocab["add_bos"])
 
+
+def write_tensors(w: gguf.GGUFWriter, weights: dict[str, np.ndarray], weight_type: str,
+                  keep_f32: frozenset = frozenset()):
+    """Add the tensors (2-D ones in weight_type unless named in keep_f32), write the file, close."""
     for name, values in weights.items():
-        data, gtype = stored(values, spec.weight_type)
+        data, gtype = stored(values, "f32" if name in keep_f32 else weight_type)
         if gtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             w.add_tensor(name, data)
         else:
@@ -266,7 +276,6 @@ def write_tiny_gguf(path: str | Path, spec: Spec, edit=None) -> Path:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
 
 
 def write_all(folder: str | Path, specs=SPECS) -> dict[Spec, Path]:

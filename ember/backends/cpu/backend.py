@@ -11,6 +11,7 @@ import ctypes
 import os
 import shutil
 import threading
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -27,10 +28,13 @@ from ember.ir.types import TensorType
 
 
 class CpuBackend(Backend):
+    """Compiles graphs to shared libraries (`compile`), or loads libraries built earlier, e.g. an
+    artifact's (`load_kernel_library`, then `load_executable`)."""
+
     name = "cpu"
 
     def __init__(self, threads: int | None = None, isa: str = "native", cache_dir=None,
-                 cc: str | None = None):
+                 cc: str | None = None, profile: str | None = None):
         if isa not in ISA_FLAGS:
             raise EmberError(f"cpu backend: unknown isa {isa!r}; known: {', '.join(ISA_FLAGS)}")
         if threads is not None and threads < 1:
@@ -39,6 +43,8 @@ class CpuBackend(Backend):
         self.isa = isa
         self.cache_dir = cache_dir
         self.cc = cc
+        # "wall" or "cpu": time every kernel call with that clock (CpuExecutable.profile)
+        self.profile = profile
         self._cache: CompileCache | None = None
 
     def __repr__(self) -> str:
@@ -71,12 +77,26 @@ class CpuBackend(Backend):
             raise EmberError(f"cpu backend: unknown compile options {sorted(unknown)}")
         self.require_available()
         self.require_supported(graph)
-        program = render_graph(graph)
+        program = render_graph(graph, profile=self.profile)
         tag = self._kernel_library()
         library = self.cache.build(tag_kernel_symbols(program.source, tag), ISA_FLAGS[self.isa],
                                    name=f"graph_{graph.name}")
-        return CpuExecutable(graph, program, ctypes.CDLL(str(library)),
-                             options.get("threads") or self.threads)
+        return self.load_executable(graph, program, library, options.get("threads"))
+
+    def load_executable(self, graph: Graph, program: CpuProgram, library_path,
+                        threads: int | None = None) -> "CpuExecutable":
+        """The executable of a library already built from program's source (tagged for a kernel
+        library that is loaded): no rendering, no C compiler. The caller vouches that the
+        library was built from that source."""
+        executable = CpuExecutable(graph, program, ctypes.CDLL(str(library_path)), threads or self.threads)
+        executable.library_path = Path(library_path)
+        return executable
+
+    def kernel_library(self) -> tuple[str, Path]:
+        """(symbol tag, path) of the matmul kernel library graphs link against; built (once,
+        cached) and loaded."""
+        tag = self._kernel_library()
+        return tag, Path(_LOADED_KERNEL_LIBRARIES[tag]._name)
 
     def _kernel_library(self) -> str:
         """Build (once, cached) and load the matmul kernel library; returns its symbol tag.
@@ -89,7 +109,7 @@ class CpuBackend(Backend):
         tag = "k" + self.cache.key(source, flags)[:12]
         if tag not in _LOADED_KERNEL_LIBRARIES:
             path = self.cache.build(tag_kernel_symbols(source, tag), flags, name="kernels")
-            _LOADED_KERNEL_LIBRARIES[tag] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            load_kernel_library(tag, path)
         return tag
 
 
@@ -97,7 +117,16 @@ class CpuBackend(Backend):
 _LOADED_KERNEL_LIBRARIES: dict[str, ctypes.CDLL] = {}
 
 
+def load_kernel_library(tag: str, path) -> None:
+    """Load a kernel library built earlier (from the cache, or an artifact's copy) under its
+    symbol tag, unless one with that tag is loaded already."""
+    if tag not in _LOADED_KERNEL_LIBRARIES:
+        _LOADED_KERNEL_LIBRARIES[tag] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+
+
 class CpuExecutable(Executable):
+    library_path: Path | None = None   # the shared library it runs (set by the backend)
+
     def __init__(self, graph: Graph, program: CpuProgram, library: ctypes.CDLL, threads: int):
         self.graph = graph
         self.program = program
@@ -110,6 +139,7 @@ class CpuExecutable(Executable):
                                 ctypes.c_void_p, ctypes.c_int]
         self._lock = threading.Lock()   # one run at a time: the arena is shared
         self._inputs = program.graph.inputs
+        self._input_specs = [(n.name, *_storage(n.type)) for n in self._inputs]
         self._outputs = [_storage(TensorType(n.dtype, n.shape)) for n in program.graph.outputs]
         # Constants: their own arrays, referenced, never copied (unless not contiguous).
         self._constants = [_contiguous(graph.constant_data(n)) for n in program.constants]
@@ -125,18 +155,28 @@ class CpuExecutable(Executable):
     def source(self) -> str:
         return self.program.source
 
+    def profile(self) -> list[tuple[str, list[float]]]:
+        """(label, seconds per thread) of every kernel call since the last call of profile, in
+        graph order, then ("barrier", waits); only for a graph compiled with profile ("wall" or "cpu")."""
+        labels = self.program.profile_labels
+        if not labels:
+            raise EmberError(f"graph {self.graph.name!r} was not compiled with a profile clock")
+        totals = np.zeros((64, len(labels)))
+        getattr(self._library, "ember_graph_profile")(totals.ctypes.data_as(ctypes.c_void_p))
+        threads = totals[:self.threads]
+        return [(label, threads[:, i].tolist()) for i, label in enumerate(labels)]
+
     def run(self, inputs: Mapping[str, np.ndarray],
             outputs: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
+        return self.bind(inputs, outputs)()
+
+    def bind(self, inputs: Mapping[str, np.ndarray],
+             outputs: Mapping[int, np.ndarray] | None = None) -> "CpuRun":
+        """The inputs and outputs checked once: a callable that runs the graph on those very
+        arrays, as often as wanted (the caller may change their contents between calls). For a
+        generation loop this leaves only the kernels and one foreign call per step."""
         arrays = self._checked_inputs(inputs)
-        outputs = self._output_arrays(outputs or {}, arrays)
-        in_ptrs = _pointer_array(arrays)
-        out_ptrs = _pointer_array(outputs)
-        with self._lock:
-            status = self._entry(in_ptrs, out_ptrs, self._consts, self._arena, self.threads)
-        if status:
-            message = self.program.status_messages.get(status, f"kernel status {status}")
-            raise EmberError(f"cpu backend: graph {self.graph.name!r}: {message}")
-        return outputs
+        return CpuRun(self, arrays, self._output_arrays(outputs or {}, arrays))
 
     def _output_arrays(self, given: Mapping[int, np.ndarray], inputs: list[np.ndarray]) -> list[np.ndarray]:
         arrays = []
@@ -148,34 +188,80 @@ class CpuExecutable(Executable):
             if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
                 raise EmberError(f"graph {self.graph.name!r}: output {k} must be a writable contiguous "
                                  f"{dtype}{list(shape)} array, got {out.dtype}{list(out.shape)}")
-            for node, arr in zip(self._inputs, inputs):
-                if np.shares_memory(out, arr):
-                    same = arr.ctypes.data == out.ctypes.data and arr.nbytes == out.nbytes
+            arrays.append(out)
+        if given and inputs:
+            # Byte ranges (every array here is contiguous): one vectorized test for all pairs.
+            lo = np.array([a.__array_interface__["data"][0] for a in inputs], np.uint64)
+            hi = lo + np.array([a.nbytes for a in inputs], np.uint64)
+            for k, out in given.items():
+                start = np.uint64(out.__array_interface__["data"][0])
+                stop = start + np.uint64(out.nbytes)
+                for i in np.flatnonzero((lo < stop) & (start < hi) & (hi > lo) & (stop > start)):
+                    node, arr = self._inputs[i], inputs[i]
+                    same = lo[i] == start and arr.nbytes == out.nbytes
                     if not (same and self.in_place_outputs.get(k) == node.name):
                         raise EmberError(f"graph {self.graph.name!r}: output {k} overlaps input "
                                          f"{node.name!r}, which it may not update in place")
-            arrays.append(out)
         return arrays
 
     def _checked_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        names = [n.name for n in self._inputs]
-        missing = [n for n in names if n not in inputs]
-        unknown = [n for n in inputs if n not in names]
-        if missing or unknown:
+        if len(inputs) != len(self._input_specs) or any(name not in inputs for name, _, _ in self._input_specs):
+            names = [name for name, _, _ in self._input_specs]
+            missing = [n for n in names if n not in inputs]
+            unknown = [n for n in inputs if n not in names]
             parts = ([f"missing input(s) {missing}"] if missing else []) + \
                     ([f"unknown input(s) {unknown}"] if unknown else [])
             raise EmberError(f"graph {self.graph.name!r}: {'; '.join(parts)} "
                              f"(expected {names})")
         arrays = []
-        for node in self._inputs:
-            value = np.asarray(inputs[node.name])
-            shape, dtype = _storage(node.type)
+        for node, (name, shape, dtype) in zip(self._inputs, self._input_specs):
+            value = np.asarray(inputs[name])
             if value.shape != shape or value.dtype != dtype:
-                raise EmberError(f"graph {self.graph.name!r}: input {node.name!r} must be "
+                raise EmberError(f"graph {self.graph.name!r}: input {name!r} must be "
                                  f"{node.type} (NumPy {dtype}{list(shape)}), got "
                                  f"{value.dtype}{list(value.shape)}")
             arrays.append(_contiguous(value))
         return arrays
+
+
+class CpuRun:
+    """A CpuExecutable bound to its input and output arrays (CpuExecutable.bind). Calling it
+    runs the graph and returns the output arrays; outputs listed in `fresh` get new arrays
+    first (so a caller may keep the previous ones, e.g. logits), and `inputs` may replace some
+    bound inputs by name (checked like bind's; they stay bound for later calls)."""
+
+    def __init__(self, executable: CpuExecutable, inputs: list[np.ndarray], outputs: list[np.ndarray]):
+        self.executable = executable
+        self.inputs, self.outputs = inputs, outputs   # referenced: the pointers stay valid
+        self._in_ptrs = _pointer_array(inputs)
+        self._out_ptrs = _pointer_array(outputs)
+        self._index = {name: i for i, (name, _, _) in enumerate(executable._input_specs)}
+
+    def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        exe = self.executable
+        for name, value in (inputs or {}).items():
+            i = self._index.get(name)
+            if i is None:
+                raise EmberError(f"graph {exe.graph.name!r}: unknown input {name!r}")
+            if value is self.inputs[i]:
+                continue
+            _, shape, dtype = exe._input_specs[i]
+            if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype \
+                    or not value.flags.c_contiguous:
+                raise EmberError(f"graph {exe.graph.name!r}: input {name!r} must be a contiguous "
+                                 f"NumPy {dtype}{list(shape)} array")
+            self.inputs[i] = value
+            self._in_ptrs[i] = value.ctypes.data
+        for k in fresh:
+            shape, dtype = exe._outputs[k]
+            self.outputs[k] = np.empty(shape, dtype)
+            self._out_ptrs[k] = self.outputs[k].ctypes.data
+        with exe._lock:
+            status = exe._entry(self._in_ptrs, self._out_ptrs, exe._consts, exe._arena, exe.threads)
+        if status:
+            message = exe.program.status_messages.get(status, f"kernel status {status}")
+            raise EmberError(f"cpu backend: graph {exe.graph.name!r}: {message}")
+        return list(self.outputs)
 
 
 def _storage(t: TensorType) -> tuple[tuple, np.dtype]:

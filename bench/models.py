@@ -1,0 +1,220 @@
+"""Model throughput and memory, ember against llama.cpp (llama-cpp-python) on the same GGUF.
+
+Both engines are measured in one run by llama-bench's method (ember/runtime/bench.py, the same
+loop for both): pp512 is one batch of 512 random tokens, tg128 is 128 single-token decodes, the
+cache is cleared before every repetition, one untimed warm-up comes first (ember compiles its
+step graphs there); each cell is the mean +- sample std of tokens/s. Same thread count, n_ctx
+1024, same token sequences (same seed) for both.
+
+Each engine lives in its own subprocess (so each peak RSS, VmHWM, is its own), and the two take
+turns repetition by repetition, so load from other processes on the machine falls on both alike.
+
+    python bench/models.py [--model GGUF] [--threads 2] [--reps 5] [--markdown]
+
+--markdown writes the table as Markdown to stdout (for BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from ember.runtime.bench import BenchResult, decode_run, prompt_run, random_tokens  # noqa: E402
+
+ENGINES = ("ember", "llama.cpp")
+N_CTX = 1024
+PAUSE_S = 0.1        # lets the other engine's OpenMP threads go idle before a timed run
+REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print there too)
+
+
+# ---- workers -----------------------------------------------------------------------------------
+class EmberEngine:
+    def __init__(self, model_path: str, threads: int):
+        from ember.backends import get_backend
+        from ember.models import load_model
+        from ember.models.tokenizer import Tokenizer
+        from ember.runtime.session import Session, SessionOptions
+        model = load_model(model_path)
+        tokenizer = Tokenizer.from_metadata(model.tokenizer)
+        self.session = Session(model, get_backend("cpu", threads=threads), SessionOptions(n_ctx=N_CTX))
+        # Keep idle plans: while the other engine runs, a plan would otherwise age out of the
+        # cache (10 s) and be compiled again inside a timed run.
+        self.session.plans.max_idle_s = float("inf")
+        self.n_vocab = model.hparams.n_vocab
+        self.bos = tokenizer.bos_id if tokenizer.add_bos else None
+        self.reset, self.decode = self.session.reset, self.session.eval
+
+    def info(self) -> dict:
+        stats = self.session.stats
+        return {"compile_seconds": stats.compile_seconds, "graphs": stats.graph_builds,
+                "evictions": self.session.plans.stats.evictions}
+
+
+class LlamaCppEngine:
+    def __init__(self, model_path: str, threads: int):
+        import llama_cpp
+        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=N_CTX, n_batch=512, n_ubatch=512,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+        self.bos = self.llm.token_bos() if self.llm._model.add_bos_token() else None
+        self.decode = self.llm.eval
+        self.version = llama_cpp.__version__
+        self.system = llama_cpp.llama_print_system_info().decode().strip()
+
+    def reset(self) -> None:
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+
+    def info(self) -> dict:
+        return {"version": self.version, "system": self.system}
+
+
+def peak_rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen: int, seed: int) -> int:
+    """Serve commands on stdin: pp / tg (one timed run each), quit (report and exit)."""
+    def reply(obj) -> None:
+        sys.stdout.write(REPLY + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    start = time.perf_counter()
+    engine = (EmberEngine if engine_name == "ember" else LlamaCppEngine)(model_path, threads)
+    rng = np.random.default_rng(seed)
+
+    def tokens(n: int) -> list[int]:
+        return random_tokens(rng, n, engine.n_vocab, engine.bos)
+
+    runs = {"pp": lambda: prompt_run(engine.reset, engine.decode, tokens(n_prompt)),
+            "tg": lambda: decode_run(engine.reset, engine.decode, tokens(n_gen))}
+    for run in runs.values():        # the warm-up
+        run()
+    reply({"ready": time.perf_counter() - start, **engine.info()})
+    for line in sys.stdin:
+        command = line.strip()
+        if command in runs:
+            time.sleep(PAUSE_S)
+            reply({"seconds": runs[command]()})
+        elif command == "quit":
+            reply({"peak_rss_kib": peak_rss_kib(), **engine.info()})
+            return 0
+    return 1
+
+
+# ---- the driver --------------------------------------------------------------------------------
+class Worker:
+    def __init__(self, engine: str, args):
+        command = [sys.executable, __file__, "--worker", engine, "--model", args.model,
+                   "--threads", str(args.threads), "--n-prompt", str(args.n_prompt),
+                   "--n-gen", str(args.n_gen), "--seed", str(args.seed)]
+        self.engine = engine
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        raise RuntimeError(f"{self.engine} worker exited (status {self.proc.wait()})")
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+
+def measure(args) -> tuple[dict, dict]:
+    """{engine: [BenchResult pp, BenchResult tg]}, {engine: worker info}"""
+    results = {e: [BenchResult(f"pp{args.n_prompt}", args.n_prompt), BenchResult(f"tg{args.n_gen}", args.n_gen)]
+               for e in ENGINES}
+    info = {}
+    # One at a time, so neither warm-up (ember's includes compiling) overlaps the other.
+    workers = []
+    for engine in ENGINES:
+        w = Worker(engine, args)
+        ready = w.read()
+        info[engine] = {"ready_seconds": ready["ready"], "compile_seconds_at_ready": ready.get("compile_seconds")}
+        workers.append(w)
+    try:
+        for k, test in enumerate(("pp", "tg")):
+            for rep in range(args.reps):
+                order = workers if rep % 2 == 0 else workers[::-1]
+                for w in order:
+                    results[w.engine][k].seconds.append(w.ask(test)["seconds"])
+        for w in workers:
+            info[w.engine].update(w.ask("quit"))
+            w.proc.wait(timeout=60)
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    return results, info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="GGUF file (default: ember's default model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per test and engine")
+    parser.add_argument("--n-prompt", type=int, default=512)
+    parser.add_argument("--n-gen", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.model is None:
+        from ember.models.default_model import default_model_path
+        args.model = str(default_model_path())
+    if args.worker:
+        return worker(args.worker, args.model, args.threads, args.n_prompt, args.n_gen, args.seed)
+    if args.reps < 2:
+        parser.error("--reps must be at least 2 (the table shows a sample std)")
+
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    results, info = measure(args)
+    load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    ours, theirs = results["ember"], results["llama.cpp"]
+    rows = []
+    for a, b in zip(ours, theirs):
+        rows.append((f"{a.test} t/s", a.cell(), b.cell(), f"{a.mean / b.mean:.2f}"))
+    rss = [info[e]["peak_rss_kib"] / 1024 for e in ENGINES]
+    rows.append(("peak RSS MiB", f"{rss[0]:.0f}", f"{rss[1]:.0f}", f"{rss[0] / rss[1]:.2f}"))
+    header = ("", "ember", "llama.cpp", "ember / llama.cpp")
+    title = (f"{Path(args.model).name}, {args.threads} threads, n_ctx {N_CTX}, mean ± std of "
+             f"{args.reps} reps ({load}; {time.perf_counter() - start:.0f} s)")
+    notes = (f"ember: warm-up with compiling {info['ember']['ready_seconds']:.1f} s "
+             f"(compile {info['ember']['compile_seconds']:.1f} s, {info['ember']['graphs']} graphs); "
+             f"llama-cpp-python {info['llama.cpp']['version']} ({info['llama.cpp']['system']})")
+    if info["ember"]["compile_seconds"] != info["ember"]["compile_seconds_at_ready"]:
+        notes += "\nWARNING: ember compiled during timed runs; its numbers include compiling"
+    if args.markdown:
+        print(f"**{title}**\n")
+        print("| " + " | ".join(header) + " |")
+        print("|---|---:|---:|---:|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        print(f"\n{notes}")
+    else:
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        print(title)
+        for row in [header] + rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print(notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

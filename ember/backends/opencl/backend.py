@@ -1,0 +1,348 @@
+"""The OpenCL backend: a graph becomes one OpenCL program (ember.codegen.opencl), built through
+ProgramCache, and an executable that replays the program's launch plan on one in-order queue.
+
+An executable creates its buffers (inputs, outputs, arena, status) once and binds every kernel's
+arguments once, when it is made; a run uploads the inputs, enqueues the launches, downloads the
+outputs and waits. Weights are uploaded once per backend (a WeightStore shared by every graph
+the backend compiles, keyed by the weight's memory and layout), so the step graphs of a model
+share one copy on the device; a weight the profile re-lays out (SoA) is transformed on upload
+and its quants are also bound as image1d_buffer_t.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Mapping
+
+import numpy as np
+
+from ember.backends.base import Backend, Executable
+from ember.backends.opencl.compiler import ProgramCache
+from ember.backends.opencl.device import choose_profile, select_device
+from ember.codegen.opencl import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
+                                  WeightLayout, relayout_weight, render_graph, supports_node)
+from ember.errors import BackendUnavailable, EmberError
+from ember.ir.graph import Graph
+from ember.ir.node import Node
+from ember.ir.ops.views import storage_layout
+from ember.ir.types import TensorType
+
+
+class OpenCLBackend(Backend):
+    """device: None (first GPU, else first device), an index or part of a name; profile: "auto",
+    "generic", "adreno", "adreno-emulated" or a Profile; profile_options: Profile fields to
+    override (e.g. soa_min_rows=4 to re-lay out small weights in tests); profiling: a queue that
+    times each launch (OpenCLExecutable.profile)."""
+
+    name = "opencl"
+
+    def __init__(self, device=None, profile="auto", cache_dir=None, profile_options: dict | None = None,
+                 profiling: bool = False):
+        if not isinstance(profile, Profile) and profile not in ("auto",) + PROFILE_NAMES:
+            raise EmberError(f"opencl backend: unknown profile {profile!r}; known: auto, {', '.join(PROFILE_NAMES)}")
+        self.device_spec = device
+        self.requested_profile = profile
+        self.profile_options = dict(profile_options or {})
+        self.cache_dir = cache_dir
+        self.profiling = profiling
+        self._state = None            # (device, info, profile) once selected
+        self._failure: str | None = None
+        self._context = None
+        self._queue = None
+        self._cache: ProgramCache | None = None
+        self._weights: WeightStore | None = None
+
+    def __repr__(self) -> str:
+        if self._state is None:
+            return f"<OpenCLBackend device={self.device_spec!r} profile={self.requested_profile!r}>"
+        _, info, profile = self._state
+        return f"<OpenCLBackend {info.name!r} profile={profile.name}>"
+
+    # ---- the device ----------------------------------------------------------------------
+    def _select(self):
+        if self._state is None and self._failure is None:
+            try:
+                device, info = select_device(self.device_spec)
+                profile = choose_profile(info, self.requested_profile, **self.profile_options)
+                self._state = (device, info, profile)
+            except BackendUnavailable as e:
+                self._failure = str(e)
+        if self._state is None:
+            raise BackendUnavailable(f"opencl backend unavailable: {self._failure}")
+        return self._state
+
+    @property
+    def info(self):
+        return self._select()[1]
+
+    @property
+    def profile(self) -> Profile:
+        return self._select()[2]
+
+    @property
+    def context(self):
+        if self._context is None:
+            import pyopencl as cl
+            device = self._select()[0]
+            self._context = cl.Context([device])
+            properties = cl.command_queue_properties.PROFILING_ENABLE if self.profiling else 0
+            self._queue = cl.CommandQueue(self._context, device, properties=properties)
+        return self._context
+
+    @property
+    def queue(self):
+        self.context
+        return self._queue
+
+    @property
+    def cache(self) -> ProgramCache:
+        """The program-binary cache (`hits` and `builds` count its work)."""
+        if self._cache is None:
+            device, info, _ = self._select()
+            self._cache = ProgramCache(self.context, device, info, self.cache_dir)
+        return self._cache
+
+    @property
+    def weights(self) -> "WeightStore":
+        if self._weights is None:
+            self._weights = WeightStore(self.context, self.queue)
+        return self._weights
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            self._select()
+        except BackendUnavailable as e:
+            return False, str(e).removeprefix("opencl backend unavailable: ")
+        return True, ""
+
+    def supports_op(self, node: Node) -> tuple[bool, str]:
+        ok, reason = supports_node(node)
+        if ok and self._state is not None:
+            info = self._state[1]
+            for t in [node.type] + [i.type for i in node.inputs]:
+                if t.nbytes > info.max_alloc_bytes:
+                    return False, (f"{node.op}: a tensor of {t.nbytes} bytes is over the device's "
+                                   f"largest buffer ({info.max_alloc_bytes} bytes)")
+        return ok, reason
+
+    # ---- compiling -----------------------------------------------------------------------
+    def render(self, graph: Graph) -> OpenCLProgram:
+        """The program this backend would build for graph (no device work)."""
+        return render_graph(graph, self.profile)
+
+    def compile(self, graph: Graph, **options) -> "OpenCLExecutable":
+        if options:
+            raise EmberError(f"opencl backend: unknown compile options {sorted(options)}")
+        self.require_available()
+        self.require_supported(graph)
+        program = self.render(graph)
+        built = self.cache.build(program, name=f"graph {graph.name!r}")
+        return OpenCLExecutable(self, program, built)
+
+
+class WeightStore:
+    """Device copies of constants, uploaded once and shared by every executable of a backend.
+    Keyed by the array's memory (address, size, dtype, shape, strides) and layout; the array is
+    kept referenced, so its memory cannot be reused by another array while the entry lives."""
+
+    def __init__(self, context, queue):
+        self.context = context
+        self.queue = queue
+        self._entries: dict[tuple, tuple[np.ndarray, dict]] = {}
+        self.uploads = 0
+
+    def get(self, array: np.ndarray, layout: WeightLayout | None) -> dict:
+        """{part: memory object}: "" the plain buffer; for a layout "q", "d" (buffers) and
+        "img_r32ui", "img_rgba32ui" (images over q)."""
+        key = (array.__array_interface__["data"][0], array.nbytes, array.dtype.str, array.shape,
+               array.strides, layout)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = (array, self._upload(array, layout))
+            self._entries[key] = entry
+        return entry[1]
+
+    def _upload(self, array: np.ndarray, layout: WeightLayout | None) -> dict:
+        import pyopencl as cl
+        self.uploads += 1
+        flags = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
+        if layout is None:
+            data = np.ascontiguousarray(array)
+            if not data.nbytes:
+                return {"": cl.Buffer(self.context, cl.mem_flags.READ_ONLY, 4)}
+            return {"": cl.Buffer(self.context, flags, hostbuf=data)}
+        parts = relayout_weight(array, layout)
+        mems = {name: cl.Buffer(self.context, flags, hostbuf=data) for name, data in parts.items()}
+        uint32 = cl.channel_type.UNSIGNED_INT32
+        mems["img_r32ui"] = cl.create_image(self.context, cl.mem_flags.READ_ONLY,
+                                            cl.ImageFormat(cl.channel_order.R, uint32),
+                                            shape=(layout.texels,), buffer=mems["q"])
+        mems["img_rgba32ui"] = cl.create_image(self.context, cl.mem_flags.READ_ONLY,
+                                               cl.ImageFormat(cl.channel_order.RGBA, uint32),
+                                               shape=(layout.texels // 4,), buffer=mems["q"])
+        return mems
+
+
+class OpenCLExecutable(Executable):
+    def __init__(self, backend: OpenCLBackend, program: OpenCLProgram, built):
+        import pyopencl as cl
+        self.backend = backend
+        self.graph = program.graph
+        self.program = program
+        self.planned_peak_bytes = program.plan.peak_bytes
+        self._queue = backend.queue
+        ctx = backend.context
+        self._lock = threading.Lock()
+        graph = program.graph
+        self._inputs = graph.inputs
+        self._outputs = [_storage(TensorType(n.dtype, n.shape)) for n in graph.outputs]
+        self._in_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(n.type), 4)) for n in graph.inputs]
+        self._out_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(n.type), 4)) for n in graph.outputs]
+        self._arena = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(program.plan.peak_bytes, 4))
+        self._status = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, 4) if program.status_messages else None
+        self._consts = []
+        for j, node in enumerate(program.constants):
+            data = graph.constant_data(node)
+            if node.attr("value") is not None:     # a literal: small, made afresh by each graph
+                self._consts.append({"": cl.Buffer(ctx, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
+                                                   hostbuf=np.ascontiguousarray(data))})
+            else:
+                self._consts.append(backend.weights.get(data, program.layouts.get(j)))
+        self.in_place_outputs = {k: self._inputs[i].name for k, i in program.in_place.items()}
+        self._kernels = []
+        for launch in program.launches:
+            kernel = cl.Kernel(built, launch.kernel)
+            kernel.set_args(*self._kernel_args(launch.args))
+            self._kernels.append(kernel)
+
+    def __repr__(self) -> str:
+        return (f"<OpenCLExecutable {self.graph.name!r}: {len(self.program.kernels)} kernels, "
+                f"{len(self.program.launches)} launches, arena {self.planned_peak_bytes} bytes>")
+
+    @property
+    def source(self) -> str:
+        return self.program.source
+
+    def _buffer(self, place: Place, part: str = ""):
+        if place.region == "in":
+            return self._in_bufs[place.index]
+        if place.region == "out":
+            return self._out_bufs[place.index]
+        if place.region == "const":
+            return self._consts[place.index][part]
+        return self._arena
+
+    def _kernel_args(self, args) -> list:
+        values = []
+        for arg in args:
+            if isinstance(arg, BufferArg):
+                values += [self._buffer(arg.place, arg.part), np.uint32(arg.place.offset)]
+            elif isinstance(arg, ImageArg):
+                values.append(self._consts[arg.index][f"img_{arg.format}"])
+            elif isinstance(arg, StatusArg):
+                values += [self._status, np.int32(arg.code)]
+            else:
+                raise EmberError(f"opencl backend: unknown kernel argument {arg!r}")
+        return values
+
+    def run(self, inputs: Mapping[str, np.ndarray],
+            outputs: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
+        import pyopencl as cl
+        arrays = self._checked_inputs(inputs)
+        results = self._output_arrays(outputs or {}, arrays)
+        status = np.zeros(1, np.int32)
+        queue = self._queue
+        with self._lock:
+            try:
+                for buf, arr in zip(self._in_bufs, arrays):
+                    if arr.nbytes:
+                        cl.enqueue_copy(queue, buf, arr, is_blocking=False)
+                if self._status is not None:
+                    cl.enqueue_copy(queue, self._status, status, is_blocking=False)
+                for kernel, launch in zip(self._kernels, self.program.launches):
+                    cl.enqueue_nd_range_kernel(queue, kernel, launch.global_size, launch.local_size)
+                for k, out in enumerate(results):
+                    if out.nbytes:
+                        source = self._in_bufs[self.program.in_place[k]] if k in self.program.in_place \
+                            else self._out_bufs[k]
+                        cl.enqueue_copy(queue, out, source, is_blocking=False)
+                if self._status is not None:
+                    cl.enqueue_copy(queue, status, self._status, is_blocking=False)
+                queue.finish()
+            except cl.Error as e:
+                raise EmberError(f"opencl backend: graph {self.graph.name!r}: running it failed: {e}") from e
+        if status[0]:
+            message = self.program.status_messages.get(int(status[0]), f"kernel status {status[0]}")
+            raise EmberError(f"opencl backend: graph {self.graph.name!r}: {message}")
+        return results
+
+    def profile(self, inputs: Mapping[str, np.ndarray], repeats: int = 1) -> list[tuple]:
+        """Run the graph `repeats` times (after one untimed run) and return, per launch, (Launch,
+        median seconds on the device), from the queue's event timestamps. Needs a backend made
+        with profiling=True."""
+        import pyopencl as cl
+        if not self.backend.profiling:
+            raise EmberError("opencl backend: profile() needs OpenCLBackend(profiling=True)")
+        self.run(inputs)
+        arrays = self._checked_inputs(inputs)
+        times = [[] for _ in self._kernels]
+        with self._lock:
+            for buf, arr in zip(self._in_bufs, arrays):
+                if arr.nbytes:
+                    cl.enqueue_copy(self._queue, buf, arr)
+            for _ in range(repeats):
+                events = [cl.enqueue_nd_range_kernel(self._queue, kernel, launch.global_size, launch.local_size)
+                          for kernel, launch in zip(self._kernels, self.program.launches)]
+                self._queue.finish()
+                for slot, event in zip(times, events):
+                    slot.append((event.profile.end - event.profile.start) * 1e-9)
+        return [(launch, float(np.median(t))) for launch, t in zip(self.program.launches, times)]
+
+    def _output_arrays(self, given: Mapping[int, np.ndarray], inputs: list[np.ndarray]) -> list[np.ndarray]:
+        arrays = []
+        for k, (shape, dtype) in enumerate(self._outputs):
+            out = given.get(k)
+            if out is None:
+                arrays.append(np.empty(shape, dtype))
+                continue
+            if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
+                raise EmberError(f"graph {self.graph.name!r}: output {k} must be a writable contiguous "
+                                 f"{dtype}{list(shape)} array, got {out.dtype}{list(out.shape)}")
+            for node, arr in zip(self._inputs, inputs):
+                if np.shares_memory(out, arr):
+                    same = arr.ctypes.data == out.ctypes.data and arr.nbytes == out.nbytes
+                    if not (same and self.in_place_outputs.get(k) == node.name):
+                        raise EmberError(f"graph {self.graph.name!r}: output {k} overlaps input "
+                                         f"{node.name!r}, which it may not update in place")
+            arrays.append(out)
+        return arrays
+
+    def _checked_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        names = [n.name for n in self._inputs]
+        missing = [n for n in names if n not in inputs]
+        unknown = [n for n in inputs if n not in names]
+        if missing or unknown:
+            parts = ([f"missing input(s) {missing}"] if missing else []) + \
+                    ([f"unknown input(s) {unknown}"] if unknown else [])
+            raise EmberError(f"graph {self.graph.name!r}: {'; '.join(parts)} (expected {names})")
+        arrays = []
+        for node in self._inputs:
+            value = np.asarray(inputs[node.name])
+            shape, dtype = _storage(node.type)
+            if value.shape != shape or value.dtype != dtype:
+                raise EmberError(f"graph {self.graph.name!r}: input {node.name!r} must be "
+                                 f"{node.type} (NumPy {dtype}{list(shape)}), got "
+                                 f"{value.dtype}{list(value.shape)}")
+            arrays.append(value if value.flags.c_contiguous else np.ascontiguousarray(value))
+        return arrays
+
+
+def _storage(t: TensorType) -> tuple[tuple, np.dtype]:
+    shape, _ = storage_layout(t)
+    return shape, t.dtype.numpy
+
+
+def _nbytes(t: TensorType) -> int:
+    return TensorType(t.dtype, t.shape).nbytes if t.shape else t.dtype.block_bytes
+
+
+__all__ = ["OpenCLBackend", "OpenCLExecutable", "WeightStore"]

@@ -1,0 +1,480 @@
+"""The Vulkan backend: a graph becomes shaders and a launch plan (ember.codegen.vulkan), SPIR-V
+(glslc, cached), pipelines, and ONE command buffer recorded at compile time and resubmitted on
+every run.
+
+An executable owns its buffers: the inputs packed into one buffer, the outputs into another,
+the arena, the status word and the renderer's tables; constants (weights) live in buffers the
+backend shares between executables (the step graphs of a session use the same weights), each
+uploaded once. Buffers are host-visible (on lavapipe all memory is), so a run is: copy the
+inputs in, reset the status word, submit, wait, check the status word, copy the outputs out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ember.backends.base import Backend, Executable
+from ember.backends.cpu.compiler import default_cache_dir
+from ember.backends.vulkan.compiler import SpirvCache, program_spirv
+from ember.codegen.vulkan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram, render_graph, supports_node
+from ember.errors import BackendUnavailable, EmberError
+from ember.ir.graph import Graph
+from ember.ir.node import Node
+from ember.ir.ops.views import storage_layout
+from ember.ir.types import TensorType
+
+REGION_ALIGNMENT = 256
+
+
+class VulkanBackend(Backend):
+    """options: device (index; default: the first GPU, else the CPU implementation),
+    features ("device": what the device reports; "baseline": no 8/16-bit storage, no
+    subgroup arithmetic and no texel buffers, the fallbacks every Vulkan 1.1 device runs),
+    cache_dir (SPIR-V and pipeline caches), glslc (the compiler's path), max_binding_bytes
+    (bind at most this many bytes at once, below the device's limits: tests the splitting of
+    big weights without big weights)."""
+
+    name = "vulkan"
+
+    def __init__(self, device: int | None = None, features: str = "device", cache_dir=None,
+                 glslc: str | None = None, max_binding_bytes: int | None = None):
+        if features not in ("device", "baseline"):
+            raise EmberError(f"vulkan backend: features must be 'device' or 'baseline', got {features!r}")
+        self.device_index = device
+        self.features = features
+        self.max_binding_bytes = max_binding_bytes
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.spirv_cache = SpirvCache(self.cache_dir / "vulkan" / "spirv", glslc)
+        self._device = None
+        self._constants = _ConstantStore()
+
+    def __repr__(self) -> str:
+        return f"<VulkanBackend device={self.device_index} features={self.features}>"
+
+    @property
+    def device(self):
+        """The Vulkan device (opened on first use)."""
+        if self._device is None:
+            from ember.backends.vulkan.device import get_device
+            self._device = get_device(self.device_index, self.cache_dir / "vulkan")
+        return self._device
+
+    @property
+    def caps(self) -> DeviceCaps:
+        caps = self.device.caps
+        if self.features == "baseline":
+            caps = dataclasses.replace(caps, storage8=False, storage16=False, subgroup_size=0,
+                                       texel_buffers=False, max_texel_bytes=0)
+        if self.max_binding_bytes:
+            caps = dataclasses.replace(caps, max_storage_range=min(caps.max_storage_range, self.max_binding_bytes),
+                                       max_texel_bytes=min(caps.max_texel_bytes, self.max_binding_bytes))
+        return caps
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            device = self.device
+        except BackendUnavailable as e:
+            return False, str(e)
+        if self.spirv_cache.glslc is None:
+            return False, (f"vulkan backend: device {device.name} found, but not the shader compiler "
+                           f"glslc (Debian/Ubuntu: `apt-get install glslc`)")
+        return True, ""
+
+    def supports_op(self, node: Node) -> tuple[bool, str]:
+        try:
+            caps = self.caps
+        except BackendUnavailable:
+            caps = BASELINE_CAPS
+        return supports_node(node, caps)
+
+    def compile(self, graph: Graph, **options) -> "VulkanExecutable":
+        if options:
+            raise EmberError(f"vulkan backend: unknown compile options {sorted(options)}")
+        self.require_available()
+        self.require_supported(graph)
+        program = render_graph(graph, self.caps)
+        spirv = program_spirv(program, self.spirv_cache)
+        return self._executable(graph, program, spirv)
+
+    def load_executable(self, graph: Graph, plan: dict, blobs: Mapping[str, bytes]) -> "VulkanExecutable":
+        """The executable of a launch plan and SPIR-V exported earlier
+        (ember.backends.vulkan.compiler.export_graph): no shader compiler. The graph is
+        rendered again (cheap) and must give the very same plan."""
+        if plan.get("format") != PLAN_FORMAT:
+            raise EmberError(f"vulkan: not a launch plan (format {plan.get('format')!r})")
+        caps = DeviceCaps.from_json(plan["caps"])
+        here = self.caps
+        if (caps.storage8 and not here.storage8) or (caps.storage16 and not here.storage16) or \
+                (caps.subgroup_size and caps.subgroup_size != here.subgroup_size) or \
+                (caps.texel_buffers and not here.texel_buffers) or caps.max_texel_bytes > here.max_texel_bytes or \
+                caps.max_storage_range > here.max_storage_range or here.offset_alignment > caps.offset_alignment \
+                or here.texel_alignment > caps.texel_alignment:
+            raise EmberError(f"vulkan: the plan was made for {caps.device} ({caps}); this device "
+                             f"({here}) cannot run it")
+        program = render_graph(graph, caps)
+        exported = ("file", "spirv_sha256")
+        stored = dict(plan, shaders=[{k: v for k, v in s.items() if k not in exported} for s in plan["shaders"]],
+                      regions=dict(plan["regions"], aux=[{k: v for k, v in a.items() if k != "file"}
+                                                         for a in plan["regions"]["aux"]]))
+        if stored != program.launch_plan():
+            raise EmberError(f"vulkan: the launch plan does not match graph {graph.name!r} as rendered now")
+        spirv = {}
+        for s, entry in zip(program.shaders, plan["shaders"]):
+            blob = blobs.get(entry.get("file", f"spirv/{s.sha256}.spv"))
+            if blob is None:
+                raise EmberError(f"vulkan: the plan's SPIR-V for {s.describe()} is missing")
+            if "spirv_sha256" in entry and hashlib.sha256(blob).hexdigest() != entry["spirv_sha256"]:
+                raise EmberError(f"vulkan: the SPIR-V of {s.describe()} does not match its checksum")
+            spirv[s.sha256] = blob
+        return self._executable(graph, program, spirv)
+
+    def _executable(self, graph, program, spirv) -> "VulkanExecutable":
+        device = self.device
+        pipelines = [device.pipeline(spirv[s.sha256], s.binding_kinds, s.push_bytes, s.describe())
+                     for s in program.shaders]
+        device.save_pipeline_cache()
+        return VulkanExecutable(self, graph, program, pipelines)
+
+
+class _ConstantStore:
+    """Device buffers of constant arrays, shared by executables and freed with the last user.
+    A read-only array that does not own its data (a weight in the memory-mapped GGUF) is found
+    by its identity; any other (an array a pass made anew, e.g. fused weights, or one a caller
+    may still change) by a digest of its bytes."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_identity: dict[tuple, str] = {}
+        self.entries: dict[str, list] = {}          # digest -> [buffer, users, arrays]
+
+    @staticmethod
+    def _identity(a: np.ndarray) -> tuple:
+        return (a.__array_interface__["data"][0], a.nbytes, a.dtype.str, a.shape, a.strides)
+
+    def acquire(self, device, array: np.ndarray):
+        data = np.ascontiguousarray(array)
+        with self.lock:
+            ident = self._identity(array)
+            immutable = not array.flags.writeable and not array.flags.owndata
+            digest = self.by_identity.get(ident) if immutable else None
+            if digest is None:
+                digest = hashlib.blake2b(data.view(np.uint8).reshape(-1), digest_size=20).hexdigest() + \
+                    f"/{data.nbytes}" if not immutable else f"id/{ident}"
+                if immutable:
+                    self.by_identity[ident] = digest
+            entry = self.entries.get(digest)
+            if entry is None:
+                buffer = device.buffer(data.nbytes)
+                buffer.array[:data.nbytes] = data.view(np.uint8).reshape(-1)
+                entry = self.entries[digest] = [buffer, 0, []]
+            entry[1] += 1
+            if immutable:
+                entry[2].append(array)   # keeps the identity valid while the entry lives
+            return digest, entry[0]
+
+    def release(self, digest: str):
+        with self.lock:
+            entry = self.entries.get(digest)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                for a in entry[2]:
+                    if self.by_identity.get(self._identity(a)) == digest:
+                        del self.by_identity[self._identity(a)]
+                del self.entries[digest]
+                entry[0].close()
+
+
+class VulkanExecutable(Executable):
+    def __init__(self, backend: VulkanBackend, graph: Graph, program: VulkanProgram, pipelines):
+        self.graph = graph
+        self.program = program
+        self.planned_peak_bytes = program.plan.peak_bytes
+        self.device = device = backend.device
+        self._lock = threading.Lock()
+        g = program.graph
+        self._inputs = g.inputs
+        self.in_place_outputs = {k: g.inputs[i].name for k, i in program.in_place.items()}
+        self._resources = []   # closed in reverse order
+        try:
+            self._allocate(backend, program)
+            self._record(pipelines)
+        except BaseException:
+            self.close()
+            raise
+        self._finalizer = weakref.finalize(self, _close_all, self._resources)
+
+    def __repr__(self) -> str:
+        return (f"<VulkanExecutable {self.graph.name!r}: {len(self.program.dispatches)} dispatches, "
+                f"{len(self.program.shaders)} shaders, {self.program.n_barriers} barriers, "
+                f"arena {self.planned_peak_bytes} bytes>")
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def _allocate(self, backend: VulkanBackend, program: VulkanProgram):
+        device = self.device
+        g = program.graph
+        self._regions: dict[tuple[str, int], tuple] = {}   # (region, index) -> (buffer, base)
+
+        def pack(region, count):
+            offsets, total = [], 0
+            for i in range(count):
+                offsets.append(total)
+                total += _round_up(max(program.region_bytes(region, i), 16), REGION_ALIGNMENT)
+            buffer = self._own(device.buffer(total))
+            for i, off in enumerate(offsets):
+                self._regions[(region, i)] = (buffer, off)
+            return buffer
+
+        pack("in", len(g.inputs))
+        pack("out", len(g.outputs))
+        pack("aux", len(program.aux))
+        for j, a in enumerate(program.aux):
+            buffer, off = self._regions[("aux", j)]
+            buffer.array[off:off + a.nbytes] = a.view(np.uint8).reshape(-1)
+        self._arena = self._own(device.buffer(program.plan.peak_bytes))
+        self._regions[("arena", 0)] = (self._arena, 0)
+        self._status = self._own(device.buffer(4))
+        self._regions[("status", 0)] = (self._status, 0)
+        self._status_word = self._status.view(0, (1,), np.uint32)
+        store = backend._constants
+        for j, node in enumerate(program.constants):
+            digest, buffer = store.acquire(device, g.constant_data(node))
+            self._resources.append(_Release(store, digest))
+            self._regions[("const", j)] = (buffer, 0)
+        # host views of the inputs and outputs
+        self._input_views = []
+        for i, node in enumerate(g.inputs):
+            shape, dtype = _storage(node.type)
+            buffer, off = self._regions[("in", i)]
+            self._input_views.append(buffer.view(off, shape, dtype))
+        self._output_specs = []
+        self._output_views = []
+        for k, node in enumerate(g.outputs):
+            shape, dtype = _storage(node.type)
+            src = program.output_sources[k]
+            buffer, off = self._regions[(src.region, src.index)]
+            self._output_specs.append((shape, dtype))
+            self._output_views.append(buffer.view(off + src.offset, shape, dtype))
+
+    def _own(self, resource):
+        self._resources.append(resource)
+        return resource
+
+    def _record(self, pipelines):
+        vk = self.device.vk
+        dev = self.device.handle
+        dispatches = self.program.dispatches
+        n_storage = sum(b.kind == "storage" for d in dispatches for b in d.bindings)
+        n_texel = sum(b.kind == "texel" for d in dispatches for b in d.bindings)
+        pool_sizes = [vk.VkDescriptorPoolSize(type=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+                                              descriptorCount=max(1, n_storage)),
+                      vk.VkDescriptorPoolSize(type=vk.VK_DESCRIPTOR_TYPE_UNIFORM_TEXEL_BUFFER,
+                                              descriptorCount=max(1, n_texel))]
+        pool_info = vk.VkDescriptorPoolCreateInfo(maxSets=max(1, len(dispatches)), poolSizeCount=2,
+                                                  pPoolSizes=pool_sizes)
+        pool = vk.vkCreateDescriptorPool(dev, pool_info, None)
+        self._resources.append(_Destroy(vk.vkDestroyDescriptorPool, dev, pool))
+        sets = []
+        if dispatches:
+            layouts = [pipelines[d.shader].set_layout for d in dispatches]
+            alloc = vk.VkDescriptorSetAllocateInfo(descriptorPool=pool, descriptorSetCount=len(layouts),
+                                                   pSetLayouts=layouts)
+            sets = vk.vkAllocateDescriptorSets(dev, alloc)
+            infos, writes, views = [], [], {}
+            for d, ds in zip(dispatches, sets):
+                for i, b in enumerate(d.bindings):
+                    buffer, base = self._regions[(b.region, b.index)]
+                    if b.kind == "texel":
+                        key = (id(buffer), base + b.offset, b.size)
+                        if key not in views:
+                            view_info = vk.VkBufferViewCreateInfo(buffer=buffer.handle, format=vk.VK_FORMAT_R32_UINT,
+                                                                  offset=base + b.offset, range=b.size)
+                            views[key] = vk.vkCreateBufferView(dev, view_info, None)
+                            self._resources.append(_Destroy(vk.vkDestroyBufferView, dev, views[key]))
+                        writes.append(vk.VkWriteDescriptorSet(
+                            dstSet=ds, dstBinding=i, descriptorCount=1,
+                            descriptorType=vk.VK_DESCRIPTOR_TYPE_UNIFORM_TEXEL_BUFFER,
+                            pTexelBufferView=[views[key]]))
+                        continue
+                    info = vk.VkDescriptorBufferInfo(buffer=buffer.handle, offset=base + b.offset, range=b.size)
+                    infos.append(info)
+                    writes.append(vk.VkWriteDescriptorSet(
+                        dstSet=ds, dstBinding=i, descriptorCount=1,
+                        descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, pBufferInfo=[info]))
+            vk.vkUpdateDescriptorSets(dev, len(writes), writes, 0, None)
+            del infos, writes, alloc
+
+        self._command_buffer = self.device.allocate_command_buffer()
+        self._resources.append(_FreeCommandBuffer(self.device, self._command_buffer))
+        cb = self._command_buffer
+        vk.vkBeginCommandBuffer(cb, vk.VkCommandBufferBeginInfo())
+        compute = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT
+        between = vk.VkMemoryBarrier(srcAccessMask=vk.VK_ACCESS_SHADER_WRITE_BIT,
+                                     dstAccessMask=vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT)
+        bound = None
+        for d, ds in zip(dispatches, sets):
+            pipeline = pipelines[d.shader]
+            if d.barrier:
+                vk.vkCmdPipelineBarrier(cb, compute, compute, 0, 1, [between], 0, None, 0, None)
+            if bound is not pipeline:
+                vk.vkCmdBindPipeline(cb, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
+                bound = pipeline
+            vk.vkCmdBindDescriptorSets(cb, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.layout, 0, 1, [ds], 0, None)
+            if d.push:
+                push = vk.ffi.from_buffer(d.push)
+                vk.vkCmdPushConstants(cb, pipeline.layout, vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(d.push), push)
+            vk.vkCmdDispatch(cb, *d.groups)
+        to_host = vk.VkMemoryBarrier(srcAccessMask=vk.VK_ACCESS_SHADER_WRITE_BIT,
+                                     dstAccessMask=vk.VK_ACCESS_HOST_READ_BIT)
+        vk.vkCmdPipelineBarrier(cb, compute, vk.VK_PIPELINE_STAGE_HOST_BIT, 0, 1, [to_host], 0, None, 0, None)
+        vk.vkEndCommandBuffer(cb)
+        fence_info = vk.VkFenceCreateInfo()
+        self._fence = vk.vkCreateFence(dev, fence_info, None)
+        self._resources.append(_Destroy(vk.vkDestroyFence, dev, self._fence))
+        self._pipelines = pipelines   # kept alive with the command buffer that uses them
+        self._sets = sets
+
+    # ---- running -----------------------------------------------------------------------------
+    def run(self, inputs: Mapping[str, np.ndarray],
+            outputs: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
+        arrays = self._checked_inputs(inputs)
+        given = outputs or {}
+        with self._lock:
+            for view, value in zip(self._input_views, arrays):
+                view[...] = value
+            self._status_word[0] = 0
+            self.device.submit_and_wait(self._command_buffer, self._fence)
+            status = int(self._status_word[0])
+            if status:
+                message = self.program.status_messages.get(status, f"kernel status {status}")
+                raise EmberError(f"vulkan backend: graph {self.graph.name!r}: {message}")
+            results = []
+            for k, ((shape, dtype), view) in enumerate(zip(self._output_specs, self._output_views)):
+                out = given.get(k)
+                if out is None:
+                    out = np.empty(shape, dtype)
+                else:
+                    self._check_output(k, out, shape, dtype, arrays)
+                out[...] = view
+                results.append(out)
+        return results
+
+    def profile(self, inputs: Mapping[str, np.ndarray], repeat: int = 1) -> list[tuple[str, str, float]]:
+        """(op, label, seconds) of each dispatch, each submitted alone (after the ones before it,
+        so its inputs are real) and timed on the host: the mean of `repeat` submits. Slower than
+        run (a submit per dispatch); for benchmarks."""
+        arrays = self._checked_inputs(inputs)
+        with self._lock:
+            for view, value in zip(self._input_views, arrays):
+                view[...] = value
+            self._status_word[0] = 0
+            if not hasattr(self, "_single"):
+                self._single = [self._record_one(i) for i in range(len(self.program.dispatches))]
+            times = []
+            for d, cb in zip(self.program.dispatches, self._single):
+                start = time.perf_counter()
+                for _ in range(repeat):
+                    self.device.submit_and_wait(cb, self._fence)
+                times.append((d.op, d.label, (time.perf_counter() - start) / repeat))
+        return times
+
+    def _record_one(self, i: int):
+        vk = self.device.vk
+        d = self.program.dispatches[i]
+        pipeline = self._pipelines[d.shader]
+        cb = self.device.allocate_command_buffer()
+        self._resources.append(_FreeCommandBuffer(self.device, cb))
+        vk.vkBeginCommandBuffer(cb, vk.VkCommandBufferBeginInfo())
+        vk.vkCmdBindPipeline(cb, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
+        vk.vkCmdBindDescriptorSets(cb, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.layout, 0, 1,
+                                   [self._sets[i]], 0, None)
+        if d.push:
+            vk.vkCmdPushConstants(cb, pipeline.layout, vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(d.push),
+                                  vk.ffi.from_buffer(d.push))
+        vk.vkCmdDispatch(cb, *d.groups)
+        vk.vkEndCommandBuffer(cb)
+        return cb
+
+    def _check_output(self, k, out, shape, dtype, inputs):
+        if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
+            raise EmberError(f"graph {self.graph.name!r}: output {k} must be a writable contiguous "
+                             f"{dtype}{list(shape)} array, got {out.dtype}{list(out.shape)}")
+        for node, arr in zip(self._inputs, inputs):
+            if np.shares_memory(out, arr):
+                same = arr.ctypes.data == out.ctypes.data and arr.nbytes == out.nbytes
+                if not (same and self.in_place_outputs.get(k) == node.name):
+                    raise EmberError(f"graph {self.graph.name!r}: output {k} overlaps input "
+                                     f"{node.name!r}, which it may not update in place")
+
+    def _checked_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        names = [n.name for n in self._inputs]
+        missing = [n for n in names if n not in inputs]
+        unknown = [n for n in inputs if n not in names]
+        if missing or unknown:
+            parts = ([f"missing input(s) {missing}"] if missing else []) + \
+                    ([f"unknown input(s) {unknown}"] if unknown else [])
+            raise EmberError(f"graph {self.graph.name!r}: {'; '.join(parts)} (expected {names})")
+        arrays = []
+        for node in self._inputs:
+            value = np.asarray(inputs[node.name])
+            shape, dtype = _storage(node.type)
+            if value.shape != shape or value.dtype != dtype:
+                raise EmberError(f"graph {self.graph.name!r}: input {node.name!r} must be "
+                                 f"{node.type} (NumPy {dtype}{list(shape)}), got "
+                                 f"{value.dtype}{list(value.shape)}")
+            arrays.append(value)
+        return arrays
+
+    def close(self):
+        """Free the executable's device objects now (else when it is garbage collected)."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        else:
+            _close_all(self._resources)
+
+
+def _close_all(resources: list):
+    while resources:
+        resources.pop().close()
+
+
+class _Destroy:
+    def __init__(self, fn, device, handle):
+        self.fn, self.device, self.handle = fn, device, handle
+
+    def close(self):
+        self.fn(self.device, self.handle, None)
+
+
+class _FreeCommandBuffer:
+    def __init__(self, device, cb):
+        self.device, self.cb = device, cb
+
+    def close(self):
+        self.device.free_command_buffer(self.cb)
+
+
+class _Release:
+    def __init__(self, store: _ConstantStore, digest: str):
+        self.store, self.digest = store, digest
+
+    def close(self):
+        self.store.release(self.digest)
+
+
+def _storage(t: TensorType) -> tuple[tuple, np.dtype]:
+    shape, _ = storage_layout(t)
+    return shape, t.dtype.numpy
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m

@@ -1,0 +1,982 @@
+"""The Vulkan renderer: a whole graph -> GLSL compute shaders and a launch plan.
+
+A `VulkanProgram` is what a Vulkan runtime needs to run one graph: the distinct shaders (each
+rendered from templates/vulkan/<op>.comp.j2 and starting with a comment naming its template and
+parameters), and the dispatches in order, each with its shader, its buffer bindings (a region, a
+byte offset aligned for the device and a size), its push constants (packed bytes) and its
+work-group counts, plus whether a barrier must come before it. `launch_plan()` gives all of it
+as JSON-able data, so a deployed runtime can run stored SPIR-V without a shader compiler.
+
+Shaders are generic over shapes: sizes, element offsets and strides come in push constants, so
+a model needs only a few dozen shaders; types, work-group sizes and device features are template
+parameters. The device features a shader may use are a `DeviceCaps` (8-/16-bit storage,
+subgroup arithmetic, the largest storage-buffer binding, the binding-offset alignment).
+
+Where values live follows the CPU renderer: the memory plan (ember.runtime.memory_plan) puts
+intermediates in one arena; inputs, outputs and constants have regions of their own; views are
+an offset and strides into their operand's region. A set_rows that updates a graph input read by
+nothing else writes into that input's region (the output is read back from there). A weight
+larger than one binding (maxStorageBufferRange) is bound in ranges of rows, one dispatch each.
+
+Imports jinja2, NumPy and ember only: no Vulkan, no shader compiler.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jinja2
+import numpy as np
+
+from ember.errors import EmberError
+from ember.ir.graph import Graph
+from ember.ir.node import Node
+from ember.ir.ops import OPS
+from ember.ir.ops.elementwise import BINARY, GATED, UNARY
+from ember.ir.printer import format_value, value_names
+from ember.ir.types import TensorType
+from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
+
+TEMPLATE_DIR = Path(__file__).parent / "templates" / "vulkan"
+PLAN_FORMAT = "ember-vulkan-launch-plan"
+PLAN_VERSION = 1
+ARENA_ALIGNMENT = 64
+
+# Elementwise ops as GLSL of the f32 operands a (and b); p0, p1 are push constants.
+ELTWISE_GLSL = {
+    "add": "a + b",
+    "sub": "a - b",
+    "mul": "a * b",
+    "div": "a / b",
+    "neg": "-a",
+    "exp": "exp(a)",
+    "tanh": "tanh_stable(a)",
+    "sqrt": "sqrt(a)",
+    "rsqrt": "1.0 / sqrt(a)",
+    "silu": "a / (1.0 + exp(-a))",
+    "gelu": "gelu_tanh(a)",
+    "relu": "a < 0.0 ? 0.0 : a",
+    "sigmoid": "1.0 / (1.0 + exp(-a))",
+    "softplus": "max(a, 0.0) + log1p_stable(exp(-abs(a)))",
+    "swiglu": "a / (1.0 + exp(-a)) * b",
+    "geglu": "gelu_tanh(a) * b",
+    "scale": "a * pc.p0 + pc.p1",
+    "clamp": "min(max(a, pc.p0), pc.p1)",
+}
+assert set(ELTWISE_GLSL) == set(BINARY) | set(UNARY) | set(GATED) | {"scale", "clamp"}, \
+    "an elementwise op has no GLSL form"
+
+ROW_OPS = ("rms_norm", "rms_norm_mul", "layer_norm", "sum_rows", "argmax")
+FLOAT_KINDS = ("f32", "f16", "bf16")
+RAW_KIND = {4: "u32", 2: "u16", 1: "u8"}
+MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
+
+
+# ---- the device, as the renderer sees it ---------------------------------------------------
+@dataclass(frozen=True)
+class DeviceCaps:
+    """The features and limits of a Vulkan device that shaders and launch plans depend on."""
+    device: str = "generic"
+    storage8: bool = True            # storageBuffer8BitAccess
+    storage16: bool = True           # storageBuffer16BitAccess
+    subgroup_size: int = 0           # with subgroup arithmetic in compute shaders; 0: none
+    max_storage_range: int = 1 << 27  # maxStorageBufferRange
+    offset_alignment: int = 16       # minStorageBufferOffsetAlignment
+    push_bytes: int = 128            # maxPushConstantsSize
+    max_group_count: int = 65535     # maxComputeWorkGroupCount[0] (and [1])
+    texel_buffers: bool = False      # R32_UINT uniform texel buffers (weights read through them)
+    max_texel_bytes: int = 0         # 4 * maxTexelBufferElements
+    texel_alignment: int = 16        # minTexelBufferOffsetAlignment
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DeviceCaps":
+        return cls(**data)
+
+
+# The features every Vulkan 1.1 compute device has: no 8/16-bit storage, no subgroup arithmetic.
+BASELINE_CAPS = DeviceCaps("baseline", storage8=False, storage16=False, subgroup_size=0)
+
+
+# ---- templates -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)
+
+
+def kernel_templates() -> list[str]:
+    """The kernel templates (not the shared includes, whose names start with `_`)."""
+    return sorted(p.name for p in TEMPLATE_DIR.glob("*.comp.j2") if not p.name.startswith("_"))
+
+
+@dataclass(frozen=True)
+class Shader:
+    """One compute shader: rendered GLSL and what a pipeline for it needs."""
+    template: str
+    params: tuple            # sorted (name, value) pairs, as in the header comment
+    source: str
+    binding_kinds: tuple     # "storage" or "texel", for bindings 0, 1, ...
+    push_fields: tuple       # (name, glsl type) in packing order, 4 bytes each
+
+    @property
+    def bindings(self) -> int:
+        return len(self.binding_kinds)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return f"{self.template.split('.')[0]}_{self.sha256[:12]}"
+
+    @property
+    def push_bytes(self) -> int:
+        return 4 * len(self.push_fields)
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in self.params)
+        return f"template {self.template} ({shown})"
+
+
+def render_shader(template: str, params: dict, push_fields, bindings) -> Shader:
+    """Render a kernel template. params must hold the feature parameters (wg, storage8,
+    storage16, subgroup) and the template's own; push_fields the push-constant block;
+    bindings the kind of each binding ("storage" or "texel"), or their number (all storage)."""
+    kinds = ("storage",) * bindings if isinstance(bindings, int) else tuple(bindings)
+    return _render_shader(template, tuple(sorted(params.items())), tuple(push_fields), kinds)
+
+
+@functools.lru_cache(maxsize=4096)
+def _render_shader(template: str, shown: tuple, push_fields: tuple, kinds: tuple) -> Shader:
+    params = dict(shown)
+    body = _environment().get_template(template).render(push=list(push_fields), **params)
+    comment = (f"// ember vulkan kernel: template {template}\n"
+               f"// params: {', '.join(f'{k}={v}' for k, v in shown)}\n"
+               f"// push constants: {', '.join(n for n, _ in push_fields)}; bindings: {', '.join(kinds)}\n")
+    return Shader(template, shown, comment + body, kinds, tuple(push_fields))
+
+
+# ---- where values live ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Place:
+    """Bytes of a region at an offset. Regions: in, out, const, aux (tables the renderer
+    makes), arena, status (one u32 an erring kernel sets)."""
+    region: str
+    index: int = 0
+    offset: int = 0
+
+    def shifted(self, by: int) -> "Place":
+        return Place(self.region, self.index, self.offset + by)
+
+
+@dataclass(frozen=True)
+class Binding:
+    region: str
+    index: int
+    offset: int      # bytes from the region's start, a multiple of the device's alignment
+    size: int        # bytes
+    kind: str = "storage"   # a storage buffer, or a uniform texel buffer of R32_UINT words
+
+    def to_json(self) -> list:
+        return [self.region, self.index, self.offset, self.size, self.kind]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    shader: int                       # index into VulkanProgram.shaders
+    bindings: tuple[Binding, ...]
+    push: bytes
+    groups: tuple[int, int, int]
+    barrier: bool                     # a memory barrier between this and the dispatches before
+    label: str                        # the node it computes, as printed
+    op: str
+    reads: tuple = ()                 # (region, index, lo, hi) byte ranges, for the barriers
+    writes: tuple = ()
+
+
+@dataclass(frozen=True)
+class VulkanProgram:
+    graph: Graph
+    caps: DeviceCaps
+    shaders: tuple[Shader, ...]
+    dispatches: tuple[Dispatch, ...]
+    plan: MemoryPlan
+    constants: tuple[Node, ...]             # region const j holds constants[j]'s data
+    aux: tuple[np.ndarray, ...]             # region aux j holds aux[j]'s bytes
+    output_sources: tuple[Place, ...]       # where output k is read back from
+    in_place: dict                          # output index -> input index it is read from
+    status_messages: dict                   # status code -> message
+
+    @property
+    def n_barriers(self) -> int:
+        return sum(d.barrier for d in self.dispatches)
+
+    def region_bytes(self, region: str, index: int = 0) -> int:
+        """Bytes of a region, as the runtime must allocate it (at least this)."""
+        if region == "in":
+            return _storage_bytes(self.graph.inputs[index].type)
+        if region == "out":
+            return _storage_bytes(self.graph.outputs[index].type)
+        if region == "const":
+            return _storage_bytes(self.constants[index].type)
+        if region == "aux":
+            return self.aux[index].nbytes
+        if region == "arena":
+            return self.plan.peak_bytes
+        if region == "status":
+            return 4
+        raise ValueError(f"unknown region {region!r}")
+
+    def launch_plan(self) -> dict:
+        """Everything a Vulkan runtime needs besides the SPIR-V (named by each shader's
+        sha256) and the constants' data, as JSON-able data."""
+        g = self.graph
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "graph": g.name,
+            "caps": self.caps.to_json(),
+            "shaders": [{"name": s.name, "template": s.template, "params": [list(p) for p in s.params],
+                         "sha256": s.sha256, "bindings": list(s.binding_kinds), "push_bytes": s.push_bytes}
+                        for s in self.shaders],
+            "regions": {
+                "arena": self.plan.peak_bytes,
+                "status": 4,
+                "inputs": [{"name": n.name, "dtype": n.dtype.name, "shape": list(n.shape),
+                            "bytes": _storage_bytes(n.type)} for n in g.inputs],
+                "outputs": [{"dtype": n.dtype.name, "shape": list(n.shape), "bytes": _storage_bytes(n.type),
+                             "source": [p.region, p.index, p.offset]}
+                            for n, p in zip(g.outputs, self.output_sources)],
+                "constants": [{"name": n.name, "dtype": n.dtype.name, "shape": list(n.shape),
+                               "bytes": _storage_bytes(n.type)} for n in self.constants],
+                "aux": [{"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+                        for a in self.aux],
+            },
+            "dispatches": [{"shader": d.shader, "groups": list(d.groups), "push": d.push.hex(),
+                            "bindings": [b.to_json() for b in d.bindings], "barrier": d.barrier,
+                            "label": d.label} for d in self.dispatches],
+            "in_place": {str(k): g.inputs[i].name for k, i in self.in_place.items()},
+            "status_messages": {str(k): v for k, v in self.status_messages.items()},
+        }
+
+
+def _storage_bytes(t: TensorType) -> int:
+    return t.dtype.block_bytes if not t.shape else t.nbytes
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _unit(dt) -> int:
+    """The size of the items a kernel addresses a tensor by: its element, or a byte of blocks."""
+    return 1 if dt.is_quantized else dt.block_bytes
+
+
+def _span(t: TensorType) -> int:
+    return t.dtype.block_bytes if not t.shape else t.span_bytes
+
+
+def _dims4(shape, strides, unit: int):
+    """(ne0..ne3, s0..s3): sizes innermost first, padded to 4, strides in units."""
+    if len(shape) > 4:
+        raise EmberError(f"vulkan: rank {len(shape)} > 4")
+    for s in strides:
+        if s % unit:
+            raise EmberError(f"vulkan: stride {s} is not a multiple of the item size {unit}")
+    ne = list(reversed(shape)) + [1] * (4 - len(shape))
+    st = [s // unit for s in reversed(strides)] + [0] * (4 - len(strides))
+    return ne, st
+
+
+def broadcast_strides(small: TensorType, shape) -> tuple[int, ...]:
+    """Strides that read `small` as if broadcast to `shape` (zero along broadcast dims)."""
+    pad = len(shape) - small.rank
+    return tuple(0 for _ in range(pad)) + tuple(
+        0 if s == 1 and big != 1 else st for s, st, big in zip(small.shape, small.strides, shape[pad:]))
+
+
+def rope_table(node: Node) -> np.ndarray:
+    """freq_scale * freq_base^(-2i/n_dims), computed in float64, stored as f32 (hi, lo) pairs."""
+    n_dims = node.attr("n_dims") or node.inputs[0].shape[2]
+    f = node.attr("freq_scale") * node.attr("freq_base") ** (-np.arange(0, n_dims, 2, dtype=np.float64) / n_dims)
+    hi = f.astype(np.float32)
+    lo = (f - hi.astype(np.float64)).astype(np.float32)
+    return np.stack([hi, lo], axis=1).reshape(-1)
+
+
+# ---- support -----------------------------------------------------------------------------------
+def _splittable_rows(node: Node) -> Node | None:
+    """The operand of node that may be bound in ranges of rows (a big weight), if any."""
+    if node.op == "mul_mat" and all(s == 1 for s in node.inputs[1].shape[:-2]):
+        return node.inputs[1]
+    if node.op == "get_rows":
+        return node.inputs[0]
+    return None
+
+
+def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
+    """Whether the Vulkan renderer handles node on a device with caps."""
+    if node.op not in OPS:
+        return False, f"{node.op}: unknown op"
+    if node.op in ("input", "const") or is_view(node):
+        return True, ""
+    if not hasattr(_Renderer, f"_render_{_KIND.get(node.op, node.op)}"):
+        return False, f"{node.op}: no Vulkan kernel"
+    limit = caps.max_storage_range
+    big = _splittable_rows(node)
+    for k, operand in enumerate(node.inputs):
+        t = operand.type
+        if operand is big:   # bound in ranges of whole rows: one row must fit
+            row = t.dtype.row_bytes(t.shape[-1]) if t.dtype.is_quantized else \
+                (t.shape[-1] - 1) * t.strides[-1] + t.dtype.block_bytes
+            if row > max(limit, caps.max_texel_bytes):
+                return False, (f"{node.op}: one row of operand {k} ({row} bytes) exceeds the device's "
+                               f"maxStorageBufferRange {limit}")
+        elif _span(t) > limit and not (node.op == "mul_mat" and k == 0 and _mul_mat_t_splits(node, caps)):
+            return False, (f"{node.op}: operand {k} spans {_span(t)} bytes, more than the device's "
+                           f"maxStorageBufferRange {limit}")
+    if _span(node.type) > limit and not (node.op == "mul_mat" and _mul_mat_t_splits(node, caps)):
+        return False, (f"{node.op}: the result spans {_span(node.type)} bytes, more than the device's "
+                       f"maxStorageBufferRange {limit}")
+    if node.op == "mul_mat":
+        w = node.inputs[1]
+        if w.dtype.name not in MATMUL_WTYPES:
+            return False, f"mul_mat: w dtype {w.dtype} unsupported"
+        if w.shape[-1] == 0:
+            return False, "mul_mat: K == 0 unsupported"
+    return True, ""
+
+
+def _mul_mat_t_splits(node: Node, caps: DeviceCaps) -> bool:
+    """A mul_mat with one batch whose x or y is too big for a binding is split over tokens."""
+    x = node.inputs[0].type
+    batches = math.prod(x.shape[:-2]) if x.rank > 2 else 1
+    return batches == 1 and node.type.shape[-1] * 4 <= caps.max_storage_range and \
+        (x.strides[-2] if x.rank >= 2 else 0) + x.shape[-1] * x.dtype.block_bytes <= caps.max_storage_range
+
+
+# ---- the renderer ------------------------------------------------------------------------------
+class _Renderer:
+    def __init__(self, graph: Graph, caps: DeviceCaps):
+        if graph.has_dead_nodes:
+            graph = graph.replace()
+        self.graph = graph
+        self.caps = caps
+        self.names = value_names(graph)
+        self.plan = plan_memory(graph, alignment=ARENA_ALIGNMENT)
+        self.places: dict[Node, Place] = {}
+        self.constants: list[Node] = []
+        self.aux: list[np.ndarray] = []
+        self.aux_index: dict[bytes, int] = {}
+        self.shaders: list[Shader] = []
+        self.shader_index: dict[str, int] = {}
+        self.dispatches: list[Dispatch] = []
+        self.status_messages: dict[int, str] = {}
+        self.in_place: dict[int, int] = {}
+        self.output_sources: list[Place] = [Place("out", k) for k in range(len(graph.outputs))]
+
+    def describe(self, node: Node) -> str:
+        args = ", ".join(f"%{self.names[i]}" for i in node.inputs)
+        attrs = "".join(f", {k}={format_value(v)}" for k, v in node.attrs)
+        return f"%{self.names[node]} = {node.op}({args}{attrs}) : {node.type}"
+
+    # ---- places ------------------------------------------------------------------------------
+    def assign_places(self):
+        first_output: dict[Node, int] = {}
+        for k, out in enumerate(self.graph.outputs):
+            first_output.setdefault(out, k)
+        for i, node in enumerate(self.graph.inputs):
+            self.places[node] = Place("in", i)
+        for node in self.graph.nodes:
+            if node in self.places:
+                continue
+            if node.op == "const":
+                self.places[node] = Place("const", len(self.constants))
+                self.constants.append(node)
+            elif is_view(node):
+                offset = node.attr("offset", 0) if node.op == "view" else 0
+                self.places[node] = self.places[node.inputs[0]].shifted(offset)
+            elif node in first_output:
+                k = first_output[node]
+                dst = node.inputs[0] if node.op == "set_rows" else None
+                if dst is not None and dst.op == "input" and self.graph.users[dst] == (node,) \
+                        and dst.type == node.type:
+                    # The cache is updated where it lies: in its input's region.
+                    i = self.graph.inputs.index(dst)
+                    self.places[node] = Place("in", i)
+                    self.output_sources[k] = Place("in", i)
+                    self.in_place[k] = i
+                else:
+                    self.places[node] = Place("out", k)
+            else:
+                self.places[node] = Place("arena", 0, self.plan.offsets[node])
+
+    # ---- dispatches --------------------------------------------------------------------------
+    def bind(self, place: Place, span: int, unit: int, what: str, kind: str = "storage") -> tuple[Binding, int]:
+        """A binding that covers span bytes at place, and place's offset in it, in units."""
+        texel = kind == "texel"
+        align = max(self.caps.offset_alignment, self.caps.texel_alignment) if texel else self.caps.offset_alignment
+        limit = self.caps.max_texel_bytes if texel else self.caps.max_storage_range
+        start = place.offset - place.offset % align
+        rel = place.offset - start
+        if rel % unit:
+            raise EmberError(f"vulkan: {what} at byte offset {place.offset} is not aligned to its "
+                             f"{unit}-byte items")
+        size = _round_up(max(rel + span, 4), 4)
+        if size > limit:
+            raise EmberError(f"vulkan: {what} spans {size} bytes, more than one {kind} binding "
+                             f"allows ({limit})")
+        return Binding(place.region, place.index, start, size, kind), rel // unit
+
+    def operand(self, node: Node, unit: int | None = None, what: str = "operand", kind: str = "storage"):
+        """(binding, offset in units) of a node's data."""
+        unit = unit or _unit(node.dtype)
+        return self.bind(self.places[node], _span(node.type), unit, what, kind)
+
+    def shader(self, template: str, params: dict, push_fields, bindings) -> int:
+        features = dict(storage8=self.caps.storage8, storage16=self.caps.storage16,
+                        subgroup=self.caps.subgroup_size)
+        features.update(params)
+        shader = render_shader(template, features, push_fields, bindings)
+        index = self.shader_index.get(shader.source)
+        if index is None:
+            index = self.shader_index[shader.source] = len(self.shaders)
+            self.shaders.append(shader)
+        return index
+
+    def dispatch(self, node: Node, template: str, params: dict, bindings: list[Binding], push: dict,
+                 groups: int, reads: list[Binding], writes: list[Binding]):
+        fields = [(name, "float" if isinstance(v, float) else "uint") for name, v in push.items()]
+        packed = b"".join(struct.pack("<f", v) if isinstance(v, float) else struct.pack("<I", v)
+                          for v in push.values())
+        if len(packed) > self.caps.push_bytes:
+            raise EmberError(f"vulkan: {template} needs {len(packed)} bytes of push constants, "
+                             f"the device allows {self.caps.push_bytes}")
+        for name, v in push.items():
+            if not isinstance(v, float) and not 0 <= v < 1 << 32:
+                raise EmberError(f"vulkan: {self.describe(node)}: push constant {name}={v} out of range")
+        index = self.shader(template, params, fields, [b.kind for b in bindings])
+        self.dispatches.append(Dispatch(index, tuple(bindings), packed, self.grid(groups, node), False,
+                                        self.describe(node), node.op,
+                                        tuple(_extent(b) for b in reads), tuple(_extent(b) for b in writes)))
+
+    def grid(self, groups: int, node: Node) -> tuple[int, int, int]:
+        limit = self.caps.max_group_count
+        x = max(1, min(groups, limit))
+        y = -(-groups // x)
+        if y > limit:
+            raise EmberError(f"vulkan: {self.describe(node)} needs {groups} work groups, more than "
+                             f"{limit} x {limit}")
+        return (x, y, 1)
+
+    def status_code(self, node: Node, what: str) -> int:
+        code = len(self.status_messages) + 1
+        self.status_messages[code] = f"{self.describe(node)}: {what}"
+        return code
+
+    def aux_table(self, data: np.ndarray) -> int:
+        key = data.tobytes()
+        if key not in self.aux_index:
+            self.aux_index[key] = len(self.aux)
+            self.aux.append(data)
+        return self.aux_index[key]
+
+    # ---- the program -------------------------------------------------------------------------
+    def render(self) -> VulkanProgram:
+        self.assign_places()
+        for node in self.graph.nodes:
+            if node.op not in ("input", "const") and not is_view(node) and node.type.numel:
+                getattr(self, f"_render_{_KIND.get(node.op, node.op)}")(node)
+            for k, out in enumerate(self.graph.outputs):
+                if out is node and self.output_sources[k] != self.places[node] and node.type.numel:
+                    self.copy(node, node, Place("out", k), TensorType(node.dtype, node.shape))
+        return VulkanProgram(self.graph, self.caps, tuple(self.shaders), tuple(self.schedule()), self.plan,
+                             tuple(self.constants), tuple(self.aux), tuple(self.output_sources),
+                             dict(self.in_place), dict(self.status_messages))
+
+    def schedule(self) -> list[Dispatch]:
+        """A barrier before any dispatch that touches what the dispatches since the last barrier
+        wrote, or writes what they touched."""
+        out, epoch_reads, epoch_writes = [], [], []
+        for d in self.dispatches:
+            hazard = any(_overlap(w, e) for w in d.writes for e in epoch_reads + epoch_writes) or \
+                any(_overlap(r, e) for r in d.reads for e in epoch_writes)
+            if hazard:
+                epoch_reads, epoch_writes = [], []
+            out.append(Dispatch(d.shader, d.bindings, d.push, d.groups, hazard and bool(out), d.label,
+                                d.op, d.reads, d.writes))
+            epoch_reads += d.reads
+            epoch_writes += d.writes
+        return out
+
+    # ---- copies ------------------------------------------------------------------------------
+    def copy(self, node: Node, src: Node, dst: Place, dst_type: TensorType):
+        """A copy dispatch (for node): src's data into a tensor of dst_type at dst. Floats of
+        different types are converted; anything else moves as raw items of 4, 2 or 1 bytes
+        (quantized rows as the widest items their offsets and strides allow)."""
+        s, d = src.type, dst_type
+        shape, s_strides, d_strides = s.shape or (1,), s.strides or (s.dtype.block_bytes,), \
+            d.strides or (d.dtype.block_bytes,)
+        if s.dtype.is_quantized:
+            row = s.dtype.row_bytes(s.shape[-1])
+            values = (row, self.places[src].offset, dst.offset, *s.strides[:-1], *d.strides[:-1])
+            unit = next(u for u in (4, 2, 1) if all(v % u == 0 for v in values))
+            shape = s.shape[:-1] + (row // unit,)
+            s_strides, d_strides = s.strides[:-1] + (unit,), d.strides[:-1] + (unit,)
+            src_kind = dst_kind = RAW_KIND[unit]
+            s_unit = d_unit = unit
+        elif s.dtype == d.dtype or not s.dtype.is_float:
+            s_unit = d_unit = s.dtype.block_bytes
+            src_kind = dst_kind = RAW_KIND[s_unit]
+        else:
+            src_kind, dst_kind = s.dtype.name, d.dtype.name
+            s_unit, d_unit = s.dtype.block_bytes, d.dtype.block_bytes
+        ne, ss = _dims4(shape, s_strides, s_unit)
+        _, ds = _dims4(shape, d_strides, d_unit)
+        sb, s_off = self.bind(self.places[src], _span(s), s_unit, "copy source")
+        db, d_off = self.bind(dst, _span(d), d_unit, "copy destination")
+        n = math.prod(ne)
+        wg, per_thread = 128, 4
+        push = dict(n=n, ne0=ne[0], ne1=ne[1], ne2=ne[2], s_off=s_off, s_s0=ss[0], s_s1=ss[1], s_s2=ss[2],
+                    s_s3=ss[3], d_off=d_off, d_s0=ds[0], d_s1=ds[1], d_s2=ds[2], d_s3=ds[3])
+        self.dispatch(node, "copy.comp.j2", dict(wg=wg, per_thread=per_thread, src=src_kind, dst=dst_kind),
+                      [sb, db], push, -(-n // (wg * per_thread)), reads=[sb], writes=[db])
+
+    def _render_cont(self, node: Node):
+        self.copy(node, node.inputs[0], self.places[node], node.type)
+
+    _render_cast = _render_cont
+
+    def _render_concat(self, node: Node):
+        a, b = node.inputs
+        axis = node.attr("axis") % node.type.rank
+        out = node.type
+        for part, start in ((a, 0), (b, a.shape[axis])):
+            if part.type.numel:
+                dst = TensorType(out.dtype, part.shape, out.strides)
+                self.copy(node, part, self.places[node].shifted(start * out.strides[axis]), dst)
+
+    # ---- elementwise -------------------------------------------------------------------------
+    def _render_eltwise(self, node: Node):
+        operands = list(node.inputs)
+        shape = node.shape
+        params = dict(wg=128, per_thread=4, op=node.op, arity=len(operands), expr=ELTWISE_GLSL[node.op])
+        bindings, push = [], {}
+        ne, _ = _dims4(shape, (), 4)
+        push.update(n=node.type.numel, ne0=ne[0], ne1=ne[1], ne2=ne[2])
+        for name, o in zip("ab", operands):
+            strides = o.type.strides if name == "a" else broadcast_strides(o.type, shape)
+            _, st = _dims4(shape, strides, 4)
+            b, off = self.operand(o)
+            bindings.append(b)
+            push.update({f"{name}_off": off, f"{name}_s0": st[0], f"{name}_s1": st[1],
+                         f"{name}_s2": st[2], f"{name}_s3": st[3]})
+        y, y_off = self.operand(node, what="result")
+        push["y_off"] = y_off
+        if node.op == "scale":
+            push.update(p0=float(node.attr("scale")), p1=float(node.attr("bias")))
+        elif node.op == "clamp":
+            push.update(p0=float(node.attr("min")), p1=float(node.attr("max")))
+        self.dispatch(node, "eltwise.comp.j2", params, bindings + [y], push,
+                      -(-node.type.numel // (128 * 4)), reads=bindings, writes=[y])
+
+    # ---- rows --------------------------------------------------------------------------------
+    def _row_push(self, prefix: str, t: TensorType, strides=None):
+        ne, st = _dims4(t.shape, strides or t.strides, _unit(t.dtype))
+        return ne, {f"{prefix}_s0": st[0], f"{prefix}_s1": st[1], f"{prefix}_s2": st[2], f"{prefix}_s3": st[3]}
+
+    @staticmethod
+    def _row_wg(n: int) -> int:
+        return 32 if n <= 64 else 64 if n <= 2048 else 256
+
+    def _render_rows(self, node: Node):
+        x = node.inputs[0]
+        ne, xs = self._row_push("x", x.type)
+        xb, x_off = self.operand(x)
+        rows = ne[1] * ne[2] * ne[3]
+        push = dict(n=ne[0], rows=rows, ne1=ne[1], ne2=ne[2], x_off=x_off, **xs)
+        bindings = [xb]
+        template = "rms_norm.comp.j2" if node.op.startswith("rms_norm") else f"{node.op}.comp.j2"
+        params = dict(wg=self._row_wg(ne[0]))
+        if node.op.startswith("rms_norm"):
+            weighted = node.op == "rms_norm_mul"
+            params["weighted"] = weighted
+            if weighted:
+                w = node.inputs[1]
+                wb, w_off = self.operand(w)
+                bindings.append(wb)
+                push.update(w_off=w_off, w_s0=w.type.strides[0] // 4)
+        y, y_off = self.operand(node, what="result")
+        push["y_off"] = y_off
+        if node.op in ("rms_norm", "rms_norm_mul", "layer_norm"):
+            push["eps"] = float(node.attr("eps"))
+        self.dispatch(node, template, params, bindings + [y], push, rows, reads=bindings, writes=[y])
+
+    def _render_softmax(self, node: Node):
+        x = node.inputs[0]
+        mask = node.inputs[1] if len(node.inputs) > 1 else None
+        ne, xs = self._row_push("x", x.type)
+        xb, x_off = self.operand(x)
+        rows = ne[1] * ne[2] * ne[3]
+        push = dict(n=ne[0], rows=rows, ne1=ne[1], ne2=ne[2], x_off=x_off, **xs)
+        bindings = [xb]
+        if mask is not None:
+            _, ms = self._row_push("m", TensorType(mask.dtype, x.shape, broadcast_strides(mask.type, x.shape)))
+            mb, m_off = self.operand(mask)
+            bindings.append(mb)
+            push.update(m_off=m_off, **ms)
+        y, y_off = self.operand(node, what="result")
+        softcap = node.attr("softcap")
+        push.update(y_off=y_off, scale=float(node.attr("scale")), softcap=float(softcap))
+        params = dict(wg=self._row_wg(ne[0]), has_mask=mask is not None,
+                      mask_dtype=mask.dtype.name if mask is not None else "f32", softcap=bool(softcap))
+        self.dispatch(node, "softmax.comp.j2", params, bindings + [y], push, rows, reads=bindings, writes=[y])
+
+    # ---- rope, attention ---------------------------------------------------------------------
+    def _render_rope(self, node: Node):
+        x, pos = node.inputs[:2]
+        ff = node.inputs[2] if len(node.inputs) > 2 else None
+        T, H, D = x.shape
+        n_dims = node.attr("n_dims") or D
+        xb, x_off = self.operand(x)
+        pb, p_off = self.operand(pos)
+        table = self.aux_table(rope_table(node))
+        tb, t_off = self.bind(Place("aux", table), self.aux[table].nbytes, 4, "rope table")
+        bindings = [xb, pb, tb]
+        push = dict(T=T, H=H, D=D, half_dims=n_dims // 2, x_off=x_off, x_s0=x.type.strides[0] // 4,
+                    x_s1=x.type.strides[1] // 4, x_s2=x.type.strides[2] // 4, pos_off=p_off,
+                    pos_s0=pos.type.strides[0] // 4, tab_off=t_off)
+        if ff is not None:
+            fb, f_off = self.operand(ff)
+            bindings.append(fb)
+            push.update(ff_off=f_off, ff_s0=ff.type.strides[0] // 4)
+        y, y_off = self.operand(node, what="result")
+        push["y_off"] = y_off
+        per_row = n_dims // 2 + D - n_dims
+        wg = 64
+        self.dispatch(node, "rope.comp.j2", dict(wg=wg, mode=node.attr("mode"), has_ff=ff is not None),
+                      bindings + [y], push, -(-T * H * per_row // wg), reads=bindings, writes=[y])
+
+    def _render_attention(self, node: Node):
+        q, k, v = node.inputs[:3]
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        Tq, Hq, D = q.shape
+        Tk, Hkv, Dv = v.shape
+        bindings, push = [], dict(Tq=Tq, Tk=Tk, Hq=Hq, group=Hq // Hkv)
+        kv_texel = self.caps.texel_buffers and all(self._word_rows(o) for o in (k, v))
+        for name, o in (("q", q), ("k", k), ("v", v)):
+            b, off = self.operand(o, kind="texel" if kv_texel and name != "q" else "storage")
+            bindings.append(b)
+            unit = _unit(o.dtype)
+            push.update({f"{name}_off": off, f"{name}_s0": o.type.strides[0] // unit,
+                         f"{name}_s1": o.type.strides[1] // unit, f"{name}_s2": o.type.strides[2] // unit})
+        if mask is not None:
+            b, off = self.operand(mask)
+            bindings.append(b)
+            unit = _unit(mask.dtype)
+            push.update(m_off=off, m_s0=mask.type.strides[0] // unit, m_s1=mask.type.strides[1] // unit)
+        y, y_off = self.operand(node, what="result")
+        softcap = node.attr("softcap")
+        push.update(y_off=y_off, scale=float(node.attr("scale")), softcap=float(softcap),
+                    window=node.attr("window"))
+        params = dict(wg=64, D=D, Dv=Dv, k_dtype=k.dtype.name, v_dtype=v.dtype.name, has_mask=mask is not None,
+                      mask_dtype=mask.dtype.name if mask is not None else "f32", softcap=bool(softcap),
+                      causal=node.attr("causal"), window=node.attr("window") > 0, kv_texel=kv_texel)
+        self.dispatch(node, "attention.comp.j2", params, bindings + [y], push, Tq * Hq,
+                      reads=bindings, writes=[y])
+
+    def _word_rows(self, node: Node) -> bool:
+        """Whether node's rows (last axis) can be read as whole 32-bit words from a texel buffer
+        bound at an aligned offset: contiguous rows, starting on words, an even count of f16."""
+        t = node.type
+        if t.dtype.name not in ("f32", "f16") or t.strides[-1] != t.dtype.block_bytes:
+            return False
+        if t.dtype.name == "f16" and t.shape[-1] % 2:
+            return False
+        align = max(self.caps.offset_alignment, self.caps.texel_alignment)
+        return self.places[node].offset % align % 4 == 0 and all(st % 4 == 0 for st in t.strides[:-1])
+
+    # ---- state-space ops ---------------------------------------------------------------------
+    def _render_ssm_conv(self, node: Node):
+        sx, w = node.inputs
+        T, C = node.shape
+        xb, x_off = self.operand(sx)
+        wb, w_off = self.operand(w)
+        y, y_off = self.operand(node, what="result")
+        push = dict(T=T, C=C, K=w.shape[1], x_off=x_off, x_s0=sx.type.strides[0] // 4,
+                    x_s1=sx.type.strides[1] // 4, w_off=w_off, w_s0=w.type.strides[0] // 4,
+                    w_s1=w.type.strides[1] // 4, y_off=y_off)
+        self.dispatch(node, "ssm_conv.comp.j2", dict(wg=64), [xb, wb, y], push, -(-T * C // 64),
+                      reads=[xb, wb], writes=[y])
+
+    def _render_ssm_scan(self, node: Node):
+        state, x, dt, a, b, c = node.inputs
+        H, P, N = state.shape
+        bindings, push = [], dict(H=H, P=P, T=x.shape[0], heads_per_group=H // b.shape[1])
+        for name, o in (("s", state), ("x", x), ("dt", dt), ("a", a), ("b", b), ("c", c)):
+            binding, off = self.operand(o)
+            bindings.append(binding)
+            push[f"{name}_off"] = off
+            push.update({f"{name}_s{i}": st // 4 for i, st in enumerate(o.type.strides)})
+        y, y_off = self.operand(node, what="result")
+        push["y_off"] = y_off
+        self.dispatch(node, "ssm_scan.comp.j2", dict(wg=64, N=N), bindings + [y], push, -(-H * P // 64),
+                      reads=bindings, writes=[y])
+
+    # ---- matmul and rows of tables -----------------------------------------------------------
+    def _render_mul_mat(self, node: Node):
+        x, w = node.inputs
+        xt, wt = x.type, w.type
+        K, N = wt.shape[-1], wt.shape[-2]
+        if xt.rank == 1:
+            xt = TensorType(xt.dtype, (1, K), (xt.strides[0] * K, xt.strides[0]))
+        batch, T = xt.shape[:-2], xt.shape[-2]
+        if len(batch) > 2:
+            raise EmberError(f"vulkan: {self.describe(node)}: more than 2 batch dims")
+        xu, wu = _unit(xt.dtype), _unit(wt.dtype)
+        bsz = list(reversed(batch)) + [1] * (2 - len(batch))               # ne2, ne3
+        xbs = [s // xu for s in reversed(xt.strides[:-2])] + [0] * (2 - len(batch))
+        wbatch = wt.shape[:-2]
+        if wbatch and any(s > 1 for s in wbatch):
+            wsz = list(reversed(wbatch)) + [1] * (2 - len(wbatch))
+            wbs = [s // wu for s in reversed(wt.strides[:-2])] + [0] * (2 - len(wbatch))
+            ratios = [b // s for b, s in zip(bsz, wsz)]
+        else:
+            wbs, ratios = [0, 0], [1, 1]
+        quantized = wt.dtype.is_quantized
+        row_bytes = wt.dtype.row_bytes(K) if quantized else (K - 1) * wt.strides[-1] + wt.dtype.block_bytes
+        if quantized and (self.places[w].offset % 2 or wt.strides[-2] % 2):
+            raise EmberError(f"vulkan: {self.describe(node)}: quantized rows at odd byte offsets")
+        # Whole 32-value chunks in contiguous rows: the chunked kernel (x in registers, 32-bit
+        # weight loads, through a texel buffer where the device has them); anything else
+        # (K % 32, strided float rows): the generic one.
+        chunked = K % 32 == 0 and (quantized or wt.strides[-1] == wt.dtype.block_bytes)
+        w_kind = "texel" if chunked and self.caps.texel_buffers else "storage"
+        # pieces: rows of w (a weight too big for one binding), tokens (an x or y too big)
+        limit = self.caps.max_texel_bytes if w_kind == "texel" else self.caps.max_storage_range
+        w_span = _span(wt)
+        n_pieces = [(0, N)]
+        if w_span > limit:
+            per = max(1, (limit - row_bytes) // wt.strides[-2] + 1)
+            per = per - per % 64 if per > 64 else per
+            n_pieces = [(n0, min(N, n0 + per)) for n0 in range(0, N, per)]
+        t_pieces = [(0, T)]
+        y_row = N * 4
+        x_tok = xt.strides[-2]
+        xy_limit = self.caps.max_storage_range
+        if max(_span(xt), T * y_row) > xy_limit and math.prod(batch) == 1:
+            per = max(1, min(xy_limit // y_row, (xy_limit - K * xt.dtype.block_bytes) // max(x_tok, 1) + 1))
+            t_pieces = [(t0, min(T, t0 + per)) for t0 in range(0, T, per)]
+        sub = self.caps.subgroup_size
+        if chunked:
+            n_chunks = K // 32
+            step = max(8, sub)
+            wg = min(64, max(step, -(-n_chunks // step) * step))
+            tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
+            rows = 16 if sub else max(1, min(16, 4096 // (wg * tt)))
+            template = "mul_mat_chunked.comp.j2"
+            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, tt=tt, rows=rows,
+                          cpl=-(-n_chunks // wg), subgroup=sub if wg % max(sub, 1) == 0 else 0,
+                          w_texel=w_kind == "texel")
+            wu = 1   # bytes
+        else:
+            tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
+            rows = 2 if quantized else 4
+            wg = 64
+            lanes = wg // rows
+            template = "mul_mat.comp.j2"
+            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, rows=rows, lanes=lanes, tt=tt,
+                          subgroup=sub if sub and lanes % sub == 0 else 0)
+        w_row = wt.strides[-2] // wu
+        w_step = 0 if quantized else wt.strides[-1] // wu
+        wbs = [s * _unit(wt.dtype) // wu for s in wbs]
+        x_place, w_place, y_place = self.places[x], self.places[w], self.places[node]
+        for t0, t1 in t_pieces:
+            nt = t1 - t0
+            if len(t_pieces) == 1:
+                xb, x_off = self.operand(x, what="x")
+                yb, y_off = self.operand(node, what="result")
+            else:
+                xb, x_off = self.bind(x_place.shifted(t0 * x_tok), (nt - 1) * x_tok + (K - 1) * xt.strides[-1]
+                                      + xt.dtype.block_bytes, xu, "x")
+                yb, y_off = self.bind(y_place.shifted(t0 * y_row), nt * y_row, 4, "result")
+            for n0, n1 in n_pieces:
+                if len(n_pieces) == 1:
+                    wb, w_off = self.operand(w, unit=wu, what="w", kind=w_kind)
+                else:
+                    span = (n1 - n0 - 1) * wt.strides[-2] + row_bytes
+                    wb, w_off = self.bind(w_place.shifted(n0 * wt.strides[-2]), span, wu, "w rows", w_kind)
+                groups_n = -(-(n1 - n0) // rows)
+                groups_t = -(-nt // tt)
+                push = dict(K=K, N=n1 - n0, T=nt, ne2=bsz[0], ne3=bsz[1], r2=ratios[0], r3=ratios[1],
+                            x_off=x_off, x_t=x_tok // xu, x_k=xt.strides[-1] // xu, x_b2=xbs[0], x_b3=xbs[1],
+                            w_off=w_off, w_row=w_row, w_step=w_step, w_b2=wbs[0], w_b3=wbs[1],
+                            y_off=y_off, y_n=N, n0=n0, groups_n=groups_n, groups_t=groups_t)
+                if chunked:
+                    del push["w_step"]
+                self.dispatch(node, template, params, [xb, wb, yb], push,
+                              groups_n * groups_t * bsz[0] * bsz[1], reads=[xb, wb], writes=[yb])
+
+    def _render_get_rows(self, node: Node):
+        table, idx = node.inputs
+        R, D = table.shape
+        tt = table.type
+        quantized = tt.dtype.is_quantized
+        wu = _unit(tt.dtype)
+        row_bytes = tt.dtype.row_bytes(D) if quantized else (D - 1) * tt.strides[1] + tt.dtype.block_bytes
+        limit = self.caps.max_storage_range
+        pieces = [(0, R)]
+        if _span(tt) > limit:
+            per = max(1, (limit - row_bytes) // tt.strides[0] + 1)
+            pieces = [(r0, min(R, r0 + per)) for r0 in range(0, R, per)]
+        ib, i_off = self.operand(idx)
+        yb, y_off = self.operand(node, what="result")
+        sb, _ = self.bind(Place("status"), 4, 4, "status")
+        code = self.status_code(node, f"an index is out of range [0, {R})")
+        T = idx.shape[0]
+        per_row = D // 32 if quantized else D
+        wg = 64
+        for r0, r1 in pieces:
+            if len(pieces) == 1:
+                wb, w_off = self.operand(table, what="table")
+            else:
+                wb, w_off = self.bind(self.places[table].shifted(r0 * tt.strides[0]),
+                                      (r1 - r0 - 1) * tt.strides[0] + row_bytes, wu, "table rows")
+            push = dict(T=T, D=D, rows=R, row_lo=r0, row_hi=r1, i_off=i_off, i_s0=idx.type.strides[0] // 4,
+                        w_off=w_off, w_row=tt.strides[0] // wu, w_step=0 if quantized else tt.strides[1] // wu,
+                        y_off=y_off, status=code)
+            self.dispatch(node, "get_rows.comp.j2", dict(wg=wg, wtype=tt.dtype.name), [wb, ib, yb, sb], push,
+                          -(-T * per_row // wg), reads=[wb, ib], writes=[yb])   # status: atomics
+
+    def _render_set_rows(self, node: Node):
+        dst, idx, src = node.inputs
+        R, D = dst.shape
+        place = self.places[node]
+        if place != self.places[dst]:
+            self.copy(node, dst, place, node.type)
+        ib, i_off = self.operand(idx)
+        sb, s_off = self.operand(src)
+        yb, y_off = self.operand(node, what="result")
+        stb, _ = self.bind(Place("status"), 4, 4, "status")
+        code = self.status_code(node, f"an index is out of range [0, {R})")
+        push = dict(T=idx.shape[0], D=D, rows=R, i_off=i_off, i_s0=idx.type.strides[0] // 4, s_off=s_off,
+                    s_s0=src.type.strides[0] // 4, s_s1=src.type.strides[1] // 4, y_off=y_off, status=code)
+        wg = 64
+        self.dispatch(node, "set_rows.comp.j2", dict(wg=wg, dtype=dst.dtype.name), [ib, sb, yb, stb], push,
+                      -(-D // wg), reads=[ib, sb, yb], writes=[yb])   # status: atomics
+
+
+def _extent(b: Binding) -> tuple:
+    return (b.region, b.index, b.offset, b.offset + b.size)
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and a[2] < b[3] and b[2] < a[3]
+
+
+_KIND = {name: "eltwise" for name in ELTWISE_GLSL}
+_KIND.update({op: "rows" for op in ROW_OPS})
+
+
+def render_graph(graph: Graph, caps: DeviceCaps = DeviceCaps()) -> VulkanProgram:
+    """The shaders and dispatches of graph (dead nodes dropped) for a device with caps. Raises
+    EmberError naming the first node the renderer cannot handle."""
+    for node in graph.nodes:
+        ok, reason = supports_node(node, caps)
+        if not ok:
+            raise EmberError(f"vulkan: %{value_names(graph)[node]} ({node.op} : {node.type}): {reason}")
+    return _Renderer(graph, caps).render()
+
+
+def all_variants(caps: DeviceCaps) -> list[Shader]:
+    """One shader per template and main parameter value (every op, weight type and dtype), for
+    the given device features: what tests compile and validate. Sizes that only unroll loops
+    further (head dims, tokens per group) are kept small so that compiling them stays quick."""
+    feats = dict(storage8=caps.storage8, storage16=caps.storage16, subgroup=caps.subgroup_size)
+    u = "uint"
+    out = []
+
+    def add(template, params, push, bindings):
+        p = dict(feats)
+        p.update(params)
+        out.append(render_shader(template, p, [(n, "float" if n in FLOAT_PUSH else u) for n in push], bindings))
+
+    for op, expr in ELTWISE_GLSL.items():
+        arity = 2 if op in BINARY or op in GATED else 1
+        push = ["n", "ne0", "ne1", "ne2"] + [f"{p}_{s}" for p in "ab"[:arity] for s in
+                                             ("off", "s0", "s1", "s2", "s3")] + ["y_off"]
+        push += ["p0", "p1"] if op in ("scale", "clamp") else []
+        add("eltwise.comp.j2", dict(wg=128, per_thread=4, op=op, arity=arity, expr=expr), push, arity + 1)
+    copy_push = ["n", "ne0", "ne1", "ne2", "s_off", "s_s0", "s_s1", "s_s2", "s_s3", "d_off", "d_s0",
+                 "d_s1", "d_s2", "d_s3"]
+    for src in FLOAT_KINDS:
+        for dst in FLOAT_KINDS:
+            if src != dst:
+                add("copy.comp.j2", dict(wg=128, per_thread=4, src=src, dst=dst), copy_push, 2)
+    for kind in ("u32", "u16", "u8"):
+        add("copy.comp.j2", dict(wg=128, per_thread=4, src=kind, dst=kind), copy_push, 2)
+    row_push = ["n", "rows", "ne1", "ne2", "x_off", "x_s0", "x_s1", "x_s2", "x_s3"]
+    for weighted in (False, True):
+        add("rms_norm.comp.j2", dict(wg=64, weighted=weighted),
+            row_push + (["w_off", "w_s0"] if weighted else []) + ["y_off", "eps"], 3 if weighted else 2)
+    add("layer_norm.comp.j2", dict(wg=64), row_push + ["y_off", "eps"], 2)
+    add("sum_rows.comp.j2", dict(wg=64), row_push + ["y_off"], 2)
+    add("argmax.comp.j2", dict(wg=256), row_push + ["y_off"], 2)
+    for mask in (None, "f32", "f16"):
+        for softcap in (False, True):
+            push = row_push + (["m_off", "m_s0", "m_s1", "m_s2", "m_s3"] if mask else []) + \
+                ["y_off", "scale", "softcap"]
+            add("softmax.comp.j2", dict(wg=64, has_mask=mask is not None, mask_dtype=mask or "f32",
+                                        softcap=softcap), push, 3 if mask else 2)
+    for mode in ("normal", "neox"):
+        for ff in (False, True):
+            push = ["T", "H", "D", "half_dims", "x_off", "x_s0", "x_s1", "x_s2", "pos_off", "pos_s0", "tab_off"]
+            push += ["ff_off", "ff_s0"] if ff else []
+            add("rope.comp.j2", dict(wg=64, mode=mode, has_ff=ff), push + ["y_off"], 5 if ff else 4)
+    for kv, mask in (("f32", None), ("f16", "f16")):
+        push = ["Tq", "Tk", "Hq", "group"] + [f"{p}_{s}" for p in "qkv" for s in ("off", "s0", "s1", "s2")]
+        push += ["m_off", "m_s0", "m_s1"] if mask else []
+        push += ["y_off", "scale", "softcap", "window"]
+        for texel in (False, True) if caps.texel_buffers else (False,):
+            kv_kind = "texel" if texel else "storage"
+            add("attention.comp.j2", dict(wg=64, D=64, Dv=32, k_dtype=kv, v_dtype=kv, has_mask=mask is not None,
+                                          mask_dtype=mask or "f32", softcap=True, causal=True, window=True,
+                                          kv_texel=texel), push,
+                ["storage", kv_kind, kv_kind] + ["storage"] * (2 if mask else 1))
+    mm_push = ["K", "N", "T", "ne2", "ne3", "r2", "r3", "x_off", "x_t", "x_k", "x_b2", "x_b3", "w_off",
+               "w_row", "w_step", "w_b2", "w_b3", "y_off", "y_n", "n0", "groups_n", "groups_t"]
+    gr_push = ["T", "D", "rows", "row_lo", "row_hi", "i_off", "i_s0", "w_off", "w_row", "w_step", "y_off", "status"]
+    for k, wtype in enumerate(MATMUL_WTYPES):
+        rows = 4 if wtype in FLOAT_KINDS else 2
+        sub = caps.subgroup_size if caps.subgroup_size and (64 // rows) % caps.subgroup_size == 0 else 0
+        xtype = ("f32", "f16")[k % 2]
+        add("mul_mat.comp.j2", dict(wg=64, wtype=wtype, xtype=xtype, rows=rows, lanes=64 // rows, tt=4,
+                                    subgroup=sub), mm_push, 3)
+        texel = caps.texel_buffers and k % 2 == 0
+        add("mul_mat_chunked.comp.j2", dict(wg=64, wtype=wtype, xtype=xtype, tt=2, rows=16 if sub else 4, cpl=2,
+                                            subgroup=caps.subgroup_size, w_texel=texel),
+            [n for n in mm_push if n != "w_step"], ["storage", "texel" if texel else "storage", "storage"])
+        add("get_rows.comp.j2", dict(wg=64, wtype=wtype), gr_push, 4)
+    add("ssm_conv.comp.j2", dict(wg=64), ["T", "C", "K", "x_off", "x_s0", "x_s1", "w_off", "w_s0", "w_s1",
+                                          "y_off"], 3)
+    scan_push = ["H", "P", "T", "heads_per_group"]
+    for name, rank in (("s", 3), ("x", 3), ("dt", 2), ("a", 1), ("b", 3), ("c", 3)):
+        scan_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
+    add("ssm_scan.comp.j2", dict(wg=64, N=16), scan_push + ["y_off"], 7)
+    for dt in FLOAT_KINDS:
+        add("set_rows.comp.j2", dict(wg=64, dtype=dt),
+            ["T", "D", "rows", "i_off", "i_s0", "s_off", "s_s0", "s_s1", "y_off", "status"], 4)
+    return out
+
+
+FLOAT_PUSH = ("p0", "p1", "eps", "scale", "softcap")

@@ -1,0 +1,90 @@
+"""mamba2 as a step graph, after llama.cpp's models/mamba.cpp and build_mamba2_layer
+(models/mamba-base.cpp). `mamba2_mixer` is the recurrent layer that hybrids reuse.
+
+Each layer: h += mixer(rms_norm(h)); then the output norm and head (tied to the token embedding
+when the file has no output.weight). The mixer:
+- one projection ssm_in [d_in_proj, n_embd] whose rows are z (the gate, d_inner), xBC (the
+  convolution's channels: x d_inner, then B and C, n_group * d_state each) and dt (one per head);
+  z, xBC and dt are strided views of it;
+- a causal depthwise convolution over tokens of xBC, carried across steps by conv_state (the last
+  d_conv - 1 rows it saw): ssm_conv(concat(conv_state, xBC)), + ssm_conv1d.bias, silu;
+- the selective scan ssm_scan over ssm_state, with dt + ssm_dt.bias, A = ssm_a per head, B and C
+  per group; y += x * ssm_d (the skip); y = silu(z) * y; an rms_norm over each group of
+  d_inner / n_group channels times ssm_norm; then ssm_out.
+The step returns both states after its last token (the contract in ember/models/common.py).
+Imports the IR builder (through common) only.
+"""
+from __future__ import annotations
+
+from ember.ir import dtypes
+from ember.ir.graph import Graph
+from ember.ir.node import Node
+from ember.models.common import Model, StepGraph, embed_tokens
+from ember.models.gguf_file import ModelFileError
+
+F32 = dtypes.f32.row_bytes(1)
+
+
+def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs)
+    b, hp = s.b, s.hp
+    h = embed_tokens(s)
+    for il in range(hp.n_layer):
+        cur = mamba2_mixer(s, il, s.rms_norm(h, f"blk.{il}.attn_norm.weight"))
+        if il == hp.n_layer - 1:
+            cur, h = s.select_outputs(cur), s.select_outputs(h)
+        h = b.add(cur, h)
+    return s.finish(h)
+
+
+def f32_weight(s: StepGraph, name: str, *shape: int) -> Node:
+    """A small weight (conv kernel, per-head A and D, group norm) as f32 for the SSM ops."""
+    w = s.weight(name, *shape)
+    if w.dtype is dtypes.f32:
+        return w
+    if w.dtype not in (dtypes.f16, dtypes.bf16):
+        raise ModelFileError(f"{s.file.path}: tensor {name!r} is {w.dtype}; it must be f32, f16 or bf16")
+    return s.b.cast(w, dtype="f32")
+
+
+def mamba2_mixer(s: StepGraph, il: int, x: Node) -> Node:
+    """Layer il's Mamba-2 mixer on x[T, n_embd] (already normed) -> f32[T, n_embd]; records the
+    layer's new conv and SSM state in s.conv_updated / s.ssm_updated."""
+    b, hp = s.b, s.hp
+    p = f"blk.{il}."
+    T = x.shape[0]
+    d_inner, N, H, G = hp.ssm_d_inner, hp.ssm_d_state, hp.ssm_n_head, hp.ssm_n_group
+    P, C, K = hp.ssm_head_dim, hp.ssm_conv_channels, hp.ssm_d_conv
+    d_in_proj = d_inner + C + H
+
+    zxbcdt = b.mul_mat(x, s.weight(p + "ssm_in.weight", d_in_proj, hp.n_embd))
+    row = zxbcdt.type.strides[0]
+    z = b.view(zxbcdt, shape=(T, H, P), strides=(row, P * F32, F32))
+    xbc = b.view(zxbcdt, shape=(T, C), strides=(row, F32), offset=d_inner * F32)
+    dt = b.view(zxbcdt, shape=(T, H), strides=(row, F32), offset=(d_inner + C) * F32)
+
+    # causal convolution: the state rows, then this step's rows; the new state is the last K - 1
+    window = b.concat(s.conv_state[il], xbc, axis=0)
+    s.conv_updated[il] = b.view(window, shape=(K - 1, C), strides=(C * F32, F32), offset=T * C * F32)
+    xbc = b.ssm_conv(window, f32_weight(s, p + "ssm_conv1d.weight", C, K))
+    bias = s.vector(p + "ssm_conv1d.bias", C, required=hp.arch == "mamba2")
+    if bias is not None:
+        xbc = b.add(xbc, bias)
+    xbc = b.silu(xbc)
+
+    # selective scan: x, B, C are views of the convolved channels
+    xs = b.view(xbc, shape=(T, H, P), strides=(C * F32, P * F32, F32))
+    B = b.view(xbc, shape=(T, G, N), strides=(C * F32, N * F32, F32), offset=d_inner * F32)
+    Cm = b.view(xbc, shape=(T, G, N), strides=(C * F32, N * F32, F32), offset=(d_inner + G * N) * F32)
+    dt = b.add(dt, s.vector(p + "ssm_dt.bias", H))
+    A = b.reshape(f32_weight(s, p + "ssm_a", H, 1), H)
+    out = b.ssm_scan(s.ssm_state[il], xs, dt, A, B, Cm)
+    y = b.view(out, shape=(T, H, P), strides=(H * P * F32, P * F32, F32))
+    s.ssm_updated[il] = b.view(out, shape=(H, P, N), strides=(P * N * F32, N * F32, F32),
+                               offset=T * H * P * F32)
+
+    y = b.add(y, b.mul(xs, f32_weight(s, p + "ssm_d", H, 1)))     # D skip, one per head
+    y = b.swiglu(z, y)                                             # silu(z) * y
+    y = b.reshape(y, T, G, d_inner // G)                           # grouped rms norm
+    y = b.mul(b.rms_norm(y, eps=hp.rms_eps), f32_weight(s, p + "ssm_norm.weight", G, d_inner // G))
+    return b.mul_mat(b.reshape(y, T, d_inner), s.weight(p + "ssm_out.weight", hp.n_embd, d_inner))

@@ -1,0 +1,182 @@
+"""The Vulkan renderer without a device: every template renders and compiles to valid SPIR-V
+(glslc + spirv-val, skipped where they are missing), header comments, StrictUndefined, launch
+plans, bindings split for big weights, the SPIR-V cache and compile errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jinja2
+import numpy as np
+import pytest
+
+from ember.backends.vulkan.compiler import SpirvCache, export_graph, validate_spirv
+from ember.codegen.vulkan import (BASELINE_CAPS, DeviceCaps, PLAN_FORMAT, all_variants, kernel_templates,
+                                  render_graph, render_shader, supports_node)
+from ember.errors import CompileError, EmberError
+from ember.ir import GraphBuilder
+from ember.ir.examples import example_node
+from ember.ir.ops import OPS
+
+LAVAPIPE = DeviceCaps("lavapipe-like", storage8=True, storage16=True, subgroup_size=8, texel_buffers=True,
+                      max_texel_bytes=1 << 29)
+needs_glslc = pytest.mark.skipif(shutil.which("glslc") is None or shutil.which("spirv-val") is None,
+                                 reason="glslc and spirv-val are not installed")
+
+
+@pytest.fixture(scope="module")
+def spirv_cache(tmp_path_factory):
+    return SpirvCache(tmp_path_factory.mktemp("spirv"))
+
+
+def small_graph(name="small", rows=8):
+    rng = np.random.default_rng(0)
+    b = GraphBuilder(name)
+    x = b.input("x", "f32", (3, 64))
+    idx = b.input("idx", "i32", (2,))
+    w = b.weight("w", rng.standard_normal((rows, 64)), "q8_0")
+    return b.build([b.silu(b.mul_mat(x, w)), b.get_rows(w, idx)])
+
+
+# ---- templates ---------------------------------------------------------------------------------
+def test_every_template_has_a_variant():
+    used = {s.template for s in all_variants(LAVAPIPE)}
+    assert used == set(kernel_templates())
+
+
+def test_every_op_of_the_table_has_a_kernel():
+    checked = 0
+    for name, op in OPS.items():
+        if op.category in ("source", "view"):
+            continue
+        try:
+            node = example_node(name)
+        except Exception:   # noqa: BLE001 - ops without an example are covered by the conformance suite
+            continue
+        assert supports_node(node, LAVAPIPE) == (True, ""), name
+        assert supports_node(node, BASELINE_CAPS) == (True, ""), name
+        checked += 1
+    assert checked > 30
+
+
+@pytest.mark.parametrize("caps", [LAVAPIPE, BASELINE_CAPS], ids=["device", "baseline"])
+def test_shader_starts_with_its_template_and_parameters(caps):
+    for shader in all_variants(caps):
+        first, second = shader.source.splitlines()[:2]
+        assert first == f"// ember vulkan kernel: template {shader.template}"
+        for name, value in shader.params:
+            assert f"{name}={value}" in second
+        assert "#version 450" in shader.source
+
+
+def test_missing_parameter_is_an_error_not_an_empty_string():
+    with pytest.raises(jinja2.UndefinedError, match="per_thread"):
+        render_shader("eltwise.comp.j2", dict(wg=64, storage8=True, storage16=True, subgroup=0, op="exp",
+                                              arity=1, expr="exp(a)"), [("n", "uint")], 2)
+
+
+def test_baseline_shaders_need_no_8_or_16_bit_storage_nor_subgroups():
+    for shader in all_variants(BASELINE_CAPS):
+        for needle in ("uint8_t", "uint16_t", "subgroupAdd", "usamplerBuffer"):
+            assert needle not in shader.source, (shader.describe(), needle)
+
+
+@needs_glslc
+def test_every_variant_compiles_to_valid_spirv(spirv_cache):
+    shaders = all_variants(LAVAPIPE)
+    for shader, blob in zip(shaders, spirv_cache.compile(shaders)):
+        ok, message = validate_spirv(blob)
+        assert ok, f"{shader.describe()}: {message}"
+
+
+@needs_glslc
+@pytest.mark.slow
+def test_every_baseline_variant_compiles_to_valid_spirv(spirv_cache):
+    shaders = all_variants(BASELINE_CAPS)
+    for shader, blob in zip(shaders, spirv_cache.compile(shaders)):
+        ok, message = validate_spirv(blob)
+        assert ok, f"{shader.describe()}: {message}"
+
+
+# ---- programs ----------------------------------------------------------------------------------
+def test_launch_plan_is_json_and_names_every_shader():
+    program = render_graph(small_graph(), LAVAPIPE)
+    plan = json.loads(json.dumps(program.launch_plan()))
+    assert plan["format"] == PLAN_FORMAT
+    assert [d["shader"] for d in plan["dispatches"]] == [d.shader for d in program.dispatches]
+    assert {s["sha256"] for s in plan["shaders"]} == {s.sha256 for s in program.shaders}
+    for d in plan["dispatches"]:
+        for region, index, offset, size, kind in d["bindings"]:
+            assert offset % LAVAPIPE.offset_alignment == 0 and size % 4 == 0
+            assert kind in ("storage", "texel")
+    # mul_mat -> silu reads what mul_mat wrote: a barrier; get_rows touches neither
+    assert [(d.op, d.barrier) for d in program.dispatches] == [("mul_mat", False), ("silu", True),
+                                                               ("get_rows", False)]
+
+
+def test_same_op_at_other_shapes_shares_its_shader():
+    b = GraphBuilder("shapes")
+    x, y = b.input("x", "f32", (3, 17)), b.input("y", "f32", (5, 2, 9))
+    program = render_graph(b.build([b.exp(x), b.exp(y)]), LAVAPIPE)
+    assert len(program.dispatches) == 2 and len(program.shaders) == 1
+
+
+def test_big_weight_is_bound_in_row_ranges():
+    caps = DeviceCaps("small", max_storage_range=4096)       # 68-byte q8_0 rows: 60 rows a binding
+    program = render_graph(small_graph("big", rows=300), caps)
+    mm = [d for d in program.dispatches if d.op == "mul_mat"]
+    gr = [d for d in program.dispatches if d.op == "get_rows"]
+    assert len(mm) > 1 and len(gr) > 1
+    for d in mm + gr:
+        assert all(b.size <= 4096 for b in d.bindings)
+    # the ranges cover every row once
+    w_bindings = sorted((d.bindings[1].offset, d.bindings[1].size) for d in mm)
+    assert w_bindings[0][0] == 0 and sum(size for _, size in w_bindings) >= 300 * 68
+
+
+def test_operand_too_big_for_any_binding_is_unsupported():
+    b = GraphBuilder("huge")
+    x = b.input("x", "f32", (2048,))
+    node = b.exp(x)
+    ok, reason = supports_node(node, DeviceCaps("tiny", max_storage_range=1024))
+    assert not ok and "maxStorageBufferRange" in reason
+
+
+# ---- SPIR-V cache and errors -------------------------------------------------------------------
+@needs_glslc
+def test_spirv_cache_hits_and_rebuilds_a_corrupt_entry(tmp_path):
+    cache = SpirvCache(tmp_path)
+    shader = all_variants(LAVAPIPE)[0]
+    first = cache.compile([shader])[0]
+    assert (cache.builds, cache.hits) == (1, 0)
+    assert cache.compile([shader])[0] == first and cache.hits == 1
+    path = cache.path(cache.key(shader))
+    path.write_bytes(b"\x03\x02\x23\x07" + bytes(40))           # SPIR-V magic, wrong bytes
+    assert cache.compile([shader])[0] == first
+    assert cache.builds == 2
+    assert not list(tmp_path.rglob(".build-*")), "temporary build folders are removed"
+
+
+@needs_glslc
+def test_compile_error_names_template_parameters_and_glslc_message(tmp_path):
+    good = all_variants(LAVAPIPE)[0]
+    broken = type(good)(good.template, good.params, good.source.replace("void main()", "void main() { oops; }\nvoid unused()"),
+                        good.binding_kinds, good.push_fields)
+    with pytest.raises(CompileError) as e:
+        SpirvCache(tmp_path).compile([good, broken])
+    message = str(e.value)
+    assert good.template in message and "expr=" in message and "oops" in message
+
+
+@needs_glslc
+def test_export_gives_spirv_blobs_and_a_plan_naming_them(spirv_cache):
+    blobs, plan = export_graph(small_graph("export"), LAVAPIPE, spirv_cache)
+    json.dumps(plan)
+    for shader in plan["shaders"]:
+        assert blobs[shader["file"]].startswith(b"\x03\x02\x23\x07")
+    assert all(f.startswith(("spirv/", "aux/")) for f in blobs)
+
+
+def test_push_constants_beyond_the_device_limit_are_an_error():
+    with pytest.raises(EmberError, match="push constants"):
+        render_graph(small_graph("bad"), DeviceCaps("pushless", push_bytes=16))

@@ -1,0 +1,170 @@
+"""Compiled artifacts: what `ember compile` writes, loading it without the passes or the C
+compiler, and refusing folders that are incomplete, corrupt or for another version."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ember.backends.cpu.backend import CpuBackend
+from ember.errors import EmberError
+from ember.models import load_model
+from ember.runtime import artifact
+from ember.runtime.artifact import ArtifactError, compile_artifact, load_artifact, read_manifest
+from ember.runtime.session import Session, SessionOptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from tiny_gguf import Spec, write_tiny_gguf  # noqa: E402
+
+N_CTX, PROMPT_TOKENS = 64, 8
+TOKENS = [1, 17, 260, 300, 42, 9, 33, 100, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("model") / "gemma3-q8_0.gguf", Spec("gemma3", "q8_0"))
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifact") / "tiny.ember"
+    compile_artifact(load_model(tiny_model), CpuBackend(threads=1), out, n_ctx=N_CTX,
+                     prompt_tokens=PROMPT_TOKENS)
+    return out
+
+
+@pytest.fixture
+def copy(built, tmp_path) -> Path:
+    """A copy of the artifact a test may damage."""
+    return Path(shutil.copytree(built, tmp_path / "copy"))
+
+
+def rewrite_manifest(folder: Path, edit) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_manifest_names_shapes_model_and_a_checksum_for_every_file(built, tiny_model):
+    manifest = read_manifest(built)
+    on_disk = sorted(str(p.relative_to(built)) for p in built.rglob("*") if p.is_file())
+    assert sorted([*manifest["files"], "manifest.json"]) == on_disk
+    assert [(s["n_tokens"], s["n_kv"], s["n_outputs"]) for s in manifest["steps"]] == [(1, 64, 1), (8, 64, 1)]
+    assert manifest["format_version"] == artifact.FORMAT_VERSION
+    assert manifest["model"]["file"] == tiny_model.name
+    assert manifest["model"]["sha256"] == artifact.file_sha256(tiny_model)
+    # the fused Q+K+V and gate+up weights exist only in the artifact
+    assert any("+" in name for name in manifest["constants"])
+    assert not any(p.name.startswith(".") for p in built.parent.iterdir())   # no temporary left
+
+
+def test_artifact_runs_the_same_bits_as_a_session_without_compiling(built, tiny_model):
+    model, session = load_artifact(built, threads=1)
+    ours = session.eval(TOKENS)
+    ours_next = session.eval([5])
+    assert session.stats.graph_builds == 0 and session.stats.compile_seconds == 0
+    assert session.stats.prompt_tokens == len(TOKENS) and session.stats.decode_tokens == 1
+
+    # a freshly compiling session fed in the same pieces: prompt steps of 8, then single tokens
+    fresh = Session(load_model(tiny_model), CpuBackend(threads=1), SessionOptions(n_ctx=N_CTX))
+    for begin in range(0, 16, PROMPT_TOKENS):
+        fresh.eval(TOKENS[begin:begin + PROMPT_TOKENS])
+    for t in TOKENS[16:]:
+        theirs = fresh.eval([t])
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(ours_next, fresh.eval([5]))
+
+
+def test_artifact_session_gives_every_row_from_decode_steps(built):
+    _, session = load_artifact(built, threads=1)
+    rows = session.eval(TOKENS[:5], all_logits=True)
+    session.reset()
+    last = session.eval(TOKENS[:5])
+    assert rows.shape == (5, 320)
+    assert np.array_equal(rows[-1:], last)
+
+
+def test_artifact_session_refuses_past_its_context(built):
+    _, session = load_artifact(built, threads=1)
+    with pytest.raises(EmberError, match="context full.*compiled for 64"):
+        session.eval(list(range(N_CTX + 1)))
+
+
+def test_corrupt_file_is_refused_naming_it(copy):
+    library = copy / "steps" / "t1_kv64_o1.so"
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=rf"{library}: checksum mismatch"):
+        load_artifact(copy)
+
+
+def test_missing_file_is_refused_naming_it(copy):
+    graph = copy / "steps" / "t8_kv64_o1.ir"
+    graph.unlink()
+    with pytest.raises(ArtifactError, match=rf"{graph}: missing: the artifact is incomplete"):
+        load_artifact(copy)
+
+
+def test_missing_manifest_is_refused(copy):
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest.json: missing: .* not an ember artifact"):
+        load_artifact(copy)
+
+
+def test_truncated_manifest_is_refused(copy):
+    path = copy / "manifest.json"
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(ArtifactError, match="manifest.json: corrupt"):
+        load_artifact(copy)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("format_version", 999, "artifact format version 999; this ember reads version 1"),
+    ("ember_version", "0.0.0-old", "built by ember '0.0.0-old'"),
+])
+def test_version_mismatch_is_refused(copy, key, value, message):
+    rewrite_manifest(copy, lambda m: m.update({key: value}))
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(copy)
+
+
+def test_other_host_is_refused_for_native_code(copy):
+    rewrite_manifest(copy, lambda m: m.update(host="riscv64 Some Other CPU"))
+    with pytest.raises(ArtifactError, match="-march=native for 'riscv64 Some Other CPU'"):
+        load_artifact(copy)
+
+
+def test_other_model_is_refused(copy, tmp_path):
+    other = write_tiny_gguf(tmp_path / "llama.gguf", Spec("llama", "q8_0"))
+    with pytest.raises(ArtifactError, match="not the model the artifact"):
+        load_artifact(copy, model_path=other)
+
+
+def test_source_not_rendered_from_the_graph_is_refused(copy):
+    # a consistent checksum, but a source this ember would not render from the stored graph
+    source = copy / "steps" / "t1_kv64_o1.c"
+    source.write_text(source.read_text() + "\n/* edited */\n")
+    rewrite_manifest(copy, lambda m: m["files"].update({"steps/t1_kv64_o1.c": artifact.file_sha256(source)}))
+    with pytest.raises(ArtifactError, match="renders .*t1_kv64_o1.ir differently"):
+        load_artifact(copy)
+
+
+def test_compile_replaces_an_artifact_but_not_a_foreign_folder(built, tiny_model, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    model = load_model(tiny_model)
+    with pytest.raises(ArtifactError, match="not an ember artifact; not overwriting"):
+        compile_artifact(model, CpuBackend(threads=1), foreign, n_ctx=N_CTX, prompt_tokens=PROMPT_TOKENS)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    target = Path(shutil.copytree(built, tmp_path / "again"))
+    (target / "stale.txt").write_text("old")
+    compile_artifact(model, CpuBackend(threads=1), target, n_ctx=N_CTX, prompt_tokens=PROMPT_TOKENS)
+    assert not (target / "stale.txt").exists()
+    read_manifest(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "mine"]
