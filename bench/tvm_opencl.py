@@ -21,7 +21,7 @@ weights, GEMV/GEMM kernels, half arithmetic emulated in float: slower than nativ
 Times are device times from OpenCL profiling events (median of --reps runs after a warm-up);
 for ember's Adreno GEMM they include the activation transpose kernel.
 
-    python bench/tvm_opencl.py [--reps 5] [--prompt 32] [--quick]
+    python bench/tvm_opencl.py [--reps 5] [--prompt 32] [--quick] [--prompt-only]
 
 Prints a Markdown table (ratio = TVM time / ember time: above 1, ember is faster).
 """
@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="timed runs per kernel (median; default 5)")
     parser.add_argument("--prompt", type=int, default=32, help="tokens of the prompt-sized rows (default 32)")
-    parser.add_argument("--quick", action="store_true", help="decode rows only, no output head")
+    parser.add_argument("--quick", action="store_true", help="leave out the output head")
+    parser.add_argument("--prompt-only", action="store_true", help="only the prompt-sized rows")
     args = parser.parse_args(argv)
     try:
         import tvm  # noqa: F401
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     shapes = model_shapes()
     if args.quick:
         shapes = [s for s in shapes if s[0] * s[1] < 2 ** 24]
-    for T in (1, args.prompt):
+    for T in ((args.prompt,) if args.prompt_only else (1, args.prompt)):
         for N, K, used in shapes:
             if T > 1 and N * K > 2 ** 24:
                 continue     # the prompt-sized output head takes minutes on a CPU device
@@ -270,8 +271,8 @@ def main(argv=None) -> int:
                       f"{adreno_cell} | {adreno_ratio} |", flush=True)
     if notes:
         print("\nNotes:")
-        for i, note in enumerate(notes, 1):
-            print(f"[{i}] {note}")
+        for i, text in enumerate(notes, 1):
+            print(f"[{i}] {text}")
     print("\nTVM steps impossible here: running or timing with TVM itself (this build's OpenCL runtime is "
           "off: the script runs TVM's source through pyopencl instead); f16 weights (TVM's source "
           "`#error`s without cl_khr_fp16, which PoCL lacks); ggml's K-quants and Q5_0 (no TVM form: "

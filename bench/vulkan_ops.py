@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember.backends import get_backend  # noqa: E402
+from ember.errors import EmberError  # noqa: E402
 from ember.ir import GraphBuilder, run_reference  # noqa: E402
 from ember.ir.dtypes import dtype  # noqa: E402
 from ember.testing import nmse  # noqa: E402
@@ -164,7 +165,11 @@ def bench_tokens(backends, model, reps: int) -> list[str]:
     logits = {}
     for name, backend in backends:
         session = Session(model, backend, SessionOptions(n_ctx=256))
-        session.eval(prompt)                         # compiles the prompt step
+        try:
+            session.eval(prompt)                     # compiles the prompt step
+        except EmberError as e:
+            rows.append(f"| {name} | failed: {str(e).splitlines()[0][:80]} | | | | |")
+            continue
         session.reset()
         prompt_s, decode_s = [], []
         for _ in range(max(1, reps // 2)):

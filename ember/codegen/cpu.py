@@ -430,6 +430,7 @@ class _Renderer:
         self.steps: list[Step] = []
         self.status_messages: dict[int, str] = {}
         self.wtypes: dict[str, None] = {}
+        self.n_counters = 0                  # work counters (ember_next) handed out so far
 
     def describe(self, node: Node) -> str:
         args = ", ".join(f"%{self.names[i]}" for i in node.inputs)
@@ -478,6 +479,11 @@ class _Renderer:
         else:
             self.steps.append(Step(f"{name}(ith, nth, {', '.join(args)});", reads, writes, label))
 
+    def counters(self, n: int = 1) -> str:
+        """C expression of n fresh work counters (zeroed at the start of each run)."""
+        self.n_counters += n
+        return f"(ember_next + {self.n_counters - n} * EMBER_NEXT_STRIDE)"
+
     def reads_of(self, *nodes: Node):
         return [(self.places[n], span_bytes(n.type)) for n in nodes]
 
@@ -509,6 +515,7 @@ class _Renderer:
             n_barriers=barriers, arena_bytes=self.plan.peak_bytes,
             common_h=_static_file("common.h"), helpers_h=_static_file("helpers.h"),
             library=library, kernels=self.kernels, pointers=pointers, body=body,
+            n_counters=self.n_counters,
             profile_steps=len(labels) + 1 if self.profile else 0,
             profile_clock=PROFILE_CLOCKS.get(self.profile, ""))
         return CpuProgram(source, self.graph, self.plan, tuple(self.constants),
@@ -665,7 +672,8 @@ class _Renderer:
         Tk, Hkv, Dv = v.shape
         softcap = node.attr("softcap")
         operands = [q, k, v] + ([mask] if mask else [])
-        self.add_kernel(node, "attention.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
+        self.add_kernel(node, "attention.c.j2", [self.places[o].c for o in operands] +
+                        [self.places[node].c, self.counters()],
                         reads=self.reads_of(*operands), writes=self.reads_of(node),
                         Tq=Tq, Tk=Tk, Hq=Hq, Hkv=Hkv, group=Hq // Hkv, D=D, Dv=Dv,
                         qs=q.type.strides, ks=k.type.strides, vs=v.type.strides,
@@ -700,7 +708,8 @@ class _Renderer:
         self.wtypes[lay.wtype] = None
         scratch = Place("arena", 0, self.plan.scratch_offsets.get(node, 0))
         self.add_kernel(node, "mul_mat.c.j2",
-                        [self.places[x].c, self.places[w].c, self.places[node].c, scratch.c],
+                        [self.places[x].c, self.places[w].c, self.places[node].c, scratch.c,
+                         self.counters(lay.batches)],
                         reads=self.reads_of(x, w),
                         writes=self.reads_of(node) + [(scratch, lay.scratch_bytes)],
                         wtype=lay.wtype, T=lay.T, N=lay.N, K=lay.K, batches=lay.batches,
@@ -752,7 +761,8 @@ class _Renderer:
 
 def matmul_prototypes(wtype: str) -> str:
     return (f"void ember_mm_{wtype}(int ith, int nth, int64_t T, int64_t N, int64_t K, const float *x, "
-            f"int64_t x_row, const void *w, int64_t w_row, float *y, int64_t y_row, void *scratch);\n"
+            f"int64_t x_row, const void *w, int64_t w_row, float *y, int64_t y_row, void *scratch, "
+            f"int *next);\n"
             f"void ember_dequant_row_{wtype}(const void *row, float *out, int64_t K);\n")
 
 

@@ -254,6 +254,7 @@ def cl_float(v: float) -> str:
 
 
 def cl_real(v: float, fp64: bool) -> str:
+    """A finite float as an OpenCL C literal: a double with fp64, else a float (rounded to f32)."""
     return repr(float(v)) if fp64 else f"{float(np.float32(v))!r}f"
 
 

@@ -15,6 +15,12 @@ def example_node(op: str) -> Node:
     idx = input_node("idx", "i32", (4,))
     if op in ("add", "sub", "mul", "div"):
         return make_node(op, (x, _f32("b", 8)))
+    if op == "ssm_conv":
+        return make_node(op, (_f32("sx", 3 + 4, 8), _f32("w", 8, 4)))
+    if op == "ssm_scan":
+        # 2 heads of 4, state 16, one group
+        return make_node(op, (_f32("s", 2, 4, 16), _f32("x", 4, 2, 4), _f32("dt", 4, 2), _f32("A", 2),
+                              _f32("B", 4, 1, 16), _f32("C", 4, 1, 16)))
     if op == "rms_norm_mul":
         return make_node(op, (x, _f32("w", 8)))
     if op in ("swiglu", "geglu"):

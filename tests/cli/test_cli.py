@@ -108,3 +108,12 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_missing_file_is_one_line():
     out = ember("ir", "/nonexistent/model.ir")
     assert out.returncode == 1 and "/nonexistent/model.ir" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ops_lists_every_op_for_every_backend():
+    from ember.ir.ops import OPS
+    out = ember("ops")
+    assert out.returncode == 0, out.stderr
+    for op, opdef in OPS.items():
+        if opdef.category != "source":
+            assert any(line.split()[:1] == [op] for line in out.stdout.splitlines()), op
