@@ -28,6 +28,7 @@ Prints a Markdown table (ratio = TVM time / ember time: above 1, ember is faster
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -189,7 +190,7 @@ def note(notes: list, text: str) -> int:
 
 # ---- main --------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="timed runs per kernel (median; default 5)")
     parser.add_argument("--prompt", type=int, default=32, help="tokens of the prompt-sized rows (default 32)")
     parser.add_argument("--quick", action="store_true", help="leave out the output head")
@@ -210,8 +211,10 @@ def main(argv=None) -> int:
     adreno_ok = adreno.available()[0]
     adreno._context, adreno._queue = generic.context, generic.queue     # one device, one queue
     rng = np.random.default_rng(0)
+    # The machine may be shared: the load average says how far the figures can be trusted (TVM
+    # and ember run side by side, shape by shape, so a ratio is fairer than either time).
     print(f"device: {generic.info.describe()}; TVM target {TARGET} (dlight gpu rules); "
-          f"median of {args.reps} runs, device time\n")
+          f"median of {args.reps} runs, device time; load average {os.getloadavg()[0]:.2f}\n")
     print("| T x N x K | model weights | w | TVM rule | TVM ms | ember generic ms | ratio | "
           "ember adreno-emulated ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -269,6 +272,7 @@ def main(argv=None) -> int:
                         adreno_cell = f"failed: {str(e)[:60]}"
                 print(f"| {T} x {N} x {K} | {used} | {wtype} | {rule} | {tvm_cell} | {ember_cell} | {ratio} | "
                       f"{adreno_cell} | {adreno_ratio} |", flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
     if notes:
         print("\nNotes:")
         for i, text in enumerate(notes, 1):

@@ -87,32 +87,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compile", help="compile a model into an artifact folder",
-                       description="Compile the model's step graphs for a target and write them, with "
-                                   "their C sources and built libraries, into an artifact folder that "
-                                   "`ember run` loads without the passes or the C compiler. Steps: for "
-                                   "each KV bucket of the context, the decode step and one prompt step "
-                                   "(--prompt-tokens). The GGUF stays where it is (its path and sha256 "
-                                   "are recorded).")
+                       description="Compile the model's step graphs for a target and write them into an "
+                                   "artifact folder that `ember run` loads without ember's compiler. "
+                                   "Steps: for each KV bucket of the context, the decode step and one "
+                                   "prompt step (--prompt-tokens). The GGUF stays where it is (its path "
+                                   "and sha256 are recorded). Targets: cpu: C sources and built "
+                                   "libraries (run without the passes or the C compiler); opencl-generic: "
+                                   "OpenCL C sources, build options and launch plans, plus binaries for "
+                                   "the OpenCL device here (run on any OpenCL 1.2 device); opencl-adreno: "
+                                   "the same for Adreno GPUs (fp16, subgroups, Q8_0/Q4_0 weights stored "
+                                   "in the SoA layout), written without an Adreno device (no binaries "
+                                   "then) and run only on one; vulkan: SPIR-V and launch plans, built "
+                                   "for the Vulkan device here (needs glslc; the run does not).")
     add_model_path_argument(p)
-    p.add_argument("--target", default="cpu", choices=["cpu"], help="target (default cpu)")
+    p.add_argument("--target", default="cpu", choices=["cpu", "opencl-generic", "opencl-adreno", "vulkan"],
+                   help="target (default cpu)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact folder to write")
     p.add_argument("-c", "--ctx-size", type=int, default=256,
                    help="context the artifact supports, in tokens (default 256: one KV bucket)")
     p.add_argument("--prompt-tokens", type=int, default=32,
                    help="tokens per prompt step (default 32)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads, target cpu only (default: all cores)")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="generate text with a compiled artifact",
                        description="Load an artifact written by `ember compile` (every file checked "
-                                   "against its checksum) and generate, without running the passes "
-                                   "or the C compiler. The GGUF comes from the path recorded in the "
-                                   "artifact, or --model.")
+                                   "against its checksum) and generate, without running the passes, "
+                                   "the C compiler, OpenCL template rendering or the shader compiler "
+                                   "glslc. The artifact's target picks the device: cpu on this host's "
+                                   "CPU model; opencl-generic on the first OpenCL device (GPU first); "
+                                   "opencl-adreno on an Adreno GPU only; vulkan on the first Vulkan "
+                                   "device. A missing device is an error that says why. The GGUF comes "
+                                   "from the path recorded in the artifact, or --model.")
     p.add_argument("artifact", metavar="DIR", help="the artifact folder")
     p.add_argument("--model", help="the GGUF file, when it has moved (checked by sha256)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads, cpu artifacts only (default: all cores)")
     add_generation_arguments(p)
     p.set_defaults(func=cmd_run)
 
@@ -164,11 +177,16 @@ def add_model_path_argument(p) -> None:
 
 
 def add_model_arguments(p, ctx_size: int = 2048) -> None:
+    from ember.backends import BACKEND_NAMES
     add_model_path_argument(p)
-    p.add_argument("--backend", default="cpu", help="backend to run on (default cpu)")
+    p.add_argument("--backend", default="cpu", choices=BACKEND_NAMES,
+                   help="backend to run on: cpu, opencl or vulkan (default cpu)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=ctx_size,
                    help=f"context size in tokens (default {ctx_size})")
+    p.add_argument("--swa-full", action="store_true",
+                   help="sliding-window layers keep the whole context (default: a ring of window + "
+                        "512 rows, as llama.cpp without --swa-full)")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable), for side-by-side comparisons")
 
@@ -215,7 +233,7 @@ def open_model(args):
     tokenizer = Tokenizer.from_metadata(model.tokenizer)
     options = {"threads": args.threads} if args.threads and args.backend == "cpu" else {}
     backend = get_backend(args.backend, **options)
-    session = Session(model, backend, SessionOptions(n_ctx=args.ctx_size,
+    session = Session(model, backend, SessionOptions(n_ctx=args.ctx_size, swa_full=args.swa_full,
                                                      disabled_passes=frozenset(args.disable)))
     print(f"ember: loaded {path} ({model.arch}, {model.hparams.n_layer} layers) in "
           f"{time.perf_counter() - start:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
@@ -288,17 +306,18 @@ def cmd_perplexity(args) -> int:
         raise EmberError(f"-c {args.ctx_size} exceeds the model's context of {session.n_ctx} tokens")
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
     tokens = tokenizer.encode(text, add_special=True, parse_special=False)
-    if args.chunks:
-        tokens = tokens[:args.chunks * args.ctx_size]
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     n_chunk = len(tokens) // args.ctx_size
+    if args.chunks > 0:
+        n_chunk = min(n_chunk, args.chunks)
     print(f"perplexity: {len(tokens)} tokens, {n_chunk} chunks of {args.ctx_size}", file=sys.stderr)
     start = time.perf_counter()
 
     def progress(i: int, n: int, ppl: float) -> None:
         print(f"[{i + 1}/{n}] {ppl:.4f} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
-    result = perplexity(session_chunk_evaluator(session), tokens, args.ctx_size, bos, progress)
+    result = perplexity(session_chunk_evaluator(session), tokens, args.ctx_size, bos, progress,
+                        max_chunks=args.chunks)
     print(f"perplexity: {result.n_scored} tokens scored in {time.perf_counter() - start:.1f} s "
           f"(compile {session.stats.compile_seconds:.1f} s)", file=sys.stderr)
     print(result.final_line())
@@ -327,19 +346,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from ember.backends import get_backend
     from ember.models import load_model
     from ember.runtime.artifact import compile_artifact
     check_pass_names(args.disable)
+    if args.threads and args.target != "cpu":
+        raise EmberError(f"-t/--threads applies to --target cpu only, not {args.target}")
     path = model_path(args)
     model = load_model(path)
-    backend = get_backend(args.target, **({"threads": args.threads} if args.threads else {}))
+    if args.target == "cpu":
+        from ember.backends import get_backend
+        target = get_backend("cpu", **({"threads": args.threads} if args.threads else {}))
+    else:
+        target = args.target
     start = time.perf_counter()
 
     def progress(message: str) -> None:
         print(f"ember: {message}", file=sys.stderr, flush=True)
 
-    manifest = compile_artifact(model, backend, args.output, n_ctx=args.ctx_size,
+    progress(f"compiling {path} ({model.arch}, {model.hparams.n_layer} layers) for {args.target}")
+    manifest = compile_artifact(model, target, args.output, n_ctx=args.ctx_size,
                                 prompt_tokens=args.prompt_tokens, disabled_passes=frozenset(args.disable),
                                 progress=progress)
     shapes = ", ".join(f"{s['n_tokens']}x{s['n_kv']}" for s in manifest["steps"])
@@ -358,14 +383,14 @@ def cmd_run(args) -> int:
     model, session = load_artifact(args.artifact, args.model, args.threads)
     tokenizer = Tokenizer.from_metadata(model.tokenizer)
     print(f"ember: loaded artifact {args.artifact} ({len(session.shapes)} steps, context "
-          f"{session.n_ctx}, {model.arch} from {model.path}) in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr, flush=True)
+          f"{session.n_ctx}, {model.arch} from {model.path}, backend {session.backend.name}) in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return generate_and_report(args, tokenizer, session)
 
 
 def _speculative(args, session, tokenizer, show):
     from ember.models import load_model
-    from ember.runtime.session import Session, SessionOptions
+    from ember.runtime.session import Session
     from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
     if args.temp > 0:
         raise EmberError("--spec needs greedy decoding (--temp 0): speculation is verified against "

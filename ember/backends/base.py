@@ -15,6 +15,7 @@ import numpy as np
 
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir.graph import Graph
+from ember.ir.ops.views import storage_layout
 from ember.ir.node import Node
 from ember.ir.printer import value_names
 
@@ -37,8 +38,24 @@ class Executable(abc.ABC):
         write outputs into, by output index; one may be the very buffer of an input only where
         `in_place_outputs` allows it."""
 
+    # Optional: bind(inputs, outputs) -> run, where run(fresh=(), inputs=None) -> list of
+    # outputs runs the graph on those very arrays as often as wanted (CpuExecutable.bind;
+    # the session's step feed uses it when present). `fresh` names outputs that get new arrays
+    # on each call; `inputs` replaces bound inputs by name. A GPU executable's bind keeps an
+    # input whose in-place output is given as that very array (the KV caches) resident on the
+    # device, shared by every executable of the backend (ember.backends.resident): such a
+    # run moves only the other inputs and outputs, and the host array is stale until the
+    # backend's sync_to_host.
+
 
 class Backend(abc.ABC):
+    """Optional hooks of a backend that keeps host arrays resident on its device (OpenCL,
+    Vulkan; the CPU has none, its runs work on the host arrays themselves):
+    sync_to_host(arrays): the host copies of those arrays (or of the arrays they view) are
+    brought up to date before the host reads them; sync_to_device(arrays): the host wrote them,
+    the device copies are replaced (whole). Arrays that are not resident cost nothing. Such a
+    backend also counts the bytes it moves in `transfers` (ember.backends.resident.TransferStats)."""
+
     name: str = ""
 
     @abc.abstractmethod
@@ -75,3 +92,10 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def host_storage(t) -> tuple[tuple, np.dtype]:
+    """(shape, NumPy dtype) of the host array holding a tensor of type t (ember.ir's storage
+    rule: quantized rows as bytes)."""
+    shape, _ = storage_layout(t)
+    return shape, t.dtype.numpy

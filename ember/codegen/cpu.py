@@ -3,8 +3,11 @@
     int ember_graph_run(void **inputs, void **outputs, void **consts, uint8_t *arena, int n_threads);
 
 The entry point opens one OpenMP parallel region; every kernel is a static function called by all
-threads with (ith, nth), and `#pragma omp barrier` goes between two kernels only when the second
-touches bytes the kernels since the last barrier wrote (or writes bytes they touched). There is no
+threads with (ith, nth), and a barrier (ember_barrier_wait, common.h) goes between two kernels only
+when the second touches bytes the kernels since the last barrier wrote (or writes bytes they
+touched). Kernels of tiny work (one token's norms, ropes, cache rows) run on thread 0 alone, and
+two of those in a row need no barrier. The heavy kernels (matmul, attention) share their work in
+chunks claimed from a counter, so a thread the OS holds back delays the others little. There is no
 Python between ops and no thread spawn per op.
 
 Each kernel is rendered from templates/cpu/<template>.c.j2 with the node's shapes, byte strides
@@ -30,6 +33,7 @@ import numpy as np
 from ember.errors import EmberError
 from ember.ir import dtypes
 from ember.ir.graph import Graph
+from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
 from ember.ir.ops import OPS
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
@@ -280,6 +284,9 @@ def supports_node(node: Node) -> tuple[bool, str]:
     """Whether the CPU renderer handles node (every op of the op table, at the dtypes it allows)."""
     if node.op not in OPS:
         return False, f"{node.op}: unknown op"
+    why = unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
+    if why:
+        return False, why
     if node.op == "mul_mat":
         w = node.inputs[1]
         try:
@@ -409,6 +416,7 @@ def cluster_matmuls(graph: Graph) -> Graph:
 
 
 PROFILE_CLOCKS = {"wall": "CLOCK_MONOTONIC", "cpu": "CLOCK_THREAD_CPUTIME_ID"}
+BARRIER = "ember_barrier_wait(&ember_bar, nth);"   # common.h; `bar` inside kernels
 
 
 class _Renderer:
@@ -480,9 +488,9 @@ class _Renderer:
             self.steps.append(Step(f"{name}(ith, nth, {', '.join(args)});", reads, writes, label))
 
     def counters(self, n: int = 1) -> str:
-        """C expression of n fresh work counters (zeroed at the start of each run)."""
+        """C expression of n fresh work blocks (common.h; zeroed at the start of each run)."""
         self.n_counters += n
-        return f"(ember_next + {self.n_counters - n} * EMBER_NEXT_STRIDE)"
+        return f"(ember_next + {self.n_counters - n} * EMBER_WORK_INTS)"
 
     def reads_of(self, *nodes: Node):
         return [(self.places[n], span_bytes(n.type)) for n in nodes]
@@ -528,7 +536,7 @@ class _Renderer:
         for call i, the last slot for the waits at the barriers between calls."""
         out, call = [], 0
         for line in body:
-            if line.startswith("#pragma omp barrier"):
+            if line == BARRIER:
                 out += ["ember_prof_t = ember_prof_now();", line, "EMBER_PROF_ADD(-1);"]
             else:
                 out += ["ember_prof_t = ember_prof_now();", line, f"EMBER_PROF_ADD({call});"]
@@ -547,7 +555,7 @@ class _Renderer:
                 return any(_touches(m, e[:2]) and not (step.serial and e[2]) for m in mine for e in theirs)
             hazard = clash(step.writes, epoch_reads + epoch_writes) or clash(step.reads, epoch_writes)
             if hazard:
-                lines.append("#pragma omp barrier")
+                lines.append(BARRIER)
                 barriers += 1
                 epoch_reads, epoch_writes = [], []
             lines.append(step.call)
@@ -709,7 +717,7 @@ class _Renderer:
         scratch = Place("arena", 0, self.plan.scratch_offsets.get(node, 0))
         self.add_kernel(node, "mul_mat.c.j2",
                         [self.places[x].c, self.places[w].c, self.places[node].c, scratch.c,
-                         self.counters(lay.batches)],
+                         self.counters(lay.batches), "&ember_bar"],
                         reads=self.reads_of(x, w),
                         writes=self.reads_of(node) + [(scratch, lay.scratch_bytes)],
                         wtype=lay.wtype, T=lay.T, N=lay.N, K=lay.K, batches=lay.batches,
@@ -762,7 +770,7 @@ class _Renderer:
 def matmul_prototypes(wtype: str) -> str:
     return (f"void ember_mm_{wtype}(int ith, int nth, int64_t T, int64_t N, int64_t K, const float *x, "
             f"int64_t x_row, const void *w, int64_t w_row, float *y, int64_t y_row, void *scratch, "
-            f"int *next);\n"
+            f"int *next, ember_barrier *bar);\n"
             f"void ember_dequant_row_{wtype}(const void *row, float *out, int64_t K);\n")
 
 

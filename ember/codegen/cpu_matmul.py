@@ -4,17 +4,19 @@ For each wtype in MATMUL_WTYPES the rendered source defines
 
     void ember_mm_<wtype>(int ith, int nth, int64_t T, int64_t N, int64_t K,
                           const float *x, int64_t x_row, const void *w, int64_t w_row,
-                          float *y, int64_t y_row, void *scratch, int *next);
+                          float *y, int64_t y_row, void *scratch, int *next,
+                          ember_barrier *bar);
     void ember_dequant_row_<wtype>(const void *row, float *out, int64_t K);
     int64_t ember_mm_<wtype>_scratch(int64_t T, int64_t K);
 
 y[t, n] = sum_k x[t, k] * w[n, k]; strides are in bytes. ember_mm_* is called by all nth threads
-of an OpenMP team; the quantized ones quantize x into the scratch and hold one barrier (none
-when T = 1 and the row's 8-bit form fits 32 KiB), the float ones hold none. The caller barriers
+of an OpenMP team; the quantized ones quantize x into the scratch and wait once at the team's
+barrier *bar (not when T = 1 and the row's 8-bit form fits 32 KiB), the float ones never. The caller barriers
 before y is read or the scratch is reused. Threads share w's rows in chunks (a multiple of 16
-rows): each claims the next from the counter *next (an int the caller zeroed) when done with
-one, so a thread the OS holds back delays the others by one chunk at most; with next NULL
-thread ith takes every nth chunk. Stack: up to 64 KiB per thread (packed f32 panels) or
+rows) through the work block next (EMBER_WORK_INTS ints the caller zeroed; common.h): each
+streams through its own region of chunks, then helps with the others', so a thread the OS
+holds back delays the others by one chunk at most; with next NULL thread ith takes every nth
+chunk. Stack: up to 64 KiB per thread (packed f32 panels) or
 32 KiB (one quantized activation row).
 
 Numerics: the bits of y[t, n] depend only on row t of x and row n of w, never on T, on the other
@@ -50,14 +52,20 @@ _FLOAT_PARAMS = {
 # (llama.cpp's q8_0 idea), q256 = blocks of 256 with an f32 scale and 16-value sums (q8_K).
 _ACTIVATIONS = {"q8_0": "q32", "q4_0": "q32", "q5_0": "q32", "q4_k": "q256", "q6_k": "q256"}
 # Tile shapes of the AVX2 path (performance only: results do not depend on them): gemv_c weight
-# rows per T=1 tile (for q8_0, q4_0, q5_0 through their GEMV loop, ember_mm_<wtype>_gemv),
-# gemm_r x gemm_c tiles for T > 1 over blocks of gemm_tb activation rows.
+# rows per T=1 tile (with gemv_loop, through the GEMV loop ember_mm_<wtype>_gemv of q8_0, q4_0,
+# q5_0, which prefetches gemv_pf "group": the rows gemv_pf_groups groups ahead, or "row": each
+# row's own stream), gemm_r x gemm_c tiles for T > 1 over blocks of gemm_tb activation rows; with
+# gemm_decode (q4_0, q5_0) the weight rows of a chunk are first decoded to their 8-bit codes.
+# Chosen by measurement on AVX2 (Zen 4): a decode step streams every weight from DRAM, where
+# q8_0 reads fastest one row at a time and q5_0 (bound by its bit unpacking) gains from 4 rows
+# at once; tall GEMM tiles share the weights' decoding among 8 activation rows; decoded codes
+# need no sharing, and 4 x 2 keeps the accumulators in registers.
 _TILES = {
-    "q8_0": {"gemv_c": 4, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32},
-    "q4_0": {"gemv_c": 4, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32},
-    "q5_0": {"gemv_c": 4, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32},
-    "q4_k": {"gemv_c": 1, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 2, "gemm_c": 2, "gemm_tb": 32},
-    "q6_k": {"gemv_c": 1, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 2, "gemm_c": 2, "gemm_tb": 32},
+    "q8_0": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": False},
+    "q4_0": {"gemv_c": 4, "gemv_loop": True, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": True},
+    "q5_0": {"gemv_c": 4, "gemv_loop": True, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": True},
+    "q4_k": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 1, "gemm_tb": 32, "gemm_decode": False},
+    "q6_k": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 1, "gemm_tb": 32, "gemm_decode": False},
 }
 
 
@@ -133,7 +141,7 @@ def standalone_source(wtypes=MATMUL_WTYPES) -> str:
     parallel region instead):
 
         void ember_mm_<wtype>_run(int nth, <the arguments of ember_mm_<wtype> after nth, but
-                                  next>);
+                                  next and bar>);
     (chunks shared through a counter).
     """
     common_h, _, _ = _environment().loader.get_source(_environment(), "common.h")
@@ -147,9 +155,10 @@ def standalone_source(wtypes=MATMUL_WTYPES) -> str:
 _RUN_TEMPLATE = """
 void ember_mm_WTYPE_run(int nth, int64_t T, int64_t N, int64_t K, const float *x, int64_t x_row,
                         const void *w, int64_t w_row, float *y, int64_t y_row, void *scratch) {
-    int next = 0;
+    int next[EMBER_WORK_INTS] = {0};
+    ember_barrier bar = {0};
 #pragma omp parallel num_threads(nth)
     ember_mm_WTYPE(omp_get_thread_num(), omp_get_num_threads(), T, N, K, x, x_row, w, w_row,
-                   y, y_row, scratch, &next);
+                   y, y_row, scratch, next, &bar);
 }
 """

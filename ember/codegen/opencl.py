@@ -21,10 +21,15 @@ Profiles (`Profile`) choose the kernels:
   arithmetic emulated in float (rounded to half after every operation), for devices without
   them (PoCL): the same math, runnable and testable anywhere.
 
-The SoA layout is a graph-level decision (`plan_weight_layouts`): a weight is re-laid out only
-when every one of its consumers has a kernel for that layout (GEMV, GEMM, get_rows), and every
-consumer is then rendered for it; the renderer refuses any other kernel that would read it.
+The SoA layout is part of the IR: the layout-adreno pass (ember.passes.layout) gives a weight
+the `adreno_soa` layout in its type, together with every consumer, and the verifier rejects any
+op reading a layout it does not accept. The renderer decides nothing: it reads each weight's
+layout from the node types, renders SoA kernels for the weights in that layout and refuses any
+layout its profile has no kernels for (the generic profile reads only "row"), naming the node.
 (llama.cpp's SYCL backend once reordered Q8_0 for GEMV only and GEMM read garbage.)
+`render_graph` runs the layout pass of an Adreno profile first (with the profile's size
+thresholds; a no-op on a graph already laid out), so a graph that did not go through the
+opencl-adreno pipeline still gets the SoA kernels.
 
 Imports jinja2, NumPy and ember only: no OpenCL library.
 """
@@ -44,11 +49,13 @@ from ember.codegen.cpu import broadcast_strides, c_float, coalesce, offset_expr,
 from ember.errors import EmberError
 from ember.ir import dtypes
 from ember.ir.graph import Graph
+from ember.ir.layouts import get_layout
 from ember.ir.node import Node
 from ember.ir.ops import OPS
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
 from ember.ir.printer import format_value, value_names
 from ember.ir.types import TensorType
+from ember.passes.layout import LayoutAdreno, adreno_kernel_reads
 from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
 
 TEMPLATE_DIR = Path(__file__).parent / "templates" / "opencl"
@@ -131,7 +138,8 @@ class Profile:
     gemv_local: tuple = (64, 4, 1)
     gemm_local: tuple = (64, 1, 1)
     max_image_texels: int = 2 ** 27
-    # SoA only for big matrices (llama.cpp: ne0 >= 512 and ne1 >= 512), as small ones gain nothing
+    # layout-adreno thresholds (render_graph runs the pass with them): SoA only for big matrices
+    # (llama.cpp: ne0 >= 512 and ne1 >= 512), as small ones gain nothing
     soa_min_rows: int = 512
     soa_min_cols: int = 512
     cl_std: str = "CL1.2"
@@ -169,13 +177,15 @@ PROFILE_NAMES = ("generic", "adreno", "adreno-emulated")
 
 
 # ---- the SoA weight layout ---------------------------------------------------------------------
-SOA_DTYPES = {"q8_0": 4, "q4_0": 8}       # values per uint32 of quants
+SOA = get_layout("adreno_soa")
+SOA_DTYPES = dict(SOA.per_u32)       # values per uint32 of quants
 
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """A quantized 2-D weight [M, K] split into scales d[K/32][M] (half) and quants
-    q[K/per_u32][M] (uint32), both transposed so neighbouring rows are adjacent."""
+    """How the runtime holds a constant in the adreno_soa layout (ember.ir.layouts): a 2-D
+    weight [M, K] as scales d[K/32][M] (half) and quants q[K/per_u32][M] (uint32), both
+    transposed so neighbouring rows are adjacent, quants also bound as an image."""
     kind: str            # "soa"
     dtype: str           # q8_0 | q4_0
     rows: int            # M
@@ -189,46 +199,67 @@ class WeightLayout:
         return dataclasses.asdict(self)
 
 
-def _soa_consumer(user: Node, weight: Node) -> bool:
-    if user.op == "mul_mat":
-        x = user.inputs[0]
-        return user.inputs[1] is weight and x is not weight and x.type.rank <= 2
-    if user.op == "get_rows":
-        return user.inputs[0] is weight
-    return False
-
-
-def plan_weight_layouts(graph: Graph, profile: Profile) -> dict[Node, WeightLayout]:
-    """The weights (constants) this profile re-lays out, with their layout. A weight qualifies
-    when it is a Q8_0/Q4_0 matrix [M, K] with K % 32 == 0 and M % 4 == 0, big enough, within
-    the image limit, no graph output, and every one of its users has a kernel for the layout."""
-    if not profile.adreno:
-        return {}
-    outputs = set(graph.outputs)
-    layouts = {}
-    for node in graph.nodes:
-        if node.op != "const" or node.dtype.name not in SOA_DTYPES or node.type.rank != 2 or node in outputs:
-            continue
-        M, K = node.shape
-        layout = WeightLayout("soa", node.dtype.name, M, K)
-        if K % 32 or M % 4 or M < profile.soa_min_rows or K < profile.soa_min_cols or \
-                layout.texels > profile.max_image_texels or not node.type.is_contiguous:
-            continue
-        users = graph.users[node]
-        if users and all(_soa_consumer(u, node) for u in users):
-            layouts[node] = layout
-    return layouts
+def weight_layouts(graph: Graph) -> dict[Node, WeightLayout]:
+    """The constants whose type is in the adreno_soa layout, with how the runtime holds them."""
+    return {n: WeightLayout("soa", n.dtype.name, *n.shape) for n in graph.nodes
+            if n.op == "const" and n.type.layout == SOA.name}
 
 
 def relayout_weight(data: np.ndarray, layout: WeightLayout) -> dict[str, np.ndarray]:
-    """A weight's blocks (uint8 [M, row bytes]) in the SoA layout: {"q": uint32 [K/per_u32, M],
-    "d": uint16 [K/32, M] (the half bits)}."""
-    M, K = layout.rows, layout.cols
-    block_bytes = dtypes.dtype(layout.dtype).block_bytes
-    blocks = np.ascontiguousarray(data).reshape(M, K // 32, block_bytes)
-    d = np.ascontiguousarray(blocks[:, :, :2]).view(np.uint16).reshape(M, K // 32)
-    q = np.ascontiguousarray(blocks[:, :, 2:]).reshape(M, -1).view(np.uint32)
-    return {"q": np.ascontiguousarray(q.T), "d": np.ascontiguousarray(d.T)}
+    """The parts of a weight in the SoA layout: {"q": uint32 [K/per_u32, M], "d": uint16
+    [K/32, M] (the half bits)}. data is the constant's storage in the adreno_soa layout (flat,
+    as the layout-adreno pass stores it) or its row-layout blocks (uint8 [M, row bytes], as a
+    plan replayed from the original weights gives it), which are packed first."""
+    dt, shape = dtypes.dtype(layout.dtype), (layout.rows, layout.cols)
+    data = np.asarray(data)
+    if data.ndim != 1:
+        data = SOA.pack(data, dt, shape)
+    return SOA.parts(data, dt, shape)
+
+
+def _soa_kernel_problem(user: Node, k: int) -> str | None:
+    """Why the Adreno kernels cannot read operand k of user in the SoA layout, or None."""
+    operand = user.inputs[k]
+    if operand.op != "const" or operand.attr("value") is not None:
+        return "the SoA kernels read only named constants (bound as images) in that layout"
+    if not adreno_kernel_reads(user, k):
+        return f"no Adreno kernel reads {user.op} operand {k} in that layout"
+    return None
+
+
+def check_layouts(graph: Graph, profile: Profile) -> None:
+    """EmberError naming the first node that reads (or returns) a tensor in a layout this
+    profile has no kernel for: generic reads only "row"; Adreno also reads adreno_soa weights
+    in its GEMV/GEMM and get_rows kernels."""
+    names = None
+    readable = ("row", SOA.name) if profile.adreno else ("row",)
+    for node in graph.nodes:
+        for k, operand in enumerate(node.inputs):
+            layout = operand.type.layout
+            if layout == "row":
+                continue
+            if layout in readable:
+                why = _soa_kernel_problem(node, k)
+            else:
+                why = f"the {profile.name} profile reads only the layouts {', '.join(readable)}"
+            if why:
+                names = names or value_names(graph)
+                raise EmberError(f"opencl: %{names[node]} ({node.op} : {node.type}): operand {k} "
+                                 f"(%{names[operand]}) is in layout {layout}: {why}")
+    for out in graph.outputs:
+        if out.type.layout != "row":
+            names = names or value_names(graph)
+            raise EmberError(f"opencl: output %{names[out]} ({out.op} : {out.type}) is in layout "
+                             f"{out.type.layout}; outputs are returned in the row layout only")
+
+
+def lower_layouts(graph: Graph, profile: Profile) -> Graph:
+    """graph with the profile's layout pass applied (Adreno: layout-adreno with the profile's
+    thresholds); unchanged for the generic profile and for a graph already laid out."""
+    if not profile.adreno:
+        return graph
+    return LayoutAdreno(min_rows=profile.soa_min_rows, min_cols=profile.soa_min_cols,
+                        max_texels=profile.max_image_texels)(graph)
 
 
 # ---- templates ---------------------------------------------------------------------------------
@@ -390,10 +421,20 @@ def supports_node(node: Node) -> tuple[bool, str]:
             return False, f"{node.op}: a tensor of {span_bytes(t)} bytes is over the 2 GiB kernels address"
     if node.op == "mul_mat" and node.inputs[1].shape[-1] == 0:
         return False, "mul_mat: K == 0 unsupported"
+    for k, operand in enumerate(node.inputs):
+        if operand.type.layout not in ("row", SOA.name):
+            return False, f"{node.op}: operand {k} is in layout {operand.type.layout}, which no OpenCL kernel reads"
     return True, ""
 
 
 # ---- mul_mat shapes ----------------------------------------------------------------------------
+# Register tile (tokens, weight rows) of mul_mat_tiled.cl.j2. Measured on PoCL (AVX2, 16 vector
+# registers): 1 x 4 keeps its 4 float16 accumulators and weight vectors in registers; 1 x 8,
+# 2 x 2, 2 x 4, 4 x 1 and 4 x 2 measured slower (tokens gain little from a register tile, as the
+# work items of a group, consecutive tokens, already share their weight rows in L1). PoCL's own
+# work-group size was as fast as any we set.
+_TILE = (1, 4)
+
 @dataclass
 class _MulMat:
     T: int
@@ -465,7 +506,7 @@ class _Renderer:
         self.graph = graph
         self.profile = profile
         self.names = value_names(graph)
-        self.layouts = plan_weight_layouts(graph, profile)
+        self.layouts = weight_layouts(graph)     # read from the types; check_layouts vetted them
         self.plan = plan_memory(graph, alignment=ARENA_ALIGNMENT,
                                 extra=lambda n: _act_scratch_bytes(n, self.layouts))
         self.places: dict[Node, Place] = {}
@@ -523,7 +564,7 @@ class _Renderer:
         place = self.places[node]
         if place.region == "const" and self.constants[place.index] in self.layouts:
             raise EmberError(f"opencl: {self.describe(node)} reads a weight in the "
-                             f"{self.layouts[self.constants[place.index]].kind} layout through a kernel "
+                             f"{self.constants[place.index].type.layout} layout through a kernel "
                              f"that does not know that layout")
         return BufferArg(place)
 
@@ -718,12 +759,22 @@ class _Renderer:
         mm = _mul_mat_shape(node)
         if w in self.layouts:
             return self._render_mul_mat_soa(node, mm)
+        vector = x.dtype.name == "f32" and mm.x_step == 4 and (w.dtype.is_quantized or (
+            mm.K % 16 == 0 and mm.w_step == w.dtype.block_bytes))
+        if mm.T > 1 and vector and not w.dtype.is_quantized:
+            # Prompts: a register tile per work item (see the template); it reduces each
+            # output exactly as mul_mat.cl.j2 does, so decode and prompt rows agree bit for bit.
+            tm, tn = _TILE
+            self.add_kernel(node, "mul_mat_tiled.cl.j2", [self.buf(x), self.buf(w), self.buf(node)],
+                            (-(-mm.T // tm), -(-mm.N // tn), mm.batches), None,
+                            wtype=w.dtype.name, T=mm.T, N=mm.N, K=mm.K, tm=tm, tn=tn,
+                            batches=mm.batches, x_row=mm.x_row, w_row=mm.w_row, x_batch=mm.x_batch,
+                            w_batch=mm.w_batch)
+            return
         tt = min(mm.T, 8)
         self.add_kernel(node, "mul_mat.cl.j2", [self.buf(x), self.buf(w), self.buf(node)],
                         (mm.N, -(-mm.T // tt), mm.batches), None,
-                        wtype=w.dtype.name, quantized=w.dtype.is_quantized,
-                        vector=x.dtype.name == "f32" and mm.x_step == 4 and (w.dtype.is_quantized or (
-                            mm.K % 16 == 0 and mm.w_step == w.dtype.block_bytes)),
+                        wtype=w.dtype.name, quantized=w.dtype.is_quantized, vector=vector,
                         x_dtype=x.dtype.name,
                         T=mm.T, N=mm.N, K=mm.K, tt=tt, batches=mm.batches, x_row=mm.x_row,
                         x_step=mm.x_step, w_row=mm.w_row, w_step=mm.w_step, x_batch=mm.x_batch,
@@ -817,12 +868,14 @@ def render_graph(graph: Graph, profile: Profile | None = None) -> OpenCLProgram:
     """The OpenCL program for graph (dead nodes dropped). Raises EmberError naming the first node
     the renderer cannot handle."""
     profile = profile or generic_profile()
+    graph = lower_layouts(graph, profile)
     for node in graph.nodes:
         if node.op in ("input", "const"):
             continue
         ok, reason = supports_node(node)
         if not ok:
             raise EmberError(f"opencl: %{value_names(graph)[node]} ({node.op} : {node.type}): {reason}")
+    check_layouts(graph, profile)
     return _Renderer(graph, profile).render()
 
 
@@ -836,7 +889,7 @@ def compile_plan(graph: Graph, profile: Profile | str = "adreno") -> dict:
     each run), and enqueues plan["launches"] in order on one in-order queue. An argument
     {"kind": "buffer"} is two kernel arguments, the buffer and a uint byte offset; a constant
     with a layout has parts instead of one buffer: relayout_weight(data, layout) gives "q" and
-    "d", and {"kind": "image"} is an image1d_buffer_t of format r32ui (layout.texels texels) or
+    "d" (data: the graph's own row blocks, or the packed array of the laid-out graph), and {"kind": "image"} is an image1d_buffer_t of format r32ui (layout.texels texels) or
     rgba32ui (a quarter as many) over "q"; {"kind": "status"} is the status buffer and an int
     code (plan["status_messages"] says what a nonzero status means). Outputs listed in
     plan["in_place"] are read from their input's buffer. tests/backends/test_opencl_backend.py

@@ -34,6 +34,7 @@ import numpy as np
 
 from ember.errors import EmberError
 from ember.ir.graph import Graph
+from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
 from ember.ir.ops import OPS
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
@@ -328,6 +329,9 @@ def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
     """Whether the Vulkan renderer handles node on a device with caps."""
     if node.op not in OPS:
         return False, f"{node.op}: unknown op"
+    why = unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
+    if why:
+        return False, why
     if node.op in ("input", "const") or is_view(node):
         return True, ""
     if not hasattr(_Renderer, f"_render_{_KIND.get(node.op, node.op)}"):

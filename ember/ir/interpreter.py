@@ -1,7 +1,8 @@
 """The NumPy reference interpreter: runs a graph with each op's reference function.
 
 This is the definition every backend is tested against; it favours clarity and float64
-internals over speed.
+internals over speed. A tensor stored in another layout than "row" (ember.ir.layouts) is
+unpacked to rows where it is read, so every op's reference sees the row layout only.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from ember.ir import dtypes
 from ember.ir.errors import IRError
 from ember.ir.graph import Graph
+from ember.ir.layouts import ROW, to_row
 from ember.ir.node import Node
 from ember.ir.ops import get_op
 
@@ -19,6 +21,13 @@ from ember.ir.ops import get_op
 def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[Node, np.ndarray]:
     """Every node's value (storage arrays; views share memory with their operands)."""
     values: dict[Node, np.ndarray] = {}
+    rows: dict[Node, np.ndarray] = {}
+
+    def unpacked(node: Node) -> np.ndarray:
+        if node not in rows:
+            rows[node] = to_row(values[node], node.type)
+        return rows[node]
+
     for node in graph.nodes:
         if node.op == "input":
             if node.name not in inputs:
@@ -28,15 +37,16 @@ def evaluate(graph: Graph, inputs: Mapping[str, np.ndarray]) -> dict[Node, np.nd
             values[node] = graph.constant_data(node)
         else:
             opdef = get_op(node.op)
-            args = [values[i] for i in node.inputs]
+            args = [values[i] if i.type.layout == ROW else unpacked(i) for i in node.inputs]
+            types = [i.type.row for i in node.inputs]
             attrs = node.attr_dict
             try:
                 if opdef.raw:
-                    out = opdef.reference(args, attrs, [i.type for i in node.inputs], node.type)
+                    out = opdef.reference(args, attrs, types, node.type)
                 else:
-                    args = [a if not (i.dtype.is_quantized or i.dtype is dtypes.bf16)
-                            else dtypes.to_float32(np.ascontiguousarray(a), i.dtype)
-                            for a, i in zip(args, node.inputs)]
+                    args = [a if not (t.dtype.is_quantized or t.dtype is dtypes.bf16)
+                            else dtypes.to_float32(np.ascontiguousarray(a), t.dtype)
+                            for a, t in zip(args, types)]
                     out = opdef.reference(args, attrs)
             except (ValueError, IndexError, FloatingPointError) as e:
                 raise IRError(f"{node.op} ({node.type}): {e}") from e

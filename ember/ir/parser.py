@@ -22,6 +22,7 @@ from ember.ir import dtypes
 from ember.ir.builder import check_constant_data, literal_node, make_node
 from ember.ir.errors import IRError, ParseError
 from ember.ir.graph import Graph
+from ember.ir.layouts import from_row
 from ember.ir.node import Node
 from ember.ir.ops import OPS
 from ember.ir.types import TensorType
@@ -263,9 +264,19 @@ class _Parser:
         if tok.text not in dtypes.ALL:
             raise self.error(f"unknown dtype {tok.text!r}; known: {', '.join(dtypes.ALL)}", tok)
         shape = self.int_list("[", "]", "dimension")
-        strides = self.int_list("{", "}", "stride") if self.at("{") else None
+        strides, layout = None, "row"
+        if self.at("{") and self.peek(1).kind == "ident":
+            # A storage layout other than row, in place of strides: q8_0[512, 512]{adreno_soa}
+            self.advance()
+            name = self.advance()
+            if name.text == "row":
+                raise self.error("the row layout is the default and is not written", name)
+            layout = name.text
+            self.expect("}", f"after layout {layout}")
+        elif self.at("{"):
+            strides = self.int_list("{", "}", "stride")
         try:
-            return TensorType(dtypes.ALL[tok.text], shape, strides)
+            return TensorType(dtypes.ALL[tok.text], shape, strides, layout)
         except ValueError as e:
             raise self.error(str(e), tok) from None
 
@@ -314,11 +325,12 @@ def _flatten(value) -> list:
 def random_constant(name: str, t: TensorType, seed: int = 0, index_bound: int = 8) -> np.ndarray:
     """Deterministic data for a constant: from (seed, crc32 of its name), stored as t says.
 
-    Floats are N(0, 1) (quantized: quantized normals); integers lie in [0, index_bound)."""
+    Floats are N(0, 1) (quantized: quantized normals); integers lie in [0, index_bound). A
+    type in another layout than row holds the same values as its row type, packed."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
     if t.dtype.is_float or t.dtype.is_quantized:
         values = np.asarray(rng.standard_normal(t.shape), dtype=np.float32)
-        return np.asarray(dtypes.from_float32(values, t.dtype))
+        return from_row(np.asarray(dtypes.from_float32(values, t.dtype)), t)
     return np.asarray(rng.integers(0, max(index_bound, 1), size=t.shape), dtype=t.dtype.numpy)
 
 

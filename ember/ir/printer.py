@@ -12,7 +12,8 @@
 Inputs and named constants print under their own names (constants made unique; an input
 name that is no identifier prints quoted, `%"a-b"`); other values are numbered in order. Types
 print after every node so the text can be read alone; non-contiguous types show their byte
-strides in braces.
+strides in braces; a storage layout other than row, always contiguous, is named in the braces
+instead (`q8_0[512, 512]{adreno_soa}`, see ember.ir.layouts).
 """
 from __future__ import annotations
 

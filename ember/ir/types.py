@@ -4,12 +4,17 @@ Shapes are written outermost first (NumPy order): the last axis is the contiguou
 quantized tensor packs its last axis into blocks. Strides are in bytes, as in ggml, so a view
 at a byte offset with its own row stride (the fused-QKV split) is an ordinary type. For a
 quantized type the last stride is the block size in bytes (ggml's nb[0]).
+
+A type also names its storage layout (ember.ir.layouts): "row" is the order above; another
+layout (the Adreno SoA split of Q8_0, say) is part of the type, so equal types read the same
+bytes the same way, and is printed in braces after the shape: `q8_0[512, 512]{adreno_soa}`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ember.ir.dtypes import DType, dtype as to_dtype
+from ember.ir.layouts import ROW, get_layout
 
 MAX_RANK = 4
 
@@ -30,6 +35,7 @@ class TensorType:
     dtype: DType
     shape: tuple[int, ...]
     strides: tuple[int, ...] = None  # None means contiguous; normalized in __post_init__
+    layout: str = ROW
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", to_dtype(self.dtype))
@@ -50,6 +56,13 @@ class TensorType:
             object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
             if len(self.strides) != len(self.shape):
                 raise ValueError(f"strides {self.strides} do not match shape {self.shape}")
+        if self.layout != ROW:
+            why = get_layout(self.layout).problem(self.dtype, self.shape)
+            if why:
+                raise ValueError(why)
+            # A re-laid-out tensor has no row strides to speak of: it is one packed array.
+            if not self.is_contiguous:
+                raise ValueError(f"a tensor in layout {self.layout} must be contiguous, got strides {self.strides}")
 
     @property
     def rank(self) -> int:
@@ -65,6 +78,8 @@ class TensorType:
     @property
     def nbytes(self) -> int:
         """Bytes of a contiguous tensor of this shape."""
+        if self.layout != ROW:
+            return get_layout(self.layout).nbytes(self.dtype, self.shape)
         if not self.shape:
             return self.dtype.block_bytes
         return self.dtype.row_bytes(self.shape[-1]) * (self.numel // max(self.shape[-1], 1)) \
@@ -75,6 +90,8 @@ class TensorType:
         """Bytes from the first to one past the last byte this (possibly strided) tensor touches."""
         if self.numel == 0:
             return 0
+        if self.layout != ROW:
+            return self.nbytes
         last = sum((s - 1) * st for s, st in zip(self.shape[:-1], self.strides[:-1]))
         return last + self.dtype.row_bytes(self.shape[-1]) if self.dtype.is_quantized \
             else last + (self.shape[-1] - 1) * self.strides[-1] + self.dtype.block_bytes
@@ -82,6 +99,14 @@ class TensorType:
     @property
     def is_contiguous(self) -> bool:
         return self.strides == contiguous_strides(self.dtype, self.shape)
+
+    @property
+    def row(self) -> "TensorType":
+        """This type in the row layout (what unpacking a re-laid-out tensor gives)."""
+        return self if self.layout == ROW else TensorType(self.dtype, self.shape, self.strides)
+
+    def with_layout(self, layout: str) -> "TensorType":
+        return TensorType(self.dtype, self.shape, self.strides, layout)
 
     def with_shape(self, shape) -> "TensorType":
         return TensorType(self.dtype, tuple(shape))
@@ -93,6 +118,8 @@ class TensorType:
         text = f"{self.dtype.name}[{', '.join(map(str, self.shape))}]"
         if not self.is_contiguous:
             text += "{" + ", ".join(map(str, self.strides)) + "}"
+        if self.layout != ROW:
+            text += "{" + self.layout + "}"   # never with strides: such a type is contiguous
         return text
 
 

@@ -49,6 +49,7 @@ def verify(graph: Graph) -> None:
         elif node.op == "const":
             _check_const(graph, node, fail)
         else:
+            _check_layouts(node, names, fail)
             _check_compute(node, fail)
 
 
@@ -107,6 +108,18 @@ def _check_const(graph: Graph, node: Node, fail):
         check_constant_data(node.name, node.type, np.asarray(graph.constants[node.name]))
     except IRError as e:
         fail(node, str(e))
+
+
+def _check_layouts(node: Node, names: dict, fail):
+    """Every operand must be in a layout its op accepts: a kernel written for one layout never
+    reads bytes arranged another way (REFERENCE.md section 3, the SYCL reorder bug)."""
+    opdef = OPS[node.op]
+    for k, operand in enumerate(node.inputs):
+        accepted = opdef.accepted_layouts(k)
+        if operand.type.layout not in accepted:
+            fail(node, f"operand {opdef.operand_name(k)} (%{names.get(operand, '?')}) is in layout "
+                       f"{operand.type.layout}, which {node.op} does not accept "
+                       f"(accepts: {', '.join(accepted)})")
 
 
 def _check_compute(node: Node, fail):

@@ -5,13 +5,15 @@ cache, gated FFNs and the output head.
 
 The step-graph contract, relied on by the generation runtime:
 
-    model.build_step(n_tokens, n_kv, n_outputs) -> Graph
+    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None) -> Graph
     inputs   tokens i32[n_tokens], pos i32[n_tokens] (positions), slots i32[n_tokens] (the cache
              rows the new K/V rows go to), out_ids i32[n_outputs] (the rows that produce logits),
              mask f32[n_tokens, n_kv] (0 / -inf: causal + padding, built by the runtime),
-             mask_swa f32[n_tokens, n_kv] (only for models with sliding-window layers),
+             mask_swa f32[n_tokens, n_kv_swa] (only for models with sliding-window layers),
+             slots_swa i32[n_tokens] (only when n_kv_swa < n_kv: the rows of the sliding-window
+             layers' ring caches; otherwise those layers use slots and n_kv_swa = n_kv),
              then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each attention
-             layer il, then conv_state.{il} f32[d_conv - 1, d_inner + 2 * n_group * d_state] and
+             layer il (n_kv_swa rows for a sliding-window layer), then conv_state.{il} f32[d_conv - 1, d_inner + 2 * n_group * d_state] and
              ssm_state.{il} f32[n_ssm_head, ssm_head_dim, d_state] for each recurrent layer il
              (Mamba-2; HParams.recurrent_layers says which), each group in layer order.
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
@@ -53,7 +55,7 @@ class Model:
     hparams: HParams
     file: GGUFFile
     tokenizer: Mapping[str, object]
-    step_builder: Callable[["Model", int, int, int], Graph]
+    step_builder: Callable[["Model", int, int, int, "int | None"], Graph]
 
     @property
     def path(self):
@@ -92,12 +94,16 @@ class Model:
         hp = self.hparams
         return hp.conv_state_shape if which == "conv" else hp.ssm_state_shape
 
-    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
+    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None) -> Graph:
+        """The step graph; with n_kv_swa < n_kv (a model with sliding-window layers), those
+        layers keep a ring of n_kv_swa rows (the contract's slots_swa input)."""
         if n_tokens < 1 or n_kv < 1:
             raise ValueError(f"build_step: need n_tokens >= 1 and n_kv >= 1, got {n_tokens}, {n_kv}")
         if not 0 <= n_outputs <= n_tokens:
             raise ValueError(f"build_step: n_outputs {n_outputs} must be in [0, {n_tokens}]")
-        return self.step_builder(self, n_tokens, n_kv, n_outputs)
+        if n_kv_swa is not None and not n_tokens <= n_kv_swa <= n_kv:
+            raise ValueError(f"build_step: n_kv_swa {n_kv_swa} must be in [n_tokens {n_tokens}, n_kv {n_kv}]")
+        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa)
 
     def __repr__(self) -> str:
         hp = self.hparams
@@ -114,21 +120,27 @@ class StepGraph:
     """One step graph under construction: the contract's inputs, the weights, the per-layer
     cache updates; `finish` adds the output head and returns the Graph."""
 
-    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int):
+    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None):
         self.model, self.hp, self.file = model, model.hparams, model.file
         self.n_tokens, self.n_kv, self.n_outputs = n_tokens, n_kv, n_outputs
+        # Sliding-window layers read a ring of n_kv_swa rows (slots_swa, mask_swa) when it is
+        # shorter than the other layers' n_kv; otherwise they share slots with them.
+        ring = self.hp.uses_swa and n_kv_swa is not None and n_kv_swa < n_kv
+        self.n_kv_swa = n_kv_swa if ring else n_kv
         b = self.b = GraphBuilder(f"{model.arch}_step")
         self.tokens = b.input("tokens", "i32", (n_tokens,))
         self.pos = b.input("pos", "i32", (n_tokens,))
         self.slots = b.input("slots", "i32", (n_tokens,))
         self.out_ids = b.input("out_ids", "i32", (n_outputs,))
         self.mask = b.input("mask", "f32", (n_tokens, n_kv))
-        self.mask_swa = b.input("mask_swa", "f32", (n_tokens, n_kv)) if self.hp.uses_swa else None
+        self.mask_swa = b.input("mask_swa", "f32", (n_tokens, self.n_kv_swa)) if self.hp.uses_swa else None
+        self.slots_swa = b.input("slots_swa", "i32", (n_tokens,)) if ring else self.slots
         self.k_cache: dict[int, Node] = {}
         self.v_cache: dict[int, Node] = {}
         for il in model.attention_layers:
-            self.k_cache[il] = b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(n_kv, "k"))
-            self.v_cache[il] = b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(n_kv, "v"))
+            rows = self.cache_rows(il)
+            self.k_cache[il] = b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "k"))
+            self.v_cache[il] = b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "v"))
         self.conv_state: dict[int, Node] = {}
         self.ssm_state: dict[int, Node] = {}
         for il in model.recurrent_layers:
@@ -193,14 +205,23 @@ class StepGraph:
         """Write this step's K/V rows into layer il's caches, attend over the updated caches,
         and return the heads flattened: f32[n_tokens, n_head * head_dim_v]."""
         b, hp = self.b, self.hp
-        k_cache = b.set_rows(self.k_cache[il], self.slots, flatten_heads(b, k))
-        v_cache = b.set_rows(self.v_cache[il], self.slots, flatten_heads(b, v))
+        if swa != hp.is_swa(il):
+            raise ValueError(f"attention: layer {il} is {'' if hp.is_swa(il) else 'not '}a "
+                             f"sliding-window layer, called with swa={swa}")
+        rows = self.cache_rows(il)
+        slots = self.slots_swa if swa else self.slots
+        k_cache = b.set_rows(self.k_cache[il], slots, flatten_heads(b, k))
+        v_cache = b.set_rows(self.v_cache[il], slots, flatten_heads(b, v))
         self.k_updated[il], self.v_updated[il] = k_cache, v_cache
-        keys = b.reshape(k_cache, self.n_kv, hp.n_head_kv, hp.head_dim_k)
-        values = b.reshape(v_cache, self.n_kv, hp.n_head_kv, hp.head_dim_v)
+        keys = b.reshape(k_cache, rows, hp.n_head_kv, hp.head_dim_k)
+        values = b.reshape(v_cache, rows, hp.n_head_kv, hp.head_dim_v)
         mask = self.mask_swa if swa else self.mask
         out = b.attention(q, keys, values, mask, scale=scale, softcap=softcap, causal=False)
         return b.reshape(out, self.n_tokens, hp.n_head * hp.head_dim_v)
+
+    def cache_rows(self, il: int) -> int:
+        """The rows of layer il's KV cache in this step: n_kv_swa for a sliding-window layer."""
+        return self.n_kv_swa if self.hp.is_swa(il) else self.n_kv
 
     def select_outputs(self, x: Node) -> Node:
         """Only the rows that produce logits (llama.cpp does this in the last layer, so the last

@@ -22,8 +22,9 @@ from ember.ir.graph import Graph
 from ember.models.common import Model, StepGraph, build_qkv, embed_tokens
 
 
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs)
+def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
+               n_kv_swa: int | None = None) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa)
     b, hp = s.b, s.hp
     h = b.scale(embed_tokens(s), scale=math.sqrt(hp.n_embd))
     for il in range(hp.n_layer):

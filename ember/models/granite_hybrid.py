@@ -21,8 +21,9 @@ from ember.models.common import Model, StepGraph, build_qkv, embed_tokens
 from ember.models.mamba2 import mamba2_mixer
 
 
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs)
+def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
+               n_kv_swa: int | None = None) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     if hp.embedding_scale:

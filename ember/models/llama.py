@@ -9,17 +9,19 @@ from ember.ir.graph import Graph
 from ember.models.common import Model, StepGraph, build_qkv, embed_tokens
 
 
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
-    return build_decoder(model, n_tokens, n_kv, n_outputs, rope_mode="normal",
+def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
+               n_kv_swa: int | None = None) -> Graph:
+    return build_decoder(model, n_tokens, n_kv, n_outputs, n_kv_swa, rope_mode="normal",
                          rope_freq_factors=True, qk_norm=False)
 
 
-def build_decoder(model: Model, n_tokens: int, n_kv: int, n_outputs: int, *, rope_mode: str,
+def build_decoder(model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None,
+                  *, rope_mode: str,
                   rope_freq_factors: bool, qk_norm: bool) -> Graph:
     """The llama-family decoder: h += attn(norm(h)); h += ffn(norm(h)); logits of the outputs.
 
     qk_norm applies an rms_norm with weight per head to q and k before rope (qwen3)."""
-    s = StepGraph(model, n_tokens, n_kv, n_outputs)
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa)
     b, hp = s.b, s.hp
     factors = s.vector("rope_freqs.weight", hp.n_rot // 2, required=False) if rope_freq_factors else None
     h = embed_tokens(s)

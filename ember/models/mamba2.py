@@ -25,8 +25,9 @@ from ember.models.gguf_file import ModelFileError
 F32 = dtypes.f32.row_bytes(1)
 
 
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs)
+def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
+               n_kv_swa: int | None = None) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     for il in range(hp.n_layer):

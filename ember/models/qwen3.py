@@ -9,6 +9,7 @@ from ember.models.common import Model
 from ember.models.llama import build_decoder
 
 
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int) -> Graph:
-    return build_decoder(model, n_tokens, n_kv, n_outputs, rope_mode="neox",
+def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
+               n_kv_swa: int | None = None) -> Graph:
+    return build_decoder(model, n_tokens, n_kv, n_outputs, n_kv_swa, rope_mode="neox",
                          rope_freq_factors=False, qk_norm=True)

@@ -30,7 +30,8 @@ from ember.passes.rewrite import RewriteState, apply_rules
 def _fusable(node: Node) -> bool:
     w = node.inputs[1]
     return (node.op == "mul_mat" and w.op == "const" and w.attr("value") is None
-            and w.type.rank == 2 and w.type.is_contiguous)
+            and w.type.rank == 2 and w.type.is_contiguous
+            and w.type.layout == "row")   # re-laid-out blocks do not concatenate row-wise
 
 
 def _const_bias(graph: Graph, mm: Node) -> tuple[Node, Node] | None:
@@ -50,6 +51,8 @@ def find_groups(graph: Graph) -> list[list[Node]]:
     for node in graph.live_nodes:   # dead matmuls (left by an earlier fusion) do not count
         if node.op == "mul_mat" and _fusable(node):
             x, w = node.inputs
+            if 0 in x.shape:    # no rows (a step with no outputs): nothing to gain, no view fits
+                continue
             groups.setdefault((x, w.dtype, w.shape[-1]), []).append(node)
     # A weight used twice by one input is one projection (cse makes them one node anyway).
     groups = [list({m.inputs[1]: m for m in g}.values()) for g in groups.values()]

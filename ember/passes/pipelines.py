@@ -7,6 +7,7 @@ from ember.passes.dce import DeadCodeElimination
 from ember.passes.fold_constants import FoldConstants
 from ember.passes.fuse_elementwise import FuseElementwise
 from ember.passes.fuse_qkv import FuseQKV
+from ember.passes.layout import LayoutAdreno
 
 TARGETS = ("cpu", "opencl-generic", "opencl-adreno", "vulkan")
 
@@ -18,7 +19,11 @@ def simplify_phase() -> Phase:
 def pipeline_for(target: str) -> Pipeline:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
-    return Pipeline(phases=(simplify_phase(), fusion_phase()), label=target)
+    phases = (simplify_phase(), fusion_phase())
+    if target == "opencl-adreno":
+        # Last: layouts are chosen on the final graph, so every consumer of a weight is known.
+        phases += (Phase("layout", (LayoutAdreno(),)),)
+    return Pipeline(phases=phases, label=target)
 
 
 def fusion_phase() -> Phase:

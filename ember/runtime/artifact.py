@@ -18,6 +18,10 @@ prompt steps and single tokens; any other shape is an error, never a compile.
 Loading checks every file against its sha256, renders each graph again (no passes, no compiler;
 ~0.1 s) and requires the stored source byte for byte, so a library only ever runs with the
 program it was built from. The folder is written under a temporary name and renamed into place.
+
+The GPU targets (opencl-generic, opencl-adreno, vulkan) share the manifest, the steps, the
+constants, the checksums and the atomic replacement with the CPU; what they store per step
+instead of C and libraries is described in ember/runtime/artifact_gpu.py.
 """
 from __future__ import annotations
 
@@ -40,12 +44,13 @@ from ember.ir.parser import parse_ir
 from ember.ir.printer import print_ir
 from ember.models import load_model
 from ember.passes import PassContext, pipeline_for
-from ember.runtime.session import PIPELINE_OF_BACKEND, Session, SessionOptions, _Step
+from ember.runtime.session import Session, SessionOptions, _Step
 
 FORMAT = "ember-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "opencl-generic", "opencl-adreno", "vulkan")
+GPU_TARGETS = TARGETS[1:]
 DEFAULT_CTX = 256
 DEFAULT_PROMPT_TOKENS = 32
 
@@ -100,54 +105,61 @@ def _shape_name(shape: tuple[int, int, int]) -> str:
 
 
 # ---- writing -----------------------------------------------------------------------------------
-def compile_artifact(model, backend: CpuBackend, out_dir, n_ctx: int = DEFAULT_CTX,
+def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
                      prompt_tokens: int = DEFAULT_PROMPT_TOKENS, kv_bucket: int = 256,
-                     disabled_passes=frozenset(), progress=None) -> dict:
-    """Compile model's steps for backend into out_dir (replacing an artifact there); returns
-    the manifest. progress(message), when given, hears about each step."""
-    if backend.name not in TARGETS:
-        raise ArtifactError(f"compile: target {backend.name!r} is not supported; targets: {', '.join(TARGETS)}")
-    if getattr(backend, "profile", None):
-        raise ArtifactError("compile: the backend renders profiling code; artifacts hold plain graphs")
+                     disabled_passes=frozenset(), progress=None, **target_options) -> dict:
+    """Compile model's steps into out_dir (replacing an artifact there); returns the manifest.
+    backend: a CpuBackend, or a target name of TARGETS (the GPU targets make their own backend;
+    target_options go to it, see ember.runtime.artifact_gpu). progress(message), when given,
+    hears about each step."""
+    target = backend if isinstance(backend, str) else backend.name
+    if target not in TARGETS:
+        raise ArtifactError(f"compile: target {target!r} is not supported; targets: {', '.join(TARGETS)}")
+    if target in GPU_TARGETS:
+        from ember.runtime.artifact_gpu import gpu_writer
+        writer = gpu_writer(target, progress=progress, **target_options)
+    else:
+        if target_options:
+            raise ArtifactError(f"compile: target cpu takes no options {sorted(target_options)}")
+        writer = _CpuWriter(CpuBackend() if isinstance(backend, str) else backend)
     out = Path(out_dir)
     if out.exists() and not (out / MANIFEST).exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArtifactError(f"{out}: exists and is not an ember artifact; not overwriting it")
     hp = model.hparams
     n_ctx = min(n_ctx, hp.n_ctx_train) if hp.n_ctx_train else n_ctx
     shapes = step_shapes(n_ctx, kv_bucket, prompt_tokens)
-    pipeline = pipeline_for(PIPELINE_OF_BACKEND[backend.name])
+    pipeline = pipeline_for(writer.pipeline)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         (tmp / "steps").mkdir()
-        tag, kernels = backend.kernel_library()
-        shutil.copyfile(kernels, tmp / "kernels.so")
+        fields = writer.begin(tmp)
         constants: dict[str, str] = {}
         steps = []
         for shape in shapes:
             start = time.perf_counter()
             with PassContext(disabled=frozenset(disabled_passes)):
                 optimized = pipeline(model.build_step(*shape))
-            executable = backend.compile(optimized)
-            program = executable.program
             name = f"steps/{_shape_name(shape)}"
-            (tmp / f"{name}.ir").write_text(print_ir(program.graph))
-            (tmp / f"{name}.c").write_text(tag_kernel_symbols(program.source, tag))
-            shutil.copyfile(executable.library_path, tmp / f"{name}.so")
-            _save_derived_constants(model, program.graph, tmp, constants)
+            # graph: the step as the target compiled it (the renderer may have dropped dead nodes);
+            # stored_as: constants the target keeps in a form of its own (Adreno SoA weights),
+            # whose plain copy this step does not need
+            entry, n_kernels, graph, stored_as = writer.step(tmp, name, optimized)
+            (tmp / f"{name}.ir").write_text(print_ir(graph))
+            _save_derived_constants(model, graph, tmp, constants, skip=stored_as)
             steps.append({"n_tokens": shape[0], "n_kv": shape[1], "n_outputs": shape[2],
-                          "graph": f"{name}.ir", "source": f"{name}.c", "library": f"{name}.so"})
+                          "graph": f"{name}.ir", **entry})
             if progress:
-                progress(f"compiled step {_shape_name(shape)} ({program.n_kernels} kernels) in "
+                progress(f"compiled step {_shape_name(shape)} ({n_kernels} kernels) in "
                          f"{time.perf_counter() - start:.1f} s")
+        fields.update(writer.finish(tmp))
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "ember_version": ember_version(),
-            "target": backend.name,
-            "isa": backend.isa,
-            "host": host_cpu(),
+            "target": target,
+            **fields,
             "model": {"file": Path(model.path).name, "path": str(Path(model.path).resolve()),
                       "size": Path(model.path).stat().st_size, "sha256": file_sha256(Path(model.path)),
                       "arch": model.arch},
@@ -155,7 +167,6 @@ def compile_artifact(model, backend: CpuBackend, out_dir, n_ctx: int = DEFAULT_C
             "kv_bucket": kv_bucket,
             "prompt_tokens": prompt_tokens,
             "disabled_passes": sorted(disabled_passes),
-            "kernel_library": {"file": "kernels.so", "tag": tag},
             "steps": steps,
             "constants": constants,
             "files": {f: file_sha256(tmp / f) for f in files},
@@ -168,6 +179,37 @@ def compile_artifact(model, backend: CpuBackend, out_dir, n_ctx: int = DEFAULT_C
     return manifest
 
 
+class _CpuWriter:
+    """The CPU part of an artifact: kernels.so, and per step its C source and library.
+
+    A target's writer (this one; the GPU ones in artifact_gpu) has: `pipeline` (the pass
+    pipeline's name); begin(tmp) -> manifest fields; step(tmp, name, graph) -> (step entry
+    fields, kernel count, the graph as compiled, names of constants stored in a form of the
+    target's own); finish(tmp) -> more manifest fields."""
+    pipeline = "cpu"
+
+    def __init__(self, backend: CpuBackend):
+        if getattr(backend, "profile", None):
+            raise ArtifactError("compile: the backend renders profiling code; artifacts hold plain graphs")
+        self.backend = backend
+
+    def begin(self, tmp: Path) -> dict:
+        self.tag, kernels = self.backend.kernel_library()
+        shutil.copyfile(kernels, tmp / "kernels.so")
+        return {"isa": self.backend.isa, "host": host_cpu(),
+                "kernel_library": {"file": "kernels.so", "tag": self.tag}}
+
+    def step(self, tmp: Path, name: str, graph) -> tuple[dict, int, object, set]:
+        executable = self.backend.compile(graph)
+        program = executable.program
+        (tmp / f"{name}.c").write_text(tag_kernel_symbols(program.source, self.tag))
+        shutil.copyfile(executable.library_path, tmp / f"{name}.so")
+        return {"source": f"{name}.c", "library": f"{name}.so"}, program.n_kernels, program.graph, set()
+
+    def finish(self, tmp: Path) -> dict:
+        return {}
+
+
 def _from_file(model, name: str, data: np.ndarray) -> bool:
     if name not in model.file:
         return False
@@ -176,10 +218,10 @@ def _from_file(model, name: str, data: np.ndarray) -> bool:
                               and data.shape == stored.shape and data.dtype == stored.dtype)
 
 
-def _save_derived_constants(model, graph, folder: Path, saved: dict[str, str]) -> None:
-    """Write each constant the passes made (not a GGUF tensor) once, as .npy."""
+def _save_derived_constants(model, graph, folder: Path, saved: dict[str, str], skip=frozenset()) -> None:
+    """Write each constant the passes made (not a GGUF tensor) once, as .npy; not those in skip."""
     for name, data in graph.constants.items():
-        if _from_file(model, name, data):
+        if name in skip or _from_file(model, name, data):
             continue
         if name in saved:
             if not np.array_equal(np.load(folder / saved[name], mmap_mode="r"), data):
@@ -226,7 +268,7 @@ def read_manifest(folder) -> dict:
     try:
         if manifest["target"] not in TARGETS:
             raise ArtifactError(f"{path}: target {manifest['target']!r} is not supported here")
-        if manifest["isa"] == "native" and manifest["host"] != host_cpu():
+        if manifest["target"] == "cpu" and manifest["isa"] == "native" and manifest["host"] != host_cpu():
             raise ArtifactError(f"{path}: built with -march=native for {manifest['host']!r}; this host is "
                                 f"{host_cpu()!r}: compile the model again here")
         for rel, digest in manifest["files"].items():
@@ -236,14 +278,31 @@ def read_manifest(folder) -> dict:
             if file_sha256(file) != digest:
                 raise ArtifactError(f"{file}: checksum mismatch: the artifact is corrupt")
         listed = set(manifest["files"])
-        needed = [manifest["kernel_library"]["file"], *manifest["constants"].values()]
-        needed += [s[k] for s in manifest["steps"] for k in ("graph", "source", "library")]
+        needed = _needed_files(manifest)
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{path}: corrupt: malformed manifest ({e!r})") from None
     unlisted = [rel for rel in needed if rel not in listed]
     if unlisted:
         raise ArtifactError(f"{path}: corrupt: {unlisted[0]} has no checksum")
     return manifest
+
+
+# Keys of a step entry that name a file, or a list of files, of the artifact (which ones a step
+# has depends on the target).
+STEP_FILE_KEYS = ("graph", "source", "library", "plan", "binary")
+STEP_FILE_LISTS = ("shaders", "aux")
+
+
+def _needed_files(manifest: dict) -> list[str]:
+    """Every file the manifest refers to (each must have a checksum)."""
+    needed = [*manifest["constants"].values()]
+    needed += [s[k] for s in manifest["steps"] for k in STEP_FILE_KEYS if k in s]
+    needed += [f for s in manifest["steps"] for k in STEP_FILE_LISTS for f in s.get(k, [])]
+    if manifest["target"] == "cpu":
+        needed.append(manifest["kernel_library"]["file"])
+    for weight in manifest.get("relaid_weights", {}).values():
+        needed += [weight["q"], weight["d"]]
+    return needed
 
 
 class _PrebuiltCpuBackend(CpuBackend):
@@ -304,6 +363,30 @@ def load_artifact(folder, model_path=None, threads: int | None = None):
     path, checked against the manifest's sha256."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if manifest["target"] in GPU_TARGETS:
+        from ember.runtime.artifact_gpu import load_gpu_artifact
+        return load_gpu_artifact(folder, manifest, model_path)
+    model, data = open_model(folder, manifest, model_path)
+    backend = _PrebuiltCpuBackend(threads=threads, isa=manifest["isa"])
+    library = manifest["kernel_library"]
+    load_kernel_library(library["tag"], folder / library["file"])
+    steps = {}
+    for step in manifest["steps"]:
+        graph_path = folder / step["graph"]
+        graph = step_graph(folder, step, data)
+        program = render_graph(graph)
+        source_path = folder / step["source"]
+        if tag_kernel_symbols(program.source, library["tag"]) != source_path.read_text():
+            raise ArtifactError(f"{source_path}: this ember renders {graph_path} differently (the "
+                                "artifact comes from another code generator): compile the model again")
+        key = (step["n_tokens"], step["n_kv"], step["n_outputs"])
+        steps[key] = backend.load_executable(graph, program, folder / step["library"])
+    return model, artifact_session(folder, manifest, model, backend, steps)
+
+
+def open_model(folder: Path, manifest: dict, model_path=None):
+    """(model, constants by name: the GGUF's tensors and the artifact's own) of an artifact; the
+    model from model_path or the manifest's path, checked against the manifest's sha256."""
     info = manifest["model"]
     path = Path(model_path) if model_path else Path(info["path"])
     if not path.is_file():
@@ -313,28 +396,27 @@ def load_artifact(folder, model_path=None, threads: int | None = None):
         raise ArtifactError(f"{path}: not the model the artifact {folder} was compiled from "
                             f"({info['file']}, sha256 {info['sha256'][:16]}...)")
     model = load_model(path)
-    backend = _PrebuiltCpuBackend(threads=threads, isa=manifest["isa"])
-    library = manifest["kernel_library"]
-    load_kernel_library(library["tag"], folder / library["file"])
     data = dict(model.file.tensors())
     for name, rel in manifest["constants"].items():
         data[name] = np.load(folder / rel, mmap_mode="r", allow_pickle=False)
-    steps = {}
-    for step in manifest["steps"]:
-        graph_path = folder / step["graph"]
-        graph = parse_ir(graph_path.read_text(), source=str(graph_path), constants=data)
-        unknown = sorted(set(graph.constants) - set(data))
-        if unknown:
-            raise ArtifactError(f"{graph_path}: constant {unknown[0]!r} is neither in the model nor in "
-                                "the artifact")
-        program = render_graph(graph)
-        source_path = folder / step["source"]
-        if tag_kernel_symbols(program.source, library["tag"]) != source_path.read_text():
-            raise ArtifactError(f"{source_path}: this ember renders {graph_path} differently (the "
-                                "artifact comes from another code generator): compile the model again")
-        key = (step["n_tokens"], step["n_kv"], step["n_outputs"])
-        steps[key] = backend.load_executable(graph, program, folder / step["library"])
+    return model, data
+
+
+def step_graph(folder: Path, step: dict, data: dict):
+    """A step's stored graph, parsed, its constants bound to data."""
+    graph_path = folder / step["graph"]
+    graph = parse_ir(graph_path.read_text(), source=str(graph_path), constants=data)
+    unknown = sorted(set(graph.constants) - set(data))
+    if unknown:
+        raise ArtifactError(f"{graph_path}: constant {unknown[0]!r} is neither in the model nor in "
+                            "the artifact")
+    return graph
+
+
+def artifact_session(folder: Path, manifest: dict, model, backend, steps: dict) -> "ArtifactSession":
+    # An artifact has exactly its compiled step shapes, built by model.build_step(T, n_kv,
+    # n_out): a prompt step is never padded, and sliding-window layers keep the whole context.
     options = SessionOptions(n_ctx=manifest["n_ctx"], kv_bucket=manifest["kv_bucket"],
-                             disabled_passes=frozenset(manifest["disabled_passes"]))
-    session = ArtifactSession(model, backend, options, steps, manifest["prompt_tokens"], folder)
-    return model, session
+                             disabled_passes=frozenset(manifest["disabled_passes"]),
+                             pad_tokens=False, swa_full=True)
+    return ArtifactSession(model, backend, options, steps, manifest["prompt_tokens"], folder)

@@ -5,11 +5,9 @@ text that might be the start of a stop string.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import numpy as np
 
 from ember.runtime.sampling import Sampler
 from ember.runtime.session import Session

@@ -35,6 +35,7 @@ class _Saved:
     k_rows: list[np.ndarray]
     v_rows: list[np.ndarray]
     recurrent: Mapping[str, np.ndarray]
+    swa_pos: np.ndarray            # the positions the sliding-window rings hold (Session.swa_pos)
 
 
 class SequenceMemory:
@@ -70,14 +71,20 @@ class SequenceMemory:
     # ---- sequences -------------------------------------------------------------------------
     def _snapshot(self) -> _Saved:
         s, n = self.session, self.session.n_past
+        s.caches_to_host()      # a GPU backend keeps the caches on the device between steps
+        # a ring cache (sliding-window layer) has fewer rows than n: all of them are kept
         return _Saved(n, [k[:n].copy() for k in s.k_cache], [v[:n].copy() for v in s.v_cache],
-                      s.recurrent_state())
+                      s.recurrent_state(), s.swa_pos.copy())
 
     def _load(self, saved: _Saved) -> None:
         s, n = self.session, saved.position
+        # the device copies are sent whole: the rows not written here must be current too
+        s.caches_to_host()
         for cache, rows in zip(s.k_cache + s.v_cache, saved.k_rows + saved.v_rows):
-            cache[:n] = rows
+            cache[:len(rows)] = rows
+        s.caches_from_host()
         s.reset()
+        s.swa_pos[:] = saved.swa_pos
         if s.is_recurrent:
             s.set_recurrent_state(dict(saved.recurrent), n)
         else:
@@ -93,7 +100,7 @@ class SequenceMemory:
         s = self.session
         empty_state = {k: np.zeros_like(v) for k, v in s.recurrent_state().items()}
         self._saved[seq] = _Saved(0, [k[:0].copy() for k in s.k_cache], [v[:0].copy() for v in s.v_cache],
-                                  empty_state)
+                                  empty_state, np.full_like(s.swa_pos, -1))
 
     def fork(self, seq: int) -> None:
         """A copy of the active sequence under a new id (its caches and recurrent state)."""

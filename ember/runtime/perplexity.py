@@ -91,8 +91,10 @@ def session_chunk_evaluator(session) -> Callable[[list[int], int], np.ndarray]:
 
 
 def perplexity(eval_chunk: Callable[[list[int], int], np.ndarray], tokens: Sequence[int], n_ctx: int,
-               bos_id: int | None, on_chunk: Callable[[int, int, float], None] | None = None) -> Perplexity:
-    """llama-perplexity over tokens (already tokenized, BOS first when the model adds one).
+               bos_id: int | None, on_chunk: Callable[[int, int, float], None] | None = None,
+               max_chunks: int = 0) -> Perplexity:
+    """llama-perplexity over tokens (already tokenized, BOS first when the model adds one),
+    at most max_chunks chunks when it is positive (llama-perplexity's --chunks).
     on_chunk(i, n_chunk, running PPL) is called after each chunk."""
     if n_ctx < 4:
         raise EmberError(f"perplexity: the context must be at least 4 tokens, got {n_ctx}")
@@ -100,6 +102,8 @@ def perplexity(eval_chunk: Callable[[list[int], int], np.ndarray], tokens: Seque
         raise EmberError(f"perplexity: you need at least {2 * n_ctx} tokens to evaluate perplexity "
                          f"with a context of {n_ctx}; the text tokenizes to only {len(tokens)} tokens")
     n_chunk = len(tokens) // n_ctx
+    if max_chunks > 0:
+        n_chunk = min(n_chunk, max_chunks)
     pieces = []
     nll_sum = 0.0
     count = 0

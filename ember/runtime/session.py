@@ -14,7 +14,7 @@ truncated; `recurrent_state()` / `set_recurrent_state()` take and restore snapsh
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,6 +35,32 @@ class SessionOptions:
     disabled_passes: frozenset = frozenset()
     reuse: bool = True          # False: build, optimize and compile the step graph every step
     plan_capacity: int = 16
+    plan_idle_s: float = 10.0   # a plan unused this long is evicted (inf: never, e.g. benchmarks)
+    pad_tokens: bool = True     # pad a prompt step (one output row at most) up to a token bucket
+                                # (token_bucket), so a new prompt length seldom compiles a new
+                                # step graph (not for recurrent models: padding would run
+                                # through their state)
+    swa_full: bool = False      # True: sliding-window layers keep the whole context (llama.cpp's
+                                # --swa-full); False: a ring of window + ubatch rows (rounded up
+                                # to kv_bucket), enough for any step's keys (swa_cache_rows)
+
+
+def swa_cache_rows(hp, n_ctx: int, options: SessionOptions) -> int:
+    """KV rows of a sliding-window layer: a step of up to ubatch tokens at positions p..p+T-1
+    writes rows (p+i) % R, and must not overwrite a key some query of the step still sees
+    (one less than window back): R >= window + ubatch is enough."""
+    if not hp.uses_swa or options.swa_full:
+        return n_ctx
+    bucket = options.kv_bucket
+    return min(n_ctx, -(-(hp.sliding_window + options.ubatch) // bucket) * bucket)
+
+
+def token_bucket(T: int, ubatch: int) -> int:
+    """The rows a step of T tokens is padded to: the next power of two up to 64, then the
+    next multiple of 64 (at most 64 wasted rows), never past ubatch. Rows are batch invariant,
+    so padding changes no bit of the real rows."""
+    bucket = 1 << (T - 1).bit_length() if T <= 64 else -(-T // 64) * 64
+    return max(T, min(bucket, ubatch))
 
 
 @dataclass
@@ -60,11 +86,15 @@ class _Feed:
     """The arrays one step graph runs on, made once per compiled step: the small inputs
     (rewritten in place every step), the caches' first n_kv rows, and the run itself; a
     backend that can bind arrays (CpuExecutable.bind) checks them once, so a decode step
-    costs a few NumPy writes and one call."""
+    costs a few NumPy writes and one call. A GPU backend's bind also keeps the caches it updates
+    in place on the device (OpenCLExecutable.bind, VulkanExecutable.bind): their host arrays
+    are then stale between steps, and the session's readers and writers of cache rows go
+    through Session.caches_to_host / caches_from_host."""
 
     def __init__(self, session: "Session", executable: Executable, T: int, n_kv: int, n_out: int):
         hp = session.model.hparams
         self.kpos = np.arange(n_kv, dtype=np.int32)
+        self.n_kv_swa = session.n_kv_swa(n_kv)
         self.inputs = {
             "tokens": np.zeros(T, np.int32),
             "pos": np.zeros(T, np.int32),
@@ -73,15 +103,18 @@ class _Feed:
             "mask": np.zeros((T, n_kv), np.float32),
         }
         if hp.uses_swa:
-            self.inputs["mask_swa"] = np.zeros((T, n_kv), np.float32)
+            self.inputs["mask_swa"] = np.zeros((T, self.n_kv_swa), np.float32)
+            if self.n_kv_swa < n_kv:
+                self.inputs["slots_swa"] = np.zeros(T, np.int32)
         self.window = hp.sliding_window if hp.uses_swa else 0
         # The updated caches are written where they lie when the backend can do it in place;
         # the others come back as outputs and are copied.
         in_place = executable.in_place_outputs
         self.targets, self.copies = {}, []
         for j, il in enumerate(session.attention_layers):
+            rows = self.n_kv_swa if hp.is_swa(il) else n_kv
             for k, which, cache in ((1 + 2 * j, "k", session.k_cache[j]), (2 + 2 * j, "v", session.v_cache[j])):
-                view = cache[:n_kv]
+                view = cache[:rows]
                 self.inputs[f"{which}_cache.{il}"] = view
                 if k in in_place:
                     self.targets[k] = view
@@ -102,29 +135,35 @@ class _Feed:
         """The step's outputs; logits and states in new arrays (a caller may keep old ones)."""
         return self._run(fresh=self.fresh, inputs=state)
 
-    def set(self, chunk: np.ndarray, n_past: int) -> None:
-        T = chunk.size
+    def set(self, chunk: np.ndarray, n_past: int, n_out: int, swa_pos: np.ndarray) -> None:
+        """Inputs for chunk at n_past, its last n_out rows giving logits; a chunk shorter than
+        the graph's rows is padded (its last token again, at the next positions: rows no real
+        query sees, that later tokens overwrite). swa_pos (the position each sliding-window
+        ring row holds, -1: none) is updated with the rows this step writes."""
+        T, n = self.inputs["tokens"].size, chunk.size
         pos = self.inputs["pos"]
-        self.inputs["tokens"][:] = chunk
+        self.inputs["tokens"][:n] = chunk
+        self.inputs["tokens"][n:] = chunk[-1]
+        self.inputs["out_ids"][:] = np.arange(n - n_out, n, dtype=np.int32)
         pos[:] = np.arange(n_past, n_past + T, dtype=np.int32)
         self.inputs["slots"][:] = pos
-        if T == 1:     # a decode step: two slices per mask
-            for name, lo in (("mask", 0), ("mask_swa", n_past - self.window + 1)):
-                if name in self.inputs:
-                    row = self.inputs[name][0]
-                    lo = max(lo, 0)
-                    row[:lo] = -np.inf
-                    row[lo:n_past + 1] = 0.0
-                    row[n_past + 1:] = -np.inf
-            return
-        ahead = self.kpos[None, :] > pos[:, None]        # later positions and padding
-        mask = self.inputs["mask"]
-        mask.fill(0.0)
-        mask[ahead] = -np.inf
         if self.window:
+            ring = pos % swa_pos.size
+            swa_pos[ring] = pos
+            if "slots_swa" in self.inputs:
+                self.inputs["slots_swa"][:] = ring
+            held = swa_pos[None, :self.n_kv_swa]
+            seen = (held >= 0) & (held <= pos[:, None]) & (pos[:, None] - held < self.window)
             swa = self.inputs["mask_swa"]
-            swa.fill(0.0)
-            swa[ahead | (pos[:, None] - self.kpos[None, :] >= self.window)] = -np.inf
+            swa.fill(-np.inf)
+            swa[seen] = 0.0
+        mask = self.inputs["mask"]
+        if T == 1:     # a decode step: two slices
+            mask[0, :n_past + 1] = 0.0
+            mask[0, n_past + 1:] = -np.inf
+            return
+        mask.fill(0.0)
+        mask[self.kpos[None, :] > pos[:, None]] = -np.inf    # later positions and padding
 
 
 class Session:
@@ -135,21 +174,53 @@ class Session:
         self.n_ctx = min(options.n_ctx, hp.n_ctx_train) if hp.n_ctx_train else options.n_ctx
         # KV caches of the attention layers (every layer of a transformer), in layer order
         self.attention_layers = model.attention_layers
-        self.k_cache = [np.zeros(model.cache_shape(self.n_ctx, "k"), np.float16) for _ in self.attention_layers]
-        self.v_cache = [np.zeros(model.cache_shape(self.n_ctx, "v"), np.float16) for _ in self.attention_layers]
+        # sliding-window layers keep a ring of swa_rows rows; swa_pos: the position each holds
+        self.swa_rows = swa_cache_rows(hp, self.n_ctx, options)
+        self.swa_pos = np.full(self.swa_rows, -1, np.int64)
+        rows = [self.swa_rows if hp.is_swa(il) else self.n_ctx for il in self.attention_layers]
+        self.k_cache = [np.zeros(model.cache_shape(n, "k"), np.float16) for n in rows]
+        self.v_cache = [np.zeros(model.cache_shape(n, "v"), np.float16) for n in rows]
         self._state: dict[str, np.ndarray] = {}
         self._zero_recurrent_state()
         self.n_past = 0
         self.stats = SessionStats()
         self.last_eval_seconds = 0.0
-        self.plans: PlanCache[_Step] = PlanCache(capacity=options.plan_capacity)
+        self.plans: PlanCache[_Step] = PlanCache(capacity=options.plan_capacity,
+                                                  max_idle_s=options.plan_idle_s)
         self._versions: dict[tuple, GraphVersion] = {}
         self.pipeline = pipeline_for(PIPELINE_OF_BACKEND.get(backend.name, backend.name))
 
     # ---- public --------------------------------------------------------------------------
     def reset(self) -> None:
         self.n_past = 0
+        self.swa_pos.fill(-1)
         self._zero_recurrent_state()
+
+    def caches_to_host(self) -> None:
+        """Make the host KV caches current before the host reads them: a GPU backend keeps them
+        on the device between steps (Backend.sync_to_host); nothing to do on the CPU."""
+        sync = getattr(self.backend, "sync_to_host", None)
+        if sync is not None:
+            sync(self.k_cache + self.v_cache)
+
+    def caches_from_host(self) -> None:
+        """Hand host writes of the KV caches to the device copies (Backend.sync_to_device); call
+        caches_to_host before writing only some rows, as the whole cache is sent."""
+        sync = getattr(self.backend, "sync_to_device", None)
+        if sync is not None:
+            sync(self.k_cache + self.v_cache)
+
+    def n_kv_swa(self, n_kv: int) -> int:
+        """The ring rows a step over n_kv rows of the other layers reads."""
+        return min(n_kv, self.swa_rows)
+
+    def build_step(self, T: int, n_kv: int, n_out: int):
+        """The model's step graph for this session's caches."""
+        return self.model.build_step(T, n_kv, n_out, self.n_kv_swa(n_kv))
+
+    def _forget_from(self, n_past: int) -> None:
+        self.swa_pos[self.swa_pos >= n_past] = -1
+        self.n_past = n_past
 
     def truncate(self, n_past: int) -> None:
         """Forget every position from n_past on (rows past n_past are masked from then on).
@@ -163,7 +234,7 @@ class Session:
                              "set_recurrent_state(arrays, n_past) instead")
         if n_past == 0:
             self._zero_recurrent_state()
-        self.n_past = n_past
+        self._forget_from(n_past)
 
     @property
     def is_recurrent(self) -> bool:
@@ -194,6 +265,8 @@ class Session:
         if n_past is not None:
             if not 0 <= n_past <= self.n_ctx:
                 raise ValueError(f"set_recurrent_state: n_past {n_past} is outside [0, {self.n_ctx}]")
+            if n_past < self.n_past:
+                self._forget_from(n_past)
             self.n_past = n_past
         self._state = checked
 
@@ -239,14 +312,14 @@ class Session:
     def _step(self, chunk: np.ndarray, n_out: int) -> np.ndarray:
         t0 = time.perf_counter()
         compile_before = self.stats.compile_seconds
-        T = chunk.size
-        end = self.n_past + T
-        n_kv = min(self.n_ctx, -(-end // self.options.kv_bucket) * self.options.kv_bucket)
+        end = self.n_past + chunk.size
+        T = self._rows(chunk.size, n_out)
+        n_kv = min(self.n_ctx, -(-(self.n_past + T) // self.options.kv_bucket) * self.options.kv_bucket)
         step = self._plan(T, n_kv, n_out)
         if step.feed is None:
             step.feed = _Feed(self, step.executable, T, n_kv, n_out)
         feed = step.feed
-        feed.set(chunk, self.n_past)
+        feed.set(chunk, self.n_past, n_out, self.swa_pos)
         t1 = time.perf_counter()
         outputs = feed.run(self._state)
         t2 = time.perf_counter()
@@ -254,16 +327,25 @@ class Session:
             cache[...] = outputs[k]
         for k, name in feed.states:
             self._state[name] = outputs[k]
-        self.n_past = end
+        self._forget_from(end)          # the padding rows hold nothing
         self.stats.host_seconds += (t1 - t0) + (time.perf_counter() - t2) - (self.stats.compile_seconds - compile_before)
         return outputs[0]
+
+    def _rows(self, n: int, n_out: int) -> int:
+        """The step graph's rows for n tokens (token_bucket when padding applies). A step with
+        several output rows (a speculative verify batch, teacher forcing) is keyed by its exact
+        n_out anyway, so padding it would only add rows to compute."""
+        if not self.options.pad_tokens or self.is_recurrent or n_out > 1:
+            return n
+        T = token_bucket(n, self.options.ubatch)
+        return T if self.n_past + T <= self.n_ctx else n
 
     def _plan(self, T: int, n_kv: int, n_out: int) -> _Step:
         key = (T, n_kv, n_out)
         if self.options.reuse and key in self._versions:
             return self.plans.get(self._versions[key], self._compile, key=key)
         start = time.perf_counter()
-        graph = self.model.build_step(T, n_kv, n_out)
+        graph = self.build_step(T, n_kv, n_out)
         self.stats.graph_builds += 1
         if not self.options.reuse:
             return self._compile(graph, GraphVersion(graph, UNKNOWN_UID), start)

@@ -14,7 +14,7 @@ vocabulary.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -80,6 +80,30 @@ class ModelDraft:
         self.session = session
         self.synced: list[int] = []      # tokens the draft's cache holds, in order
         self.next_logits = None
+        # A recurrent draft (Mamba-2 layers) cannot truncate its tail: keep its state after
+        # each position it evaluates this round, by reference (a step never writes into the
+        # state arrays it was given), to rewind to where the accepted sequence leaves it.
+        self.states: dict[int, dict] = {}
+
+    def _rewind(self, n_past: int) -> int:
+        """Move the draft back to n_past tokens; returns where it is (0 when a recurrent
+        draft holds no state for n_past and must start over)."""
+        s = self.session
+        if not s.is_recurrent or n_past in (0, s.n_past):
+            s.truncate(n_past)
+        elif n_past in self.states:
+            s.set_recurrent_state(self.states[n_past], n_past)
+        else:
+            s.truncate(0)
+            n_past = 0
+        self.states = {}
+        return n_past
+
+    def _eval(self, tokens: list[int]):
+        logits = self.session.eval(tokens)[-1]
+        if self.session.is_recurrent:
+            self.states[self.session.n_past] = self.session.recurrent_state()
+        return logits
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         context = list(context)
@@ -88,8 +112,8 @@ class ModelDraft:
             common += 1
         if common == len(context):        # the cache holds all of it: recompute the last one
             common -= 1
-        self.session.truncate(common)
-        logits = self.session.eval(context[common:])[-1]
+        common = self._rewind(common)
+        logits = self._eval(context[common:])
         self.synced = context[:]
         drafts = []
         for _ in range(k):
@@ -97,7 +121,7 @@ class ModelDraft:
             drafts.append(token)
             if len(drafts) == k or self.session.n_past >= self.session.n_ctx:
                 break
-            logits = self.session.eval([token])[-1]
+            logits = self._eval([token])
             self.synced.append(token)
         return drafts
 
@@ -112,7 +136,8 @@ class SpecStats:
     accepted: int = 0
     target_tokens: int = 0           # tokens evaluated by the target in verify batches
     checkpoint_seconds: float = 0.0  # saving recurrent state before verify
-    restore_seconds: float = 0.0     # restoring it and re-decoding after a partial acceptance
+    restore_seconds: float = 0.0     # restoring it after a partial acceptance
+    redecode_seconds: float = 0.0    # then re-decoding the accepted tokens (a target pass, not state handling)
     round_seconds: float = 0.0
 
     @property
@@ -128,7 +153,8 @@ class SpecStats:
         return (f"speculative: {self.rounds} verify passes, acceptance {self.acceptance:.2f} "
                 f"({self.accepted}/{self.drafted}), {self.tokens_per_pass:.2f} tokens per pass; "
                 f"checkpoint {1e3 * self.checkpoint_seconds:.1f} ms + restore "
-                f"{1e3 * self.restore_seconds:.1f} ms ({100 * share:.1f}% of round time)")
+                f"{1e3 * self.restore_seconds:.1f} ms ({100 * share:.1f}% of round time), re-decode "
+                f"{1e3 * self.redecode_seconds:.1f} ms")
 
 
 def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt: str, n_predict: int,
@@ -193,8 +219,10 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
             # accepted tokens (one extra target pass, as llama.cpp does).
             t = time.perf_counter()
             memory.restore(checkpoint)
+            t_redecode = time.perf_counter()
+            stats.restore_seconds += t_redecode - t
             target.eval(batch[:1 + n_ok])
-            stats.restore_seconds += time.perf_counter() - t
+            stats.redecode_seconds += time.perf_counter() - t_redecode
         else:
             # the cache keeps the last token and the accepted drafts; the rest is dropped
             target.truncate(base + 1 + n_ok)

@@ -7,7 +7,9 @@ Covered: the GEMV (one token) and GEMM (prompt) kernels on Q8_0/Q4_0 weights in 
 against the reference, for awkward shapes (rows not a multiple of the 64-lane work-group, K
 leaving half a chunk, tokens not a multiple of 8, strided and f16 activations); one weight
 feeding GEMV, GEMM and get_rows at once, in one graph and across graphs sharing its upload (the
-SYCL bug of REFERENCE section 3); and the conformance groups whose kernels the profile changes."""
+SYCL bug of REFERENCE section 3: the layout-adreno pass, which the backend's renderer runs, puts
+the weight and every consumer in the adreno_soa layout of the IR, or none); and the conformance
+groups whose kernels the profile changes."""
 from __future__ import annotations
 
 import sys
@@ -115,6 +117,9 @@ def test_one_weight_for_gemv_gemm_and_get_rows(adreno, wtype):
     together = graph_of("together", "gemv", "gemm", "rows")
     exe = adreno.compile(together)
     assert len(exe.program.layouts) == 1
+    # the program's graph says so in its types: the weight and all three consumers moved
+    (w,) = [n for n in exe.program.graph.nodes if n.op == "const"]
+    assert w.type.layout == "adreno_soa" and len(exe.program.graph.users[w]) == 3
     assert set(templates_of(exe)) == {"mul_mat_soa_gemv.cl.j2", "act_to_half_t.cl.j2", "mul_mat_soa_gemm.cl.j2",
                                       "get_rows_soa.cl.j2"}
     run_and_compare(exe, together, inputs)
@@ -133,6 +138,7 @@ def test_a_weight_also_read_another_way_keeps_its_blocks(adreno):
     graph = b.build(b.mul_mat(b.input("x", "f32", (1, 64)), w), b.cont(w))
     exe = adreno.compile(graph)
     assert exe.program.layouts == {} and "mul_mat.cl.j2" in templates_of(exe)
+    assert exe.program.graph is graph      # refused: the graph is unchanged, the weight in rows
     run_and_compare(exe, graph, bound=1e-7)
 
 

@@ -81,6 +81,14 @@ def test_perplexity_progress_and_final_line(tiny, tmp_path):
     assert chunks and chunks[-1][0] == chunks[-1][1] and len(chunks) == int(chunks[0][1])
 
 
+def test_perplexity_chunks_limits_the_chunks(tiny, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT.read_text()[:400])
+    out = ember("perplexity", tiny, "-f", text, "-c", 64, "-t", 1, "--chunks", 2)
+    assert out.returncode == 0, out.stderr
+    assert re.findall(r"^\[(\d+)/(\d+)\] ", out.stderr, re.M) == [("1", "2"), ("2", "2")]
+
+
 def test_perplexity_needs_two_contexts_of_text(tiny, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("A short text.")

@@ -1,6 +1,7 @@
 """The OpenCL renderer without a device: kernel comments, template strictness, kernel sharing,
 the launch plan (JSON for artifacts), profiles and the Adreno device table, and the SoA weight
-layout (which weights get it, how the bytes move, and that no other kernel may read it)."""
+layout (which weights the profile's layout pass gives it, how the bytes move, that the renderer
+reads it from the types and that no other kernel or profile may read it)."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,11 @@ import pytest
 
 from ember.codegen import opencl
 from ember.codegen.opencl import (ADRENO_GENERATIONS, WeightLayout, adreno_generation, adreno_profile,
-                                  compile_plan, generic_profile, plan_weight_layouts, relayout_weight,
-                                  render_graph, render_template)
+                                  compile_plan, generic_profile, lower_layouts, relayout_weight,
+                                  render_graph, render_template, weight_layouts)
 from ember.errors import EmberError
 from ember.ir import GraphBuilder
+from ember.passes import LayoutAdreno
 from ember.ir.quant import dequantize, quantize
 
 SMALL_SOA = dict(soa_min_rows=4, soa_min_cols=32)
@@ -67,7 +69,7 @@ def test_templates_are_strict_about_parameters():
 def test_every_template_is_used_by_some_op():
     used = {"eltwise", "copy", "rms_norm", "layer_norm", "sum_rows", "argmax", "softmax", "rope", "attention",
             "mul_mat", "get_rows", "set_rows", "ssm_conv", "ssm_scan", "mul_mat_soa_gemv", "mul_mat_soa_gemm",
-            "act_to_half_t", "get_rows_soa"}
+            "act_to_half_t", "get_rows_soa", "mul_mat_tiled"}
     on_disk = {p.name.removesuffix(".cl.j2") for p in opencl.TEMPLATE_DIR.glob("*.cl.j2")}
     assert on_disk == used
 
@@ -178,6 +180,13 @@ def test_relayout_moves_bytes_not_values(wtype):
     rebuilt = np.concatenate([d, q], axis=2).reshape(M, -1)
     np.testing.assert_array_equal(rebuilt, blocks)
     np.testing.assert_array_equal(dequantize(rebuilt, wtype), dequantize(blocks, wtype))
+    # the same parts from the packed storage the layout pass keeps in the graph
+    b = GraphBuilder("w")
+    w = b.const("w", blocks, wtype, (M, K))
+    packed = LayoutAdreno(min_rows=4, min_cols=32)(b.build(b.mul_mat(b.input("x", "f32", (1, K)), w)))
+    assert packed.constants["w"].shape == (blocks.nbytes,)
+    for name, part in relayout_weight(packed.constants["w"], WeightLayout("soa", wtype, M, K)).items():
+        np.testing.assert_array_equal(part, parts[name])
 
 
 def test_weight_feeding_gemv_gemm_and_get_rows_is_laid_out_for_all_of_them():
@@ -194,7 +203,7 @@ def test_a_weight_with_any_other_consumer_keeps_the_block_layout():
     half = b.view(w, shape=(32, 64), strides=(w.type.strides[0], 34), offset=0)
     graph = b.build(b.mul_mat(b.input("x", "f32", (1, 64)), w), b.mul_mat(b.input("y", "f32", (1, 64)), half))
     profile = adreno_profile(**SMALL_SOA)
-    assert plan_weight_layouts(graph, profile) == {}
+    assert lower_layouts(graph, profile) is graph
     assert {k.template for k in render_graph(graph, profile).kernels} == {"mul_mat.cl.j2"}
 
 
@@ -209,18 +218,47 @@ def test_weights_that_keep_the_block_layout(why, shape, wtype, x_shape, options)
     b = GraphBuilder("keep")
     w = b.weight("w", np.random.default_rng(1).standard_normal(shape), wtype)
     graph = b.build(b.mul_mat(b.input("x", "f32", x_shape), w))
-    assert plan_weight_layouts(graph, adreno_profile(**options)) == {}, why
-    assert plan_weight_layouts(graph, generic_profile()) == {}
+    assert lower_layouts(graph, adreno_profile(**options)) is graph, why
+    assert lower_layouts(graph, generic_profile()) is graph
+    assert weight_layouts(render_graph(graph, adreno_profile(**options)).graph) == {}
 
 
 def test_the_renderer_refuses_a_plain_kernel_on_a_re_laid_out_weight():
-    graph = shared_weight_graph()
+    profile = adreno_profile(**SMALL_SOA)
+    graph = lower_layouts(shared_weight_graph(), profile)
     w = graph.outputs[2].inputs[0]
+    assert w.type.layout == "adreno_soa"
     # a kernel that knows only the block layout asks for the weight's buffer: refused
-    renderer = opencl._Renderer(graph, adreno_profile(**SMALL_SOA))
+    renderer = opencl._Renderer(graph, profile)
     renderer.assign_places()
-    with pytest.raises(EmberError, match=r"reads a weight in the soa layout through a kernel that does not know"):
+    with pytest.raises(EmberError, match=r"reads a weight in the adreno_soa layout through a kernel that does not know"):
         renderer.buf(w)
+
+
+def test_the_renderer_reads_layouts_from_the_types_and_decides_none():
+    laid_out = LayoutAdreno(min_rows=4, min_cols=32)(shared_weight_graph())
+    # the profile's own thresholds would leave this 64 x 64 weight alone: the type decides
+    program = render_graph(laid_out, adreno_profile())
+    assert list(program.layouts.values()) == [WeightLayout("soa", "q8_0", 64, 64)]
+    assert program.graph is laid_out
+
+
+def test_the_generic_profile_refuses_a_re_laid_out_weight_naming_node_and_layout():
+    laid_out = LayoutAdreno(min_rows=4, min_cols=32)(shared_weight_graph())
+    with pytest.raises(EmberError, match=r"opencl: %0 \(mul_mat : f32\[1, 64\]\): operand 1 \(%w\) is in "
+                                         r"layout adreno_soa: the generic profile reads only the layouts row"):
+        render_graph(laid_out, generic_profile())
+
+
+def test_an_soa_weight_under_batched_activations_is_refused():
+    """The IR allows it (mul_mat accepts the layout), the Adreno kernels do not: a clear error."""
+    laid_out = LayoutAdreno(min_rows=4, min_cols=32)(shared_weight_graph())
+    w = laid_out.outputs[0].inputs[1]
+    b = GraphBuilder("batched")
+    b.constants["w"] = laid_out.constants["w"]
+    batched = b.build(b.mul_mat(b.input("x", "f32", (2, 3, 64)), w))
+    with pytest.raises(EmberError, match=r"operand 1 \(%w\) is in layout adreno_soa: no Adreno kernel"):
+        render_graph(batched, adreno_profile())
 
 
 def test_soa_kernels_index_the_transposed_layout():

@@ -129,3 +129,30 @@ def test_recurrent_state_snapshot_and_restore(tiny_files, cpu):
 def test_transformer_session_has_no_recurrent_state(tiny_files, cpu):
     s = Session(load_model(tiny_files[Spec("llama", "f32")]), cpu, SessionOptions(n_ctx=16, kv_bucket=8))
     assert not s.is_recurrent and s.recurrent_state() == {}
+
+
+@pytest.mark.parametrize("spec", [Spec("llama", "q8_0"), Spec("gemma3", "f32")], ids=str)
+def test_padded_steps_change_no_bit_and_share_graphs(tiny_files, cpu, spec):
+    model = load_model(tiny_files[spec])
+    def last_logits(options):
+        """7 prompt tokens with one output row (padded to 8 rows), then 3 decode steps."""
+        session = Session(model, cpu, options)
+        rows = [session.eval(PROMPT[:7])] + [session.eval([t]) for t in (5, 9, 2)]
+        return np.concatenate(rows), session
+    padded, s = last_logits(SessionOptions(n_ctx=64, kv_bucket=16, ubatch=8))
+    exact, _ = last_logits(SessionOptions(n_ctx=64, kv_bucket=16, ubatch=8, pad_tokens=False))
+    np.testing.assert_array_equal(padded, exact)
+    assert (8, 16, 1) in s._versions              # the prompt ran as 8 rows
+    builds = s.stats.graph_builds
+    for n in (5, 6, 8):                  # every prompt of 5 to 8 tokens runs one 8-row graph
+        s.reset()
+        s.eval(PROMPT[:n])
+    assert s.stats.graph_builds == builds
+    assert s.n_past == 8
+
+
+def test_token_buckets():
+    from ember.runtime.session import token_bucket
+    assert [token_bucket(t, 512) for t in (1, 2, 3, 5, 9, 33, 64, 65, 130, 500, 512)] == \
+        [1, 2, 4, 8, 16, 64, 64, 128, 192, 512, 512]
+    assert token_bucket(100, 96) == 100 and token_bucket(70, 100) == 100

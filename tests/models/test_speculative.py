@@ -96,7 +96,27 @@ def test_hybrid_speculation_is_token_identical(hybrid, draft_max):
     assert got.tokens == expected
     assert stats.drafted > 0
     # partial acceptances happened, so the restore path ran and was checked by the identity
-    assert stats.accepted < stats.drafted and stats.restore_seconds > 0
+    assert stats.accepted < stats.drafted and stats.redecode_seconds > 0
+
+
+@pytest.mark.parametrize("draft_max", [2, 5])
+def test_recurrent_draft_model_rewinds_by_state(hybrid, tiny_files, draft_max):
+    # A draft with Mamba-2 layers cannot truncate its rejected tail; ModelDraft rewinds it to
+    # the state it kept after that position (this raised EmberError in Session.truncate before).
+    target, tokenizer = hybrid
+    # other weights, same vocabulary: it disagrees often, so rejected tails must be rewound
+    draft_model = load_model(tiny_files[SsmSpec("mamba2", "f32")])
+    draft = ModelDraft(Session(draft_model, target.backend, OPTIONS))
+    prompt = repetitive_prompt(5)
+    expected = greedy(target, tokenizer, prompt)
+    got, stats = speculative_generate(target, draft, tokenizer, prompt, N_PREDICT,
+                                      draft_max=draft_max, ignore_eos=True)
+    assert got.tokens == expected
+    assert stats.accepted < stats.drafted          # some rounds rejected a tail: rewinds ran
+    # the rewound draft proposes what a fresh draft would from the same context
+    context = prompt + expected[:N_PREDICT // 2]
+    fresh = ModelDraft(Session(draft_model, target.backend, OPTIONS))
+    assert draft.propose(context, draft_max) == fresh.propose(context, draft_max)
 
 
 @pytest.mark.slow

@@ -169,6 +169,15 @@ def test_fuse_qkv_fuses_gate_and_up_the_same_way():
   %2 = add(%0, %1)
   return %2
 }""",
+    # no rows (a prompt micro-batch that produces no logits has an empty last FFN)
+    """graph g(%x: f32[0, 32]) {
+  %a = const "a" : f32[8, 32]
+  %b = const "b" : f32[8, 32]
+  %0 = mul_mat(%x, %a)
+  %1 = mul_mat(%x, %b)
+  %2 = add(%0, %1)
+  return %2
+}""",
     # a lone projection
     """graph g(%x: f32[2, 32]) {
   %a = const "a" : f32[8, 32]

@@ -168,3 +168,18 @@ def test_compile_replaces_an_artifact_but_not_a_foreign_folder(built, tiny_model
     assert not (target / "stale.txt").exists()
     read_manifest(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "mine"]
+
+
+def test_unknown_target_is_refused_naming_the_targets(tiny_model, tmp_path):
+    with pytest.raises(ArtifactError, match="target 'metal' is not supported; targets: cpu, opencl-generic, "
+                                            "opencl-adreno, vulkan"):
+        compile_artifact(load_model(tiny_model), "metal", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_gpu_artifact_files_need_checksums_too(copy):
+    # a file the manifest names for a step must have a checksum, whatever the target's keys
+    rewrite_manifest(copy, lambda m: (m["steps"][0].update(plan="steps/extra.json"),
+                                      (copy / "steps" / "extra.json").write_text("{}")))
+    with pytest.raises(ArtifactError, match="manifest.json: corrupt: steps/extra.json has no checksum"):
+        read_manifest(copy)

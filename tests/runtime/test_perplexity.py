@@ -73,3 +73,9 @@ def test_chunk_nll_scores_next_tokens_from_the_first_scored_position():
 def test_too_short_a_text_is_an_error():
     with pytest.raises(EmberError, match="you need at least 64 tokens .* only 40 tokens"):
         perplexity(RecordingEvaluator(10), list(range(40)), 32, bos_id=None)
+
+
+def test_max_chunks_limits_the_chunks_scored():
+    evaluator = RecordingEvaluator(100)
+    result = perplexity(evaluator, list(range(70)), 16, bos_id=None, max_chunks=1)
+    assert result.n_chunks == 1 and len(evaluator.calls) == 1 and result.n_scored == 7

@@ -10,20 +10,20 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from ember.backends.base import Backend, Executable
+from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.cpu.compiler import ISA_FLAGS, CompileCache, find_compiler
 from ember.codegen.cpu import (ARENA_ALIGNMENT, ENTRY_POINT, CpuProgram, kernel_library_source, render_graph,
                                supports_node, tag_kernel_symbols)
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.ir.ops.views import storage_layout
 from ember.ir.types import TensorType
 
 
@@ -139,8 +139,8 @@ class CpuExecutable(Executable):
                                 ctypes.c_void_p, ctypes.c_int]
         self._lock = threading.Lock()   # one run at a time: the arena is shared
         self._inputs = program.graph.inputs
-        self._input_specs = [(n.name, *_storage(n.type)) for n in self._inputs]
-        self._outputs = [_storage(TensorType(n.dtype, n.shape)) for n in program.graph.outputs]
+        self._input_specs = [(n.name, *host_storage(n.type)) for n in self._inputs]
+        self._outputs = [host_storage(TensorType(n.dtype, n.shape)) for n in program.graph.outputs]
         # Constants: their own arrays, referenced, never copied (unless not contiguous).
         self._constants = [_contiguous(graph.constant_data(n)) for n in program.constants]
         self._consts = _pointer_array(self._constants)
@@ -226,9 +226,15 @@ class CpuExecutable(Executable):
 
 class CpuRun:
     """A CpuExecutable bound to its input and output arrays (CpuExecutable.bind). Calling it
-    runs the graph and returns the output arrays; outputs listed in `fresh` get new arrays
-    first (so a caller may keep the previous ones, e.g. logits), and `inputs` may replace some
-    bound inputs by name (checked like bind's; they stay bound for later calls)."""
+    runs the graph and returns the output arrays; outputs listed in `fresh` get arrays no one
+    else holds first (so a caller may keep the previous ones, e.g. logits), and `inputs` may
+    replace some bound inputs by name (checked like bind's; they stay bound for later calls).
+
+    A fresh output comes from a small pool: an array of the pool that nobody but the pool
+    references any more (CPython reference counts) is reused, so a generation loop does not
+    allocate, and page-fault in, a new logits array every step."""
+
+    POOL = 4   # arrays kept per fresh output
 
     def __init__(self, executable: CpuExecutable, inputs: list[np.ndarray], outputs: list[np.ndarray]):
         self.executable = executable
@@ -236,6 +242,7 @@ class CpuRun:
         self._in_ptrs = _pointer_array(inputs)
         self._out_ptrs = _pointer_array(outputs)
         self._index = {name: i for i, (name, _, _) in enumerate(executable._input_specs)}
+        self._pools: dict[int, list[np.ndarray]] = {}
 
     def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
         exe = self.executable
@@ -253,8 +260,8 @@ class CpuRun:
             self.inputs[i] = value
             self._in_ptrs[i] = value.ctypes.data
         for k in fresh:
-            shape, dtype = exe._outputs[k]
-            self.outputs[k] = np.empty(shape, dtype)
+            self.outputs[k] = None
+            self.outputs[k] = self._unshared(k)
             self._out_ptrs[k] = self.outputs[k].ctypes.data
         with exe._lock:
             status = exe._entry(self._in_ptrs, self._out_ptrs, exe._consts, exe._arena, exe.threads)
@@ -263,10 +270,18 @@ class CpuRun:
             raise EmberError(f"cpu backend: graph {exe.graph.name!r}: {message}")
         return list(self.outputs)
 
+    def _unshared(self, k: int) -> np.ndarray:
+        pool = self._pools.setdefault(k, [])
+        for i in range(len(pool)):
+            # referenced by the pool list and getrefcount's argument only: no one else has it
+            if sys.getrefcount(pool[i]) == 2:
+                return pool[i]
+        shape, dtype = self.executable._outputs[k]
+        array = np.empty(shape, dtype)
+        if len(pool) < self.POOL:
+            pool.append(array)
+        return array
 
-def _storage(t: TensorType) -> tuple[tuple, np.dtype]:
-    shape, _ = storage_layout(t)
-    return shape, t.dtype.numpy
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:

@@ -7,6 +7,11 @@ outputs and waits. Weights are uploaded once per backend (a WeightStore shared b
 the backend compiles, keyed by the weight's memory and layout), so the step graphs of a model
 share one copy on the device; a weight the profile re-lays out (SoA) is transformed on upload
 and its quants are also bound as image1d_buffer_t.
+
+A session binds each step graph once (OpenCLExecutable.bind): the inputs a graph updates in
+place (the KV caches) then live on the device, one buffer per host cache array shared by every
+graph of the backend (ember.backends.resident), and a step moves only the small inputs up and
+the logits down; the bound run keeps its own kernels with their arguments set.
 """
 from __future__ import annotations
 
@@ -15,15 +20,15 @@ from typing import Mapping
 
 import numpy as np
 
-from ember.backends.base import Backend, Executable
+from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.opencl.compiler import ProgramCache
 from ember.backends.opencl.device import choose_profile, select_device
+from ember.backends.resident import BoundInputs, ResidentStore, TransferStats, root_bytes
 from ember.codegen.opencl import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
                                   WeightLayout, relayout_weight, render_graph, supports_node)
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.ir.ops.views import storage_layout
 from ember.ir.types import TensorType
 
 
@@ -50,6 +55,8 @@ class OpenCLBackend(Backend):
         self._queue = None
         self._cache: ProgramCache | None = None
         self._weights: WeightStore | None = None
+        self._resident: OpenCLResidentStore | None = None
+        self.transfers = TransferStats()    # bytes moved by runs and resident syncs
 
     def __repr__(self) -> str:
         if self._state is None:
@@ -107,6 +114,23 @@ class OpenCLBackend(Backend):
             self._weights = WeightStore(self.context, self.queue)
         return self._weights
 
+    @property
+    def resident(self) -> "OpenCLResidentStore":
+        """The device copies of the caches bound runs update in place."""
+        if self._resident is None:
+            self._resident = OpenCLResidentStore(self.context, self.queue, self.transfers)
+        return self._resident
+
+    def sync_to_host(self, arrays) -> None:
+        """Download the device copies of resident arrays a run wrote since (the host reads them)."""
+        if self._resident is not None:
+            self._resident.sync_to_host(arrays)
+
+    def sync_to_device(self, arrays) -> None:
+        """Upload resident arrays the host wrote (whole: sync_to_host first if only part was)."""
+        if self._resident is not None:
+            self._resident.sync_to_device(arrays)
+
     def available(self) -> tuple[bool, str]:
         try:
             self._select()
@@ -161,6 +185,19 @@ class WeightStore:
             self._entries[key] = entry
         return entry[1]
 
+    def get_relaid(self, parts: dict, layout: WeightLayout) -> dict:
+        """As get, for a weight given already in layout: {"q", "d"} as relayout_weight makes
+        them (an artifact stores them so; ember.backends.opencl.loader)."""
+        q = parts["q"]
+        key = (q.__array_interface__["data"][0], q.nbytes, parts["d"].__array_interface__["data"][0],
+               "relaid", layout)
+        entry = self._entries.get(key)
+        if entry is None:
+            self.uploads += 1
+            entry = (parts, self._upload_parts(parts, layout))
+            self._entries[key] = entry
+        return entry[1]
+
     def _upload(self, array: np.ndarray, layout: WeightLayout | None) -> dict:
         import pyopencl as cl
         self.uploads += 1
@@ -170,8 +207,14 @@ class WeightStore:
             if not data.nbytes:
                 return {"": cl.Buffer(self.context, cl.mem_flags.READ_ONLY, 4)}
             return {"": cl.Buffer(self.context, flags, hostbuf=data)}
-        parts = relayout_weight(array, layout)
-        mems = {name: cl.Buffer(self.context, flags, hostbuf=data) for name, data in parts.items()}
+        return self._upload_parts(relayout_weight(array, layout), layout)
+
+    def _upload_parts(self, parts: dict, layout: WeightLayout) -> dict:
+        """Buffers of a re-laid-out weight's parts, and the images over its quants."""
+        import pyopencl as cl
+        flags = cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR
+        mems = {name: cl.Buffer(self.context, flags, hostbuf=np.ascontiguousarray(data))
+                for name, data in parts.items()}
         uint32 = cl.channel_type.UNSIGNED_INT32
         mems["img_r32ui"] = cl.create_image(self.context, cl.mem_flags.READ_ONLY,
                                             cl.ImageFormat(cl.channel_order.R, uint32),
@@ -180,6 +223,28 @@ class WeightStore:
                                                cl.ImageFormat(cl.channel_order.RGBA, uint32),
                                                shape=(layout.texels // 4,), buffer=mems["q"])
         return mems
+
+
+class OpenCLResidentStore(ResidentStore):
+    """Resident cache arrays as plain read-write buffers; a view is bound as the buffer at the
+    view's byte offset (kernel arguments are (buffer, byte offset) pairs)."""
+
+    def __init__(self, context, queue, transfers: TransferStats):
+        super().__init__(transfers)
+        self.context, self.queue = context, queue
+
+    def _allocate(self, root: np.ndarray):
+        import pyopencl as cl
+        return cl.Buffer(self.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR,
+                         hostbuf=root_bytes(root))
+
+    def _upload(self, entry, root: np.ndarray):
+        import pyopencl as cl
+        cl.enqueue_copy(self.queue, entry.buffer, root_bytes(root), is_blocking=True)
+
+    def _download(self, entry, root: np.ndarray):
+        import pyopencl as cl
+        cl.enqueue_copy(self.queue, root_bytes(root), entry.buffer, is_blocking=True)
 
 
 class OpenCLExecutable(Executable):
@@ -194,7 +259,7 @@ class OpenCLExecutable(Executable):
         self._lock = threading.Lock()
         graph = program.graph
         self._inputs = graph.inputs
-        self._outputs = [_storage(TensorType(n.dtype, n.shape)) for n in graph.outputs]
+        self._outputs = [host_storage(TensorType(n.dtype, n.shape)) for n in graph.outputs]
         self._in_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(n.type), 4)) for n in graph.inputs]
         self._out_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(n.type), 4)) for n in graph.outputs]
         self._arena = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(program.plan.peak_bytes, 4))
@@ -231,11 +296,18 @@ class OpenCLExecutable(Executable):
             return self._consts[place.index][part]
         return self._arena
 
-    def _kernel_args(self, args) -> list:
+    def _kernel_args(self, args, resident: Mapping[int, tuple] | None = None) -> list:
+        """The kernel arguments of a launch; resident: {input index: (buffer, byte offset)} for
+        inputs bound to a resident copy instead of the executable's own input buffer."""
         values = []
         for arg in args:
             if isinstance(arg, BufferArg):
-                values += [self._buffer(arg.place, arg.part), np.uint32(arg.place.offset)]
+                place = arg.place
+                if resident and place.region == "in" and place.index in resident:
+                    buffer, base = resident[place.index]
+                    values += [buffer, np.uint32(base + place.offset)]
+                else:
+                    values += [self._buffer(place, arg.part), np.uint32(place.offset)]
             elif isinstance(arg, ImageArg):
                 values.append(self._consts[arg.index][f"img_{arg.format}"])
             elif isinstance(arg, StatusArg):
@@ -246,7 +318,13 @@ class OpenCLExecutable(Executable):
 
     def run(self, inputs: Mapping[str, np.ndarray],
             outputs: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Upload every input, run, download every output. An input that is resident (a bound
+        run's cache) is brought to the host first, and written back after an in-place update,
+        so the host arrays are the truth for this path."""
         import pyopencl as cl
+        store = self.backend._resident
+        if store is not None and len(store):
+            store.sync_to_host([v for v in inputs.values() if isinstance(v, np.ndarray)])
         arrays = self._checked_inputs(inputs)
         results = self._output_arrays(outputs or {}, arrays)
         status = np.zeros(1, np.int32)
@@ -270,10 +348,38 @@ class OpenCLExecutable(Executable):
                 queue.finish()
             except cl.Error as e:
                 raise EmberError(f"opencl backend: graph {self.graph.name!r}: running it failed: {e}") from e
+        transfers = self.backend.transfers
+        transfers.uploaded += sum(a.nbytes for a in arrays) + (4 if self._status is not None else 0)
+        transfers.downloaded += sum(r.nbytes for r in results) + (4 if self._status is not None else 0)
+        if store is not None and len(store) and outputs:
+            store.sync_to_device([outputs[k] for k in self.program.in_place if k in outputs])
+        self._check_status(status)
+        return results
+
+    def _check_status(self, status: np.ndarray):
         if status[0]:
             message = self.program.status_messages.get(int(status[0]), f"kernel status {status[0]}")
             raise EmberError(f"opencl backend: graph {self.graph.name!r}: {message}")
-        return results
+
+    def bind(self, inputs: Mapping[str, np.ndarray],
+             outputs: Mapping[int, np.ndarray] | None = None) -> "OpenCLRun":
+        """The inputs and outputs checked once: a callable run(fresh=(), inputs=None) -> outputs,
+        as CpuExecutable.bind. An output given as the very array of the input it updates in place
+        (in_place_outputs: the caches) makes that input resident on the device; see OpenCLRun."""
+        arrays = self._checked_inputs(inputs)
+        given = outputs or {}
+        results = self._output_arrays(given, arrays)
+        resident = {}
+        index = {node.name: i for i, node in enumerate(self._inputs)}
+        for k, name in self.in_place_outputs.items():
+            i = index[name]
+            out = given.get(k)
+            if out is None or out.__array_interface__["data"][0] != arrays[i].__array_interface__["data"][0]:
+                continue
+            found = self.backend.resident.acquire(arrays[i])
+            if found is not None and found[1] + arrays[i].nbytes < 2 ** 32:   # uint byte offsets
+                resident[i] = found
+        return OpenCLRun(self, arrays, results, resident)
 
     def profile(self, inputs: Mapping[str, np.ndarray], repeats: int = 1) -> list[tuple]:
         """Run the graph `repeats` times (after one untimed run) and return, per launch, (Launch,
@@ -327,7 +433,7 @@ class OpenCLExecutable(Executable):
         arrays = []
         for node in self._inputs:
             value = np.asarray(inputs[node.name])
-            shape, dtype = _storage(node.type)
+            shape, dtype = host_storage(node.type)
             if value.shape != shape or value.dtype != dtype:
                 raise EmberError(f"graph {self.graph.name!r}: input {node.name!r} must be "
                                  f"{node.type} (NumPy {dtype}{list(shape)}), got "
@@ -336,13 +442,77 @@ class OpenCLExecutable(Executable):
         return arrays
 
 
-def _storage(t: TensorType) -> tuple[tuple, np.dtype]:
-    shape, _ = storage_layout(t)
-    return shape, t.dtype.numpy
+class OpenCLRun(BoundInputs):
+    """An OpenCLExecutable bound to its arrays (OpenCLExecutable.bind). Its own kernel objects
+    keep their arguments set between calls; a resident input (a KV cache) is an argument pointing
+    into the backend's resident copy, so a call uploads only the other inputs and downloads only
+    the outputs that are not resident. The output list holds the resident targets' host arrays
+    as given, whose contents are stale until backend.sync_to_host. `fresh` outputs get new
+    arrays each call (the caller may keep old ones); `inputs` replaces bound non-resident inputs
+    by name (they stay bound for later calls)."""
+
+    def __init__(self, executable: OpenCLExecutable, inputs: list[np.ndarray], outputs: list[np.ndarray],
+                 resident: Mapping[int, tuple]):
+        import pyopencl as cl
+        self.executable = executable
+        self.inputs, self.outputs = inputs, outputs    # referenced: resident roots stay alive
+        self.resident = {i: entry for i, (entry, _) in resident.items()}
+        places = {i: (entry.buffer, offset) for i, (entry, offset) in resident.items()}
+        self._kernels = []
+        for kernel, launch in zip(executable._kernels, executable.program.launches):
+            own = cl.Kernel(kernel.program, kernel.function_name)
+            own.set_args(*executable._kernel_args(launch.args, places))
+            self._kernels.append(own)
+        self._index = {node.name: i for i, node in enumerate(executable._inputs)}
+        in_place = executable.program.in_place
+        self._resident_outputs = {k for k, i in in_place.items() if i in self.resident}
+        self._downloads = [(k, executable._in_bufs[in_place[k]] if k in in_place else executable._out_bufs[k])
+                           for k in range(len(outputs)) if k not in self._resident_outputs]
+
+    def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        import pyopencl as cl
+        exe = self.executable
+        for name, value in (inputs or {}).items():
+            self._replace(name, value)
+        for k in fresh:
+            shape, dtype = exe._outputs[k]
+            self.outputs[k] = np.empty(shape, dtype)
+        status = np.zeros(1, np.int32)
+        queue = exe._queue
+        up = down = 0
+        with exe._lock:
+            try:
+                for i, (buf, arr) in enumerate(zip(exe._in_bufs, self.inputs)):
+                    if arr.nbytes and i not in self.resident:
+                        cl.enqueue_copy(queue, buf, arr, is_blocking=False)
+                        up += arr.nbytes
+                if exe._status is not None:
+                    cl.enqueue_copy(queue, exe._status, status, is_blocking=False)
+                for kernel, launch in zip(self._kernels, exe.program.launches):
+                    cl.enqueue_nd_range_kernel(queue, kernel, launch.global_size, launch.local_size)
+                for k, source in self._downloads:
+                    out = self.outputs[k]
+                    if out.nbytes:
+                        cl.enqueue_copy(queue, out, source, is_blocking=False)
+                        down += out.nbytes
+                if exe._status is not None:
+                    cl.enqueue_copy(queue, status, exe._status, is_blocking=False)
+                    up, down = up + 4, down + 4
+                queue.finish()
+            except cl.Error as e:
+                raise EmberError(f"opencl backend: graph {exe.graph.name!r}: running it failed: {e}") from e
+            for entry in self.resident.values():
+                entry.device_newer = True
+        exe.backend.transfers.uploaded += up
+        exe.backend.transfers.downloaded += down
+        exe._check_status(status)
+        return list(self.outputs)
+
+
 
 
 def _nbytes(t: TensorType) -> int:
     return TensorType(t.dtype, t.shape).nbytes if t.shape else t.dtype.block_bytes
 
 
-__all__ = ["OpenCLBackend", "OpenCLExecutable", "WeightStore"]
+__all__ = ["OpenCLBackend", "OpenCLExecutable", "OpenCLRun", "OpenCLResidentStore", "WeightStore"]

@@ -7,6 +7,12 @@ the arena, the status word and the renderer's tables; constants (weights) live i
 backend shares between executables (the step graphs of a session use the same weights), each
 uploaded once. Buffers are host-visible (on lavapipe all memory is), so a run is: copy the
 inputs in, reset the status word, submit, wait, check the status word, copy the outputs out.
+
+A session binds each step graph once (VulkanExecutable.bind): the inputs a graph updates in
+place (the KV caches) then live in device buffers the backend keeps, one per host cache array
+and shared by every graph (a graph of fewer KV rows binds a prefix; ember.backends.resident),
+and the bound run records its own command buffer once, with descriptors pointing into them, and
+resubmits it each step: only the small inputs are copied in and the logits out.
 """
 from __future__ import annotations
 
@@ -20,15 +26,14 @@ from typing import Mapping
 
 import numpy as np
 
-from ember.backends.base import Backend, Executable
+from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.cpu.compiler import default_cache_dir
+from ember.backends.resident import BoundInputs, ResidentStore, TransferStats, root_bytes
 from ember.backends.vulkan.compiler import SpirvCache, program_spirv
 from ember.codegen.vulkan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram, render_graph, supports_node
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.ir.ops.views import storage_layout
-from ember.ir.types import TensorType
 
 REGION_ALIGNMENT = 256
 
@@ -54,6 +59,8 @@ class VulkanBackend(Backend):
         self.spirv_cache = SpirvCache(self.cache_dir / "vulkan" / "spirv", glslc)
         self._device = None
         self._constants = _ConstantStore()
+        self._resident: VulkanResidentStore | None = None
+        self.transfers = TransferStats()    # bytes copied to and from device memory
 
     def __repr__(self) -> str:
         return f"<VulkanBackend device={self.device_index} features={self.features}>"
@@ -76,6 +83,23 @@ class VulkanBackend(Backend):
             caps = dataclasses.replace(caps, max_storage_range=min(caps.max_storage_range, self.max_binding_bytes),
                                        max_texel_bytes=min(caps.max_texel_bytes, self.max_binding_bytes))
         return caps
+
+    @property
+    def resident(self) -> "VulkanResidentStore":
+        """The device copies of the caches bound runs update in place."""
+        if self._resident is None:
+            self._resident = VulkanResidentStore(self.device, self.transfers)
+        return self._resident
+
+    def sync_to_host(self, arrays) -> None:
+        """Copy back the device copies of resident arrays a run wrote since (the host reads them)."""
+        if self._resident is not None:
+            self._resident.sync_to_host(arrays)
+
+    def sync_to_device(self, arrays) -> None:
+        """Copy in resident arrays the host wrote (whole: sync_to_host first if only part was)."""
+        if self._resident is not None:
+            self._resident.sync_to_device(arrays)
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -193,17 +217,43 @@ class _ConstantStore:
                 entry[0].close()
 
 
+class VulkanResidentStore(ResidentStore):
+    """Resident cache arrays as device buffers (host-visible, as every ember Vulkan buffer: a
+    sync is a copy through the mapping). A buffer has REGION_ALIGNMENT spare bytes, as an input
+    region has, since a binding's range may be rounded past the view's last byte."""
+
+    def __init__(self, device, transfers: TransferStats):
+        super().__init__(transfers)
+        self.device = device
+
+    def _allocate(self, root: np.ndarray):
+        buffer = self.device.buffer(root.nbytes + REGION_ALIGNMENT)
+        buffer.array[:root.nbytes] = root_bytes(root)
+        return buffer
+
+    def _upload(self, entry, root: np.ndarray):
+        entry.buffer.array[:entry.nbytes] = root_bytes(root)
+
+    def _download(self, entry, root: np.ndarray):
+        root_bytes(root)[...] = entry.buffer.array[:entry.nbytes]
+
+    def _free(self, entry):
+        entry.buffer.close()
+
+
 class VulkanExecutable(Executable):
     def __init__(self, backend: VulkanBackend, graph: Graph, program: VulkanProgram, pipelines):
+        self.backend = backend
         self.graph = graph
         self.program = program
         self.planned_peak_bytes = program.plan.peak_bytes
-        self.device = device = backend.device
+        self.device = backend.device
         self._lock = threading.Lock()
         g = program.graph
         self._inputs = g.inputs
         self.in_place_outputs = {k: g.inputs[i].name for k, i in program.in_place.items()}
         self._resources = []   # closed in reverse order
+        self._runs = weakref.WeakSet()   # bound runs, closed with the executable
         try:
             self._allocate(backend, program)
             self._record(pipelines)
@@ -252,13 +302,13 @@ class VulkanExecutable(Executable):
         # host views of the inputs and outputs
         self._input_views = []
         for i, node in enumerate(g.inputs):
-            shape, dtype = _storage(node.type)
+            shape, dtype = host_storage(node.type)
             buffer, off = self._regions[("in", i)]
             self._input_views.append(buffer.view(off, shape, dtype))
         self._output_specs = []
         self._output_views = []
         for k, node in enumerate(g.outputs):
-            shape, dtype = _storage(node.type)
+            shape, dtype = host_storage(node.type)
             src = program.output_sources[k]
             buffer, off = self._regions[(src.region, src.index)]
             self._output_specs.append((shape, dtype))
@@ -270,7 +320,18 @@ class VulkanExecutable(Executable):
 
     def _record(self, pipelines):
         vk = self.device.vk
+        self._pipelines = pipelines   # kept alive with the command buffers that use them
+        self._sets, self._command_buffer = self._encode(self._regions, self._resources)
+        fence_info = vk.VkFenceCreateInfo()
+        self._fence = vk.vkCreateFence(self.device.handle, fence_info, None)
+        self._resources.append(_Destroy(vk.vkDestroyFence, self.device.handle, self._fence))
+
+    def _encode(self, regions: Mapping[tuple, tuple], resources: list):
+        """Descriptor sets over regions ((region, index) -> (buffer, base)) and the command
+        buffer of every dispatch, recorded once; the objects made go to resources."""
+        vk = self.device.vk
         dev = self.device.handle
+        pipelines = self._pipelines
         dispatches = self.program.dispatches
         n_storage = sum(b.kind == "storage" for d in dispatches for b in d.bindings)
         n_texel = sum(b.kind == "texel" for d in dispatches for b in d.bindings)
@@ -281,7 +342,7 @@ class VulkanExecutable(Executable):
         pool_info = vk.VkDescriptorPoolCreateInfo(maxSets=max(1, len(dispatches)), poolSizeCount=2,
                                                   pPoolSizes=pool_sizes)
         pool = vk.vkCreateDescriptorPool(dev, pool_info, None)
-        self._resources.append(_Destroy(vk.vkDestroyDescriptorPool, dev, pool))
+        resources.append(_Destroy(vk.vkDestroyDescriptorPool, dev, pool))
         sets = []
         if dispatches:
             layouts = [pipelines[d.shader].set_layout for d in dispatches]
@@ -291,14 +352,14 @@ class VulkanExecutable(Executable):
             infos, writes, views = [], [], {}
             for d, ds in zip(dispatches, sets):
                 for i, b in enumerate(d.bindings):
-                    buffer, base = self._regions[(b.region, b.index)]
+                    buffer, base = regions[(b.region, b.index)]
                     if b.kind == "texel":
                         key = (id(buffer), base + b.offset, b.size)
                         if key not in views:
                             view_info = vk.VkBufferViewCreateInfo(buffer=buffer.handle, format=vk.VK_FORMAT_R32_UINT,
                                                                   offset=base + b.offset, range=b.size)
                             views[key] = vk.vkCreateBufferView(dev, view_info, None)
-                            self._resources.append(_Destroy(vk.vkDestroyBufferView, dev, views[key]))
+                            resources.append(_Destroy(vk.vkDestroyBufferView, dev, views[key]))
                         writes.append(vk.VkWriteDescriptorSet(
                             dstSet=ds, dstBinding=i, descriptorCount=1,
                             descriptorType=vk.VK_DESCRIPTOR_TYPE_UNIFORM_TEXEL_BUFFER,
@@ -312,9 +373,8 @@ class VulkanExecutable(Executable):
             vk.vkUpdateDescriptorSets(dev, len(writes), writes, 0, None)
             del infos, writes, alloc
 
-        self._command_buffer = self.device.allocate_command_buffer()
-        self._resources.append(_FreeCommandBuffer(self.device, self._command_buffer))
-        cb = self._command_buffer
+        cb = self.device.allocate_command_buffer()
+        resources.append(_FreeCommandBuffer(self.device, cb))
         vk.vkBeginCommandBuffer(cb, vk.VkCommandBufferBeginInfo())
         compute = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT
         between = vk.VkMemoryBarrier(srcAccessMask=vk.VK_ACCESS_SHADER_WRITE_BIT,
@@ -336,15 +396,17 @@ class VulkanExecutable(Executable):
                                      dstAccessMask=vk.VK_ACCESS_HOST_READ_BIT)
         vk.vkCmdPipelineBarrier(cb, compute, vk.VK_PIPELINE_STAGE_HOST_BIT, 0, 1, [to_host], 0, None, 0, None)
         vk.vkEndCommandBuffer(cb)
-        fence_info = vk.VkFenceCreateInfo()
-        self._fence = vk.vkCreateFence(dev, fence_info, None)
-        self._resources.append(_Destroy(vk.vkDestroyFence, dev, self._fence))
-        self._pipelines = pipelines   # kept alive with the command buffer that uses them
-        self._sets = sets
+        return sets, cb
 
     # ---- running -----------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, np.ndarray],
             outputs: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Copy every input in, run, copy every output out. An input that is resident (a bound
+        run's cache) is brought to the host first, and written back after an in-place update,
+        so the host arrays are the truth for this path."""
+        store = self.backend._resident
+        if store is not None and len(store):
+            store.sync_to_host([v for v in inputs.values() if isinstance(v, np.ndarray)])
         arrays = self._checked_inputs(inputs)
         given = outputs or {}
         with self._lock:
@@ -352,10 +414,7 @@ class VulkanExecutable(Executable):
                 view[...] = value
             self._status_word[0] = 0
             self.device.submit_and_wait(self._command_buffer, self._fence)
-            status = int(self._status_word[0])
-            if status:
-                message = self.program.status_messages.get(status, f"kernel status {status}")
-                raise EmberError(f"vulkan backend: graph {self.graph.name!r}: {message}")
+            self._check_status()
             results = []
             for k, ((shape, dtype), view) in enumerate(zip(self._output_specs, self._output_views)):
                 out = given.get(k)
@@ -365,7 +424,47 @@ class VulkanExecutable(Executable):
                     self._check_output(k, out, shape, dtype, arrays)
                 out[...] = view
                 results.append(out)
+        self.backend.transfers.uploaded += sum(a.nbytes for a in arrays)
+        self.backend.transfers.downloaded += sum(r.nbytes for r in results)
+        if store is not None and len(store) and given:
+            store.sync_to_device([given[k] for k in self.program.in_place if k in given])
         return results
+
+    def _check_status(self):
+        status = int(self._status_word[0])
+        if status:
+            message = self.program.status_messages.get(status, f"kernel status {status}")
+            raise EmberError(f"vulkan backend: graph {self.graph.name!r}: {message}")
+
+    def bind(self, inputs: Mapping[str, np.ndarray],
+             outputs: Mapping[int, np.ndarray] | None = None) -> "VulkanRun":
+        """The inputs and outputs checked once: a callable run(fresh=(), inputs=None) -> outputs,
+        as CpuExecutable.bind. An output given as the very array of the input it updates in place
+        (in_place_outputs: the caches) makes that input resident on the device; see VulkanRun."""
+        arrays = self._checked_inputs(inputs)
+        given = outputs or {}
+        results = []
+        for k, (shape, dtype) in enumerate(self._output_specs):
+            out = given.get(k)
+            if out is None:
+                out = np.empty(shape, dtype)
+            else:
+                self._check_output(k, out, shape, dtype, arrays)
+            results.append(out)
+        resident = {}
+        index = {node.name: i for i, node in enumerate(self._inputs)}
+        for k, name in self.in_place_outputs.items():
+            i = index[name]
+            out = given.get(k)
+            if out is None or out.__array_interface__["data"][0] != arrays[i].__array_interface__["data"][0]:
+                continue
+            # a binding's offset into the view stays aligned as it is in the packed input buffer
+            found = self.backend.resident.acquire(arrays[i], alignment=REGION_ALIGNMENT)
+            if found is not None:
+                resident[i] = found
+        run = VulkanRun(self, arrays, results, resident)
+        self._runs.add(run)
+        return run
 
     def profile(self, inputs: Mapping[str, np.ndarray], repeat: int = 1) -> list[tuple[str, str, float]]:
         """(op, label, seconds) of each dispatch, each submitted alone (after the ones before it,
@@ -425,7 +524,7 @@ class VulkanExecutable(Executable):
         arrays = []
         for node in self._inputs:
             value = np.asarray(inputs[node.name])
-            shape, dtype = _storage(node.type)
+            shape, dtype = host_storage(node.type)
             if value.shape != shape or value.dtype != dtype:
                 raise EmberError(f"graph {self.graph.name!r}: input {node.name!r} must be "
                                  f"{node.type} (NumPy {dtype}{list(shape)}), got "
@@ -435,11 +534,67 @@ class VulkanExecutable(Executable):
 
     def close(self):
         """Free the executable's device objects now (else when it is garbage collected)."""
+        for run in list(getattr(self, "_runs", ())):
+            run.close()
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
             finalizer()
         else:
             _close_all(self._resources)
+
+
+class VulkanRun(BoundInputs):
+    """A VulkanExecutable bound to its arrays (VulkanExecutable.bind), with its own descriptor
+    sets and command buffer, recorded once and resubmitted on every call. A resident input (a
+    KV cache) is bound where its device copy lies, so a call copies in only the other inputs and
+    out only the outputs that are not resident. The output list holds the resident targets'
+    host arrays as given, whose contents are stale until backend.sync_to_host. `fresh` outputs
+    get new arrays each call; `inputs` replaces bound non-resident inputs by name."""
+
+    def __init__(self, executable: VulkanExecutable, inputs: list[np.ndarray], outputs: list[np.ndarray],
+                 resident: Mapping[int, tuple]):
+        self.executable = executable
+        self.inputs, self.outputs = inputs, outputs    # referenced: resident roots stay alive
+        self.resident = {i: entry for i, (entry, _) in resident.items()}
+        regions = dict(executable._regions)
+        for i, (entry, offset) in resident.items():
+            regions[("in", i)] = (entry.buffer, offset)
+        self._resources = []
+        self._finalizer = weakref.finalize(self, _close_all, self._resources)
+        _, self._command_buffer = executable._encode(regions, self._resources)
+        self._index = {node.name: i for i, node in enumerate(executable._inputs)}
+        in_place = executable.program.in_place
+        self._copies_in = [i for i in range(len(inputs)) if i not in self.resident]
+        self._copies_out = [k for k in range(len(outputs)) if in_place.get(k) not in self.resident]
+
+    def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        exe = self.executable
+        for name, value in (inputs or {}).items():
+            self._replace(name, value)
+        for k in fresh:
+            shape, dtype = exe._output_specs[k]
+            self.outputs[k] = np.empty(shape, dtype)
+        up = down = 0
+        with exe._lock:
+            for i in self._copies_in:
+                exe._input_views[i][...] = self.inputs[i]
+                up += self.inputs[i].nbytes
+            exe._status_word[0] = 0
+            exe.device.submit_and_wait(self._command_buffer, exe._fence)
+            for entry in self.resident.values():
+                entry.device_newer = True
+            exe._check_status()
+            for k in self._copies_out:
+                self.outputs[k][...] = exe._output_views[k]
+                down += self.outputs[k].nbytes
+        exe.backend.transfers.uploaded += up
+        exe.backend.transfers.downloaded += down
+        return list(self.outputs)
+
+
+    def close(self):
+        """Free the run's descriptor sets and command buffer now."""
+        self._finalizer()
 
 
 def _close_all(resources: list):
@@ -470,10 +625,6 @@ class _Release:
     def close(self):
         self.store.release(self.digest)
 
-
-def _storage(t: TensorType) -> tuple[tuple, np.dtype]:
-    shape, _ = storage_layout(t)
-    return shape, t.dtype.numpy
 
 
 def _round_up(n: int, m: int) -> int:

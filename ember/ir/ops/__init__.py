@@ -51,10 +51,29 @@ class OpDef:
     # A raw op's reference sees operands as stored (quantized blocks, bf16 bits) and gets
     # (arrays, attrs, input_types, output_type); the others see float arrays and (arrays, attrs).
     raw: bool = False
+    # Layouts (ember.ir.layouts) an operand accepts besides "row", by operand name; an operand
+    # not named accepts only "row". The verifier holds every node to this.
+    layouts: dict = field(default_factory=dict)
 
     @property
     def is_view(self) -> bool:
         return self.category == "view"
+
+    def operand_name(self, index: int) -> str:
+        names = self.inputs + self.optional
+        return names[index] if index < len(names) else f"#{index}"
+
+    def accepted_layouts(self, index: int) -> tuple[str, ...]:
+        """The layouts operand `index` may be stored in."""
+        return ("row",) + tuple(self.layouts.get(self.operand_name(index), ()))
+
+    def layout_problem(self, input_types) -> str | None:
+        """A message naming the first operand (and its layout) this op cannot read, or None."""
+        for k, t in enumerate(input_types):
+            if t.layout not in self.accepted_layouts(k):
+                return (f"{self.name}: operand {self.operand_name(k)} is in layout {t.layout}, which "
+                        f"{self.name} does not accept (accepts: {', '.join(self.accepted_layouts(k))})")
+        return None
 
     def normalize_attrs(self, given: dict) -> dict:
         """Fill defaults, check kinds; unknown or missing attributes are errors naming the op."""
@@ -104,6 +123,9 @@ def infer_type(op: str, input_types: list[TensorType], attrs: dict) -> tuple[Ten
     """Check arity and attributes, then apply the op's shape rule. Returns (type, full attrs)."""
     opdef = get_op(op)
     opdef.check_arity(len(input_types))
+    why = opdef.layout_problem(input_types)
+    if why:
+        raise ShapeError(why)
     full = opdef.normalize_attrs(attrs)
     return opdef.infer(list(input_types), full), full
 

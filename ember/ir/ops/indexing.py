@@ -26,6 +26,7 @@ def _get_rows_ref(xs, attrs, its, ot):
 
 
 register(OpDef("get_rows", ("table", "idx"), _get_rows_infer, _get_rows_ref, raw=True,
+               layouts={"table": ("adreno_soa",)},   # a tied embedding shares the matmul's layout
                doc="Rows idx of table (any weight dtype, dequantized) -> f32[T, D]."))
 
 SET_ROWS_DST = (dtypes.f32, dtypes.f16, dtypes.bf16)

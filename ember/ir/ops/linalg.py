@@ -41,7 +41,7 @@ def _mul_mat_ref(xs, attrs, wtype=None):
     return np.matmul(x, np.swapaxes(w, -1, -2)).astype(np.float32)
 
 
-register(OpDef("mul_mat", ("x", "w"), _mul_mat_infer, _mul_mat_ref,
+register(OpDef("mul_mat", ("x", "w"), _mul_mat_infer, _mul_mat_ref, layouts={"w": ("adreno_soa",)},
                doc="x[..., T, K] times w[..., N, K] transposed -> f32[..., T, N]. w may be any "
                    "weight dtype (quantized weights are dequantized by the reference)."))
 

@@ -12,7 +12,10 @@ from ember.ir.types import TensorType
 
 # ---- storage helpers used by the references of raw ops -------------------------------------
 def storage_layout(t: TensorType) -> tuple[tuple, tuple]:
-    """NumPy shape and strides of a tensor's storage (quantized: bytes along the last axis)."""
+    """NumPy shape and strides of a tensor's storage (quantized: bytes along the last axis; a
+    layout other than row: one flat uint8 array)."""
+    if t.layout != "row":
+        return (t.nbytes,), (1,)
     if t.dtype.is_quantized:
         return t.shape[:-1] + (t.dtype.row_bytes(t.shape[-1]),), t.strides[:-1] + (1,)
     return t.shape, t.strides

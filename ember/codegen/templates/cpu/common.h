@@ -1,7 +1,8 @@
 /* ember CPU runtime header: included once at the top of every generated C file.
- * Conversions between f32 and the 16-bit float types, and the attributes kernels share.
- * Kernels are called by every thread of one OpenMP team with (ith, nth) and may use
- * `#pragma omp barrier` inside; nothing here allocates. */
+ * Conversions between f32 and the 16-bit float types, the team barrier, and the attributes
+ * kernels share. Kernels are called by every thread of one OpenMP team with (ith, nth) and may
+ * wait at the team's ember_barrier inside; nothing here allocates. */
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -93,4 +94,83 @@ EMBER_INLINE void ember_split(int64_t n, int ith, int nth, int64_t *begin, int64
     int64_t per = (n + nth - 1) / nth;
     *begin = EMBER_MIN(n, per * ith);
     *end = EMBER_MIN(n, *begin + per);
+}
+
+/* The team barrier (instead of `#pragma omp barrier`): a generation count. The last thread to
+ * arrive starts the next generation; the others spin a little (a wait in a busy graph is
+ * short), then yield the core between looks: on a machine shared with other busy processes a
+ * teammate may be waiting for this very core, and spinning would keep it out. Zero-initialized
+ * before the team starts; on its own cache line. */
+typedef struct {
+    int arrived;
+    int generation;
+    char pad[56];
+} ember_barrier;
+
+#define EMBER_BARRIER_SPINS 1000
+
+static inline void ember_barrier_wait(ember_barrier *b, int nth) {
+    if (nth <= 1) return;
+    const int gen = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == nth) {
+        __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->generation, gen + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == gen; spins++) {
+        if (spins < EMBER_BARRIER_SPINS) {
+#if defined(__x86_64__) || defined(_M_X64)
+            _mm_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+/* ---- work sharing ------------------------------------------------------------------------
+ * A kernel's n work items (chunks of rows, attention items) are cut into R = min(nth, 8)
+ * contiguous regions, each with a counter on its own cache line in the kernel's work block
+ * (EMBER_WORK_INTS ints, zeroed before the team starts). Thread ith claims the items of region
+ * ith % R in order (one stream through memory, a counter no other thread touches), then helps
+ * with the other regions in turn: a thread the OS holds back costs the others little more
+ * than the item it holds. Who computes an item never changes its result. With work NULL,
+ * thread ith takes items ith, ith + nth, ... */
+#define EMBER_WORK_REGIONS 8
+#define EMBER_WORK_INTS (EMBER_WORK_REGIONS * 16)
+
+typedef struct {
+    int *work;
+    int64_t n, step;
+    int regions, region, left;
+} ember_work_iter;
+
+static inline ember_work_iter ember_work_begin(int *work, int64_t n, int ith, int nth) {
+    ember_work_iter it;
+    it.work = work;
+    it.n = n;
+    it.regions = nth < EMBER_WORK_REGIONS ? nth : EMBER_WORK_REGIONS;
+    it.region = ith % it.regions;
+    it.left = it.regions;
+    it.step = work ? 0 : ith;   /* the next item without a work block */
+    (void)nth;
+    return it;
+}
+
+/* The next item for the calling thread, or -1 when none is left. */
+static inline int64_t ember_work_next(ember_work_iter *it, int nth) {
+    if (!it->work) {
+        const int64_t c = it->step;
+        it->step += nth;
+        return c < it->n ? c : -1;
+    }
+    while (it->left > 0) {
+        const int r = it->region;
+        const int64_t lo = it->n * r / it->regions, hi = it->n * (r + 1) / it->regions;
+        const int64_t c = lo + __atomic_fetch_add(it->work + 16 * r, 1, __ATOMIC_RELAXED);
+        if (c < hi) return c;
+        it->region = (r + 1) % it->regions;
+        it->left--;
+    }
+    return -1;
 }

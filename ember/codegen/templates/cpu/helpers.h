@@ -29,14 +29,6 @@ EMBER_INLINE void ember_split_quantum(int64_t n, int ith, int nth, int64_t quant
     *end = EMBER_MIN(n, *begin + per);
 }
 
-/* Work counters of one graph run are this many ints apart (one cache line each). */
-#define EMBER_NEXT_STRIDE 16
-
-/* The next work item for the calling thread: claimed from the shared counter *next. */
-EMBER_INLINE int64_t ember_claim(int *next) {
-    return (int64_t)__atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
-}
-
 /* Report a failure (first writer wins is not needed: any failing kernel's code is enough). */
 EMBER_INLINE void ember_fail(int *status, int code) {
     #pragma omp atomic write

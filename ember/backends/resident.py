@@ -1,0 +1,165 @@
+"""Device-resident host arrays: the KV caches a GPU backend keeps on the device between steps.
+
+A step graph updates its caches in place (set_rows; Executable.in_place_outputs), so a GPU
+backend that uploaded every cache view before each step and downloaded it after would move
+n_kv x layers x 2 rows each way per token. Instead the backend keeps ONE device buffer per host
+cache array, shared by every executable it compiled (graphs of different n_kv read a prefix of
+it), uploaded when first bound and never downloaded per step; the host copy is stale from then
+on until sync_to_host brings it back.
+
+Identity: a view (cache[:n]) is traced through `.base` to the array that owns its memory (the
+root); the root's data address keys the entry, and the view is the root's bytes from its own
+address on. The entry holds the root by weak reference and is dropped when the root dies, so an
+address reused by a later array never finds a stale entry (a live view keeps its root alive).
+
+Imports NumPy and the IR's storage rule; the backends supply the device buffers (subclasses of ResidentStore).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from ember.backends.base import host_storage
+from ember.errors import EmberError
+
+
+@dataclass
+class TransferStats:
+    """Bytes a backend moved between host and device (inputs, outputs, resident syncs)."""
+    uploaded: int = 0
+    downloaded: int = 0
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.uploaded, self.downloaded
+
+
+def host_root(array: np.ndarray) -> np.ndarray:
+    """The array that owns array's memory (following views through .base)."""
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root
+
+
+class Resident:
+    """One host array's device copy. device_newer: a run wrote the device copy since the host
+    copy was last brought up to date."""
+
+    def __init__(self, root: np.ndarray, buffer):
+        self.root = weakref.ref(root)
+        self.nbytes = root.nbytes
+        self.buffer = buffer
+        self.device_newer = False
+
+
+class ResidentStore:
+    """Device copies of host arrays, keyed by the root's data address (see the module doc).
+    Subclasses give _allocate (a device buffer with the root's bytes), _download and _free."""
+
+    def __init__(self, transfers: TransferStats):
+        self.transfers = transfers
+        self.lock = threading.Lock()
+        self._entries: dict[int, Resident] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ---- for subclasses --------------------------------------------------------------------------
+    def _allocate(self, root: np.ndarray):
+        raise NotImplementedError
+
+    def _upload(self, entry: Resident, root: np.ndarray):
+        raise NotImplementedError
+
+    def _download(self, entry: Resident, root: np.ndarray):
+        raise NotImplementedError
+
+    def _free(self, entry: Resident):
+        pass
+
+    # ---- binding ---------------------------------------------------------------------------------
+    def acquire(self, view: np.ndarray, alignment: int = 1) -> tuple[Resident, int] | None:
+        """(entry, byte offset of view in it), creating and uploading the entry the first time;
+        None when view cannot be resident (not contiguous, or at an offset the device cannot
+        bind), and the caller copies it per run as before."""
+        root = host_root(view)
+        if not (view.flags.c_contiguous and root.flags.c_contiguous and view.nbytes):
+            return None
+        offset = view.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+        if offset < 0 or offset + view.nbytes > root.nbytes or offset % alignment:
+            return None
+        key = root.__array_interface__["data"][0]
+        with self.lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.root() is not root:
+                entry = Resident(root, self._allocate(root))
+                self.transfers.uploaded += root.nbytes
+                self._entries[key] = entry
+                weakref.finalize(root, self._drop, key, entry)
+        return entry, offset
+
+    def find(self, array: np.ndarray) -> Resident | None:
+        root = host_root(array)
+        entry = self._entries.get(root.__array_interface__["data"][0])
+        return entry if entry is not None and entry.root() is root else None
+
+    def _drop(self, key: int, entry: Resident):
+        with self.lock:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+        self._free(entry)
+
+    # ---- host access -----------------------------------------------------------------------------
+    def sync_to_host(self, arrays) -> None:
+        """Bring the host copies of arrays (or of the arrays they view) up to date: a download of
+        each resident root a run wrote since; others cost nothing."""
+        for array in arrays:
+            entry = self.find(array)
+            if entry is not None and entry.device_newer:
+                root = entry.root()
+                with self.lock:
+                    self._download(entry, root)
+                    entry.device_newer = False
+                self.transfers.downloaded += entry.nbytes
+
+    def sync_to_device(self, arrays) -> None:
+        """The host wrote arrays: upload each resident root whole (so bring it to the host with
+        sync_to_host first when only part of it was written)."""
+        for array in arrays:
+            entry = self.find(array)
+            if entry is not None:
+                root = entry.root()
+                with self.lock:
+                    self._upload(entry, root)
+                    entry.device_newer = False
+                self.transfers.uploaded += entry.nbytes
+
+
+def root_bytes(root: np.ndarray) -> np.ndarray:
+    """A flat uint8 view of a contiguous root's bytes."""
+    return root.reshape(-1).view(np.uint8)
+
+
+class BoundInputs:
+    """Input replacement by name between runs, shared by the GPU backends' bound runs (which
+    set executable, inputs, resident {input index: Resident} and _index {name: index})."""
+
+    def _replace(self, name: str, value: np.ndarray) -> None:
+        exe = self.executable
+        i = self._index.get(name)
+        if i is None:
+            raise EmberError(f"graph {exe.graph.name!r}: unknown input {name!r}")
+        if value is self.inputs[i]:
+            return
+        if i in self.resident:
+            raise EmberError(f"graph {exe.graph.name!r}: input {name!r} is resident on the device; "
+                             "bind again to run on another array")
+        shape, dtype = host_storage(exe._inputs[i].type)
+        if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype \
+                or not value.flags.c_contiguous:
+            raise EmberError(f"graph {exe.graph.name!r}: input {name!r} must be a contiguous "
+                             f"NumPy {dtype}{list(shape)} array")
+        self.inputs[i] = value
