@@ -6,7 +6,7 @@
    compiled plan) vs rebuilding the step graph every step (build, passes, render, compile-cache
    lookup, load), and its share of the decode step.
 
-    python bench/passes.py [--model M] [--threads 2] [--reps 3] [--markdown]
+    python bench/passes.py [--model M] [--threads 2] [--reps 3]
 """
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ def host_share(session: Session, n_steps: int) -> tuple[float, float]:
     Host time is the session's own account of each step outside the compiled graph
     (stats.host_seconds: plan lookup, inputs, cache and state copies) plus, when the step graph
     is rebuilt, building, optimizing and compiling it (stats.compile_seconds, which
-    host_seconds leaves out). SessionStats.run_seconds is not kept by the session, so the
-    kernels' time is not subtracted from the wall clock."""
+    host_seconds leaves out), against the wall clock of the whole step."""
     session.reset()
     session.eval([2, 3, 4, 5])
     stats = session.stats
@@ -65,7 +64,6 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     model = load_model(args.model or default_model_path())
     backend = get_backend("cpu", threads=args.threads)

@@ -323,6 +323,7 @@ class Session:
         t1 = time.perf_counter()
         outputs = feed.run(self._state)
         t2 = time.perf_counter()
+        self.stats.run_seconds += t2 - t1
         for k, cache in feed.copies:
             cache[...] = outputs[k]
         for k, name in feed.states:

@@ -40,12 +40,16 @@ class DraftSource(Protocol):
 class NgramDraft:
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens
     (n from n_max down to n_min) and propose what followed it. Gives up for a while when
-    acceptance stays low, as llama.cpp's n-gram drafter does."""
+    acceptance stays low (three rounds under half), as llama.cpp's n-gram drafter does; the
+    pause doubles each time it follows another low streak (up to max_pause rounds), so on
+    text n-grams cannot predict, drafting costs little, and a good round resets it."""
     n_min: int = 1
     n_max: int = 4
     name: str = "ngram"
     low_rounds: int = 0
     paused: int = 0
+    pause: int = 8
+    max_pause: int = 256
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         if self.paused:
@@ -65,9 +69,10 @@ class NgramDraft:
         if n_drafted and n_accepted / n_drafted < 0.5:
             self.low_rounds += 1
             if self.low_rounds >= 3:
-                self.paused, self.low_rounds = 8, 0
-        else:
-            self.low_rounds = 0
+                self.paused, self.low_rounds = self.pause, 0
+                self.pause = min(2 * self.pause, self.max_pause)
+        elif n_drafted:
+            self.low_rounds, self.pause = 0, type(self).pause
 
 
 class ModelDraft:

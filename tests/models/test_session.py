@@ -38,6 +38,7 @@ def test_reuse_on_and_off_give_identical_logits(tiny_files, cpu, spec):
     np.testing.assert_array_equal(with_reuse, without)
     # with reuse, decode steps hit the plan cache by uid; without, every step builds its graph
     assert s1.plans.stats.uid_hits >= 5 and s1.stats.graph_builds == 2
+    assert s1.stats.run_seconds > 0 and s1.stats.host_seconds > 0
     assert s2.stats.graph_builds == 7
 
 

@@ -132,3 +132,20 @@ def test_recurrent_speculation_identity_matrix(tiny_files, tmp_path_factory, arc
         got, _ = speculative_generate(target, NgramDraft(), tokenizer, prompt, N_PREDICT,
                                       draft_max=draft_max, ignore_eos=True)
         assert got.tokens == expected
+
+
+def test_ngram_drafter_backs_off_longer_after_each_low_streak():
+    draft = NgramDraft()
+    context = [1, 2, 3, 1, 2, 3, 1, 2]
+    pauses = []
+    for _ in range(3):
+        for _ in range(3):                       # three rounds with nothing accepted
+            assert draft.propose(context, 4)
+            draft.accepted(context, 4, 0)
+        rounds = 0
+        while not draft.propose(context, 4):
+            rounds += 1
+        pauses.append(rounds)
+    assert pauses == [8, 16, 32]
+    draft.accepted(context, 4, 4)                # a good round resets the pause
+    assert draft.pause == 8
