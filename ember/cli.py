@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the same for Adreno GPUs (fp16, subgroups, Q8_0/Q4_0 weights stored "
                                    "in the SoA layout), written without an Adreno device (no binaries "
                                    "then) and run only on one; vulkan: SPIR-V and launch plans, built "
-                                   "for the Vulkan device here (needs glslc; the run does not).")
+                                   "for the Vulkan device here, or with --portable for any Vulkan 1.1 "
+                                   "device without one here (needs glslc; the run does not).")
     add_model_path_argument(p)
     p.add_argument("--target", default="cpu", choices=["cpu", "opencl-generic", "opencl-adreno", "vulkan"],
                    help="target (default cpu)")
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per prompt step (default 32)")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="CPU threads, target cpu only (default: all cores)")
+    p.add_argument("--portable", action="store_true",
+                   help="target vulkan only: compile for any Vulkan 1.1 device (no optional features, "
+                        "the specification's minimum limits), with no Vulkan device here")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable)")
     p.set_defaults(func=cmd_compile)
@@ -351,6 +355,8 @@ def cmd_compile(args) -> int:
     check_pass_names(args.disable)
     if args.threads and args.target != "cpu":
         raise EmberError(f"-t/--threads applies to --target cpu only, not {args.target}")
+    if args.portable and args.target != "vulkan":
+        raise EmberError(f"--portable applies to --target vulkan only, not {args.target}")
     path = model_path(args)
     model = load_model(path)
     if args.target == "cpu":
@@ -364,9 +370,10 @@ def cmd_compile(args) -> int:
         print(f"ember: {message}", file=sys.stderr, flush=True)
 
     progress(f"compiling {path} ({model.arch}, {model.hparams.n_layer} layers) for {args.target}")
+    target_options = {"features": "portable"} if args.portable else {}
     manifest = compile_artifact(model, target, args.output, n_ctx=args.ctx_size,
                                 prompt_tokens=args.prompt_tokens, disabled_passes=frozenset(args.disable),
-                                progress=progress)
+                                progress=progress, **target_options)
     shapes = ", ".join(f"{s['n_tokens']}x{s['n_kv']}" for s in manifest["steps"])
     print(f"ember: wrote {args.output}: {len(manifest['steps'])} steps (tokens x KV rows: {shapes}), "
           f"context {manifest['n_ctx']}, {len(manifest['files'])} files, in "

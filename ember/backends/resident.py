@@ -163,3 +163,18 @@ class BoundInputs:
             raise EmberError(f"graph {exe.graph.name!r}: input {name!r} must be a contiguous "
                              f"NumPy {dtype}{list(shape)} array")
         self.inputs[i] = value
+
+
+class ResidentSync:
+    """The host-sync hooks of a backend whose resident store is self._resident (None until a
+    run binds a cache): the session calls them where the host reads or writes cache rows."""
+
+    def sync_to_host(self, arrays) -> None:
+        """Bring back the device copies of resident arrays a run wrote since (the host reads them)."""
+        if self._resident is not None:
+            self._resident.sync_to_host(arrays)
+
+    def sync_to_device(self, arrays) -> None:
+        """Send resident arrays the host wrote (whole: sync_to_host first if only part was)."""
+        if self._resident is not None:
+            self._resident.sync_to_device(arrays)

@@ -22,6 +22,7 @@ Imports jinja2, NumPy and ember only: no Vulkan, no shader compiler.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -103,6 +104,11 @@ class DeviceCaps:
 
 # The features every Vulkan 1.1 compute device has: no 8/16-bit storage, no subgroup arithmetic.
 BASELINE_CAPS = DeviceCaps("baseline", storage8=False, storage16=False, subgroup_size=0)
+# What any Vulkan 1.1 device runs, for compiling with no device at hand: the baseline features
+# and the limits the specification guarantees (maxStorageBufferRange >= 2^27, push constants
+# >= 128 bytes, 65535 work groups; offset alignments are at most 256 bytes).
+PORTABLE_CAPS = dataclasses.replace(BASELINE_CAPS, device="portable (Vulkan 1.1 minimum limits)",
+                                    offset_alignment=256, texel_alignment=256)
 
 
 # ---- templates -------------------------------------------------------------------------------

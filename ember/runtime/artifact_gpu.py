@@ -42,9 +42,10 @@ OPENCL_PROFILES = {"opencl-generic": ("generic",), "opencl-adreno": ("adreno", "
 def gpu_writer(target: str, progress=None, **options):
     """The writer of a GPU target (see compile_artifact). Options: opencl: device (index or part
     of a name, for the build device), profile (opencl-adreno: "adreno" or "adreno-emulated"),
-    profile_options (Profile fields, e.g. soa_min_rows); vulkan: device, features, cache_dir."""
+    profile_options (Profile fields, e.g. soa_min_rows); vulkan: device, features ("device",
+    "baseline", or "portable": no device needed), cache_dir."""
     if target == "vulkan":
-        return _VulkanWriter(**options)
+        return _VulkanWriter(progress=progress, **options)
     return _OpenCLWriter(target, progress=progress, **options)
 
 
@@ -200,10 +201,26 @@ def _read_json(path: Path) -> dict:
 class _VulkanWriter:
     pipeline = "vulkan"
 
-    def __init__(self, device=None, features: str = "device", cache_dir=None):
+    def __init__(self, device=None, features: str = "device", cache_dir=None, progress=None):
+        """features: "device" or "baseline" (for the Vulkan device here), or "portable": no
+        device needed, shaders for any Vulkan 1.1 device (PORTABLE_CAPS; glslc still needed)."""
         from ember.backends.vulkan.backend import VulkanBackend
-        self.backend = VulkanBackend(device=device, features=features, cache_dir=cache_dir)
-        self.backend.require_available()
+        from ember.codegen.vulkan import PORTABLE_CAPS
+        self.portable = features == "portable"
+        self.backend = VulkanBackend(device=device, features="baseline" if self.portable else features,
+                                     cache_dir=cache_dir)
+        if self.portable:
+            if self.backend.spirv_cache.glslc is None:
+                raise ArtifactError("compile: target vulkan needs the shader compiler glslc "
+                                    "(Debian/Ubuntu: `apt-get install glslc`)")
+            self.caps = PORTABLE_CAPS
+        else:
+            try:
+                self.backend.require_available()
+            except BackendUnavailable as e:
+                raise ArtifactError(f"compile: {e}; `--portable` compiles for any Vulkan 1.1 device "
+                                    "without one") from None
+            self.caps = self.backend.caps
         self.spirv: set[str] = set()
 
     def begin(self, tmp: Path) -> dict:
@@ -212,8 +229,12 @@ class _VulkanWriter:
 
     def step(self, tmp: Path, name: str, graph):
         from ember.backends.vulkan.compiler import export_graph
-        self.backend.require_supported(graph)
-        blobs, plan = export_graph(graph, self.backend.caps, self.backend.spirv_cache)
+        from ember.codegen.vulkan import supports_node
+        for node in graph.nodes:
+            ok, why = supports_node(node, self.caps)
+            if not ok:
+                raise ArtifactError(f"compile: vulkan cannot run {node.op} of graph {graph.name!r}: {why}")
+        blobs, plan = export_graph(graph, self.caps, self.backend.spirv_cache)
         shaders = sorted({s["file"] for s in plan["shaders"]})
         for file in shaders:
             if file not in self.spirv:
@@ -230,7 +251,8 @@ class _VulkanWriter:
         return {"plan": f"{name}.plan.json", "shaders": shaders, "aux": aux}, len(plan["shaders"]), graph, set()
 
     def finish(self, tmp: Path) -> dict:
-        return {"build_device": {"name": self.backend.device.name}, "caps": self.backend.caps.to_json()}
+        device = "none (portable)" if self.portable else self.backend.device.name
+        return {"build_device": {"name": device}, "caps": self.caps.to_json()}
 
 
 def _vulkan_backend_class():

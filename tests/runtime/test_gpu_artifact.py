@@ -294,3 +294,36 @@ def test_unknown_profile_for_a_target_is_refused(tiny, tmp_path):
     with pytest.raises(ArtifactError, match="target opencl-generic takes profile generic, not 'adreno'"):
         compile_artifact(load_model(tiny), "opencl-generic", tmp_path / "x", profile="adreno")
     assert not (tmp_path / "x").exists()
+
+
+NO_VULKAN_DEVICE = """
+import ember.backends.vulkan.device as device
+from ember.errors import BackendUnavailable
+def none(*args, **kwargs):
+    raise BackendUnavailable("vulkan backend: no Vulkan device found")
+device.get_device = none
+"""
+
+
+@pytest.mark.skipif(shutil.which("glslc") is None, reason="glslc (Debian package glslc) is not installed")
+def test_portable_vulkan_artifact_compiles_without_a_device_and_runs_on_one(tiny, cache_home, tmp_path):
+    out = tmp_path / "portable.ember"
+    args = ("compile", tiny, "--target", "vulkan", "-o", out, "-c", N_CTX, "--prompt-tokens", PROMPT_LENGTH)
+    refused = ember(*args, cache_home=cache_home, before=NO_VULKAN_DEVICE)
+    assert "--portable" in error_line(refused) and not out.exists()
+    made = ember(*args, "--portable", cache_home=cache_home, before=NO_VULKAN_DEVICE)
+    assert made.returncode == 0, made.stderr
+    manifest = read_manifest(out)
+    assert manifest["build_device"]["name"] == "none (portable)"
+    assert manifest["caps"]["storage8"] is False and manifest["caps"]["offset_alignment"] == 256
+    if not VULKAN_OK:
+        pytest.skip(f"vulkan: unavailable to run the artifact: {VULKAN_WHY}")
+    ran = ember("run", out, *GENERATE, cache_home=cache_home, before=NO_SHADER_COMPILER)
+    assert ran.returncode == 0, ran.stderr
+    reference = ember("generate", tiny, "--backend", "vulkan", "-c", N_CTX, *GENERATE, cache_home=cache_home)
+    assert ran.stdout == reference.stdout and ran.stdout.strip()
+
+
+def test_portable_is_for_vulkan_only(tiny, tmp_path, cache_home):
+    out = ember("compile", tiny, "--target", "cpu", "--portable", "-o", tmp_path / "x", cache_home=cache_home)
+    assert error_line(out) == "ember: error: --portable applies to --target vulkan only, not cpu"

@@ -23,7 +23,7 @@ import numpy as np
 from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.opencl.compiler import ProgramCache
 from ember.backends.opencl.device import choose_profile, select_device
-from ember.backends.resident import BoundInputs, ResidentStore, TransferStats, root_bytes
+from ember.backends.resident import BoundInputs, ResidentStore, ResidentSync, TransferStats, root_bytes
 from ember.codegen.opencl import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
                                   WeightLayout, relayout_weight, render_graph, supports_node)
 from ember.errors import BackendUnavailable, EmberError
@@ -32,7 +32,7 @@ from ember.ir.node import Node
 from ember.ir.types import TensorType
 
 
-class OpenCLBackend(Backend):
+class OpenCLBackend(ResidentSync, Backend):
     """device: None (first GPU, else first device), an index or part of a name; profile: "auto",
     "generic", "adreno", "adreno-emulated" or a Profile; profile_options: Profile fields to
     override (e.g. soa_min_rows=4 to re-lay out small weights in tests); profiling: a queue that
@@ -120,16 +120,6 @@ class OpenCLBackend(Backend):
         if self._resident is None:
             self._resident = OpenCLResidentStore(self.context, self.queue, self.transfers)
         return self._resident
-
-    def sync_to_host(self, arrays) -> None:
-        """Download the device copies of resident arrays a run wrote since (the host reads them)."""
-        if self._resident is not None:
-            self._resident.sync_to_host(arrays)
-
-    def sync_to_device(self, arrays) -> None:
-        """Upload resident arrays the host wrote (whole: sync_to_host first if only part was)."""
-        if self._resident is not None:
-            self._resident.sync_to_device(arrays)
 
     def available(self) -> tuple[bool, str]:
         try:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.cpu.compiler import default_cache_dir
-from ember.backends.resident import BoundInputs, ResidentStore, TransferStats, root_bytes
+from ember.backends.resident import BoundInputs, ResidentStore, ResidentSync, TransferStats, root_bytes
 from ember.backends.vulkan.compiler import SpirvCache, program_spirv
 from ember.codegen.vulkan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram, render_graph, supports_node
 from ember.errors import BackendUnavailable, EmberError
@@ -38,7 +38,7 @@ from ember.ir.node import Node
 REGION_ALIGNMENT = 256
 
 
-class VulkanBackend(Backend):
+class VulkanBackend(ResidentSync, Backend):
     """options: device (index; default: the first GPU, else the CPU implementation),
     features ("device": what the device reports; "baseline": no 8/16-bit storage, no
     subgroup arithmetic and no texel buffers, the fallbacks every Vulkan 1.1 device runs),
@@ -90,16 +90,6 @@ class VulkanBackend(Backend):
         if self._resident is None:
             self._resident = VulkanResidentStore(self.device, self.transfers)
         return self._resident
-
-    def sync_to_host(self, arrays) -> None:
-        """Copy back the device copies of resident arrays a run wrote since (the host reads them)."""
-        if self._resident is not None:
-            self._resident.sync_to_host(arrays)
-
-    def sync_to_device(self, arrays) -> None:
-        """Copy in resident arrays the host wrote (whole: sync_to_host first if only part was)."""
-        if self._resident is not None:
-            self._resident.sync_to_device(arrays)
 
     def available(self) -> tuple[bool, str]:
         try:
