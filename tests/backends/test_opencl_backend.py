@@ -216,6 +216,8 @@ def test_a_reused_graph_only_uploads_its_inputs(ocl, monkeypatch):
     uploads = ocl.weights.uploads
     second = ocl.compile(small_graph("second", weight))      # the same weight array: no new upload
     assert ocl.weights.uploads == uploads
+    for exe in (first, second):                # a first run sets the kernels' arguments, once
+        check(exe, exe.graph)
     copies, set_args = [], []
     real_copy = cl.enqueue_copy
     monkeypatch.setattr(cl, "enqueue_copy", lambda q, dst, src, **kw: copies.append(

@@ -250,7 +250,9 @@ class OpenCLExecutable(Executable):
         graph = program.graph
         self._inputs = graph.inputs
         self._outputs = [host_storage(TensorType(n.dtype, n.shape)) for n in graph.outputs]
-        self._in_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(n.type), 4)) for n in graph.inputs]
+        # input buffers are made on first use (_in_buf): a bound run keeps its caches in the
+        # backend's resident store, so the cache inputs of a step graph never get one
+        self._in_bufs = [None] * len(graph.inputs)
         self._out_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(n.type), 4)) for n in graph.outputs]
         self._arena = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(program.plan.peak_bytes, 4))
         self._status = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, 4) if program.status_messages else None
@@ -263,11 +265,9 @@ class OpenCLExecutable(Executable):
             else:
                 self._consts.append(backend.weights.get(data, program.layouts.get(j)))
         self.in_place_outputs = {k: self._inputs[i].name for k, i in program.in_place.items()}
-        self._kernels = []
-        for launch in program.launches:
-            kernel = cl.Kernel(built, launch.kernel)
-            kernel.set_args(*self._kernel_args(launch.args))
-            self._kernels.append(kernel)
+        # the plain run's kernels get their arguments on its first call (_plain_kernels)
+        self._kernels = [cl.Kernel(built, launch.kernel) for launch in program.launches]
+        self._plain_args = False
 
     def __repr__(self) -> str:
         return (f"<OpenCLExecutable {self.graph.name!r}: {len(self.program.kernels)} kernels, "
@@ -277,9 +277,25 @@ class OpenCLExecutable(Executable):
     def source(self) -> str:
         return self.program.source
 
+    def _in_buf(self, i: int):
+        """The device buffer of input i, made on first use."""
+        if self._in_bufs[i] is None:
+            import pyopencl as cl
+            self._in_bufs[i] = cl.Buffer(self.backend.context, cl.mem_flags.READ_WRITE,
+                                         max(_nbytes(self._inputs[i].type), 4))
+        return self._in_bufs[i]
+
+    def _plain_kernels(self) -> list:
+        """The kernels of run() and profile(), their arguments set (once)."""
+        if not self._plain_args:
+            for kernel, launch in zip(self._kernels, self.program.launches):
+                kernel.set_args(*self._kernel_args(launch.args))
+            self._plain_args = True
+        return self._kernels
+
     def _buffer(self, place: Place, part: str = ""):
         if place.region == "in":
-            return self._in_bufs[place.index]
+            return self._in_buf(place.index)
         if place.region == "out":
             return self._out_bufs[place.index]
         if place.region == "const":
@@ -321,16 +337,16 @@ class OpenCLExecutable(Executable):
         queue = self._queue
         with self._lock:
             try:
-                for buf, arr in zip(self._in_bufs, arrays):
+                for i, arr in enumerate(arrays):
                     if arr.nbytes:
-                        cl.enqueue_copy(queue, buf, arr, is_blocking=False)
+                        cl.enqueue_copy(queue, self._in_buf(i), arr, is_blocking=False)
                 if self._status is not None:
                     cl.enqueue_copy(queue, self._status, status, is_blocking=False)
-                for kernel, launch in zip(self._kernels, self.program.launches):
+                for kernel, launch in zip(self._plain_kernels(), self.program.launches):
                     cl.enqueue_nd_range_kernel(queue, kernel, launch.global_size, launch.local_size)
                 for k, out in enumerate(results):
                     if out.nbytes:
-                        source = self._in_bufs[self.program.in_place[k]] if k in self.program.in_place \
+                        source = self._in_buf(self.program.in_place[k]) if k in self.program.in_place \
                             else self._out_bufs[k]
                         cl.enqueue_copy(queue, out, source, is_blocking=False)
                 if self._status is not None:
@@ -382,12 +398,12 @@ class OpenCLExecutable(Executable):
         arrays = self._checked_inputs(inputs)
         times = [[] for _ in self._kernels]
         with self._lock:
-            for buf, arr in zip(self._in_bufs, arrays):
+            for i, arr in enumerate(arrays):
                 if arr.nbytes:
-                    cl.enqueue_copy(self._queue, buf, arr)
+                    cl.enqueue_copy(self._queue, self._in_buf(i), arr)
             for _ in range(repeats):
                 events = [cl.enqueue_nd_range_kernel(self._queue, kernel, launch.global_size, launch.local_size)
-                          for kernel, launch in zip(self._kernels, self.program.launches)]
+                          for kernel, launch in zip(self._plain_kernels(), self.program.launches)]
                 self._queue.finish()
                 for slot, event in zip(times, events):
                     slot.append((event.profile.end - event.profile.start) * 1e-9)
@@ -456,7 +472,7 @@ class OpenCLRun(BoundInputs):
         self._index = {node.name: i for i, node in enumerate(executable._inputs)}
         in_place = executable.program.in_place
         self._resident_outputs = {k for k, i in in_place.items() if i in self.resident}
-        self._downloads = [(k, executable._in_bufs[in_place[k]] if k in in_place else executable._out_bufs[k])
+        self._downloads = [(k, executable._in_buf(in_place[k]) if k in in_place else executable._out_bufs[k])
                            for k in range(len(outputs)) if k not in self._resident_outputs]
 
     def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
@@ -472,9 +488,9 @@ class OpenCLRun(BoundInputs):
         up = down = 0
         with exe._lock:
             try:
-                for i, (buf, arr) in enumerate(zip(exe._in_bufs, self.inputs)):
+                for i, arr in enumerate(self.inputs):
                     if arr.nbytes and i not in self.resident:
-                        cl.enqueue_copy(queue, buf, arr, is_blocking=False)
+                        cl.enqueue_copy(queue, exe._in_buf(i), arr, is_blocking=False)
                         up += arr.nbytes
                 if exe._status is not None:
                     cl.enqueue_copy(queue, exe._status, status, is_blocking=False)

@@ -102,18 +102,15 @@ class PlanExecutable(OpenCLExecutable):
         self._lock = threading.Lock()
         out_types = [TensorType(dtypes.dtype(o["dtype"]), tuple(o["shape"])) for o in plan["outputs"]]
         self._outputs = [host_storage(t) for t in out_types]
-        self._in_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(v.type), 4)) for v in self._inputs]
+        self._in_bufs = [None] * len(self._inputs)     # made on first use (OpenCLExecutable._in_buf)
         self._out_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(t), 4)) for t in out_types]
         self._arena = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(self.planned_peak_bytes, 4))
         self._status = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, 4) if self.program.status_messages else None
         self._consts = [self._constant(c, constants, relaid) for c in plan["constants"]]
         self.in_place_outputs = {k: self._inputs[i].name for k, i in self.program.in_place.items()}
         built = self._build(binary, name)
-        self._kernels = []
-        for launch in self.program.launches:
-            kernel = cl.Kernel(built, launch.kernel)
-            kernel.set_args(*self._kernel_args(launch.args))
-            self._kernels.append(kernel)
+        self._kernels = [cl.Kernel(built, launch.kernel) for launch in self.program.launches]
+        self._plain_args = False
 
     def _constant(self, entry: dict, constants, relaid) -> dict:
         name = entry["name"]
