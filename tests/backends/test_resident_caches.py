@@ -159,3 +159,18 @@ def test_sliding_window_ring_matches_the_cpu_backend(gpu, backend_cache, tmp_pat
     want, got = teacher_forced(cpu), teacher_forced(session)
     assert nmse(got, want) <= CPU_BOUND
     assert (np.argmax(got, axis=1) == np.argmax(want, axis=1)).all()
+
+
+def test_a_bound_step_graph_holds_no_cache_memory_of_its_own(model, gpu):
+    """The caches live once, in the backend's resident store: a bound step graph made no
+    device buffer of its own for them (a plain run would make one on first use)."""
+    session = Session(model, gpu, OPTIONS)
+    session.eval(PROMPT)
+    session.eval([7])
+    exe = session._plan(1, 16, 1).executable
+    caches = [i for i, node in enumerate(exe._inputs) if "_cache." in node.name]
+    assert caches
+    if gpu.name == "opencl":
+        assert all(exe._in_bufs[i] is None for i in caches)
+    else:
+        assert all(("in", i) not in exe._regions for i in caches)

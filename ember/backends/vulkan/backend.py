@@ -263,19 +263,23 @@ class VulkanExecutable(Executable):
         g = program.graph
         self._regions: dict[tuple[str, int], tuple] = {}   # (region, index) -> (buffer, base)
 
-        def pack(region, count):
+        def pack(region, indices):
             offsets, total = [], 0
-            for i in range(count):
+            for i in indices:
                 offsets.append(total)
                 total += _round_up(max(program.region_bytes(region, i), 16), REGION_ALIGNMENT)
             buffer = self._own(device.buffer(total))
-            for i, off in enumerate(offsets):
+            for i, off in zip(indices, offsets):
                 self._regions[(region, i)] = (buffer, off)
             return buffer
 
-        pack("in", len(g.inputs))
-        pack("out", len(g.outputs))
-        pack("aux", len(program.aux))
+        # The inputs a step updates in place (the KV caches) get their regions on first use
+        # (_ensure_cache_regions): a bound run keeps them in the backend's resident store, so
+        # its step graph holds no device copy of its own.
+        self._lazy_inputs = sorted(set(program.in_place.values()))
+        pack("in", [i for i in range(len(g.inputs)) if i not in self._lazy_inputs])
+        pack("out", range(len(g.outputs)))
+        pack("aux", range(len(program.aux)))
         for j, a in enumerate(program.aux):
             buffer, off = self._regions[("aux", j)]
             buffer.array[off:off + a.nbytes] = a.view(np.uint8).reshape(-1)
@@ -290,19 +294,39 @@ class VulkanExecutable(Executable):
             self._resources.append(_Release(store, digest))
             self._regions[("const", j)] = (buffer, 0)
         # host views of the inputs and outputs
-        self._input_views = []
-        for i, node in enumerate(g.inputs):
-            shape, dtype = host_storage(node.type)
-            buffer, off = self._regions[("in", i)]
-            self._input_views.append(buffer.view(off, shape, dtype))
-        self._output_specs = []
-        self._output_views = []
-        for k, node in enumerate(g.outputs):
-            shape, dtype = host_storage(node.type)
+        self._input_views = [None] * len(g.inputs)
+        self._output_specs = [host_storage(node.type) for node in g.outputs]
+        self._output_views = [None] * len(g.outputs)
+        self._make_views()
+
+    def _make_views(self):
+        """Host views of the inputs and outputs whose regions exist (all but lazy ones)."""
+        program = self.program
+        for i, node in enumerate(program.graph.inputs):
+            if self._input_views[i] is None and ("in", i) in self._regions:
+                buffer, off = self._regions[("in", i)]
+                self._input_views[i] = buffer.view(off, *host_storage(node.type))
+        for k, (shape, dtype) in enumerate(self._output_specs):
             src = program.output_sources[k]
-            buffer, off = self._regions[(src.region, src.index)]
-            self._output_specs.append((shape, dtype))
-            self._output_views.append(buffer.view(off + src.offset, shape, dtype))
+            if self._output_views[k] is None and (src.region, src.index) in self._regions:
+                buffer, off = self._regions[(src.region, src.index)]
+                self._output_views[k] = buffer.view(off + src.offset, shape, dtype)
+
+    def _ensure_cache_regions(self):
+        """Give the in-place inputs their own regions (a plain run, or a bound run whose
+        cache could not be made resident, copies them in and out)."""
+        for i in self._lazy_inputs:
+            if ("in", i) not in self._regions:
+                nbytes = _round_up(max(self.program.region_bytes("in", i), 16), REGION_ALIGNMENT)
+                self._regions[("in", i)] = (self._own(self.device.buffer(nbytes)), 0)
+        self._make_views()
+
+    def _plain_command_buffer(self):
+        """The command buffer of run(): recorded once, on first use when it needs lazy regions."""
+        if self._command_buffer is None:
+            self._ensure_cache_regions()
+            self._sets, self._command_buffer = self._encode(self._regions, self._resources)
+        return self._command_buffer
 
     def _own(self, resource):
         self._resources.append(resource)
@@ -311,7 +335,9 @@ class VulkanExecutable(Executable):
     def _record(self, pipelines):
         vk = self.device.vk
         self._pipelines = pipelines   # kept alive with the command buffers that use them
-        self._sets, self._command_buffer = self._encode(self._regions, self._resources)
+        self._sets = self._command_buffer = None
+        if not self._lazy_inputs:
+            self._plain_command_buffer()
         fence_info = vk.VkFenceCreateInfo()
         self._fence = vk.vkCreateFence(self.device.handle, fence_info, None)
         self._resources.append(_Destroy(vk.vkDestroyFence, self.device.handle, self._fence))
@@ -400,10 +426,11 @@ class VulkanExecutable(Executable):
         arrays = self._checked_inputs(inputs)
         given = outputs or {}
         with self._lock:
+            command_buffer = self._plain_command_buffer()
             for view, value in zip(self._input_views, arrays):
                 view[...] = value
             self._status_word[0] = 0
-            self.device.submit_and_wait(self._command_buffer, self._fence)
+            self.device.submit_and_wait(command_buffer, self._fence)
             self._check_status()
             results = []
             for k, ((shape, dtype), view) in enumerate(zip(self._output_specs, self._output_views)):
@@ -462,6 +489,7 @@ class VulkanExecutable(Executable):
         run (a submit per dispatch); for benchmarks."""
         arrays = self._checked_inputs(inputs)
         with self._lock:
+            self._plain_command_buffer()     # the descriptor sets _record_one binds
             for view, value in zip(self._input_views, arrays):
                 view[...] = value
             self._status_word[0] = 0
@@ -546,6 +574,8 @@ class VulkanRun(BoundInputs):
         self.executable = executable
         self.inputs, self.outputs = inputs, outputs    # referenced: resident roots stay alive
         self.resident = {i: entry for i, (entry, _) in resident.items()}
+        if any(i not in self.resident for i in executable._lazy_inputs):
+            executable._ensure_cache_regions()
         regions = dict(executable._regions)
         for i, (entry, offset) in resident.items():
             regions[("in", i)] = (entry.buffer, offset)
