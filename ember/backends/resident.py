@@ -145,7 +145,16 @@ def root_bytes(root: np.ndarray) -> np.ndarray:
 
 class BoundInputs:
     """Input replacement by name between runs, shared by the GPU backends' bound runs (which
-    set executable, inputs, resident {input index: Resident} and _index {name: index})."""
+    set executable, inputs, outputs, resident {input index: Resident} and _index {name: index})."""
+
+    def _begin(self, fresh, inputs, output_specs) -> None:
+        """A call's set-up: replaced inputs checked, `fresh` outputs in new arrays of
+        output_specs[k] = (shape, dtype)."""
+        for name, value in (inputs or {}).items():
+            self._replace(name, value)
+        for k in fresh:
+            shape, dtype = output_specs[k]
+            self.outputs[k] = np.empty(shape, dtype)
 
     def _replace(self, name: str, value: np.ndarray) -> None:
         exe = self.executable

@@ -30,6 +30,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from ember.codegen.values import describe_node, place_values
 from ember.errors import EmberError
 from ember.ir import dtypes
 from ember.ir.graph import Graph
@@ -37,7 +38,7 @@ from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
 from ember.ir.ops import OPS
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
-from ember.ir.printer import format_value, value_names
+from ember.ir.printer import value_names
 from ember.ir.types import TensorType, contiguous_strides
 from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
 
@@ -441,30 +442,12 @@ class _Renderer:
         self.n_counters = 0                  # work counters (ember_next) handed out so far
 
     def describe(self, node: Node) -> str:
-        args = ", ".join(f"%{self.names[i]}" for i in node.inputs)
-        attrs = "".join(f", {k}={format_value(v)}" for k, v in node.attrs)
-        return f"%{self.names[node]} = {node.op}({args}{attrs}) : {node.type}"
+        return describe_node(self.names, node)
 
     # ---- places --------------------------------------------------------------------------
     def assign_places(self):
-        first_output: dict[Node, int] = {}
-        for k, out in enumerate(self.graph.outputs):
-            first_output.setdefault(out, k)
-        for i, node in enumerate(self.graph.inputs):
-            self.places[node] = Place("in", i)
-        for node in self.graph.nodes:
-            if node in self.places:
-                continue
-            if node.op == "const":
-                self.places[node] = Place("const", len(self.constants))
-                self.constants.append(node)
-            elif is_view(node):
-                offset = node.attr("offset", 0) if node.op == "view" else 0
-                self.places[node] = self.places[node.inputs[0]].shifted(offset)
-            elif node in first_output:
-                self.places[node] = Place("out", first_output[node])
-            else:
-                self.places[node] = Place("arena", 0, self.plan.offsets[node])
+        self.places, self.constants = place_values(self.graph, self.plan.offsets, Place,
+                                                   lambda node, k: Place("out", k))
 
     # ---- steps ---------------------------------------------------------------------------
     def add_kernel(self, node: Node, template: str, args: list[str], reads, writes, **params):

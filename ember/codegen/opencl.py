@@ -46,6 +46,7 @@ import jinja2
 import numpy as np
 
 from ember.codegen.cpu import broadcast_strides, c_float, coalesce, offset_expr, row_loop, span_bytes
+from ember.codegen.values import describe_node, place_values
 from ember.errors import EmberError
 from ember.ir import dtypes
 from ember.ir.graph import Graph
@@ -53,7 +54,7 @@ from ember.ir.layouts import get_layout
 from ember.ir.node import Node
 from ember.ir.ops import OPS
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
-from ember.ir.printer import format_value, value_names
+from ember.ir.printer import value_names
 from ember.ir.types import TensorType
 from ember.passes.layout import LayoutAdreno, adreno_kernel_reads
 from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
@@ -519,32 +520,14 @@ class _Renderer:
         self.reduce = "subgroup" if profile.subgroups else "local"
 
     def describe(self, node: Node) -> str:
-        args = ", ".join(f"%{self.names[i]}" for i in node.inputs)
-        attrs = "".join(f", {k}={format_value(v)}" for k, v in node.attrs)
-        return f"%{self.names[node]} = {node.op}({args}{attrs}) : {node.type}"
+        return describe_node(self.names, node)
 
     # ---- places --------------------------------------------------------------------------
     def assign_places(self):
-        first_output: dict[Node, int] = {}
-        for k, out in enumerate(self.graph.outputs):
-            first_output.setdefault(out, k)
-        for i, node in enumerate(self.graph.inputs):
-            self.places[node] = Place("in", i)
-        for node in self.graph.nodes:
-            if node in self.places:
-                continue
-            if node.op == "const":
-                self.places[node] = Place("const", len(self.constants))
-                self.constants.append(node)
-            elif is_view(node):
-                offset = node.attr("offset", 0) if node.op == "view" else 0
-                self.places[node] = self.places[node.inputs[0]].shifted(offset)
-            elif node in first_output:
-                k = first_output[node]
-                shared = self.in_place_input(node, k)
-                self.places[node] = Place("in", shared) if shared is not None else Place("out", k)
-            else:
-                self.places[node] = Place("arena", 0, self.plan.offsets[node])
+        def output_place(node: Node, k: int) -> Place:
+            shared = self.in_place_input(node, k)
+            return Place("in", shared) if shared is not None else Place("out", k)
+        self.places, self.constants = place_values(self.graph, self.plan.offsets, Place, output_place)
 
     def in_place_input(self, node: Node, k: int) -> int | None:
         """The input whose buffer a set_rows output may be (a cache updated where it lies): its

@@ -33,13 +33,14 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from ember.codegen.values import describe_node, place_values
 from ember.errors import EmberError
 from ember.ir.graph import Graph
 from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
 from ember.ir.ops import OPS
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
-from ember.ir.printer import format_value, value_names
+from ember.ir.printer import value_names
 from ember.ir.types import TensorType
 from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
 
@@ -396,40 +397,21 @@ class _Renderer:
         self.output_sources: list[Place] = [Place("out", k) for k in range(len(graph.outputs))]
 
     def describe(self, node: Node) -> str:
-        args = ", ".join(f"%{self.names[i]}" for i in node.inputs)
-        attrs = "".join(f", {k}={format_value(v)}" for k, v in node.attrs)
-        return f"%{self.names[node]} = {node.op}({args}{attrs}) : {node.type}"
+        return describe_node(self.names, node)
 
     # ---- places ------------------------------------------------------------------------------
     def assign_places(self):
-        first_output: dict[Node, int] = {}
-        for k, out in enumerate(self.graph.outputs):
-            first_output.setdefault(out, k)
-        for i, node in enumerate(self.graph.inputs):
-            self.places[node] = Place("in", i)
-        for node in self.graph.nodes:
-            if node in self.places:
-                continue
-            if node.op == "const":
-                self.places[node] = Place("const", len(self.constants))
-                self.constants.append(node)
-            elif is_view(node):
-                offset = node.attr("offset", 0) if node.op == "view" else 0
-                self.places[node] = self.places[node.inputs[0]].shifted(offset)
-            elif node in first_output:
-                k = first_output[node]
-                dst = node.inputs[0] if node.op == "set_rows" else None
-                if dst is not None and dst.op == "input" and self.graph.users[dst] == (node,) \
-                        and dst.type == node.type:
-                    # The cache is updated where it lies: in its input's region.
-                    i = self.graph.inputs.index(dst)
-                    self.places[node] = Place("in", i)
-                    self.output_sources[k] = Place("in", i)
-                    self.in_place[k] = i
-                else:
-                    self.places[node] = Place("out", k)
-            else:
-                self.places[node] = Place("arena", 0, self.plan.offsets[node])
+        def output_place(node: Node, k: int) -> Place:
+            dst = node.inputs[0] if node.op == "set_rows" else None
+            if dst is not None and dst.op == "input" and self.graph.users[dst] == (node,) \
+                    and dst.type == node.type:
+                # The cache is updated where it lies: in its input's region.
+                i = self.graph.inputs.index(dst)
+                self.output_sources[k] = Place("in", i)
+                self.in_place[k] = i
+                return Place("in", i)
+            return Place("out", k)
+        self.places, self.constants = place_values(self.graph, self.plan.offsets, Place, output_place)
 
     # ---- dispatches --------------------------------------------------------------------------
     def bind(self, place: Place, span: int, unit: int, what: str, kind: str = "storage") -> tuple[Binding, int]:

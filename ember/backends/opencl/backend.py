@@ -478,11 +478,7 @@ class OpenCLRun(BoundInputs):
     def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
         import pyopencl as cl
         exe = self.executable
-        for name, value in (inputs or {}).items():
-            self._replace(name, value)
-        for k in fresh:
-            shape, dtype = exe._outputs[k]
-            self.outputs[k] = np.empty(shape, dtype)
+        self._begin(fresh, inputs, exe._outputs)
         status = np.zeros(1, np.int32)
         queue = exe._queue
         up = down = 0

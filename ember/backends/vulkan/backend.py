@@ -589,11 +589,7 @@ class VulkanRun(BoundInputs):
 
     def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
         exe = self.executable
-        for name, value in (inputs or {}).items():
-            self._replace(name, value)
-        for k in fresh:
-            shape, dtype = exe._output_specs[k]
-            self.outputs[k] = np.empty(shape, dtype)
+        self._begin(fresh, inputs, exe._output_specs)
         up = down = 0
         with exe._lock:
             for i in self._copies_in:

@@ -160,7 +160,7 @@ def validate_spirv(blob: bytes, spirv_val: str | None = None) -> tuple[bool, str
     with tempfile.NamedTemporaryFile(suffix=".spv") as f:
         f.write(blob)
         f.flush()
-        proc = subprocess.run([tool, f"--target-env", TARGET_ENV, f.name], capture_output=True, text=True)
+        proc = subprocess.run([tool, "--target-env", TARGET_ENV, f.name], capture_output=True, text=True)
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 
 
