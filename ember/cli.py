@@ -207,8 +207,10 @@ def add_generation_arguments(p) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
     p.add_argument("--spec", metavar="SOURCE",
-                   help="speculative decoding (greedy only, output identical to plain decoding): "
-                        "'ngram' (prompt lookup) or 'draft:DRAFT_MODEL' (a smaller GGUF with the same vocabulary)")
+                   help="speculative decoding: 'ngram' (prompt lookup) or 'draft:DRAFT_MODEL' (a smaller "
+                        "GGUF with the same vocabulary); at --temp 0 the output is identical to plain "
+                        "decoding, above it drafts are accepted by speculative sampling, which keeps the "
+                        "sampling distribution")
     p.add_argument("--draft-max", type=int, default=8, help="draft tokens per verify pass (default 8)")
 
 
@@ -263,7 +265,7 @@ def generate_and_report(args, tokenizer, session) -> int:
         sys.stdout.flush()
 
     if args.spec:
-        result = _speculative(args, session, tokenizer, show)
+        result = _speculative(args, session, tokenizer, show, sampler)
     else:
         result = generate(session, tokenizer, args.prompt, args.n_predict, sampler, stops=args.stop,
                           ignore_eos=args.ignore_eos, on_text=show)
@@ -395,13 +397,10 @@ def cmd_run(args) -> int:
     return generate_and_report(args, tokenizer, session)
 
 
-def _speculative(args, session, tokenizer, show):
+def _speculative(args, session, tokenizer, show, sampler):
     from ember.models import load_model
     from ember.runtime.session import Session
     from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
-    if args.temp > 0:
-        raise EmberError("--spec needs greedy decoding (--temp 0): speculation is verified against "
-                         "the target's greedy choice")
     if args.spec == "ngram":
         draft = NgramDraft()
     elif args.spec.startswith("draft:"):
@@ -414,7 +413,7 @@ def _speculative(args, session, tokenizer, show):
         raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")
     result, stats = speculative_generate(session, draft, tokenizer, args.prompt, args.n_predict,
                                          draft_max=args.draft_max, stops=args.stop,
-                                         ignore_eos=args.ignore_eos, on_text=show)
+                                         ignore_eos=args.ignore_eos, on_text=show, sampler=sampler)
     print(f"ember: {stats.summary()}", file=sys.stderr)
     return result
 

@@ -10,6 +10,12 @@ kernels are batch invariant: a verify row is computed exactly as a single-token 
 
 Draft sources: n-grams of the context (prompt lookup) and a smaller draft model with the same
 vocabulary.
+
+At temperature > 0 (a Sampler that is not greedy) drafts are accepted by speculative sampling:
+both draft sources propose one token for sure (a point mass q), so draft d is accepted with
+probability p(d) under the target's sampling distribution p (the sampler's whole chain), and on
+rejection the token is drawn from p with d removed, renormalized (max(0, p - q) normalized).
+Every emitted token is then distributed exactly as the sampler draws it without speculation.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import numpy as np
 from ember.errors import EmberError
 from ember.runtime.generate import Generation, TextStream
 from ember.runtime.memory import SequenceMemory
+from ember.runtime.sampling import Sampler, apply_repeat_penalty, candidate_probs
 from ember.runtime.session import Session
 
 
@@ -165,10 +172,13 @@ class SpecStats:
 def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt: str, n_predict: int,
                          draft_max: int = 8, stops: Sequence[str] = (), ignore_eos: bool = False,
                          on_text: Callable[[str], None] | None = None,
-                         parse_special: bool = True) -> tuple[Generation, SpecStats]:
-    """Greedy generation with speculation; token-identical to greedy `generate`."""
+                         parse_special: bool = True,
+                         sampler: Sampler | None = None) -> tuple[Generation, SpecStats]:
+    """Generation with speculation. Greedy (sampler None or greedy): token-identical to
+    greedy `generate`. Otherwise speculative sampling (module doc): the target's distribution."""
     if draft_max < 1:
         raise EmberError("--draft-max must be at least 1")
+    sampling = sampler is not None and not sampler.params.greedy
     result, stats = Generation(), SpecStats()
     # a prompt may be given as token ids (tests, benchmarks) or as text
     prompt_ids = list(prompt) if not isinstance(prompt, str) else \
@@ -179,7 +189,7 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
     context = list(prompt_ids)
     logits = target.eval(prompt_ids)[-1]
     result.prompt_seconds = target.last_eval_seconds
-    next_token = int(np.argmax(logits))
+    next_token = sampler.sample(logits, context) if sampling else int(np.argmax(logits))
     result.stop_reason = "length"
     sessions = [target] + ([draft.session] if isinstance(draft, ModelDraft) else [])
     memory = SequenceMemory(target)
@@ -215,10 +225,14 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
             stats.checkpoint_seconds += time.perf_counter() - t
         batch = [next_token] + drafts
         rows = target.eval(batch, all_logits=True)
-        choices = [int(np.argmax(r)) for r in rows]
-        n_ok = 0
-        while n_ok < len(drafts) and drafts[n_ok] == choices[n_ok]:
-            n_ok += 1
+        if sampling:
+            n_ok, chosen = _sample_verify(sampler, rows, drafts, context)
+        else:
+            choices = [int(np.argmax(r)) for r in rows]
+            n_ok = 0
+            while n_ok < len(drafts) and drafts[n_ok] == choices[n_ok]:
+                n_ok += 1
+            chosen = choices[n_ok]
         if checkpoint is not None and n_ok < len(drafts):
             # Recurrent state cannot drop a tail: back to the checkpoint, then re-decode the
             # accepted tokens (one extra target pass, as llama.cpp does).
@@ -245,7 +259,7 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
         stats.round_seconds += time.perf_counter() - round_start
         if stop:
             break
-        next_token = choices[n_ok]
+        next_token = chosen
         if target.n_past >= target.n_ctx:
             result.stop_reason = "context"
             break
@@ -256,3 +270,33 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
         on_text(tail)
     result.text = stream.text[:stream.shown]
     return result, stats
+
+
+def _sample_verify(sampler: Sampler, rows: np.ndarray, drafts: list[int], context: list[int]) -> tuple[int, int]:
+    """Speculative sampling over a verify batch: (drafts accepted, the token after them). Row i
+    holds the target's logits after context + drafts[:i]; draft d is kept with probability p(d),
+    else the token comes from p without d; after all drafts, from the last row's p."""
+    params = sampler.params
+    history = list(context)
+    for i, d in enumerate(drafts):
+        ids, probs = _distribution(rows[i], history, params)
+        at = np.flatnonzero(ids == d)
+        p_d = float(probs[at[0]]) if at.size else 0.0
+        if sampler.rng.random() < p_d:
+            history.append(d)
+            continue
+        if at.size:                     # the residual: p with the rejected draft taken out
+            probs = probs.copy()
+            probs[at[0]] = 0.0
+            probs /= probs.sum()
+        return i, int(ids[sampler.rng.choice(len(ids), p=probs)])
+    ids, probs = _distribution(rows[len(drafts)], history, params)
+    return len(drafts), int(ids[sampler.rng.choice(len(ids), p=probs)])
+
+
+def _distribution(logits: np.ndarray, history: list[int], params) -> tuple[np.ndarray, np.ndarray]:
+    """The sampler's distribution for these logits (ember.runtime.sampling's chain)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if params.repeat_penalty != 1.0 and history:
+        logits = apply_repeat_penalty(logits, history[-params.repeat_last_n:], params.repeat_penalty)
+    return candidate_probs(logits, params)

@@ -149,3 +149,42 @@ def test_ngram_drafter_backs_off_longer_after_each_low_streak():
     assert pauses == [8, 16, 32]
     draft.accepted(context, 4, 4)                # a good round resets the pause
     assert draft.pause == 8
+
+
+# ---- speculative sampling (temperature > 0) ----------------------------------------------------
+def test_speculative_sampling_keeps_the_target_distribution():
+    """With drafts d0, d1 against target rows p0, p1, p2 (what the target would sample after
+    each prefix), the first emitted token is distributed as p0, and after an accepted d0 the
+    next one as p1: exactly sampling without speculation. 40000 rounds, a total variation
+    bound several standard errors wide."""
+    from ember.runtime.sampling import SamplingParams, candidate_probs
+    from ember.runtime.speculative import _sample_verify
+    params = SamplingParams(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=11)
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((3, 6)).astype(np.float32) * 1.5
+    drafts = [int(np.argsort(rows[0])[-2]), 4]           # d0: the second most likely token
+    p = [candidate_probs(r, params) for r in rows]
+    p = [probs[np.argsort(ids)] for ids, probs in p]     # by token id
+    sampler = Sampler(params)
+    first, second = np.zeros(6), np.zeros(6)
+    n = 40000
+    for _ in range(n):
+        n_ok, token = _sample_verify(sampler, rows, drafts, context=[1, 2])
+        emitted = drafts[:n_ok] + [token]
+        first[emitted[0]] += 1
+        if emitted[0] == drafts[0]:
+            second[emitted[1]] += 1
+    assert 0.5 * np.abs(first / n - p[0]).sum() < 0.015
+    assert 0.5 * np.abs(second / second.sum() - p[1]).sum() < 0.03
+    assert second.sum() > 0.1 * n                      # d0 was accepted often enough to test p1
+
+
+def test_speculative_sampling_runs_on_a_model_and_is_seeded(setup):
+    _, target, draft, tokenizer = setup
+    prompt = repetitive_prompt(2)
+    params = SamplingParams(temperature=0.5, seed=5)
+    runs = [speculative_generate(target, ModelDraft(draft), tokenizer, prompt, N_PREDICT, draft_max=4,
+                                 ignore_eos=True, sampler=Sampler(params)) for _ in range(2)]
+    (a, stats), (b, _) = runs
+    assert a.tokens == b.tokens and len(a.tokens) == N_PREDICT     # same seed, same text
+    assert stats.drafted > 0 and stats.accepted > 0
