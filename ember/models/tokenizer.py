@@ -1,6 +1,6 @@
 """Tokenizers built from GGUF metadata, giving the same token ids as llama.cpp.
 
-`Tokenizer.from_gguf(path)` reads only the file's metadata; `Tokenizer.from_metadata(meta)` takes
+`Tokenizer.from_gguf(path)` reads only the file's header (ember.models.gguf_file, no tensor data); `Tokenizer.from_metadata(meta)` takes
 the `tokenizer.ggml.*` keys as a mapping. Two algorithms are supported, chosen by
 `tokenizer.ggml.model`: "llama" (SentencePiece-style score merging: llama-2, gemma, gemma3;
 `ember.models.tokenizers.spm`) and "gpt2" (byte-level BPE with a pre-tokenizer regex: qwen2,
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.models.tokenizers.bpe import BPEModel, pre_tokenizer, unicode_to_byte
-from ember.models.tokenizers.gguf_metadata import read_gguf_metadata
+from ember.models.gguf_file import open_gguf
 from ember.models.tokenizers.spm import spm_tokenize
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
@@ -115,7 +115,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> "Tokenizer":
-        return cls(read_gguf_metadata(path))
+        return cls(open_gguf(path).metadata)
 
     # -- metadata -----------------------------------------------------------------------------
 

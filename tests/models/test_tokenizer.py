@@ -17,7 +17,7 @@ import regex
 from ember.errors import EmberError
 from ember.models.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
 from ember.models.tokenizers.bpe import LLAMA3_PATTERN, QWEN2_PATTERN, byte_to_unicode, split_words
-from ember.models.tokenizers.gguf_metadata import read_gguf_metadata
+from ember.models.gguf_file import open_gguf
 
 TEXTS = [
     "Hello world",
@@ -443,18 +443,18 @@ def write_vocab_gguf(path: Path, meta: dict[str, object], arch: str) -> Path:
 def test_from_gguf_reads_metadata_only(tmp_path):
     meta = bpe_metadata()
     path = write_vocab_gguf(tmp_path / "vocab.gguf", meta, "qwen2")
-    read = read_gguf_metadata(path)
+    read = open_gguf(path).metadata
     assert read["tokenizer.ggml.tokens"] == meta["tokenizer.ggml.tokens"]
     assert read["general.architecture"] == "qwen2"
     a, b = Tokenizer.from_gguf(path), Tokenizer.from_metadata(meta)
     assert all(a.encode(t) == b.encode(t) for t in TEXTS)
 
 
-def test_read_gguf_metadata_refuses_other_files(tmp_path):
+def test_from_gguf_refuses_other_files(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"not a gguf file at all, but long enough")
-    with pytest.raises(EmberError, match="not a GGUF"):
-        read_gguf_metadata(bad)
+    with pytest.raises(EmberError, match="x.gguf: not a GGUF"):
+        Tokenizer.from_gguf(bad)
 
 
 # -- the default model: gemma3 270m (SPM, 262144 tokens) -------------------------------------------
