@@ -16,6 +16,7 @@ Imports NumPy and the IR's storage rule; the backends supply the device buffers 
 """
 from __future__ import annotations
 
+import abc
 import threading
 import weakref
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class Resident:
         self.device_newer = False
 
 
-class ResidentStore:
+class ResidentStore(abc.ABC):
     """Device copies of host arrays, keyed by the root's data address (see the module doc).
     Subclasses give _allocate (a device buffer with the root's bytes), _download and _free."""
 
@@ -68,14 +69,17 @@ class ResidentStore:
         return len(self._entries)
 
     # ---- for subclasses --------------------------------------------------------------------------
+    @abc.abstractmethod
     def _allocate(self, root: np.ndarray):
-        raise NotImplementedError
+        """A device buffer holding root's bytes."""
 
+    @abc.abstractmethod
     def _upload(self, entry: Resident, root: np.ndarray):
-        raise NotImplementedError
+        """Copy root's bytes into entry's buffer."""
 
+    @abc.abstractmethod
     def _download(self, entry: Resident, root: np.ndarray):
-        raise NotImplementedError
+        """Copy entry's buffer into root."""
 
     def _free(self, entry: Resident):
         pass
@@ -187,3 +191,15 @@ class ResidentSync:
         """Send resident arrays the host wrote (whole: sync_to_host first if only part was)."""
         if self._resident is not None:
             self._resident.sync_to_device(arrays)
+
+
+def bound_in_place_inputs(executable, arrays: list[np.ndarray], given) -> list[int]:
+    """The inputs a bound run may keep resident: those whose in-place output (the cache a step
+    updates with set_rows) was given as the very array of the input."""
+    index = {node.name: i for i, node in enumerate(executable._inputs)}
+    found = []
+    for k, name in executable.in_place_outputs.items():
+        i, out = index[name], given.get(k)
+        if out is not None and out.__array_interface__["data"][0] == arrays[i].__array_interface__["data"][0]:
+            found.append(i)
+    return found

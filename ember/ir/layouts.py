@@ -16,6 +16,7 @@ Imports NumPy and ember.ir.dtypes only (ember.ir.types imports this module).
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ ROW = "row"
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(abc.ABC):
     """A named storage layout. Subclasses define the packing; this base is the contract."""
     name: str
     dtypes: tuple[str, ...]      # dtype names the layout applies to
@@ -38,16 +39,17 @@ class Layout:
             return f"layout {self.name} applies to {', '.join(self.dtypes)}, not {dt.name}"
         return None
 
+    @abc.abstractmethod
     def nbytes(self, dt: DType, shape: tuple[int, ...]) -> int:
-        raise NotImplementedError
+        """Bytes of a tensor of this dtype and shape in the layout."""
 
+    @abc.abstractmethod
     def pack(self, row: np.ndarray, dt: DType, shape: tuple[int, ...]) -> np.ndarray:
         """Row-layout storage -> this layout's storage (flat uint8)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def unpack(self, data: np.ndarray, dt: DType, shape: tuple[int, ...]) -> np.ndarray:
         """This layout's storage -> row-layout storage (as the row type stores it)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)

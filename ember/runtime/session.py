@@ -174,9 +174,10 @@ class Session:
         self.n_ctx = min(options.n_ctx, hp.n_ctx_train) if hp.n_ctx_train else options.n_ctx
         # KV caches of the attention layers (every layer of a transformer), in layer order
         self.attention_layers = model.attention_layers
-        # sliding-window layers keep a ring of swa_rows rows; swa_pos: the position each holds
+        # sliding-window layers keep a ring of swa_rows rows; swa_pos: the position each ring row
+        # holds (-1: none; empty for a model without sliding-window layers)
         self.swa_rows = swa_cache_rows(hp, self.n_ctx, options)
-        self.swa_pos = np.full(self.swa_rows, -1, np.int64)
+        self.swa_pos = np.full(self.swa_rows if hp.uses_swa else 0, -1, np.int64)
         rows = [self.swa_rows if hp.is_swa(il) else self.n_ctx for il in self.attention_layers]
         self.k_cache = [np.zeros(model.cache_shape(n, "k"), np.float16) for n in rows]
         self.v_cache = [np.zeros(model.cache_shape(n, "v"), np.float16) for n in rows]

@@ -55,8 +55,9 @@ class NgramDraft:
     name: str = "ngram"
     low_rounds: int = 0
     paused: int = 0
-    pause: int = 8
+    first_pause: int = 8
     max_pause: int = 256
+    pause: int = 8                   # the next pause's length (rounds)
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         if self.paused:
@@ -79,7 +80,7 @@ class NgramDraft:
                 self.paused, self.low_rounds = self.pause, 0
                 self.pause = min(2 * self.pause, self.max_pause)
         elif n_drafted:
-            self.low_rounds, self.pause = 0, type(self).pause
+            self.low_rounds, self.pause = 0, self.first_pause
 
 
 class ModelDraft:
@@ -91,7 +92,6 @@ class ModelDraft:
     def __init__(self, session: Session):
         self.session = session
         self.synced: list[int] = []      # tokens the draft's cache holds, in order
-        self.next_logits = None
         # A recurrent draft (Mamba-2 layers) cannot truncate its tail: keep its state after
         # each position it evaluates this round, by reference (a step never writes into the
         # state arrays it was given), to rewind to where the accepted sequence leaves it.

@@ -23,7 +23,8 @@ import numpy as np
 from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.opencl.compiler import ProgramCache
 from ember.backends.opencl.device import choose_profile, select_device
-from ember.backends.resident import BoundInputs, ResidentStore, ResidentSync, TransferStats, root_bytes
+from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
+                                     bound_in_place_inputs, root_bytes)
 from ember.codegen.opencl import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
                                   WeightLayout, relayout_weight, render_graph, supports_node)
 from ember.errors import BackendUnavailable, EmberError
@@ -376,12 +377,7 @@ class OpenCLExecutable(Executable):
         given = outputs or {}
         results = self._output_arrays(given, arrays)
         resident = {}
-        index = {node.name: i for i, node in enumerate(self._inputs)}
-        for k, name in self.in_place_outputs.items():
-            i = index[name]
-            out = given.get(k)
-            if out is None or out.__array_interface__["data"][0] != arrays[i].__array_interface__["data"][0]:
-                continue
+        for i in bound_in_place_inputs(self, arrays, given):
             found = self.backend.resident.acquire(arrays[i])
             if found is not None and found[1] + arrays[i].nbytes < 2 ** 32:   # uint byte offsets
                 resident[i] = found

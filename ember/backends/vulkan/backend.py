@@ -28,7 +28,8 @@ import numpy as np
 
 from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.cpu.compiler import default_cache_dir
-from ember.backends.resident import BoundInputs, ResidentStore, ResidentSync, TransferStats, root_bytes
+from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
+                                     bound_in_place_inputs, root_bytes)
 from ember.backends.vulkan.compiler import SpirvCache, program_spirv
 from ember.codegen.vulkan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram, render_graph, supports_node
 from ember.errors import BackendUnavailable, EmberError
@@ -469,12 +470,7 @@ class VulkanExecutable(Executable):
                 self._check_output(k, out, shape, dtype, arrays)
             results.append(out)
         resident = {}
-        index = {node.name: i for i, node in enumerate(self._inputs)}
-        for k, name in self.in_place_outputs.items():
-            i = index[name]
-            out = given.get(k)
-            if out is None or out.__array_interface__["data"][0] != arrays[i].__array_interface__["data"][0]:
-                continue
+        for i in bound_in_place_inputs(self, arrays, given):
             # a binding's offset into the view stays aligned as it is in the packed input buffer
             found = self.backend.resident.acquire(arrays[i], alignment=REGION_ALIGNMENT)
             if found is not None:
