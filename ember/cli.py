@@ -291,7 +291,7 @@ def cmd_logits(args) -> int:
 
     import numpy as np
 
-    from ember.runtime.files import atomic_write_bytes
+    from ember.files import atomic_write_bytes
     model, tokenizer, session = open_model(args)
     ids = tokenizer.encode(args.prompt, add_special=True, parse_special=True)
     if not ids:

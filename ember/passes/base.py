@@ -153,7 +153,7 @@ class DumpIR(Instrument):
 
     def _write(self, label: str, graph: Graph):
         from ember.ir.printer import print_ir
-        from ember.runtime.files import atomic_write_text
+        from ember.files import atomic_write_text
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.folder / f"{self.count:02d}-{label}.ir", print_ir(graph))
         self.count += 1

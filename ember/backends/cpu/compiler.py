@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ember.errors import BackendUnavailable, CompileError
+from ember.files import default_cache_dir
 
 FORMAT_VERSION = 1
 # -ffp-contract=off: a multiply-add is fused only where the code says so (fmaf, _mm256_fmadd_ps),
@@ -27,11 +28,6 @@ ISA_FLAGS = {
     "native": ("-march=native",),
     "scalar": ("-march=x86-64", "-mno-sse3", "-Wno-psabi") if os.uname().machine == "x86_64" else (),
 }
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ember"
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ember.backends.cpu.compiler import default_cache_dir
+from ember.files import default_cache_dir
 from ember.codegen.opencl import OpenCLProgram
 from ember.errors import CompileError
 

@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 
 from ember.backends.base import Backend, Executable, host_storage
-from ember.backends.cpu.compiler import default_cache_dir
+from ember.files import default_cache_dir
 from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
                                      bound_in_place_inputs, root_bytes)
 from ember.backends.vulkan.compiler import SpirvCache, program_spirv

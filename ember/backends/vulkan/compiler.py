@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ember.backends.cpu.compiler import default_cache_dir
+from ember.files import default_cache_dir
 from ember.codegen.vulkan import DeviceCaps, Shader, VulkanProgram, render_graph
 from ember.errors import BackendUnavailable, CompileError, EmberError
 from ember.ir.graph import Graph

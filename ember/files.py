@@ -1,9 +1,18 @@
-"""Writing files so that a failure never leaves a half-written one behind."""
+"""The ground floor's file helpers, importable from every floor: writing files so that a
+failure never leaves a half-written one behind, and ember's cache folder. Imports nothing of
+ember."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where ember keeps compiled binaries and the default model: $XDG_CACHE_HOME/ember, else
+    ~/.cache/ember."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ember"
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
