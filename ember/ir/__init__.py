@@ -1,8 +1,8 @@
 """ember's graph IR: types, hash-consed nodes, graphs, the op table, builder, text format,
 verifier and NumPy reference interpreter. Importing it needs only NumPy.
 """
-from ember.ir import dtypes, errors
-from ember.ir.errors import IRError, ParseError, ShapeError, VerifyError
+import ember.ir.dtypes as dtypes
+from ember.errors import IRError, ParseError, ShapeError, VerifyError
 from ember.ir.types import TensorType, tensor_type
 from ember.ir.node import Node
 from ember.ir.graph import Graph
@@ -12,6 +12,6 @@ from ember.ir.parser import parse_ir
 from ember.ir.verifier import verify
 from ember.ir.interpreter import run_reference
 
-__all__ = ["dtypes", "errors", "IRError", "ParseError", "ShapeError", "VerifyError", "TensorType",
+__all__ = ["dtypes", "IRError", "ParseError", "ShapeError", "VerifyError", "TensorType",
            "tensor_type", "Node", "Graph", "GraphBuilder", "make_node", "print_ir", "parse_ir",
            "verify", "run_reference"]

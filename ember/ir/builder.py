@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ember.ir import dtypes
-from ember.ir.errors import ShapeError
+import ember.ir.dtypes as dtypes
+from ember.errors import ShapeError
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.ir.ops import OPS, get_op, infer_type

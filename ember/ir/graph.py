@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ember.ir import dtypes
+import ember.ir.dtypes as dtypes
 from ember.ir.node import Node
 
 

@@ -10,8 +10,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ember.ir import dtypes
-from ember.ir.errors import IRError
+import ember.ir.dtypes as dtypes
+from ember.errors import IRError
 from ember.ir.graph import Graph
 from ember.ir.layouts import ROW, to_row
 from ember.ir.node import Node

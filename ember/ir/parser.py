@@ -18,9 +18,9 @@ from typing import Mapping
 
 import numpy as np
 
-from ember.ir import dtypes
+import ember.ir.dtypes as dtypes
 from ember.ir.builder import check_constant_data, literal_node, make_node
-from ember.ir.errors import IRError, ParseError
+from ember.errors import IRError, ParseError
 from ember.ir.graph import Graph
 from ember.ir.layouts import from_row
 from ember.ir.node import Node

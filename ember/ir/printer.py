@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
-from ember.ir.graph import Graph
 from ember.ir.node import Node
+
+if TYPE_CHECKING:   # annotations only: graph.py prints itself through this module
+    from ember.ir.graph import Graph
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ember.ir.builder import check_constant_data
-from ember.ir.errors import IRError, VerifyError
+from ember.errors import IRError, VerifyError
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.ir.ops import OPS, infer_type

@@ -36,7 +36,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ember.ir import dtypes
+import ember.ir.dtypes as dtypes
 from ember.ir.builder import GraphBuilder
 from ember.ir.graph import Graph
 from ember.ir.node import Node

@@ -25,7 +25,7 @@ from gguf.constants import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
                             GGMLQuantizationType, GGUFValueType, Keys)
 
 from ember.errors import EmberError
-from ember.ir import dtypes
+import ember.ir.dtypes as dtypes
 from ember.ir.types import MAX_RANK, TensorType
 
 SUPPORTED_VERSIONS = (2, 3)

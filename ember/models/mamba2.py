@@ -16,7 +16,7 @@ Imports the IR builder (through common) only.
 """
 from __future__ import annotations
 
-from ember.ir import dtypes
+import ember.ir.dtypes as dtypes
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.models.common import Model, StepGraph, embed_tokens

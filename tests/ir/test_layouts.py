@@ -6,7 +6,7 @@ import pytest
 
 from ember.errors import IRError
 from ember.ir import GraphBuilder
-from ember.ir.errors import ParseError, VerifyError
+from ember.errors import ParseError, VerifyError
 from ember.ir.graph import Graph
 from ember.ir.layouts import LAYOUTS, get_layout, unsupported_layout
 from ember.ir.node import Node

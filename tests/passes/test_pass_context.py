@@ -5,7 +5,7 @@ from typing import ClassVar
 import pytest
 
 from ember.ir.builder import make_node
-from ember.ir.errors import VerifyError
+from ember.errors import VerifyError
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.passes import DumpIR, Pass, PassContext, PrintAfter, Timing, pipeline_for

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ember.ir.errors import ShapeError
+from ember.errors import ShapeError
 from ember.ir.types import TensorType
 
 REQUIRED = object()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ember.ir import dtypes
+import ember.ir.dtypes as dtypes
 from ember.ir.ops import OpDef, register
 from ember.ir.ops.rules import FLOAT_ACT, expect_dtype, f32, require
 from ember.ir.types import TensorType

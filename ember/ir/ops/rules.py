@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ember.ir import dtypes
-from ember.ir.errors import ShapeError
+import ember.ir.dtypes as dtypes
+from ember.errors import ShapeError
 from ember.ir.types import TensorType
 
 FLOAT_ACT = (dtypes.f32,)

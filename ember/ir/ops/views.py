@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ember.ir import dtypes
+import ember.ir.dtypes as dtypes
 from ember.ir.ops import Attr, OpDef, register
 from ember.ir.ops.rules import require
 from ember.ir.types import TensorType
