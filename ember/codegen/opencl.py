@@ -48,7 +48,7 @@ import numpy as np
 from ember.codegen.cpu import broadcast_strides, c_float, coalesce, offset_expr, row_loop, span_bytes
 from ember.codegen.values import describe_node, place_values
 from ember.errors import EmberError
-import ember.ir.dtypes as dtypes
+from ember.ir import dtypes
 from ember.ir.graph import Graph
 from ember.ir.layouts import get_layout
 from ember.ir.node import Node

@@ -20,7 +20,7 @@ from ember.backends.opencl.backend import OpenCLBackend, OpenCLExecutable, _nbyt
 from ember.backends.opencl.compiler import _quiet_build
 from ember.codegen.opencl import SOA_DTYPES, BufferArg, ImageArg, Launch, Place, StatusArg, WeightLayout
 from ember.errors import EmberError
-import ember.ir.dtypes as dtypes
+from ember.ir import dtypes
 from ember.ir.types import TensorType
 
 PLAN_FORMAT = 1      # launch_plan()["format"] this loader reads
