@@ -353,7 +353,7 @@ def cmd_bench(args) -> int:
 
 def cmd_compile(args) -> int:
     from ember.models import load_model
-    from ember.runtime.artifact import compile_artifact
+    from ember.artifact import compile_artifact
     check_pass_names(args.disable)
     if args.threads and args.target != "cpu":
         raise EmberError(f"-t/--threads applies to --target cpu only, not {args.target}")
@@ -385,7 +385,7 @@ def cmd_compile(args) -> int:
 
 def cmd_run(args) -> int:
     from ember.models.tokenizer import Tokenizer
-    from ember.runtime.artifact import load_artifact
+    from ember.artifact import load_artifact
     if args.n_predict < 0:
         raise EmberError("-n must be >= 0")
     start = time.perf_counter()

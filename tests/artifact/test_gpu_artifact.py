@@ -18,7 +18,7 @@ import pytest
 from ember.backends import get_backend
 from ember.errors import BackendUnavailable
 from ember.models import load_model
-from ember.runtime.artifact import ArtifactError, compile_artifact, load_artifact, read_manifest
+from ember.artifact import ArtifactError, compile_artifact, load_artifact, read_manifest
 from ember.runtime.session import Session, SessionOptions
 
 HERE = Path(__file__).resolve().parent

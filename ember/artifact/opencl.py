@@ -1,10 +1,6 @@
-"""GPU artifacts: what `ember compile --target opencl-generic|opencl-adreno|vulkan` stores per
-step, and loading it without ember's compiler (no passes, no template rendering for OpenCL, no
-shader compiler for Vulkan). The manifest, the step shapes, the derived constants, the checksums
-and the atomic replacement are ember.runtime.artifact's; this module adds, per target:
+"""The opencl-generic and opencl-adreno targets' artifacts: what a step stores and how it is
+loaded without ember's compiler (no passes, no template rendering).
 
-OpenCL (both profiles)
-    DIR/steps/<shape>.ir         the optimized step graph (for people and tools; not read to run)
     DIR/steps/<shape>.cl         the program source; the step's manifest entry lists its kernels
                                  and its build options
     DIR/steps/<shape>.plan.json  the launch plan (ember.codegen.opencl launch_plan(): buffers,
@@ -14,12 +10,6 @@ OpenCL (both profiles)
     DIR/weights/<n>.q.npy, .d.npy   opencl-adreno: each weight the profile re-lays out, already
                                  in the SoA layout (manifest "relaid_weights": name -> layout and
                                  files): q uint32 [K/per_u32, M], d uint16 half bits [K/32, M]
-Vulkan
-    DIR/steps/<shape>.ir         the step graph (loading renders it again and requires the
-                                 stored plan to equal the rendering: GLSL text, not SPIR-V)
-    DIR/steps/<shape>.plan.json  the launch plan; each shader names its .spv and its sha256
-    DIR/spirv/<sha256>.spv       SPIR-V, shared by the steps that use the same shader
-    DIR/steps/<shape>.aux<j>.bin the renderer's tables (for a runtime without the renderer)
 
 An opencl-adreno artifact is written without an Adreno device (sources and plans only); on run
 it refuses a non-Adreno device. Its kernels need cl_khr_fp16 and subgroups, so it cannot run on
@@ -33,33 +23,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.errors import BackendUnavailable, EmberError
-from ember.runtime.artifact import (MANIFEST, ArtifactError, artifact_session, open_model, step_graph)
-
-OPENCL_PROFILES = {"opencl-generic": ("generic",), "opencl-adreno": ("adreno", "adreno-emulated")}
-
-
-def gpu_writer(target: str, progress=None, **options):
-    """The writer of a GPU target (see compile_artifact). Options: opencl: device (index or part
-    of a name, for the build device), profile (opencl-adreno: "adreno" or "adreno-emulated"),
-    profile_options (Profile fields, e.g. soa_min_rows); vulkan: device, features ("device",
-    "baseline", or "portable": no device needed), cache_dir."""
-    if target == "vulkan":
-        return _VulkanWriter(progress=progress, **options)
-    return _OpenCLWriter(target, progress=progress, **options)
+from ember.artifact.format import MANIFEST, ArtifactError, read_json
+from ember.artifact.session import artifact_session, open_model, step_key
+from ember.errors import BackendUnavailable
+from ember.target import get_target
 
 
-# ---- OpenCL ------------------------------------------------------------------------------------
-class _OpenCLWriter:
+def profiles_of(target: str) -> tuple[str, ...]:
+    """The OpenCL profiles an artifact of target may be written with: the target's own, and for
+    Adreno also the emulated one (the same layout with kernels any OpenCL 1.2 device runs)."""
+    profile = get_target(target).profile
+    return (profile, "adreno-emulated") if profile == "adreno" else (profile,)
+
+
+class Writer:
     def __init__(self, target: str, progress=None, device=None, profile: str | None = None,
                  profile_options: dict | None = None, cache_dir=None):
         from ember.backends.opencl.device import choose_profile, select_device
         from ember.codegen.opencl import adreno_generation, adreno_profile, generic_profile
-        names = OPENCL_PROFILES[target]
+        names = profiles_of(target)
         profile = profile or names[0]
         if profile not in names:
             raise ArtifactError(f"compile: target {target} takes profile {' or '.join(names)}, not {profile!r}")
-        self.pipeline = target
+        self.layout = None   # the profile's layout pass: see pipeline_for
         self.relaid: dict[str, dict] = {}
         options = dict(profile_options or {})
         try:
@@ -149,7 +135,7 @@ def _opencl_backend_class():
     return ArtifactOpenCLBackend
 
 
-def _load_opencl(folder: Path, manifest: dict, model_path):
+def load(folder: Path, manifest: dict, model_path=None, threads: int | None = None):
     from ember.backends.opencl.device import profile_requirements, select_device
     from ember.backends.opencl.loader import PlanExecutable
     from ember.codegen.opencl import adreno_generation
@@ -176,7 +162,7 @@ def _load_opencl(folder: Path, manifest: dict, model_path):
     steps = {}
     for step in manifest["steps"]:
         plan_path = folder / step["plan"]
-        plan = _read_json(plan_path)
+        plan = read_json(plan_path)
         if plan.get("build_options") != step["build_options"]:
             raise ArtifactError(f"{plan_path}: build options {plan.get('build_options')!r} differ from the "
                                 f"manifest's {step['build_options']!r}")
@@ -186,123 +172,22 @@ def _load_opencl(folder: Path, manifest: dict, model_path):
             exe = PlanExecutable(backend, Path(step["source"]).stem, plan, source, data, relaid, binary)
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{plan_path}: corrupt: malformed launch plan ({e!r})") from None
-        steps[(step["n_tokens"], step["n_kv"], step["n_outputs"])] = exe
+        steps[step_key(step)] = exe
     return model, artifact_session(folder, manifest, model, backend, steps)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: corrupt: not valid JSON ({e})") from None
+def writer(target: str, backend=None, progress=None, **options) -> Writer:
+    """Options: device (index or part of a name, for the build device), profile (opencl-adreno:
+    "adreno" or "adreno-emulated"), profile_options (Profile fields, e.g. soa_min_rows),
+    cache_dir."""
+    if backend is not None:
+        raise ArtifactError(f"compile: target {target} makes its own backend")
+    return Writer(target, progress=progress, **options)
 
 
-# ---- Vulkan ------------------------------------------------------------------------------------
-class _VulkanWriter:
-    pipeline = "vulkan"
-
-    def __init__(self, device=None, features: str = "device", cache_dir=None, progress=None):
-        """features: "device" or "baseline" (for the Vulkan device here), or "portable": no
-        device needed, shaders for any Vulkan 1.1 device (PORTABLE_CAPS; glslc still needed)."""
-        from ember.backends.vulkan.backend import VulkanBackend
-        from ember.codegen.vulkan import PORTABLE_CAPS
-        self.portable = features == "portable"
-        self.backend = VulkanBackend(device=device, features="baseline" if self.portable else features,
-                                     cache_dir=cache_dir)
-        if self.portable:
-            if self.backend.spirv_cache.glslc is None:
-                raise ArtifactError("compile: target vulkan needs the shader compiler glslc "
-                                    "(Debian/Ubuntu: `apt-get install glslc`)")
-            self.caps = PORTABLE_CAPS
-        else:
-            try:
-                self.backend.require_available()
-            except BackendUnavailable as e:
-                raise ArtifactError(f"compile: {e}; `--portable` compiles for any Vulkan 1.1 device "
-                                    "without one") from None
-            self.caps = self.backend.caps
-        self.spirv: set[str] = set()
-
-    def begin(self, tmp: Path) -> dict:
-        (tmp / "spirv").mkdir()
-        return {}
-
-    def step(self, tmp: Path, name: str, graph):
-        from ember.backends.vulkan.compiler import export_graph
-        from ember.codegen.vulkan import supports_node
-        for node in graph.nodes:
-            ok, why = supports_node(node, self.caps)
-            if not ok:
-                raise ArtifactError(f"compile: vulkan cannot run {node.op} of graph {graph.name!r}: {why}")
-        blobs, plan = export_graph(graph, self.caps, self.backend.spirv_cache)
-        shaders = sorted({s["file"] for s in plan["shaders"]})
-        for file in shaders:
-            if file not in self.spirv:
-                (tmp / file).write_bytes(blobs[file])
-                self.spirv.add(file)
-        # The renderer numbers its tables per program: stored per step, the plan renamed to match.
-        aux = []
-        for j, entry in enumerate(plan["regions"]["aux"]):
-            rel = f"{name}.aux{j}.bin"
-            (tmp / rel).write_bytes(blobs[entry["file"]])
-            entry["file"] = rel
-            aux.append(rel)
-        (tmp / f"{name}.plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-        return {"plan": f"{name}.plan.json", "shaders": shaders, "aux": aux}, len(plan["shaders"]), graph, set()
-
-    def finish(self, tmp: Path) -> dict:
-        device = "none (portable)" if self.portable else self.backend.device.name
-        return {"build_device": {"name": device}, "caps": self.caps.to_json()}
+def check_host(manifest: dict, path: Path) -> None:
+    """The device is checked when loading (an OpenCL device is needed then, not now)."""
 
 
-def _vulkan_backend_class():
-    from ember.backends.vulkan.backend import VulkanBackend
-
-    class ArtifactVulkanBackend(VulkanBackend):
-        """Runs an artifact's SPIR-V: needs the device, not glslc; compiles nothing."""
-
-        def available(self) -> tuple[bool, str]:
-            try:
-                self.device
-            except BackendUnavailable as e:
-                return False, str(e)
-            return True, ""
-
-        def compile(self, graph, **options):
-            raise ArtifactError(f"graph {graph.name!r}: an artifact session does not compile")
-
-    return ArtifactVulkanBackend
-
-
-def _load_vulkan(folder: Path, manifest: dict, model_path):
-    path = folder / MANIFEST
-    try:
-        backend = _vulkan_backend_class()()
-    except BackendUnavailable as e:
-        raise ArtifactError(f"{path}: target vulkan needs a Vulkan device, but {e}") from None
-    ok, why = backend.available()
-    if not ok:
-        raise ArtifactError(f"{path}: target vulkan needs a Vulkan device, but the vulkan backend is "
-                            f"unavailable: {why}")
-    model, data = open_model(folder, manifest, model_path)
-    steps = {}
-    for step in manifest["steps"]:
-        plan_path = folder / step["plan"]
-        plan = _read_json(plan_path)
-        blobs = {rel: (folder / rel).read_bytes() for rel in step["shaders"]}
-        try:
-            exe = backend.load_executable(step_graph(folder, step, data), plan, blobs)
-        except EmberError as e:
-            raise ArtifactError(f"{plan_path}: {e}") from None
-        steps[(step["n_tokens"], step["n_kv"], step["n_outputs"])] = exe
-    return model, artifact_session(folder, manifest, model, backend, steps)
-
-
-def load_gpu_artifact(folder: Path, manifest: dict, model_path=None):
-    """(model, ArtifactSession) of a checked GPU artifact (read_manifest has verified it)."""
-    try:
-        if manifest["target"] == "vulkan":
-            return _load_vulkan(folder, manifest, model_path)
-        return _load_opencl(folder, manifest, model_path)
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(f"{folder / MANIFEST}: corrupt: malformed manifest ({e!r})") from None
+def manifest_files(manifest: dict) -> list[str]:
+    return [w[part] for w in manifest["relaid_weights"].values() for part in ("q", "d")]

@@ -11,8 +11,8 @@ import pytest
 from ember.backends.cpu.backend import CpuBackend
 from ember.errors import EmberError
 from ember.models import load_model
-from ember.runtime import artifact
-from ember.runtime.artifact import ArtifactError, compile_artifact, load_artifact, read_manifest
+from ember import artifact
+from ember.artifact import ArtifactError, compile_artifact, load_artifact, read_manifest
 from ember.runtime.session import Session, SessionOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))

@@ -1,0 +1,95 @@
+"""The cpu target's artifacts: what a step stores and how it is loaded.
+
+    DIR/kernels.so             the matmul kernel library every step library links against
+    DIR/steps/<shape>.c        a step's C source (symbols tagged for kernels.so)
+    DIR/steps/<shape>.so       the library built from that source
+
+Loading renders each stored graph again (no passes, no compiler; ~0.1 s) and requires the
+stored source byte for byte, so a library only ever runs with the program it was built from.
+Libraries built with -march=native run only on the CPU model they were built on.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ember.artifact.format import ArtifactError, host_cpu
+from ember.artifact.session import artifact_session, open_model, step_graph, step_key
+from ember.backends.cpu.backend import CpuBackend, load_kernel_library
+from ember.codegen.cpu import render_graph, tag_kernel_symbols
+
+
+class Writer:
+    """Writes kernels.so, and per step its C source and library.
+
+    A target's writer (this one; ember/artifact/opencl.py and vulkan.py) has: `layout` (the
+    layout pass its pipeline ends with, or None for the target's default); begin(tmp) ->
+    manifest fields; step(tmp, name, graph) -> (step entry fields, kernel count, the graph as
+    compiled, names of constants stored in a form of the target's own); finish(tmp) -> more
+    manifest fields."""
+    layout = None
+
+    def __init__(self, backend: CpuBackend):
+        if backend.profile:
+            raise ArtifactError("compile: the backend renders profiling code; artifacts hold plain graphs")
+        self.backend = backend
+
+    def begin(self, tmp: Path) -> dict:
+        self.tag, kernels = self.backend.kernel_library()
+        shutil.copyfile(kernels, tmp / "kernels.so")
+        return {"isa": self.backend.isa, "host": host_cpu(),
+                "kernel_library": {"file": "kernels.so", "tag": self.tag}}
+
+    def step(self, tmp: Path, name: str, graph) -> tuple[dict, int, object, set]:
+        executable = self.backend.compile(graph)
+        program = executable.program
+        (tmp / f"{name}.c").write_text(tag_kernel_symbols(program.source, self.tag))
+        shutil.copyfile(executable.library_path, tmp / f"{name}.so")
+        return {"source": f"{name}.c", "library": f"{name}.so"}, program.n_kernels, program.graph, set()
+
+    def finish(self, tmp: Path) -> dict:
+        return {}
+
+
+def writer(target: str, backend: CpuBackend | None = None, progress=None, **options) -> Writer:
+    if options:
+        raise ArtifactError(f"compile: target cpu takes no options {sorted(options)}")
+    return Writer(backend or CpuBackend())
+
+
+def check_host(manifest: dict, path: Path) -> None:
+    if manifest["isa"] == "native" and manifest["host"] != host_cpu():
+        raise ArtifactError(f"{path}: built with -march=native for {manifest['host']!r}; this host is "
+                            f"{host_cpu()!r}: compile the model again here")
+
+
+def manifest_files(manifest: dict) -> list[str]:
+    return [manifest["kernel_library"]["file"]]
+
+
+class _PrebuiltCpuBackend(CpuBackend):
+    """The CPU backend for running an artifact's libraries: needs no C compiler, compiles nothing."""
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def compile(self, graph, **options):
+        raise ArtifactError(f"graph {graph.name!r}: an artifact session does not compile")
+
+
+def load(folder: Path, manifest: dict, model_path=None, threads: int | None = None):
+    model, data = open_model(folder, manifest, model_path)
+    backend = _PrebuiltCpuBackend(threads=threads, isa=manifest["isa"])
+    library = manifest["kernel_library"]
+    load_kernel_library(library["tag"], folder / library["file"])
+    steps = {}
+    for step in manifest["steps"]:
+        graph_path = folder / step["graph"]
+        graph = step_graph(folder, step, data)
+        program = render_graph(graph)
+        source_path = folder / step["source"]
+        if tag_kernel_symbols(program.source, library["tag"]) != source_path.read_text():
+            raise ArtifactError(f"{source_path}: this ember renders {graph_path} differently (the "
+                                "artifact comes from another code generator): compile the model again")
+        steps[step_key(step)] = backend.load_executable(graph, program, folder / step["library"])
+    return model, artifact_session(folder, manifest, model, backend, steps)
