@@ -1,6 +1,6 @@
 """Model throughput and memory, ember against llama.cpp (llama-cpp-python) on the same GGUF.
 
-Both engines are measured in one run by llama-bench's method (ember/runtime/bench.py, the same
+Both engines are measured in one run by llama-bench's method (ember/tools/bench.py, the same
 loop for both): pp512 is one batch of 512 random tokens, tg128 is 128 single-token decodes, the
 cache is cleared before every repetition, one untimed warm-up comes first (ember compiles its
 step graphs there); each cell is the mean +- sample std of tokens/s. Same thread count, n_ctx
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from ember.runtime.bench import BenchResult, decode_run, prompt_run, random_tokens  # noqa: E402
+from ember.tools.bench import BenchResult, decode_run, prompt_run, random_tokens  # noqa: E402
 
 ENGINES = ("ember", "llama.cpp")
 N_CTX = 1024

@@ -306,7 +306,7 @@ def cmd_logits(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from ember.runtime.perplexity import perplexity, session_chunk_evaluator
+    from ember.tools.perplexity import perplexity, session_chunk_evaluator
     model, tokenizer, session = open_model(args)
     if args.ctx_size > session.n_ctx:
         raise EmberError(f"-c {args.ctx_size} exceeds the model's context of {session.n_ctx} tokens")
@@ -331,7 +331,7 @@ def cmd_perplexity(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ember.runtime.bench import bench_session, bench_table
+    from ember.tools.bench import bench_session, bench_table
     if args.n_prompt < 0 or args.n_gen < 0 or args.repetitions < 1:
         raise EmberError("-p and -n must be >= 0 and -r >= 1")
     model, tokenizer, session = open_model(args)

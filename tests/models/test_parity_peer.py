@@ -1,6 +1,6 @@
 """ember against llama.cpp (llama-cpp-python) on whole texts: perplexity by llama-perplexity's
 method, and teacher-forced top-1 agreement. llama.cpp's side runs the same chunks and the same
-NLL code (ember.runtime.perplexity) on llama.cpp's logits, so only the engines differ."""
+NLL code (ember.tools.perplexity) on llama.cpp's logits, so only the engines differ."""
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 from ember.backends import get_backend
 from ember.models import load_model
 from ember.models.tokenizer import Tokenizer
-from ember.runtime.perplexity import perplexity, session_chunk_evaluator
+from ember.tools.perplexity import perplexity, session_chunk_evaluator
 from ember.runtime.session import Session, SessionOptions
 
 from model_steps import nmse

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ember.errors import EmberError
-from ember.runtime.perplexity import Perplexity, chunk_nll, estimate, perplexity, token_nll
+from ember.tools.perplexity import Perplexity, chunk_nll, estimate, perplexity, token_nll
 
 
 def test_token_nll_is_minus_log_softmax_of_the_target():

@@ -4,7 +4,7 @@ import statistics
 import numpy as np
 import pytest
 
-from ember.runtime.bench import BenchResult, bench_table, decode_run, prompt_run, random_tokens
+from ember.tools.bench import BenchResult, bench_table, decode_run, prompt_run, random_tokens
 
 
 class Engine:
