@@ -178,66 +178,110 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
     greedy `generate`. Otherwise speculative sampling (module doc): the target's distribution."""
     if draft_max < 1:
         raise EmberError("--draft-max must be at least 1")
-    sampling = sampler is not None and not sampler.params.greedy
-    result, stats = Generation(), SpecStats()
+    run = _Speculation(target, draft, tokenizer, n_predict, stops, ignore_eos, on_text, sampler)
     # a prompt may be given as token ids (tests, benchmarks) or as text
     prompt_ids = list(prompt) if not isinstance(prompt, str) else \
         tokenizer.encode(prompt, add_special=True, parse_special=parse_special)
-    result.prompt_tokens = len(prompt_ids)
-    target.reset()
-    stream = TextStream(stops)
-    context = list(prompt_ids)
-    logits = target.eval(prompt_ids)[-1]
-    result.prompt_seconds = target.last_eval_seconds
-    next_token = sampler.sample(logits, context) if sampling else int(np.argmax(logits))
-    result.stop_reason = "length"
-    sessions = [target] + ([draft.session] if isinstance(draft, ModelDraft) else [])
-    memory = SequenceMemory(target)
-    compile_before = sum(s.stats.compile_seconds for s in sessions)
-    start = time.perf_counter()
+    return run.generate(prompt_ids, draft_max)
 
-    def emit(token: int) -> bool:
+
+class _Speculation:
+    """One speculative generation: draft, verify in one target batch, keep the accepted prefix
+    (rolling recurrent state back when a tail is rejected), emit."""
+
+    def __init__(self, target: Session, draft: DraftSource, tokenizer, n_predict: int,
+                 stops: Sequence[str], ignore_eos: bool, on_text, sampler: Sampler | None):
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self.n_predict, self.ignore_eos, self.on_text = n_predict, ignore_eos, on_text
+        self.sampler = sampler
+        self.sampling = sampler is not None and not sampler.params.greedy
+        self.result, self.stats = Generation(), SpecStats()
+        self.stream = TextStream(stops)
+        self.memory = SequenceMemory(target)
+        self.sessions = [target] + ([draft.session] if isinstance(draft, ModelDraft) else [])
+        self.context: list[int] = []
+
+    def generate(self, prompt_ids: list[int], draft_max: int) -> tuple[Generation, SpecStats]:
+        result, target = self.result, self.target
+        next_token = self.prompt(prompt_ids)
+        result.stop_reason = "length"
+        compile_before = self.compile_seconds()
+        start = time.perf_counter()
+        while not self.emit(next_token):
+            self.context.append(next_token)
+            room = min(draft_max, self.n_predict - len(result.tokens), target.n_ctx - target.n_past - 1)
+            drafts = self.draft.propose(self.context, room) if room > 0 else []
+            round_start = time.perf_counter()
+            n_ok, chosen = self.verify(next_token, drafts)
+            stop = self.emit_accepted(drafts[:n_ok])
+            self.stats.round_seconds += time.perf_counter() - round_start
+            if stop:
+                break
+            next_token = chosen
+            if target.n_past >= target.n_ctx:
+                result.stop_reason = "context"
+                break
+        # compiling new step shapes is not decoding time (the CLI reports it on its own)
+        result.decode_seconds = time.perf_counter() - start - (self.compile_seconds() - compile_before)
+        tail = self.stream.finish()
+        if tail and self.on_text:
+            self.on_text(tail)
+        result.text = self.stream.text[:self.stream.shown]
+        return result, self.stats
+
+    def compile_seconds(self) -> float:
+        return sum(s.stats.compile_seconds for s in self.sessions)
+
+    def prompt(self, prompt_ids: list[int]) -> int:
+        """Evaluate the prompt; the first token."""
+        self.result.prompt_tokens = len(prompt_ids)
+        self.target.reset()
+        self.context = list(prompt_ids)
+        logits = self.target.eval(prompt_ids)[-1]
+        self.result.prompt_seconds = self.target.last_eval_seconds
+        return self.sampler.sample(logits, self.context) if self.sampling else int(np.argmax(logits))
+
+    def emit(self, token: int) -> bool:
         """Add one token to the output; True when generation must stop."""
-        if not ignore_eos and tokenizer.is_eog(token):
+        result = self.result
+        if not self.ignore_eos and self.tokenizer.is_eog(token):
             result.stop_reason = "eos"
             return True
         result.tokens.append(token)
-        shown = stream.push(tokenizer.token_to_piece(token))
-        if shown and on_text:
-            on_text(shown)
-        if stream.stop_hit():
+        shown = self.stream.push(self.tokenizer.token_to_piece(token))
+        if shown and self.on_text:
+            self.on_text(shown)
+        if self.stream.stop_hit():
             result.stop_reason = "stop string"
             return True
-        return len(result.tokens) >= n_predict
+        return len(result.tokens) >= self.n_predict
 
-    while True:
-        if emit(next_token):
-            break
-        context.append(next_token)
-        room = min(draft_max, n_predict - len(result.tokens), target.n_ctx - target.n_past - 1)
-        drafts = draft.propose(context, room) if room > 0 else []
-        round_start = time.perf_counter()
+    def emit_accepted(self, accepted: list[int]) -> bool:
+        """Emit the accepted drafts; True when generation must stop."""
+        for token in accepted:
+            if self.emit(token):
+                return True
+            self.context.append(token)
+        return False
+
+    def verify(self, next_token: int, drafts: list[int]) -> tuple[int, int]:
+        """One target pass over [next_token, drafts...]: (drafts accepted, the token after them),
+        with the target's memory holding exactly the accepted tokens afterwards."""
+        target, stats = self.target, self.stats
         base = target.n_past
         checkpoint = None
         if target.is_recurrent and drafts:
             t = time.perf_counter()
-            checkpoint = memory.checkpoint()     # references: no copy (see ember.runtime.memory)
+            checkpoint = self.memory.checkpoint()     # references: no copy (see ember.runtime.memory)
             stats.checkpoint_seconds += time.perf_counter() - t
         batch = [next_token] + drafts
         rows = target.eval(batch, all_logits=True)
-        if sampling:
-            n_ok, chosen = _sample_verify(sampler, rows, drafts, context)
-        else:
-            choices = [int(np.argmax(r)) for r in rows]
-            n_ok = 0
-            while n_ok < len(drafts) and drafts[n_ok] == choices[n_ok]:
-                n_ok += 1
-            chosen = choices[n_ok]
+        n_ok, chosen = self.accept(rows, drafts)
         if checkpoint is not None and n_ok < len(drafts):
             # Recurrent state cannot drop a tail: back to the checkpoint, then re-decode the
             # accepted tokens (one extra target pass, as llama.cpp does).
             t = time.perf_counter()
-            memory.restore(checkpoint)
+            self.memory.restore(checkpoint)
             t_redecode = time.perf_counter()
             stats.restore_seconds += t_redecode - t
             target.eval(batch[:1 + n_ok])
@@ -249,27 +293,19 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
         stats.drafted += len(drafts)
         stats.accepted += n_ok
         stats.target_tokens += len(drafts) + 1
-        draft.accepted(context, len(drafts), n_ok)
-        stop = False
-        for token in drafts[:n_ok]:
-            if emit(token):
-                stop = True
-                break
-            context.append(token)
-        stats.round_seconds += time.perf_counter() - round_start
-        if stop:
-            break
-        next_token = chosen
-        if target.n_past >= target.n_ctx:
-            result.stop_reason = "context"
-            break
-    # compiling new step shapes is not decoding time (the CLI reports it on its own)
-    result.decode_seconds = time.perf_counter() - start - (sum(s.stats.compile_seconds for s in sessions) - compile_before)
-    tail = stream.finish()
-    if tail and on_text:
-        on_text(tail)
-    result.text = stream.text[:stream.shown]
-    return result, stats
+        self.draft.accepted(self.context, len(drafts), n_ok)
+        return n_ok, chosen
+
+    def accept(self, rows: np.ndarray, drafts: list[int]) -> tuple[int, int]:
+        """How many drafts the target keeps, and the token after them: greedy keeps a draft
+        while it is the argmax; sampling keeps it with the target's probability."""
+        if self.sampling:
+            return _sample_verify(self.sampler, rows, drafts, self.context)
+        choices = [int(np.argmax(r)) for r in rows]
+        n_ok = 0
+        while n_ok < len(drafts) and drafts[n_ok] == choices[n_ok]:
+            n_ok += 1
+        return n_ok, choices[n_ok]
 
 
 def _sample_verify(sampler: Sampler, rows: np.ndarray, drafts: list[int], context: list[int]) -> tuple[int, int]:
