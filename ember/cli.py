@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ember.errors import EmberError, IRError
+from ember.target import TARGET_NAMES, TARGETS, target_of
 
 EPILOG = "Run `ember COMMAND --help` for a command's options."
 
@@ -36,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add_command in (add_generate_command, add_tokenize_command, add_logits_command, add_perplexity_command, add_bench_command, add_compile_command, add_run_command, add_demo_command, add_ops_command, add_ir_command, add_passes_command):
+        add_command(sub)
+    return parser
 
+
+def add_generate_command(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a model (default: Gemma 3 270M)",
                        description="Generate text from a prompt. Prints only the generated text on "
                                    "stdout (streamed); timings go to stderr.")
@@ -44,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(p)
     p.set_defaults(func=cmd_generate)
 
+
+def add_tokenize_command(sub) -> None:
     p = sub.add_parser("tokenize", help="print the token ids of a prompt",
                        description="Tokenize a prompt as generation does (BOS first when the model "
                                    "adds one; control-token text such as <start_of_turn> becomes its "
@@ -53,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not add BOS/EOS even if the model does")
     p.set_defaults(func=cmd_tokenize)
 
+
+def add_logits_command(sub) -> None:
     p = sub.add_parser("logits", help="write the logits of every prompt position to a .npy file",
                        description="Run the prompt (teacher forcing) and write the logits of every "
                                    "position, float32 [n_tokens, n_vocab], to a NumPy .npy file "
@@ -62,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE.npy", help="the .npy file to write")
     p.set_defaults(func=cmd_logits)
 
+
+def add_perplexity_command(sub) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity's method)",
                        description="Perplexity by llama-perplexity's method: non-overlapping chunks of "
                                    "-c tokens, each from an empty cache with BOS first, the second half "
@@ -72,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=0, help="score at most this many chunks (default: all)")
     p.set_defaults(func=cmd_perplexity)
 
+
+def add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="prompt and decode throughput (llama-bench's method)",
                        description="Throughput by llama-bench's method: pp<P> runs P random tokens in "
                                    "one batch, tg<N> runs N single-token decodes; the cache is cleared "
@@ -86,23 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print the plan cache statistics and the host time per decode step")
     p.set_defaults(func=cmd_bench)
 
+
+def add_compile_command(sub) -> None:
     p = sub.add_parser("compile", help="compile a model into an artifact folder",
                        description="Compile the model's step graphs for a target and write them into an "
                                    "artifact folder that `ember run` loads without ember's compiler. "
                                    "Steps: for each KV bucket of the context, the decode step and one "
                                    "prompt step (--prompt-tokens). The GGUF stays where it is (its path "
-                                   "and sha256 are recorded). Targets: cpu: C sources and built "
-                                   "libraries (run without the passes or the C compiler); opencl-generic: "
-                                   "OpenCL C sources, build options and launch plans, plus binaries for "
-                                   "the OpenCL device here (run on any OpenCL 1.2 device); opencl-adreno: "
-                                   "the same for Adreno GPUs (fp16, subgroups, Q8_0/Q4_0 weights stored "
-                                   "in the SoA layout), written without an Adreno device (no binaries "
-                                   "then) and run only on one; vulkan: SPIR-V and launch plans, built "
-                                   "for the Vulkan device here, or with --portable for any Vulkan 1.1 "
-                                   "device without one here (needs glslc; the run does not).")
+                                   "and sha256 are recorded). Targets: " +
+                                   "; ".join(f"{t.name}: {t.summary}" for t in TARGETS) + ".")
     add_model_path_argument(p)
-    p.add_argument("--target", default="cpu", choices=["cpu", "opencl-generic", "opencl-adreno", "vulkan"],
-                   help="target (default cpu)")
+    p.add_argument("--target", default="cpu", choices=TARGET_NAMES, help="target (default cpu)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact folder to write")
     p.add_argument("-c", "--ctx-size", type=int, default=256,
                    help="context the artifact supports, in tokens (default 256: one KV bucket)")
@@ -117,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip this compiler pass (repeatable)")
     p.set_defaults(func=cmd_compile)
 
+
+def add_run_command(sub) -> None:
     p = sub.add_parser("run", help="generate text with a compiled artifact",
                        description="Load an artifact written by `ember compile` (every file checked "
                                    "against its checksum) and generate, without running the passes, "
@@ -133,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(p)
     p.set_defaults(func=cmd_run)
 
+
+def add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="compile a transformer block and run it on every available backend",
                        description="Build a random-weight transformer block (norm, QKV, rope, GQA "
                                    "attention, SwiGLU FFN), compile it for each available backend, run "
@@ -144,16 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repeat", type=int, default=20, help="timed runs per backend (default 20)")
     p.set_defaults(func=cmd_demo)
 
+
+def add_ops_command(sub) -> None:
     p = sub.add_parser("ops", help="list the op table and backend support",
                        description="Print every op of the IR with its category and, for each backend, "
                                    "whether it supports the op (or why the backend is unavailable).")
     p.set_defaults(func=cmd_ops)
 
+
+def add_ir_command(sub) -> None:
     p = sub.add_parser("ir", help="parse, verify and print an IR file",
                        description="Parse an IR text file, run the verifier, and print it back.")
     p.add_argument("file", help="IR text file")
     p.set_defaults(func=cmd_ir)
 
+
+def add_passes_command(sub) -> None:
     p = sub.add_parser("passes", help="run a pass pipeline on an IR file or a model",
                        description="Run the pass pipeline of a target on an IR file, or on the step "
                                    "graph of a GGUF model, and print the result.")
@@ -161,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=1,
                    help="for a model: tokens in the step graph (default 1, a decode step)")
     p.add_argument("--n-kv", type=int, default=256, help="for a model: KV length of the step graph (default 256)")
-    p.add_argument("--pipeline", "--target", dest="target", default="cpu",
-                   help="target whose pipeline to run: cpu, opencl-generic, opencl-adreno, vulkan (default cpu)")
+    p.add_argument("--pipeline", "--target", dest="target", default="cpu", choices=TARGET_NAMES,
+                   help=f"target whose pipeline to run: {', '.join(TARGET_NAMES)} (default cpu)")
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass (to stderr)")
     p.add_argument("--print-after", action="append", default=[], metavar="PASS",
                    help="print the IR after this pass (repeatable; to stderr)")
@@ -171,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing", action="store_true", help="print the time each pass took (to stderr)")
     p.add_argument("--no-verify", action="store_true", help="do not run the verifier after each pass")
     p.set_defaults(func=cmd_passes)
-    return parser
 
 
 def add_model_path_argument(p) -> None:
@@ -521,7 +538,7 @@ def cmd_demo(args) -> int:
             continue
         print(f"{name}: compiling...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        exe = backend.compile(pipeline_for("opencl-generic" if name == "opencl" else name)(graph))
+        exe = backend.compile(pipeline_for(target_of(name).name)(graph))
         compile_s = time.perf_counter() - start
         got = exe.run(inputs)[0]
         times = []
