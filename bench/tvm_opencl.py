@@ -21,9 +21,11 @@ weights, GEMV/GEMM kernels, half arithmetic emulated in float: slower than nativ
 Times are device times from OpenCL profiling events (median of --reps runs after a warm-up);
 for ember's Adreno GEMM they include the activation transpose kernel.
 
-    python bench/tvm_opencl.py [--reps 5] [--prompt 32] [--quick] [--prompt-only]
+    python bench/tvm_opencl.py [--reps 5] [--prompt 32] [--quick] [--prompt-only] [--check]
 
-Prints a Markdown table (ratio = TVM time / ember time: above 1, ember is faster).
+Prints a Markdown table (ratio = TVM time / ember time: above 1, ember is faster). --check (run
+by .ci/run) measures two small shapes once and exits non-zero when a kernel that runs gives a
+wrong result. TVM is an optional extra: `pip install -e '.[tvm]'` (or `pip install apache-tvm`).
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ TARGET = {"kind": "opencl", "device": "adreno"}
 MODEL_SHAPES = [(1280, 640, "q5_0 fused q+k"), (256, 640, "q8_0/q5_0 v"), (640, 1024, "q4_k attn_output"),
                 (4096, 640, "q5_0 fused gate+up"), (640, 2048, "q4_k/q6_k ffn_down"),
                 (262144, 640, "q8_0 output head")]
+
+# --check: one small shape of each kind of matrix, quick on a CPU device
+CHECK_SHAPES = [(256, 640, "q8_0/q5_0 v"), (640, 1024, "q4_k attn_output")]
 
 
 def model_shapes() -> list:
@@ -195,12 +200,17 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=32, help="tokens of the prompt-sized rows (default 32)")
     parser.add_argument("--quick", action="store_true", help="leave out the output head")
     parser.add_argument("--prompt-only", action="store_true", help="only the prompt-sized rows")
+    parser.add_argument("--check", action="store_true",
+                        help="correctness only: two small shapes, one run each; exit 1 on a wrong result")
     args = parser.parse_args(argv)
     try:
         import tvm  # noqa: F401
     except ImportError as e:
-        print(f"TVM step impossible: apache-tvm is not importable ({e}); `pip install apache-tvm`")
+        print(f"TVM step impossible: apache-tvm is not importable ({e}); it is an optional extra of "
+              "ember: `pip install -e '.[tvm]'` (or `pip install apache-tvm`)")
         return 1
+    if args.check:
+        args.reps, args.prompt = 1, 8
     generic = OpenCLBackend(profile="generic", profiling=True)
     ok, why = generic.available()
     if not ok:
@@ -219,7 +229,8 @@ def main(argv=None) -> int:
           "ember adreno-emulated ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     notes: list[str] = []
-    shapes = model_shapes()
+    shapes = CHECK_SHAPES if args.check else model_shapes()
+    wrong = 0
     if args.quick:
         shapes = [s for s in shapes if s[0] * s[1] < 2 ** 24]
     for T in ((args.prompt,) if args.prompt_only else (1, args.prompt)):
@@ -260,6 +271,7 @@ def main(argv=None) -> int:
                 ember_s, ember_out, _ = run_ember(generic, x, ember_weight, wtype, N, K, args.reps)
                 rel = np.abs(ember_out - expected).max() / np.abs(expected).max()
                 ember_cell = f"{ember_s * 1e3:.3f}" if rel < 1e-3 else f"wrong ({rel:.2g})"
+                wrong += ember_cell.startswith("wrong") + tvm_cell.startswith("wrong")
                 ratio = f"{tvm_s / ember_s:.2f}x" if tvm_s else "-"
                 adreno_cell, adreno_ratio = "-", "-"
                 if wtype == "q8_0" and adreno_ok and N % 4 == 0:
@@ -267,6 +279,7 @@ def main(argv=None) -> int:
                         a_s, a_out, templates = run_ember(adreno, x, ember_weight, wtype, N, K, args.reps)
                         a_rel = np.abs(a_out - expected).max() / np.abs(expected).max()
                         adreno_cell = f"{a_s * 1e3:.3f} ({templates})" if a_rel < 1e-2 else f"wrong ({a_rel:.2g})"
+                        wrong += adreno_cell.startswith("wrong")
                         adreno_ratio = f"{tvm_s / a_s:.2f}x" if tvm_s else "-"
                     except EmberError as e:
                         adreno_cell = f"failed: {str(e)[:60]}"
@@ -281,7 +294,9 @@ def main(argv=None) -> int:
           "off: the script runs TVM's source through pyopencl instead); f16 weights (TVM's source "
           "`#error`s without cl_khr_fp16, which PoCL lacks); ggml's K-quants and Q5_0 (no TVM form: "
           "every shape runs as Q8_0 and f32).")
-    return 0
+    if wrong:
+        print(f"\n{wrong} kernels gave wrong results")
+    return 1 if args.check and wrong else 0
 
 
 if __name__ == "__main__":

@@ -117,16 +117,6 @@ class Graph:
             self._users = MappingProxyType({k: tuple(v) for k, v in users.items()})
         return self._users
 
-    def to_networkx(self):
-        """A networkx DiGraph over the nodes (edge operand -> user, with the operand index)."""
-        import networkx as nx
-        g = nx.MultiDiGraph()
-        for n in self.nodes:
-            g.add_node(n, op=n.op)
-            for idx, i in enumerate(n.inputs):
-                g.add_edge(i, n, index=idx)
-        return g
-
     def constant_data(self, node: Node) -> np.ndarray:
         """The stored data of a const node (literal constants are materialized)."""
         value = node.attr("value")
