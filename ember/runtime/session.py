@@ -357,8 +357,9 @@ class Session:
 
     def _compile(self, graph, version=None, start=None) -> _Step:
         start = start or time.perf_counter()
+        # The backend compiles under the same context: what it renders is what the pipeline
+        # (with the user's disabled passes) made, and no renderer runs a pass of its own.
         with PassContext(disabled=self.options.disabled_passes):
-            optimized = self.pipeline(graph)
-        executable = self.backend.compile(optimized)
+            executable = self.backend.compile(self.pipeline(graph))
         self.stats.compile_seconds += time.perf_counter() - start
         return _Step(version, executable)
