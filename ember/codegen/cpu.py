@@ -14,7 +14,7 @@ Each kernel is rendered from templates/cpu/<template>.c.j2 with the node's shape
 and attributes baked in as constants (a compiled graph serves one set of shapes), and starts with
 a comment naming the node, the template and its parameters. Views are free: a view's data is its
 operand's pointer plus a byte offset, read through its own strides, and every kernel takes byte
-strides for its operands. Values live where the memory plan puts them (ember.runtime.memory_plan):
+strides for its operands. Values live where the memory plan puts them (ember.codegen.memory_plan):
 inputs and constants in the caller's arrays, graph outputs in the caller's output arrays, the rest
 in one arena. mul_mat calls the kernels of ember.codegen.cpu_matmul.
 
@@ -40,7 +40,7 @@ from ember.ir.ops import OPS
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
 from ember.ir.printer import value_names
 from ember.ir.types import TensorType, contiguous_strides
-from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
+from ember.codegen.memory_plan import MemoryPlan, is_view, plan_memory
 
 TEMPLATE_DIR = Path(__file__).parent / "templates" / "cpu"
 ENTRY_POINT = "ember_graph_run"

@@ -5,7 +5,7 @@ strides baked in as constants and starts with a comment naming the node, the tem
 parameters; kernels with the same body (every layer of a model) are emitted once. Operands are
 passed as (buffer, byte offset) pairs, so a view is its operand's buffer at another offset and
 one kernel serves every layer. Values live where the memory plan puts them
-(ember.runtime.memory_plan): inputs, outputs and constants in buffers of their own, the rest in
+(ember.codegen.memory_plan): inputs, outputs and constants in buffers of their own, the rest in
 one arena buffer. The launch plan lists, in order, each kernel launch with its global and local
 sizes and its arguments (which buffer, at which offset); it is plain data (`launch_plan()` is
 JSON), so an artifact writer can store it and a runtime can replay it.
@@ -57,7 +57,7 @@ from ember.ir.ops.elementwise import BINARY, GATED, UNARY
 from ember.ir.printer import value_names
 from ember.ir.types import TensorType
 from ember.passes.layout import LayoutAdreno, adreno_kernel_reads
-from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
+from ember.codegen.memory_plan import MemoryPlan, is_view, plan_memory
 
 TEMPLATE_DIR = Path(__file__).parent / "templates" / "opencl"
 ARENA_ALIGNMENT = 256

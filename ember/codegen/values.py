@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.ir.printer import format_value
-from ember.runtime.memory_plan import is_view
+from ember.codegen.memory_plan import is_view
 
 
 def describe_node(names: Mapping[Node, str], node: Node) -> str:

@@ -12,7 +12,7 @@ a model needs only a few dozen shaders; types, work-group sizes and device featu
 parameters. The device features a shader may use are a `DeviceCaps` (8-/16-bit storage,
 subgroup arithmetic, the largest storage-buffer binding, the binding-offset alignment).
 
-Where values live follows the CPU renderer: the memory plan (ember.runtime.memory_plan) puts
+Where values live follows the CPU renderer: the memory plan (ember.codegen.memory_plan) puts
 intermediates in one arena; inputs, outputs and constants have regions of their own; views are
 an offset and strides into their operand's region. A set_rows that updates a graph input read by
 nothing else writes into that input's region (the output is read back from there). A weight
@@ -42,7 +42,7 @@ from ember.ir.ops import OPS
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
 from ember.ir.printer import value_names
 from ember.ir.types import TensorType
-from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
+from ember.codegen.memory_plan import MemoryPlan, is_view, plan_memory
 
 TEMPLATE_DIR = Path(__file__).parent / "templates" / "vulkan"
 PLAN_FORMAT = "ember-vulkan-launch-plan"
