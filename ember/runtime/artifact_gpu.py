@@ -54,7 +54,7 @@ class _OpenCLWriter:
     def __init__(self, target: str, progress=None, device=None, profile: str | None = None,
                  profile_options: dict | None = None, cache_dir=None):
         from ember.backends.opencl.device import choose_profile, select_device
-        from ember.codegen.opencl import adreno_generation, adreno_profile, generic_profile
+        from ember.codegen.opencl_plan import adreno_generation, adreno_profile, generic_profile
         names = OPENCL_PROFILES[target]
         profile = profile or names[0]
         if profile not in names:
@@ -92,7 +92,12 @@ class _OpenCLWriter:
         return {}
 
     def step(self, tmp: Path, name: str, graph):
-        from ember.codegen.opencl import render_graph
+        from ember.codegen.opencl import layout_pass, render_graph
+        # The pipeline's layout-adreno has the default thresholds; the profile's own (profile_options)
+        # decide which weights this artifact lays out, and the renderer runs no pass itself.
+        layouts = layout_pass(self.profile)
+        if layouts is not None:
+            graph = layouts(graph)
         program = render_graph(graph, self.profile)
         plan = program.launch_plan()
         for j, node in enumerate(program.constants):
@@ -112,7 +117,7 @@ class _OpenCLWriter:
         return entry, len(program.kernels), program.graph, {program.constants[j].name for j in program.layouts}
 
     def _save_relaid(self, tmp: Path, node, graph, layout) -> None:
-        from ember.codegen.opencl import relayout_weight
+        from ember.codegen.opencl_plan import relayout_weight
         if node.name in self.relaid:
             if self.relaid[node.name]["layout"] != layout.to_json():
                 raise ArtifactError(f"compile: weight {node.name!r} is laid out differently by two steps")
@@ -133,7 +138,7 @@ class _OpenCLWriter:
 
 
 def _profile_from_json(data: dict):
-    from ember.codegen.opencl import Profile
+    from ember.codegen.opencl_plan import Profile
     return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
@@ -152,7 +157,7 @@ def _opencl_backend_class():
 def _load_opencl(folder: Path, manifest: dict, model_path):
     from ember.backends.opencl.device import profile_requirements, select_device
     from ember.backends.opencl.loader import PlanExecutable
-    from ember.codegen.opencl import adreno_generation
+    from ember.codegen.opencl_plan import adreno_generation
     path = folder / MANIFEST
     target, profile = manifest["target"], _profile_from_json(manifest["profile"])
     try:
@@ -205,7 +210,7 @@ class _VulkanWriter:
         """features: "device" or "baseline" (for the Vulkan device here), or "portable": no
         device needed, shaders for any Vulkan 1.1 device (PORTABLE_CAPS; glslc still needed)."""
         from ember.backends.vulkan.backend import VulkanBackend
-        from ember.codegen.vulkan import PORTABLE_CAPS
+        from ember.codegen.vulkan_plan import PORTABLE_CAPS
         self.portable = features == "portable"
         self.backend = VulkanBackend(device=device, features="baseline" if self.portable else features,
                                      cache_dir=cache_dir)

@@ -70,11 +70,12 @@ def ember(*args, cache_home: Path, path: str | None = None, before: str = ""):
 # In a run of an OpenCL artifact, neither template rendering nor a program build from source may
 # happen: the stored binary serves on its build device.
 NO_OPENCL_COMPILER = """
-import ember.codegen.opencl as opencl, ember.backends.opencl.compiler as compiler
+import ember.codegen.opencl as opencl, ember.codegen.opencl_plan as opencl_plan
+import ember.codegen.renderer as renderer, ember.backends.opencl.compiler as compiler
 def refuse(*args, **kwargs):
     raise AssertionError("an artifact run rendered a template or built a program from source")
-for name in ("render_graph", "render_template", "_environment", "relayout_weight"):
-    setattr(opencl, name, refuse)
+for module, name in ((opencl, "render_graph"), (renderer.Templates, "render"), (opencl_plan, "relayout_weight")):
+    setattr(module, name, refuse)
 compiler.ProgramCache.build = refuse
 """
 
@@ -121,7 +122,7 @@ def test_adreno_manifest_lists_every_source_its_options_and_the_soa_weights(adre
                 assert manifest["relaid_weights"][c["name"]]["layout"] == c["layout"]
     # the stored parts are the documented transform of the blocks (the GGUF's, or those the
     # passes made, which are then stored in that layout only)
-    from ember.codegen.opencl import WeightLayout, relayout_weight
+    from ember.codegen.opencl_plan import WeightLayout, relayout_weight
     model = load_model(tiny)
     relaid = manifest["relaid_weights"]
     assert "token_embd.weight" in relaid and any("+" in name for name in relaid)
