@@ -29,13 +29,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batches, matmul_operands, offset_expr,
                                     round_up, row_loop, span_bytes)
 from ember.codegen.memory_plan import MemoryPlan
-from ember.codegen.renderer import ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float, extent, \
-    hazard_barriers, lowering_problem
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float, c_rope,
+                                    c_get_rows, c_row_op, c_softmax, extent, hazard_barriers, lowering_problem,
+                                    optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir import dtypes
@@ -52,11 +51,7 @@ ARENA_ALIGNMENT = 64
 # Elementwise ops as C expressions of the float operands a (and b): f32 math, exp through
 # ember_expf (helpers.h), the rest through libm.
 ELTWISE_C = {
-    "add": "a + b",
-    "sub": "a - b",
-    "mul": "a * b",
-    "div": "a / b",
-    "neg": "-a",
+    **ARITHMETIC,
     "exp": "ember_expf(a)",
     "tanh": "tanhf(a)",
     "sqrt": "sqrtf(a)",
@@ -271,12 +266,9 @@ PROFILE_CLOCKS = {"wall": "CLOCK_MONOTONIC", "cpu": "CLOCK_THREAD_CPUTIME_ID"}
 BARRIER = "ember_barrier_wait(&ember_bar, nth);"   # common.h; `bar` inside kernels
 
 
-class CpuRenderer(Renderer):
+class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=ARENA_ALIGNMENT):
     """C with OpenMP threads: kernels are static functions called by every thread, a barrier
     between two calls only where their bytes clash (hazard_barriers)."""
-    dialect = "cpu"
-    templates = TEMPLATES
-    arena_alignment = ARENA_ALIGNMENT
     in_place_in_input_region = False     # the executor points the output at the input's buffer
 
     def __init__(self, graph: Graph, profile: str | None = None):
@@ -417,58 +409,24 @@ class CpuRenderer(Renderer):
 
     # ---- rows ----------------------------------------------------------------------------
     def rows(self, node: Node):
-        x = node.inputs[0]
-        loop = row_loop(x.shape, [x.type.strides], keep_last=True)
-        params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0])
-        if node.op in ("rms_norm", "layer_norm", "rms_norm_mul"):
-            params["eps"] = c_double(node.attr("eps"))
-        template, args = f"{node.op}.c.j2", [self.ptr(x)]
-        if node.op == "rms_norm":
-            params.update(weighted=False, w_step=0)
-        elif node.op == "rms_norm_mul":
-            w = node.inputs[1]
-            template = "rms_norm.c.j2"
-            params.update(weighted=True, w_step=w.type.strides[0])
-            args.append(self.ptr(w))
-        self.add_kernel(node, template, args + [self.ptr(node)],
+        stem, operands, params = c_row_op(node, c_double)
+        self.add_kernel(node, f"{stem}.c.j2", [self.ptr(o) for o in operands] + [self.ptr(node)],
                         reads=self.reads_of(*node.inputs), writes=self.reads_of(node), **params)
 
     def softmax(self, node: Node):
-        x = node.inputs[0]
-        mask = node.inputs[1] if len(node.inputs) > 1 else None
-        strides = [x.type.strides] + ([broadcast_strides(mask.type, x.shape)] if mask else [])
-        loop = row_loop(x.shape, strides, keep_last=True)
-        softcap = node.attr("softcap")
-        operands = [x] + ([mask] if mask else [])
+        operands, _, params = c_softmax(node)
         self.add_kernel(node, "softmax.c.j2", [self.ptr(o) for o in operands] + [self.ptr(node)],
-                        reads=self.reads_of(*operands), writes=self.reads_of(node),
-                        rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0],
-                        has_mask=mask is not None, mask_row=loop.row[1] if mask else "0",
-                        mask_step=loop.step[1] if mask else 0,
-                        mask_dtype=mask.dtype.name if mask else "f32",
-                        scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None)
+                        reads=self.reads_of(*operands), writes=self.reads_of(node), **params)
 
     # ---- rope, attention -----------------------------------------------------------------
     def rope(self, node: Node):
-        x, pos = node.inputs[:2]
-        ff = node.inputs[2] if len(node.inputs) > 2 else None
-        T, H, D = x.shape
-        n_dims = node.attr("n_dims") or D
-        inv_freq = node.attr("freq_base") ** (-np.arange(0, n_dims, 2, dtype=np.float64) / n_dims)
-        operands = [x, pos] + ([ff] if ff else [])
+        operands, params = c_rope(node, c_double)
         self.add_kernel(node, "rope.c.j2", [self.ptr(o) for o in operands] + [self.ptr(node)],
-                        reads=self.reads_of(*operands), writes=self.reads_of(node),
-                        T=T, H=H, D=D, n_dims=n_dims, mode=node.attr("mode"), xs=x.type.strides,
-                        pos_step=pos.type.strides[0], has_ff=ff is not None,
-                        ff_step=ff.type.strides[0] if ff else 0,
-                        freq_scale=c_double(node.attr("freq_scale")),
-                        inv_freq=[repr(float(v)) for v in inv_freq])
+                        reads=self.reads_of(*operands), writes=self.reads_of(node), **params)
 
     def attention(self, node: Node):
-        q, k, v = node.inputs[:3]
-        mask = node.inputs[3] if len(node.inputs) > 3 else None
-        Tq, Hq, D = q.shape
-        Tk, Hkv, Dv = v.shape
+        (q, k, v), mask = optional_operands(node, 3)
+        (Tq, Hq, D), (Tk, Hkv, Dv) = q.shape, v.shape
         softcap = node.attr("softcap")
         operands = [q, k, v] + ([mask] if mask else [])
         self.add_kernel(node, "attention.c.j2", [self.ptr(o) for o in operands] +
@@ -520,23 +478,18 @@ class CpuRenderer(Renderer):
     def get_rows(self, node: Node):
         table, idx = node.inputs
         R, D = table.shape
-        quantized = table.dtype.is_quantized
-        if quantized:
+        if table.dtype.is_quantized:
             self.wtypes[table.dtype.name] = None
         self.add_kernel(node, "get_rows.c.j2",
-                        [self.ptr(table), self.ptr(idx), self.ptr(node), "&status",
-                         str(self.status_code(node, f"an index is out of range [0, {R})"))],
-                        reads=self.reads_of(table, idx), writes=self.reads_of(node),
-                        T=idx.shape[0], R=R, D=D, wtype=table.dtype.name, quantized=quantized,
-                        row_stride=table.type.strides[0], step=table.type.strides[1],
-                        idx_step=idx.type.strides[0])
+                        [self.ptr(table), self.ptr(idx), self.ptr(node), "&status", str(self.index_status(node, R))],
+                        reads=self.reads_of(table, idx), writes=self.reads_of(node), **c_get_rows(node))
 
     def set_rows(self, node: Node):
         dst, idx, src = node.inputs
         R, D = dst.shape
         self.add_kernel(node, "set_rows.c.j2",
                         [self.ptr(o) for o in (dst, idx, src)] + [self.ptr(node), "&status",
-                         str(self.status_code(node, f"an index is out of range [0, {R})"))],
+                                                                  str(self.index_status(node, R))],
                         reads=self.reads_of(dst, idx, src), writes=self.reads_of(node),
                         T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, ds=dst.type.strides,
                         idx_step=idx.type.strides[0], ss=src.type.strides,

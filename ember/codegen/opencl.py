@@ -44,10 +44,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, matmul_batches, matmul_operands,
-                                    next_pow2, offset_expr, round_up, row_loop, span_bytes)
+                                    next_pow2, offset_expr, round_up, span_bytes)
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
-from ember.codegen.renderer import ELEMENTWISE_OPS, Renderer, Templates, c_comment, c_float, lowering_problem
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_comment, c_float, c_rope,
+                                    c_get_rows, c_row_op, c_softmax, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph
@@ -63,11 +64,7 @@ MAX_BYTES = 2 ** 31 - 1          # kernels index bytes with 32-bit ints
 
 # Elementwise ops as OpenCL C expressions of the float operands a (and b).
 ELTWISE_CL = {
-    "add": "a + b",
-    "sub": "a - b",
-    "mul": "a * b",
-    "div": "a / b",
-    "neg": "-a",
+    **ARITHMETIC,
     "exp": "exp(a)",
     "tanh": "tanh(a)",
     "sqrt": "sqrt(a)",
@@ -189,19 +186,16 @@ def _mul_mat_shape(node: Node) -> _MulMat:
 
 
 # ---- the renderer ------------------------------------------------------------------------------
-class OpenCLRenderer(Renderer):
+class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alignment=ARENA_ALIGNMENT):
     """OpenCL C for a profile: operands as (buffer, byte offset) pairs, launches with global and
     local sizes, SoA kernels for the weights whose type is in the adreno_soa layout."""
-    dialect = "opencl"
-    templates = TEMPLATES
-    arena_alignment = ARENA_ALIGNMENT
 
     def __init__(self, graph: Graph, profile: Profile):
-        super().__init__(graph)
         self.profile = profile
-        self.layouts = weight_layouts(self.graph)     # read from the types; check_layouts vetted them
-        self.launches: list[Launch] = []
         self.reduce = "subgroup" if profile.subgroups else "local"
+        self.launches: list[Launch] = []
+        super().__init__(graph)
+        self.layouts = weight_layouts(self.graph)     # read from the types; check_layouts vetted them
 
     def scratch_bytes(self, node: Node) -> int:
         """The half, transposed activations of a GEMM on an SoA weight."""
@@ -219,9 +213,6 @@ class OpenCLRenderer(Renderer):
                              f"{self.constants[place.index].type.layout} layout through a kernel "
                              f"that does not know that layout")
         return BufferArg(place)
-
-    def status(self, node: Node, what: str) -> StatusArg:
-        return StatusArg(self.status_code(node, what))
 
     # ---- kernels -------------------------------------------------------------------------
     def add_kernel(self, node: Node, template: str, args: list, global_size, local_size=None, **params):
@@ -300,62 +291,27 @@ class OpenCLRenderer(Renderer):
         return min(self.profile.row_wg, next_pow2(max(n, 1)))
 
     def rows(self, node: Node):
-        x = node.inputs[0]
-        loop = row_loop(x.shape, [x.type.strides], keep_last=True)
-        wg = self.row_wg(loop.n)
-        params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0], wg=wg)
-        template, args = f"{node.op}.cl.j2", [self.buf(x)]
-        if node.op in ("rms_norm", "layer_norm", "rms_norm_mul"):
-            params["eps"] = c_float(node.attr("eps"))
-        if node.op != "argmax":
-            params["reduce"] = self.reduce
-        if node.op == "rms_norm":
-            params.update(weighted=False, w_step=0)
-        elif node.op == "rms_norm_mul":
-            w = node.inputs[1]
-            template = "rms_norm.cl.j2"
-            params.update(weighted=True, w_step=w.type.strides[0])
-            args.append(self.buf(w))
-        self.add_kernel(node, template, args + [self.buf(node)], (loop.rows * wg,), (wg,), **params)
+        stem, operands, params = c_row_op(node, c_float, wg_of=self.row_wg, reduce=self.reduce)
+        self.add_kernel(node, f"{stem}.cl.j2", [self.buf(o) for o in operands] + [self.buf(node)],
+                        (params["rows"] * params["wg"],), (params["wg"],), **params)
 
     def softmax(self, node: Node):
-        x = node.inputs[0]
-        mask = node.inputs[1] if len(node.inputs) > 1 else None
-        strides = [x.type.strides] + ([broadcast_strides(mask.type, x.shape)] if mask else [])
-        loop = row_loop(x.shape, strides, keep_last=True)
+        operands, loop, params = c_softmax(node)
         wg = self.row_wg(loop.n)
-        softcap = node.attr("softcap")
-        operands = [x] + ([mask] if mask else [])
         self.add_kernel(node, "softmax.cl.j2", [self.buf(o) for o in operands] + [self.buf(node)],
-                        (loop.rows * wg,), (wg,),
-                        rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0],
-                        has_mask=mask is not None, mask_row=loop.row[1] if mask else "0",
-                        mask_step=loop.step[1] if mask else 0, mask_dtype=mask.dtype.name if mask else "f32",
-                        scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None,
-                        wg=wg, reduce=self.reduce)
+                        (loop.rows * wg,), (wg,), **params, wg=wg, reduce=self.reduce)
 
     # ---- rope, attention -----------------------------------------------------------------
     def rope(self, node: Node):
-        x, pos = node.inputs[:2]
-        ff = node.inputs[2] if len(node.inputs) > 2 else None
-        T, H, D = x.shape
-        n_dims = node.attr("n_dims") or D
         fp64 = self.profile.fp64
-        inv_freq = node.attr("freq_base") ** (-np.arange(0, n_dims, 2, dtype=np.float64) / n_dims)
-        operands = [x, pos] + ([ff] if ff else [])
+        operands, params = c_rope(node, lambda v: cl_real(v, fp64))
+        T, H, D, n_dims = params["T"], params["H"], params["D"], params["n_dims"]
         self.add_kernel(node, "rope.cl.j2", [self.buf(o) for o in operands] + [self.buf(node)],
-                        (n_dims // 2 + D - n_dims, H, T), None,
-                        T=T, H=H, D=D, n_dims=n_dims, mode=node.attr("mode"), xs=x.type.strides,
-                        pos_step=pos.type.strides[0], has_ff=ff is not None,
-                        ff_step=ff.type.strides[0] if ff else 0,
-                        freq_scale=cl_real(node.attr("freq_scale"), fp64),
-                        inv_freq=[cl_real(v, fp64) for v in inv_freq], fp64=fp64)
+                        (n_dims // 2 + D - n_dims, H, T), None, **params, fp64=fp64)
 
     def attention(self, node: Node):
-        q, k, v = node.inputs[:3]
-        mask = node.inputs[3] if len(node.inputs) > 3 else None
-        Tq, Hq, D = q.shape
-        Tk, Hkv, Dv = v.shape
+        (q, k, v), mask = optional_operands(node, 3)
+        (Tq, Hq, D), (Tk, Hkv, Dv) = q.shape, v.shape
         softcap = node.attr("softcap")
         wg = self.profile.attention_wg
         operands = [q, k, v] + ([mask] if mask else [])
@@ -430,18 +386,13 @@ class OpenCLRenderer(Renderer):
             place = self.places[table]
             self.add_kernel(node, "get_rows_soa.cl.j2",
                             [BufferArg(place, "q"), BufferArg(place, "d"), self.buf(idx), self.buf(node),
-                             self.status(node, f"an index is out of range [0, {R})")],
+                             StatusArg(self.index_status(node, R))],
                             (D, idx.shape[0]), None,
                             wtype=layout.dtype, M=R, K=D, T=idx.shape[0], idx_step=idx.type.strides[0])
             return
-        quantized = table.dtype.is_quantized
         self.add_kernel(node, "get_rows.cl.j2",
-                        [self.buf(table), self.buf(idx), self.buf(node),
-                         self.status(node, f"an index is out of range [0, {R})")],
-                        (D // 32 if quantized else D, idx.shape[0]), None,
-                        T=idx.shape[0], R=R, D=D, wtype=table.dtype.name, quantized=quantized,
-                        row_stride=table.type.strides[0], step=table.type.strides[1],
-                        idx_step=idx.type.strides[0])
+                        [self.buf(table), self.buf(idx), self.buf(node), StatusArg(self.index_status(node, R))],
+                        (D // 32 if table.dtype.is_quantized else D, idx.shape[0]), None, **c_get_rows(node))
 
     def set_rows(self, node: Node):
         dst, idx, src = node.inputs
@@ -451,7 +402,7 @@ class OpenCLRenderer(Renderer):
         chunk = 256
         self.add_kernel(node, "set_rows.cl.j2",
                         [self.buf(idx), self.buf(src), self.buf(node),
-                         self.status(node, f"an index is out of range [0, {R})")],
+                         StatusArg(self.index_status(node, R))],
                         (-(-D // chunk), idx.shape[0]), None,
                         T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, esize=dst.dtype.block_bytes,
                         idx_step=idx.type.strides[0], ss=src.type.strides, chunk=chunk)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import jinja2
+import numpy as np
 
+from ember.codegen.indexing import RowLoop, broadcast_strides, row_loop
 from ember.codegen.memory_plan import is_view, plan_memory
 from ember.codegen.values import Place, describe_node, place_values
 from ember.errors import EmberError
@@ -106,6 +108,77 @@ def c_comment(text: str) -> str:
     return "/* " + text.replace("*/", "* /") + " */\n"
 
 
+# Element-wise arithmetic as every dialect writes it, on float operands a (and b).
+ARITHMETIC = {"add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b", "neg": "-a"}
+
+
+# ---- C-family template parameters (the cpu and opencl kernels take the same ones) -------------
+def c_row_op(node: Node, real: Callable[[float], str], wg_of: Callable[[int], int] | None = None,
+             reduce: str | None = None) -> tuple[str, list[Node], dict]:
+    """(template stem, operands, parameters) of a row op's kernel: rows of the last axis, eps
+    as a literal of `real`; with wg_of, the work-group size for n items (and the reduction)."""
+    x = node.inputs[0]
+    loop = row_loop(x.shape, [x.type.strides], keep_last=True)
+    params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0])
+    if wg_of is not None:
+        params["wg"] = wg_of(loop.n)
+    if node.op in ("rms_norm", "layer_norm", "rms_norm_mul"):
+        params["eps"] = real(node.attr("eps"))
+    if reduce is not None and node.op != "argmax":
+        params["reduce"] = reduce
+    stem, operands = node.op, [x]
+    if node.op == "rms_norm":
+        params.update(weighted=False, w_step=0)
+    elif node.op == "rms_norm_mul":
+        w = node.inputs[1]
+        stem = "rms_norm"
+        params.update(weighted=True, w_step=w.type.strides[0])
+        operands.append(w)
+    return stem, operands, params
+
+
+def c_softmax(node: Node) -> tuple[list[Node], RowLoop, dict]:
+    """(operands, rows, parameters) of a softmax kernel: x and its optional broadcast mask."""
+    x = node.inputs[0]
+    mask = node.inputs[1] if len(node.inputs) > 1 else None
+    strides = [x.type.strides] + ([broadcast_strides(mask.type, x.shape)] if mask else [])
+    loop = row_loop(x.shape, strides, keep_last=True)
+    softcap = node.attr("softcap")
+    params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0],
+                  has_mask=mask is not None, mask_row=loop.row[1] if mask else "0",
+                  mask_step=loop.step[1] if mask else 0, mask_dtype=mask.dtype.name if mask else "f32",
+                  scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None)
+    return [x] + ([mask] if mask else []), loop, params
+
+
+def c_rope(node: Node, real: Callable[[float], str]) -> tuple[list[Node], dict]:
+    """(operands, parameters) of a rope kernel: the frequencies computed in float64 and written
+    as literals of `real`."""
+    x, pos = node.inputs[:2]
+    ff = node.inputs[2] if len(node.inputs) > 2 else None
+    T, H, D = x.shape
+    n_dims = node.attr("n_dims") or D
+    inv_freq = node.attr("freq_base") ** (-np.arange(0, n_dims, 2, dtype=np.float64) / n_dims)
+    params = dict(T=T, H=H, D=D, n_dims=n_dims, mode=node.attr("mode"), xs=x.type.strides,
+                  pos_step=pos.type.strides[0], has_ff=ff is not None, ff_step=ff.type.strides[0] if ff else 0,
+                  freq_scale=real(node.attr("freq_scale")), inv_freq=[real(v) for v in inv_freq])
+    return [x, pos] + ([ff] if ff else []), params
+
+
+def optional_operands(node: Node, n: int) -> tuple[list[Node], Node | None]:
+    """(the n operands every such node has, then its optional last one or None): attention's
+    q, k, v and mask, softmax's x and mask."""
+    return list(node.inputs[:n]), node.inputs[n] if len(node.inputs) > n else None
+
+
+def c_get_rows(node: Node) -> dict:
+    """The parameters of a get_rows kernel on a table in the row layout."""
+    table, idx = node.inputs
+    R, D = table.shape
+    return dict(T=idx.shape[0], R=R, D=D, wtype=table.dtype.name, quantized=table.dtype.is_quantized,
+                row_stride=table.type.strides[0], step=table.type.strides[1], idx_step=idx.type.strides[0])
+
+
 @dataclass(frozen=True)
 class KernelText:
     """One distinct kernel of a C-family program."""
@@ -155,6 +228,10 @@ class Renderer:
     dialect: str                   # names the renderer in error messages
     templates: Templates
     arena_alignment: int
+
+    def __init_subclass__(cls, dialect: str, templates: Templates, arena_alignment: int, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.dialect, cls.templates, cls.arena_alignment = dialect, templates, arena_alignment
     # Whether an output updated in place (in_place_input) lives in its input's region (the
     # launch plan reads it back from there) or in its own output region, which the executor
     # points at the input's buffer (cpu).
@@ -203,6 +280,10 @@ class Renderer:
         code = len(self.status_messages) + 1
         self.status_messages[code] = f"{self.describe(node)}: {what}"
         return code
+
+    def index_status(self, node: Node, rows: int) -> int:
+        """The status code of a get_rows / set_rows index outside [0, rows)."""
+        return self.status_code(node, f"an index is out of range [0, {rows})")
 
     def assign_places(self):
         def output_place(node: Node, k: int) -> Place:

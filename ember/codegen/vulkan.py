@@ -35,10 +35,10 @@ import struct
 
 import numpy as np
 
-from ember.codegen.indexing import broadcast_strides, dims4, item_unit, round_up, span_bytes
+from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
 from ember.codegen.memory_plan import is_view
-from ember.codegen.renderer import ELEMENTWISE_OPS, Renderer, Templates, extent, hazard_barriers, \
-    lowering_problem
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, extent, hazard_barriers,
+                                    lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.codegen.vulkan_plan import Binding, DeviceCaps, Dispatch, Shader, VulkanProgram
 from ember.errors import EmberError
@@ -55,11 +55,7 @@ ARENA_ALIGNMENT = 64
 
 # Elementwise ops as GLSL of the f32 operands a (and b); p0, p1 are push constants.
 ELTWISE_GLSL = {
-    "add": "a + b",
-    "sub": "a - b",
-    "mul": "a * b",
-    "div": "a / b",
-    "neg": "-a",
+    **ARITHMETIC,
     "exp": "exp(a)",
     "tanh": "tanh_stable(a)",
     "sqrt": "sqrt(a)",
@@ -165,12 +161,9 @@ def _mul_mat_t_splits(node: Node, caps: DeviceCaps) -> bool:
 
 
 # ---- the renderer ------------------------------------------------------------------------------
-class VulkanRenderer(Renderer):
+class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alignment=ARENA_ALIGNMENT):
     """GLSL compute shaders generic over shapes: operands as bindings at aligned offsets, sizes and
     strides in push constants, dispatches with a barrier where their byte ranges clash."""
-    dialect = "vulkan"
-    templates = TEMPLATES
-    arena_alignment = ARENA_ALIGNMENT
 
     def __init__(self, graph: Graph, caps: DeviceCaps):
         super().__init__(graph)
@@ -392,10 +385,8 @@ class VulkanRenderer(Renderer):
                       bindings + [y], push, -(-T * H * per_row // wg), reads=bindings, writes=[y])
 
     def attention(self, node: Node):
-        q, k, v = node.inputs[:3]
-        mask = node.inputs[3] if len(node.inputs) > 3 else None
-        Tq, Hq, D = q.shape
-        Tk, Hkv, Dv = v.shape
+        (q, k, v), mask = optional_operands(node, 3)
+        (Tq, Hq, D), (Tk, Hkv, Dv) = q.shape, v.shape
         bindings, push = [], dict(Tq=Tq, Tk=Tk, Hq=Hq, group=Hq // Hkv)
         kv_texel = self.caps.texel_buffers and all(self._word_rows(o) for o in (k, v))
         for name, o in (("q", q), ("k", k), ("v", v)):
@@ -459,71 +450,24 @@ class VulkanRenderer(Renderer):
 
     # ---- matmul and rows of tables -----------------------------------------------------------
     def mul_mat(self, node: Node):
+        """One dispatch per piece: ranges of w's rows (a weight too big for one binding) times
+        ranges of tokens (an x or y too big), each with the batch loop in its work groups."""
         x, w = node.inputs
-        xt, wt = x.type, w.type
+        xt, wt = matmul_operands(node)
         K, N = wt.shape[-1], wt.shape[-2]
-        if xt.rank == 1:
-            xt = TensorType(xt.dtype, (1, K), (xt.strides[0] * K, xt.strides[0]))
-        batch, T = xt.shape[:-2], xt.shape[-2]
-        if len(batch) > 2:
+        if xt.rank > 4:
             raise EmberError(f"vulkan: {self.describe(node)}: more than 2 batch dims")
-        xu, wu = item_unit(xt.dtype), item_unit(wt.dtype)
-        bsz = list(reversed(batch)) + [1] * (2 - len(batch))               # ne2, ne3
-        xbs = [s // xu for s in reversed(xt.strides[:-2])] + [0] * (2 - len(batch))
-        wbatch = wt.shape[:-2]
-        if wbatch and any(s > 1 for s in wbatch):
-            wsz = list(reversed(wbatch)) + [1] * (2 - len(wbatch))
-            wbs = [s // wu for s in reversed(wt.strides[:-2])] + [0] * (2 - len(wbatch))
-            ratios = [b // s for b, s in zip(bsz, wsz)]
-        else:
-            wbs, ratios = [0, 0], [1, 1]
         quantized = wt.dtype.is_quantized
-        row_bytes = wt.dtype.row_bytes(K) if quantized else (K - 1) * wt.strides[-1] + wt.dtype.block_bytes
         if quantized and (self.places[w].offset % 2 or wt.strides[-2] % 2):
             raise EmberError(f"vulkan: {self.describe(node)}: quantized rows at odd byte offsets")
-        # Whole 32-value chunks in contiguous rows: the chunked kernel (x in registers, 32-bit
-        # weight loads, through a texel buffer where the device has them); anything else
-        # (K % 32, strided float rows): the generic one.
-        chunked = K % 32 == 0 and (quantized or wt.strides[-1] == wt.dtype.block_bytes)
-        w_kind = "texel" if chunked and self.caps.texel_buffers else "storage"
-        # pieces: rows of w (a weight too big for one binding), tokens (an x or y too big)
-        limit = self.caps.max_texel_bytes if w_kind == "texel" else self.caps.max_storage_range
-        w_span = span_bytes(wt)
-        n_pieces = [(0, N)]
-        if w_span > limit:
-            per = max(1, (limit - row_bytes) // wt.strides[-2] + 1)
-            per = per - per % 64 if per > 64 else per
-            n_pieces = [(n0, min(N, n0 + per)) for n0 in range(0, N, per)]
-        t_pieces = [(0, T)]
-        y_row = N * 4
-        x_tok = xt.strides[-2]
-        xy_limit = self.caps.max_storage_range
-        if max(span_bytes(xt), T * y_row) > xy_limit and math.prod(batch) == 1:
-            per = max(1, min(xy_limit // y_row, (xy_limit - K * xt.dtype.block_bytes) // max(x_tok, 1) + 1))
-            t_pieces = [(t0, min(T, t0 + per)) for t0 in range(0, T, per)]
-        sub = self.caps.subgroup_size
-        if chunked:
-            n_chunks = K // 32
-            step = max(8, sub)
-            wg = min(64, max(step, -(-n_chunks // step) * step))
-            tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
-            rows = 16 if sub else max(1, min(16, 4096 // (wg * tt)))
-            template = "mul_mat_chunked.comp.j2"
-            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, tt=tt, rows=rows,
-                          cpl=-(-n_chunks // wg), subgroup=sub if wg % max(sub, 1) == 0 else 0,
-                          w_texel=w_kind == "texel")
-            wu = 1   # bytes
-        else:
-            tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
-            rows = 2 if quantized else 4
-            wg = 64
-            lanes = wg // rows
-            template = "mul_mat.comp.j2"
-            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, rows=rows, lanes=lanes, tt=tt,
-                          subgroup=sub if sub and lanes % sub == 0 else 0)
-        w_row = wt.strides[-2] // wu
-        w_step = 0 if quantized else wt.strides[-1] // wu
-        wbs = [s * item_unit(wt.dtype) // wu for s in wbs]
+        template, params, w_kind, rows, tt = self._mul_mat_kernel(xt, wt)
+        wu = 1 if template == "mul_mat_chunked.comp.j2" else item_unit(wt.dtype)   # chunked: w in bytes
+        push = self._mul_mat_batches(xt, wt, wu)
+        row_bytes = wt.dtype.row_bytes(K) if quantized else (K - 1) * wt.strides[-1] + wt.dtype.block_bytes
+        n_pieces, t_pieces = self._mul_mat_pieces(xt, wt, row_bytes, w_kind)
+        xu, x_tok, y_row = item_unit(xt.dtype), xt.strides[-2], N * 4
+        push.update(K=K, x_t=x_tok // xu, x_k=xt.strides[-1] // xu, w_row=wt.strides[-2] // wu,
+                    w_step=0 if quantized else wt.strides[-1] // wu, y_n=N)
         x_place, w_place, y_place = self.places[x], self.places[w], self.places[node]
         for t0, t1 in t_pieces:
             nt = t1 - t0
@@ -540,16 +484,75 @@ class VulkanRenderer(Renderer):
                 else:
                     span = (n1 - n0 - 1) * wt.strides[-2] + row_bytes
                     wb, w_off = self.bind(w_place.shifted(n0 * wt.strides[-2]), span, wu, "w rows", w_kind)
-                groups_n = -(-(n1 - n0) // rows)
-                groups_t = -(-nt // tt)
-                push = dict(K=K, N=n1 - n0, T=nt, ne2=bsz[0], ne3=bsz[1], r2=ratios[0], r3=ratios[1],
-                            x_off=x_off, x_t=x_tok // xu, x_k=xt.strides[-1] // xu, x_b2=xbs[0], x_b3=xbs[1],
-                            w_off=w_off, w_row=w_row, w_step=w_step, w_b2=wbs[0], w_b3=wbs[1],
-                            y_off=y_off, y_n=N, n0=n0, groups_n=groups_n, groups_t=groups_t)
-                if chunked:
-                    del push["w_step"]
-                self.dispatch(node, template, params, [xb, wb, yb], push,
-                              groups_n * groups_t * bsz[0] * bsz[1], reads=[xb, wb], writes=[yb])
+                groups_n, groups_t = -(-(n1 - n0) // rows), -(-nt // tt)
+                piece = dict(push, N=n1 - n0, T=nt, x_off=x_off, w_off=w_off, y_off=y_off, n0=n0,
+                             groups_n=groups_n, groups_t=groups_t)
+                self.dispatch(node, template, params, [xb, wb, yb], _mul_mat_push(piece, template),
+                              groups_n * groups_t * push["ne2"] * push["ne3"], reads=[xb, wb], writes=[yb])
+
+    def _mul_mat_kernel(self, xt: TensorType, wt: TensorType):
+        """(template, params, w binding kind, rows per group, tokens per group). Whole 32-value
+        chunks in contiguous rows: the chunked kernel (x in registers, 32-bit weight loads,
+        through a texel buffer where the device has them); anything else (K % 32, strided float
+        rows): the generic one."""
+        K, T = wt.shape[-1], xt.shape[-2]
+        quantized = wt.dtype.is_quantized
+        chunked = K % 32 == 0 and (quantized or wt.strides[-1] == wt.dtype.block_bytes)
+        sub = self.caps.subgroup_size
+        tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
+        if chunked:
+            w_kind = "texel" if self.caps.texel_buffers else "storage"
+            n_chunks = K // 32
+            step = max(8, sub)
+            wg = min(64, max(step, -(-n_chunks // step) * step))
+            rows = 16 if sub else max(1, min(16, 4096 // (wg * tt)))
+            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, tt=tt, rows=rows,
+                          cpl=-(-n_chunks // wg), subgroup=sub if wg % max(sub, 1) == 0 else 0,
+                          w_texel=w_kind == "texel")
+            return "mul_mat_chunked.comp.j2", params, w_kind, rows, tt
+        rows = 2 if quantized else 4
+        wg = 64
+        lanes = wg // rows
+        params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, rows=rows, lanes=lanes, tt=tt,
+                      subgroup=sub if sub and lanes % sub == 0 else 0)
+        return "mul_mat.comp.j2", params, "storage", rows, tt
+
+    @staticmethod
+    def _mul_mat_batches(xt: TensorType, wt: TensorType, wu: int) -> dict:
+        """The push constants of the batch loop: sizes ne2, ne3 of x's batch dims, x's and w's
+        strides along them (w's in units of wu) and how many x batches share a w matrix."""
+        batch = xt.shape[:-2]
+        xu = item_unit(xt.dtype)
+        bsz = list(reversed(batch)) + [1] * (2 - len(batch))               # ne2, ne3
+        xbs = [s // xu for s in reversed(xt.strides[:-2])] + [0] * (2 - len(batch))
+        wbatch = wt.shape[:-2]
+        if wbatch and any(s > 1 for s in wbatch):
+            wsz = list(reversed(wbatch)) + [1] * (2 - len(wbatch))
+            wbs = [s // wu for s in reversed(wt.strides[:-2])] + [0] * (2 - len(wbatch))
+            ratios = [b // s for b, s in zip(bsz, wsz)]
+        else:
+            wbs, ratios = [0, 0], [1, 1]
+        return dict(ne2=bsz[0], ne3=bsz[1], r2=ratios[0], r3=ratios[1], x_b2=xbs[0], x_b3=xbs[1],
+                    w_b2=wbs[0], w_b3=wbs[1])
+
+    def _mul_mat_pieces(self, xt: TensorType, wt: TensorType, row_bytes: int, w_kind: str):
+        """([(n0, n1)] ranges of w's rows, [(t0, t1)] ranges of tokens), so that each binding
+        stays within the device's limit."""
+        K, N = wt.shape[-1], wt.shape[-2]
+        T = xt.shape[-2]
+        limit = self.caps.max_texel_bytes if w_kind == "texel" else self.caps.max_storage_range
+        n_pieces = [(0, N)]
+        if span_bytes(wt) > limit:
+            per = max(1, (limit - row_bytes) // wt.strides[-2] + 1)
+            per = per - per % 64 if per > 64 else per
+            n_pieces = [(n0, min(N, n0 + per)) for n0 in range(0, N, per)]
+        t_pieces = [(0, T)]
+        y_row, x_tok = N * 4, xt.strides[-2]
+        xy_limit = self.caps.max_storage_range
+        if max(span_bytes(xt), T * y_row) > xy_limit and math.prod(xt.shape[:-2]) == 1:
+            per = max(1, min(xy_limit // y_row, (xy_limit - K * xt.dtype.block_bytes) // max(x_tok, 1) + 1))
+            t_pieces = [(t0, min(T, t0 + per)) for t0 in range(0, T, per)]
+        return n_pieces, t_pieces
 
     def get_rows(self, node: Node):
         table, idx = node.inputs
@@ -566,7 +569,7 @@ class VulkanRenderer(Renderer):
         ib, i_off = self.operand(idx)
         yb, y_off = self.operand(node, what="result")
         sb, _ = self.bind(Place("status"), 4, 4, "status")
-        code = self.status_code(node, f"an index is out of range [0, {R})")
+        code = self.index_status(node, R)
         T = idx.shape[0]
         per_row = D // 32 if quantized else D
         wg = 64
@@ -592,12 +595,23 @@ class VulkanRenderer(Renderer):
         sb, s_off = self.operand(src)
         yb, y_off = self.operand(node, what="result")
         stb, _ = self.bind(Place("status"), 4, 4, "status")
-        code = self.status_code(node, f"an index is out of range [0, {R})")
+        code = self.index_status(node, R)
         push = dict(T=idx.shape[0], D=D, rows=R, i_off=i_off, i_s0=idx.type.strides[0] // 4, s_off=s_off,
                     s_s0=src.type.strides[0] // 4, s_s1=src.type.strides[1] // 4, y_off=y_off, status=code)
         wg = 64
         self.dispatch(node, "set_rows.comp.j2", dict(wg=wg, dtype=dst.dtype.name), [ib, sb, yb, stb], push,
                       -(-D // wg), reads=[ib, sb, yb], writes=[yb])   # status: atomics
+
+
+MUL_MAT_PUSH = ("K", "N", "T", "ne2", "ne3", "r2", "r3", "x_off", "x_t", "x_k", "x_b2", "x_b3", "w_off",
+                "w_row", "w_step", "w_b2", "w_b3", "y_off", "y_n", "n0", "groups_n", "groups_t")
+
+
+def _mul_mat_push(values: dict, template: str) -> dict:
+    """The push constants of a mul_mat piece in the order its shader declares them (the chunked
+    kernel walks contiguous rows: no w_step)."""
+    return {name: values[name] for name in MUL_MAT_PUSH
+            if not (name == "w_step" and template == "mul_mat_chunked.comp.j2")}
 
 
 def render_graph(graph: Graph, caps: DeviceCaps = DeviceCaps()) -> VulkanProgram:
@@ -665,8 +679,7 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
                                           mask_dtype=mask or "f32", softcap=True, causal=True, window=True,
                                           kv_texel=texel), push,
                 ["storage", kv_kind, kv_kind] + ["storage"] * (2 if mask else 1))
-    mm_push = ["K", "N", "T", "ne2", "ne3", "r2", "r3", "x_off", "x_t", "x_k", "x_b2", "x_b3", "w_off",
-               "w_row", "w_step", "w_b2", "w_b3", "y_off", "y_n", "n0", "groups_n", "groups_t"]
+    mm_push = list(MUL_MAT_PUSH)
     gr_push = ["T", "D", "rows", "row_lo", "row_hi", "i_off", "i_s0", "w_off", "w_row", "w_step", "y_off", "status"]
     for k, wtype in enumerate(MATMUL_WTYPES):
         rows = 4 if wtype in FLOAT_KINDS else 2
