@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember.backends.opencl.backend import OpenCLBackend  # noqa: E402
+from ember.codegen.opencl import layout_pass  # noqa: E402
 from ember.errors import EmberError  # noqa: E402
 from ember.ir import GraphBuilder  # noqa: E402
 from ember.ir.quant import quantize  # noqa: E402
@@ -179,7 +180,8 @@ def run_ember(backend: OpenCLBackend, x: np.ndarray, weight, wtype: str, N: int,
     b = GraphBuilder(f"mm_{wtype}_{x.shape[0]}x{N}x{K}")
     w = b.const("w", weight, wtype, (N, K)) if wtype != "f32" else b.const("w", weight)
     graph = b.build(b.mul_mat(b.input("x", "f32", x.shape), w))
-    exe = backend.compile(graph)
+    layouts = layout_pass(backend.profile)    # the profile's layout (Adreno SoA), as its pipeline runs it
+    exe = backend.compile(layouts(graph) if layouts else graph)
     out = exe.run({"x": x})[0]
     seconds = sum(t for _, t in exe.profile({"x": x}, repeats=reps))
     templates = sorted({k.template.removesuffix(".cl.j2") for k in exe.program.kernels})

@@ -40,12 +40,12 @@ class Writer:
     def __init__(self, target: str, progress=None, device=None, profile: str | None = None,
                  profile_options: dict | None = None, cache_dir=None):
         from ember.backends.opencl.device import choose_profile, select_device
-        from ember.codegen.opencl import adreno_generation, adreno_profile, generic_profile
+        from ember.codegen.opencl import layout_pass
+        from ember.codegen.opencl_plan import adreno_generation, adreno_profile, generic_profile
         names = profiles_of(target)
         profile = profile or names[0]
         if profile not in names:
             raise ArtifactError(f"compile: target {target} takes profile {' or '.join(names)}, not {profile!r}")
-        self.layout = None   # the profile's layout pass: see pipeline_for
         self.relaid: dict[str, dict] = {}
         options = dict(profile_options or {})
         try:
@@ -69,6 +69,9 @@ class Writer:
             if progress:
                 progress(f"no build device ({why}): writing OpenCL sources and plans without binaries")
         self.info = info
+        # The pipeline ends with the profile's own layout pass: its thresholds (profile_options)
+        # decide which weights this artifact lays out; the renderer runs no pass itself.
+        self.layout = layout_pass(self.profile)
         self.backend = None
         if info is not None:
             from ember.backends.opencl.backend import OpenCLBackend
@@ -98,7 +101,7 @@ class Writer:
         return entry, len(program.kernels), program.graph, {program.constants[j].name for j in program.layouts}
 
     def _save_relaid(self, tmp: Path, node, graph, layout) -> None:
-        from ember.codegen.opencl import relayout_weight
+        from ember.codegen.opencl_plan import relayout_weight
         if node.name in self.relaid:
             if self.relaid[node.name]["layout"] != layout.to_json():
                 raise ArtifactError(f"compile: weight {node.name!r} is laid out differently by two steps")
@@ -119,7 +122,7 @@ class Writer:
 
 
 def _profile_from_json(data: dict):
-    from ember.codegen.opencl import Profile
+    from ember.codegen.opencl_plan import Profile
     return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
@@ -138,7 +141,7 @@ def _opencl_backend_class():
 def load(folder: Path, manifest: dict, model_path=None, threads: int | None = None):
     from ember.backends.opencl.device import profile_requirements, select_device
     from ember.backends.opencl.loader import PlanExecutable
-    from ember.codegen.opencl import adreno_generation
+    from ember.codegen.opencl_plan import adreno_generation
     path = folder / MANIFEST
     target, profile = manifest["target"], _profile_from_json(manifest["profile"])
     try:

@@ -25,7 +25,7 @@ class Writer:
         """features: "device" or "baseline" (for the Vulkan device here), or "portable": no
         device needed, shaders for any Vulkan 1.1 device (PORTABLE_CAPS; glslc still needed)."""
         from ember.backends.vulkan.backend import VulkanBackend
-        from ember.codegen.vulkan import PORTABLE_CAPS
+        from ember.codegen.vulkan_plan import PORTABLE_CAPS
         self.portable = features == "portable"
         self.backend = VulkanBackend(device=device, features="baseline" if self.portable else features,
                                      cache_dir=cache_dir)

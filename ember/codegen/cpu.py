@@ -14,46 +14,44 @@ Each kernel is rendered from templates/cpu/<template>.c.j2 with the node's shape
 and attributes baked in as constants (a compiled graph serves one set of shapes), and starts with
 a comment naming the node, the template and its parameters. Views are free: a view's data is its
 operand's pointer plus a byte offset, read through its own strides, and every kernel takes byte
-strides for its operands. Values live where the memory plan puts them (ember.runtime.memory_plan):
+strides for its operands. Values live where the memory plan puts them (ember.codegen.memory_plan):
 inputs and constants in the caller's arrays, graph outputs in the caller's output arrays, the rest
 in one arena. mul_mat calls the kernels of ember.codegen.cpu_matmul.
 
-Imports jinja2, NumPy and ember only: no compiler or device library.
+The walk is ember.codegen.renderer's; `CpuRenderer` states what C does differently: expressions,
+threads and barriers, kernel calls.
+
+Imports NumPy, ember.ir, ember.errors and the codegen modules (renderer, indexing, values,
+memory_plan, cpu_matmul): no compiler or device library.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-import jinja2
-import numpy as np
-
-from ember.codegen.values import describe_node, place_values
+from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batches, matmul_operands, offset_expr,
+                                    round_up, row_loop, span_bytes)
+from ember.codegen.memory_plan import MemoryPlan
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float, c_rope,
+                                    c_get_rows, c_row_op, c_softmax, extent, hazard_barriers, lowering_problem,
+                                    optional_operands)
+from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir import dtypes
 from ember.ir.graph import Graph
 from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
-from ember.ir.ops import OPS
-from ember.ir.ops.elementwise import BINARY, GATED, UNARY
 from ember.ir.printer import value_names
 from ember.ir.types import TensorType, contiguous_strides
-from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
 
-TEMPLATE_DIR = Path(__file__).parent / "templates" / "cpu"
+TEMPLATES = Templates("cpu")
 ENTRY_POINT = "ember_graph_run"
 ARENA_ALIGNMENT = 64
 
 # Elementwise ops as C expressions of the float operands a (and b): f32 math, exp through
 # ember_expf (helpers.h), the rest through libm.
 ELTWISE_C = {
-    "add": "a + b",
-    "sub": "a - b",
-    "mul": "a * b",
-    "div": "a / b",
-    "neg": "-a",
+    **ARITHMETIC,
     "exp": "ember_expf(a)",
     "tanh": "tanhf(a)",
     "sqrt": "sqrtf(a)",
@@ -81,24 +79,7 @@ ELTWISE_V8 = {
     "swiglu": "ember_silu8(a) * b",
     "geglu": "ember_gelu8(a) * b",
 }
-assert set(ELTWISE_C) == set(BINARY) | set(UNARY) | set(GATED), "an elementwise op has no C form"
-
-
-# ---- templates ---------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-                              undefined=jinja2.StrictUndefined, trim_blocks=True,
-                              lstrip_blocks=True, keep_trailing_newline=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _static_file(name: str) -> str:
-    return (TEMPLATE_DIR / name).read_text()
-
-
-def render_template(template: str, **params) -> str:
-    return _environment().get_template(template).render(**params)
+assert set(ELTWISE_C) | {"scale", "clamp"} == set(ELEMENTWISE_OPS), "an elementwise op has no C form"
 
 
 def _matmul():
@@ -107,110 +88,10 @@ def _matmul():
     return cpu_matmul
 
 
-# ---- C literals and index arithmetic -----------------------------------------------------------
-def c_float(v: float) -> str:
-    """A float attribute as a C float expression (the value rounded to f32, as stored)."""
-    if math.isnan(v):
-        return "NAN"
-    if math.isinf(v):
-        return "INFINITY" if v > 0 else "(-INFINITY)"
-    return f"((float){float(v)!r})"
-
-
-def c_double(v: float) -> str:
-    if math.isinf(v) or math.isnan(v):
-        return "NAN" if math.isnan(v) else ("INFINITY" if v > 0 else "(-INFINITY)")
-    return repr(float(v))
-
-
-def offset_expr(var: str, sizes, strides) -> str:
-    """The byte offset of flat (row-major) index `var` over dims `sizes` with byte `strides`,
-    as a C expression."""
-    total = math.prod(sizes)
-    terms, inner = [], 1
-    for size, stride in reversed(list(zip(sizes, strides))):
-        if size > 1 and stride != 0:
-            index = var if inner == 1 else f"{var} / {inner}"
-            if inner * size != total:
-                index = f"({index}) % {size}"
-            terms.append(f"({index}) * {stride}")
-        inner *= size
-    return "(" + " + ".join(terms) + ")" if terms else "0"
-
-
-def coalesce(shape, strides_list, keep_last: bool = False):
-    """Merge adjacent dims that every operand walks as one (and drop size-1 dims). Returns
-    (sizes, [strides per operand]); with keep_last the last dim stays last and separate (the
-    axis a row op reduces over)."""
-    dims = list(zip(shape, zip(*strides_list))) if shape else []
-    last = dims.pop() if keep_last and dims else None
-    merged: list[tuple[int, tuple]] = []
-    for size, strides in dims:
-        if size == 1:
-            continue
-        if merged and all(o == size * i for o, i in zip(merged[-1][1], strides)):
-            merged[-1] = (merged[-1][0] * size, strides)
-        else:
-            merged.append((size, strides))
-    if last is not None:
-        merged.append(last)
-    if not merged:
-        merged = [(1, tuple(0 for _ in strides_list))]
-    sizes = [m[0] for m in merged]
-    return sizes, [[m[1][k] for m in merged] for k in range(len(strides_list))]
-
-
-@dataclass(frozen=True)
-class RowLoop:
-    """A loop nest over `rows` rows of `n` items: per operand, the C byte offset of row r and the
-    byte stride of the items."""
-    rows: int
-    n: int
-    row: list[str]
-    step: list[int]
-
-
-def row_loop(shape, strides_list, keep_last: bool = False) -> RowLoop:
-    sizes, strides = coalesce(shape, strides_list, keep_last)
-    outer = sizes[:-1]
-    return RowLoop(math.prod(outer), sizes[-1], [offset_expr("r", outer, s[:-1]) for s in strides],
-                   [s[-1] for s in strides])
-
-
-def broadcast_strides(small: TensorType, shape) -> tuple[int, ...]:
-    """Strides that read `small` as if broadcast to `shape` (zero along broadcast dims)."""
-    pad = len(shape) - small.rank
-    return tuple(0 for _ in range(pad)) + tuple(
-        0 if s == 1 and big != 1 else st for s, st, big in zip(small.shape, small.strides, shape[pad:]))
-
-
-def span_bytes(t: TensorType) -> int:
-    """Bytes a tensor's data spans (TensorType.span_bytes, extended to rank 0)."""
-    return t.dtype.block_bytes if not t.shape else t.span_bytes
-
-
-def _round_up(n: int, m: int = ARENA_ALIGNMENT) -> int:
-    return -(-n // m) * m
-
-
-# ---- where values live -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Place:
-    """Bytes of a region: an input, an output, a constant or the arena, at an offset."""
-    region: str    # "in", "out", "const", "arena"
-    index: int
-    offset: int = 0
-
-    @property
-    def base(self) -> str:
-        return "arena" if self.region == "arena" else f"{self.region}_{self.index}"
-
-    @property
-    def c(self) -> str:
-        return self.base if not self.offset else f"({self.base} + {self.offset})"
-
-    def shifted(self, by: int) -> "Place":
-        return Place(self.region, self.index, self.offset + by)
+def c_pointer(place: Place) -> str:
+    """A C expression of place's first byte (the entry point's pointers: arena, in_i, out_k, const_j)."""
+    base = "arena" if place.region == "arena" else f"{place.region}_{place.index}"
+    return base if not place.offset else f"({base} + {place.offset})"
 
 
 @dataclass
@@ -259,12 +140,6 @@ def _work_items(node: Node) -> int:
     return node.type.numel
 
 
-def _touches(a: tuple[Place, int], b: tuple[Place, int]) -> bool:
-    (pa, na), (pb, nb) = a, b
-    return (pa.region, pa.index) == (pb.region, pb.index) and na > 0 and nb > 0 and \
-        pa.offset < pb.offset + nb and pb.offset < pa.offset + na
-
-
 @dataclass(frozen=True)
 class CpuProgram:
     """A rendered graph: the C source and what the executor must pass to its entry point."""
@@ -283,9 +158,7 @@ class CpuProgram:
 # ---- support -----------------------------------------------------------------------------------
 def supports_node(node: Node) -> tuple[bool, str]:
     """Whether the CPU renderer handles node (every op of the op table, at the dtypes it allows)."""
-    if node.op not in OPS:
-        return False, f"{node.op}: unknown op"
-    why = unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
+    why = lowering_problem(node, "cpu") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
     if why:
         return False, why
     if node.op == "mul_mat":
@@ -329,60 +202,33 @@ class _MulMatLayout:
 
 
 def _mul_mat_layout(node: Node) -> _MulMatLayout:
-    x, w = node.inputs[0].type, node.inputs[1].type
+    x, w = matmul_operands(node)
     K, N = w.shape[-1], w.shape[-2]
-    if x.rank == 1:
-        x = TensorType(x.dtype, (1, K), (x.strides[0] * K, x.strides[0]))
     batch, T = x.shape[:-2], x.shape[-2]
-    x_bs, x_row, x_step = x.strides[:-2], x.strides[-2], x.strides[-1]
     w_batch_shape, w_bs, w_row, w_step = w.shape[:-2], w.strides[:-2], w.strides[-2], w.strides[-1]
     offset = 0
     x_copy = w_copy = None
-    if x.dtype is not dtypes.f32 or x_step != 4:
-        x_copy = dict(rows=math.prod(batch) * T, n=K, step=x_step, dtype=x.dtype.name, offset=0,
-                      src_row=offset_expr("r", batch + (T,), x_bs + (x_row,)))
-        x_row = K * 4
-        x_bs = contiguous_strides(dtypes.f32, batch + (T, K))[:-2]
-        offset = _round_up(x_copy["rows"] * K * 4)
+    if x.dtype is not dtypes.f32 or x.strides[-1] != 4:
+        # x is converted to contiguous f32 rows in scratch first; the matmul reads those
+        x_copy = dict(rows=math.prod(batch) * T, n=K, step=x.strides[-1], dtype=x.dtype.name, offset=0,
+                      src_row=offset_expr("r", batch + (T,), x.strides[:-1]))
+        x = TensorType(dtypes.f32, x.shape, contiguous_strides(dtypes.f32, x.shape))
+        offset = round_up(x_copy["rows"] * K * 4, ARENA_ALIGNMENT)
     wtype = w.dtype.name
     if not w.dtype.is_quantized and w_step != w.dtype.block_bytes:
         w_copy = dict(rows=math.prod(w_batch_shape) * N, n=K, step=w_step, dtype=w.dtype.name,
                       offset=offset, src_row=offset_expr("r", w_batch_shape + (N,), w_bs + (w_row,)))
         wtype, w_row = "f32", K * 4
-        w_bs = contiguous_strides(dtypes.f32, w_batch_shape + (N, K))[:-2]
-        offset += _round_up(w_copy["rows"] * K * 4)
-
-    # With no batch of w to follow, the batch dims of x fold into T when x walks them as one.
-    if all(s == 1 for s in w_batch_shape):
-        sizes, (strides,) = coalesce(batch + (T,), [x_bs + (x_row,)])
-        if len(sizes) == 1:
-            batch, T, x_row = (), sizes[0], strides[0] if sizes[0] > 1 else x_row
-            x_bs = ()
-    batches = math.prod(batch)
-    x_batch = offset_expr("b", batch, x_bs)
-    terms, inner = [], 1
-    for i in reversed(range(len(batch))):
-        if w_batch_shape and w_batch_shape[i] > 1 and w_bs[i]:
-            ratio = batch[i] // w_batch_shape[i]
-            index = f"(b / {inner}) % {batch[i]}"
-            terms.append(f"(({index}) / {ratio}) * {w_bs[i]}" if ratio > 1 else f"({index}) * {w_bs[i]}")
-        inner *= batch[i]
-    w_batch = "(" + " + ".join(terms) + ")" if terms else "0"
+        w = TensorType(dtypes.f32, w.shape, contiguous_strides(dtypes.f32, w.shape))
+        offset += round_up(w_copy["rows"] * K * 4, ARENA_ALIGNMENT)
+    b = matmul_batches(x, w)
     mm = _matmul()
-    mm_scratch = mm.matmul_scratch_bytes(wtype, T, K) if mm.matmul_uses_scratch(wtype, T, K) else 0
-    return _MulMatLayout(wtype, T, N, K, batches, x_row, w_row, x_batch, w_batch, T * N * 4,
+    mm_scratch = mm.matmul_scratch_bytes(wtype, b.T, K) if mm.matmul_uses_scratch(wtype, b.T, K) else 0
+    return _MulMatLayout(wtype, b.T, N, K, b.batches, b.x_row, w_row, b.x_batch, b.w_batch, b.T * N * 4,
                          x_copy, w_copy, offset, offset + mm_scratch)
 
 
-def scratch_bytes(node: Node) -> int:
-    """Bytes of arena scratch node's kernel needs while it runs."""
-    if node.op == "mul_mat" and node.type.numel:
-        return _mul_mat_layout(node).scratch_bytes
-    return 0
-
-
 # ---- the renderer ------------------------------------------------------------------------------
-_KERNEL_NAME_SLOT = "ember_kernel_name_slot"
 def cluster_matmuls(graph: Graph) -> Graph:
     """The graph with each mul_mat moved up next to the first mul_mat of the same activations
     (e.g. a V projection next to the fused Q/K one), when its weight allows: such matmuls then
@@ -420,47 +266,34 @@ PROFILE_CLOCKS = {"wall": "CLOCK_MONOTONIC", "cpu": "CLOCK_THREAD_CPUTIME_ID"}
 BARRIER = "ember_barrier_wait(&ember_bar, nth);"   # common.h; `bar` inside kernels
 
 
-class _Renderer:
+class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=ARENA_ALIGNMENT):
+    """C with OpenMP threads: kernels are static functions called by every thread, a barrier
+    between two calls only where their bytes clash (hazard_barriers)."""
+    in_place_in_input_region = False     # the executor points the output at the input's buffer
+
     def __init__(self, graph: Graph, profile: str | None = None):
         if profile is not None and profile not in PROFILE_CLOCKS:
             raise EmberError(f"cpu: profile must be one of {sorted(PROFILE_CLOCKS)} or None, got {profile!r}")
-        if graph.has_dead_nodes:
-            graph = graph.replace()
-        graph = cluster_matmuls(graph)
-        self.graph = graph
+        super().__init__(graph)
         self.profile = profile
-        self.names = value_names(graph)
-        self.plan = plan_memory(graph, alignment=ARENA_ALIGNMENT, extra=scratch_bytes)
-        self.places: dict[Node, Place] = {}
-        self.constants: list[Node] = []
-        self.kernels: list[str] = []
-        self.kernel_by_body: dict[str, str] = {}
-        self.in_place: dict[int, int] = {}   # output index -> input index it may share
         self.steps: list[Step] = []
-        self.status_messages: dict[int, str] = {}
         self.wtypes: dict[str, None] = {}
         self.n_counters = 0                  # work counters (ember_next) handed out so far
 
-    def describe(self, node: Node) -> str:
-        return describe_node(self.names, node)
+    def order(self, graph: Graph) -> Graph:
+        return cluster_matmuls(graph)
 
-    # ---- places --------------------------------------------------------------------------
-    def assign_places(self):
-        self.places, self.constants = place_values(self.graph, self.plan.offsets, Place,
-                                                   lambda node, k: Place("out", k))
+    def scratch_bytes(self, node: Node) -> int:
+        if node.op == "mul_mat" and node.type.numel:
+            return _mul_mat_layout(node).scratch_bytes
+        return 0
 
     # ---- steps ---------------------------------------------------------------------------
+    def ptr(self, node: Node) -> str:
+        return c_pointer(self.places[node])
+
     def add_kernel(self, node: Node, template: str, args: list[str], reads, writes, **params):
-        # Kernels with the same body (the same op at the same shapes, as in every layer of a
-        # model) are emitted once: compile time grows with distinct kernels, not with nodes.
-        body = render_template(template, name=_KERNEL_NAME_SLOT, **params)
-        name = self.kernel_by_body.get(body)
-        if name is None:
-            name = f"k{len(self.kernels)}_{node.op}"
-            self.kernel_by_body[body] = name
-            shown = ", ".join(f"{k}={v}" for k, v in params.items())
-            comment = _c_comment(f"{name}: first used by {self.describe(node)}\n * template {template}: {shown}")
-            self.kernels.append(comment + body.replace(_KERNEL_NAME_SLOT, name))
+        name = self.c_kernel(node, template, params)
         label = node.op + (f"[{params['wtype']}]" if node.op in ("mul_mat", "get_rows") else "")
         if template in SERIAL_TEMPLATES and _work_items(node) <= SERIAL_MAX_ITEMS:
             # Tiny work (one token's norms, ropes, cache rows): thread 0 alone, so a chain of
@@ -478,19 +311,8 @@ class _Renderer:
     def reads_of(self, *nodes: Node):
         return [(self.places[n], span_bytes(n.type)) for n in nodes]
 
-    def status_code(self, node: Node, what: str) -> int:
-        code = len(self.status_messages) + 1
-        self.status_messages[code] = f"{self.describe(node)}: {what}"
-        return code
-
     def render(self) -> CpuProgram:
-        self.assign_places()
-        for node in self.graph.nodes:
-            if node.op not in ("input", "const") and not is_view(node) and node.type.numel:
-                getattr(self, f"_render_{_KIND.get(node.op, node.op)}")(node)
-            for k, out in enumerate(self.graph.outputs):
-                if out is node and self.places[node] != Place("out", k) and node.type.numel:
-                    self.copy(node, node, Place("out", k), TensorType(node.dtype, node.shape))
+        self.lower_graph()
         body, barriers = self.schedule()
         labels = [step.label for step in self.steps]
         if self.profile:
@@ -501,11 +323,11 @@ class _Renderer:
         # The matmul kernels live in a separate library built once per ISA (kernel_library_source);
         # a graph only declares the ones it calls, so compiling a graph stays cheap.
         library = [matmul_prototypes(w) for w in self.wtypes]
-        source = render_template(
+        source = TEMPLATES.render(
             "graph.c.j2", graph_name=self.graph.name.replace("*/", "* /"), n_kernels=len(self.kernels),
             n_barriers=barriers, arena_bytes=self.plan.peak_bytes,
-            common_h=_static_file("common.h"), helpers_h=_static_file("helpers.h"),
-            library=library, kernels=self.kernels, pointers=pointers, body=body,
+            common_h=TEMPLATES.static_file("common.h"), helpers_h=TEMPLATES.static_file("helpers.h"),
+            library=library, kernels=[k.text for k in self.kernels], pointers=pointers, body=body,
             n_counters=self.n_counters,
             profile_steps=len(labels) + 1 if self.profile else 0,
             profile_clock=PROFILE_CLOCKS.get(self.profile, ""))
@@ -529,58 +351,36 @@ class _Renderer:
     def schedule(self) -> tuple[list[str], int]:
         """The calls in order, with a barrier before any call that touches what the calls since
         the last barrier wrote, or writes what they touched."""
-        lines, barriers = [], 0
-        epoch_reads: list = []     # (place, bytes, serial) of the calls since the last barrier
-        epoch_writes: list = []
-        for step in self.steps:
-            # Two serial calls run on the same thread, in order: never a hazard between them.
-            def clash(mine, theirs):
-                return any(_touches(m, e[:2]) and not (step.serial and e[2]) for m in mine for e in theirs)
-            hazard = clash(step.writes, epoch_reads + epoch_writes) or clash(step.reads, epoch_writes)
-            if hazard:
+        lines = []
+        flags = hazard_barriers(([extent(p, n) for p, n in step.reads], [extent(p, n) for p, n in step.writes],
+                                 step.serial) for step in self.steps)
+        for step, barrier in zip(self.steps, flags):
+            if barrier:
                 lines.append(BARRIER)
-                barriers += 1
-                epoch_reads, epoch_writes = [], []
             lines.append(step.call)
-            epoch_reads += [(p, n, step.serial) for p, n in step.reads]
-            epoch_writes += [(p, n, step.serial) for p, n in step.writes]
-        return lines, barriers
+        return lines, sum(flags)
 
     # ---- copies --------------------------------------------------------------------------
     def copy(self, node: Node, src: Node, dst: Place, dst_type: TensorType):
-        """A copy kernel (for node): src's data into a tensor of dst_type at dst."""
         s, d = src.type, dst_type
         if s.dtype.is_quantized:
             row = s.dtype.row_bytes(s.shape[-1])
-            s = _bytes_type(s, row)
-            d = _bytes_type(d, row)
+            s = bytes_type(s, row)
+            d = bytes_type(d, row)
         loop = row_loop(s.shape, [s.strides, d.strides])
         if s.dtype == d.dtype:
             item = s.dtype.block_bytes
             mode = "memcpy" if loop.step == [item, item] else "items"
         else:
             item, mode = 0, "convert"
-        self.add_kernel(node, "copy.c.j2", [self.places[src].c, dst.c],
+        self.add_kernel(node, "copy.c.j2", [self.ptr(src), c_pointer(dst)],
                         reads=[(self.places[src], span_bytes(s))], writes=[(dst, span_bytes(d))],
                         rows=loop.rows, n=loop.n, src_row=loop.row[0], dst_row=loop.row[1],
                         src_step=loop.step[0], dst_step=loop.step[1], src_dtype=s.dtype.name,
                         dst_dtype=d.dtype.name, item_bytes=item, mode=mode)
 
-    def _render_cont(self, node: Node):
-        self.copy(node, node.inputs[0], self.places[node], node.type)
-
-    _render_cast = _render_cont
-
-    def _render_concat(self, node: Node):
-        a, b = node.inputs
-        axis = node.attr("axis") % node.type.rank
-        out = node.type
-        for part, start in ((a, 0), (b, a.shape[axis])):
-            dst = TensorType(out.dtype, part.shape, out.strides)
-            self.copy(node, part, self.places[node].shifted(start * out.strides[axis]), dst)
-
     # ---- elementwise ---------------------------------------------------------------------
-    def _render_eltwise(self, node: Node):
+    def eltwise(self, node: Node):
         operands = list(node.inputs)
         shape = node.shape
         strides = [operands[0].type.strides]
@@ -601,70 +401,36 @@ class _Renderer:
         a_step, b_step = loop.step[0], loop.step[1] if two else 0
         if a_step != 4 or b_step not in (0, 4) or operands[0].dtype is not dtypes.f32:
             vec_expr = None
-        self.add_kernel(node, "eltwise.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
+        self.add_kernel(node, "eltwise.c.j2", [self.ptr(o) for o in operands] + [self.ptr(node)],
                         reads=self.reads_of(*operands), writes=self.reads_of(node),
                         arity=len(operands), expr=expr, vec_expr=vec_expr, rows=loop.rows, n=loop.n,
                         a_row=loop.row[0], b_row=loop.row[1] if two else "0", y_row=loop.row[-1],
                         a_step=a_step, b_step=b_step)
 
     # ---- rows ----------------------------------------------------------------------------
-    def _render_rows(self, node: Node):
-        x = node.inputs[0]
-        loop = row_loop(x.shape, [x.type.strides], keep_last=True)
-        params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0])
-        if node.op in ("rms_norm", "layer_norm", "rms_norm_mul"):
-            params["eps"] = c_double(node.attr("eps"))
-        template, args = f"{node.op}.c.j2", [self.places[x].c]
-        if node.op == "rms_norm":
-            params.update(weighted=False, w_step=0)
-        elif node.op == "rms_norm_mul":
-            w = node.inputs[1]
-            template = "rms_norm.c.j2"
-            params.update(weighted=True, w_step=w.type.strides[0])
-            args.append(self.places[w].c)
-        self.add_kernel(node, template, args + [self.places[node].c],
+    def rows(self, node: Node):
+        stem, operands, params = c_row_op(node, c_double)
+        self.add_kernel(node, f"{stem}.c.j2", [self.ptr(o) for o in operands] + [self.ptr(node)],
                         reads=self.reads_of(*node.inputs), writes=self.reads_of(node), **params)
 
-    def _render_softmax(self, node: Node):
-        x = node.inputs[0]
-        mask = node.inputs[1] if len(node.inputs) > 1 else None
-        strides = [x.type.strides] + ([broadcast_strides(mask.type, x.shape)] if mask else [])
-        loop = row_loop(x.shape, strides, keep_last=True)
-        softcap = node.attr("softcap")
-        operands = [x] + ([mask] if mask else [])
-        self.add_kernel(node, "softmax.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
-                        reads=self.reads_of(*operands), writes=self.reads_of(node),
-                        rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0],
-                        has_mask=mask is not None, mask_row=loop.row[1] if mask else "0",
-                        mask_step=loop.step[1] if mask else 0,
-                        mask_dtype=mask.dtype.name if mask else "f32",
-                        scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None)
+    def softmax(self, node: Node):
+        operands, _, params = c_softmax(node)
+        self.add_kernel(node, "softmax.c.j2", [self.ptr(o) for o in operands] + [self.ptr(node)],
+                        reads=self.reads_of(*operands), writes=self.reads_of(node), **params)
 
     # ---- rope, attention -----------------------------------------------------------------
-    def _render_rope(self, node: Node):
-        x, pos = node.inputs[:2]
-        ff = node.inputs[2] if len(node.inputs) > 2 else None
-        T, H, D = x.shape
-        n_dims = node.attr("n_dims") or D
-        inv_freq = node.attr("freq_base") ** (-np.arange(0, n_dims, 2, dtype=np.float64) / n_dims)
-        operands = [x, pos] + ([ff] if ff else [])
-        self.add_kernel(node, "rope.c.j2", [self.places[o].c for o in operands] + [self.places[node].c],
-                        reads=self.reads_of(*operands), writes=self.reads_of(node),
-                        T=T, H=H, D=D, n_dims=n_dims, mode=node.attr("mode"), xs=x.type.strides,
-                        pos_step=pos.type.strides[0], has_ff=ff is not None,
-                        ff_step=ff.type.strides[0] if ff else 0,
-                        freq_scale=c_double(node.attr("freq_scale")),
-                        inv_freq=[repr(float(v)) for v in inv_freq])
+    def rope(self, node: Node):
+        operands, params = c_rope(node, c_double)
+        self.add_kernel(node, "rope.c.j2", [self.ptr(o) for o in operands] + [self.ptr(node)],
+                        reads=self.reads_of(*operands), writes=self.reads_of(node), **params)
 
-    def _render_attention(self, node: Node):
-        q, k, v = node.inputs[:3]
-        mask = node.inputs[3] if len(node.inputs) > 3 else None
-        Tq, Hq, D = q.shape
-        Tk, Hkv, Dv = v.shape
+    def attention(self, node: Node):
+        (q, k, v), mask = optional_operands(node, 3)
+        (Tq, Hq, D), (Tk, Hkv, Dv) = q.shape, v.shape
         softcap = node.attr("softcap")
         operands = [q, k, v] + ([mask] if mask else [])
-        self.add_kernel(node, "attention.c.j2", [self.places[o].c for o in operands] +
-                        [self.places[node].c, self.counters()],
+        self.add_kernel(node, "attention.c.j2", [self.ptr(o) for o in operands] +
+                        [self.ptr(node), self.counters()],
                         reads=self.reads_of(*operands), writes=self.reads_of(node),
                         Tq=Tq, Tk=Tk, Hq=Hq, Hkv=Hkv, group=Hq // Hkv, D=D, Dv=Dv,
                         qs=q.type.strides, ks=k.type.strides, vs=v.type.strides,
@@ -676,30 +442,30 @@ class _Renderer:
                         **_attention_items(Tq, Hkv, Hq // Hkv))
 
     # ---- state-space ops (Mamba-2) -------------------------------------------------------
-    def _render_ssm_conv(self, node: Node):
+    def ssm_conv(self, node: Node):
         sx, w = node.inputs
         T, C = node.shape
-        self.add_kernel(node, "ssm_conv.c.j2", [self.places[sx].c, self.places[w].c, self.places[node].c],
+        self.add_kernel(node, "ssm_conv.c.j2", [self.ptr(sx), self.ptr(w), self.ptr(node)],
                         reads=self.reads_of(sx, w), writes=self.reads_of(node),
                         T=T, C=C, K=w.shape[1], xs=sx.type.strides, ws=w.type.strides)
 
-    def _render_ssm_scan(self, node: Node):
+    def ssm_scan(self, node: Node):
         state, x, dt, a, b, c = node.inputs
         H, P, N = state.shape
-        self.add_kernel(node, "ssm_scan.c.j2", [self.places[o].c for o in node.inputs] + [self.places[node].c],
+        self.add_kernel(node, "ssm_scan.c.j2", [self.ptr(o) for o in node.inputs] + [self.ptr(node)],
                         reads=self.reads_of(*node.inputs), writes=self.reads_of(node),
                         T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
                         xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
                         bs=b.type.strides, cs=c.type.strides)
 
     # ---- matmul and rows of tables -------------------------------------------------------
-    def _render_mul_mat(self, node: Node):
+    def mul_mat(self, node: Node):
         x, w = node.inputs
         lay = _mul_mat_layout(node)
         self.wtypes[lay.wtype] = None
         scratch = Place("arena", 0, self.plan.scratch_offsets.get(node, 0))
         self.add_kernel(node, "mul_mat.c.j2",
-                        [self.places[x].c, self.places[w].c, self.places[node].c, scratch.c,
+                        [self.ptr(x), self.ptr(w), self.ptr(node), c_pointer(scratch),
                          self.counters(lay.batches), "&ember_bar"],
                         reads=self.reads_of(x, w),
                         writes=self.reads_of(node) + [(scratch, lay.scratch_bytes)],
@@ -709,45 +475,25 @@ class _Renderer:
                         w_copy=lay.w_copy, mm_scratch=lay.mm_scratch,
                         batch_barrier=lay.scratch_bytes > lay.mm_scratch)
 
-    def _render_get_rows(self, node: Node):
+    def get_rows(self, node: Node):
         table, idx = node.inputs
         R, D = table.shape
-        quantized = table.dtype.is_quantized
-        if quantized:
+        if table.dtype.is_quantized:
             self.wtypes[table.dtype.name] = None
         self.add_kernel(node, "get_rows.c.j2",
-                        [self.places[table].c, self.places[idx].c, self.places[node].c, "&status",
-                         str(self.status_code(node, f"an index is out of range [0, {R})"))],
-                        reads=self.reads_of(table, idx), writes=self.reads_of(node),
-                        T=idx.shape[0], R=R, D=D, wtype=table.dtype.name, quantized=quantized,
-                        row_stride=table.type.strides[0], step=table.type.strides[1],
-                        idx_step=idx.type.strides[0])
+                        [self.ptr(table), self.ptr(idx), self.ptr(node), "&status", str(self.index_status(node, R))],
+                        reads=self.reads_of(table, idx), writes=self.reads_of(node), **c_get_rows(node))
 
-    def _render_set_rows(self, node: Node):
+    def set_rows(self, node: Node):
         dst, idx, src = node.inputs
         R, D = dst.shape
-        in_place = self.in_place_input(node)
         self.add_kernel(node, "set_rows.c.j2",
-                        [self.places[o].c for o in (dst, idx, src)] + [self.places[node].c, "&status",
-                         str(self.status_code(node, f"an index is out of range [0, {R})"))],
+                        [self.ptr(o) for o in (dst, idx, src)] + [self.ptr(node), "&status",
+                                                                  str(self.index_status(node, R))],
                         reads=self.reads_of(dst, idx, src), writes=self.reads_of(node),
                         T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, ds=dst.type.strides,
                         idx_step=idx.type.strides[0], ss=src.type.strides,
-                        esize=dst.dtype.block_bytes, in_place=in_place is not None)
-
-    def in_place_input(self, node: Node) -> int | None:
-        """The input index whose buffer a set_rows output may share (a cache updated where it
-        lies): its dst is a graph input read by nothing else, and its result is a graph output
-        the kernel writes directly. None otherwise."""
-        dst = node.inputs[0]
-        if dst.op != "input" or self.graph.users[dst] != (node,) or dst.type != node.type:
-            return None
-        place = self.places[node]
-        if place.region != "out" or place.offset:
-            return None
-        index = self.graph.inputs.index(dst)
-        self.in_place[place.index] = index
-        return index
+                        esize=dst.dtype.block_bytes, in_place=node in self.in_place_nodes)
 
 
 def matmul_prototypes(wtype: str) -> str:
@@ -761,7 +507,7 @@ def kernel_library_source() -> str:
     """The C source of the library every graph links against: all matmul and dequantization
     kernels, for every weight type."""
     mm = _matmul()
-    parts = [_static_file("common.h"), _static_file("helpers.h"), mm.matmul_common_source()]
+    parts = [TEMPLATES.static_file("common.h"), TEMPLATES.static_file("helpers.h"), mm.matmul_common_source()]
     parts += [mm.matmul_source(w) for w in mm.MATMUL_WTYPES]
     return "\n".join(parts)
 
@@ -770,20 +516,6 @@ def tag_kernel_symbols(source: str, tag: str) -> str:
     """Give the library's exported names a tag (a hash of the library), so libraries built for
     different ISAs or versions can be loaded into one process side by side."""
     return source.replace("ember_mm_", f"ember_mm_{tag}_").replace("ember_dequant_row_", f"ember_dequant_row_{tag}_")
-
-
-def _c_comment(text: str) -> str:
-    return "/* " + text.replace("*/", "* /") + " */\n"
-
-
-def _bytes_type(t: TensorType, row_bytes: int) -> TensorType:
-    """A quantized tensor's storage as bytes: blocks copy as opaque data."""
-    return TensorType(dtypes.i8, t.shape[:-1] + (row_bytes,), t.strides[:-1] + (1,))
-
-
-_KIND = {name: "eltwise" for name in ELTWISE_C}
-_KIND.update(scale="eltwise", clamp="eltwise", rms_norm="rows", layer_norm="rows", rms_norm_mul="rows",
-             sum_rows="rows", argmax="rows")
 
 
 def render_graph(graph: Graph, profile: str | None = None) -> CpuProgram:
@@ -795,4 +527,4 @@ def render_graph(graph: Graph, profile: str | None = None) -> CpuProgram:
         ok, reason = supports_node(node)
         if not ok:
             raise EmberError(f"cpu: %{value_names(graph)[node]} ({node.op} : {node.type}): {reason}")
-    return _Renderer(graph, profile).render()
+    return CpuRenderer(graph, profile).render()

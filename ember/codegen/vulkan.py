@@ -12,50 +12,50 @@ a model needs only a few dozen shaders; types, work-group sizes and device featu
 parameters. The device features a shader may use are a `DeviceCaps` (8-/16-bit storage,
 subgroup arithmetic, the largest storage-buffer binding, the binding-offset alignment).
 
-Where values live follows the CPU renderer: the memory plan (ember.runtime.memory_plan) puts
+Where values live follows the CPU renderer: the memory plan (ember.codegen.memory_plan) puts
 intermediates in one arena; inputs, outputs and constants have regions of their own; views are
 an offset and strides into their operand's region. A set_rows that updates a graph input read by
 nothing else writes into that input's region (the output is read back from there). A weight
 larger than one binding (maxStorageBufferRange) is bound in ranges of rows, one dispatch each.
 
-Imports jinja2, NumPy and ember only: no Vulkan, no shader compiler.
+The device caps and the launch-plan schema (Shader, Binding, Dispatch, VulkanProgram) live in
+ember.codegen.vulkan_plan, which runtimes read without the renderer; the walk is
+ember.codegen.renderer's, and `VulkanRenderer` states what GLSL does differently: bindings and
+push constants, shapes in push constants, work-group counts.
+
+Imports jinja2 (through the renderer), NumPy, ember.ir, ember.errors and the codegen modules: no
+Vulkan, no shader compiler.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import struct
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import jinja2
 import numpy as np
 
-from ember.codegen.values import describe_node, place_values
+from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
+from ember.codegen.memory_plan import is_view
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, extent, hazard_barriers,
+                                    lowering_problem, optional_operands)
+from ember.codegen.values import Place
+from ember.codegen.vulkan_plan import Binding, DeviceCaps, Dispatch, Shader, VulkanProgram
 from ember.errors import EmberError
 from ember.ir.graph import Graph
 from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
-from ember.ir.ops import OPS
-from ember.ir.ops.elementwise import BINARY, GATED, UNARY
+from ember.ir.ops.elementwise import BINARY, GATED
 from ember.ir.printer import value_names
 from ember.ir.types import TensorType
-from ember.runtime.memory_plan import MemoryPlan, is_view, plan_memory
 
-TEMPLATE_DIR = Path(__file__).parent / "templates" / "vulkan"
-PLAN_FORMAT = "ember-vulkan-launch-plan"
-PLAN_VERSION = 1
+TEMPLATES = Templates("vulkan")
+TEMPLATE_DIR = TEMPLATES.folder
 ARENA_ALIGNMENT = 64
 
 # Elementwise ops as GLSL of the f32 operands a (and b); p0, p1 are push constants.
 ELTWISE_GLSL = {
-    "add": "a + b",
-    "sub": "a - b",
-    "mul": "a * b",
-    "div": "a / b",
-    "neg": "-a",
+    **ARITHMETIC,
     "exp": "exp(a)",
     "tanh": "tanh_stable(a)",
     "sqrt": "sqrt(a)",
@@ -70,89 +70,17 @@ ELTWISE_GLSL = {
     "scale": "a * pc.p0 + pc.p1",
     "clamp": "min(max(a, pc.p0), pc.p1)",
 }
-assert set(ELTWISE_GLSL) == set(BINARY) | set(UNARY) | set(GATED) | {"scale", "clamp"}, \
-    "an elementwise op has no GLSL form"
+assert set(ELTWISE_GLSL) == set(ELEMENTWISE_OPS), "an elementwise op has no GLSL form"
 
-ROW_OPS = ("rms_norm", "rms_norm_mul", "layer_norm", "sum_rows", "argmax")
 FLOAT_KINDS = ("f32", "f16", "bf16")
 RAW_KIND = {4: "u32", 2: "u16", 1: "u8"}
 MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
 
 
-# ---- the device, as the renderer sees it ---------------------------------------------------
-@dataclass(frozen=True)
-class DeviceCaps:
-    """The features and limits of a Vulkan device that shaders and launch plans depend on."""
-    device: str = "generic"
-    storage8: bool = True            # storageBuffer8BitAccess
-    storage16: bool = True           # storageBuffer16BitAccess
-    subgroup_size: int = 0           # with subgroup arithmetic in compute shaders; 0: none
-    max_storage_range: int = 1 << 27  # maxStorageBufferRange
-    offset_alignment: int = 16       # minStorageBufferOffsetAlignment
-    push_bytes: int = 128            # maxPushConstantsSize
-    max_group_count: int = 65535     # maxComputeWorkGroupCount[0] (and [1])
-    texel_buffers: bool = False      # R32_UINT uniform texel buffers (weights read through them)
-    max_texel_bytes: int = 0         # 4 * maxTexelBufferElements
-    texel_alignment: int = 16        # minTexelBufferOffsetAlignment
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "DeviceCaps":
-        return cls(**data)
-
-
-# The features every Vulkan 1.1 compute device has: no 8/16-bit storage, no subgroup arithmetic.
-BASELINE_CAPS = DeviceCaps("baseline", storage8=False, storage16=False, subgroup_size=0)
-# What any Vulkan 1.1 device runs, for compiling with no device at hand: the baseline features
-# and the limits the specification guarantees (maxStorageBufferRange >= 2^27, push constants
-# >= 128 bytes, 65535 work groups; offset alignments are at most 256 bytes).
-PORTABLE_CAPS = dataclasses.replace(BASELINE_CAPS, device="portable (Vulkan 1.1 minimum limits)",
-                                    offset_alignment=256, texel_alignment=256)
-
-
 # ---- templates -------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-                              undefined=jinja2.StrictUndefined, trim_blocks=True,
-                              lstrip_blocks=True, keep_trailing_newline=True)
-
-
 def kernel_templates() -> list[str]:
     """The kernel templates (not the shared includes, whose names start with `_`)."""
-    return sorted(p.name for p in TEMPLATE_DIR.glob("*.comp.j2") if not p.name.startswith("_"))
-
-
-@dataclass(frozen=True)
-class Shader:
-    """One compute shader: rendered GLSL and what a pipeline for it needs."""
-    template: str
-    params: tuple            # sorted (name, value) pairs, as in the header comment
-    source: str
-    binding_kinds: tuple     # "storage" or "texel", for bindings 0, 1, ...
-    push_fields: tuple       # (name, glsl type) in packing order, 4 bytes each
-
-    @property
-    def bindings(self) -> int:
-        return len(self.binding_kinds)
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()
-
-    @property
-    def name(self) -> str:
-        return f"{self.template.split('.')[0]}_{self.sha256[:12]}"
-
-    @property
-    def push_bytes(self) -> int:
-        return 4 * len(self.push_fields)
-
-    def describe(self) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in self.params)
-        return f"template {self.template} ({shown})"
+    return [name for name in TEMPLATES.names("*.comp.j2") if not name.startswith("_")]
 
 
 def render_shader(template: str, params: dict, push_fields, bindings) -> Shader:
@@ -166,151 +94,11 @@ def render_shader(template: str, params: dict, push_fields, bindings) -> Shader:
 @functools.lru_cache(maxsize=4096)
 def _render_shader(template: str, shown: tuple, push_fields: tuple, kinds: tuple) -> Shader:
     params = dict(shown)
-    body = _environment().get_template(template).render(push=list(push_fields), **params)
+    body = TEMPLATES.render(template, push=list(push_fields), **params)
     comment = (f"// ember vulkan kernel: template {template}\n"
                f"// params: {', '.join(f'{k}={v}' for k, v in shown)}\n"
                f"// push constants: {', '.join(n for n, _ in push_fields)}; bindings: {', '.join(kinds)}\n")
     return Shader(template, shown, comment + body, kinds, tuple(push_fields))
-
-
-# ---- where values live ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Place:
-    """Bytes of a region at an offset. Regions: in, out, const, aux (tables the renderer
-    makes), arena, status (one u32 an erring kernel sets)."""
-    region: str
-    index: int = 0
-    offset: int = 0
-
-    def shifted(self, by: int) -> "Place":
-        return Place(self.region, self.index, self.offset + by)
-
-
-@dataclass(frozen=True)
-class Binding:
-    region: str
-    index: int
-    offset: int      # bytes from the region's start, a multiple of the device's alignment
-    size: int        # bytes
-    kind: str = "storage"   # a storage buffer, or a uniform texel buffer of R32_UINT words
-
-    def to_json(self) -> list:
-        return [self.region, self.index, self.offset, self.size, self.kind]
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    shader: int                       # index into VulkanProgram.shaders
-    bindings: tuple[Binding, ...]
-    push: bytes
-    groups: tuple[int, int, int]
-    barrier: bool                     # a memory barrier between this and the dispatches before
-    label: str                        # the node it computes, as printed
-    op: str
-    reads: tuple = ()                 # (region, index, lo, hi) byte ranges, for the barriers
-    writes: tuple = ()
-
-
-@dataclass(frozen=True)
-class VulkanProgram:
-    graph: Graph
-    caps: DeviceCaps
-    shaders: tuple[Shader, ...]
-    dispatches: tuple[Dispatch, ...]
-    plan: MemoryPlan
-    constants: tuple[Node, ...]             # region const j holds constants[j]'s data
-    aux: tuple[np.ndarray, ...]             # region aux j holds aux[j]'s bytes
-    output_sources: tuple[Place, ...]       # where output k is read back from
-    in_place: dict                          # output index -> input index it is read from
-    status_messages: dict                   # status code -> message
-
-    @property
-    def n_barriers(self) -> int:
-        return sum(d.barrier for d in self.dispatches)
-
-    def region_bytes(self, region: str, index: int = 0) -> int:
-        """Bytes of a region, as the runtime must allocate it (at least this)."""
-        if region == "in":
-            return _storage_bytes(self.graph.inputs[index].type)
-        if region == "out":
-            return _storage_bytes(self.graph.outputs[index].type)
-        if region == "const":
-            return _storage_bytes(self.constants[index].type)
-        if region == "aux":
-            return self.aux[index].nbytes
-        if region == "arena":
-            return self.plan.peak_bytes
-        if region == "status":
-            return 4
-        raise ValueError(f"unknown region {region!r}")
-
-    def launch_plan(self) -> dict:
-        """Everything a Vulkan runtime needs besides the SPIR-V (named by each shader's
-        sha256) and the constants' data, as JSON-able data."""
-        g = self.graph
-        return {
-            "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
-            "graph": g.name,
-            "caps": self.caps.to_json(),
-            "shaders": [{"name": s.name, "template": s.template, "params": [list(p) for p in s.params],
-                         "sha256": s.sha256, "bindings": list(s.binding_kinds), "push_bytes": s.push_bytes}
-                        for s in self.shaders],
-            "regions": {
-                "arena": self.plan.peak_bytes,
-                "status": 4,
-                "inputs": [{"name": n.name, "dtype": n.dtype.name, "shape": list(n.shape),
-                            "bytes": _storage_bytes(n.type)} for n in g.inputs],
-                "outputs": [{"dtype": n.dtype.name, "shape": list(n.shape), "bytes": _storage_bytes(n.type),
-                             "source": [p.region, p.index, p.offset]}
-                            for n, p in zip(g.outputs, self.output_sources)],
-                "constants": [{"name": n.name, "dtype": n.dtype.name, "shape": list(n.shape),
-                               "bytes": _storage_bytes(n.type)} for n in self.constants],
-                "aux": [{"bytes": a.nbytes, "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
-                        for a in self.aux],
-            },
-            "dispatches": [{"shader": d.shader, "groups": list(d.groups), "push": d.push.hex(),
-                            "bindings": [b.to_json() for b in d.bindings], "barrier": d.barrier,
-                            "label": d.label} for d in self.dispatches],
-            "in_place": {str(k): g.inputs[i].name for k, i in self.in_place.items()},
-            "status_messages": {str(k): v for k, v in self.status_messages.items()},
-        }
-
-
-def _storage_bytes(t: TensorType) -> int:
-    return t.dtype.block_bytes if not t.shape else t.nbytes
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _unit(dt) -> int:
-    """The size of the items a kernel addresses a tensor by: its element, or a byte of blocks."""
-    return 1 if dt.is_quantized else dt.block_bytes
-
-
-def _span(t: TensorType) -> int:
-    return t.dtype.block_bytes if not t.shape else t.span_bytes
-
-
-def _dims4(shape, strides, unit: int):
-    """(ne0..ne3, s0..s3): sizes innermost first, padded to 4, strides in units."""
-    if len(shape) > 4:
-        raise EmberError(f"vulkan: rank {len(shape)} > 4")
-    for s in strides:
-        if s % unit:
-            raise EmberError(f"vulkan: stride {s} is not a multiple of the item size {unit}")
-    ne = list(reversed(shape)) + [1] * (4 - len(shape))
-    st = [s // unit for s in reversed(strides)] + [0] * (4 - len(strides))
-    return ne, st
-
-
-def broadcast_strides(small: TensorType, shape) -> tuple[int, ...]:
-    """Strides that read `small` as if broadcast to `shape` (zero along broadcast dims)."""
-    pad = len(shape) - small.rank
-    return tuple(0 for _ in range(pad)) + tuple(
-        0 if s == 1 and big != 1 else st for s, st, big in zip(small.shape, small.strides, shape[pad:]))
 
 
 def rope_table(node: Node) -> np.ndarray:
@@ -334,15 +122,11 @@ def _splittable_rows(node: Node) -> Node | None:
 
 def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
     """Whether the Vulkan renderer handles node on a device with caps."""
-    if node.op not in OPS:
-        return False, f"{node.op}: unknown op"
-    why = unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
+    why = lowering_problem(node, "Vulkan") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
     if why:
         return False, why
     if node.op in ("input", "const") or is_view(node):
         return True, ""
-    if not hasattr(_Renderer, f"_render_{_KIND.get(node.op, node.op)}"):
-        return False, f"{node.op}: no Vulkan kernel"
     limit = caps.max_storage_range
     big = _splittable_rows(node)
     for k, operand in enumerate(node.inputs):
@@ -353,11 +137,11 @@ def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
             if row > max(limit, caps.max_texel_bytes):
                 return False, (f"{node.op}: one row of operand {k} ({row} bytes) exceeds the device's "
                                f"maxStorageBufferRange {limit}")
-        elif _span(t) > limit and not (node.op == "mul_mat" and k == 0 and _mul_mat_t_splits(node, caps)):
-            return False, (f"{node.op}: operand {k} spans {_span(t)} bytes, more than the device's "
+        elif span_bytes(t) > limit and not (node.op == "mul_mat" and k == 0 and _mul_mat_t_splits(node, caps)):
+            return False, (f"{node.op}: operand {k} spans {span_bytes(t)} bytes, more than the device's "
                            f"maxStorageBufferRange {limit}")
-    if _span(node.type) > limit and not (node.op == "mul_mat" and _mul_mat_t_splits(node, caps)):
-        return False, (f"{node.op}: the result spans {_span(node.type)} bytes, more than the device's "
+    if span_bytes(node.type) > limit and not (node.op == "mul_mat" and _mul_mat_t_splits(node, caps)):
+        return False, (f"{node.op}: the result spans {span_bytes(node.type)} bytes, more than the device's "
                        f"maxStorageBufferRange {limit}")
     if node.op == "mul_mat":
         w = node.inputs[1]
@@ -377,41 +161,16 @@ def _mul_mat_t_splits(node: Node, caps: DeviceCaps) -> bool:
 
 
 # ---- the renderer ------------------------------------------------------------------------------
-class _Renderer:
+class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alignment=ARENA_ALIGNMENT):
+    """GLSL compute shaders generic over shapes: operands as bindings at aligned offsets, sizes and
+    strides in push constants, dispatches with a barrier where their byte ranges clash."""
+
     def __init__(self, graph: Graph, caps: DeviceCaps):
-        if graph.has_dead_nodes:
-            graph = graph.replace()
-        self.graph = graph
+        super().__init__(graph)
         self.caps = caps
-        self.names = value_names(graph)
-        self.plan = plan_memory(graph, alignment=ARENA_ALIGNMENT)
-        self.places: dict[Node, Place] = {}
-        self.constants: list[Node] = []
         self.aux: list[np.ndarray] = []
         self.aux_index: dict[bytes, int] = {}
-        self.shaders: list[Shader] = []
-        self.shader_index: dict[str, int] = {}
         self.dispatches: list[Dispatch] = []
-        self.status_messages: dict[int, str] = {}
-        self.in_place: dict[int, int] = {}
-        self.output_sources: list[Place] = [Place("out", k) for k in range(len(graph.outputs))]
-
-    def describe(self, node: Node) -> str:
-        return describe_node(self.names, node)
-
-    # ---- places ------------------------------------------------------------------------------
-    def assign_places(self):
-        def output_place(node: Node, k: int) -> Place:
-            dst = node.inputs[0] if node.op == "set_rows" else None
-            if dst is not None and dst.op == "input" and self.graph.users[dst] == (node,) \
-                    and dst.type == node.type:
-                # The cache is updated where it lies: in its input's region.
-                i = self.graph.inputs.index(dst)
-                self.output_sources[k] = Place("in", i)
-                self.in_place[k] = i
-                return Place("in", i)
-            return Place("out", k)
-        self.places, self.constants = place_values(self.graph, self.plan.offsets, Place, output_place)
 
     # ---- dispatches --------------------------------------------------------------------------
     def bind(self, place: Place, span: int, unit: int, what: str, kind: str = "storage") -> tuple[Binding, int]:
@@ -424,7 +183,7 @@ class _Renderer:
         if rel % unit:
             raise EmberError(f"vulkan: {what} at byte offset {place.offset} is not aligned to its "
                              f"{unit}-byte items")
-        size = _round_up(max(rel + span, 4), 4)
+        size = round_up(max(rel + span, 4), 4)
         if size > limit:
             raise EmberError(f"vulkan: {what} spans {size} bytes, more than one {kind} binding "
                              f"allows ({limit})")
@@ -432,18 +191,19 @@ class _Renderer:
 
     def operand(self, node: Node, unit: int | None = None, what: str = "operand", kind: str = "storage"):
         """(binding, offset in units) of a node's data."""
-        unit = unit or _unit(node.dtype)
-        return self.bind(self.places[node], _span(node.type), unit, what, kind)
+        unit = unit or item_unit(node.dtype)
+        return self.bind(self.places[node], span_bytes(node.type), unit, what, kind)
 
     def shader(self, template: str, params: dict, push_fields, bindings) -> int:
         features = dict(storage8=self.caps.storage8, storage16=self.caps.storage16,
                         subgroup=self.caps.subgroup_size)
         features.update(params)
         shader = render_shader(template, features, push_fields, bindings)
-        index = self.shader_index.get(shader.source)
+        # Shaders with the same source (every layer of a model) are compiled once.
+        index = self.kernel_by_body.get(shader.source)
         if index is None:
-            index = self.shader_index[shader.source] = len(self.shaders)
-            self.shaders.append(shader)
+            index = self.kernel_by_body[shader.source] = len(self.kernels)
+            self.kernels.append(shader)
         return index
 
     def dispatch(self, node: Node, template: str, params: dict, bindings: list[Binding], push: dict,
@@ -460,7 +220,7 @@ class _Renderer:
         index = self.shader(template, params, fields, [b.kind for b in bindings])
         self.dispatches.append(Dispatch(index, tuple(bindings), packed, self.grid(groups, node), False,
                                         self.describe(node), node.op,
-                                        tuple(_extent(b) for b in reads), tuple(_extent(b) for b in writes)))
+                                        tuple(extent(Place(b.region, b.index, b.offset), b.size) for b in reads), tuple(extent(Place(b.region, b.index, b.offset), b.size) for b in writes)))
 
     def grid(self, groups: int, node: Node) -> tuple[int, int, int]:
         limit = self.caps.max_group_count
@@ -471,11 +231,6 @@ class _Renderer:
                              f"{limit} x {limit}")
         return (x, y, 1)
 
-    def status_code(self, node: Node, what: str) -> int:
-        code = len(self.status_messages) + 1
-        self.status_messages[code] = f"{self.describe(node)}: {what}"
-        return code
-
     def aux_table(self, data: np.ndarray) -> int:
         key = data.tobytes()
         if key not in self.aux_index:
@@ -485,31 +240,15 @@ class _Renderer:
 
     # ---- the program -------------------------------------------------------------------------
     def render(self) -> VulkanProgram:
-        self.assign_places()
-        for node in self.graph.nodes:
-            if node.op not in ("input", "const") and not is_view(node) and node.type.numel:
-                getattr(self, f"_render_{_KIND.get(node.op, node.op)}")(node)
-            for k, out in enumerate(self.graph.outputs):
-                if out is node and self.output_sources[k] != self.places[node] and node.type.numel:
-                    self.copy(node, node, Place("out", k), TensorType(node.dtype, node.shape))
-        return VulkanProgram(self.graph, self.caps, tuple(self.shaders), tuple(self.schedule()), self.plan,
+        self.lower_graph()
+        return VulkanProgram(self.graph, self.caps, tuple(self.kernels), tuple(self.schedule()), self.plan,
                              tuple(self.constants), tuple(self.aux), tuple(self.output_sources),
                              dict(self.in_place), dict(self.status_messages))
 
     def schedule(self) -> list[Dispatch]:
-        """A barrier before any dispatch that touches what the dispatches since the last barrier
-        wrote, or writes what they touched."""
-        out, epoch_reads, epoch_writes = [], [], []
-        for d in self.dispatches:
-            hazard = any(_overlap(w, e) for w in d.writes for e in epoch_reads + epoch_writes) or \
-                any(_overlap(r, e) for r in d.reads for e in epoch_writes)
-            if hazard:
-                epoch_reads, epoch_writes = [], []
-            out.append(Dispatch(d.shader, d.bindings, d.push, d.groups, hazard and bool(out), d.label,
-                                d.op, d.reads, d.writes))
-            epoch_reads += d.reads
-            epoch_writes += d.writes
-        return out
+        """The dispatches, each with a barrier before it where hazard_barriers asks for one."""
+        flags = hazard_barriers((d.reads, d.writes, False) for d in self.dispatches)
+        return [dataclasses.replace(d, barrier=barrier) for d, barrier in zip(self.dispatches, flags)]
 
     # ---- copies ------------------------------------------------------------------------------
     def copy(self, node: Node, src: Node, dst: Place, dst_type: TensorType):
@@ -533,10 +272,10 @@ class _Renderer:
         else:
             src_kind, dst_kind = s.dtype.name, d.dtype.name
             s_unit, d_unit = s.dtype.block_bytes, d.dtype.block_bytes
-        ne, ss = _dims4(shape, s_strides, s_unit)
-        _, ds = _dims4(shape, d_strides, d_unit)
-        sb, s_off = self.bind(self.places[src], _span(s), s_unit, "copy source")
-        db, d_off = self.bind(dst, _span(d), d_unit, "copy destination")
+        ne, ss = dims4(shape, s_strides, s_unit)
+        _, ds = dims4(shape, d_strides, d_unit)
+        sb, s_off = self.bind(self.places[src], span_bytes(s), s_unit, "copy source")
+        db, d_off = self.bind(dst, span_bytes(d), d_unit, "copy destination")
         n = math.prod(ne)
         wg, per_thread = 128, 4
         push = dict(n=n, ne0=ne[0], ne1=ne[1], ne2=ne[2], s_off=s_off, s_s0=ss[0], s_s1=ss[1], s_s2=ss[2],
@@ -544,31 +283,17 @@ class _Renderer:
         self.dispatch(node, "copy.comp.j2", dict(wg=wg, per_thread=per_thread, src=src_kind, dst=dst_kind),
                       [sb, db], push, -(-n // (wg * per_thread)), reads=[sb], writes=[db])
 
-    def _render_cont(self, node: Node):
-        self.copy(node, node.inputs[0], self.places[node], node.type)
-
-    _render_cast = _render_cont
-
-    def _render_concat(self, node: Node):
-        a, b = node.inputs
-        axis = node.attr("axis") % node.type.rank
-        out = node.type
-        for part, start in ((a, 0), (b, a.shape[axis])):
-            if part.type.numel:
-                dst = TensorType(out.dtype, part.shape, out.strides)
-                self.copy(node, part, self.places[node].shifted(start * out.strides[axis]), dst)
-
     # ---- elementwise -------------------------------------------------------------------------
-    def _render_eltwise(self, node: Node):
+    def eltwise(self, node: Node):
         operands = list(node.inputs)
         shape = node.shape
         params = dict(wg=128, per_thread=4, op=node.op, arity=len(operands), expr=ELTWISE_GLSL[node.op])
         bindings, push = [], {}
-        ne, _ = _dims4(shape, (), 4)
+        ne, _ = dims4(shape, (), 4)
         push.update(n=node.type.numel, ne0=ne[0], ne1=ne[1], ne2=ne[2])
         for name, o in zip("ab", operands):
             strides = o.type.strides if name == "a" else broadcast_strides(o.type, shape)
-            _, st = _dims4(shape, strides, 4)
+            _, st = dims4(shape, strides, 4)
             b, off = self.operand(o)
             bindings.append(b)
             push.update({f"{name}_off": off, f"{name}_s0": st[0], f"{name}_s1": st[1],
@@ -584,14 +309,14 @@ class _Renderer:
 
     # ---- rows --------------------------------------------------------------------------------
     def _row_push(self, prefix: str, t: TensorType, strides=None):
-        ne, st = _dims4(t.shape, strides or t.strides, _unit(t.dtype))
+        ne, st = dims4(t.shape, strides or t.strides, item_unit(t.dtype))
         return ne, {f"{prefix}_s0": st[0], f"{prefix}_s1": st[1], f"{prefix}_s2": st[2], f"{prefix}_s3": st[3]}
 
     @staticmethod
     def _row_wg(n: int) -> int:
         return 32 if n <= 64 else 64 if n <= 2048 else 256
 
-    def _render_rows(self, node: Node):
+    def rows(self, node: Node):
         x = node.inputs[0]
         ne, xs = self._row_push("x", x.type)
         xb, x_off = self.operand(x)
@@ -614,7 +339,7 @@ class _Renderer:
             push["eps"] = float(node.attr("eps"))
         self.dispatch(node, template, params, bindings + [y], push, rows, reads=bindings, writes=[y])
 
-    def _render_softmax(self, node: Node):
+    def softmax(self, node: Node):
         x = node.inputs[0]
         mask = node.inputs[1] if len(node.inputs) > 1 else None
         ne, xs = self._row_push("x", x.type)
@@ -635,7 +360,7 @@ class _Renderer:
         self.dispatch(node, "softmax.comp.j2", params, bindings + [y], push, rows, reads=bindings, writes=[y])
 
     # ---- rope, attention ---------------------------------------------------------------------
-    def _render_rope(self, node: Node):
+    def rope(self, node: Node):
         x, pos = node.inputs[:2]
         ff = node.inputs[2] if len(node.inputs) > 2 else None
         T, H, D = x.shape
@@ -659,23 +384,21 @@ class _Renderer:
         self.dispatch(node, "rope.comp.j2", dict(wg=wg, mode=node.attr("mode"), has_ff=ff is not None),
                       bindings + [y], push, -(-T * H * per_row // wg), reads=bindings, writes=[y])
 
-    def _render_attention(self, node: Node):
-        q, k, v = node.inputs[:3]
-        mask = node.inputs[3] if len(node.inputs) > 3 else None
-        Tq, Hq, D = q.shape
-        Tk, Hkv, Dv = v.shape
+    def attention(self, node: Node):
+        (q, k, v), mask = optional_operands(node, 3)
+        (Tq, Hq, D), (Tk, Hkv, Dv) = q.shape, v.shape
         bindings, push = [], dict(Tq=Tq, Tk=Tk, Hq=Hq, group=Hq // Hkv)
         kv_texel = self.caps.texel_buffers and all(self._word_rows(o) for o in (k, v))
         for name, o in (("q", q), ("k", k), ("v", v)):
             b, off = self.operand(o, kind="texel" if kv_texel and name != "q" else "storage")
             bindings.append(b)
-            unit = _unit(o.dtype)
+            unit = item_unit(o.dtype)
             push.update({f"{name}_off": off, f"{name}_s0": o.type.strides[0] // unit,
                          f"{name}_s1": o.type.strides[1] // unit, f"{name}_s2": o.type.strides[2] // unit})
         if mask is not None:
             b, off = self.operand(mask)
             bindings.append(b)
-            unit = _unit(mask.dtype)
+            unit = item_unit(mask.dtype)
             push.update(m_off=off, m_s0=mask.type.strides[0] // unit, m_s1=mask.type.strides[1] // unit)
         y, y_off = self.operand(node, what="result")
         softcap = node.attr("softcap")
@@ -699,7 +422,7 @@ class _Renderer:
         return self.places[node].offset % align % 4 == 0 and all(st % 4 == 0 for st in t.strides[:-1])
 
     # ---- state-space ops ---------------------------------------------------------------------
-    def _render_ssm_conv(self, node: Node):
+    def ssm_conv(self, node: Node):
         sx, w = node.inputs
         T, C = node.shape
         xb, x_off = self.operand(sx)
@@ -711,7 +434,7 @@ class _Renderer:
         self.dispatch(node, "ssm_conv.comp.j2", dict(wg=64), [xb, wb, y], push, -(-T * C // 64),
                       reads=[xb, wb], writes=[y])
 
-    def _render_ssm_scan(self, node: Node):
+    def ssm_scan(self, node: Node):
         state, x, dt, a, b, c = node.inputs
         H, P, N = state.shape
         bindings, push = [], dict(H=H, P=P, T=x.shape[0], heads_per_group=H // b.shape[1])
@@ -726,72 +449,25 @@ class _Renderer:
                       reads=bindings, writes=[y])
 
     # ---- matmul and rows of tables -----------------------------------------------------------
-    def _render_mul_mat(self, node: Node):
+    def mul_mat(self, node: Node):
+        """One dispatch per piece: ranges of w's rows (a weight too big for one binding) times
+        ranges of tokens (an x or y too big), each with the batch loop in its work groups."""
         x, w = node.inputs
-        xt, wt = x.type, w.type
+        xt, wt = matmul_operands(node)
         K, N = wt.shape[-1], wt.shape[-2]
-        if xt.rank == 1:
-            xt = TensorType(xt.dtype, (1, K), (xt.strides[0] * K, xt.strides[0]))
-        batch, T = xt.shape[:-2], xt.shape[-2]
-        if len(batch) > 2:
+        if xt.rank > 4:
             raise EmberError(f"vulkan: {self.describe(node)}: more than 2 batch dims")
-        xu, wu = _unit(xt.dtype), _unit(wt.dtype)
-        bsz = list(reversed(batch)) + [1] * (2 - len(batch))               # ne2, ne3
-        xbs = [s // xu for s in reversed(xt.strides[:-2])] + [0] * (2 - len(batch))
-        wbatch = wt.shape[:-2]
-        if wbatch and any(s > 1 for s in wbatch):
-            wsz = list(reversed(wbatch)) + [1] * (2 - len(wbatch))
-            wbs = [s // wu for s in reversed(wt.strides[:-2])] + [0] * (2 - len(wbatch))
-            ratios = [b // s for b, s in zip(bsz, wsz)]
-        else:
-            wbs, ratios = [0, 0], [1, 1]
         quantized = wt.dtype.is_quantized
-        row_bytes = wt.dtype.row_bytes(K) if quantized else (K - 1) * wt.strides[-1] + wt.dtype.block_bytes
         if quantized and (self.places[w].offset % 2 or wt.strides[-2] % 2):
             raise EmberError(f"vulkan: {self.describe(node)}: quantized rows at odd byte offsets")
-        # Whole 32-value chunks in contiguous rows: the chunked kernel (x in registers, 32-bit
-        # weight loads, through a texel buffer where the device has them); anything else
-        # (K % 32, strided float rows): the generic one.
-        chunked = K % 32 == 0 and (quantized or wt.strides[-1] == wt.dtype.block_bytes)
-        w_kind = "texel" if chunked and self.caps.texel_buffers else "storage"
-        # pieces: rows of w (a weight too big for one binding), tokens (an x or y too big)
-        limit = self.caps.max_texel_bytes if w_kind == "texel" else self.caps.max_storage_range
-        w_span = _span(wt)
-        n_pieces = [(0, N)]
-        if w_span > limit:
-            per = max(1, (limit - row_bytes) // wt.strides[-2] + 1)
-            per = per - per % 64 if per > 64 else per
-            n_pieces = [(n0, min(N, n0 + per)) for n0 in range(0, N, per)]
-        t_pieces = [(0, T)]
-        y_row = N * 4
-        x_tok = xt.strides[-2]
-        xy_limit = self.caps.max_storage_range
-        if max(_span(xt), T * y_row) > xy_limit and math.prod(batch) == 1:
-            per = max(1, min(xy_limit // y_row, (xy_limit - K * xt.dtype.block_bytes) // max(x_tok, 1) + 1))
-            t_pieces = [(t0, min(T, t0 + per)) for t0 in range(0, T, per)]
-        sub = self.caps.subgroup_size
-        if chunked:
-            n_chunks = K // 32
-            step = max(8, sub)
-            wg = min(64, max(step, -(-n_chunks // step) * step))
-            tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
-            rows = 16 if sub else max(1, min(16, 4096 // (wg * tt)))
-            template = "mul_mat_chunked.comp.j2"
-            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, tt=tt, rows=rows,
-                          cpl=-(-n_chunks // wg), subgroup=sub if wg % max(sub, 1) == 0 else 0,
-                          w_texel=w_kind == "texel")
-            wu = 1   # bytes
-        else:
-            tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
-            rows = 2 if quantized else 4
-            wg = 64
-            lanes = wg // rows
-            template = "mul_mat.comp.j2"
-            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, rows=rows, lanes=lanes, tt=tt,
-                          subgroup=sub if sub and lanes % sub == 0 else 0)
-        w_row = wt.strides[-2] // wu
-        w_step = 0 if quantized else wt.strides[-1] // wu
-        wbs = [s * _unit(wt.dtype) // wu for s in wbs]
+        template, params, w_kind, rows, tt = self._mul_mat_kernel(xt, wt)
+        wu = 1 if template == "mul_mat_chunked.comp.j2" else item_unit(wt.dtype)   # chunked: w in bytes
+        push = self._mul_mat_batches(xt, wt, wu)
+        row_bytes = wt.dtype.row_bytes(K) if quantized else (K - 1) * wt.strides[-1] + wt.dtype.block_bytes
+        n_pieces, t_pieces = self._mul_mat_pieces(xt, wt, row_bytes, w_kind)
+        xu, x_tok, y_row = item_unit(xt.dtype), xt.strides[-2], N * 4
+        push.update(K=K, x_t=x_tok // xu, x_k=xt.strides[-1] // xu, w_row=wt.strides[-2] // wu,
+                    w_step=0 if quantized else wt.strides[-1] // wu, y_n=N)
         x_place, w_place, y_place = self.places[x], self.places[w], self.places[node]
         for t0, t1 in t_pieces:
             nt = t1 - t0
@@ -808,33 +484,92 @@ class _Renderer:
                 else:
                     span = (n1 - n0 - 1) * wt.strides[-2] + row_bytes
                     wb, w_off = self.bind(w_place.shifted(n0 * wt.strides[-2]), span, wu, "w rows", w_kind)
-                groups_n = -(-(n1 - n0) // rows)
-                groups_t = -(-nt // tt)
-                push = dict(K=K, N=n1 - n0, T=nt, ne2=bsz[0], ne3=bsz[1], r2=ratios[0], r3=ratios[1],
-                            x_off=x_off, x_t=x_tok // xu, x_k=xt.strides[-1] // xu, x_b2=xbs[0], x_b3=xbs[1],
-                            w_off=w_off, w_row=w_row, w_step=w_step, w_b2=wbs[0], w_b3=wbs[1],
-                            y_off=y_off, y_n=N, n0=n0, groups_n=groups_n, groups_t=groups_t)
-                if chunked:
-                    del push["w_step"]
-                self.dispatch(node, template, params, [xb, wb, yb], push,
-                              groups_n * groups_t * bsz[0] * bsz[1], reads=[xb, wb], writes=[yb])
+                groups_n, groups_t = -(-(n1 - n0) // rows), -(-nt // tt)
+                piece = dict(push, N=n1 - n0, T=nt, x_off=x_off, w_off=w_off, y_off=y_off, n0=n0,
+                             groups_n=groups_n, groups_t=groups_t)
+                self.dispatch(node, template, params, [xb, wb, yb], _mul_mat_push(piece, template),
+                              groups_n * groups_t * push["ne2"] * push["ne3"], reads=[xb, wb], writes=[yb])
 
-    def _render_get_rows(self, node: Node):
+    def _mul_mat_kernel(self, xt: TensorType, wt: TensorType):
+        """(template, params, w binding kind, rows per group, tokens per group). Whole 32-value
+        chunks in contiguous rows: the chunked kernel (x in registers, 32-bit weight loads,
+        through a texel buffer where the device has them); anything else (K % 32, strided float
+        rows): the generic one."""
+        K, T = wt.shape[-1], xt.shape[-2]
+        quantized = wt.dtype.is_quantized
+        chunked = K % 32 == 0 and (quantized or wt.strides[-1] == wt.dtype.block_bytes)
+        sub = self.caps.subgroup_size
+        tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
+        if chunked:
+            w_kind = "texel" if self.caps.texel_buffers else "storage"
+            n_chunks = K // 32
+            step = max(8, sub)
+            wg = min(64, max(step, -(-n_chunks // step) * step))
+            rows = 16 if sub else max(1, min(16, 4096 // (wg * tt)))
+            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, tt=tt, rows=rows,
+                          cpl=-(-n_chunks // wg), subgroup=sub if wg % max(sub, 1) == 0 else 0,
+                          w_texel=w_kind == "texel")
+            return "mul_mat_chunked.comp.j2", params, w_kind, rows, tt
+        rows = 2 if quantized else 4
+        wg = 64
+        lanes = wg // rows
+        params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, rows=rows, lanes=lanes, tt=tt,
+                      subgroup=sub if sub and lanes % sub == 0 else 0)
+        return "mul_mat.comp.j2", params, "storage", rows, tt
+
+    @staticmethod
+    def _mul_mat_batches(xt: TensorType, wt: TensorType, wu: int) -> dict:
+        """The push constants of the batch loop: sizes ne2, ne3 of x's batch dims, x's and w's
+        strides along them (w's in units of wu) and how many x batches share a w matrix."""
+        batch = xt.shape[:-2]
+        xu = item_unit(xt.dtype)
+        bsz = list(reversed(batch)) + [1] * (2 - len(batch))               # ne2, ne3
+        xbs = [s // xu for s in reversed(xt.strides[:-2])] + [0] * (2 - len(batch))
+        wbatch = wt.shape[:-2]
+        if wbatch and any(s > 1 for s in wbatch):
+            wsz = list(reversed(wbatch)) + [1] * (2 - len(wbatch))
+            wbs = [s // wu for s in reversed(wt.strides[:-2])] + [0] * (2 - len(wbatch))
+            ratios = [b // s for b, s in zip(bsz, wsz)]
+        else:
+            wbs, ratios = [0, 0], [1, 1]
+        return dict(ne2=bsz[0], ne3=bsz[1], r2=ratios[0], r3=ratios[1], x_b2=xbs[0], x_b3=xbs[1],
+                    w_b2=wbs[0], w_b3=wbs[1])
+
+    def _mul_mat_pieces(self, xt: TensorType, wt: TensorType, row_bytes: int, w_kind: str):
+        """([(n0, n1)] ranges of w's rows, [(t0, t1)] ranges of tokens), so that each binding
+        stays within the device's limit."""
+        K, N = wt.shape[-1], wt.shape[-2]
+        T = xt.shape[-2]
+        limit = self.caps.max_texel_bytes if w_kind == "texel" else self.caps.max_storage_range
+        n_pieces = [(0, N)]
+        if span_bytes(wt) > limit:
+            per = max(1, (limit - row_bytes) // wt.strides[-2] + 1)
+            per = per - per % 64 if per > 64 else per
+            n_pieces = [(n0, min(N, n0 + per)) for n0 in range(0, N, per)]
+        t_pieces = [(0, T)]
+        y_row, x_tok = N * 4, xt.strides[-2]
+        xy_limit = self.caps.max_storage_range
+        if max(span_bytes(xt), T * y_row) > xy_limit and math.prod(xt.shape[:-2]) == 1:
+            per = max(1, min(xy_limit // y_row, (xy_limit - K * xt.dtype.block_bytes) // max(x_tok, 1) + 1))
+            t_pieces = [(t0, min(T, t0 + per)) for t0 in range(0, T, per)]
+        return n_pieces, t_pieces
+
+    def get_rows(self, node: Node):
         table, idx = node.inputs
         R, D = table.shape
         tt = table.type
         quantized = tt.dtype.is_quantized
-        wu = _unit(tt.dtype)
+        wu = item_unit(tt.dtype)
         row_bytes = tt.dtype.row_bytes(D) if quantized else (D - 1) * tt.strides[1] + tt.dtype.block_bytes
         limit = self.caps.max_storage_range
         pieces = [(0, R)]
-        if _span(tt) > limit:
+        if span_bytes(tt) > limit:
             per = max(1, (limit - row_bytes) // tt.strides[0] + 1)
             pieces = [(r0, min(R, r0 + per)) for r0 in range(0, R, per)]
         ib, i_off = self.operand(idx)
         yb, y_off = self.operand(node, what="result")
         sb, _ = self.bind(Place("status"), 4, 4, "status")
-        code = self.status_code(node, f"an index is out of range [0, {R})")
+        code = self.index_status(node, R)
         T = idx.shape[0]
         per_row = D // 32 if quantized else D
         wg = 64
@@ -850,7 +585,7 @@ class _Renderer:
             self.dispatch(node, "get_rows.comp.j2", dict(wg=wg, wtype=tt.dtype.name), [wb, ib, yb, sb], push,
                           -(-T * per_row // wg), reads=[wb, ib], writes=[yb])   # status: atomics
 
-    def _render_set_rows(self, node: Node):
+    def set_rows(self, node: Node):
         dst, idx, src = node.inputs
         R, D = dst.shape
         place = self.places[node]
@@ -860,7 +595,7 @@ class _Renderer:
         sb, s_off = self.operand(src)
         yb, y_off = self.operand(node, what="result")
         stb, _ = self.bind(Place("status"), 4, 4, "status")
-        code = self.status_code(node, f"an index is out of range [0, {R})")
+        code = self.index_status(node, R)
         push = dict(T=idx.shape[0], D=D, rows=R, i_off=i_off, i_s0=idx.type.strides[0] // 4, s_off=s_off,
                     s_s0=src.type.strides[0] // 4, s_s1=src.type.strides[1] // 4, y_off=y_off, status=code)
         wg = 64
@@ -868,16 +603,15 @@ class _Renderer:
                       -(-D // wg), reads=[ib, sb, yb], writes=[yb])   # status: atomics
 
 
-def _extent(b: Binding) -> tuple:
-    return (b.region, b.index, b.offset, b.offset + b.size)
+MUL_MAT_PUSH = ("K", "N", "T", "ne2", "ne3", "r2", "r3", "x_off", "x_t", "x_k", "x_b2", "x_b3", "w_off",
+                "w_row", "w_step", "w_b2", "w_b3", "y_off", "y_n", "n0", "groups_n", "groups_t")
 
 
-def _overlap(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and a[1] == b[1] and a[2] < b[3] and b[2] < a[3]
-
-
-_KIND = {name: "eltwise" for name in ELTWISE_GLSL}
-_KIND.update({op: "rows" for op in ROW_OPS})
+def _mul_mat_push(values: dict, template: str) -> dict:
+    """The push constants of a mul_mat piece in the order its shader declares them (the chunked
+    kernel walks contiguous rows: no w_step)."""
+    return {name: values[name] for name in MUL_MAT_PUSH
+            if not (name == "w_step" and template == "mul_mat_chunked.comp.j2")}
 
 
 def render_graph(graph: Graph, caps: DeviceCaps = DeviceCaps()) -> VulkanProgram:
@@ -887,7 +621,7 @@ def render_graph(graph: Graph, caps: DeviceCaps = DeviceCaps()) -> VulkanProgram
         ok, reason = supports_node(node, caps)
         if not ok:
             raise EmberError(f"vulkan: %{value_names(graph)[node]} ({node.op} : {node.type}): {reason}")
-    return _Renderer(graph, caps).render()
+    return VulkanRenderer(graph, caps).render()
 
 
 def all_variants(caps: DeviceCaps) -> list[Shader]:
@@ -945,8 +679,7 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
                                           mask_dtype=mask or "f32", softcap=True, causal=True, window=True,
                                           kv_texel=texel), push,
                 ["storage", kv_kind, kv_kind] + ["storage"] * (2 if mask else 1))
-    mm_push = ["K", "N", "T", "ne2", "ne3", "r2", "r3", "x_off", "x_t", "x_k", "x_b2", "x_b3", "w_off",
-               "w_row", "w_step", "w_b2", "w_b3", "y_off", "y_n", "n0", "groups_n", "groups_t"]
+    mm_push = list(MUL_MAT_PUSH)
     gr_push = ["T", "D", "rows", "row_lo", "row_hi", "i_off", "i_s0", "w_off", "w_row", "w_step", "y_off", "status"]
     for k, wtype in enumerate(MATMUL_WTYPES):
         rows = 4 if wtype in FLOAT_KINDS else 2

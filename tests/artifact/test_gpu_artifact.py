@@ -70,11 +70,12 @@ def ember(*args, cache_home: Path, path: str | None = None, before: str = ""):
 # In a run of an OpenCL artifact, neither template rendering nor a program build from source may
 # happen: the stored binary serves on its build device.
 NO_OPENCL_COMPILER = """
-import ember.codegen.opencl as opencl, ember.backends.opencl.compiler as compiler
+import ember.codegen.opencl as opencl, ember.codegen.opencl_plan as opencl_plan
+import ember.codegen.renderer as renderer, ember.backends.opencl.compiler as compiler
 def refuse(*args, **kwargs):
     raise AssertionError("an artifact run rendered a template or built a program from source")
-for name in ("render_graph", "render_template", "_environment", "relayout_weight"):
-    setattr(opencl, name, refuse)
+for module, name in ((opencl, "render_graph"), (renderer.Templates, "render"), (opencl_plan, "relayout_weight")):
+    setattr(module, name, refuse)
 compiler.ProgramCache.build = refuse
 """
 
@@ -121,7 +122,7 @@ def test_adreno_manifest_lists_every_source_its_options_and_the_soa_weights(adre
                 assert manifest["relaid_weights"][c["name"]]["layout"] == c["layout"]
     # the stored parts are the documented transform of the blocks (the GGUF's, or those the
     # passes made, which are then stored in that layout only)
-    from ember.codegen.opencl import WeightLayout, relayout_weight
+    from ember.codegen.opencl_plan import WeightLayout, relayout_weight
     model = load_model(tiny)
     relaid = manifest["relaid_weights"]
     assert "token_embd.weight" in relaid and any("+" in name for name in relaid)
@@ -209,7 +210,13 @@ def test_adreno_layout_runs_from_the_stored_weights(tiny, tmp_path, monkeypatch)
     out = tmp_path / "emulated.ember"
     compile_artifact(load_model(tiny), "opencl-adreno", out, n_ctx=N_CTX, prompt_tokens=1, **options)
     tokens = [1, 17, 260]
-    reference = Session(load_model(tiny), OpenCLBackend(**options), SessionOptions(n_ctx=N_CTX))
+    from ember.codegen.opencl import layout_pass
+
+    class LaidOutBackend(OpenCLBackend):
+        """The session's layout pass with the profile's thresholds (the renderer runs none)."""
+        def compile(self, graph, **kw):
+            return super().compile(layout_pass(self.profile)(graph), **kw)
+    reference = Session(load_model(tiny), LaidOutBackend(**options), SessionOptions(n_ctx=N_CTX))
     want = [reference.eval([t]) for t in tokens]
     monkeypatch.setattr(opencl_backend, "relayout_weight", lambda *a: pytest.fail("re-laid out at load"))
     _, session = load_artifact(out)

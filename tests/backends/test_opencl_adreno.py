@@ -20,7 +20,7 @@ import pytest
 
 from ember.backends.opencl.backend import OpenCLBackend
 from ember.ir import GraphBuilder, run_reference
-from ember.codegen.opencl import _static_file
+from ember.codegen.opencl import TEMPLATES, layout_pass
 from ember.ir.interpreter import random_inputs
 from ember.ir.quant import quantize
 from ember.testing import nmse
@@ -34,9 +34,17 @@ _ok, _why = _probe.available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"opencl adreno-emulated: unavailable: {_why}")
 
 
+class LaidOutBackend(OpenCLBackend):
+    """The backend behind the opencl-adreno pipeline's last phase: the profile's layout pass (with
+    its small thresholds) runs before compiling, as the renderer runs no pass itself."""
+
+    def compile(self, graph, **options):
+        return super().compile(layout_pass(self.profile)(graph), **options)
+
+
 @pytest.fixture(scope="module")
 def adreno(tmp_path_factory):
-    return OpenCLBackend(profile="adreno-emulated", profile_options=SMALL_SOA,
+    return LaidOutBackend(profile="adreno-emulated", profile_options=SMALL_SOA,
                          cache_dir=tmp_path_factory.mktemp("opencl-adreno-cache"))
 
 
@@ -74,7 +82,7 @@ def test_soa_matmuls_match_the_reference(adreno, wtype, M, K, x_kinds):
 def test_emulated_half_rounding_is_a_conversion_to_half(adreno):
     """ember_round_half(8) (adreno.h, EMBER_FP16=0) gives the bits of a round trip through half."""
     import pyopencl as cl
-    source = _static_file("common.h") + _static_file("adreno.h") + """
+    source = TEMPLATES.static_file("common.h") + TEMPLATES.static_file("adreno.h") + """
 __kernel void round_trip(__global const float *x, __global float *scalar, __global float *vector) {
     const int i = get_global_id(0);
     scalar[i] = ember_round_half(x[i]);

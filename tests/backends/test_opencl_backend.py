@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from ember.backends.opencl.backend import OpenCLBackend
-from ember.codegen import opencl
-from ember.codegen.opencl import compile_plan, relayout_weight
+from ember.codegen import opencl, opencl_plan
+from ember.codegen.opencl import compile_plan, layout_pass
+from ember.codegen.opencl_plan import relayout_weight
 from ember.errors import BackendUnavailable, CompileError, EmberError
 from ember.ir import GraphBuilder, run_reference
 from ember.ir.interpreter import random_inputs
@@ -134,7 +135,7 @@ def test_unknown_profile_is_an_error():
 
 def test_auto_profile_and_what_a_device_lacks():
     info = _probe.info
-    if opencl.adreno_generation(info.name) is None:
+    if opencl_plan.adreno_generation(info.name) is None:
         assert _probe.profile.name == "generic" and _probe.profile.fp64 == info.fp64
     native = OpenCLBackend(profile="adreno")
     ok, reason = native.available()
@@ -248,7 +249,7 @@ def replay(plan_json: str, constants: dict, inputs: list, backend: OpenCLBackend
         if c["layout"] is None:
             consts.append({"": cl.Buffer(ctx, flags.READ_ONLY | flags.COPY_HOST_PTR, hostbuf=data)})
             continue
-        layout = opencl.WeightLayout(**c["layout"])
+        layout = opencl_plan.WeightLayout(**c["layout"])
         parts = {k: cl.Buffer(ctx, flags.READ_ONLY | flags.COPY_HOST_PTR, hostbuf=v)
                  for k, v in relayout_weight(data, layout).items()}
         for fmt, order, n in (("r32ui", cl.channel_order.R, layout.texels),
@@ -288,8 +289,10 @@ def test_the_launch_plan_alone_runs_the_graph(ocl, profile):
     h = b.rms_norm_mul(x, b.weight("g", rng.standard_normal(64)), eps=1e-6)
     graph = b.build(b.mul_mat(h, w), b.get_rows(w, b.input("i", "i32", (2,))), b.mul_mat(b.reshape(x, 192), b.weight(
         "v", rng.standard_normal((4, 192)), "f16")))
-    profile = opencl.adreno_profile(emulated=True, soa_min_rows=4, soa_min_cols=32) if profile != "generic" \
-        else opencl.generic_profile(fp64=_probe.info.fp64)
+    profile = opencl_plan.adreno_profile(emulated=True, soa_min_rows=4, soa_min_cols=32) if profile != "generic" \
+        else opencl_plan.generic_profile(fp64=_probe.info.fp64)
+    if profile.adreno:     # the opencl-adreno pipeline's layout pass, with the profile's thresholds
+        graph = layout_pass(profile)(graph)
     plan = compile_plan(graph, profile)
     assert any(c["layout"] for c in plan["plan"]["constants"]) == profile.adreno
     inputs = random_inputs(graph)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.codegen.opencl import ADRENO_GENERATIONS, adreno_profile, generic_profile, render_graph
+from ember.codegen.opencl import layout_pass, render_graph
+from ember.codegen.opencl_plan import ADRENO_GENERATIONS, adreno_profile, generic_profile
 from ember.ir import GraphBuilder
 
 CLANG = shutil.which("clang")
@@ -105,13 +106,20 @@ def soa_graph():
     return b.build(*outs)
 
 
+def laid_out(graph, profile):
+    """graph through the profile's layout pass, as the opencl-adreno pipeline hands it over."""
+    return layout_pass(profile)(graph) if profile.adreno else graph
+
+
 def test_every_conformance_kernel_compiles_for_adreno(tmp_path):
-    program = render_graph(conformance_graphs(), adreno_profile("a7xx", **SMALL_SOA))
+    profile = adreno_profile("a7xx", **SMALL_SOA)
+    program = render_graph(laid_out(conformance_graphs(), profile), profile)
     assert_adreno_compiles(program, tmp_path)
 
 
 def test_soa_kernels_compile_for_adreno(tmp_path):
-    program = render_graph(soa_graph(), adreno_profile("a7xx", **SMALL_SOA))
+    profile = adreno_profile("a7xx", **SMALL_SOA)
+    program = render_graph(laid_out(soa_graph(), profile), profile)
     assert {"mul_mat_soa_gemv.cl.j2", "mul_mat_soa_gemm.cl.j2", "get_rows_soa.cl.j2"} <= \
         {k.template for k in program.kernels}
     assert_adreno_compiles(program, tmp_path)
@@ -121,5 +129,5 @@ def test_soa_kernels_compile_for_adreno(tmp_path):
 def test_generic_and_emulated_programs_need_no_fp16_arithmetic(tmp_path, emulated):
     graph = soa_graph() if emulated else conformance_graphs()
     profile = adreno_profile("a7xx", emulated=True, **SMALL_SOA) if emulated else generic_profile(fp64=True)
-    result = clang(render_graph(graph, profile), tmp_path, "CL1.2", ["+cl_khr_fp64"])
+    result = clang(render_graph(laid_out(graph, profile), profile), tmp_path, "CL1.2", ["+cl_khr_fp64"])
     assert result.returncode == 0, result.stderr[-4000:]

@@ -11,16 +11,23 @@ import jinja2
 import numpy as np
 import pytest
 
-from ember.codegen import opencl
-from ember.codegen.opencl import (ADRENO_GENERATIONS, WeightLayout, adreno_generation, adreno_profile,
-                                  compile_plan, generic_profile, lower_layouts, relayout_weight,
-                                  render_graph, render_template, weight_layouts)
+from ember.codegen import opencl, opencl_plan
+from ember.codegen.opencl import compile_plan, layout_pass, render_graph, weight_layouts
+from ember.codegen.opencl_plan import (ADRENO_GENERATIONS, WeightLayout, adreno_generation, adreno_profile,
+                                       generic_profile, relayout_weight)
+from ember.codegen.renderer import LOWERING
 from ember.errors import EmberError
 from ember.ir import GraphBuilder
 from ember.passes import LayoutAdreno
 from ember.ir.quant import dequantize, quantize
 
 SMALL_SOA = dict(soa_min_rows=4, soa_min_cols=32)
+
+
+def laid_out(graph, profile):
+    """graph as a target's pipeline hands it to the renderer: through the profile's layout pass."""
+    layouts = layout_pass(profile)
+    return layouts(graph) if layouts is not None else graph
 
 
 def block_graph(name="block", layers=2):
@@ -63,7 +70,7 @@ def test_identical_layers_share_their_kernels():
 
 def test_templates_are_strict_about_parameters():
     with pytest.raises(jinja2.UndefinedError):
-        render_template("eltwise.cl.j2", name="k", arity=1, expr="a", numel=4, a_off="0", b_off="0")
+        opencl.TEMPLATES.render("eltwise.cl.j2", name="k", arity=1, expr="a", numel=4, a_off="0", b_off="0")
 
 
 def test_every_template_is_used_by_some_op():
@@ -83,14 +90,14 @@ def test_every_op_of_the_table_is_supported_by_the_renderer():
         try:
             node = example_node(op)
         except Exception:      # an op without an example node yet: the renderer must still know it
-            assert hasattr(opencl._Renderer, f"_render_{opencl._KIND.get(op, op)}") or opdef.is_view, op
+            assert op in LOWERING or opdef.is_view, op
             continue
         assert opencl.supports_node(node) == (True, ""), op
 
 
 def test_launch_plan_is_json_and_names_every_buffer():
     graph = shared_weight_graph()
-    plan = compile_plan(graph, adreno_profile(**SMALL_SOA))
+    plan = compile_plan(laid_out(graph, adreno_profile(**SMALL_SOA)), adreno_profile(**SMALL_SOA))
     text = json.dumps(plan)
     again = json.loads(text)
     assert again["build_options"] == "-cl-std=CL2.0 -DEMBER_FP16=1 -DEMBER_SUBGROUPS=1 -cl-mad-enable"
@@ -149,8 +156,8 @@ def test_profiles_take_their_launch_shapes_from_the_generation_table():
 
 def test_subgroup_reductions_only_with_native_subgroups():
     graph = block_graph(layers=1)
-    native = render_graph(graph, adreno_profile())
-    emulated = render_graph(graph, adreno_profile(emulated=True))
+    native = render_graph(laid_out(graph, adreno_profile()), adreno_profile())
+    emulated = render_graph(laid_out(graph, adreno_profile(emulated=True)), adreno_profile(emulated=True))
     assert "sub_group_reduce_add" in native.source and "sub_group_reduce_add" not in emulated.source
     assert "#pragma OPENCL EXTENSION cl_khr_fp16" in native.source   # guarded by EMBER_FP16 in adreno.h
     generic = render_graph(graph).source
@@ -172,7 +179,7 @@ def test_relayout_moves_bytes_not_values(wtype):
     values = np.random.default_rng(2).standard_normal((M, K)).astype(np.float32)
     blocks = quantize(values, wtype)
     parts = relayout_weight(blocks, WeightLayout("soa", wtype, M, K))
-    per_u32 = opencl.SOA_DTYPES[wtype]
+    per_u32 = opencl_plan.SOA_DTYPES[wtype]
     assert parts["q"].shape == (K // per_u32, M) and parts["d"].shape == (K // 32, M)
     # back to blocks: transpose, then interleave scales and quants again
     q = np.ascontiguousarray(parts["q"].T).view(np.uint8).reshape(M, K // 32, -1)
@@ -190,7 +197,7 @@ def test_relayout_moves_bytes_not_values(wtype):
 
 
 def test_weight_feeding_gemv_gemm_and_get_rows_is_laid_out_for_all_of_them():
-    program = render_graph(shared_weight_graph(), adreno_profile(**SMALL_SOA))
+    program = render_graph(laid_out(shared_weight_graph(), adreno_profile(**SMALL_SOA)), adreno_profile(**SMALL_SOA))
     assert list(program.layouts.values()) == [WeightLayout("soa", "q8_0", 64, 64)]
     templates = [next(k.template for k in program.kernels if k.name == launch.kernel) for launch in program.launches]
     assert templates == ["mul_mat_soa_gemv.cl.j2", "act_to_half_t.cl.j2", "mul_mat_soa_gemm.cl.j2",
@@ -203,8 +210,8 @@ def test_a_weight_with_any_other_consumer_keeps_the_block_layout():
     half = b.view(w, shape=(32, 64), strides=(w.type.strides[0], 34), offset=0)
     graph = b.build(b.mul_mat(b.input("x", "f32", (1, 64)), w), b.mul_mat(b.input("y", "f32", (1, 64)), half))
     profile = adreno_profile(**SMALL_SOA)
-    assert lower_layouts(graph, profile) is graph
-    assert {k.template for k in render_graph(graph, profile).kernels} == {"mul_mat.cl.j2"}
+    assert layout_pass(profile)(graph) is graph
+    assert {k.template for k in render_graph(laid_out(graph, profile), profile).kernels} == {"mul_mat.cl.j2"}
 
 
 @pytest.mark.parametrize("why, shape, wtype, x_shape, options", [
@@ -218,18 +225,18 @@ def test_weights_that_keep_the_block_layout(why, shape, wtype, x_shape, options)
     b = GraphBuilder("keep")
     w = b.weight("w", np.random.default_rng(1).standard_normal(shape), wtype)
     graph = b.build(b.mul_mat(b.input("x", "f32", x_shape), w))
-    assert lower_layouts(graph, adreno_profile(**options)) is graph, why
-    assert lower_layouts(graph, generic_profile()) is graph
-    assert weight_layouts(render_graph(graph, adreno_profile(**options)).graph) == {}
+    assert layout_pass(adreno_profile(**options))(graph) is graph, why
+    assert layout_pass(generic_profile()) is None     # the generic profile lays nothing out
+    assert weight_layouts(render_graph(laid_out(graph, adreno_profile(**options)), adreno_profile(**options)).graph) == {}
 
 
 def test_the_renderer_refuses_a_plain_kernel_on_a_re_laid_out_weight():
     profile = adreno_profile(**SMALL_SOA)
-    graph = lower_layouts(shared_weight_graph(), profile)
+    graph = layout_pass(profile)(shared_weight_graph())
     w = graph.outputs[2].inputs[0]
     assert w.type.layout == "adreno_soa"
     # a kernel that knows only the block layout asks for the weight's buffer: refused
-    renderer = opencl._Renderer(graph, profile)
+    renderer = opencl.OpenCLRenderer(graph, profile)
     renderer.assign_places()
     with pytest.raises(EmberError, match=r"reads a weight in the adreno_soa layout through a kernel that does not know"):
         renderer.buf(w)
@@ -262,7 +269,7 @@ def test_an_soa_weight_under_batched_activations_is_refused():
 
 
 def test_soa_kernels_index_the_transposed_layout():
-    program = render_graph(shared_weight_graph(M=68, K=96), adreno_profile(**SMALL_SOA))
+    program = render_graph(laid_out(shared_weight_graph(M=68, K=96), adreno_profile(**SMALL_SOA)), adreno_profile(**SMALL_SOA))
     gemv = next(k for k in program.kernels if k.template == "mul_mat_soa_gemv.cl.j2")
     text = "\n".join(program.source.splitlines()[gemv.first_line - 1:gemv.last_line])
     assert "read_imageui(wq, (kb * 8 + w4) * 68 + rowc)" in text       # quants: [K/4][M]

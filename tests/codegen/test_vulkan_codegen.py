@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ember.backends.vulkan.compiler import SpirvCache, export_graph, validate_spirv
-from ember.codegen.vulkan import (BASELINE_CAPS, DeviceCaps, PLAN_FORMAT, all_variants, kernel_templates,
-                                  render_graph, render_shader, supports_node)
+from ember.codegen.vulkan import all_variants, kernel_templates, render_graph, render_shader, supports_node
+from ember.codegen.vulkan_plan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps
 from ember.errors import CompileError, EmberError
 from ember.ir import GraphBuilder
 from ember.ir.examples import example_node

@@ -25,8 +25,9 @@ from ember.backends.opencl.compiler import ProgramCache
 from ember.backends.opencl.device import choose_profile, select_device
 from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
                                      bound_in_place_inputs, root_bytes)
-from ember.codegen.opencl import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
-                                  WeightLayout, relayout_weight, render_graph, supports_node)
+from ember.codegen.opencl import render_graph, supports_node
+from ember.codegen.opencl_plan import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
+                                       WeightLayout, relayout_weight)
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir.graph import Graph
 from ember.ir.node import Node

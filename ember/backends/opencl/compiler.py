@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from ember.files import default_cache_dir
-from ember.codegen.opencl import OpenCLProgram
+from ember.codegen.opencl_plan import OpenCLProgram
 from ember.errors import CompileError
 
 FORMAT_VERSION = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ember.codegen.opencl import PROFILE_NAMES, Profile, adreno_generation, adreno_profile, generic_profile
+from ember.codegen.opencl_plan import PROFILE_NAMES, Profile, adreno_generation, adreno_profile, generic_profile
 from ember.errors import BackendUnavailable, EmberError
 
 NO_PLATFORM = ("no OpenCL platform found: install an OpenCL driver (ICD), e.g. "

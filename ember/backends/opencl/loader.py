@@ -18,7 +18,7 @@ import numpy as np
 from ember.backends.base import host_storage
 from ember.backends.opencl.backend import OpenCLBackend, OpenCLExecutable, _nbytes
 from ember.backends.opencl.compiler import _quiet_build
-from ember.codegen.opencl import SOA_DTYPES, BufferArg, ImageArg, Launch, Place, StatusArg, WeightLayout
+from ember.codegen.opencl_plan import SOA_DTYPES, BufferArg, ImageArg, Launch, Place, StatusArg, WeightLayout
 from ember.errors import EmberError
 from ember.ir import dtypes
 from ember.ir.types import TensorType

@@ -31,7 +31,8 @@ from ember.files import default_cache_dir
 from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
                                      bound_in_place_inputs, root_bytes)
 from ember.backends.vulkan.compiler import SpirvCache, program_spirv
-from ember.codegen.vulkan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram, render_graph, supports_node
+from ember.codegen.vulkan import render_graph, supports_node
+from ember.codegen.vulkan_plan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir.graph import Graph
 from ember.ir.node import Node

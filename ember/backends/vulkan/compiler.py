@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 from ember.files import default_cache_dir
-from ember.codegen.vulkan import DeviceCaps, Shader, VulkanProgram, render_graph
+from ember.codegen.vulkan import render_graph
+from ember.codegen.vulkan_plan import DeviceCaps, Shader, VulkanProgram
 from ember.errors import BackendUnavailable, CompileError, EmberError
 from ember.ir.graph import Graph
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.codegen.vulkan import DeviceCaps
+from ember.codegen.vulkan_plan import DeviceCaps
 from ember.errors import BackendUnavailable, EmberError
 
 API_VERSION = (1, 2, 0)

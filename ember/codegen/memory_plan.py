@@ -8,7 +8,7 @@ caller's output arrays). Scratch a node asks for (e.g. activations quantized for
 only while that node runs. Buffers are placed greedily, largest first, each into the tightest gap
 left by the already placed buffers whose lifetimes overlap it (best fit), else on top of them.
 
-Imports only the IR.
+Lives in codegen because the renderers place values with it. Imports only the IR.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ember.ir import Graph, GraphBuilder
 from ember.ir.ops import get_op
-from ember.runtime.memory_plan import plan_memory, planned_values, view_root
+from ember.codegen.memory_plan import plan_memory, planned_values, view_root
 
 
 def _is_view(node):
