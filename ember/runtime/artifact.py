@@ -189,7 +189,7 @@ class _CpuWriter:
     pipeline = "cpu"
 
     def __init__(self, backend: CpuBackend):
-        if getattr(backend, "profile", None):
+        if backend.profile:
             raise ArtifactError("compile: the backend renders profiling code; artifacts hold plain graphs")
         self.backend = backend
 

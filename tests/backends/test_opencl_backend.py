@@ -79,7 +79,7 @@ def test_a_corrupt_cache_entry_is_rebuilt(fresh, damage):
     graph = small_graph(f"corrupt-{damage}")
     fresh.compile(graph)
     program = fresh.render(graph)
-    path = fresh.cache.path(program.source, program.build_options)
+    path = fresh.cache.path(fresh.cache.key(program.source, program.build_options))
     garbage = b"not a program binary" + bytes(64)
     path.write_bytes(garbage)
     if damage == "bytes-and-checksum":    # a valid checksum of garbage: the driver refuses it
