@@ -7,23 +7,21 @@ every executable checks and how it reports a kernel's status is written here onc
 capabilities (bind, profile, the host-sync hooks, threads, transfer counts) are declared here
 with defaults, so callers use them without probing. Each backend lives in its own folder
 (ember/backends/<name>/) and is listed in the registry in ember/backends/__init__.py. Imports
-only the IR, ember.errors and NumPy.
+only the IR, ember.errors, NumPy and TransferStats from ember.backends.resident.
 """
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ember.backends.resident import TransferStats
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir.graph import Graph
 from ember.ir.ops.views import storage_layout
 from ember.ir.node import Node
 from ember.ir.printer import value_names
-
-if TYPE_CHECKING:   # resident.py imports this module; the name is only for annotations
-    from ember.backends.resident import TransferStats
 
 
 class Executable(abc.ABC):
@@ -48,7 +46,7 @@ class Executable(abc.ABC):
     status_messages: Mapping[int, str] = {}
     # the bytes the runs move between host and device, counted into the backend's
     # TransferStats (ember.backends.resident); None where the runs work on host memory (CPU)
-    transfers: "TransferStats | None" = None
+    transfers: TransferStats | None = None
 
     @abc.abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray],
@@ -193,7 +191,7 @@ class Backend(abc.ABC):
 
     name: str = ""
     threads: int = 1
-    transfers: "TransferStats | None" = None
+    transfers: TransferStats | None = None
 
     def sync_to_host(self, arrays) -> None:
         """The device wrote arrays (or the arrays they view): bring the host copies up to date."""

@@ -182,6 +182,22 @@ class ResidentSync:
             self._resident.sync_to_device(arrays)
 
 
+def bind_resident(executable, inputs, outputs, acquire) -> tuple[list, list, dict]:
+    """A GPU executable's bind set-up: (input arrays, output arrays, {input index: (Resident,
+    byte offset)}), the arrays checked as every executable checks them and the inputs that may
+    stay resident (bound_in_place_inputs) acquired through acquire(array) -> (entry, offset),
+    or None where this device cannot bind that array where it lies."""
+    arrays = executable._checked_inputs(inputs)
+    given = outputs or {}
+    results = executable._checked_outputs(given, arrays)
+    resident = {}
+    for i in bound_in_place_inputs(executable, arrays, given):
+        found = acquire(arrays[i])
+        if found is not None:
+            resident[i] = found
+    return arrays, results, resident
+
+
 def bound_in_place_inputs(executable, arrays: list[np.ndarray], given) -> list[int]:
     """The inputs a bound run may keep resident: those whose in-place output (the cache a step
     updates with set_rows) was given as the very array of the input."""

@@ -23,8 +23,8 @@ import numpy as np
 from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.opencl.compiler import ProgramCache
 from ember.backends.opencl.device import choose_profile, select_device
-from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
-                                     bound_in_place_inputs, root_bytes)
+from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats, bind_resident,
+                                     root_bytes)
 from ember.codegen.opencl import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
                                   WeightLayout, relayout_weight, render_graph, supports_node)
 from ember.errors import BackendUnavailable, EmberError
@@ -369,17 +369,13 @@ class OpenCLExecutable(Executable):
     def bind(self, inputs: Mapping[str, np.ndarray],
              outputs: Mapping[int, np.ndarray] | None = None) -> "OpenCLRun":
         """The inputs and outputs checked once: a callable run(fresh=(), inputs=None) -> outputs,
-        as CpuExecutable.bind. An output given as the very array of the input it updates in place
+        as Executable.bind. An output given as the very array of the input it updates in place
         (in_place_outputs: the caches) makes that input resident on the device; see OpenCLRun."""
-        arrays = self._checked_inputs(inputs)
-        given = outputs or {}
-        results = self._checked_outputs(given, arrays)
-        resident = {}
-        for i in bound_in_place_inputs(self, arrays, given):
-            found = self.backend.resident.acquire(arrays[i])
-            if found is not None and found[1] + arrays[i].nbytes < 2 ** 32:   # uint byte offsets
-                resident[i] = found
-        return OpenCLRun(self, arrays, results, resident)
+        def acquire(array):
+            found = self.backend.resident.acquire(array)
+            # kernel arguments take uint byte offsets
+            return found if found is not None and found[1] + array.nbytes < 2 ** 32 else None
+        return OpenCLRun(self, *bind_resident(self, inputs, outputs, acquire))
 
     def profile(self, inputs: Mapping[str, np.ndarray], repeats: int = 1) -> list[tuple]:
         """Run the graph `repeats` times (after one untimed run) and return, per launch, (Launch,

@@ -28,8 +28,8 @@ import numpy as np
 
 from ember.backends.base import Backend, Executable, host_storage
 from ember.files import default_cache_dir
-from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
-                                     bound_in_place_inputs, root_bytes)
+from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats, bind_resident,
+                                     root_bytes)
 from ember.backends.vulkan.compiler import SpirvCache, program_spirv
 from ember.codegen.vulkan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram, render_graph, supports_node
 from ember.errors import BackendUnavailable, EmberError
@@ -450,18 +450,12 @@ class VulkanExecutable(Executable):
     def bind(self, inputs: Mapping[str, np.ndarray],
              outputs: Mapping[int, np.ndarray] | None = None) -> "VulkanRun":
         """The inputs and outputs checked once: a callable run(fresh=(), inputs=None) -> outputs,
-        as CpuExecutable.bind. An output given as the very array of the input it updates in place
+        as Executable.bind. An output given as the very array of the input it updates in place
         (in_place_outputs: the caches) makes that input resident on the device; see VulkanRun."""
-        arrays = self._checked_inputs(inputs)
-        given = outputs or {}
-        results = self._checked_outputs(given, arrays)
-        resident = {}
-        for i in bound_in_place_inputs(self, arrays, given):
+        def acquire(array):
             # a binding's offset into the view stays aligned as it is in the packed input buffer
-            found = self.backend.resident.acquire(arrays[i], alignment=REGION_ALIGNMENT)
-            if found is not None:
-                resident[i] = found
-        run = VulkanRun(self, arrays, results, resident)
+            return self.backend.resident.acquire(array, alignment=REGION_ALIGNMENT)
+        run = VulkanRun(self, *bind_resident(self, inputs, outputs, acquire))
         self._runs.add(run)
         return run
 

@@ -202,6 +202,8 @@ class Device:
         self.api_version = props.apiVersion
         self.driver_version = props.driverVersion
         self.pipeline_cache_uuid = bytes(props.pipelineCacheUUID).hex()
+        # limits is a view into the properties struct's memory: keep that struct alive with it
+        self.properties = props
         self.limits = props.limits
 
     def _query_caps(self) -> DeviceCaps:
