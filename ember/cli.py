@@ -357,7 +357,7 @@ def cmd_bench(args) -> int:
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     results = bench_session(session, args.n_prompt, args.n_gen, args.repetitions, bos, args.seed)
     name = f"{model.arch} {Path(model.path).stem}"
-    print(bench_table(name, args.backend, getattr(session.backend, "threads", 1), results))
+    print(bench_table(name, args.backend, session.backend.threads, results))
     if args.verbose:
         print(session.plans.stats)
         for r in results:

@@ -12,7 +12,7 @@ root); the root's data address keys the entry, and the view is the root's bytes 
 address on. The entry holds the root by weak reference and is dropped when the root dies, so an
 address reused by a later array never finds a stale entry (a live view keeps its root alive).
 
-Imports NumPy and the IR's storage rule; the backends supply the device buffers (subclasses of ResidentStore).
+Imports NumPy and ember.errors; the backends supply the device buffers (subclasses of ResidentStore).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ember.backends.base import host_storage
 from ember.errors import EmberError
 
 
@@ -149,33 +148,23 @@ def root_bytes(root: np.ndarray) -> np.ndarray:
 
 class BoundInputs:
     """Input replacement by name between runs, shared by the GPU backends' bound runs (which
-    set executable, inputs, outputs, resident {input index: Resident} and _index {name: index})."""
+    set executable, inputs, outputs and resident {input index: Resident})."""
 
-    def _begin(self, fresh, inputs, output_specs) -> None:
-        """A call's set-up: replaced inputs checked, `fresh` outputs in new arrays of
-        output_specs[k] = (shape, dtype)."""
-        for name, value in (inputs or {}).items():
-            self._replace(name, value)
-        for k in fresh:
-            shape, dtype = output_specs[k]
-            self.outputs[k] = np.empty(shape, dtype)
-
-    def _replace(self, name: str, value: np.ndarray) -> None:
+    def _begin(self, fresh, inputs) -> None:
+        """A call's set-up: replaced inputs checked (Executable._checked_replacement), `fresh`
+        outputs in new arrays."""
         exe = self.executable
-        i = self._index.get(name)
-        if i is None:
-            raise EmberError(f"graph {exe.graph.name!r}: unknown input {name!r}")
-        if value is self.inputs[i]:
-            return
-        if i in self.resident:
-            raise EmberError(f"graph {exe.graph.name!r}: input {name!r} is resident on the device; "
-                             "bind again to run on another array")
-        shape, dtype = host_storage(exe._inputs[i].type)
-        if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype \
-                or not value.flags.c_contiguous:
-            raise EmberError(f"graph {exe.graph.name!r}: input {name!r} must be a contiguous "
-                             f"NumPy {dtype}{list(shape)} array")
-        self.inputs[i] = value
+        for name, value in (inputs or {}).items():
+            i = exe._input_index.get(name)
+            if i is not None and value is self.inputs[i]:
+                continue
+            if i in self.resident:
+                raise EmberError(f"graph {exe.graph.name!r}: input {name!r} is resident on the device; "
+                                 "bind again to run on another array")
+            self.inputs[exe._checked_replacement(name, value)] = value
+        for k in fresh:
+            shape, dtype = exe._output_specs[k]
+            self.outputs[k] = np.empty(shape, dtype)
 
 
 class ResidentSync:
@@ -193,13 +182,28 @@ class ResidentSync:
             self._resident.sync_to_device(arrays)
 
 
+def bind_resident(executable, inputs, outputs, acquire) -> tuple[list, list, dict]:
+    """A GPU executable's bind set-up: (input arrays, output arrays, {input index: (Resident,
+    byte offset)}), the arrays checked as every executable checks them and the inputs that may
+    stay resident (bound_in_place_inputs) acquired through acquire(array) -> (entry, offset),
+    or None where this device cannot bind that array where it lies."""
+    arrays = executable._checked_inputs(inputs)
+    given = outputs or {}
+    results = executable._checked_outputs(given, arrays)
+    resident = {}
+    for i in bound_in_place_inputs(executable, arrays, given):
+        found = acquire(arrays[i])
+        if found is not None:
+            resident[i] = found
+    return arrays, results, resident
+
+
 def bound_in_place_inputs(executable, arrays: list[np.ndarray], given) -> list[int]:
     """The inputs a bound run may keep resident: those whose in-place output (the cache a step
     updates with set_rows) was given as the very array of the input."""
-    index = {node.name: i for i, node in enumerate(executable._inputs)}
     found = []
     for k, name in executable.in_place_outputs.items():
-        i, out = index[name], given.get(k)
+        i, out = executable._input_index[name], given.get(k)
         if out is not None and out.__array_interface__["data"][0] == arrays[i].__array_interface__["data"][0]:
             found.append(i)
     return found

@@ -125,11 +125,7 @@ class _Feed:
         self.states = [(first + r, name) for r, name in enumerate(session._state)]
         self.inputs.update(session._state)
         self.fresh = (0,) + tuple(k for k, _ in self.states)
-        bind = getattr(executable, "bind", None)
-        if bind is not None:
-            self._run = bind(self.inputs, self.targets)
-        else:
-            self._run = lambda fresh, inputs: executable.run({**self.inputs, **inputs}, self.targets)
+        self._run = executable.bind(self.inputs, self.targets)
 
     def run(self, state: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The step's outputs; logits and states in new arrays (a caller may keep old ones)."""
@@ -200,16 +196,12 @@ class Session:
     def caches_to_host(self) -> None:
         """Make the host KV caches current before the host reads them: a GPU backend keeps them
         on the device between steps (Backend.sync_to_host); nothing to do on the CPU."""
-        sync = getattr(self.backend, "sync_to_host", None)
-        if sync is not None:
-            sync(self.k_cache + self.v_cache)
+        self.backend.sync_to_host(self.k_cache + self.v_cache)
 
     def caches_from_host(self) -> None:
         """Hand host writes of the KV caches to the device copies (Backend.sync_to_device); call
         caches_to_host before writing only some rows, as the whole cache is sent."""
-        sync = getattr(self.backend, "sync_to_device", None)
-        if sync is not None:
-            sync(self.k_cache + self.v_cache)
+        self.backend.sync_to_device(self.k_cache + self.v_cache)
 
     def n_kv_swa(self, n_kv: int) -> int:
         """The ring rows a step over n_kv rows of the other layers reads."""

@@ -1,8 +1,8 @@
 """The Vulkan backend itself (on whatever Vulkan device is here; lavapipe on the CI machines):
 the fallback kernels (no 8/16-bit storage, no subgroups, no texel buffers) against the
-conformance cases, weights bound in row ranges, one command buffer reused across runs, in-place
-cache updates, kernel errors, the pipeline cache, launch plans run without glslc, and a host
-without a Vulkan driver. The default model against the CPU backend and the reference is slow."""
+conformance cases, weights bound in row ranges, one command buffer reused across runs, the
+pipeline cache, launch plans run without glslc, and a host without a Vulkan driver (what every
+executable does is tested over every backend in test_executable.py). The default model against the CPU backend and the reference is slow."""
 from __future__ import annotations
 
 import json
@@ -91,42 +91,6 @@ def test_one_command_buffer_is_recorded_and_resubmitted(vulkan):
         got, expected = exe.run(inputs), run_reference(graph, inputs)
         assert nmse(got[0], expected[0]) < 1e-3
     assert exe._command_buffer is command_buffer
-
-
-def test_set_rows_updates_a_cache_in_place(vulkan):
-    b = GraphBuilder("cache")
-    cache = b.input("cache", "f16", (8, 32))
-    slots = b.input("slots", "i32", (2,))
-    rows = b.input("rows", "f32", (2, 32))
-    graph = b.build([b.set_rows(cache, slots, rows)])
-    exe = vulkan.compile(graph)
-    assert exe.in_place_outputs == {0: "cache"}
-    data = np.zeros((8, 32), np.float16)
-    inputs = {"cache": data, "slots": np.array([5, 1], np.int32),
-              "rows": np.arange(64, dtype=np.float32).reshape(2, 32)}
-    expected = run_reference(graph, dict(inputs, cache=data.copy()))[0]
-    out = exe.run(inputs, outputs={0: data})[0]
-    assert out is data
-    np.testing.assert_array_equal(data, expected)
-
-
-def test_index_out_of_range_is_an_error_naming_the_node(vulkan):
-    graph = weights_graph("range")
-    exe = vulkan.compile(graph)
-    inputs = weights_inputs(graph)
-    inputs["idx"] = np.array([0, 300, 1, 2], np.int32)
-    with pytest.raises(EmberError, match=r"get_rows.*out of range \[0, 300\)"):
-        exe.run(inputs)
-    inputs["idx"][1] = 299               # the status word is reset for the next run
-    exe.run(inputs)
-
-
-def test_inputs_are_checked(vulkan):
-    exe = vulkan.compile(weights_graph("checks"))
-    with pytest.raises(EmberError, match="missing input"):
-        exe.run({"x": np.zeros((5, 64), np.float32)})
-    with pytest.raises(EmberError, match="must be f32"):
-        exe.run({"x": np.zeros((5, 64), np.float64), "idx": np.zeros(4, np.int32)})
 
 
 def test_pipeline_cache_is_written_to_disk(vulkan, backend_cache):

@@ -126,21 +126,22 @@ def load_kernel_library(tag: str, path) -> None:
 
 class CpuExecutable(Executable):
     library_path: Path | None = None   # the shared library it runs (set by the backend)
+    backend_name = "cpu"
 
     def __init__(self, graph: Graph, program: CpuProgram, library: ctypes.CDLL, threads: int):
         self.graph = graph
         self.program = program
         self.threads = threads
         self.planned_peak_bytes = program.plan.peak_bytes
+        self.status_messages = program.status_messages
         self._library = library   # keeps the code loaded while this executable lives
         self._entry = getattr(library, ENTRY_POINT)
         self._entry.restype = ctypes.c_int
         self._entry.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_void_p, ctypes.c_int]
         self._lock = threading.Lock()   # one run at a time: the arena is shared
-        self._inputs = program.graph.inputs
-        self._input_specs = [(n.name, *host_storage(n.type)) for n in self._inputs]
-        self._outputs = [host_storage(TensorType(n.dtype, n.shape)) for n in program.graph.outputs]
+        self._declare_signature(program.graph.inputs,
+                                [host_storage(TensorType(n.dtype, n.shape)) for n in program.graph.outputs])
         # Constants: their own arrays, referenced, never copied (unless not contiguous).
         self._constants = [_contiguous(graph.constant_data(n)) for n in program.constants]
         self._consts = _pointer_array(self._constants)
@@ -155,16 +156,27 @@ class CpuExecutable(Executable):
     def source(self) -> str:
         return self.program.source
 
-    def profile(self) -> list[tuple[str, list[float]]]:
+    def profile(self, inputs: Mapping[str, np.ndarray] | None = None,
+                repeats: int = 1) -> list[tuple[str, list[float]]]:
         """(label, seconds per thread) of every kernel call since the last call of profile, in
-        graph order, then ("barrier", waits); only for a graph compiled with profile ("wall" or "cpu")."""
+        graph order, then ("barrier", waits); only for a graph compiled with profile ("wall" or
+        "cpu"). With inputs, the graph is run `repeats` times first (the times are their sum)."""
         labels = self.program.profile_labels
         if not labels:
             raise EmberError(f"graph {self.graph.name!r} was not compiled with a profile clock")
-        totals = np.zeros((64, len(labels)))
-        getattr(self._library, "ember_graph_profile")(totals.ctypes.data_as(ctypes.c_void_p))
-        threads = totals[:self.threads]
+        if inputs is not None:
+            self._read_profile()           # what earlier runs left counts for none of these
+            run = self.bind(inputs)
+            for _ in range(repeats):
+                run()
+        threads = self._read_profile()[:self.threads]
         return [(label, threads[:, i].tolist()) for i, label in enumerate(labels)]
+
+    def _read_profile(self) -> np.ndarray:
+        """The kernel library's time counters (one row per thread), reset as they are read."""
+        totals = np.zeros((64, len(self.program.profile_labels)))
+        getattr(self._library, "ember_graph_profile")(totals.ctypes.data_as(ctypes.c_void_p))
+        return totals
 
     def run(self, inputs: Mapping[str, np.ndarray],
             outputs: Mapping[int, np.ndarray] | None = None) -> list[np.ndarray]:
@@ -172,56 +184,10 @@ class CpuExecutable(Executable):
 
     def bind(self, inputs: Mapping[str, np.ndarray],
              outputs: Mapping[int, np.ndarray] | None = None) -> "CpuRun":
-        """The inputs and outputs checked once: a callable that runs the graph on those very
-        arrays, as often as wanted (the caller may change their contents between calls). For a
-        generation loop this leaves only the kernels and one foreign call per step."""
+        """As Executable.bind; for a generation loop this leaves only the kernels and one
+        foreign call per step."""
         arrays = self._checked_inputs(inputs)
-        return CpuRun(self, arrays, self._output_arrays(outputs or {}, arrays))
-
-    def _output_arrays(self, given: Mapping[int, np.ndarray], inputs: list[np.ndarray]) -> list[np.ndarray]:
-        arrays = []
-        for k, (shape, dtype) in enumerate(self._outputs):
-            out = given.get(k)
-            if out is None:
-                arrays.append(np.empty(shape, dtype))
-                continue
-            if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
-                raise EmberError(f"graph {self.graph.name!r}: output {k} must be a writable contiguous "
-                                 f"{dtype}{list(shape)} array, got {out.dtype}{list(out.shape)}")
-            arrays.append(out)
-        if given and inputs:
-            # Byte ranges (every array here is contiguous): one vectorized test for all pairs.
-            lo = np.array([a.__array_interface__["data"][0] for a in inputs], np.uint64)
-            hi = lo + np.array([a.nbytes for a in inputs], np.uint64)
-            for k, out in given.items():
-                start = np.uint64(out.__array_interface__["data"][0])
-                stop = start + np.uint64(out.nbytes)
-                for i in np.flatnonzero((lo < stop) & (start < hi) & (hi > lo) & (stop > start)):
-                    node, arr = self._inputs[i], inputs[i]
-                    same = lo[i] == start and arr.nbytes == out.nbytes
-                    if not (same and self.in_place_outputs.get(k) == node.name):
-                        raise EmberError(f"graph {self.graph.name!r}: output {k} overlaps input "
-                                         f"{node.name!r}, which it may not update in place")
-        return arrays
-
-    def _checked_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        if len(inputs) != len(self._input_specs) or any(name not in inputs for name, _, _ in self._input_specs):
-            names = [name for name, _, _ in self._input_specs]
-            missing = [n for n in names if n not in inputs]
-            unknown = [n for n in inputs if n not in names]
-            parts = ([f"missing input(s) {missing}"] if missing else []) + \
-                    ([f"unknown input(s) {unknown}"] if unknown else [])
-            raise EmberError(f"graph {self.graph.name!r}: {'; '.join(parts)} "
-                             f"(expected {names})")
-        arrays = []
-        for node, (name, shape, dtype) in zip(self._inputs, self._input_specs):
-            value = np.asarray(inputs[name])
-            if value.shape != shape or value.dtype != dtype:
-                raise EmberError(f"graph {self.graph.name!r}: input {name!r} must be "
-                                 f"{node.type} (NumPy {dtype}{list(shape)}), got "
-                                 f"{value.dtype}{list(value.shape)}")
-            arrays.append(_contiguous(value))
-        return arrays
+        return CpuRun(self, arrays, self._checked_outputs(outputs or {}, arrays))
 
 
 class CpuRun:
@@ -241,22 +207,12 @@ class CpuRun:
         self.inputs, self.outputs = inputs, outputs   # referenced: the pointers stay valid
         self._in_ptrs = _pointer_array(inputs)
         self._out_ptrs = _pointer_array(outputs)
-        self._index = {name: i for i, (name, _, _) in enumerate(executable._input_specs)}
         self._pools: dict[int, list[np.ndarray]] = {}
 
     def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
         exe = self.executable
         for name, value in (inputs or {}).items():
-            i = self._index.get(name)
-            if i is None:
-                raise EmberError(f"graph {exe.graph.name!r}: unknown input {name!r}")
-            if value is self.inputs[i]:
-                continue
-            _, shape, dtype = exe._input_specs[i]
-            if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype \
-                    or not value.flags.c_contiguous:
-                raise EmberError(f"graph {exe.graph.name!r}: input {name!r} must be a contiguous "
-                                 f"NumPy {dtype}{list(shape)} array")
+            i = exe._checked_replacement(name, value)
             self.inputs[i] = value
             self._in_ptrs[i] = value.ctypes.data
         for k in fresh:
@@ -265,9 +221,7 @@ class CpuRun:
             self._out_ptrs[k] = self.outputs[k].ctypes.data
         with exe._lock:
             status = exe._entry(self._in_ptrs, self._out_ptrs, exe._consts, exe._arena, exe.threads)
-        if status:
-            message = exe.program.status_messages.get(status, f"kernel status {status}")
-            raise EmberError(f"cpu backend: graph {exe.graph.name!r}: {message}")
+        exe._check_status(status)
         return list(self.outputs)
 
     def _unshared(self, k: int) -> np.ndarray:
@@ -276,7 +230,7 @@ class CpuRun:
             # referenced by the pool list and getrefcount's argument only: no one else has it
             if sys.getrefcount(pool[i]) == 2:
                 return pool[i]
-        shape, dtype = self.executable._outputs[k]
+        shape, dtype = self.executable._output_specs[k]
         array = np.empty(shape, dtype)
         if len(pool) < self.POOL:
             pool.append(array)

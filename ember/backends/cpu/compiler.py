@@ -1,20 +1,19 @@
-"""C source -> shared library, through the system C compiler, with an on-disk cache.
+"""C source -> shared library, through the system C compiler, cached on disk.
 
-The cache key is the sha256 of the source, the flags, the compiler's identity and version, and
-FORMAT_VERSION. Entries are written to a temporary file and renamed into place, and each library
-has a sidecar holding the sha256 of its bytes: an entry whose bytes do not match (a crash
-mid-write, disk corruption) is rebuilt, never loaded.
+The cache (keys, checksums, atomic writes, a damaged entry rebuilt rather than loaded) is
+ember.backends.binary_cache; the key's parts here are the flags and the compiler's identity and
+version, and FORMAT_VERSION.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from ember.backends.binary_cache import BinaryCache
 from ember.errors import BackendUnavailable, CompileError
 from ember.files import default_cache_dir
 
@@ -50,31 +49,32 @@ def compiler_identity(cc: str) -> str:
     return f"{cc}\n{out.stdout.splitlines()[0] if out.stdout else ''}"
 
 
-class CompileCache:
-    def __init__(self, directory: Path | str | None = None, cc: str | None = None):
-        self.directory = Path(directory) if directory else default_cache_dir() / "cpu"
-        self.cc = find_compiler(cc)
-        self.hits = 0
-        self.builds = 0
+class CompileCache(BinaryCache):
+    """Shared libraries built from C source (BinaryCache: `hits`, `builds`, `directory`)."""
 
-    def key(self, source: str, flags) -> str:
-        h = hashlib.sha256()
-        for part in (str(FORMAT_VERSION), compiler_identity(self.cc), " ".join(flags), source):
-            h.update(part.encode())
-            h.update(b"\0")
-        return h.hexdigest()
+    suffix = ".so"
+
+    def __init__(self, directory: Path | str | None = None, cc: str | None = None):
+        super().__init__(directory or default_cache_dir() / "cpu")
+        self.cc = find_compiler(cc)
+
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION
+
+    def identity(self) -> str:
+        return compiler_identity(self.cc)
+
+    def key(self, source: str, flags=()) -> str:
+        return super().key(source, " ".join(flags))
 
     def build(self, source: str, flags=(), name: str = "kernel") -> Path:
         """The path of a shared library built from source (from the cache when valid)."""
         flags = tuple(BASE_FLAGS) + tuple(flags)
-        key = self.key(source, flags)
-        folder = self.directory / key[:2]
-        lib = folder / f"{key}.so"
-        if self._valid(lib):
-            self.hits += 1
-            return lib
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
+        return self.cached(self.key(source, flags), lambda: self._compile(source, flags, name))
+
+    def _compile(self, source: str, flags: tuple, name: str) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="ember-cpu-build-") as tmp:
             src = Path(tmp) / f"{name}.c"
             src.write_text(source)
             out = Path(tmp) / "out.so"
@@ -83,24 +83,7 @@ class CompileCache:
             if proc.returncode != 0:
                 raise CompileError(f"cpu backend: {self.cc} failed to build {name} "
                                    f"(flags: {' '.join(flags)})", _numbered_log(proc.stderr, source))
-            digest = hashlib.sha256(out.read_bytes()).hexdigest()
-            sidecar = Path(tmp) / "out.sha256"
-            sidecar.write_text(digest)
-            # The library first, then its checksum: a library without a matching sidecar is
-            # never trusted, so a crash between the two renames only costs a rebuild.
-            os.replace(out, lib)
-            os.replace(sidecar, lib.with_suffix(".sha256"))
-        self.builds += 1
-        return lib
-
-    @staticmethod
-    def _valid(lib: Path) -> bool:
-        sidecar = lib.with_suffix(".sha256")
-        try:
-            expected = sidecar.read_text().strip()
-            return hashlib.sha256(lib.read_bytes()).hexdigest() == expected
-        except OSError:
-            return False
+            return out.read_bytes()
 
 
 def _numbered_log(stderr: str, source: str, limit: int = 60) -> str:

@@ -23,8 +23,8 @@ import numpy as np
 from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.opencl.compiler import ProgramCache
 from ember.backends.opencl.device import choose_profile, select_device
-from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
-                                     bound_in_place_inputs, root_bytes)
+from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats, bind_resident,
+                                     root_bytes)
 from ember.codegen.opencl import render_graph, supports_node
 from ember.codegen.opencl_plan import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
                                        WeightLayout, relayout_weight)
@@ -240,18 +240,21 @@ class OpenCLResidentStore(ResidentStore):
 
 
 class OpenCLExecutable(Executable):
+    backend_name = "opencl"
+
     def __init__(self, backend: OpenCLBackend, program: OpenCLProgram, built):
         import pyopencl as cl
         self.backend = backend
         self.graph = program.graph
         self.program = program
         self.planned_peak_bytes = program.plan.peak_bytes
+        self.status_messages = program.status_messages
+        self.transfers = backend.transfers
         self._queue = backend.queue
         ctx = backend.context
         self._lock = threading.Lock()
         graph = program.graph
-        self._inputs = graph.inputs
-        self._outputs = [host_storage(TensorType(n.dtype, n.shape)) for n in graph.outputs]
+        self._declare_signature(graph.inputs, [host_storage(TensorType(n.dtype, n.shape)) for n in graph.outputs])
         # input buffers are made on first use (_in_buf): a bound run keeps its caches in the
         # backend's resident store, so the cache inputs of a step graph never get one
         self._in_bufs = [None] * len(graph.inputs)
@@ -334,7 +337,7 @@ class OpenCLExecutable(Executable):
         if store is not None and len(store):
             store.sync_to_host([v for v in inputs.values() if isinstance(v, np.ndarray)])
         arrays = self._checked_inputs(inputs)
-        results = self._output_arrays(outputs or {}, arrays)
+        results = self._checked_outputs(outputs or {}, arrays)
         status = np.zeros(1, np.int32)
         queue = self._queue
         with self._lock:
@@ -356,33 +359,24 @@ class OpenCLExecutable(Executable):
                 queue.finish()
             except cl.Error as e:
                 raise EmberError(f"opencl backend: graph {self.graph.name!r}: running it failed: {e}") from e
-        transfers = self.backend.transfers
+        transfers = self.transfers
         transfers.uploaded += sum(a.nbytes for a in arrays) + (4 if self._status is not None else 0)
         transfers.downloaded += sum(r.nbytes for r in results) + (4 if self._status is not None else 0)
         if store is not None and len(store) and outputs:
             store.sync_to_device([outputs[k] for k in self.program.in_place if k in outputs])
-        self._check_status(status)
+        self._check_status(int(status[0]))
         return results
-
-    def _check_status(self, status: np.ndarray):
-        if status[0]:
-            message = self.program.status_messages.get(int(status[0]), f"kernel status {status[0]}")
-            raise EmberError(f"opencl backend: graph {self.graph.name!r}: {message}")
 
     def bind(self, inputs: Mapping[str, np.ndarray],
              outputs: Mapping[int, np.ndarray] | None = None) -> "OpenCLRun":
         """The inputs and outputs checked once: a callable run(fresh=(), inputs=None) -> outputs,
-        as CpuExecutable.bind. An output given as the very array of the input it updates in place
+        as Executable.bind. An output given as the very array of the input it updates in place
         (in_place_outputs: the caches) makes that input resident on the device; see OpenCLRun."""
-        arrays = self._checked_inputs(inputs)
-        given = outputs or {}
-        results = self._output_arrays(given, arrays)
-        resident = {}
-        for i in bound_in_place_inputs(self, arrays, given):
-            found = self.backend.resident.acquire(arrays[i])
-            if found is not None and found[1] + arrays[i].nbytes < 2 ** 32:   # uint byte offsets
-                resident[i] = found
-        return OpenCLRun(self, arrays, results, resident)
+        def acquire(array):
+            found = self.backend.resident.acquire(array)
+            # kernel arguments take uint byte offsets
+            return found if found is not None and found[1] + array.nbytes < 2 ** 32 else None
+        return OpenCLRun(self, *bind_resident(self, inputs, outputs, acquire))
 
     def profile(self, inputs: Mapping[str, np.ndarray], repeats: int = 1) -> list[tuple]:
         """Run the graph `repeats` times (after one untimed run) and return, per launch, (Launch,
@@ -406,44 +400,6 @@ class OpenCLExecutable(Executable):
                     slot.append((event.profile.end - event.profile.start) * 1e-9)
         return [(launch, float(np.median(t))) for launch, t in zip(self.program.launches, times)]
 
-    def _output_arrays(self, given: Mapping[int, np.ndarray], inputs: list[np.ndarray]) -> list[np.ndarray]:
-        arrays = []
-        for k, (shape, dtype) in enumerate(self._outputs):
-            out = given.get(k)
-            if out is None:
-                arrays.append(np.empty(shape, dtype))
-                continue
-            if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
-                raise EmberError(f"graph {self.graph.name!r}: output {k} must be a writable contiguous "
-                                 f"{dtype}{list(shape)} array, got {out.dtype}{list(out.shape)}")
-            for node, arr in zip(self._inputs, inputs):
-                if np.shares_memory(out, arr):
-                    same = arr.ctypes.data == out.ctypes.data and arr.nbytes == out.nbytes
-                    if not (same and self.in_place_outputs.get(k) == node.name):
-                        raise EmberError(f"graph {self.graph.name!r}: output {k} overlaps input "
-                                         f"{node.name!r}, which it may not update in place")
-            arrays.append(out)
-        return arrays
-
-    def _checked_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        names = [n.name for n in self._inputs]
-        missing = [n for n in names if n not in inputs]
-        unknown = [n for n in inputs if n not in names]
-        if missing or unknown:
-            parts = ([f"missing input(s) {missing}"] if missing else []) + \
-                    ([f"unknown input(s) {unknown}"] if unknown else [])
-            raise EmberError(f"graph {self.graph.name!r}: {'; '.join(parts)} (expected {names})")
-        arrays = []
-        for node in self._inputs:
-            value = np.asarray(inputs[node.name])
-            shape, dtype = host_storage(node.type)
-            if value.shape != shape or value.dtype != dtype:
-                raise EmberError(f"graph {self.graph.name!r}: input {node.name!r} must be "
-                                 f"{node.type} (NumPy {dtype}{list(shape)}), got "
-                                 f"{value.dtype}{list(value.shape)}")
-            arrays.append(value if value.flags.c_contiguous else np.ascontiguousarray(value))
-        return arrays
-
 
 class OpenCLRun(BoundInputs):
     """An OpenCLExecutable bound to its arrays (OpenCLExecutable.bind). Its own kernel objects
@@ -466,7 +422,6 @@ class OpenCLRun(BoundInputs):
             own = cl.Kernel(kernel.program, kernel.function_name)
             own.set_args(*executable._kernel_args(launch.args, places))
             self._kernels.append(own)
-        self._index = {node.name: i for i, node in enumerate(executable._inputs)}
         in_place = executable.program.in_place
         self._resident_outputs = {k for k, i in in_place.items() if i in self.resident}
         self._downloads = [(k, executable._in_buf(in_place[k]) if k in in_place else executable._out_bufs[k])
@@ -475,7 +430,7 @@ class OpenCLRun(BoundInputs):
     def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
         import pyopencl as cl
         exe = self.executable
-        self._begin(fresh, inputs, exe._outputs)
+        self._begin(fresh, inputs)
         status = np.zeros(1, np.int32)
         queue = exe._queue
         up = down = 0
@@ -502,9 +457,9 @@ class OpenCLRun(BoundInputs):
                 raise EmberError(f"opencl backend: graph {exe.graph.name!r}: running it failed: {e}") from e
             for entry in self.resident.values():
                 entry.device_newer = True
-        exe.backend.transfers.uploaded += up
-        exe.backend.transfers.downloaded += down
-        exe._check_status(status)
+        exe.transfers.uploaded += up
+        exe.transfers.downloaded += down
+        exe._check_status(int(status[0]))
         return list(self.outputs)
 
 

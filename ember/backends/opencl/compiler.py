@@ -1,22 +1,20 @@
 """OpenCL C source -> program, with an on-disk cache of program binaries.
 
-The cache key is the sha256 of FORMAT_VERSION, the device's identity (platform, device, driver,
-OpenCL C version), the build options and the source. A binary is written to a temporary file and
-renamed into place, with a sidecar holding the sha256 of its bytes; an entry whose bytes do not
-match, or that the driver refuses to load, is rebuilt from source, never trusted.
+The cache is ember.backends.binary_cache; the key's parts here are FORMAT_VERSION, the
+device's identity (platform, device, driver, OpenCL C version) and the build options. An entry
+whose bytes do not match its checksum, or that the driver refuses to load, is rebuilt from
+source, never trusted.
 
 A build failure raises CompileError naming the kernel(s) the compiler complains about, with the
 template and parameters each was rendered from, and the compiler's log.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
+from ember.backends.binary_cache import BinaryCache
 from ember.files import default_cache_dir
 from ember.codegen.opencl_plan import OpenCLProgram
 from ember.errors import CompileError
@@ -26,32 +24,29 @@ LOG_LINE = re.compile(r"\.cl:(\d+):(\d+)\b|<source>:(\d+):(\d+)\b")
 LOG_LIMIT = 60
 
 
-class ProgramCache:
+class ProgramCache(BinaryCache):
+    """Program binaries for one device (BinaryCache: `hits`, `builds`, `directory`). A binary
+    the driver refuses to load is rebuilt from source like a damaged one."""
+
     def __init__(self, context, device, info, directory: Path | str | None = None):
+        super().__init__(directory or default_cache_dir() / "opencl")
         self.context = context
         self.device = device
         self.info = info
-        self.directory = Path(directory) if directory else default_cache_dir() / "opencl"
-        self.hits = 0
-        self.builds = 0
 
-    def key(self, source: str, options: str) -> str:
-        h = hashlib.sha256()
-        for part in (str(FORMAT_VERSION), self.info.identity, options, source):
-            h.update(part.encode())
-            h.update(b"\0")
-        return h.hexdigest()
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION
 
-    def path(self, source: str, options: str) -> Path:
-        key = self.key(source, options)
-        return self.directory / key[:2] / f"{key}.bin"
+    def identity(self) -> str:
+        return self.info.identity
 
     def build(self, program: OpenCLProgram, name: str = "graph"):
         """The built cl.Program of a rendered program (from a cached binary when valid)."""
         import pyopencl as cl
         source, options = program.source, program.build_options
-        binary_path = self.path(source, options)
-        binary = _valid_bytes(binary_path)
+        key = self.key(source, options)
+        binary = self.get(key)
         if binary is not None:
             try:
                 raw = cl._cl._Program(self.context, [self.device], [binary])
@@ -71,7 +66,7 @@ class ProgramCache:
             raise build_error(program, name, log or str(e)) from None
         built = cl.Program(raw)
         self.builds += 1
-        _write_atomically(binary_path, built.get_info(cl.program_info.BINARIES)[0])
+        self.put(key, built.get_info(cl.program_info.BINARIES)[0])
         return built
 
 
@@ -111,30 +106,3 @@ def build_error(program: OpenCLProgram, name: str, log: str) -> CompileError:
     text = "\n".join(shown) + (f"\n({omitted} more lines, warnings, not shown)" if omitted else "")
     return CompileError(f"opencl backend: building {name} failed (profile {program.profile.name}, "
                         f"options {program.build_options!r}):\n{where}\ncompiler log:", text)
-
-
-def _valid_bytes(path: Path) -> bytes | None:
-    try:
-        data = path.read_bytes()
-        expected = path.with_suffix(".sha256").read_text().strip()
-    except OSError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == expected else None
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        sidecar = tmp + ".sha256"
-        Path(sidecar).write_text(hashlib.sha256(data).hexdigest())
-        # The binary first, then its checksum: a binary without a matching sidecar is never
-        # trusted, so a crash between the two renames only costs a rebuild.
-        os.replace(tmp, path)
-        os.replace(sidecar, path.with_suffix(".sha256"))
-    finally:
-        for leftover in (tmp, tmp + ".sha256"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)

@@ -93,15 +93,17 @@ class PlanExecutable(OpenCLExecutable):
             launches=tuple(_launch(e) for e in plan["launches"]), kernels=tuple(k["name"] for k in plan["kernels"]),
             in_place={int(k): int(v) for k, v in plan["in_place"].items()},
             status_messages={int(k): v for k, v in plan["status_messages"].items()})
-        self._inputs = tuple(_Value(i["name"], TensorType(dtypes.dtype(i["dtype"]), tuple(i["shape"])))
-                             for i in plan["inputs"])
-        self.graph = _PlanGraph(name, self._inputs)
+        inputs = tuple(_Value(i["name"], TensorType(dtypes.dtype(i["dtype"]), tuple(i["shape"])))
+                       for i in plan["inputs"])
+        self.graph = _PlanGraph(name, inputs)
         self.planned_peak_bytes = int(plan["arena_bytes"])
+        self.status_messages = self.program.status_messages
+        self.transfers = backend.transfers
         self._queue = backend.queue
         ctx = backend.context
         self._lock = threading.Lock()
         out_types = [TensorType(dtypes.dtype(o["dtype"]), tuple(o["shape"])) for o in plan["outputs"]]
-        self._outputs = [host_storage(t) for t in out_types]
+        self._declare_signature(inputs, [host_storage(t) for t in out_types])
         self._in_bufs = [None] * len(self._inputs)     # made on first use (OpenCLExecutable._in_buf)
         self._out_bufs = [cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(_nbytes(t), 4)) for t in out_types]
         self._arena = cl.Buffer(ctx, cl.mem_flags.READ_WRITE, max(self.planned_peak_bytes, 4))

@@ -28,8 +28,8 @@ import numpy as np
 
 from ember.backends.base import Backend, Executable, host_storage
 from ember.files import default_cache_dir
-from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats,
-                                     bound_in_place_inputs, root_bytes)
+from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats, bind_resident,
+                                     root_bytes)
 from ember.backends.vulkan.compiler import SpirvCache, program_spirv
 from ember.codegen.vulkan import render_graph, supports_node
 from ember.codegen.vulkan_plan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram
@@ -234,18 +234,25 @@ class VulkanResidentStore(ResidentStore):
 
 
 class VulkanExecutable(Executable):
+    backend_name = "vulkan"
+
     def __init__(self, backend: VulkanBackend, graph: Graph, program: VulkanProgram, pipelines):
         self.backend = backend
         self.graph = graph
         self.program = program
         self.planned_peak_bytes = program.plan.peak_bytes
+        self.status_messages = program.status_messages
+        self.transfers = backend.transfers
         self.device = backend.device
         self._lock = threading.Lock()
         g = program.graph
-        self._inputs = g.inputs
+        self._declare_signature(g.inputs, [host_storage(node.type) for node in g.outputs])
         self.in_place_outputs = {k: g.inputs[i].name for k, i in program.in_place.items()}
+        # Set before anything can fail, so that close() finds them whatever __init__ reached.
         self._resources = []   # closed in reverse order
         self._runs = weakref.WeakSet()   # bound runs, closed with the executable
+        self._finalizer = None
+        self._single = None    # profile's command buffers, one per dispatch (made on first use)
         try:
             self._allocate(backend, program)
             self._record(pipelines)
@@ -297,7 +304,6 @@ class VulkanExecutable(Executable):
             self._regions[("const", j)] = (buffer, 0)
         # host views of the inputs and outputs
         self._input_views = [None] * len(g.inputs)
-        self._output_specs = [host_storage(node.type) for node in g.outputs]
         self._output_views = [None] * len(g.outputs)
         self._make_views()
 
@@ -426,63 +432,37 @@ class VulkanExecutable(Executable):
         if store is not None and len(store):
             store.sync_to_host([v for v in inputs.values() if isinstance(v, np.ndarray)])
         arrays = self._checked_inputs(inputs)
-        given = outputs or {}
+        results = self._checked_outputs(outputs or {}, arrays)
         with self._lock:
             command_buffer = self._plain_command_buffer()
             for view, value in zip(self._input_views, arrays):
                 view[...] = value
             self._status_word[0] = 0
             self.device.submit_and_wait(command_buffer, self._fence)
-            self._check_status()
-            results = []
-            for k, ((shape, dtype), view) in enumerate(zip(self._output_specs, self._output_views)):
-                out = given.get(k)
-                if out is None:
-                    out = np.empty(shape, dtype)
-                else:
-                    self._check_output(k, out, shape, dtype, arrays)
+            self._check_status(int(self._status_word[0]))
+            for out, view in zip(results, self._output_views):
                 out[...] = view
-                results.append(out)
-        self.backend.transfers.uploaded += sum(a.nbytes for a in arrays)
-        self.backend.transfers.downloaded += sum(r.nbytes for r in results)
-        if store is not None and len(store) and given:
-            store.sync_to_device([given[k] for k in self.program.in_place if k in given])
+        self.transfers.uploaded += sum(a.nbytes for a in arrays)
+        self.transfers.downloaded += sum(r.nbytes for r in results)
+        if store is not None and len(store) and outputs:
+            store.sync_to_device([outputs[k] for k in self.program.in_place if k in outputs])
         return results
-
-    def _check_status(self):
-        status = int(self._status_word[0])
-        if status:
-            message = self.program.status_messages.get(status, f"kernel status {status}")
-            raise EmberError(f"vulkan backend: graph {self.graph.name!r}: {message}")
 
     def bind(self, inputs: Mapping[str, np.ndarray],
              outputs: Mapping[int, np.ndarray] | None = None) -> "VulkanRun":
         """The inputs and outputs checked once: a callable run(fresh=(), inputs=None) -> outputs,
-        as CpuExecutable.bind. An output given as the very array of the input it updates in place
+        as Executable.bind. An output given as the very array of the input it updates in place
         (in_place_outputs: the caches) makes that input resident on the device; see VulkanRun."""
-        arrays = self._checked_inputs(inputs)
-        given = outputs or {}
-        results = []
-        for k, (shape, dtype) in enumerate(self._output_specs):
-            out = given.get(k)
-            if out is None:
-                out = np.empty(shape, dtype)
-            else:
-                self._check_output(k, out, shape, dtype, arrays)
-            results.append(out)
-        resident = {}
-        for i in bound_in_place_inputs(self, arrays, given):
+        def acquire(array):
             # a binding's offset into the view stays aligned as it is in the packed input buffer
-            found = self.backend.resident.acquire(arrays[i], alignment=REGION_ALIGNMENT)
-            if found is not None:
-                resident[i] = found
-        run = VulkanRun(self, arrays, results, resident)
+            return self.backend.resident.acquire(array, alignment=REGION_ALIGNMENT)
+        run = VulkanRun(self, *bind_resident(self, inputs, outputs, acquire))
         self._runs.add(run)
         return run
 
-    def profile(self, inputs: Mapping[str, np.ndarray], repeat: int = 1) -> list[tuple[str, str, float]]:
+    def profile(self, inputs: Mapping[str, np.ndarray], repeats: int = 1) -> list[tuple[str, str, float]]:
         """(op, label, seconds) of each dispatch, each submitted alone (after the ones before it,
-        so its inputs are real) and timed on the host: the mean of `repeat` submits. Slower than
+        so its inputs are real) and timed on the host: the mean of `repeats` submits. Slower than
         run (a submit per dispatch); for benchmarks."""
         arrays = self._checked_inputs(inputs)
         with self._lock:
@@ -490,14 +470,14 @@ class VulkanExecutable(Executable):
             for view, value in zip(self._input_views, arrays):
                 view[...] = value
             self._status_word[0] = 0
-            if not hasattr(self, "_single"):
+            if self._single is None:
                 self._single = [self._record_one(i) for i in range(len(self.program.dispatches))]
             times = []
             for d, cb in zip(self.program.dispatches, self._single):
                 start = time.perf_counter()
-                for _ in range(repeat):
+                for _ in range(repeats):
                     self.device.submit_and_wait(cb, self._fence)
-                times.append((d.op, d.label, (time.perf_counter() - start) / repeat))
+                times.append((d.op, d.label, (time.perf_counter() - start) / repeats))
         return times
 
     def _record_one(self, i: int):
@@ -517,43 +497,12 @@ class VulkanExecutable(Executable):
         vk.vkEndCommandBuffer(cb)
         return cb
 
-    def _check_output(self, k, out, shape, dtype, inputs):
-        if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
-            raise EmberError(f"graph {self.graph.name!r}: output {k} must be a writable contiguous "
-                             f"{dtype}{list(shape)} array, got {out.dtype}{list(out.shape)}")
-        for node, arr in zip(self._inputs, inputs):
-            if np.shares_memory(out, arr):
-                same = arr.ctypes.data == out.ctypes.data and arr.nbytes == out.nbytes
-                if not (same and self.in_place_outputs.get(k) == node.name):
-                    raise EmberError(f"graph {self.graph.name!r}: output {k} overlaps input "
-                                     f"{node.name!r}, which it may not update in place")
-
-    def _checked_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        names = [n.name for n in self._inputs]
-        missing = [n for n in names if n not in inputs]
-        unknown = [n for n in inputs if n not in names]
-        if missing or unknown:
-            parts = ([f"missing input(s) {missing}"] if missing else []) + \
-                    ([f"unknown input(s) {unknown}"] if unknown else [])
-            raise EmberError(f"graph {self.graph.name!r}: {'; '.join(parts)} (expected {names})")
-        arrays = []
-        for node in self._inputs:
-            value = np.asarray(inputs[node.name])
-            shape, dtype = host_storage(node.type)
-            if value.shape != shape or value.dtype != dtype:
-                raise EmberError(f"graph {self.graph.name!r}: input {node.name!r} must be "
-                                 f"{node.type} (NumPy {dtype}{list(shape)}), got "
-                                 f"{value.dtype}{list(value.shape)}")
-            arrays.append(value)
-        return arrays
-
     def close(self):
         """Free the executable's device objects now (else when it is garbage collected)."""
-        for run in list(getattr(self, "_runs", ())):
+        for run in list(self._runs):
             run.close()
-        finalizer = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
         else:
             _close_all(self._resources)
 
@@ -579,14 +528,13 @@ class VulkanRun(BoundInputs):
         self._resources = []
         self._finalizer = weakref.finalize(self, _close_all, self._resources)
         _, self._command_buffer = executable._encode(regions, self._resources)
-        self._index = {node.name: i for i, node in enumerate(executable._inputs)}
         in_place = executable.program.in_place
         self._copies_in = [i for i in range(len(inputs)) if i not in self.resident]
         self._copies_out = [k for k in range(len(outputs)) if in_place.get(k) not in self.resident]
 
     def __call__(self, fresh=(), inputs: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
         exe = self.executable
-        self._begin(fresh, inputs, exe._output_specs)
+        self._begin(fresh, inputs)
         up = down = 0
         with exe._lock:
             for i in self._copies_in:
@@ -596,12 +544,12 @@ class VulkanRun(BoundInputs):
             exe.device.submit_and_wait(self._command_buffer, exe._fence)
             for entry in self.resident.values():
                 entry.device_newer = True
-            exe._check_status()
+            exe._check_status(int(exe._status_word[0]))
             for k in self._copies_out:
                 self.outputs[k][...] = exe._output_views[k]
                 down += self.outputs[k].nbytes
-        exe.backend.transfers.uploaded += up
-        exe.backend.transfers.downloaded += down
+        exe.transfers.uploaded += up
+        exe.transfers.downloaded += down
         return list(self.outputs)
 
 

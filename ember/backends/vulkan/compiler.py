@@ -2,10 +2,9 @@
 of a graph's SPIR-V blobs with its launch plan (what an artifact stores, so that a deployed
 runtime needs no shader compiler).
 
-The cache key is the sha256 of FORMAT_VERSION, glslc's version, the options and the source.
-An entry is written to a temporary file and renamed into place, with a sidecar holding the
-sha256 of its bytes: an entry that does not match its sidecar, or is not SPIR-V, is rebuilt,
-never used. Missing shaders of a graph are compiled by one glslc call per core (process
+The cache is ember.backends.binary_cache; the key's parts here are FORMAT_VERSION, glslc's
+version and the options. An entry that does not match its checksum, or is not SPIR-V, is
+rebuilt, never used. Missing shaders of a graph are compiled by one glslc call per core (process
 start-up costs more than a small shader); when that fails, each is compiled alone so that the
 error names the template, its parameters and glslc's message.
 
@@ -21,6 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ember.backends.binary_cache import BinaryCache
 from ember.files import default_cache_dir
 from ember.codegen.vulkan import render_graph
 from ember.codegen.vulkan_plan import DeviceCaps, Shader, VulkanProgram
@@ -47,14 +47,25 @@ def glslc_version(glslc: str) -> str:
     return out.stdout.strip()
 
 
-class SpirvCache:
-    """SPIR-V of shaders, compiled by glslc on a miss. `hits` and `builds` count its work."""
+class SpirvCache(BinaryCache):
+    """SPIR-V of shaders, compiled by glslc on a miss (BinaryCache: `hits`, `builds`,
+    `directory`); an entry must also start with SPIR-V's magic number."""
+
+    suffix = ".spv"
 
     def __init__(self, directory: Path | str | None = None, glslc: str | None = None):
-        self.directory = Path(directory) if directory else default_cache_dir() / "vulkan" / "spirv"
+        super().__init__(directory or default_cache_dir() / "vulkan" / "spirv")
         self.glslc = find_glslc(glslc)
-        self.hits = 0
-        self.builds = 0
+
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION
+
+    def identity(self) -> str:
+        return glslc_version(self.require_glslc())
+
+    def accepts(self, data: bytes) -> bool:
+        return data.startswith(SPIRV_MAGIC)
 
     def require_glslc(self) -> str:
         if self.glslc is None:
@@ -62,32 +73,12 @@ class SpirvCache:
         return self.glslc
 
     def key(self, shader: Shader) -> str:
-        h = hashlib.sha256()
-        for part in (str(FORMAT_VERSION), glslc_version(self.require_glslc()), " ".join(GLSLC_OPTIONS),
-                     shader.source):
-            h.update(part.encode())
-            h.update(b"\0")
-        return h.hexdigest()
-
-    def path(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.spv"
-
-    def lookup(self, key: str) -> bytes | None:
-        """A valid entry's bytes, else None."""
-        path = self.path(key)
-        try:
-            blob = path.read_bytes()
-            expected = path.with_suffix(".sha256").read_text().strip()
-        except OSError:
-            return None
-        if hashlib.sha256(blob).hexdigest() != expected or not blob.startswith(SPIRV_MAGIC):
-            return None
-        return blob
+        return super().key(shader.source, " ".join(GLSLC_OPTIONS))
 
     def compile(self, shaders: list[Shader]) -> list[bytes]:
         """The SPIR-V of each shader, from the cache or built."""
         keys = [self.key(s) for s in shaders]
-        blobs: list[bytes | None] = [self.lookup(k) for k in keys]
+        blobs: list[bytes | None] = [self.get(k) for k in keys]
         self.hits += sum(b is not None for b in blobs)
         missing = {k: s for k, s, b in zip(keys, shaders, blobs) if b is None}
         if missing:
@@ -96,15 +87,15 @@ class SpirvCache:
         return blobs
 
     def _build(self, shaders: dict[str, Shader]) -> dict[str, bytes]:
+        """Compile the missing shaders together (one glslc per core: process start-up costs
+        more than a small shader) and store each."""
         glslc = self.require_glslc()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.directory, prefix=".build-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ember-spirv-build-") as tmp:
             sources = {}
             for key, shader in shaders.items():
                 src = Path(tmp) / f"{key}.comp"
                 src.write_text(shader.source)
                 sources[key] = src
-            # one glslc per core, each compiling its share of the files
             paths = [str(p) for p in sources.values()]
             jobs = max(1, min(os.cpu_count() or 1, len(paths)))
             procs = [subprocess.Popen([glslc, *GLSLC_OPTIONS, "-c", *paths[j::jobs]], stdout=subprocess.PIPE,
@@ -119,24 +110,11 @@ class SpirvCache:
                         raise CompileError(f"vulkan backend: glslc failed to compile {shader.describe()}",
                                            _numbered_log(one.stderr, shader.source))
                 raise CompileError("vulkan backend: glslc failed", "\n".join(failed))
-            out = {}
-            for key, src in sources.items():
-                blob = Path(f"{src}.spv").read_bytes()
-                self._store(key, blob, Path(tmp))
-                out[key] = blob
+            out = {key: Path(f"{src}.spv").read_bytes() for key, src in sources.items()}
+        for key, blob in out.items():
+            self.put(key, blob)
         self.builds += len(out)
         return out
-
-    def _store(self, key: str, blob: bytes, tmp: Path):
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staged, sidecar = tmp / f"{key}.staged", tmp / f"{key}.sha256"
-        staged.write_bytes(blob)
-        sidecar.write_text(hashlib.sha256(blob).hexdigest())
-        # The module first, then its checksum: a module without a matching sidecar is never
-        # trusted, so a crash between the two renames only costs a rebuild.
-        os.replace(staged, path)
-        os.replace(sidecar, path.with_suffix(".sha256"))
 
 
 def _numbered_log(stderr: str, source: str, limit: int = 40) -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
-import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 
 from ember.codegen.vulkan_plan import DeviceCaps
 from ember.errors import BackendUnavailable, EmberError
+from ember.files import atomic_write_bytes
 
 API_VERSION = (1, 2, 0)
 DEVICE_TYPE_PREFERENCE = {2: 0, 1: 1, 3: 2, 4: 3}    # discrete, integrated, virtual, cpu
@@ -133,20 +132,49 @@ class Pipeline:
 
 
 class Device:
-    """One Vulkan device with a compute queue. `caps` is what the renderer may use."""
+    """One Vulkan device with a compute queue. `caps` is what the renderer may use.
+
+    Opening it is a few named steps, in order: the instance, the physical device (with a
+    compute queue family), what it supports (DeviceCaps), the logical device with the storage
+    features it reported and its queue, then the command pool and pipeline cache."""
 
     def __init__(self, index: int | None = None, cache_dir: Path | None = None):
-        vk = self.vk = vulkan_module()
+        self.vk = vulkan_module()
         self.lock = threading.Lock()
+        self.instance = self._create_instance()
+        try:
+            self._choose_physical_device(index)
+        except BaseException:
+            self.vk.vkDestroyInstance(self.instance, None)
+            raise
+        self.caps = self._query_caps()
+        self.handle, self.queue = self._create_logical_device()
+        self.command_pool = self._create_command_pool()
+        self._memory_props = self.vk.vkGetPhysicalDeviceMemoryProperties(self.physical)
+        self.pipelines: dict[str, Pipeline] = {}
+        self.pipelines_created = 0
+        self.cache_path = None
+        self.pipeline_cache = self._load_pipeline_cache(cache_dir)
+        self._cache_dirty = False
+
+    def _create_instance(self):
+        vk = self.vk
         app = vk.VkApplicationInfo(pApplicationName="ember", applicationVersion=1, pEngineName="ember",
                                    engineVersion=1, apiVersion=vk.VK_MAKE_VERSION(*API_VERSION))
         info = vk.VkInstanceCreateInfo(pApplicationInfo=app)
         try:
-            self.instance = vk.vkCreateInstance(info, None)
+            return vk.vkCreateInstance(info, None)
         except vk.VkError as e:
             raise BackendUnavailable(f"vulkan backend: no Vulkan driver ({type(e).__name__} from "
                                      f"vkCreateInstance); {INSTALL_HINT}") from None
-        del app, info
+        finally:
+            del app, info
+
+    def _choose_physical_device(self, index: int | None) -> None:
+        """The device asked for by index, else the preferred type (discrete GPU first), among
+        those with a compute queue family; sets index, physical, queue_family and what the
+        properties say (name, type, versions, limits)."""
+        vk = self.vk
         try:
             physical = vk.vkEnumeratePhysicalDevices(self.instance)
         except vk.VkError:
@@ -159,13 +187,11 @@ class Device:
             if queue is not None:
                 candidates.append((i, pd, props, queue))
         if not candidates:
-            vk.vkDestroyInstance(self.instance, None)
             raise BackendUnavailable(f"vulkan backend: no Vulkan device with a compute queue "
                                      f"({len(physical)} device(s) found); {INSTALL_HINT}")
         if index is not None:
             chosen = [c for c in candidates if c[0] == index]
             if not chosen:
-                vk.vkDestroyInstance(self.instance, None)
                 raise BackendUnavailable(f"vulkan backend: no Vulkan device {index} "
                                          f"(devices: {[c[0] for c in candidates]})")
         else:
@@ -176,10 +202,14 @@ class Device:
         self.api_version = props.apiVersion
         self.driver_version = props.driverVersion
         self.pipeline_cache_uuid = bytes(props.pipelineCacheUUID).hex()
-        limits = props.limits
-        self.limits = limits
+        # limits is a view into the properties struct's memory: keep that struct alive with it
+        self.properties = props
+        self.limits = props.limits
 
-        # features: 8/16-bit storage (core in 1.2 / 1.1), subgroup arithmetic in compute
+    def _query_caps(self) -> DeviceCaps:
+        """What the renderer may use: 8/16-bit storage (core in 1.2 / 1.1), subgroup arithmetic
+        in compute, uniform texel buffers of r32ui, and the limits it sizes bindings by."""
+        vk = self.vk
         f16 = vk.VkPhysicalDevice16BitStorageFeatures()
         f8 = vk.VkPhysicalDevice8BitStorageFeatures(pNext=f16)
         features2 = vk.VkPhysicalDeviceFeatures2(pNext=f8)
@@ -196,7 +226,8 @@ class Device:
         del props2, sub
         texel_features = vk.vkGetPhysicalDeviceFormatProperties(self.physical, vk.VK_FORMAT_R32_UINT).bufferFeatures
         texel = bool(texel_features & vk.VK_FORMAT_FEATURE_UNIFORM_TEXEL_BUFFER_BIT)
-        self.caps = DeviceCaps(
+        limits = self.limits
+        return DeviceCaps(
             device=self.name, storage8=storage8, storage16=storage16, subgroup_size=subgroup_size,
             max_storage_range=int(limits.maxStorageBufferRange),
             offset_alignment=int(limits.minStorageBufferOffsetAlignment),
@@ -205,7 +236,10 @@ class Device:
             texel_buffers=texel, max_texel_bytes=4 * int(limits.maxTexelBufferElements) if texel else 0,
             texel_alignment=int(limits.minTexelBufferOffsetAlignment))
 
-        # the logical device, with the storage features it reported
+    def _create_logical_device(self):
+        """(device, its compute queue), with the storage features the caps say it has."""
+        vk = self.vk
+        storage8, storage16 = self.caps.storage8, self.caps.storage16
         e16 = vk.VkPhysicalDevice16BitStorageFeatures(storageBuffer16BitAccess=storage16)
         e8 = vk.VkPhysicalDevice8BitStorageFeatures(pNext=e16, storageBuffer8BitAccess=storage8)
         extensions = []
@@ -216,18 +250,15 @@ class Device:
         device_info = vk.VkDeviceCreateInfo(pNext=e8, queueCreateInfoCount=1, pQueueCreateInfos=[queue_info],
                                             enabledExtensionCount=len(extensions),
                                             ppEnabledExtensionNames=extensions or None)
-        self.handle = vk.vkCreateDevice(self.physical, device_info, None)
+        handle = vk.vkCreateDevice(self.physical, device_info, None)
         del device_info, queue_info, e8, e16
-        self.queue = vk.vkGetDeviceQueue(self.handle, self.queue_family, 0)
+        return handle, vk.vkGetDeviceQueue(handle, self.queue_family, 0)
+
+    def _create_command_pool(self):
+        vk = self.vk
         pool_info = vk.VkCommandPoolCreateInfo(queueFamilyIndex=self.queue_family,
                                                flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT)
-        self.command_pool = vk.vkCreateCommandPool(self.handle, pool_info, None)
-        self._memory_props = vk.vkGetPhysicalDeviceMemoryProperties(self.physical)
-        self.pipelines: dict[str, Pipeline] = {}
-        self.pipelines_created = 0
-        self.cache_path = None
-        self.pipeline_cache = self._load_pipeline_cache(cache_dir)
-        self._cache_dirty = False
+        return vk.vkCreateCommandPool(self.handle, pool_info, None)
 
     def __repr__(self) -> str:
         return f"<vulkan Device {self.index}: {self.name} ({self.type})>"
@@ -294,16 +325,7 @@ class Device:
         data = vk.ffi.new("char[]", size[0])
         _check(vk, vk.lib.vkGetPipelineCacheData(self.handle, self.pipeline_cache, size, data),
                "vkGetPipelineCacheData")
-        blob = bytes(vk.ffi.buffer(data, size[0]))
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=".pipelines-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, self.cache_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(self.cache_path, bytes(vk.ffi.buffer(data, size[0])))
         self._cache_dirty = False
 
     # ---- command buffers ---------------------------------------------------------------------
