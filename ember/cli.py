@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ember.errors import EmberError, IRError
-from ember.target import TARGET_NAMES, TARGETS, target_of
+from ember.target import TARGET_NAMES, TARGETS
 
 EPILOG = "Run `ember COMMAND --help` for a command's options."
 
@@ -514,7 +514,6 @@ def cmd_demo(args) -> int:
     from ember.backends import BACKEND_NAMES, get_backend
     from ember.ir.interpreter import run_reference
     from ember.models.demo_block import BlockConfig, block_inputs, transformer_block
-    from ember.passes import pipeline_for
     from ember.testing import nmse
 
     cfg = BlockConfig(tokens=args.tokens, weight_dtype=args.dtype)
@@ -538,7 +537,7 @@ def cmd_demo(args) -> int:
             continue
         print(f"{name}: compiling...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        exe = backend.compile(pipeline_for(target_of(name).name)(graph))
+        exe = backend.compile(backend.pipeline()(graph))
         compile_s = time.perf_counter() - start
         got = exe.run(inputs)[0]
         times = []

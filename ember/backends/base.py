@@ -18,6 +18,8 @@ import numpy as np
 
 from ember.backends.resident import TransferStats
 from ember.errors import BackendUnavailable, EmberError
+from ember.passes import Pipeline, pipeline_for
+from ember.target import Target, target_of
 from ember.ir.graph import Graph
 from ember.ir.ops.views import storage_layout
 from ember.ir.node import Node
@@ -187,11 +189,21 @@ class Backend(abc.ABC):
     on its device between runs (OpenCL, Vulkan: the KV caches of bound runs), bring the host
     copies up to date before the host reads them / replace the device copies (whole) after the
     host wrote them. Arrays that are not resident cost nothing; on the CPU, whose runs work on
-    the host arrays themselves, both do nothing."""
+    the host arrays themselves, both do nothing;
+    target() / pipeline(): the target this backend runs (ember.target) and the pass pipeline
+    every graph goes through before compile, with the device's own options (an OpenCL Adreno
+    profile's layout thresholds). Callers compile `pipeline()(graph)` under their PassContext;
+    compile itself runs no pass."""
 
     name: str = ""
     threads: int = 1
     transfers: TransferStats | None = None
+
+    def target(self) -> Target:
+        return target_of(self.name)
+
+    def pipeline(self) -> Pipeline:
+        return pipeline_for(self.target().name)
 
     def sync_to_host(self, arrays) -> None:
         """The device wrote arrays (or the arrays they view): bring the host copies up to date."""

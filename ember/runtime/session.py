@@ -21,10 +21,8 @@ import numpy as np
 from ember.backends.base import Backend, Executable
 from ember.errors import EmberError
 from ember.models.common import Model
-from ember.passes import PassContext, pipeline_for
+from ember.passes import PassContext
 from ember.runtime.plan_cache import UNKNOWN_UID, GraphVersion, PlanCache
-
-PIPELINE_OF_BACKEND = {"cpu": "cpu", "opencl": "opencl-generic", "vulkan": "vulkan"}
 
 
 @dataclass(frozen=True)
@@ -185,7 +183,7 @@ class Session:
         self.plans: PlanCache[_Step] = PlanCache(capacity=options.plan_capacity,
                                                   max_idle_s=options.plan_idle_s)
         self._versions: dict[tuple, GraphVersion] = {}
-        self.pipeline = pipeline_for(PIPELINE_OF_BACKEND.get(backend.name, backend.name))
+        self.pipeline = backend.pipeline()    # the backend's target's, with its device's options
 
     # ---- public --------------------------------------------------------------------------
     def reset(self) -> None:

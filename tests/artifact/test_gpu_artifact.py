@@ -210,13 +210,7 @@ def test_adreno_layout_runs_from_the_stored_weights(tiny, tmp_path, monkeypatch)
     out = tmp_path / "emulated.ember"
     compile_artifact(load_model(tiny), "opencl-adreno", out, n_ctx=N_CTX, prompt_tokens=1, **options)
     tokens = [1, 17, 260]
-    from ember.codegen.opencl import layout_pass
-
-    class LaidOutBackend(OpenCLBackend):
-        """The session's layout pass with the profile's thresholds (the renderer runs none)."""
-        def compile(self, graph, **kw):
-            return super().compile(layout_pass(self.profile)(graph), **kw)
-    reference = Session(load_model(tiny), LaidOutBackend(**options), SessionOptions(n_ctx=N_CTX))
+    reference = Session(load_model(tiny), OpenCLBackend(**options), SessionOptions(n_ctx=N_CTX))
     want = [reference.eval([t]) for t in tokens]
     monkeypatch.setattr(opencl_backend, "relayout_weight", lambda *a: pytest.fail("re-laid out at load"))
     _, session = load_artifact(out)

@@ -25,10 +25,12 @@ from ember.backends.opencl.compiler import ProgramCache
 from ember.backends.opencl.device import choose_profile, select_device
 from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats, bind_resident,
                                      root_bytes)
-from ember.codegen.opencl import render_graph, supports_node
+from ember.codegen.opencl import layout_pass, render_graph, supports_node
 from ember.codegen.opencl_plan import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
                                        WeightLayout, relayout_weight)
 from ember.errors import BackendUnavailable, EmberError
+from ember.passes import Pipeline, pipeline_for
+from ember.target import Target, target_of
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.ir.types import TensorType
@@ -141,6 +143,13 @@ class OpenCLBackend(ResidentSync, Backend):
         return ok, reason
 
     # ---- compiling -----------------------------------------------------------------------
+    def target(self) -> Target:
+        return target_of(self.name, adreno=self.profile.adreno)
+
+    def pipeline(self) -> Pipeline:
+        # An Adreno profile's pipeline ends with its own layout pass (its thresholds).
+        return pipeline_for(self.target().name, layout=layout_pass(self.profile))
+
     def render(self, graph: Graph) -> OpenCLProgram:
         """The program this backend would build for graph (no device work)."""
         return render_graph(graph, self.profile)
