@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add_command in (add_generate_command, add_tokenize_command, add_logits_command, add_perplexity_command, add_bench_command, add_compile_command, add_run_command, add_demo_command, add_ops_command, add_ir_command, add_passes_command):
+    for add_command in (add_generate_command, add_tokenize_command, add_logits_command,
+                        add_perplexity_command, add_bench_command, add_compile_command, add_run_command,
+                        add_demo_command, add_ops_command, add_ir_command, add_passes_command):
         add_command(sub)
     return parser
 

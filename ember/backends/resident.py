@@ -207,3 +207,20 @@ def bound_in_place_inputs(executable, arrays: list[np.ndarray], given) -> list[i
         if out is not None and out.__array_interface__["data"][0] == arrays[i].__array_interface__["data"][0]:
             found.append(i)
     return found
+
+
+def plain_run_inputs(executable, store: ResidentStore | None, inputs, outputs) -> tuple[list, list]:
+    """(input arrays, output arrays) of a plain (unbound) run of a GPU executable, checked. Such
+    a run works on host arrays, so an input that is resident (a bound run's cache) is brought to
+    the host first; plain_run_done writes it back."""
+    if store is not None and len(store):
+        store.sync_to_host([v for v in inputs.values() if isinstance(v, np.ndarray)])
+    arrays = executable._checked_inputs(inputs)
+    return arrays, executable._checked_outputs(outputs or {}, arrays)
+
+
+def plain_run_done(executable, store: ResidentStore | None, outputs) -> None:
+    """After a plain run: the in-place outputs given (resident caches updated on the host)
+    replace their device copies, so the host arrays stay the truth for this path."""
+    if store is not None and len(store) and outputs:
+        store.sync_to_device([outputs[k] for k in executable.program.in_place if k in outputs])

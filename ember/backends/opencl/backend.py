@@ -24,7 +24,7 @@ from ember.backends.base import Backend, Executable, host_storage
 from ember.backends.opencl.compiler import ProgramCache
 from ember.backends.opencl.device import choose_profile, select_device
 from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats, bind_resident,
-                                     root_bytes)
+                                     plain_run_done, plain_run_inputs, root_bytes)
 from ember.codegen.opencl import layout_pass, render_graph, supports_node
 from ember.codegen.opencl_plan import (PROFILE_NAMES, BufferArg, ImageArg, OpenCLProgram, Place, Profile, StatusArg,
                                        WeightLayout, relayout_weight)
@@ -343,10 +343,7 @@ class OpenCLExecutable(Executable):
         so the host arrays are the truth for this path."""
         import pyopencl as cl
         store = self.backend._resident
-        if store is not None and len(store):
-            store.sync_to_host([v for v in inputs.values() if isinstance(v, np.ndarray)])
-        arrays = self._checked_inputs(inputs)
-        results = self._checked_outputs(outputs or {}, arrays)
+        arrays, results = plain_run_inputs(self, store, inputs, outputs)
         status = np.zeros(1, np.int32)
         queue = self._queue
         with self._lock:
@@ -371,8 +368,7 @@ class OpenCLExecutable(Executable):
         transfers = self.transfers
         transfers.uploaded += sum(a.nbytes for a in arrays) + (4 if self._status is not None else 0)
         transfers.downloaded += sum(r.nbytes for r in results) + (4 if self._status is not None else 0)
-        if store is not None and len(store) and outputs:
-            store.sync_to_device([outputs[k] for k in self.program.in_place if k in outputs])
+        plain_run_done(self, store, outputs)
         self._check_status(int(status[0]))
         return results
 

@@ -29,7 +29,7 @@ import numpy as np
 from ember.backends.base import Backend, Executable, host_storage
 from ember.files import default_cache_dir
 from ember.backends.resident import (BoundInputs, ResidentStore, ResidentSync, TransferStats, bind_resident,
-                                     root_bytes)
+                                     plain_run_done, plain_run_inputs, root_bytes)
 from ember.backends.vulkan.compiler import SpirvCache, program_spirv
 from ember.codegen.vulkan import render_graph, supports_node
 from ember.codegen.vulkan_plan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps, VulkanProgram
@@ -429,10 +429,7 @@ class VulkanExecutable(Executable):
         run's cache) is brought to the host first, and written back after an in-place update,
         so the host arrays are the truth for this path."""
         store = self.backend._resident
-        if store is not None and len(store):
-            store.sync_to_host([v for v in inputs.values() if isinstance(v, np.ndarray)])
-        arrays = self._checked_inputs(inputs)
-        results = self._checked_outputs(outputs or {}, arrays)
+        arrays, results = plain_run_inputs(self, store, inputs, outputs)
         with self._lock:
             command_buffer = self._plain_command_buffer()
             for view, value in zip(self._input_views, arrays):
@@ -444,8 +441,7 @@ class VulkanExecutable(Executable):
                 out[...] = view
         self.transfers.uploaded += sum(a.nbytes for a in arrays)
         self.transfers.downloaded += sum(r.nbytes for r in results)
-        if store is not None and len(store) and outputs:
-            store.sync_to_device([outputs[k] for k in self.program.in_place if k in outputs])
+        plain_run_done(self, store, outputs)
         return results
 
     def bind(self, inputs: Mapping[str, np.ndarray],
