@@ -2,7 +2,6 @@
 compiler, and refusing folders that are incomplete, corrupt or for another version."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,7 @@ from ember import artifact
 from ember.artifact import ArtifactError, compile_artifact, load_artifact, read_manifest
 from ember.runtime.session import Session, SessionOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from tiny_gguf import Spec, write_tiny_gguf  # noqa: E402
+from tiny_gguf import Spec, write_tiny_gguf
 
 N_CTX, PROMPT_TOKENS = 64, 8
 TOKENS = [1, 17, 260, 300, 42, 9, 33, 100, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19]

@@ -22,7 +22,6 @@ from ember.artifact import ArtifactError, compile_artifact, load_artifact, read_
 from ember.runtime.session import Session, SessionOptions
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "models"))
 sys.path.insert(0, str(HERE.parent / "codegen"))
 from test_opencl_clang import CLANG, SMALL_SOA, assert_adreno_compiles  # noqa: E402
 from tiny_gguf import Spec, write_tiny_gguf  # noqa: E402

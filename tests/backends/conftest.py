@@ -3,26 +3,10 @@ run here (CI installs every device, so nothing skips there). Compiled code goes 
 of this test session."""
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
-from ember.backends import BACKEND_NAMES, backend_class, get_backend
-from ember.errors import BackendUnavailable
-
-
-def make_backend(name: str, cache_dir, **options):
-    try:
-        cls = backend_class(name)
-    except BackendUnavailable as e:
-        pytest.skip(f"{name}: unavailable: {e}")
-    if "cache_dir" in inspect.signature(cls).parameters:
-        options.setdefault("cache_dir", cache_dir)
-    backend = get_backend(name, **options)
-    ok, reason = backend.available()
-    if not ok:
-        pytest.skip(f"{name}: unavailable: {reason}")
-    return backend
+from devices import make_backend
+from ember.backends import BACKEND_NAMES
 
 
 @pytest.fixture(scope="session")

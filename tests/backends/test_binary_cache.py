@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 
-from conftest import make_backend
+from devices import make_backend
 from ember.backends import binary_cache
 from ember.backends.binary_cache import BinaryCache
 from ember.errors import CompileError

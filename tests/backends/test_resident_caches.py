@@ -5,21 +5,18 @@ the CPU backend), sequences forked and switched stay apart, the host copies come
 request, and a decode step moves the small inputs and the logits but no cache byte."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_backend
+from devices import make_backend
 from ember.backends import get_backend
 from ember.models import load_model
 from ember.runtime.memory import SequenceMemory
 from ember.runtime.session import Session, SessionOptions
 from ember.testing import nmse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from tiny_gguf import Spec, write_tiny_gguf  # noqa: E402
+from tiny_gguf import Spec, write_tiny_gguf
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")    # pyopencl's build-log notes
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_backend
+from devices import make_backend
 from ember.backends import get_backend
 from ember.backends.vulkan.compiler import export_graph
 from ember.errors import EmberError

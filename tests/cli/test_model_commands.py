@@ -12,8 +12,7 @@ import pytest
 
 from ember.models.tokenizer import Tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from tiny_gguf import Spec, write_tiny_gguf  # noqa: E402
+from tiny_gguf import Spec, write_tiny_gguf
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "ppl_text.txt"
 

@@ -1,9 +1,14 @@
-"""Fixtures of the model tests: the tiny GGUF files, each written on first use in a session."""
+"""Fixtures shared by every test folder: the tiny GGUF files (each written on first use in a
+session) and the default model. The helpers of tests/support (tiny GGUF writers, reference
+sessions, backends for tests) are importable by name from every test module."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from tiny_gguf import Spec, write_tiny_gguf
 from tiny_gguf_ssm import SsmSpec, write_ssm_gguf
