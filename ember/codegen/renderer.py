@@ -14,6 +14,7 @@ Imports jinja2, ember.ir, ember.errors and the codegen helpers (values, indexing
 """
 from __future__ import annotations
 
+import abc
 import functools
 import math
 from dataclasses import dataclass
@@ -222,7 +223,7 @@ def hazard_barriers(steps: Iterable[tuple[list[Extent], list[Extent], bool]]) ->
 _KERNEL_NAME_SLOT = "ember_kernel_name_slot"
 
 
-class Renderer:
+class Renderer(abc.ABC):
     """Lowers a graph node by node; a dialect subclass implements copy and one method per kind of
     LOWERING, and sets the class fields below."""
     dialect: str                   # names the renderer in error messages
@@ -354,37 +355,46 @@ class Renderer:
         return kernel.name
 
     # ---- the lowerings each dialect implements -------------------------------------------
+    @abc.abstractmethod
     def copy(self, node: Node, src: Node, dst: Place, dst_type: TensorType):
         """Kernels (for node) that copy src's data into a tensor of dst_type at dst."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def eltwise(self, node: Node):
-        raise NotImplementedError
+        """The element-wise ops (ELEMENTWISE_OPS), with broadcasting."""
 
+    @abc.abstractmethod
     def rows(self, node: Node):
         """The row ops (ROW_OPS): norms, sums and argmax over the last axis."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def softmax(self, node: Node):
-        raise NotImplementedError
+        """Softmax over the last axis, with an optional mask, scale and soft cap."""
 
+    @abc.abstractmethod
     def rope(self, node: Node):
-        raise NotImplementedError
+        """Rotary position embedding."""
 
+    @abc.abstractmethod
     def attention(self, node: Node):
-        raise NotImplementedError
+        """Attention of query rows over key and value rows (GQA, mask, window)."""
 
+    @abc.abstractmethod
     def ssm_conv(self, node: Node):
-        raise NotImplementedError
+        """The short causal convolution before a Mamba-2 scan."""
 
+    @abc.abstractmethod
     def ssm_scan(self, node: Node):
-        raise NotImplementedError
+        """The Mamba-2 selective scan."""
 
+    @abc.abstractmethod
     def mul_mat(self, node: Node):
-        raise NotImplementedError
+        """Activations times a weight (any weight dtype the dialect declares)."""
 
+    @abc.abstractmethod
     def get_rows(self, node: Node):
-        raise NotImplementedError
+        """Rows of a table by index (embeddings), with an index status check."""
 
+    @abc.abstractmethod
     def set_rows(self, node: Node):
-        raise NotImplementedError
+        """Rows written into a tensor by index (cache updates), with an index status check."""
