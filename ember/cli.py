@@ -168,8 +168,12 @@ def add_ops_command(sub) -> None:
 
 def add_ir_command(sub) -> None:
     p = sub.add_parser("ir", help="parse, verify and print an IR file",
-                       description="Parse an IR text file, run the verifier, and print it back.")
+                       description="Parse an IR text file, run the verifier, and print it back; "
+                                   "with --svg, also draw it (needs Graphviz's dot).")
     p.add_argument("file", help="IR text file")
+    p.add_argument("--svg", metavar="OUT.svg",
+                   help="draw the graph into this SVG file: nodes coloured by the kind of op, fused "
+                        "nodes with a double border, views as dashed edges")
     p.set_defaults(func=cmd_ir)
 
 
@@ -187,6 +191,9 @@ def add_passes_command(sub) -> None:
     p.add_argument("--print-after", action="append", default=[], metavar="PASS",
                    help="print the IR after this pass (repeatable; to stderr)")
     p.add_argument("--dump-dir", metavar="DIR", help="write the IR after each pass into DIR")
+    p.add_argument("--svg", action="store_true",
+                   help="with --dump-dir: also draw the graph before and after each pass (NN-PASS.svg; "
+                        "needs Graphviz's dot)")
     p.add_argument("--disable", action="append", default=[], metavar="PASS", help="skip this pass (repeatable)")
     p.add_argument("--timing", action="store_true", help="print the time each pass took (to stderr)")
     p.add_argument("--no-verify", action="store_true", help="do not run the verifier after each pass")
@@ -445,6 +452,10 @@ def cmd_ir(args) -> int:
     graph = parse_ir(path.read_text(), source=str(path))
     verify(graph)
     sys.stdout.write(print_ir(graph))
+    if args.svg:
+        from ember.ir.picture import render_svg
+        render_svg(graph, args.svg)
+        print(f"ember: drew {graph.name!r} ({len(graph.nodes)} nodes) into {args.svg}", file=sys.stderr)
     return 0
 
 
@@ -464,6 +475,8 @@ def cmd_passes(args) -> int:
     for name in args.disable + args.print_after:
         if name not in known:
             raise EmberError(f"unknown pass {name!r}; passes: {', '.join(known)}")
+    if args.svg and not args.dump_dir:
+        raise EmberError("--svg draws into the --dump-dir folder: give --dump-dir DIR too")
     instruments = []
     timing = Timing() if args.timing else None
     if timing:
@@ -471,7 +484,7 @@ def cmd_passes(args) -> int:
     if args.print_after_all or args.print_after:
         instruments.append(PrintAfter(sys.stderr, None if args.print_after_all else args.print_after))
     if args.dump_dir:
-        instruments.append(DumpIR(args.dump_dir))
+        instruments.append(DumpIR(args.dump_dir, svg=args.svg))
     ctx = PassContext(disabled=frozenset(args.disable), instruments=instruments, verify=not args.no_verify)
     with ctx:
         result = pipeline_for(args.target)(graph)

@@ -145,17 +145,23 @@ class PrintAfter(Instrument):
 
 
 class DumpIR(Instrument):
-    """Writes `<NN>-<pass>.ir` into a folder after each pass (and `00-input.ir` first)."""
+    """Writes `<NN>-<pass>.ir` into a folder after each pass (and `00-input.ir` first); with
+    svg, also the picture of each (`<NN>-<pass>.svg`, ember.ir.picture)."""
 
-    def __init__(self, folder: Path | str):
+    def __init__(self, folder: Path | str, svg: bool = False):
         self.folder = Path(folder)
+        self.svg = svg
         self.count = 0
 
     def _write(self, label: str, graph: Graph):
         from ember.ir.printer import print_ir
         from ember.files import atomic_write_text
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.folder / f"{self.count:02d}-{label}.ir", print_ir(graph))
+        stem = self.folder / f"{self.count:02d}-{label}"
+        atomic_write_text(stem.with_suffix(".ir"), print_ir(graph))
+        if self.svg:
+            from ember.ir.picture import render_svg
+            render_svg(graph, stem.with_suffix(".svg"))
         self.count += 1
 
     def before_pass(self, pass_, graph):
