@@ -15,6 +15,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "ember"
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """mode as the process's umask leaves it (what open() would give a new file): temporary
+    files and folders are made owner-only, and get this mode before they take their name."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,6 +30,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

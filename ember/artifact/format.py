@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ember.errors import EmberError
+from ember.files import umask_mode
 from ember.target import TARGET_NAMES, get_target
 
 FORMAT = "ember-artifact"
@@ -77,7 +78,9 @@ def new_folder(out: Path) -> Path:
     if out.exists() and not (out / MANIFEST).exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArtifactError(f"{out}: exists and is not an ember artifact; not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    folder = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(folder, umask_mode(0o777))    # mkdtemp's folder is owner-only; the artifact is not
+    return folder
 
 
 def replace_folder(new: Path, out: Path) -> None:

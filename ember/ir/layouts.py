@@ -8,8 +8,8 @@ and a pass can produce it. A layout other than "row" is always stored contiguous
 uint8 array of `nbytes`.
 
 Ops declare which layouts each operand accepts (OpDef.layouts); the verifier rejects any node
-reading a layout its op does not accept, so a kernel never meets bytes it cannot decode (the
-SYCL reorder bug of REFERENCE.md section 3). Backends additionally refuse layouts they have no
+reading a layout its op does not accept, so a kernel never meets bytes it cannot decode (as
+when llama.cpp's SYCL backend once reordered Q8_0 weights for its GEMV but left its GEMM reading the old layout). Backends additionally refuse layouts they have no
 kernels for.
 
 Imports NumPy and ember.ir.dtypes only (ember.ir.types imports this module).
@@ -54,7 +54,7 @@ class Layout(abc.ABC):
 
 @dataclass(frozen=True)
 class AdrenoSoA(Layout):
-    """Q8_0/Q4_0 matrices [M, K] for Adreno's GEMV/GEMM (REFERENCE.md section 3): blocks split
+    """Q8_0/Q4_0 matrices [M, K] for Adreno's GEMV/GEMM (llama.cpp PR #21938, ggml-opencl): blocks split
     into scales and quants, both transposed so neighbouring rows are adjacent in memory.
 
     Storage, flat: quants q as uint32 [K / per_u32, M] (per_u32 values per uint32), then the

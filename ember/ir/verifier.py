@@ -112,7 +112,7 @@ def _check_const(graph: Graph, node: Node, fail):
 
 def _check_layouts(node: Node, names: dict, fail):
     """Every operand must be in a layout its op accepts: a kernel written for one layout never
-    reads bytes arranged another way (REFERENCE.md section 3, the SYCL reorder bug)."""
+    reads bytes arranged another way (the SYCL Q8_0 reorder bug of llama.cpp)."""
     opdef = OPS[node.op]
     for k, operand in enumerate(node.inputs):
         accepted = opdef.accepted_layouts(k)

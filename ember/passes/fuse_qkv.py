@@ -4,7 +4,7 @@ Q/K/V projections (and an FFN's gate/up) read the same activations with weights 
 type and inner size. Concatenating the weights row-wise (quantized weights block by block:
 rows are whole blocks, nothing is requantized) lets one matmul read the activations once and
 launch once; each original result is a view of the fused result at a byte offset of its
-leading columns, with the fused row stride (REFERENCE.md section 1). When every member is
+leading columns, with the fused row stride (llama.cpp's build_qkv). When every member is
 followed by the addition of a constant bias, the biases are concatenated too.
 
 Each output element is computed exactly as before (same row of weights, same reduction over

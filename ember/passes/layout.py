@@ -1,7 +1,7 @@
 """layout-adreno: Q8_0/Q4_0 weights re-laid out for Adreno's GEMV/GEMM kernels, in the IR.
 
 A constant weight [M, K] of type q8_0 or q4_0 is replaced by a constant in the `adreno_soa`
-layout (ember.ir.layouts: scales and quants split and transposed, REFERENCE.md section 3) and
+layout (ember.ir.layouts: scales and quants split and transposed, llama.cpp PR #21938) and
 every consumer is rebuilt on it, in one step: a weight is converted only when *every* user
 accepts the layout, so the graph never holds a kernel reading bytes it cannot decode (the SYCL
 bug: GEMV reordered, GEMM still reading the old layout). The verifier holds each op to the

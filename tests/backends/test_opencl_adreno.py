@@ -7,9 +7,9 @@ Covered: the GEMV (one token) and GEMM (prompt) kernels on Q8_0/Q4_0 weights in 
 against the reference, for awkward shapes (rows not a multiple of the 64-lane work-group, K
 leaving half a chunk, tokens not a multiple of 8, strided and f16 activations); one weight
 feeding GEMV, GEMM and get_rows at once, in one graph and across graphs sharing its upload (the
-SYCL bug of REFERENCE section 3: the layout-adreno pass, which the backend's renderer runs, puts
-the weight and every consumer in the adreno_soa layout of the IR, or none); and the conformance
-groups whose kernels the profile changes."""
+bug where llama.cpp's SYCL backend once reordered Q8_0 weights for its GEMV but left its GEMM reading the old layout: the layout-adreno pass of the opencl-adreno pipeline, run here before
+compiling, puts the weight and every consumer in the adreno_soa layout of the IR, or none); and
+the conformance groups whose kernels the profile changes."""
 from __future__ import annotations
 
 import sys

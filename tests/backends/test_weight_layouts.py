@@ -1,7 +1,7 @@
 """Issue #4 section 4: one weight feeding both a GEMV (one token) and a GEMM (a prompt) gives
 correct results on every backend, after that target's own pipeline (on opencl-adreno the weight
 is re-laid out into the Adreno SoA layout, and both consumers must read it so: the SYCL reorder
-bug of REFERENCE.md section 3). Backends not available here are skipped."""
+bug of llama.cpp's SYCL Q8_0 reorder). Backends not available here are skipped."""
 from __future__ import annotations
 
 import numpy as np

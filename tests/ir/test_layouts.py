@@ -102,7 +102,7 @@ def test_an_op_that_does_not_accept_a_layout_cannot_be_built_on_it():
 
 
 def test_the_verifier_rejects_a_node_reading_a_layout_its_op_does_not_accept():
-    """The SYCL bug of REFERENCE.md section 3, made impossible: a kernel for rows reading SoA."""
+    """llama.cpp's SYCL Q8_0 reorder bug (GEMV reordered, GEMM not), made impossible: a kernel for rows reading SoA."""
     g = parse_ir(TEXT)
     w = g.outputs[0].inputs[1]
     # Built around make_node, as a careless pass might: a row-layout copy of the packed weight.
