@@ -1,4 +1,10 @@
-"""Helpers for tests of passes, backends and models (see STYLE.md for a pass test's shape).
+"""Helpers for tests of passes, backends and models. A pass test is before, transform, expected
+(TVM's CompareBeforeAfter), in one call:
+
+    check_pass(MyPass(), BEFORE, EXPECTED, cleanup=[DeadCodeElimination()])
+    check_unchanged(MyPass(), GRAPH_IT_MUST_LEAVE_ALONE)
+
+or step by step:
 
     before = parse_ir(BEFORE)
     after = MyPass()(before)
@@ -20,7 +26,7 @@ from ember.ir.printer import print_ir, value_names
 from ember.ir.verifier import verify
 
 __all__ = ["parse_ir", "run_reference", "random_inputs", "verify", "assert_structural_equal",
-           "assert_allclose", "nmse"]
+           "assert_allclose", "nmse", "check_pass", "check_unchanged"]
 
 CONTEXT_LINES = 3
 
@@ -115,3 +121,37 @@ def nmse(actual, expected) -> float:
     if ref == 0.0:
         return 0.0 if err == 0.0 else float("inf")
     return err / ref
+
+
+def _graph(graph_or_text) -> Graph:
+    return parse_ir(graph_or_text) if isinstance(graph_or_text, str) else graph_or_text
+
+
+def _transform(pass_, cleanup, graph: Graph) -> Graph:
+    for p in (pass_, *cleanup):
+        graph = p(graph)
+    return graph
+
+
+def check_pass(pass_, before, expected, cleanup=(), rtol: float = 1e-5, atol: float = 1e-6,
+               seed: int = 0) -> Graph:
+    """Run pass_ (then the cleanup passes a rule pass leaves work for, such as dead-code
+    elimination) on before, and check: the result verifies; it equals expected structurally
+    (the message shows the first differing node); the reference interpreter gives the same
+    outputs on random inputs (seed) for both; and the pass is idempotent (a second run changes
+    nothing). before and expected are IR text or graphs. Returns the transformed graph."""
+    before, expected = _graph(before), _graph(expected)
+    after = _transform(pass_, cleanup, before)
+    verify(after)
+    assert_structural_equal(after, expected)
+    assert_allclose(run_reference(after, seed=seed), run_reference(before, seed=seed), rtol=rtol, atol=atol)
+    again = _transform(pass_, cleanup, after)
+    assert again == after, f"{pass_.name} is not idempotent: a second run changed\n{print_ir(after)}"
+    return after
+
+
+def check_unchanged(pass_, graph) -> None:
+    """pass_ leaves graph alone (a case it must refuse): the very same graph comes back."""
+    graph = _graph(graph)
+    after = pass_(graph)
+    assert after == graph, f"{pass_.name} changed a graph it must leave alone:\n{print_ir(after)}"
