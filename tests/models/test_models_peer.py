@@ -21,7 +21,7 @@ pytestmark = pytest.mark.peer
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[peer]' (builds llama.cpp, ~5-10 min)")
 
 
 def peer_logits(llama_cpp, path, tokens) -> np.ndarray:

@@ -24,7 +24,7 @@ THREADS = 2
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[peer]' (builds llama.cpp, ~5-10 min)")
 
 
 def llama(llama_cpp, path, n_ctx: int, flash_attn: bool = False):

@@ -542,7 +542,7 @@ PEER_TEXTS = TEXTS + [
 
 
 def llama_vocab(path: Path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[peer]' (builds llama.cpp, ~5-10 min)")
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
