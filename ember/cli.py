@@ -219,6 +219,8 @@ def add_model_arguments(p, ctx_size: int = 2048) -> None:
                         "512 rows, as llama.cpp without --swa-full)")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable), for side-by-side comparisons")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines on stderr (compiles, benchmark runs, perplexity chunks)")
 
 
 def add_generation_arguments(p) -> None:
@@ -238,6 +240,11 @@ def add_generation_arguments(p) -> None:
                         "decoding, above it drafts are accepted by speculative sampling, which keeps the "
                         "sampling distribution")
     p.add_argument("--draft-max", type=int, default=8, help="draft tokens per verify pass (default 8)")
+
+
+def say(message: str) -> None:
+    """A progress line on stderr."""
+    print(f"ember: {message}", file=sys.stderr, flush=True)
 
 
 def model_path(args) -> Path:
@@ -267,6 +274,8 @@ def open_model(args):
     backend = get_backend(args.backend, **options)
     session = Session(model, backend, SessionOptions(n_ctx=args.ctx_size, swa_full=args.swa_full,
                                                      disabled_passes=frozenset(args.disable)))
+    if not args.quiet:
+        session.on_compile = say
     print(f"ember: loaded {path} ({model.arch}, {model.hparams.n_layer} layers) in "
           f"{time.perf_counter() - start:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
     return model, tokenizer, session
@@ -348,7 +357,8 @@ def cmd_perplexity(args) -> int:
     def progress(i: int, n: int, ppl: float) -> None:
         print(f"[{i + 1}/{n}] {ppl:.4f} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
-    result = perplexity(session_chunk_evaluator(session), tokens, args.ctx_size, bos, progress,
+    result = perplexity(session_chunk_evaluator(session), tokens, args.ctx_size, bos,
+                        None if args.quiet else progress,
                         max_chunks=args.chunks)
     print(f"perplexity: {result.n_scored} tokens scored in {time.perf_counter() - start:.1f} s "
           f"(compile {session.stats.compile_seconds:.1f} s)", file=sys.stderr)
@@ -364,7 +374,8 @@ def cmd_bench(args) -> int:
     if max(args.n_prompt, args.n_gen) > session.n_ctx:
         raise EmberError(f"-p/-n exceed the context of {session.n_ctx} tokens; raise -c")
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    results = bench_session(session, args.n_prompt, args.n_gen, args.repetitions, bos, args.seed)
+    results = bench_session(session, args.n_prompt, args.n_gen, args.repetitions, bos, args.seed,
+                            progress=None if args.quiet else say)
     name = f"{model.arch} {Path(model.path).stem}"
     print(bench_table(name, args.backend, session.backend.threads, results))
     if args.verbose:
@@ -393,10 +404,7 @@ def cmd_compile(args) -> int:
     else:
         target = args.target
     start = time.perf_counter()
-
-    def progress(message: str) -> None:
-        print(f"ember: {message}", file=sys.stderr, flush=True)
-
+    progress = say
     progress(f"compiling {path} ({model.arch}, {model.hparams.n_layer} layers) for {args.target}")
     target_options = {"features": "portable"} if args.portable else {}
     manifest = compile_artifact(model, target, args.output, n_ctx=args.ctx_size,

@@ -70,6 +70,7 @@ class SessionStats:
     host_seconds: float = 0.0       # outside the compiled graph: lookups, inputs, cache copies
     run_seconds: float = 0.0        # inside the compiled graph (Executable.run)
     graph_builds: int = 0
+    compiles: int = 0               # step graphs compiled (builds the plan cache did not answer)
     compile_seconds: float = 0.0
 
 
@@ -184,6 +185,9 @@ class Session:
                                                   max_idle_s=options.plan_idle_s)
         self._versions: dict[tuple, GraphVersion] = {}
         self.pipeline = backend.pipeline()    # the backend's target's, with its device's options
+        # on_compile(message): told before each step graph is compiled (a cold start compiles
+        # several, for seconds each: the CLI shows them on stderr)
+        self.on_compile = None
 
     # ---- public --------------------------------------------------------------------------
     def reset(self) -> None:
@@ -349,7 +353,10 @@ class Session:
         start = start or time.perf_counter()
         # The backend compiles under the same context: what it renders is what the pipeline
         # (with the user's disabled passes) made, and no renderer runs a pass of its own.
+        if self.on_compile is not None:
+            self.on_compile(f"compiling step graph {graph.name} ({self.stats.compiles + 1} so far)")
         with PassContext(disabled=self.options.disabled_passes):
             executable = self.backend.compile(self.pipeline(graph))
         self.stats.compile_seconds += time.perf_counter() - start
+        self.stats.compiles += 1
         return _Step(version, executable)

@@ -69,20 +69,20 @@ def decode_run(reset: Reset, decode: Decode, tokens: Sequence[int]) -> float:
 
 
 def bench_session(session, n_prompt: int, n_gen: int, reps: int, bos_id: int | None,
-                  seed: int = 0) -> list[BenchResult]:
+                  seed: int = 0, progress=None) -> list[BenchResult]:
     """pp{n_prompt} and tg{n_gen} (a test with 0 tokens is left out) on an ember Session.
     Its plan cache keeps idle plans meanwhile: a plan evicted while the other test runs would
-    be compiled again inside a timed run."""
+    be compiled again inside a timed run. progress(message), when given, hears of each run."""
     max_idle = session.plans.max_idle_s
     session.plans.max_idle_s = float("inf")
     try:
-        return _bench_session(session, n_prompt, n_gen, reps, bos_id, seed)
+        return _bench_session(session, n_prompt, n_gen, reps, bos_id, seed, progress or (lambda message: None))
     finally:
         session.plans.max_idle_s = max_idle
 
 
 def _bench_session(session, n_prompt: int, n_gen: int, reps: int, bos_id: int | None,
-                   seed: int) -> list[BenchResult]:
+                   seed: int, progress) -> list[BenchResult]:
     rng = np.random.default_rng(seed)
     vocab = session.model.hparams.n_vocab
     results = []
@@ -92,6 +92,7 @@ def _bench_session(session, n_prompt: int, n_gen: int, reps: int, bos_id: int | 
             seconds = prompt_run(session.reset, session.eval, random_tokens(rng, n_prompt, vocab, bos_id))
             if rep:                         # rep 0 is the warm-up
                 result.seconds.append(seconds)
+            progress(_run_line(result.test, rep, reps, n_prompt / seconds))
         results.append(result)
     if n_gen:
         result = BenchResult(f"tg{n_gen}", n_gen)
@@ -103,9 +104,15 @@ def _bench_session(session, n_prompt: int, n_gen: int, reps: int, bos_id: int | 
                 result.seconds.append(seconds)
                 host += session.stats.host_seconds - host_before
                 steps += session.stats.decode_tokens - steps_before
+            progress(_run_line(result.test, rep, reps, n_gen / seconds))
         result.host_seconds_per_token = host / steps if steps else None
         results.append(result)
     return results
+
+
+def _run_line(test: str, rep: int, reps: int, tps: float) -> str:
+    which = "warm-up (compiles)" if rep == 0 else f"repetition {rep}/{reps}"
+    return f"{test}: {which}: {tps:.1f} t/s"
 
 
 def markdown_table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[bool]) -> str:

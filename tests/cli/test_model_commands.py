@@ -107,6 +107,18 @@ def test_bench_prints_a_row_per_test_and_the_verbose_statistics(tiny):
     assert re.search(r"tg4: host time per decode step \(outside the kernels\): \d+ us", out.stdout)
 
 
+def test_bench_shows_progress_on_stderr_unless_quiet(tiny):
+    out = ember("bench", tiny, "-p", 16, "-n", 4, "-r", 2, "-t", 1)
+    assert out.returncode == 0, out.stderr
+    for line in ("pp16: warm-up (compiles)", "pp16: repetition 2/2", "tg4: repetition 1/2"):
+        assert line in out.stderr
+    assert re.search(r"ember: compiling step graph \S+ \(1 so far\)", out.stderr)
+    quiet = ember("bench", tiny, "-p", 16, "-n", 4, "-r", 2, "-t", 1, "-q")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "repetition" not in quiet.stderr and "compiling step graph" not in quiet.stderr
+    assert "| gemma3" in quiet.stdout
+
+
 def test_compile_then_run_without_the_c_compiler(built, tiny):
     files = sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file())
     assert "manifest.json" in files and "kernels.so" in files
