@@ -33,8 +33,8 @@ from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batche
                                     round_up, row_loop, span_bytes)
 from ember.codegen.memory_plan import MemoryPlan
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float, c_rope,
-                                    c_get_rows, c_row_op, c_softmax, extent, hazard_barriers, lowering_problem,
-                                    optional_operands)
+                                    c_get_rows, c_row_op, c_softmax, c_take_along, extent, hazard_barriers,
+                                    lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir import dtypes
@@ -47,6 +47,7 @@ from ember.ir.types import TensorType, contiguous_strides
 TEMPLATES = Templates("cpu")
 ENTRY_POINT = "ember_graph_run"
 ARENA_ALIGNMENT = 64
+EMBER_WORK_INTS = 128     # common.h: the ints of one work block (EMBER_WORK_REGIONS * 16)
 
 # Elementwise ops as C expressions of the float operands a (and b): f32 math, exp through
 # ember_expf (helpers.h), the rest through libm.
@@ -108,7 +109,7 @@ class Step:
 # Kernels with no barrier inside, which may run on thread 0 alone when their work is at most
 # SERIAL_MAX_ITEMS values: cheaper than the barriers around a split of a few hundred values.
 SERIAL_TEMPLATES = frozenset({"eltwise.c.j2", "rms_norm.c.j2", "layer_norm.c.j2", "sum_rows.c.j2",
-                              "argmax.c.j2", "softmax.c.j2", "rope.c.j2", "get_rows.c.j2",
+                              "argmax.c.j2", "top_k.c.j2", "take_along.c.j2", "softmax.c.j2", "rope.c.j2", "get_rows.c.j2",
                               "set_rows.c.j2", "copy.c.j2"})
 SERIAL_MAX_ITEMS = 1024
 
@@ -135,7 +136,7 @@ def _work_items(node: Node) -> int:
     if node.op == "set_rows":
         dst, _, src = node.inputs
         return src.type.numel if dst.op == "input" else dst.type.numel + src.type.numel
-    if node.op in ("sum_rows", "argmax"):
+    if node.op in ("sum_rows", "argmax", "top_k"):
         return node.inputs[0].type.numel
     return node.type.numel
 
@@ -172,6 +173,8 @@ def supports_node(node: Node) -> tuple[bool, str]:
             return False, f"mul_mat: w dtype {w.dtype} unsupported"
         if w.shape[-1] == 0:
             return False, "mul_mat: K == 0 unsupported"
+    if node.op == "mul_mat_id":
+        return _mul_mat_id_support(node)
     if node.op == "get_rows" and node.inputs[0].dtype.is_quantized:
         try:
             wtypes = _matmul().MATMUL_WTYPES
@@ -226,6 +229,40 @@ def _mul_mat_layout(node: Node) -> _MulMatLayout:
     mm_scratch = mm.matmul_scratch_bytes(wtype, b.T, K) if mm.matmul_uses_scratch(wtype, b.T, K) else 0
     return _MulMatLayout(wtype, b.T, N, K, b.batches, b.x_row, w_row, b.x_batch, b.w_batch, b.T * N * 4,
                          x_copy, w_copy, offset, offset + mm_scratch)
+
+
+# ---- mul_mat_id layout -------------------------------------------------------------------------
+def _mul_mat_id_support(node: Node) -> tuple[bool, str]:
+    w = node.inputs[1]
+    if w.dtype.name not in _matmul().MATMUL_WTYPES:
+        return False, f"mul_mat_id: w dtype {w.dtype} unsupported"
+    if w.type.strides[-1] != w.dtype.block_bytes:
+        return False, "mul_mat_id: w's rows must be contiguous"
+    if w.shape[-1] == 0:
+        return False, "mul_mat_id: K == 0 unsupported"
+    return True, ""
+
+
+def _mul_mat_id_params(node: Node) -> dict:
+    """The template parameters of a mul_mat_id kernel, with the scratch it needs (scratch_bytes):
+    the expert map, one work block per expert, the gathered x rows and their results, and the
+    matmul kernel's scratch for every row (so no two expert calls share any)."""
+    x, w, ids = (i.type for i in node.inputs)
+    T, n_used = ids.shape
+    E, N, K = w.shape
+    P = T * n_used
+    mm = _matmul()
+    mm_row = mm.matmul_scratch_bytes(w.dtype.name, 1, K)
+    layout, offset = {}, 0
+    for part, size in (("map_off", 4 * (2 * E + 1 + P)), ("work_off", 4 * E * EMBER_WORK_INTS),
+                       ("xg_off", 4 * P * K), ("yg_off", 4 * P * N), ("mm_off", mm_row * P)):
+        layout[part] = offset
+        offset += round_up(size, ARENA_ALIGNMENT)
+    x_sel = x.strides[1] if x.rank == 3 and x.shape[1] > 1 else 0
+    return dict(wtype=w.dtype.name, P=P, n_used=n_used, E=E, N=N, K=K, x_tok=x.strides[0],
+                x_sel=x_sel, x_step=x.strides[-1], x_dtype=x.dtype.name, ids_tok=ids.strides[0],
+                ids_sel=ids.strides[1], w_expert=w.strides[0], w_row=w.strides[1], mm_row=mm_row,
+                scratch_bytes=offset, **layout)
 
 
 # ---- the renderer ------------------------------------------------------------------------------
@@ -286,6 +323,8 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
     def scratch_bytes(self, node: Node) -> int:
         if node.op == "mul_mat" and node.type.numel:
             return _mul_mat_layout(node).scratch_bytes
+        if node.op == "mul_mat_id" and node.type.numel:
+            return _mul_mat_id_params(node)["scratch_bytes"]
         return 0
 
     # ---- steps ---------------------------------------------------------------------------
@@ -294,7 +333,7 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
 
     def add_kernel(self, node: Node, template: str, args: list[str], reads, writes, **params):
         name = self.c_kernel(node, template, params)
-        label = node.op + (f"[{params['wtype']}]" if node.op in ("mul_mat", "get_rows") else "")
+        label = node.op + (f"[{params['wtype']}]" if node.op in ("mul_mat", "mul_mat_id", "get_rows") else "")
         if template in SERIAL_TEMPLATES and _work_items(node) <= SERIAL_MAX_ITEMS:
             # Tiny work (one token's norms, ropes, cache rows): thread 0 alone, so a chain of
             # such kernels needs no barrier between its links (see schedule).
@@ -483,6 +522,31 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
         self.add_kernel(node, "get_rows.c.j2",
                         [self.ptr(table), self.ptr(idx), self.ptr(node), "&status", str(self.index_status(node, R))],
                         reads=self.reads_of(table, idx), writes=self.reads_of(node), **c_get_rows(node))
+
+    def mul_mat_id(self, node: Node):
+        x, w, ids = node.inputs
+        params = _mul_mat_id_params(node)
+        scratch_bytes = params.pop("scratch_bytes")
+        self.wtypes[params["wtype"]] = None
+        scratch = Place("arena", 0, self.plan.scratch_offsets.get(node, 0))
+        code = self.index_status(node, w.shape[0])
+        self.add_kernel(node, "mul_mat_id.c.j2",
+                        [self.ptr(x), self.ptr(w), self.ptr(ids), self.ptr(node), c_pointer(scratch),
+                         "&ember_bar", "&status", str(code)],
+                        reads=self.reads_of(x, w, ids), writes=self.reads_of(node) + [(scratch, scratch_bytes)],
+                        **params)
+
+    def top_k(self, node: Node):
+        _, operands, params = c_row_op(node, c_double)
+        self.add_kernel(node, "top_k.c.j2", [self.ptr(operands[0]), self.ptr(node)],
+                        reads=self.reads_of(*operands), writes=self.reads_of(node), k=node.attr("k"), **params)
+
+    def take_along(self, node: Node):
+        x, idx = node.inputs
+        self.add_kernel(node, "take_along.c.j2",
+                        [self.ptr(x), self.ptr(idx), self.ptr(node), "&status",
+                         str(self.index_status(node, x.shape[-1]))],
+                        reads=self.reads_of(x, idx), writes=self.reads_of(node), **c_take_along(node))
 
     def set_rows(self, node: Node):
         dst, idx, src = node.inputs

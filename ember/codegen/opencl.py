@@ -47,8 +47,9 @@ from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, mat
                                     next_pow2, offset_expr, round_up, span_bytes)
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
-from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_comment, c_float, c_rope,
-                                    c_get_rows, c_row_op, c_softmax, lowering_problem, optional_operands)
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates, c_comment,
+                                    c_float, c_rope, c_get_rows, c_row_op, c_softmax, lowering_problem,
+                                    optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph
@@ -145,6 +146,8 @@ def supports_node(node: Node) -> tuple[bool, str]:
     why = lowering_problem(node, "OpenCL")
     if why:
         return False, why
+    if LOWERING.get(node.op) in MOE_KINDS:
+        return False, f"{node.op}: no OpenCL kernel yet"
     for t in [node.type] + [i.type for i in node.inputs]:
         if span_bytes(t) > MAX_BYTES or t.numel > MAX_BYTES:
             return False, f"{node.op}: a tensor of {span_bytes(t)} bytes is over the 2 GiB kernels address"
@@ -393,6 +396,16 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         self.add_kernel(node, "get_rows.cl.j2",
                         [self.buf(table), self.buf(idx), self.buf(node), StatusArg(self.index_status(node, R))],
                         (D // 32 if table.dtype.is_quantized else D, idx.shape[0]), None, **c_get_rows(node))
+
+    # The mixture-of-experts kinds: declared unsupported (supports_node), so never reached.
+    def mul_mat_id(self, node: Node):
+        raise self.error(node, "mul_mat_id: no OpenCL kernel yet")
+
+    def top_k(self, node: Node):
+        raise self.error(node, "top_k: no OpenCL kernel yet")
+
+    def take_along(self, node: Node):
+        raise self.error(node, "take_along: no OpenCL kernel yet")
 
     def set_rows(self, node: Node):
         dst, idx, src = node.inputs

@@ -47,7 +47,10 @@ LOWERING: dict[str, str] = {op: "eltwise" for op in ELEMENTWISE_OPS}
 LOWERING.update({op: "rows" for op in ROW_OPS})
 LOWERING.update(softmax="softmax", rope="rope", attention="attention", ssm_conv="ssm_conv",
                 ssm_scan="ssm_scan", mul_mat="mul_mat", get_rows="get_rows", set_rows="set_rows",
-                cont="copy", cast="copy", concat="concat")
+                cont="copy", cast="copy", concat="concat", mul_mat_id="mul_mat_id", top_k="top_k",
+                take_along="take_along")
+# The mixture-of-experts kinds; a dialect without their kernels declares so in supports_node.
+MOE_KINDS = ("mul_mat_id", "top_k", "take_along")
 
 
 def needs_lowering(op: str) -> bool:
@@ -180,6 +183,14 @@ def c_get_rows(node: Node) -> dict:
                 row_stride=table.type.strides[0], step=table.type.strides[1], idx_step=idx.type.strides[0])
 
 
+def c_take_along(node: Node) -> dict:
+    """The parameters of a take_along kernel: rows of idx, x read at the row's indices."""
+    x, idx = node.inputs
+    loop = row_loop(idx.shape, [x.type.strides, idx.type.strides], keep_last=True)
+    return dict(rows=loop.rows, k=loop.n, E=x.shape[-1], x_row=loop.row[0], idx_row=loop.row[1],
+                x_step=x.type.strides[-1], idx_step=loop.step[1])
+
+
 @dataclass(frozen=True)
 class KernelText:
     """One distinct kernel of a C-family program."""
@@ -257,7 +268,8 @@ class Renderer(abc.ABC):
             "eltwise": self.eltwise, "rows": self.rows, "softmax": self.softmax, "rope": self.rope,
             "attention": self.attention, "ssm_conv": self.ssm_conv, "ssm_scan": self.ssm_scan,
             "mul_mat": self.mul_mat, "get_rows": self.get_rows, "set_rows": self.set_rows,
-            "copy": self.cont, "concat": self.concat}
+            "copy": self.cont, "concat": self.concat, "mul_mat_id": self.mul_mat_id,
+            "top_k": self.top_k, "take_along": self.take_along}
         assert set(self.lowerings) == set(LOWERING.values()), "a kind of lowering has no method"
 
     # ---- what a dialect may refine -------------------------------------------------------
@@ -398,3 +410,16 @@ class Renderer(abc.ABC):
     @abc.abstractmethod
     def set_rows(self, node: Node):
         """Rows written into a tensor by index (cache updates), with an index status check."""
+
+    @abc.abstractmethod
+    def mul_mat_id(self, node: Node):
+        """Expert matmul: each (token, slot) row times the weight of the expert ids selects, reading
+        only the selected experts, batch invariant, with an index status check."""
+
+    @abc.abstractmethod
+    def top_k(self, node: Node):
+        """Indices of the k largest values of each row (ties to the lower index)."""
+
+    @abc.abstractmethod
+    def take_along(self, node: Node):
+        """Values of each row at per-row indices, with an index status check."""

@@ -37,8 +37,8 @@ import numpy as np
 
 from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
 from ember.codegen.memory_plan import is_view
-from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, extent, hazard_barriers,
-                                    lowering_problem, optional_operands)
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates, extent,
+                                    hazard_barriers, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.codegen.vulkan_plan import Binding, DeviceCaps, Dispatch, Shader, VulkanProgram
 from ember.errors import EmberError
@@ -125,6 +125,8 @@ def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
     why = lowering_problem(node, "Vulkan") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
     if why:
         return False, why
+    if LOWERING.get(node.op) in MOE_KINDS:
+        return False, f"{node.op}: no Vulkan kernel yet"
     if node.op in ("input", "const") or is_view(node):
         return True, ""
     limit = caps.max_storage_range
@@ -584,6 +586,16 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
                         y_off=y_off, status=code)
             self.dispatch(node, "get_rows.comp.j2", dict(wg=wg, wtype=tt.dtype.name), [wb, ib, yb, sb], push,
                           -(-T * per_row // wg), reads=[wb, ib], writes=[yb])   # status: atomics
+
+    # The mixture-of-experts kinds: declared unsupported (supports_node), so never reached.
+    def mul_mat_id(self, node: Node):
+        raise self.error(node, "mul_mat_id: no Vulkan kernel yet")
+
+    def top_k(self, node: Node):
+        raise self.error(node, "top_k: no Vulkan kernel yet")
+
+    def take_along(self, node: Node):
+        raise self.error(node, "take_along: no Vulkan kernel yet")
 
     def set_rows(self, node: Node):
         dst, idx, src = node.inputs

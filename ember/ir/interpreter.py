@@ -87,6 +87,10 @@ def _index_bound(graph: Graph, node: Node) -> int:
             bound = min(bound, user.inputs[0].shape[0])
         elif user.op == "set_rows" and user.inputs[1] is node:
             bound = min(bound, user.inputs[0].shape[0])
+        elif user.op == "mul_mat_id" and user.inputs[2] is node:
+            bound = min(bound, user.inputs[1].shape[0])
+        elif user.op == "take_along" and user.inputs[1] is node:
+            bound = min(bound, user.inputs[0].shape[-1])
     return max(bound, 1)
 
 

@@ -30,7 +30,8 @@ F32_MATH = 1e-7        # f32 arithmetic and libm against the float64 reference
 QUANT_MATMUL = 1e-3    # quantized weights with activations quantized to 8 bits
 
 NMSE_BOUND = {op: EXACT for op in ("view", "reshape", "permute", "transpose", "cont", "cast",
-                                   "concat", "get_rows", "set_rows", "argmax")}
+                                   "concat", "get_rows", "set_rows", "argmax", "top_k",
+                                   "take_along")}
 NMSE_BOUND.update({op: F32_MATH for op in OPS if op not in NMSE_BOUND})
 MUL_MAT_BOUND = {"f32": F32_MATH, "f16": F32_MATH, "bf16": F32_MATH, "q8_0": QUANT_MATMUL,
                  "q4_0": QUANT_MATMUL, "q5_0": QUANT_MATMUL, "q4_k": QUANT_MATMUL,
@@ -406,6 +407,78 @@ def _get_rows_idx_view(s):
 case("get_rows/f32-strided-idx", "get_rows")(_get_rows_idx_view)
 
 
+
+# mixture of experts: mul_mat_id (E = 7 experts, not a power of two), top_k, take_along
+def _mm_id(name, wtype, T, n_used, x="plain", x_rows=0, ids=None, E=7, N=5, scalar=False):
+    """x "plain" [T, K], "transposed" / "view" (strided), or "per-expert" [T, n_used, K] (x_rows
+    rows per token: 1 broadcasts); ids from `ids` values, else random in [0, E)."""
+    K = 256 if wtype in ("q4_k", "q6_k") else 64
+    def build(s):
+        if x == "transposed":
+            xn = transposed(s, "x", (T, K))
+        elif x == "view":
+            xn = strided_view(s, "x", (T, K))
+        elif x == "per-expert":
+            xn = s.permute(s.input("x", "f32", (x_rows, T, K)), 1, 0, 2)    # non-contiguous too
+        else:
+            xn = s.input("x", "f32", (T, K))
+        idn = s.input("ids", "i32", (T, n_used), indices(E, ids))
+        return [s.mul_mat_id(xn, s.weight("w", (E, N, K), wtype), idn)]
+    group = "mul_mat_id_float" if wtype in ("f32", "f16", "bf16") else "mul_mat_id_quant"
+    case(f"{group}/{wtype}-{name}", "mul_mat_id", bound=MUL_MAT_BOUND[wtype], scalar=scalar)(build)
+
+
+for _wt in ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k"):
+    _mm_id("T1-used1", _wt, 1, 1, scalar=_wt in ("f16", "q4_k"))
+    _mm_id("T9-used3", _wt, 9, 3)
+    _mm_id("T9-used3-repeats", _wt, 9, 3, ids=[2] * 20 + [6, 2, 0, 2, 5, 2, 2])   # one expert most often
+    _mm_id("T9-used3-per-expert", _wt, 9, 3, x="per-expert", x_rows=3, scalar=_wt == "q8_0")
+_mm_id("T1-used3", "q4_0", 1, 3)
+_mm_id("T9-used1-transposed", "f32", 9, 1, x="transposed")
+_mm_id("T9-used3-view", "q8_0", 9, 3, x="view")
+_mm_id("T9-used3-x-broadcast", "f16", 9, 3, x="per-expert", x_rows=1)
+_mm_id("T5-used3-E3-wide", "q4_0", 5, 3, E=3, N=33)
+
+
+def _ties(rng, shape):   # few distinct values: ties everywhere
+    return rng.integers(-2, 3, size=shape).astype(np.float32)
+
+
+def _top_k(name, shape, k, fill=normal, view=False, scalar=False):
+    def build(s):
+        xn = strided_view(s, "x", shape, fill=fill) if view else s.input("x", "f32", shape, fill)
+        return [s.top_k(xn, k=k)]
+    case(f"moe_select/top_k-{name}", "top_k", scalar=scalar)(build)
+
+
+_top_k("T1-E7-k1", (1, 7), 1)
+_top_k("T9-E7-k3", (9, 7), 3, scalar=True)
+_top_k("ties-T9-E8-k4", (9, 8), 4, fill=_ties, scalar=True)
+_top_k("view-T4-E17-k17", (4, 17), 17, view=True)
+_top_k("3d-E128-k8", (2, 3, 128), 8)
+
+
+def _take_along(name, x_shape, k, view=False, scalar=False):
+    def build(s):
+        xn = transposed(s, "x", x_shape) if view else s.input("x", "f32", x_shape)
+        idn = s.input("idx", "i32", x_shape[:-1] + (k,), indices(x_shape[-1]))
+        return [s.take_along(xn, idn)]
+    case(f"moe_select/take_along-{name}", "take_along", scalar=scalar)(build)
+
+
+_take_along("T9-E7-k3", (9, 7), 3, scalar=True)
+_take_along("transposed-T5-E17-k2", (5, 17), 2, view=True)
+_take_along("3d", (2, 3, 8), 8)
+
+
+def _router(s):   # the MoE router chain: softmax -> top_k -> take_along -> renormalise
+    probs = s.softmax(s.input("logits", "f32", (9, 7)))
+    wts = s.take_along(probs, s.top_k(probs, k=3))
+    return [s.div(wts, s.sum_rows(wts))]
+
+
+case("moe_select/router-chain", "take_along", bound=F32_MATH)(_router)
+
 # set_rows
 def _set_rows(name, dt, R, D, idx_values, src="plain", dst_view=False, scalar=False):
     def build(s):
@@ -571,10 +644,11 @@ def test_every_op_has_a_case():
 
 
 def test_every_weight_dtype_has_mul_mat_and_get_rows_cases():
+    ops = ("mul_mat", "mul_mat_id", "get_rows")
     seen = {(n.op, n.inputs[0 if n.op == "get_rows" else 1].dtype.name)
-            for _, n in _case_nodes() if n.op in ("mul_mat", "get_rows")}
+            for _, n in _case_nodes() if n.op in ops}
     for dt in dtypes.WEIGHT_TYPES:
-        assert ("mul_mat", dt.name) in seen and ("get_rows", dt.name) in seen, dt.name
+        assert all((op, dt.name) in seen for op in ops), dt.name
 
 
 def test_cpu_supports_every_case():

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ember.codegen.opencl import layout_pass, render_graph
+from ember.codegen.renderer import LOWERING, MOE_KINDS
 from ember.codegen.opencl_plan import ADRENO_GENERATIONS, adreno_profile, generic_profile
 from ember.ir import GraphBuilder
 
@@ -83,14 +84,17 @@ def test_every_generation_compiles_the_decode_step(model_graphs, generation, tmp
 
 # ---- every template ----------------------------------------------------------------------------
 def conformance_graphs():
-    """One graph holding every conformance case (every op, dtype and view kind)."""
+    """One graph holding every conformance case (every op, dtype and view kind) but those of the
+    mixture-of-experts ops, which OpenCL declares it has no kernels for yet."""
     import sys
     sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
-    from test_conformance import CASES, Scope
+    from test_conformance import CASES, Scope, _reachable
     builder = GraphBuilder("conformance")
     fills, outputs = {}, []
     for c in CASES:
-        outputs += c.build(Scope(builder, c.id.replace("/", "."), fills))
+        outs = c.build(Scope(builder, c.id.replace("/", "."), fills))
+        if not any(LOWERING.get(n.op) in MOE_KINDS for n in _reachable(outs)):
+            outputs += outs
     return builder.build(outputs)
 
 

@@ -1,0 +1,103 @@
+"""The mixture-of-experts ops on every backend, beyond the conformance cases: batch invariance
+(a token's expert outputs are the bits it gets alone), an expert id out of range as a status
+error naming the node, and a whole MoE FFN against plain NumPy."""
+import numpy as np
+import pytest
+
+from ember.backends.cpu.backend import CpuBackend
+from ember.errors import EmberError
+from ember.ir import GraphBuilder, dtypes
+from ember.testing import nmse
+from moe_ffn import MoeShape, as_stored, build_moe_ffn, moe_weights, numpy_moe_ffn
+
+E, N = 7, 5
+# Each token's experts; the other tokens of the batch choose others (and repeat some).
+IDS = np.array([[0, 3, 6], [3, 3, 1], [6, 5, 4], [2, 0, 1], [4, 4, 4], [1, 2, 3],
+                [0, 1, 2], [5, 6, 0], [3, 2, 1]], np.int32)
+
+
+def _require(backend, graph):
+    for node in graph.nodes:
+        if node.op not in ("input", "const"):
+            ok, reason = backend.supports_op(node)
+            if not ok:
+                pytest.skip(f"{backend.name}: unsupported: {reason}")
+
+
+def _experts(T, K, wtype, seed=0):
+    """An up projection x [T, K] -> [T, 3, K] and a down projection with one input row per
+    selected expert -> [T, 3, N], both through mul_mat_id; with inputs for 9 tokens."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(f"experts_T{T}")
+    x = b.input("x", "f32", (T, K))
+    ids = b.input("ids", "i32", (T, 3))
+    up = b.mul_mat_id(x, b.weight("up", rng.standard_normal((E, K, K)) / 8, wtype), ids)
+    down = b.mul_mat_id(b.silu(up), b.weight("down", rng.standard_normal((E, N, K)), wtype), ids)
+    return b.build(up, down), rng.standard_normal((9, K)).astype(np.float32)
+
+
+def _token_alone_equals_batch(batch_exe, alone_exe, x, exact):
+    got = batch_exe.run({"x": x, "ids": IDS})
+    for t in range(len(x)):
+        one = alone_exe.run({"x": x[t:t + 1], "ids": IDS[t:t + 1]})
+        for g, o in zip(got, one):
+            if exact:
+                np.testing.assert_array_equal(g[t], o[0], err_msg=f"token {t}")
+            else:
+                np.testing.assert_allclose(g[t], o[0], rtol=1e-5, atol=1e-5, err_msg=f"token {t}")
+
+
+@pytest.mark.parametrize("wtype", [d.name for d in dtypes.WEIGHT_TYPES])
+def test_mul_mat_id_is_batch_invariant(backend, wtype):
+    """Each token computed alone gives the bits it gets in a batch of 9 whose other tokens chose
+    other experts (bit for bit on the cpu)."""
+    K = 256 if wtype in ("q4_k", "q6_k") else 64
+    batch, x = _experts(9, K, wtype)
+    alone, _ = _experts(1, K, wtype)
+    _require(backend, batch)
+    _token_alone_equals_batch(backend.compile(batch), backend.compile(alone), x, backend.name == "cpu")
+
+
+@pytest.mark.parametrize("wtype", ["f32", "q4_0", "q6_k"])
+def test_mul_mat_id_cpu_bits_do_not_depend_on_threads(backend_cache, wtype):
+    K = 256 if wtype == "q6_k" else 64
+    batch, x = _experts(9, K, wtype)
+    alone, _ = _experts(1, K, wtype)
+    one_thread = CpuBackend(threads=1, cache_dir=backend_cache)
+    three = CpuBackend(threads=3, cache_dir=backend_cache)
+    _token_alone_equals_batch(three.compile(batch), one_thread.compile(alone), x, exact=True)
+
+
+@pytest.mark.parametrize("op", ["mul_mat_id", "take_along"])
+def test_an_expert_id_out_of_range_is_an_error_naming_the_node(backend, op):
+    b = GraphBuilder("experts")
+    ids = b.input("ids", "i32", (2, 2))
+    if op == "mul_mat_id":
+        y = b.mul_mat_id(b.input("x", "f32", (2, 32)), b.weight("w", np.ones((4, 3, 32)), "f16"), ids)
+        want = np.full((2, 2, 3), 32.0, np.float32)
+    else:
+        y = b.take_along(b.input("x", "f32", (2, 4), ), ids)
+        want = np.ones((2, 2), np.float32)
+    graph = b.build(y)
+    _require(backend, graph)
+    exe = backend.compile(graph)
+    x = np.ones((2, 32 if op == "mul_mat_id" else 4), np.float32)
+    good = np.array([[3, 0], [1, 1]], np.int32)
+    np.testing.assert_array_equal(exe.run({"x": x, "ids": good})[0], want)
+    with pytest.raises(EmberError, match=rf"%\d+ = {op}\(%x, .*%ids\).*an index is out of range \[0, 4\)"):
+        exe.run({"x": x, "ids": np.array([[3, 0], [4, 1]], np.int32)})
+    np.testing.assert_array_equal(exe.run({"x": x, "ids": good})[0], want)   # the status is cleared
+
+
+# the NumPy FFN reads the weights as stored (dequantized): what is left is 8-bit activations
+@pytest.mark.parametrize("wtype, bound", [("f32", 1e-7), ("q8_0", 1e-3), ("q4_k", 1e-3)])
+@pytest.mark.parametrize("shape", [MoeShape(), MoeShape(T=1, gating="sigmoid", renorm=False, shared=False)],
+                         ids=["T9-softmax-renorm-shared", "T1-sigmoid"])
+def test_moe_ffn_matches_numpy(backend, wtype, bound, shape):
+    shape = MoeShape(**{**shape.__dict__, "D": 256, "F": 256}) if wtype == "q4_k" else shape
+    weights = moe_weights(shape)
+    graph = build_moe_ffn(shape, weights, wtype)
+    _require(backend, graph)
+    x = np.random.default_rng(1).standard_normal((shape.T, shape.D)).astype(np.float32)
+    (got,) = backend.compile(graph).run({"x": x})
+    assert nmse(got, numpy_moe_ffn(shape, as_stored(weights, wtype), x)) <= bound
