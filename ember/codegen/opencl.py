@@ -397,16 +397,6 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         [self.buf(table), self.buf(idx), self.buf(node), StatusArg(self.index_status(node, R))],
                         (D // 32 if table.dtype.is_quantized else D, idx.shape[0]), None, **c_get_rows(node))
 
-    # The mixture-of-experts kinds: declared unsupported (supports_node), so never reached.
-    def mul_mat_id(self, node: Node):
-        raise self.error(node, "mul_mat_id: no OpenCL kernel yet")
-
-    def top_k(self, node: Node):
-        raise self.error(node, "top_k: no OpenCL kernel yet")
-
-    def take_along(self, node: Node):
-        raise self.error(node, "take_along: no OpenCL kernel yet")
-
     def set_rows(self, node: Node):
         dst, idx, src = node.inputs
         R, D = dst.shape

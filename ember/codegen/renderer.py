@@ -411,15 +411,20 @@ class Renderer(abc.ABC):
     def set_rows(self, node: Node):
         """Rows written into a tensor by index (cache updates), with an index status check."""
 
-    @abc.abstractmethod
+    # Kinds a dialect may lack kernels for yet: its supports_node declares them unsupported, so
+    # these defaults are never reached from a backend's compile; they name the gap if they are.
     def mul_mat_id(self, node: Node):
         """Expert matmul: each (token, slot) row times the weight of the expert ids selects, reading
         only the selected experts, batch invariant, with an index status check."""
+        raise self.missing_kernel(node)
 
-    @abc.abstractmethod
     def top_k(self, node: Node):
         """Indices of the k largest values of each row (ties to the lower index)."""
+        raise self.missing_kernel(node)
 
-    @abc.abstractmethod
     def take_along(self, node: Node):
         """Values of each row at per-row indices, with an index status check."""
+        raise self.missing_kernel(node)
+
+    def missing_kernel(self, node: Node) -> EmberError:
+        return self.error(node, f"{node.op}: no {self.dialect} kernel yet")

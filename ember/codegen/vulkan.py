@@ -587,16 +587,6 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
             self.dispatch(node, "get_rows.comp.j2", dict(wg=wg, wtype=tt.dtype.name), [wb, ib, yb, sb], push,
                           -(-T * per_row // wg), reads=[wb, ib], writes=[yb])   # status: atomics
 
-    # The mixture-of-experts kinds: declared unsupported (supports_node), so never reached.
-    def mul_mat_id(self, node: Node):
-        raise self.error(node, "mul_mat_id: no Vulkan kernel yet")
-
-    def top_k(self, node: Node):
-        raise self.error(node, "top_k: no Vulkan kernel yet")
-
-    def take_along(self, node: Node):
-        raise self.error(node, "take_along: no Vulkan kernel yet")
-
     def set_rows(self, node: Node):
         dst, idx, src = node.inputs
         R, D = dst.shape

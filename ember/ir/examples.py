@@ -39,6 +39,14 @@ def example_node(op: str) -> Node:
         return make_node(op, (q, kv, _f32("v", 6, 2, 8)), {"scale": 0.35, "causal": True})
     if op == "get_rows":
         return make_node(op, (const_node("table", "q8_0", (10, 32)), idx))
+    if op == "mul_mat_id":
+        # 3 experts of [16, 32], 2 chosen per token
+        return make_node(op, (_f32("x", 4, 32), const_node("w", "q8_0", (3, 16, 32)),
+                              input_node("ids", "i32", (4, 2))))
+    if op == "top_k":
+        return make_node(op, (x,), {"k": 2})
+    if op == "take_along":
+        return make_node(op, (x, input_node("ids", "i32", (4, 2))))
     if op == "set_rows":
         return make_node(op, (input_node("dst", "f16", (10, 8)), idx, x))
     if op == "concat":

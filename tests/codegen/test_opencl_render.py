@@ -15,7 +15,7 @@ from ember.codegen import opencl, opencl_plan
 from ember.codegen.opencl import compile_plan, layout_pass, render_graph, weight_layouts
 from ember.codegen.opencl_plan import (ADRENO_GENERATIONS, WeightLayout, adreno_generation, adreno_profile,
                                        generic_profile, relayout_weight)
-from ember.codegen.renderer import LOWERING
+from ember.codegen.renderer import LOWERING, MOE_KINDS
 from ember.errors import EmberError
 from ember.ir import GraphBuilder
 from ember.passes import LayoutAdreno
@@ -91,6 +91,10 @@ def test_every_op_of_the_table_is_supported_by_the_renderer():
             node = example_node(op)
         except Exception:      # an op without an example node yet: the renderer must still know it
             assert op in LOWERING or opdef.is_view, op
+            continue
+        if LOWERING.get(op) in MOE_KINDS:
+            # a declared gap (the kernels are not written yet): refused by name, never a crash
+            assert opencl.supports_node(node) == (False, f"{op}: no OpenCL kernel yet"), op
             continue
         assert opencl.supports_node(node) == (True, ""), op
 
