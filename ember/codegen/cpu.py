@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batches, matmul_operands, offset_expr,
                                     round_up, row_loop, span_bytes)
 from ember.codegen.memory_plan import MemoryPlan
-from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float, c_rope,
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float,
+                                    c_gated_delta_net, c_rope,
                                     c_get_rows, c_row_op, c_softmax, extent, hazard_barriers, lowering_problem,
                                     optional_operands)
 from ember.codegen.values import Place
@@ -457,6 +458,11 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
                         T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
                         xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
                         bs=b.type.strides, cs=c.type.strides)
+
+    def gated_delta_net(self, node: Node):
+        self.add_kernel(node, "gated_delta_net.c.j2", [self.ptr(o) for o in node.inputs] + [self.ptr(node)],
+                        reads=self.reads_of(*node.inputs), writes=self.reads_of(node),
+                        **c_gated_delta_net(node))
 
     # ---- matmul and rows of tables -------------------------------------------------------
     def mul_mat(self, node: Node):

@@ -46,7 +46,7 @@ ELEMENTWISE_OPS = (*BINARY, *UNARY, *GATED, "scale", "clamp")
 LOWERING: dict[str, str] = {op: "eltwise" for op in ELEMENTWISE_OPS}
 LOWERING.update({op: "rows" for op in ROW_OPS})
 LOWERING.update(softmax="softmax", rope="rope", attention="attention", ssm_conv="ssm_conv",
-                ssm_scan="ssm_scan", mul_mat="mul_mat", get_rows="get_rows", set_rows="set_rows",
+                ssm_scan="ssm_scan", gated_delta_net="gated_delta_net", mul_mat="mul_mat", get_rows="get_rows", set_rows="set_rows",
                 cont="copy", cast="copy", concat="concat")
 
 
@@ -166,6 +166,16 @@ def c_rope(node: Node, real: Callable[[float], str]) -> tuple[list[Node], dict]:
     return [x, pos] + ([ff] if ff else []), params
 
 
+def c_gated_delta_net(node: Node) -> dict:
+    """The parameters of a gated_delta_net kernel: sizes, byte strides of every operand, whether
+    the decay is per key channel (kda) and the output scale as a float literal."""
+    q, k, v, g, beta, state = node.inputs
+    T, H_k, S_k = q.shape
+    return dict(T=T, H_k=H_k, H_v=v.shape[1], S_k=S_k, S_v=v.shape[2], kda=g.type.rank == 3,
+                qs=q.type.strides, ks=k.type.strides, vs=v.type.strides, gs=g.type.strides,
+                bs=beta.type.strides, ss=state.type.strides, scale=c_float(node.attr("scale")))
+
+
 def optional_operands(node: Node, n: int) -> tuple[list[Node], Node | None]:
     """(the n operands every such node has, then its optional last one or None): attention's
     q, k, v and mask, softmax's x and mask."""
@@ -256,6 +266,7 @@ class Renderer(abc.ABC):
         self.lowerings: dict[str, Callable[[Node], None]] = {
             "eltwise": self.eltwise, "rows": self.rows, "softmax": self.softmax, "rope": self.rope,
             "attention": self.attention, "ssm_conv": self.ssm_conv, "ssm_scan": self.ssm_scan,
+            "gated_delta_net": self.gated_delta_net,
             "mul_mat": self.mul_mat, "get_rows": self.get_rows, "set_rows": self.set_rows,
             "copy": self.cont, "concat": self.concat}
         assert set(self.lowerings) == set(LOWERING.values()), "a kind of lowering has no method"
@@ -386,6 +397,10 @@ class Renderer(abc.ABC):
     @abc.abstractmethod
     def ssm_scan(self, node: Node):
         """The Mamba-2 selective scan."""
+
+    @abc.abstractmethod
+    def gated_delta_net(self, node: Node):
+        """The gated delta rule over T tokens with carried state (Gated DeltaNet)."""
 
     @abc.abstractmethod
     def mul_mat(self, node: Node):

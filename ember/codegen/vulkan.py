@@ -448,6 +448,21 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         self.dispatch(node, "ssm_scan.comp.j2", dict(wg=64, N=N), bindings + [y], push, -(-H * P // 64),
                       reads=bindings, writes=[y])
 
+    def gated_delta_net(self, node: Node):
+        q, k, v, g, beta, state = node.inputs
+        T, H_k, S_k = q.shape
+        H_v, S_v = v.shape[1:]
+        bindings, push = [], dict(T=T, H_k=H_k, H_v=H_v, S_v=S_v)
+        for name, o in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("s", state)):
+            binding, off = self.operand(o)
+            bindings.append(binding)
+            push[f"{name}_off"] = off
+            push.update({f"{name}_s{i}": st // 4 for i, st in enumerate(o.type.strides)})
+        y, y_off = self.operand(node, what="result")
+        push.update(y_off=y_off, scale=float(node.attr("scale")))
+        self.dispatch(node, "gated_delta_net.comp.j2", dict(wg=64, S_k=S_k, kda=g.type.rank == 3), bindings + [y],
+                      push, -(-H_v * S_v // 64), reads=bindings, writes=[y])
+
     # ---- matmul and rows of tables -----------------------------------------------------------
     def mul_mat(self, node: Node):
         """One dispatch per piece: ranges of w's rows (a weight too big for one binding) times
@@ -698,6 +713,11 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
     for name, rank in (("s", 3), ("x", 3), ("dt", 2), ("a", 1), ("b", 3), ("c", 3)):
         scan_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
     add("ssm_scan.comp.j2", dict(wg=64, N=16), scan_push + ["y_off"], 7)
+    for kda in (False, True):
+        gdn_push = ["T", "H_k", "H_v", "S_v"]
+        for name, rank in (("q", 3), ("k", 3), ("v", 3), ("g", 3 if kda else 2), ("beta", 2), ("s", 3)):
+            gdn_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
+        add("gated_delta_net.comp.j2", dict(wg=64, S_k=16, kda=kda), gdn_push + ["y_off", "scale"], 7)
     for dt in FLOAT_KINDS:
         add("set_rows.comp.j2", dict(wg=64, dtype=dt),
             ["T", "D", "rows", "i_off", "i_s0", "s_off", "s_s0", "s_s1", "y_off", "status"], 4)
