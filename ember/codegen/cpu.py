@@ -108,7 +108,7 @@ class Step:
 
 # Kernels with no barrier inside, which may run on thread 0 alone when their work is at most
 # SERIAL_MAX_ITEMS values: cheaper than the barriers around a split of a few hundred values.
-SERIAL_TEMPLATES = frozenset({"eltwise.c.j2", "rms_norm.c.j2", "layer_norm.c.j2", "sum_rows.c.j2",
+SERIAL_TEMPLATES = frozenset({"eltwise.c.j2", "rms_norm.c.j2", "layer_norm.c.j2", "l2_norm.c.j2", "sum_rows.c.j2",
                               "argmax.c.j2", "softmax.c.j2", "rope.c.j2", "get_rows.c.j2",
                               "set_rows.c.j2", "copy.c.j2"})
 SERIAL_MAX_ITEMS = 1024

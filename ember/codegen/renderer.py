@@ -38,7 +38,7 @@ from ember.ir.types import TensorType
 TEMPLATE_ROOT = Path(__file__).parent / "templates"
 
 # ---- the op table ------------------------------------------------------------------------------
-ROW_OPS = ("rms_norm", "rms_norm_mul", "layer_norm", "sum_rows", "argmax")
+ROW_OPS = ("rms_norm", "rms_norm_mul", "layer_norm", "l2_norm", "sum_rows", "argmax")
 ELEMENTWISE_OPS = (*BINARY, *UNARY, *GATED, "scale", "clamp")
 
 # op -> the kind of lowering that renders it. Views and sources need none (a view is an offset
@@ -123,7 +123,7 @@ def c_row_op(node: Node, real: Callable[[float], str], wg_of: Callable[[int], in
     params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0])
     if wg_of is not None:
         params["wg"] = wg_of(loop.n)
-    if node.op in ("rms_norm", "layer_norm", "rms_norm_mul"):
+    if node.op in ("rms_norm", "layer_norm", "rms_norm_mul", "l2_norm"):
         params["eps"] = real(node.attr("eps"))
     if reduce is not None and node.op != "argmax":
         params["reduce"] = reduce

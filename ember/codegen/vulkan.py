@@ -335,7 +335,7 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
                 push.update(w_off=w_off, w_s0=w.type.strides[0] // 4)
         y, y_off = self.operand(node, what="result")
         push["y_off"] = y_off
-        if node.op in ("rms_norm", "rms_norm_mul", "layer_norm"):
+        if node.op in ("rms_norm", "rms_norm_mul", "layer_norm", "l2_norm"):
             push["eps"] = float(node.attr("eps"))
         self.dispatch(node, template, params, bindings + [y], push, rows, reads=bindings, writes=[y])
 
@@ -671,6 +671,7 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
         add("rms_norm.comp.j2", dict(wg=64, weighted=weighted),
             row_push + (["w_off", "w_s0"] if weighted else []) + ["y_off", "eps"], 3 if weighted else 2)
     add("layer_norm.comp.j2", dict(wg=64), row_push + ["y_off", "eps"], 2)
+    add("l2_norm.comp.j2", dict(wg=64), row_push + ["y_off", "eps"], 2)
     add("sum_rows.comp.j2", dict(wg=64), row_push + ["y_off"], 2)
     add("argmax.comp.j2", dict(wg=256), row_push + ["y_off"], 2)
     for mask in (None, "f32", "f16"):

@@ -155,7 +155,7 @@ for _op in ("swiglu", "geglu"):
         lambda s, op=_op: [s.op(op, transposed(s, "g", (3, 17)), strided_view(s, "u", (3, 17)))])
 
 # row reductions
-for _op, _attrs in (("rms_norm", dict(eps=1e-5)), ("layer_norm", dict(eps=1e-5)),
+for _op, _attrs in (("rms_norm", dict(eps=1e-5)), ("layer_norm", dict(eps=1e-5)), ("l2_norm", dict(eps=1e-6)),
                     ("sum_rows", {}), ("argmax", {})):
     for _shape in ((1,), (3, 17), (3, 4096), (2, 3, 4, 5)):
         case(f"rows/{_op}-{'x'.join(map(str, _shape))}", _op, scalar=_shape == (3, 17))(
@@ -174,6 +174,17 @@ for _shape in ((1,), (3, 17), (3, 4096), (2, 3, 4, 5)):
 case("rows/rms_norm_mul-view", "rms_norm_mul", scalar=True)(
     lambda s: [s.op("rms_norm_mul", strided_view(s, "x", (2, 3, 17)), s.permute(s.input("w", "f32", (17,)), 0),
                     eps=1e-6)])
+
+
+
+def _tiny_first_row(rng, shape):
+    x = normal(rng, shape)
+    x[0] *= 1e-8                                # norm below eps: divided by eps instead
+    return x
+
+
+case("rows/l2_norm-eps-floor", "l2_norm", scalar=True)(
+    lambda s: [s.l2_norm(s.input("x", "f32", (3, 17), _tiny_first_row), eps=1e-6)])
 
 
 # softmax
