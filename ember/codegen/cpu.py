@@ -33,9 +33,8 @@ from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batche
                                     round_up, row_loop, span_bytes)
 from ember.codegen.memory_plan import MemoryPlan
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float,
-                                    c_gated_delta_net, c_rope,
-                                    c_get_rows, c_row_op, c_softmax, extent, hazard_barriers, lowering_problem,
-                                    optional_operands)
+                                    c_gated_delta_net, c_get_rows, c_rope, c_row_op, c_softmax, extent,
+                                    hazard_barriers, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir import dtypes

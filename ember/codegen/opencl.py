@@ -48,8 +48,8 @@ from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, mat
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_comment, c_float,
-                                    c_gated_delta_net, c_rope,
-                                    c_get_rows, c_row_op, c_softmax, lowering_problem, optional_operands)
+                                    c_gated_delta_net, c_get_rows, c_rope, c_row_op, c_softmax,
+                                    lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph

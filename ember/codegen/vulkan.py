@@ -422,6 +422,17 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         return self.places[node].offset % align % 4 == 0 and all(st % 4 == 0 for st in t.strides[:-1])
 
     # ---- state-space ops ---------------------------------------------------------------------
+    def strided_operands(self, push: dict, **operands: Node) -> list[Binding]:
+        """The bindings of f32 operands, in the order given; each adds <name>_off and its strides
+        in floats (<name>_s0, ...) to push."""
+        bindings = []
+        for name, o in operands.items():
+            binding, off = self.operand(o)
+            bindings.append(binding)
+            push[f"{name}_off"] = off
+            push.update({f"{name}_s{i}": st // 4 for i, st in enumerate(o.type.strides)})
+        return bindings
+
     def ssm_conv(self, node: Node):
         sx, w = node.inputs
         T, C = node.shape
@@ -437,12 +448,8 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
     def ssm_scan(self, node: Node):
         state, x, dt, a, b, c = node.inputs
         H, P, N = state.shape
-        bindings, push = [], dict(H=H, P=P, T=x.shape[0], heads_per_group=H // b.shape[1])
-        for name, o in (("s", state), ("x", x), ("dt", dt), ("a", a), ("b", b), ("c", c)):
-            binding, off = self.operand(o)
-            bindings.append(binding)
-            push[f"{name}_off"] = off
-            push.update({f"{name}_s{i}": st // 4 for i, st in enumerate(o.type.strides)})
+        push = dict(H=H, P=P, T=x.shape[0], heads_per_group=H // b.shape[1])
+        bindings = self.strided_operands(push, s=state, x=x, dt=dt, a=a, b=b, c=c)
         y, y_off = self.operand(node, what="result")
         push["y_off"] = y_off
         self.dispatch(node, "ssm_scan.comp.j2", dict(wg=64, N=N), bindings + [y], push, -(-H * P // 64),
@@ -452,12 +459,8 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         q, k, v, g, beta, state = node.inputs
         T, H_k, S_k = q.shape
         H_v, S_v = v.shape[1:]
-        bindings, push = [], dict(T=T, H_k=H_k, H_v=H_v, S_v=S_v)
-        for name, o in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("s", state)):
-            binding, off = self.operand(o)
-            bindings.append(binding)
-            push[f"{name}_off"] = off
-            push.update({f"{name}_s{i}": st // 4 for i, st in enumerate(o.type.strides)})
+        push = dict(T=T, H_k=H_k, H_v=H_v, S_v=S_v)
+        bindings = self.strided_operands(push, q=q, k=k, v=v, g=g, beta=beta, s=state)
         y, y_off = self.operand(node, what="result")
         push.update(y_off=y_off, scale=float(node.attr("scale")))
         self.dispatch(node, "gated_delta_net.comp.j2", dict(wg=64, S_k=S_k, kda=g.type.rank == 3), bindings + [y],
