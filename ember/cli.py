@@ -514,7 +514,8 @@ def cmd_ops(args) -> int:
         except EmberError as e:
             backend, ok, why = None, False, str(e)
         columns.append((name, backend if ok else None, why))
-    print(f"{'op':<12} {'category':<12} " + " ".join(f"{n:<12}" for n, _, _ in columns))
+    width = max(12, max(len(op) for op in OPS) + 1)     # the op column fits the longest name
+    print(f"{'op':<{width}} {'category':<12} " + " ".join(f"{n:<12}" for n, _, _ in columns))
     for op, opdef in OPS.items():
         if opdef.category == "source":
             continue
@@ -524,7 +525,7 @@ def cmd_ops(args) -> int:
                 cells.append("unavailable")
             else:
                 cells.append("yes" if backend.supports_op(example_node(op))[0] else "no")
-        print(f"{op:<12} {opdef.category:<12} " + " ".join(f"{c:<12}" for c in cells))
+        print(f"{op:<{width}} {opdef.category:<12} " + " ".join(f"{c:<12}" for c in cells))
     for name, backend, why in columns:
         if backend is None:
             print(f"{name}: unavailable: {why}")

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batches, matmul_operands, offset_expr,
                                     round_up, row_loop, span_bytes)
 from ember.codegen.memory_plan import MemoryPlan
-from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float, c_rope,
-                                    c_get_rows, c_row_op, c_softmax, c_take_along, extent, hazard_barriers,
-                                    lowering_problem, optional_operands)
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float,
+                                    c_gated_delta_net, c_get_rows, c_rope, c_row_op, c_softmax, c_take_along,
+                                    extent, hazard_barriers, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir import dtypes
@@ -108,8 +108,9 @@ class Step:
 
 # Kernels with no barrier inside, which may run on thread 0 alone when their work is at most
 # SERIAL_MAX_ITEMS values: cheaper than the barriers around a split of a few hundred values.
-SERIAL_TEMPLATES = frozenset({"eltwise.c.j2", "rms_norm.c.j2", "layer_norm.c.j2", "sum_rows.c.j2",
-                              "argmax.c.j2", "top_k.c.j2", "take_along.c.j2", "softmax.c.j2", "rope.c.j2", "get_rows.c.j2",
+SERIAL_TEMPLATES = frozenset({"eltwise.c.j2", "rms_norm.c.j2", "layer_norm.c.j2", "l2_norm.c.j2", "sum_rows.c.j2",
+                              "argmax.c.j2", "top_k.c.j2", "take_along.c.j2", "softmax.c.j2", "rope.c.j2",
+                              "get_rows.c.j2",
                               "set_rows.c.j2", "copy.c.j2"})
 SERIAL_MAX_ITEMS = 1024
 
@@ -496,6 +497,11 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
                         T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
                         xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
                         bs=b.type.strides, cs=c.type.strides)
+
+    def gated_delta_net(self, node: Node):
+        self.add_kernel(node, "gated_delta_net.c.j2", [self.ptr(o) for o in node.inputs] + [self.ptr(node)],
+                        reads=self.reads_of(*node.inputs), writes=self.reads_of(node),
+                        **c_gated_delta_net(node))
 
     # ---- matmul and rows of tables -------------------------------------------------------
     def mul_mat(self, node: Node):

@@ -47,9 +47,9 @@ from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, mat
                                     next_pow2, offset_expr, round_up, span_bytes)
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
-from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates, c_comment,
-                                    c_float, c_rope, c_get_rows, c_row_op, c_softmax, lowering_problem,
-                                    optional_operands)
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates,
+                                    c_comment, c_float, c_gated_delta_net, c_get_rows, c_rope, c_row_op,
+                                    c_softmax, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph
@@ -425,6 +425,10 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
                         xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
                         bs=b.type.strides, cs=c.type.strides)
+
+    def gated_delta_net(self, node: Node):
+        self.add_kernel(node, "gated_delta_net.cl.j2", [self.buf(o) for o in node.inputs] + [self.buf(node)],
+                        (node.inputs[2].shape[1] * node.inputs[2].shape[2],), None, **c_gated_delta_net(node))
 
 
 def render_graph(graph: Graph, profile: Profile | None = None) -> OpenCLProgram:

@@ -38,7 +38,7 @@ from ember.ir.types import TensorType
 TEMPLATE_ROOT = Path(__file__).parent / "templates"
 
 # ---- the op table ------------------------------------------------------------------------------
-ROW_OPS = ("rms_norm", "rms_norm_mul", "layer_norm", "sum_rows", "argmax")
+ROW_OPS = ("rms_norm", "rms_norm_mul", "layer_norm", "l2_norm", "sum_rows", "argmax")
 ELEMENTWISE_OPS = (*BINARY, *UNARY, *GATED, "scale", "clamp")
 
 # op -> the kind of lowering that renders it. Views and sources need none (a view is an offset
@@ -46,9 +46,9 @@ ELEMENTWISE_OPS = (*BINARY, *UNARY, *GATED, "scale", "clamp")
 LOWERING: dict[str, str] = {op: "eltwise" for op in ELEMENTWISE_OPS}
 LOWERING.update({op: "rows" for op in ROW_OPS})
 LOWERING.update(softmax="softmax", rope="rope", attention="attention", ssm_conv="ssm_conv",
-                ssm_scan="ssm_scan", mul_mat="mul_mat", get_rows="get_rows", set_rows="set_rows",
-                cont="copy", cast="copy", concat="concat", mul_mat_id="mul_mat_id", top_k="top_k",
-                take_along="take_along")
+                ssm_scan="ssm_scan", gated_delta_net="gated_delta_net", mul_mat="mul_mat",
+                get_rows="get_rows", set_rows="set_rows", cont="copy", cast="copy", concat="concat",
+                mul_mat_id="mul_mat_id", top_k="top_k", take_along="take_along")
 # The mixture-of-experts kinds; a dialect without their kernels declares so in supports_node.
 MOE_KINDS = ("mul_mat_id", "top_k", "take_along")
 
@@ -126,7 +126,7 @@ def c_row_op(node: Node, real: Callable[[float], str], wg_of: Callable[[int], in
     params = dict(rows=loop.rows, n=loop.n, x_row=loop.row[0], x_step=loop.step[0])
     if wg_of is not None:
         params["wg"] = wg_of(loop.n)
-    if node.op in ("rms_norm", "layer_norm", "rms_norm_mul"):
+    if node.op in ("rms_norm", "layer_norm", "rms_norm_mul", "l2_norm"):
         params["eps"] = real(node.attr("eps"))
     if reduce is not None and node.op != "argmax":
         params["reduce"] = reduce
@@ -167,6 +167,16 @@ def c_rope(node: Node, real: Callable[[float], str]) -> tuple[list[Node], dict]:
                   pos_step=pos.type.strides[0], has_ff=ff is not None, ff_step=ff.type.strides[0] if ff else 0,
                   freq_scale=real(node.attr("freq_scale")), inv_freq=[real(v) for v in inv_freq])
     return [x, pos] + ([ff] if ff else []), params
+
+
+def c_gated_delta_net(node: Node) -> dict:
+    """The parameters of a gated_delta_net kernel: sizes, byte strides of every operand, whether
+    the decay is per key channel (kda) and the output scale as a float literal."""
+    q, k, v, g, beta, state = node.inputs
+    T, H_k, S_k = q.shape
+    return dict(T=T, H_k=H_k, H_v=v.shape[1], S_k=S_k, S_v=v.shape[2], kda=g.type.rank == 3,
+                qs=q.type.strides, ks=k.type.strides, vs=v.type.strides, gs=g.type.strides,
+                bs=beta.type.strides, ss=state.type.strides, scale=c_float(node.attr("scale")))
 
 
 def optional_operands(node: Node, n: int) -> tuple[list[Node], Node | None]:
@@ -267,6 +277,7 @@ class Renderer(abc.ABC):
         self.lowerings: dict[str, Callable[[Node], None]] = {
             "eltwise": self.eltwise, "rows": self.rows, "softmax": self.softmax, "rope": self.rope,
             "attention": self.attention, "ssm_conv": self.ssm_conv, "ssm_scan": self.ssm_scan,
+            "gated_delta_net": self.gated_delta_net,
             "mul_mat": self.mul_mat, "get_rows": self.get_rows, "set_rows": self.set_rows,
             "copy": self.cont, "concat": self.concat, "mul_mat_id": self.mul_mat_id,
             "top_k": self.top_k, "take_along": self.take_along}
@@ -398,6 +409,10 @@ class Renderer(abc.ABC):
     @abc.abstractmethod
     def ssm_scan(self, node: Node):
         """The Mamba-2 selective scan."""
+
+    @abc.abstractmethod
+    def gated_delta_net(self, node: Node):
+        """The gated delta rule over T tokens with carried state (Gated DeltaNet)."""
 
     @abc.abstractmethod
     def mul_mat(self, node: Node):

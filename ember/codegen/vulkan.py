@@ -337,7 +337,7 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
                 push.update(w_off=w_off, w_s0=w.type.strides[0] // 4)
         y, y_off = self.operand(node, what="result")
         push["y_off"] = y_off
-        if node.op in ("rms_norm", "rms_norm_mul", "layer_norm"):
+        if node.op in ("rms_norm", "rms_norm_mul", "layer_norm", "l2_norm"):
             push["eps"] = float(node.attr("eps"))
         self.dispatch(node, template, params, bindings + [y], push, rows, reads=bindings, writes=[y])
 
@@ -424,6 +424,17 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         return self.places[node].offset % align % 4 == 0 and all(st % 4 == 0 for st in t.strides[:-1])
 
     # ---- state-space ops ---------------------------------------------------------------------
+    def strided_operands(self, push: dict, **operands: Node) -> list[Binding]:
+        """The bindings of f32 operands, in the order given; each adds <name>_off and its strides
+        in floats (<name>_s0, ...) to push."""
+        bindings = []
+        for name, o in operands.items():
+            binding, off = self.operand(o)
+            bindings.append(binding)
+            push[f"{name}_off"] = off
+            push.update({f"{name}_s{i}": st // 4 for i, st in enumerate(o.type.strides)})
+        return bindings
+
     def ssm_conv(self, node: Node):
         sx, w = node.inputs
         T, C = node.shape
@@ -439,16 +450,23 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
     def ssm_scan(self, node: Node):
         state, x, dt, a, b, c = node.inputs
         H, P, N = state.shape
-        bindings, push = [], dict(H=H, P=P, T=x.shape[0], heads_per_group=H // b.shape[1])
-        for name, o in (("s", state), ("x", x), ("dt", dt), ("a", a), ("b", b), ("c", c)):
-            binding, off = self.operand(o)
-            bindings.append(binding)
-            push[f"{name}_off"] = off
-            push.update({f"{name}_s{i}": st // 4 for i, st in enumerate(o.type.strides)})
+        push = dict(H=H, P=P, T=x.shape[0], heads_per_group=H // b.shape[1])
+        bindings = self.strided_operands(push, s=state, x=x, dt=dt, a=a, b=b, c=c)
         y, y_off = self.operand(node, what="result")
         push["y_off"] = y_off
         self.dispatch(node, "ssm_scan.comp.j2", dict(wg=64, N=N), bindings + [y], push, -(-H * P // 64),
                       reads=bindings, writes=[y])
+
+    def gated_delta_net(self, node: Node):
+        q, k, v, g, beta, state = node.inputs
+        T, H_k, S_k = q.shape
+        H_v, S_v = v.shape[1:]
+        push = dict(T=T, H_k=H_k, H_v=H_v, S_v=S_v)
+        bindings = self.strided_operands(push, q=q, k=k, v=v, g=g, beta=beta, s=state)
+        y, y_off = self.operand(node, what="result")
+        push.update(y_off=y_off, scale=float(node.attr("scale")))
+        self.dispatch(node, "gated_delta_net.comp.j2", dict(wg=64, S_k=S_k, kda=g.type.rank == 3), bindings + [y],
+                      push, -(-H_v * S_v // 64), reads=bindings, writes=[y])
 
     # ---- matmul and rows of tables -----------------------------------------------------------
     def mul_mat(self, node: Node):
@@ -658,6 +676,7 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
         add("rms_norm.comp.j2", dict(wg=64, weighted=weighted),
             row_push + (["w_off", "w_s0"] if weighted else []) + ["y_off", "eps"], 3 if weighted else 2)
     add("layer_norm.comp.j2", dict(wg=64), row_push + ["y_off", "eps"], 2)
+    add("l2_norm.comp.j2", dict(wg=64), row_push + ["y_off", "eps"], 2)
     add("sum_rows.comp.j2", dict(wg=64), row_push + ["y_off"], 2)
     add("argmax.comp.j2", dict(wg=256), row_push + ["y_off"], 2)
     for mask in (None, "f32", "f16"):
@@ -700,6 +719,11 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
     for name, rank in (("s", 3), ("x", 3), ("dt", 2), ("a", 1), ("b", 3), ("c", 3)):
         scan_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
     add("ssm_scan.comp.j2", dict(wg=64, N=16), scan_push + ["y_off"], 7)
+    for kda in (False, True):
+        gdn_push = ["T", "H_k", "H_v", "S_v"]
+        for name, rank in (("q", 3), ("k", 3), ("v", 3), ("g", 3 if kda else 2), ("beta", 2), ("s", 3)):
+            gdn_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
+        add("gated_delta_net.comp.j2", dict(wg=64, S_k=16, kda=kda), gdn_push + ["y_off", "scale"], 7)
     for dt in FLOAT_KINDS:
         add("set_rows.comp.j2", dict(wg=64, dtype=dt),
             ["T", "D", "rows", "i_off", "i_s0", "s_off", "s_s0", "s_s1", "y_off", "status"], 4)

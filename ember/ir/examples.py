@@ -21,6 +21,10 @@ def example_node(op: str) -> Node:
         # 2 heads of 4, state 16, one group
         return make_node(op, (_f32("s", 2, 4, 16), _f32("x", 4, 2, 4), _f32("dt", 4, 2), _f32("A", 2),
                               _f32("B", 4, 1, 16), _f32("C", 4, 1, 16)))
+    if op == "gated_delta_net":
+        # 4 v heads over 2 q/k heads, S_k 8, S_v 4, 3 tokens
+        return make_node(op, (_f32("q", 3, 2, 8), _f32("k", 3, 2, 8), _f32("v", 3, 4, 4), _f32("g", 3, 4),
+                              _f32("beta", 3, 4), _f32("state", 4, 4, 8)), {"scale": 8 ** -0.5})
     if op == "rms_norm_mul":
         return make_node(op, (x, _f32("w", 8)))
     if op in ("swiglu", "geglu"):

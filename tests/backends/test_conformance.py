@@ -156,7 +156,7 @@ for _op in ("swiglu", "geglu"):
         lambda s, op=_op: [s.op(op, transposed(s, "g", (3, 17)), strided_view(s, "u", (3, 17)))])
 
 # row reductions
-for _op, _attrs in (("rms_norm", dict(eps=1e-5)), ("layer_norm", dict(eps=1e-5)),
+for _op, _attrs in (("rms_norm", dict(eps=1e-5)), ("layer_norm", dict(eps=1e-5)), ("l2_norm", dict(eps=1e-6)),
                     ("sum_rows", {}), ("argmax", {})):
     for _shape in ((1,), (3, 17), (3, 4096), (2, 3, 4, 5)):
         case(f"rows/{_op}-{'x'.join(map(str, _shape))}", _op, scalar=_shape == (3, 17))(
@@ -175,6 +175,17 @@ for _shape in ((1,), (3, 17), (3, 4096), (2, 3, 4, 5)):
 case("rows/rms_norm_mul-view", "rms_norm_mul", scalar=True)(
     lambda s: [s.op("rms_norm_mul", strided_view(s, "x", (2, 3, 17)), s.permute(s.input("w", "f32", (17,)), 0),
                     eps=1e-6)])
+
+
+
+def _tiny_first_row(rng, shape):
+    x = normal(rng, shape)
+    x[0] *= 1e-8                                # norm below eps: divided by eps instead
+    return x
+
+
+case("rows/l2_norm-eps-floor", "l2_norm", scalar=True)(
+    lambda s: [s.l2_norm(s.input("x", "f32", (3, 17), _tiny_first_row), eps=1e-6)])
 
 
 # softmax
@@ -321,6 +332,64 @@ _ssm_scan_case("T3-H4-P3-N5-G2", 3, 4, 3, 5, 2, scalar=True)
 _ssm_scan_case("decode-H8-P16-N16", 1, 8, 16, 16, 1)
 _ssm_scan_case("T5-N128-G2", 5, 2, 4, 128, 2)
 _ssm_scan_case("fused-views", 4, 4, 8, 17, 2, fused=True, scalar=True)
+
+
+# gated delta net
+def _unit_heads(rng, shape):
+    """Rows of unit L2 norm over the last axis, as q and k reach the op (l2_norm before it)."""
+    x = rng.standard_normal(shape)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _log_decay(rng, shape):
+    return -(0.5 * np.abs(rng.standard_normal(shape)) + 0.02).astype(np.float32)
+
+
+def _unit_interval(rng, shape):
+    return rng.uniform(0.05, 1.0, shape).astype(np.float32)
+
+
+def _gdn_operands(s: Scope, T, H_k, H_v, S_k, S_v, kda=False, fused=False):
+    """q, k, v, g, beta of one gated_delta_net call; fused: q, k and v are slices of one projection
+    row (with a gap before them), g and beta slices of another."""
+    g_width = H_v * S_k if kda else H_v
+    if not fused:
+        q, k = s.input("q", "f32", (T, H_k, S_k), _unit_heads), s.input("k", "f32", (T, H_k, S_k), _unit_heads)
+        v = s.input("v", "f32", (T, H_v, S_v))
+        g = s.input("g", "f32", (T, H_v, S_k) if kda else (T, H_v), _log_decay)
+        return q, k, v, g, s.input("beta", "f32", (T, H_v), _unit_interval)
+    row = 3 + 2 * H_k * S_k + H_v * S_v
+    qkv = s.input("qkv", "f32", (T, row), _unit_heads)
+    q, k, v = (s.view(qkv, shape=(T, H, S), strides=(row * 4, S * 4, 4), offset=start * 4)
+               for H, S, start in ((H_k, S_k, 3), (H_k, S_k, 3 + H_k * S_k), (H_v, S_v, 3 + 2 * H_k * S_k)))
+    gb = s.input("gb", "f32", (T, g_width + H_v + 1), _log_decay)
+    g_shape, g_strides = ((T, H_v, S_k), (-1, S_k * 4, 4)) if kda else ((T, H_v), (-1, 4))
+    g = s.view(gb, shape=g_shape, strides=((g_width + H_v + 1) * 4,) + g_strides[1:])
+    beta = s.sigmoid(s.view(gb, shape=(T, H_v), strides=((g_width + H_v + 1) * 4, 4), offset=(g_width + 1) * 4))
+    return q, k, v, g, beta
+
+
+def _gdn_case(name, T, H_k, H_v, S_k, S_v, kda=False, fused=False, state="plain", scalar=False):
+    def build(s):
+        q, k, v, g, beta = _gdn_operands(s, T, H_k, H_v, S_k, S_v, kda, fused)
+        if state == "view":
+            st = strided_view(s, "state", (H_v, S_v, S_k), fill=lambda rng, shape: 0.3 * normal(rng, shape))
+        elif state == "permuted":
+            st = s.permute(s.input("state", "f32", (S_v, H_v, S_k)), 1, 0, 2)
+        else:
+            st = s.input("state", "f32", (H_v, S_v, S_k))
+        return [s.gated_delta_net(q, k, v, g, beta, st, scale=S_k ** -0.5)]
+    case(f"gdn/{name}", "gated_delta_net", scalar=scalar)(build)
+
+
+_gdn_case("decode-H4-S16", 1, 4, 4, 16, 16, scalar=True)
+_gdn_case("prompt-T9-S32", 9, 2, 2, 32, 32)
+_gdn_case("grouped-T5-Hv2Hk", 5, 2, 4, 16, 16, scalar=True)
+_gdn_case("odd-T17-Sk13-Sv7", 17, 3, 6, 13, 7)
+_gdn_case("kda-T6-S12", 6, 2, 4, 12, 12, kda=True, scalar=True)
+_gdn_case("kda-decode-fused", 1, 2, 4, 17, 9, kda=True, fused=True)
+_gdn_case("fused-views-state-view", 7, 2, 4, 24, 20, fused=True, state="view", scalar=True)
+_gdn_case("state-permuted-S128", 3, 1, 2, 128, 128, state="permuted")
 
 
 # mul_mat

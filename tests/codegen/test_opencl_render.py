@@ -75,8 +75,8 @@ def test_templates_are_strict_about_parameters():
 
 def test_every_template_is_used_by_some_op():
     used = {"eltwise", "copy", "rms_norm", "layer_norm", "sum_rows", "argmax", "softmax", "rope", "attention",
-            "mul_mat", "get_rows", "set_rows", "ssm_conv", "ssm_scan", "mul_mat_soa_gemv", "mul_mat_soa_gemm",
-            "act_to_half_t", "get_rows_soa", "mul_mat_tiled"}
+            "mul_mat", "get_rows", "set_rows", "ssm_conv", "ssm_scan", "gated_delta_net", "l2_norm",
+            "mul_mat_soa_gemv", "mul_mat_soa_gemm", "act_to_half_t", "get_rows_soa", "mul_mat_tiled"}
     on_disk = {p.name.removesuffix(".cl.j2") for p in opencl.TEMPLATE_DIR.glob("*.cl.j2")}
     assert on_disk == used
 

@@ -221,3 +221,9 @@ def test_scalar_results_keep_shape_of_their_type():
     assert [a.shape for a in got] == [(), (), ()]
     assert got[0] == 1 and got[2] == 2.0
     assert_allclose(got[1], np.float32(np.exp(2.5)))
+
+
+def test_l2_norm_divides_by_the_norm_or_by_eps_when_the_norm_is_below_it():
+    x = np.array([[3.0, 4.0], [3e-8, 4e-8]], np.float32)
+    (got,) = run(lambda b, x: b.l2_norm(x, eps=1e-6), x=x)
+    np.testing.assert_allclose(got, [[0.6, 0.8], [0.03, 0.04]], rtol=1e-6)

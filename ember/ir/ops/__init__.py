@@ -130,4 +130,4 @@ def infer_type(op: str, input_types: list[TensorType], attrs: dict) -> tuple[Ten
     return opdef.infer(list(input_types), full), full
 
 
-from ember.ir.ops import sources, elementwise, linalg, norm, rope, attention, views, indexing, ssm, moe  # noqa: E402,F401
+from ember.ir.ops import sources, elementwise, linalg, norm, rope, attention, views, indexing, ssm, moe, delta_net  # noqa: E402,F401

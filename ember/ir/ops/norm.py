@@ -27,12 +27,21 @@ def _layer_norm(xs, attrs):
     return (centered / np.sqrt(var + attrs["eps"])).astype(np.float32)
 
 
+def _l2_norm(xs, attrs):
+    x = xs[0].astype(np.float64)
+    return (x / np.maximum(np.sqrt(np.sum(x * x, axis=-1, keepdims=True)), attrs["eps"])).astype(np.float32)
+
+
 register(OpDef("rms_norm", ("x",), _norm_infer("rms_norm"), _rms_norm,
                attrs={"eps": Attr("float", 1e-6)},
                doc="x / sqrt(mean(x^2) + eps) over the last axis (no weight: multiply after)."))
 register(OpDef("layer_norm", ("x",), _norm_infer("layer_norm"), _layer_norm,
                attrs={"eps": Attr("float", 1e-5)},
                doc="(x - mean) / sqrt(var + eps) over the last axis (no weight or bias)."))
+register(OpDef("l2_norm", ("x",), _norm_infer("l2_norm"), _l2_norm,
+               attrs={"eps": Attr("float", 1e-6)},
+               doc="x / max(sqrt(sum(x^2)), eps) over the last axis (ggml_l2_norm: the q and k "
+                   "heads of a gated delta net)."))
 
 
 def _rms_norm_mul_infer(ts, attrs):
