@@ -26,8 +26,11 @@ memory_plan, cpu_matmul): no compiler or device library.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batches, matmul_operands, offset_expr,
                                     round_up, row_loop, span_bytes)
@@ -37,7 +40,7 @@ from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templ
                                     extent, hazard_barriers, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
-from ember.ir import dtypes
+from ember.ir import dtypes, turbo
 from ember.ir.graph import Graph
 from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
@@ -316,6 +319,7 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
         self.profile = profile
         self.steps: list[Step] = []
         self.wtypes: dict[str, None] = {}
+        self.kv_quant = False                # whether a kernel reads or writes a quantized cache
         self.n_counters = 0                  # work counters (ember_next) handed out so far
 
     def order(self, graph: Graph) -> Graph:
@@ -367,7 +371,7 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
             "graph.c.j2", graph_name=self.graph.name.replace("*/", "* /"), n_kernels=len(self.kernels),
             n_barriers=barriers, arena_bytes=self.plan.peak_bytes,
             common_h=TEMPLATES.static_file("common.h"), helpers_h=TEMPLATES.static_file("helpers.h"),
-            library=library, kernels=[k.text for k in self.kernels], pointers=pointers, body=body,
+            kv_quant_h=kv_quant_header() if self.kv_quant else "", library=library, kernels=[k.text for k in self.kernels], pointers=pointers, body=body,
             n_counters=self.n_counters,
             profile_steps=len(labels) + 1 if self.profile else 0,
             profile_clock=PROFILE_CLOCKS.get(self.profile, ""))
@@ -469,13 +473,14 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
         (Tq, Hq, D), (Tk, Hkv, Dv) = q.shape, v.shape
         softcap = node.attr("softcap")
         operands = [q, k, v] + ([mask] if mask else [])
+        self.kv_quant |= k.dtype.is_quantized or v.dtype.is_quantized
         self.add_kernel(node, "attention.c.j2", [self.ptr(o) for o in operands] +
                         [self.ptr(node), self.counters()],
                         reads=self.reads_of(*operands), writes=self.reads_of(node),
                         Tq=Tq, Tk=Tk, Hq=Hq, Hkv=Hkv, group=Hq // Hkv, D=D, Dv=Dv,
                         qs=q.type.strides, ks=k.type.strides, vs=v.type.strides,
                         ms=mask.type.strides if mask else (0, 0), k_dtype=k.dtype.name,
-                        v_dtype=v.dtype.name, has_mask=mask is not None,
+                        v_dtype=v.dtype.name, kv_quantized=KV_QUANTIZED, has_mask=mask is not None,
                         mask_dtype=mask.dtype.name if mask else "f32",
                         scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None,
                         causal=node.attr("causal"), window=node.attr("window"),
@@ -557,13 +562,33 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
     def set_rows(self, node: Node):
         dst, idx, src = node.inputs
         R, D = dst.shape
+        self.kv_quant |= dst.dtype.is_quantized
         self.add_kernel(node, "set_rows.c.j2",
                         [self.ptr(o) for o in (dst, idx, src)] + [self.ptr(node), "&status",
                                                                   str(self.index_status(node, R))],
                         reads=self.reads_of(dst, idx, src), writes=self.reads_of(node),
-                        T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, ds=dst.type.strides,
+                        T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, quantized=dst.dtype.is_quantized,
+                        row_bytes=dst.dtype.row_bytes(D), ds=dst.type.strides,
                         idx_step=idx.type.strides[0], ss=src.type.strides,
                         esize=dst.dtype.block_bytes, in_place=node in self.in_place_nodes)
+
+
+KV_QUANTIZED = tuple(d.name for d in dtypes.KV_QUANTIZED)
+
+
+def _c_hex(v) -> str:
+    """A float32 value as an exact C hex-float literal."""
+    return float(np.float32(v)).hex() + "f"
+
+
+@functools.lru_cache(maxsize=None)
+def kv_quant_header() -> str:
+    """The quantized KV-cache block helpers, with the TurboQuant constants of ember.ir.turbo."""
+    return TEMPLATES.render(
+        "kv_quant.h.j2", d1=[_c_hex(v) for v in turbo.SIGNS_D1], d2=[_c_hex(v) for v in turbo.SIGNS_D2],
+        cb3=[_c_hex(v) for v in turbo.CODEBOOKS[3]], cb4=[_c_hex(v) for v in turbo.CODEBOOKS[4]],
+        b3=[_c_hex(v) for v in turbo.BOUNDARIES[3]], b4=[_c_hex(v) for v in turbo.BOUNDARIES[4]],
+        inv=_c_hex(turbo.INV_SQRT_BLOCK))
 
 
 def matmul_prototypes(wtype: str) -> str:

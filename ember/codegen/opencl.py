@@ -49,7 +49,7 @@ from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Lau
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates,
                                     c_comment, c_float, c_gated_delta_net, c_get_rows, c_rope, c_row_op,
-                                    c_softmax, lowering_problem, optional_operands)
+                                    c_softmax, lowering_problem, optional_operands, quantized_cache_problem)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph
@@ -143,7 +143,7 @@ def cl_real(v: float, fp64: bool) -> str:
 def supports_node(node: Node) -> tuple[bool, str]:
     """Whether the OpenCL renderer handles node: every op of the op table, at every dtype it
     allows, as long as each tensor spans less than 2 GiB (32-bit offsets)."""
-    why = lowering_problem(node, "OpenCL")
+    why = lowering_problem(node, "OpenCL") or quantized_cache_problem(node, "OpenCL")
     if why:
         return False, why
     if LOWERING.get(node.op) in MOE_KINDS:

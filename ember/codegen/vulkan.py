@@ -38,7 +38,7 @@ import numpy as np
 from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
 from ember.codegen.memory_plan import is_view
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates, extent,
-                                    hazard_barriers, lowering_problem, optional_operands)
+                                    hazard_barriers, lowering_problem, optional_operands, quantized_cache_problem)
 from ember.codegen.values import Place
 from ember.codegen.vulkan_plan import Binding, DeviceCaps, Dispatch, Shader, VulkanProgram
 from ember.errors import EmberError
@@ -122,7 +122,7 @@ def _splittable_rows(node: Node) -> Node | None:
 
 def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
     """Whether the Vulkan renderer handles node on a device with caps."""
-    why = lowering_problem(node, "Vulkan") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
+    why = lowering_problem(node, "Vulkan") or quantized_cache_problem(node, "Vulkan") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
     if why:
         return False, why
     if LOWERING.get(node.op) in MOE_KINDS:

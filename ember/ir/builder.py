@@ -10,10 +10,13 @@ Every op of the op table is a method of the builder: `b.<op>(*operands, **attrs)
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 import ember.ir.dtypes as dtypes
 from ember.errors import ShapeError
+from ember.ir import turbo
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.ir.ops import OPS, get_op, infer_type
@@ -131,10 +134,35 @@ class GraphBuilder:
         y = self.op("mul_mat", x, w)
         return self.op("add", y, bias) if bias is not None else y
 
+    def hadamard(self, x: Node, block: int | None = None) -> Node:
+        """x rotated by the orthonormal Walsh-Hadamard matrix over its last axis, in independent
+        blocks of `block` values (default: the whole axis; a power of two). What llama.cpp applies
+        to Q, K and V when the KV cache is quantized: the matrix is symmetric and its own inverse,
+        so <Hq, Hk> = <q, k> and the attention output is rotated back by the same call. Built as
+        a mul_mat by a constant (H is symmetric, so mul_mat's x @ w^T is x @ H): every backend
+        runs it, and at head sizes (<= 256) it costs little next to the projections."""
+        n = x.shape[-1]
+        block = block or n
+        if block & (block - 1) or n % block:
+            raise ShapeError(f"hadamard: block {block} must be a power of two dividing the last axis {n}")
+        h = self.const(f"hadamard.{block}", _hadamard_data(block))
+        if block == n:
+            return self.op("mul_mat", x, h)
+        y = self.op("mul_mat", self.reshape(x, *x.shape[:-1], n // block, block), h)
+        return self.reshape(y, *x.shape)
+
     def build(self, *outputs: Node) -> Graph:
         if len(outputs) == 1 and isinstance(outputs[0], (list, tuple)):
             outputs = tuple(outputs[0])
         return Graph(self.inputs, outputs, self.constants, self.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_data(n: int) -> np.ndarray:
+    """One array per size, so every hadamard call of a graph shares one constant."""
+    data = turbo.hadamard_matrix(n).astype(np.float32)
+    data.flags.writeable = False
+    return data
 
 
 def _dtype_of_array(data: np.ndarray) -> dtypes.DType:

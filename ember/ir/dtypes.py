@@ -1,4 +1,5 @@
-"""Element types of ember tensors: plain scalars and ggml's block-quantized weight formats.
+"""Element types of ember tensors: plain scalars, ggml's block-quantized weight formats and the
+TurboQuant KV-cache formats (turbo3, turbo4: one 128-value block per attention head).
 
 A quantized tensor is stored as whole blocks along its last (innermost) axis; its logical shape
 counts values, its byte size counts blocks. Imports nothing from ember but the quant layouts.
@@ -56,10 +57,17 @@ q4_0 = DType("q4_0", 32, 18, None)
 q5_0 = DType("q5_0", 32, 22, None)
 q4_k = DType("q4_k", 256, 144, None)
 q6_k = DType("q6_k", 256, 210, None)
+turbo3 = DType("turbo3", 128, 50, None)
+turbo4 = DType("turbo4", 128, 66, None)
 
-ALL: dict[str, DType] = {d.name: d for d in (f32, f16, bf16, i32, i8, q8_0, q4_0, q5_0, q4_k, q6_k)}
+ALL: dict[str, DType] = {d.name: d for d in (f32, f16, bf16, i32, i8, q8_0, q4_0, q5_0, q4_k, q6_k,
+                                              turbo3, turbo4)}
 QUANTIZED = tuple(d for d in ALL.values() if d.is_quantized)
-WEIGHT_TYPES = (f32, f16, bf16) + QUANTIZED
+WEIGHT_TYPES = (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k)
+# The types a KV cache may be stored in (f16 the default); the quantized ones quantize each row
+# written by set_rows and are read block by block by attention.
+KV_CACHE_TYPES = (f16, f32, q8_0, q4_0, turbo3, turbo4)
+KV_QUANTIZED = tuple(d for d in KV_CACHE_TYPES if d.is_quantized)
 
 
 def dtype(name: str | DType) -> DType:

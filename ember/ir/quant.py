@@ -26,6 +26,9 @@ Supported kinds (``BLOCK_LAYOUTS[kind] == (values per block, bytes per block)``)
     ``ql: uint8[128]``, ``qh: uint8[64]``, ``scales: int8[16]``, ``d: fp16``;
     ``value = d * scales[j // 16] * (q - 32)`` with ``q`` a 6-bit value (low
     4 bits in ``ql``, high 2 bits in ``qh``; see ``_pack_q6_k``).
+``turbo3`` 128 values / 50 bytes, ``turbo4`` 128 values / 66 bytes
+    TurboQuant KV-cache blocks (one attention head each): an fp16 corrected norm and
+    Lloyd-Max indices of the rotated unit vector; layouts and constants in ember.ir.turbo.
 
 ``dequantize`` follows ggml's ``dequantize_row_*`` arithmetic (same float32
 operations in the same order as ``gguf.quants.dequantize``), so it returns the
@@ -46,6 +49,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ember.ir import turbo
+
 __all__ = ["BLOCK_LAYOUTS", "quantize", "dequantize"]
 
 BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
@@ -54,6 +59,8 @@ BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
     "q5_0": (32, 22),
     "q4_k": (256, 144),
     "q6_k": (256, 210),
+    "turbo3": (turbo.BLOCK, turbo.BLOCK_BYTES[3]),
+    "turbo4": (turbo.BLOCK, turbo.BLOCK_BYTES[4]),
 }
 
 # Values processed per chunk (a multiple of every block size).  Keeps each
@@ -448,6 +455,8 @@ _QUANTIZERS = {
     "q5_0": _quantize_q5_0,
     "q4_k": _quantize_q4_k,
     "q6_k": _quantize_q6_k,
+    "turbo3": turbo.quantize_turbo3,
+    "turbo4": turbo.quantize_turbo4,
 }
 
 # Byte offsets of the fp16 scale fields inside one block, per kind.
@@ -457,6 +466,8 @@ _F16_FIELDS = {
     "q5_0": (0,),
     "q4_k": (0, 2),
     "q6_k": (208,),
+    "turbo3": (0,),
+    "turbo4": (0,),
 }
 
 _DEQUANTIZERS = {
@@ -465,6 +476,8 @@ _DEQUANTIZERS = {
     "q5_0": _dequantize_q5_0,
     "q4_k": _dequantize_q4_k,
     "q6_k": _dequantize_q6_k,
+    "turbo3": turbo.dequantize_turbo3,
+    "turbo4": turbo.dequantize_turbo4,
 }
 
 

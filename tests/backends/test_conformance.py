@@ -269,6 +269,34 @@ _attention_case("more-queries-than-keys", 5, 3, 2, 1, 16, 16, causal=True)
 _attention_case("head-256", 2, 33, 2, 1, 256, 256, scale=0.0625, causal=True, kv="f16")
 
 
+# attention over a quantized KV cache: the cache as the step graph makes it ([rows, heads * D],
+# written by set_rows, viewed as [rows, heads, D]); decode and prompt, GQA.
+KV_QUANTIZED = [d.name for d in dtypes.KV_QUANTIZED]
+
+
+def _kv_cache_case(name, kv, Tq, rows, Hq, Hkv, D, slots, window=0, k_type=None):
+    def build(s):
+        k_dt, v_dt = k_type or kv, kv
+        q = s.input("q", "f32", (Tq, Hq, D))
+        written = s.input("slots", "i32", (len(slots),), indices(rows, slots))
+        caches = []
+        for which, dt in (("k", k_dt), ("v", v_dt)):
+            cache = s.input(f"{which}_cache", dt, (rows, Hkv * D))
+            new = s.input(f"{which}_rows", "f32", (len(slots), Hkv * D))
+            caches.append(s.set_rows(cache, written, new))
+        keys, values = (s.reshape(c, rows, Hkv, D) for c in caches)
+        return caches + [s.attention(q, keys, values, scale=D ** -0.5, causal=True, window=window)]
+    case(f"attention_kv/{kv}-{name}" + (f"-k-{k_type}" if k_type else ""), "attention", scalar=name == "decode")(build)
+
+
+for _kv in KV_QUANTIZED:
+    _D = 128 if _kv.startswith("turbo") else 64
+    _kv_cache_case("decode", _kv, 1, 19, 4, 2, _D, [18])
+    _kv_cache_case("prompt-gqa", _kv, 5, 21, 6, 2, _D, [16, 17, 18, 19, 20])
+    _kv_cache_case("prompt-window-mqa", _kv, 3, 17, 2, 1, _D, [14, 15, 16], window=6)
+_kv_cache_case("decode", "turbo4", 1, 33, 4, 2, 128, [32], k_type="q8_0")   # the safe setting
+
+
 # state-space ops (Mamba-2)
 def _ssm_conv_case(name, T, C, K, window="plain", scalar=False):
     def build(s):
@@ -563,6 +591,9 @@ for _dt in ("f32", "f16", "bf16"):
     _set_rows("repeat", _dt, 9, 17, [4, 1, 4], scalar=_dt != "f32")
     _set_rows("views", _dt, 9, 17, [0, 8], src="transposed", dst_view=True)
 _set_rows("wide", "f16", 3, 4096, [2])
+for _dt in ("q8_0", "q4_0", "turbo3", "turbo4"):   # a quantized cache: each written row quantized
+    _set_rows("repeat", _dt, 9, 256, [4, 1, 4], scalar=True)
+    _set_rows("views", _dt, 9, 256, [0, 8], src="transposed")
 
 
 # views and copies
@@ -641,7 +672,7 @@ def _build(cases, backend):
     inputs = {}
     for node in builder.inputs:
         fill, dt = fills[node.name]
-        inputs[node.name] = dtypes.from_float32(fill(rng, node.shape), dt) if dt.is_float \
+        inputs[node.name] = dtypes.from_float32(fill(rng, node.shape), dt) if dt.is_float or dt.is_quantized \
             else fill(rng, node.shape)
     graph = builder.build(outputs) if outputs else None
     return graph, inputs, owners, unsupported

@@ -1,8 +1,10 @@
-"""Attention as one op: backends implement it with the flash-attention algorithm."""
+"""Attention as one op: backends implement it with the flash-attention algorithm. K and V may be
+a quantized KV cache (q8_0, q4_0, turbo3, turbo4), read dequantized."""
 from __future__ import annotations
 
 import numpy as np
 
+import ember.ir.dtypes as dtypes
 from ember.ir.ops import Attr, OpDef, register
 from ember.ir.ops.norm import softmax_reference
 from ember.ir.ops.rules import F32_OR_F16, FLOAT_ACT, expect_dtype, f32, require
@@ -11,8 +13,13 @@ from ember.ir.ops.rules import F32_OR_F16, FLOAT_ACT, expect_dtype, f32, require
 def _attention_infer(ts, attrs):
     q, k, v = ts[:3]
     expect_dtype("attention", "q", q, FLOAT_ACT)
-    expect_dtype("attention", "k", k, F32_OR_F16)
-    expect_dtype("attention", "v", v, F32_OR_F16)
+    expect_dtype("attention", "k", k, KV_TYPES)
+    expect_dtype("attention", "v", v, KV_TYPES)
+    for what, t in (("k", k), ("v", v)):
+        if t.dtype.is_quantized and t.rank == 3:
+            require_whole_blocks("attention", f"{what} head size", t.dtype, t.shape[-1])
+            require(t.strides[-1] == t.dtype.block_bytes,
+                    f"attention: {what} ({t.dtype}) must keep each head's blocks contiguous")
     require(q.rank == 3 and k.rank == 3 and v.rank == 3,
             "attention: q, k, v must be [tokens, heads, head_dim]")
     tq, hq, d = q.shape
@@ -25,6 +32,16 @@ def _attention_infer(ts, attrs):
         require(ts[3].shape == (tq, tk), f"attention: mask {list(ts[3].shape)} must be [{tq}, {tk}]")
     require(attrs["window"] >= 0, "attention: window must be >= 0")
     return f32((tq, hq, v.shape[2]))
+
+
+KV_TYPES = F32_OR_F16 + dtypes.KV_QUANTIZED
+
+
+def require_whole_blocks(op: str, what: str, dt: dtypes.DType, n: int):
+    """A quantized cache holds each head as whole blocks: n values must fill them."""
+    require(n % dt.block_size == 0,
+            f"{op}: {what} {n} is not a multiple of the {dt} block size {dt.block_size}"
+            + (" (a turbo cache row is one 128-value block per head)" if dt.name.startswith("turbo") else ""))
 
 
 def causal_window_mask(tq: int, tk: int, causal: bool, window: int) -> np.ndarray:
@@ -60,4 +77,6 @@ register(OpDef("attention", ("q", "k", "v"), _attention_infer, _attention_ref, o
                doc="softmax(q k^T * scale, soft-capped, + mask) v per head; q[Tq, Hq, D], "
                    "k[Tk, Hkv, D], v[Tk, Hkv, Dv], GQA when Hkv < Hq. Query i sits at position "
                    "Tk - Tq + i: causal hides later keys, window > 0 hides keys window or more "
-                   "positions back. Fully masked rows give zeros."))
+                   "positions back. Fully masked rows give zeros. k and v may be f32, f16 or a "
+                   "quantized cache (q8_0, q4_0, turbo3, turbo4; head size a multiple of the block "
+                   "size), read dequantized."))

@@ -1,4 +1,5 @@
-"""Row gather and scatter (embedding lookup, KV-cache writes)."""
+"""Row gather and scatter (embedding lookup, KV-cache writes; a write into a quantized cache
+quantizes each row as it lands)."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ register(OpDef("get_rows", ("table", "idx"), _get_rows_infer, _get_rows_ref, raw
                layouts={"table": ("adreno_soa",)},   # a tied embedding shares the matmul's layout
                doc="Rows idx of table (any weight dtype, dequantized) -> f32[T, D]."))
 
-SET_ROWS_DST = (dtypes.f32, dtypes.f16, dtypes.bf16)
+SET_ROWS_DST = (dtypes.f32, dtypes.f16, dtypes.bf16) + dtypes.KV_QUANTIZED
 
 
 def _set_rows_infer(ts, attrs):
@@ -41,6 +42,9 @@ def _set_rows_infer(ts, attrs):
             "set_rows: dst must be [rows, D], idx [T], src [T, D]")
     require(src.shape == (idx.shape[0], dst.shape[1]),
             f"set_rows: src {list(src.shape)} must be [{idx.shape[0]}, {dst.shape[1]}]")
+    if dst.dtype.is_quantized:
+        require(dst.strides[-1] == dst.dtype.block_bytes,
+                f"set_rows: a {dst.dtype} dst must keep its blocks contiguous")
     return TensorType(dst.dtype, dst.shape)
 
 
@@ -54,5 +58,6 @@ def _set_rows_ref(xs, attrs, its, ot):
 
 
 register(OpDef("set_rows", ("dst", "idx", "src"), _set_rows_infer, _set_rows_ref, raw=True,
-               doc="dst with rows idx replaced by src (converted to dst's dtype). Backends may "
-                   "update dst in place when nothing else reads the old dst."))
+               doc="dst with rows idx replaced by src (converted to dst's dtype; a quantized dst "
+                   "(q8_0, q4_0, turbo3, turbo4) quantizes each written row, block by block). "
+                   "Backends may update dst in place when nothing else reads the old dst."))

@@ -90,6 +90,11 @@ def nocopy_reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
 
 def _reshape_infer(ts, attrs):
     x, shape = ts[0], attrs["shape"]
+    if x.dtype.is_quantized and shape:
+        require(shape[-1] % x.dtype.block_size == 0,
+                f"reshape: the last axis {shape[-1]} of a {x.dtype} result is not a multiple of the "
+                f"{x.dtype} block size {x.dtype.block_size} (each row holds whole blocks: a KV cache "
+                f"needs a head size that is a multiple of it)")
     t = TensorType(x.dtype, shape)
     require(t.numel == x.numel, f"reshape: {list(x.shape)} has {x.numel} values, {list(shape)} has {t.numel}")
     if x.is_contiguous or t.numel == 0:
