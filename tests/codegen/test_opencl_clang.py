@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from ember.codegen.opencl import layout_pass, render_graph
-from ember.codegen.renderer import LOWERING, MOE_KINDS
 from ember.codegen.opencl_plan import ADRENO_GENERATIONS, adreno_profile, generic_profile
 from ember.ir import GraphBuilder
 
