@@ -38,6 +38,7 @@ the codegen modules: no OpenCL library.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -45,11 +46,12 @@ import numpy as np
 
 from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, matmul_batches, matmul_operands,
                                     next_pow2, offset_expr, round_up, span_bytes)
+from ember.codegen.kv_quant import KV_QUANTIZED, c_hex, turbo_literals
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates,
                                     c_comment, c_float, c_gated_delta_net, c_get_rows, c_rope, c_row_op,
-                                    c_softmax, lowering_problem, optional_operands, quantized_cache_problem)
+                                    c_softmax, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph
@@ -143,7 +145,7 @@ def cl_real(v: float, fp64: bool) -> str:
 def supports_node(node: Node) -> tuple[bool, str]:
     """Whether the OpenCL renderer handles node: every op of the op table, at every dtype it
     allows, as long as each tensor spans less than 2 GiB (32-bit offsets)."""
-    why = lowering_problem(node, "OpenCL") or quantized_cache_problem(node, "OpenCL")
+    why = lowering_problem(node, "OpenCL")
     if why:
         return False, why
     if LOWERING.get(node.op) in MOE_KINDS:
@@ -197,6 +199,7 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         self.profile = profile
         self.reduce = "subgroup" if profile.subgroups else "local"
         self.launches: list[Launch] = []
+        self.kv_quant = False          # whether a kernel reads or writes a quantized KV cache
         super().__init__(graph)
         self.layouts = weight_layouts(self.graph)     # read from the types; check_layouts vetted them
 
@@ -235,6 +238,8 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         prelude.append(TEMPLATES.static_file("common.h"))
         if self.profile.adreno:
             prelude.append(TEMPLATES.static_file("adreno.h"))
+        if self.kv_quant:
+            prelude.append(kv_quant_header(self.profile.fp64))
         source = "\n".join(prelude)
         line = source.count("\n") + 1
         infos, parts = [], [source]
@@ -318,6 +323,7 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         softcap = node.attr("softcap")
         wg = self.profile.attention_wg
         operands = [q, k, v] + ([mask] if mask else [])
+        self.kv_quant |= k.dtype.is_quantized or v.dtype.is_quantized
         self.add_kernel(node, "attention.cl.j2", [self.buf(o) for o in operands] + [self.buf(node)],
                         (wg, Hq, Tq), (wg, 1, 1),
                         Tq=Tq, Tk=Tk, Hq=Hq, group=Hq // Hkv, D=D, Dv=Dv,
@@ -327,8 +333,9 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         mask_dtype=mask.dtype.name if mask else "f32",
                         scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None,
                         causal=node.attr("causal"), window=node.attr("window"), wg=wg,
-                        k_vector=D % 16 == 0 and k.type.strides[2] == k.dtype.block_bytes,
-                        dv_per=max(1, -(-Dv // wg)), reduce=self.reduce)
+                        k_vector=D % 16 == 0 and k.type.strides[2] == k.dtype.block_bytes
+                        and not k.dtype.is_quantized,
+                        dv_per=max(1, -(-Dv // wg)), reduce=self.reduce, kv_quantized=KV_QUANTIZED)
 
     # ---- matmul and rows of tables -------------------------------------------------------
     def mul_mat(self, node: Node):
@@ -402,12 +409,15 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         R, D = dst.shape
         if self.places[node] != self.places[dst]:
             self.copy(node, dst, self.places[node], node.type)
-        chunk = 256
+        quantized = dst.dtype.is_quantized      # a quantized cache: one work item per block
+        self.kv_quant |= quantized
+        chunk = dst.dtype.block_size if quantized else 256
         self.add_kernel(node, "set_rows.cl.j2",
                         [self.buf(idx), self.buf(src), self.buf(node),
                          StatusArg(self.index_status(node, R))],
                         (-(-D // chunk), idx.shape[0]), None,
-                        T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, esize=dst.dtype.block_bytes,
+                        T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, quantized=quantized,
+                        esize=dst.dtype.block_bytes, row_bytes=dst.dtype.row_bytes(D),
                         idx_step=idx.type.strides[0], ss=src.type.strides, chunk=chunk)
 
     # ---- state-space ops (Mamba-2) -------------------------------------------------------
@@ -429,6 +439,14 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
     def gated_delta_net(self, node: Node):
         self.add_kernel(node, "gated_delta_net.cl.j2", [self.buf(o) for o in node.inputs] + [self.buf(node)],
                         (node.inputs[2].shape[1] * node.inputs[2].shape[2],), None, **c_gated_delta_net(node))
+
+
+@functools.lru_cache(maxsize=None)
+def kv_quant_header(fp64: bool) -> str:
+    """The quantized KV-cache helpers, with the TurboQuant tables of ember.codegen.kv_quant."""
+    t = turbo_literals(c_hex)
+    return TEMPLATES.render("kv_quant.h.j2", d1=t["d1"], d2=t["d2"], cb3=t["cb3"], cb4=t["cb4"],
+                            b3=t["b3"], b4=t["b4"], inv=t["inv"][0], fp64=fp64)
 
 
 def render_graph(graph: Graph, profile: Profile | None = None) -> OpenCLProgram:
