@@ -36,9 +36,10 @@ import struct
 import numpy as np
 
 from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
+from ember.codegen.kv_quant import KV_QUANTIZED, glsl_bits, turbo_literals
 from ember.codegen.memory_plan import is_view
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates, extent,
-                                    hazard_barriers, lowering_problem, optional_operands, quantized_cache_problem)
+                                    hazard_barriers, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.codegen.vulkan_plan import Binding, DeviceCaps, Dispatch, Shader, VulkanProgram
 from ember.errors import EmberError
@@ -50,6 +51,8 @@ from ember.ir.printer import value_names
 from ember.ir.types import TensorType
 
 TEMPLATES = Templates("vulkan")
+# The TurboQuant tables (_kv_quant.glsl.j2): a template global, not a parameter of every shader.
+TEMPLATES.environment.globals["tq"] = turbo_literals(glsl_bits)
 TEMPLATE_DIR = TEMPLATES.folder
 ARENA_ALIGNMENT = 64
 
@@ -122,7 +125,7 @@ def _splittable_rows(node: Node) -> Node | None:
 
 def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
     """Whether the Vulkan renderer handles node on a device with caps."""
-    why = lowering_problem(node, "Vulkan") or quantized_cache_problem(node, "Vulkan") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
+    why = lowering_problem(node, "Vulkan") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
     if why:
         return False, why
     if LOWERING.get(node.op) in MOE_KINDS:
@@ -408,7 +411,8 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
                     window=node.attr("window"))
         params = dict(wg=64, D=D, Dv=Dv, k_dtype=k.dtype.name, v_dtype=v.dtype.name, has_mask=mask is not None,
                       mask_dtype=mask.dtype.name if mask is not None else "f32", softcap=bool(softcap),
-                      causal=node.attr("causal"), window=node.attr("window") > 0, kv_texel=kv_texel)
+                      causal=node.attr("causal"), window=node.attr("window") > 0, kv_texel=kv_texel,
+                      kv_quantized=KV_QUANTIZED)
         self.dispatch(node, "attention.comp.j2", params, bindings + [y], push, Tq * Hq,
                       reads=bindings, writes=[y])
 
@@ -618,9 +622,14 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         code = self.index_status(node, R)
         push = dict(T=idx.shape[0], D=D, rows=R, i_off=i_off, i_s0=idx.type.strides[0] // 4, s_off=s_off,
                     s_s0=src.type.strides[0] // 4, s_s1=src.type.strides[1] // 4, y_off=y_off, status=code)
-        wg = 64
-        self.dispatch(node, "set_rows.comp.j2", dict(wg=wg, dtype=dst.dtype.name), [ib, sb, yb, stb], push,
-                      -(-D // wg), reads=[ib, sb, yb], writes=[yb])   # status: atomics
+        params = dict(wg=64, dtype=dst.dtype.name, block=0)
+        items = D
+        if dst.dtype.is_quantized:     # a quantized cache: one invocation per block of a row
+            push.update(y_row=dst.dtype.row_bytes(D))
+            params.update(block=dst.dtype.block_size, block_bytes=dst.dtype.block_bytes, float64=self.caps.float64)
+            items = D // dst.dtype.block_size
+        self.dispatch(node, "set_rows.comp.j2", params, [ib, sb, yb, stb], push,
+                      -(-items // params["wg"]), reads=[ib, sb, yb], writes=[yb])   # status: atomics
 
 
 MUL_MAT_PUSH = ("K", "N", "T", "ne2", "ne3", "r2", "r3", "x_off", "x_t", "x_k", "x_b2", "x_b3", "w_off",
