@@ -54,6 +54,15 @@ def glsl_bits(v) -> str:
     return f"0x{int(np.float32(v).view(np.uint32)):08x}u"
 
 
+def sign_words(signs) -> list[int]:
+    """A +-1 sign vector as 32-bit words: bit j % 32 of word j // 32 set where sign j is -1."""
+    words = [0] * (len(signs) // 32)
+    for j, s in enumerate(signs):
+        if s < 0:
+            words[j // 32] |= 1 << (j % 32)
+    return words
+
+
 def turbo_literals(literal) -> dict[str, list[str]]:
     """turbo_tables() written with a dialect's literal function (inv: a one-item list)."""
     return {name: [literal(v) for v in values] for name, values in turbo_tables().items()}

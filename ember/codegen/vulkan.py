@@ -36,7 +36,7 @@ import struct
 import numpy as np
 
 from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
-from ember.codegen.kv_quant import KV_QUANTIZED, glsl_bits, turbo_literals
+from ember.codegen.kv_quant import KV_QUANTIZED, glsl_bits, sign_words, turbo_literals, turbo_tables
 from ember.codegen.memory_plan import is_view
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates, extent,
                                     hazard_barriers, lowering_problem, optional_operands)
@@ -52,7 +52,8 @@ from ember.ir.types import TensorType
 
 TEMPLATES = Templates("vulkan")
 # The TurboQuant tables (_kv_quant.glsl.j2): a template global, not a parameter of every shader.
-TEMPLATES.environment.globals["tq"] = turbo_literals(glsl_bits)
+TEMPLATES.environment.globals["tq"] = dict(turbo_literals(glsl_bits), **{
+    f"{name}_words": [f"0x{w:08x}u" for w in sign_words(turbo_tables()[name])] for name in ("d1", "d2")})
 TEMPLATE_DIR = TEMPLATES.folder
 ARENA_ALIGNMENT = 64
 
@@ -628,6 +629,9 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
             push.update(y_row=dst.dtype.row_bytes(D))
             params.update(block=dst.dtype.block_size, block_bytes=dst.dtype.block_bytes, float64=self.caps.float64)
             items = D // dst.dtype.block_size
+            if dst.dtype.name.startswith("turbo"):   # a work group of 128 per block
+                params["wg"] = dst.dtype.block_size
+                items *= params["wg"]
         self.dispatch(node, "set_rows.comp.j2", params, [ib, sb, yb, stb], push,
                       -(-items // params["wg"]), reads=[ib, sb, yb], writes=[yb])   # status: atomics
 
