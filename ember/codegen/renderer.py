@@ -66,19 +66,6 @@ def lowering_problem(node: Node, dialect: str) -> str:
     return ""
 
 
-def quantized_cache_problem(node: Node, dialect: str) -> str:
-    """Why a dialect without quantized KV-cache kernels refuses node ("" when it is not such a
-    node): a set_rows into, or an attention reading, a q8_0 / q4_0 / turbo3 / turbo4 cache."""
-    if node.op == "set_rows":
-        cache = [node.inputs[0].dtype]
-    elif node.op == "attention":
-        cache = [node.inputs[1].dtype, node.inputs[2].dtype]
-    else:
-        return ""
-    quantized = [dt for dt in cache if dt.is_quantized]
-    return f"{node.op}: {quantized[0]} cache: no {dialect} kernel yet" if quantized else ""
-
-
 # ---- templates ---------------------------------------------------------------------------------
 class Templates:
     """The kernel templates of one dialect (templates/<folder>), rendered strictly: an undefined

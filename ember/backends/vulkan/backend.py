@@ -43,7 +43,7 @@ REGION_ALIGNMENT = 256
 class VulkanBackend(ResidentSync, Backend):
     """options: device (index; default: the first GPU, else the CPU implementation),
     features ("device": what the device reports; "baseline": no 8/16-bit storage, no
-    subgroup arithmetic and no texel buffers, the fallbacks every Vulkan 1.1 device runs),
+    subgroup arithmetic, no texel buffers and no fp64, the fallbacks every Vulkan 1.1 device runs),
     cache_dir (SPIR-V and pipeline caches), glslc (the compiler's path), max_binding_bytes
     (bind at most this many bytes at once, below the device's limits: tests the splitting of
     big weights without big weights)."""
@@ -80,7 +80,7 @@ class VulkanBackend(ResidentSync, Backend):
         caps = self.device.caps
         if self.features == "baseline":
             caps = dataclasses.replace(caps, storage8=False, storage16=False, subgroup_size=0,
-                                       texel_buffers=False, max_texel_bytes=0)
+                                       texel_buffers=False, max_texel_bytes=0, float64=False)
         if self.max_binding_bytes:
             caps = dataclasses.replace(caps, max_storage_range=min(caps.max_storage_range, self.max_binding_bytes),
                                        max_texel_bytes=min(caps.max_texel_bytes, self.max_binding_bytes))
