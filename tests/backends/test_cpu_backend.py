@@ -13,7 +13,7 @@ from ember.backends.cpu.backend import CpuBackend
 from ember.backends.cpu.compiler import ISA_FLAGS
 from ember.codegen.cpu import render_graph
 from ember.errors import BackendUnavailable, EmberError
-from ember.ir import GraphBuilder, dtypes, run_reference
+from ember.ir import GraphBuilder, run_reference
 from ember.ir.interpreter import random_inputs
 from ember.testing import nmse
 
