@@ -36,13 +36,14 @@ import struct
 import numpy as np
 
 from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
-from ember.codegen.kv_quant import KV_QUANTIZED, glsl_bits, sign_words, turbo_literals, turbo_tables
+from ember.codegen.kv_quant import KV_QUANTIZED, glsl_bits, is_turbo, sign_words, turbo_literals, turbo_tables
 from ember.codegen.memory_plan import is_view
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates, extent,
                                     hazard_barriers, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.codegen.vulkan_plan import Binding, DeviceCaps, Dispatch, Shader, VulkanProgram
 from ember.errors import EmberError
+from ember.ir import dtypes
 from ember.ir.graph import Graph
 from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
@@ -623,17 +624,22 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         code = self.index_status(node, R)
         push = dict(T=idx.shape[0], D=D, rows=R, i_off=i_off, i_s0=idx.type.strides[0] // 4, s_off=s_off,
                     s_s0=src.type.strides[0] // 4, s_s1=src.type.strides[1] // 4, y_off=y_off, status=code)
-        params = dict(wg=64, dtype=dst.dtype.name, block=0)
+        params = set_rows_params(dst.dtype, self.caps)
         items = D
-        if dst.dtype.is_quantized:     # a quantized cache: one invocation per block of a row
+        if dst.dtype.is_quantized:     # a quantized cache: an invocation (turbo: a group) per block
             push.update(y_row=dst.dtype.row_bytes(D))
-            params.update(block=dst.dtype.block_size, block_bytes=dst.dtype.block_bytes, float64=self.caps.float64)
-            items = D // dst.dtype.block_size
-            if dst.dtype.name.startswith("turbo"):   # a work group of 128 per block
-                params["wg"] = dst.dtype.block_size
-                items *= params["wg"]
+            items = D // dst.dtype.block_size * (params["wg"] if is_turbo(dst.dtype.name) else 1)
         self.dispatch(node, "set_rows.comp.j2", params, [ib, sb, yb, stb], push,
                       -(-items // params["wg"]), reads=[ib, sb, yb], writes=[yb])   # status: atomics
+
+
+def set_rows_params(dt, caps: DeviceCaps) -> dict:
+    """The template parameters of a set_rows into dt: a quantized cache quantizes one block per
+    invocation (q8_0, q4_0) or per work group of 128 (turbo3, turbo4)."""
+    if not dt.is_quantized:
+        return dict(wg=64, dtype=dt.name, block=0)
+    return dict(wg=128 if is_turbo(dt.name) else 64, dtype=dt.name, block=dt.block_size,
+                block_bytes=dt.block_bytes, float64=caps.float64)
 
 
 MUL_MAT_PUSH = ("K", "N", "T", "ne2", "ne3", "r2", "r3", "x_off", "x_t", "x_k", "x_b2", "x_b3", "w_off",
@@ -711,8 +717,13 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
             kv_kind = "texel" if texel else "storage"
             add("attention.comp.j2", dict(wg=64, D=64, Dv=32, k_dtype=kv, v_dtype=kv, has_mask=mask is not None,
                                           mask_dtype=mask or "f32", softcap=True, causal=True, window=True,
-                                          kv_texel=texel), push,
+                                          kv_texel=texel, kv_quantized=KV_QUANTIZED), push,
                 ["storage", kv_kind, kv_kind] + ["storage"] * (2 if mask else 1))
+    for k_dt, v_dt in (("q8_0", "turbo4"), ("turbo3", "q4_0")):   # quantized caches: every kind, turbo K and V
+        push = ["Tq", "Tk", "Hq", "group"] + [f"{p}_{s}" for p in "qkv" for s in ("off", "s0", "s1", "s2")]
+        add("attention.comp.j2", dict(wg=64, D=128, Dv=128, k_dtype=k_dt, v_dtype=v_dt, has_mask=False,
+                                      mask_dtype="f32", softcap=False, causal=True, window=False, kv_texel=False,
+                                      kv_quantized=KV_QUANTIZED), push + ["y_off", "scale", "softcap", "window"], 4)
     mm_push = list(MUL_MAT_PUSH)
     gr_push = ["T", "D", "rows", "row_lo", "row_hi", "i_off", "i_s0", "w_off", "w_row", "w_step", "y_off", "status"]
     for k, wtype in enumerate(MATMUL_WTYPES):
@@ -737,9 +748,10 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
         for name, rank in (("q", 3), ("k", 3), ("v", 3), ("g", 3 if kda else 2), ("beta", 2), ("s", 3)):
             gdn_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
         add("gated_delta_net.comp.j2", dict(wg=64, S_k=16, kda=kda), gdn_push + ["y_off", "scale"], 7)
-    for dt in FLOAT_KINDS:
-        add("set_rows.comp.j2", dict(wg=64, dtype=dt),
-            ["T", "D", "rows", "i_off", "i_s0", "s_off", "s_s0", "s_s1", "y_off", "status"], 4)
+    sr_push = ["T", "D", "rows", "i_off", "i_s0", "s_off", "s_s0", "s_s1", "y_off", "status"]
+    for dt in FLOAT_KINDS + KV_QUANTIZED:
+        quantized = dt in KV_QUANTIZED
+        add("set_rows.comp.j2", set_rows_params(dtypes.dtype(dt), caps), sr_push + (["y_row"] if quantized else []), 4)
     return out
 
 
