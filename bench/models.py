@@ -45,9 +45,6 @@ class EmberEngine:
         model = load_model(model_path)
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
         self.session = Session(model, get_backend("cpu", threads=threads), SessionOptions(n_ctx=N_CTX))
-        # Keep idle plans: while the other engine runs, a plan would otherwise age out of the
-        # cache (10 s) and be compiled again inside a timed run.
-        self.session.plans.max_idle_s = float("inf")
         self.n_vocab = model.hparams.n_vocab
         self.bos = tokenizer.bos_id if tokenizer.add_bos else None
         self.reset, self.decode = self.session.reset, self.session.eval

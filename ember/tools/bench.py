@@ -71,18 +71,8 @@ def decode_run(reset: Reset, decode: Decode, tokens: Sequence[int]) -> float:
 def bench_session(session, n_prompt: int, n_gen: int, reps: int, bos_id: int | None,
                   seed: int = 0, progress=None) -> list[BenchResult]:
     """pp{n_prompt} and tg{n_gen} (a test with 0 tokens is left out) on an ember Session.
-    Its plan cache keeps idle plans meanwhile: a plan evicted while the other test runs would
-    be compiled again inside a timed run. progress(message), when given, hears of each run."""
-    max_idle = session.plans.max_idle_s
-    session.plans.max_idle_s = float("inf")
-    try:
-        return _bench_session(session, n_prompt, n_gen, reps, bos_id, seed, progress or (lambda message: None))
-    finally:
-        session.plans.max_idle_s = max_idle
-
-
-def _bench_session(session, n_prompt: int, n_gen: int, reps: int, bos_id: int | None,
-                   seed: int, progress) -> list[BenchResult]:
+    progress(message), when given, hears of each run."""
+    progress = progress or (lambda message: None)
     rng = np.random.default_rng(seed)
     vocab = session.model.hparams.n_vocab
     results = []
