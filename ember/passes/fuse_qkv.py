@@ -7,6 +7,9 @@ launch once; each original result is a view of the fused result at a byte offset
 leading columns, with the fused row stride (llama.cpp's build_qkv). When every member is
 followed by the addition of a constant bias, the biases are concatenated too.
 
+The fused weights are made once per process and shared by every graph fused from the same
+weights (ember.passes.shared_constants), not copied per compiled step graph.
+
 Each output element is computed exactly as before (same row of weights, same reduction over
 K), so on batch-invariant kernels the results are bit-identical.
 
@@ -18,13 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 
 from ember.ir.builder import const_node, make_node
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.passes.base import Pass, PassContext
 from ember.passes.rewrite import RewriteState, apply_rules
+from ember.passes.shared_constants import concatenated
 
 
 def _fusable(node: Node) -> bool:
@@ -96,7 +99,7 @@ class FuseQKV(Pass):
         x = mapping[group[0].inputs[0]]
         weights = [m.inputs[1] for m in group]
         name = "+".join(w.name for w in weights)
-        constants[name] = np.concatenate([graph.constants[w.name] for w in weights], axis=0)
+        constants[name] = concatenated([graph.constants[w.name] for w in weights])
         widths = [w.shape[0] for w in weights]
         fused_w = const_node(name, weights[0].dtype, (sum(widths), weights[0].shape[1]))
         y = make_node("mul_mat", (x, fused_w))
@@ -105,7 +108,7 @@ class FuseQKV(Pass):
         with_bias = all(b is not None for b in member_biases)
         if with_bias:
             bias_name = "+".join(b[1].name for b in member_biases)
-            constants[bias_name] = np.concatenate([graph.constants[b[1].name] for b in member_biases])
+            constants[bias_name] = concatenated([graph.constants[b[1].name] for b in member_biases])
             y = make_node("add", (y, const_node(bias_name, member_biases[0][1].dtype, (sum(widths),))))
 
         out: dict[Node, Node] = {}

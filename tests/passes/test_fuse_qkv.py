@@ -64,6 +64,18 @@ def test_fuse_qkv_concatenates_quantized_blocks_without_requantizing():
     np.testing.assert_array_equal(fused[128:160], before.constants["wk"])
 
 
+def test_fused_weights_exist_once_per_process():
+    """Step graphs built from the same weights (every compiled graph of a model) share one fused
+    array instead of holding a copy each; other weights get their own."""
+    first = parse_ir(BEFORE)
+    same_weights = parse_ir(BEFORE.replace("f32[5, 64]", "f32[9, 64]").replace("i32[5]", "i32[9]")
+                            .replace("[5, ", "[9, "), constants=first.constants)
+    other_weights = parse_ir(BEFORE)
+    fused = [FUSE(g).constants["wq+wk+wv"] for g in (first, same_weights, other_weights)]
+    assert fused[0] is fused[1] and not fused[0].flags.writeable
+    assert fused[2] is not fused[0]      # equal bytes (parse_ir's constants are seeded), other arrays
+
+
 def test_fuse_qkv_is_idempotent():
     once = FUSE(parse_ir(BEFORE))
     assert FUSE(once) is once
