@@ -96,6 +96,9 @@ def add_bench_command(sub) -> None:
     add_model_arguments(p)
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens, 0 = skip (default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens, 0 = skip (default 128)")
+    p.add_argument("-d", "--n-depth", type=int, default=0,
+                   help="tokens already in the cache when each test starts, decoded untimed "
+                        "(llama-bench's -d; default 0)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default 0)")
     p.add_argument("--verbose", action="store_true",
@@ -368,14 +371,14 @@ def cmd_perplexity(args) -> int:
 
 def cmd_bench(args) -> int:
     from ember.tools.bench import bench_session, bench_table
-    if args.n_prompt < 0 or args.n_gen < 0 or args.repetitions < 1:
-        raise EmberError("-p and -n must be >= 0 and -r >= 1")
+    if args.n_prompt < 0 or args.n_gen < 0 or args.n_depth < 0 or args.repetitions < 1:
+        raise EmberError("-p, -n and -d must be >= 0 and -r >= 1")
     model, tokenizer, session = open_model(args)
-    if max(args.n_prompt, args.n_gen) > session.n_ctx:
-        raise EmberError(f"-p/-n exceed the context of {session.n_ctx} tokens; raise -c")
+    if args.n_depth + max(args.n_prompt, args.n_gen) > session.n_ctx:
+        raise EmberError(f"-d plus -p/-n exceed the context of {session.n_ctx} tokens; raise -c")
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     results = bench_session(session, args.n_prompt, args.n_gen, args.repetitions, bos, args.seed,
-                            progress=None if args.quiet else say)
+                            progress=None if args.quiet else say, depth=args.n_depth)
     name = f"{model.arch} {Path(model.path).stem}"
     print(bench_table(name, args.backend, session.backend.threads, results))
     if args.verbose:

@@ -107,6 +107,16 @@ def test_bench_prints_a_row_per_test_and_the_verbose_statistics(tiny):
     assert re.search(r"tg4: host time per decode step \(outside the kernels\): \d+ us", out.stdout)
 
 
+def test_bench_at_a_depth_names_it_and_checks_the_context(tiny):
+    out = ember("bench", tiny, "-p", 8, "-n", 4, "-d", 40, "-r", 2, "-t", 1, "-c", 64, "-q")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| gemma3")]
+    assert [row.split("|")[4].strip() for row in rows] == ["pp8 @ d40", "tg4 @ d40"]
+    too_deep = ember("bench", tiny, "-p", 8, "-n", 4, "-d", 60, "-t", 1, "-c", 64, "-q")
+    assert too_deep.returncode != 0
+    assert too_deep.stderr.strip().splitlines()[-1] == "ember: error: -d plus -p/-n exceed the context of 64 tokens; raise -c"
+
+
 def test_bench_shows_progress_on_stderr_unless_quiet(tiny):
     out = ember("bench", tiny, "-p", 16, "-n", 4, "-r", 2, "-t", 1)
     assert out.returncode == 0, out.stderr
