@@ -240,6 +240,9 @@ def add_generation_arguments(p) -> None:
                         "decoding, above it drafts are accepted by speculative sampling, which keeps the "
                         "sampling distribution")
     p.add_argument("--draft-max", type=int, default=8, help="draft tokens per verify pass (default 8)")
+    p.add_argument("--special", action="store_true",
+                   help="show generated control tokens (BOS, EOS, <start_of_turn>, ...) as their text; "
+                        "by default they print as nothing, as in llama.cpp")
 
 
 def say(message: str) -> None:
@@ -260,57 +263,57 @@ def check_pass_names(names) -> None:
 
 
 def open_model(args):
-    """(model, tokenizer, session) for the model/backend arguments, with progress on stderr."""
-    from ember.backends import get_backend
-    from ember.models import load_model
-    from ember.models.tokenizer import Tokenizer
-    from ember.runtime.session import Session, SessionOptions
-    check_pass_names(args.disable)
+    """The ember.api.Model for the model/backend arguments, with progress on stderr."""
+    from ember.api import load
     path = model_path(args)
-    start = time.perf_counter()
-    model = load_model(path)
-    tokenizer = Tokenizer.from_metadata(model.tokenizer)
-    options = {"threads": args.threads} if args.threads and args.backend == "cpu" else {}
-    backend = get_backend(args.backend, **options)
-    session = Session(model, backend, SessionOptions(n_ctx=args.ctx_size, swa_full=args.swa_full,
-                                                     disabled_passes=frozenset(args.disable)))
-    if not args.quiet:
-        session.on_compile = say
-    print(f"ember: loaded {path} ({model.arch}, {model.hparams.n_layer} layers) in "
-          f"{time.perf_counter() - start:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
-    return model, tokenizer, session
+    llm = load(path, backend=args.backend, threads=args.threads, n_ctx=args.ctx_size,
+               swa_full=args.swa_full, disable=args.disable, on_compile=None if args.quiet else say)
+    print(f"ember: loaded {path} ({llm.model.arch}, {llm.model.hparams.n_layer} layers) in "
+          f"{llm.load_seconds:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
+    return llm
+
+
+def sampling_args(args):
+    from ember.api import SamplingArgs
+    if args.n_predict < 0:
+        raise EmberError("-n must be >= 0")
+    return SamplingArgs(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                        top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                        special=args.special)
 
 
 def cmd_generate(args) -> int:
-    if args.n_predict < 0:
-        raise EmberError("-n must be >= 0")
-    model, tokenizer, session = open_model(args)
-    return generate_and_report(args, tokenizer, session)
+    sampling = sampling_args(args)
+    return generate_and_report(args, open_model(args), sampling)
 
 
-def generate_and_report(args, tokenizer, session) -> int:
+def show(text: str) -> None:
+    """Generated text on stdout, as it comes."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def generate_and_report(args, llm, sampling) -> int:
     """Generate with the sampling arguments, the text streamed on stdout, timings on stderr."""
-    from ember.runtime.generate import generate
-    from ember.runtime.sampling import Sampler, SamplingParams
-    sampler = Sampler(SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                                     min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed))
-
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
     if args.spec:
-        result = _speculative(args, session, tokenizer, show, sampler)
+        result = _speculative(args, llm, sampling)
     else:
-        result = generate(session, tokenizer, args.prompt, args.n_predict, sampler, stops=args.stop,
-                          ignore_eos=args.ignore_eos, on_text=show)
+        prompt_ids = llm.tokenize(args.prompt, add_bos=True, special=True)
+        for piece in llm.generate_with(prompt_ids, sampling):
+            show(piece)
+        result = llm.last
     sys.stdout.write("\n")
-    stats = session.stats
+    report(llm, result)
+    return 0
+
+
+def report(llm, result) -> None:
+    stats = llm.session.stats
     print(f"ember: prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f} s "
           f"({result.prompt_tps:.1f} t/s); generated {len(result.tokens)} tokens, decode "
           f"{result.decode_tps:.1f} t/s; compile {stats.compile_seconds:.1f} s "
           f"({stats.graph_builds} graphs); stop: {result.stop_reason}", file=sys.stderr)
-    return 0
 
 
 def cmd_tokenize(args) -> int:
@@ -327,41 +330,30 @@ def cmd_logits(args) -> int:
     import numpy as np
 
     from ember.files import atomic_write_bytes
-    model, tokenizer, session = open_model(args)
-    ids = tokenizer.encode(args.prompt, add_special=True, parse_special=True)
-    if not ids:
-        raise EmberError("the prompt is empty and the model adds no BOS token")
-    logits = np.ascontiguousarray(session.eval(ids, all_logits=True), dtype=np.float32)
+    llm = open_model(args)
+    logits = llm.logits(args.prompt)
     buffer = io.BytesIO()
     np.save(buffer, logits, allow_pickle=False)
     atomic_write_bytes(args.output, buffer.getvalue())
-    print(f"ember: wrote {args.output}: float32{list(logits.shape)} ({len(ids)} tokens, "
-          f"{session.last_eval_seconds:.2f} s)", file=sys.stderr)
+    print(f"ember: wrote {args.output}: float32{list(logits.shape)} ({logits.shape[0]} tokens, "
+          f"{llm.session.last_eval_seconds:.2f} s)", file=sys.stderr)
     return 0
 
 
 def cmd_perplexity(args) -> int:
-    from ember.tools.perplexity import perplexity, session_chunk_evaluator
-    model, tokenizer, session = open_model(args)
-    if args.ctx_size > session.n_ctx:
-        raise EmberError(f"-c {args.ctx_size} exceeds the model's context of {session.n_ctx} tokens")
+    llm = open_model(args)
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-    tokens = tokenizer.encode(text, add_special=True, parse_special=False)
-    bos = tokenizer.bos_id if tokenizer.add_bos else None
-    n_chunk = len(tokens) // args.ctx_size
-    if args.chunks > 0:
-        n_chunk = min(n_chunk, args.chunks)
-    print(f"perplexity: {len(tokens)} tokens, {n_chunk} chunks of {args.ctx_size}", file=sys.stderr)
     start = time.perf_counter()
 
     def progress(i: int, n: int, ppl: float) -> None:
+        if i == 0:
+            print(f"perplexity: {n} chunks of {args.ctx_size} tokens", file=sys.stderr)
         print(f"[{i + 1}/{n}] {ppl:.4f} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
-    result = perplexity(session_chunk_evaluator(session), tokens, args.ctx_size, bos,
-                        None if args.quiet else progress,
-                        max_chunks=args.chunks)
+    result = llm.perplexity(text, n_ctx=args.ctx_size, chunks=args.chunks,
+                            on_chunk=None if args.quiet else progress)
     print(f"perplexity: {result.n_scored} tokens scored in {time.perf_counter() - start:.1f} s "
-          f"(compile {session.stats.compile_seconds:.1f} s)", file=sys.stderr)
+          f"(compile {llm.session.stats.compile_seconds:.1f} s)", file=sys.stderr)
     print(result.final_line())
     return 0
 
@@ -370,13 +362,14 @@ def cmd_bench(args) -> int:
     from ember.tools.bench import bench_session, bench_table
     if args.n_prompt < 0 or args.n_gen < 0 or args.repetitions < 1:
         raise EmberError("-p and -n must be >= 0 and -r >= 1")
-    model, tokenizer, session = open_model(args)
+    llm = open_model(args)
+    session, tokenizer = llm.session, llm.tokenizer
     if max(args.n_prompt, args.n_gen) > session.n_ctx:
         raise EmberError(f"-p/-n exceed the context of {session.n_ctx} tokens; raise -c")
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     results = bench_session(session, args.n_prompt, args.n_gen, args.repetitions, bos, args.seed,
                             progress=None if args.quiet else say)
-    name = f"{model.arch} {Path(model.path).stem}"
+    name = f"{llm.model.arch} {Path(llm.model.path).stem}"
     print(bench_table(name, args.backend, session.backend.threads, results))
     if args.verbose:
         print(session.plans.stats)
@@ -418,23 +411,21 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ember.models.tokenizer import Tokenizer
-    from ember.artifact import load_artifact
-    if args.n_predict < 0:
-        raise EmberError("-n must be >= 0")
-    start = time.perf_counter()
-    model, session = load_artifact(args.artifact, args.model, args.threads)
-    tokenizer = Tokenizer.from_metadata(model.tokenizer)
+    from ember.api import load_artifact
+    sampling = sampling_args(args)
+    llm = load_artifact(args.artifact, args.model, args.threads)
+    session = llm.session
     print(f"ember: loaded artifact {args.artifact} ({len(session.shapes)} steps, context "
-          f"{session.n_ctx}, {model.arch} from {model.path}, backend {session.backend.name}) in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    return generate_and_report(args, tokenizer, session)
+          f"{session.n_ctx}, {llm.model.arch} from {llm.model.path}, backend {session.backend.name}) in "
+          f"{llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
+    return generate_and_report(args, llm, sampling)
 
 
-def _speculative(args, session, tokenizer, show, sampler):
+def _speculative(args, llm, sampling):
     from ember.models import load_model
     from ember.runtime.session import Session
     from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
+    session = llm.session
     if args.spec == "ngram":
         draft = NgramDraft()
     elif args.spec.startswith("draft:"):
@@ -445,9 +436,10 @@ def _speculative(args, session, tokenizer, show, sampler):
         draft = ModelDraft(Session(draft_model, session.backend, session.options))
     else:
         raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")
-    result, stats = speculative_generate(session, draft, tokenizer, args.prompt, args.n_predict,
-                                         draft_max=args.draft_max, stops=args.stop,
-                                         ignore_eos=args.ignore_eos, on_text=show, sampler=sampler)
+    result, stats = speculative_generate(session, draft, llm.tokenizer, args.prompt, sampling.max_tokens,
+                                         draft_max=args.draft_max, stops=sampling.stop,
+                                         ignore_eos=sampling.ignore_eos, on_text=show,
+                                         sampler=sampling.sampler(), special=sampling.special)
     print(f"ember: {stats.summary()}", file=sys.stderr)
     return result
 
