@@ -90,6 +90,12 @@ class Model:
         self.path = Path(model.path) if getattr(model, "path", None) else None
         self.load_seconds = load_seconds
         self.last = None
+        self._template = None
+        self.last_kept = 0
+        # what the KV cache holds: its token ids, and for a chat the rendered text they are
+        # (None: not a chat's), so the next turn prefills only what it adds
+        self._cache_ids: list[int] = []
+        self._cache_text: str | None = None
 
     @property
     def n_ctx(self) -> int:
@@ -125,14 +131,88 @@ class Model:
             self.tokenizer.encode(prompt, add_special=True, parse_special=True)
         return self._run(ids, args, stream)
 
-    def generate_with(self, prompt_ids: Sequence[int], args: SamplingArgs, n_keep: int = 0) -> Iterator[str]:
+    def generate_with(self, prompt_ids: Sequence[int], args: SamplingArgs, n_keep: int = 0,
+                      text: str | None = None) -> Iterator[str]:
         """The pieces of a generation after prompt_ids (evaluated after the cache's first n_keep
-        positions); `last` holds its statistics."""
+        positions); `last` holds its statistics. text: the rendered chat text the cache holds
+        with prompt_ids (chat turns only)."""
         from ember.runtime.generate import Generation, generate_stream
-        self.last = Generation()
-        return generate_stream(self.session, self.tokenizer, list(prompt_ids), args.max_tokens,
-                               args.sampler(), args.stop, args.ignore_eos, args.special, self.last,
-                               n_keep=n_keep)
+        self.last = result = Generation()
+        sequence = self._cache_ids[:n_keep] + list(prompt_ids)
+        self._cache_ids, self._cache_text = [], None
+        pieces = generate_stream(self.session, self.tokenizer, list(prompt_ids), args.max_tokens,
+                                 args.sampler(), args.stop, args.ignore_eos, args.special, result,
+                                 n_keep=n_keep)
+        return self._track(pieces, sequence, result, text)
+
+    def _track(self, pieces: Iterator[str], sequence: list[int], result, text: str | None) -> Iterator[str]:
+        """pieces, recording what the cache holds once they end (or the caller stops reading)."""
+        try:
+            yield from pieces
+        finally:
+            # the cache holds the prompt and the generated tokens but the last sampled one
+            held = (sequence + result.tokens)[:self.session.n_past]
+            self._cache_ids = held
+            if text is not None and len(held) >= len(sequence):
+                reply = b"".join(self.tokenizer.token_to_piece(t) for t in held[len(sequence):])
+                self._cache_text = text + reply.decode("utf-8", errors="replace")
+
+    # ---- chat --------------------------------------------------------------------------------
+    @property
+    def chat_template(self):
+        """The model's ChatTemplate (ember/models/chat_template.py); a one-line ChatTemplateError
+        when the GGUF has none (a base model)."""
+        from ember.models.chat_template import ChatTemplate
+        if self._template is None:
+            self._template = ChatTemplate.from_metadata(self.model.tokenizer, self.tokenizer)
+        return self._template
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text of messages, without the BOS text when the tokenizer adds BOS itself
+        (so BOS is not doubled, as llama.cpp does)."""
+        template = self.chat_template
+        text = template.render(messages, add_generation_prompt)
+        bos = template.bos_token
+        if self.tokenizer.add_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return text
+
+    def chat(self, messages: Sequence[dict], max_tokens: int = 128, temperature: float = 0.8,
+             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+             seed: int = 0, stop: str | Sequence[str] = (), special: bool = False,
+             stream: bool = False) -> str | Iterator[str]:
+        """The assistant's reply to messages (dicts with `role` and `content`: system, user,
+        assistant), rendered with the model's chat template. The KV cache is kept between calls:
+        when messages extend the previous call's (its reply appended as an assistant message),
+        only the new turn's tokens are evaluated. Returns the text, or its pieces (stream)."""
+        args = SamplingArgs(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+                            (stop,) if isinstance(stop, str) else tuple(stop), False, special)
+        pieces = self.chat_with(messages, args)
+        return pieces if stream else "".join(pieces)
+
+    def chat_with(self, messages: Sequence[dict], args: SamplingArgs) -> Iterator[str]:
+        """The pieces of the reply to messages; `last` holds its statistics and `last_kept` the
+        cache positions the turn kept from the previous one."""
+        text = self.apply_chat_template(messages)
+        ids, self.last_kept = self._chat_prompt(text)
+        return self.generate_with(ids, args, self.last_kept, text=text)
+
+    def _chat_prompt(self, text: str) -> tuple[list[int], int]:
+        """(token ids to evaluate, cache positions to keep) for a chat prompt's text."""
+        held, n_past = self._cache_ids, self.session.n_past
+        if self._cache_text is not None and len(held) == n_past and text.startswith(self._cache_text) \
+                and len(text) > len(self._cache_text):
+            new = self.tokenizer.encode(text[len(self._cache_text):], add_special=False, parse_special=True)
+            if new:
+                return new, n_past
+        ids = self.tokenizer.encode(text, add_special=True, parse_special=True)
+        keep = 0
+        if len(held) == n_past:
+            while keep < min(len(held), len(ids) - 1) and held[keep] == ids[keep]:
+                keep += 1
+        if self.session.is_recurrent and keep != n_past:
+            keep = 0        # a recurrent state cannot be rolled back to an earlier position
+        return ids[keep:], keep
 
     def _run(self, prompt_ids: Sequence[int], args: SamplingArgs, stream: bool, n_keep: int = 0):
         pieces = self.generate_with(prompt_ids, args, n_keep)

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add_command in (add_generate_command, add_tokenize_command, add_logits_command,
+    for add_command in (add_generate_command, add_chat_command, add_tokenize_command, add_logits_command,
                         add_perplexity_command, add_bench_command, add_compile_command, add_run_command,
                         add_demo_command, add_ops_command, add_ir_command, add_passes_command):
         add_command(sub)
@@ -51,6 +51,19 @@ def add_generate_command(sub) -> None:
     add_model_arguments(p)
     add_generation_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+
+def add_chat_command(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model, turn by turn, on stdin",
+                       description="An interactive multi-turn chat: each line read from stdin is a user "
+                                   "message; the reply (rendered with the model's chat template, "
+                                   "tokenizer.chat_template, in a sandbox) streams on stdout. The KV cache "
+                                   "is kept between turns, so a turn evaluates only its own new tokens. "
+                                   "Ends at end of input (Ctrl-D).")
+    add_model_arguments(p)
+    p.add_argument("--system", metavar="TEXT", help="a system message before the first turn")
+    add_sampling_arguments(p)
+    p.set_defaults(func=cmd_chat)
 
 
 def add_tokenize_command(sub) -> None:
@@ -224,7 +237,17 @@ def add_model_arguments(p, ctx_size: int = 2048) -> None:
 
 
 def add_generation_arguments(p) -> None:
-    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("-p", "--prompt", help="the prompt, as plain text")
+    prompt.add_argument("--chat", metavar="PROMPT",
+                        help="a user message, rendered with the model's chat template "
+                             "(tokenizer.chat_template) and answered as the assistant")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
+    add_sampling_arguments(p)
+    add_speculative_arguments(p)
+
+
+def add_sampling_arguments(p) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
@@ -234,15 +257,18 @@ def add_generation_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
+    p.add_argument("--special", action="store_true",
+                   help="show generated control tokens (BOS, EOS, <start_of_turn>, ...) as their text; "
+                        "by default they print as nothing, as in llama.cpp")
+
+
+def add_speculative_arguments(p) -> None:
     p.add_argument("--spec", metavar="SOURCE",
                    help="speculative decoding: 'ngram' (prompt lookup) or 'draft:DRAFT_MODEL' (a smaller "
                         "GGUF with the same vocabulary); at --temp 0 the output is identical to plain "
                         "decoding, above it drafts are accepted by speculative sampling, which keeps the "
                         "sampling distribution")
     p.add_argument("--draft-max", type=int, default=8, help="draft tokens per verify pass (default 8)")
-    p.add_argument("--special", action="store_true",
-                   help="show generated control tokens (BOS, EOS, <start_of_turn>, ...) as their text; "
-                        "by default they print as nothing, as in llama.cpp")
 
 
 def say(message: str) -> None:
@@ -296,10 +322,18 @@ def show(text: str) -> None:
 
 def generate_and_report(args, llm, sampling) -> int:
     """Generate with the sampling arguments, the text streamed on stdout, timings on stderr."""
-    if args.spec:
-        result = _speculative(args, llm, sampling)
+    if args.system is not None and args.chat is None:
+        raise EmberError("--system goes with --chat (a system message before the user's)")
+    if args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+            [{"role": "user", "content": args.chat}]
+        prompt = llm.apply_chat_template(messages)
     else:
-        prompt_ids = llm.tokenize(args.prompt, add_bos=True, special=True)
+        prompt = args.prompt
+    if args.spec:
+        result = _speculative(args, llm, sampling, prompt)
+    else:
+        prompt_ids = llm.tokenize(prompt, add_bos=True, special=True)
         for piece in llm.generate_with(prompt_ids, sampling):
             show(piece)
         result = llm.last
@@ -421,7 +455,35 @@ def cmd_run(args) -> int:
     return generate_and_report(args, llm, sampling)
 
 
-def _speculative(args, llm, sampling):
+def cmd_chat(args) -> int:
+    sampling = sampling_args(args)
+    llm = open_model(args)
+    llm.chat_template           # a base model has none: say so before reading any input
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    interactive = sys.stdin.isatty()
+    turn = 0
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        turn += 1
+        messages.append({"role": "user", "content": line})
+        for piece in llm.chat_with(messages, sampling):
+            show(piece)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": llm.last.text})
+        print(f"ember: turn {turn}: {llm.last_kept} tokens kept in the cache", file=sys.stderr)
+        report(llm, llm.last)
+    return 0
+
+
+def _speculative(args, llm, sampling, prompt: str):
     from ember.models import load_model
     from ember.runtime.session import Session
     from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
@@ -436,7 +498,7 @@ def _speculative(args, llm, sampling):
         draft = ModelDraft(Session(draft_model, session.backend, session.options))
     else:
         raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")
-    result, stats = speculative_generate(session, draft, llm.tokenizer, args.prompt, sampling.max_tokens,
+    result, stats = speculative_generate(session, draft, llm.tokenizer, prompt, sampling.max_tokens,
                                          draft_max=args.draft_max, stops=sampling.stop,
                                          ignore_eos=sampling.ignore_eos, on_text=show,
                                          sampler=sampling.sampler(), special=sampling.special)
