@@ -46,11 +46,12 @@ class SamplingArgs:
 
 def load(model: str | Path | None = None, backend: str = "cpu", threads: int | None = None,
          n_ctx: int = 2048, swa_full: bool = False, disable: Sequence[str] = (),
-         on_compile: Callable[[str], None] | None = None) -> "Model":
+         on_compile: Callable[[str], None] | None = None, verbose: bool = False) -> "Model":
     """Open a GGUF model (default: Gemma 3 270M Q4_K_M, fetched into the cache on first use) on
     a backend (cpu, opencl, vulkan). threads: CPU threads (cpu only; default all cores); n_ctx:
     the context in tokens (at most the model's training context); disable: compiler passes to
-    skip; on_compile(message) is told before each step graph is compiled."""
+    skip; on_compile(message) is told before each step graph is compiled; verbose: the OpenCL
+    compiler's build logs go to stderr (otherwise they are kept, not shown)."""
     from ember.backends import get_backend
     from ember.models import load_model
     from ember.models.default_model import default_model_path
@@ -63,6 +64,8 @@ def load(model: str | Path | None = None, backend: str = "cpu", threads: int | N
     start = time.perf_counter()
     loaded = load_model(path)
     options = {"threads": threads} if threads and backend == "cpu" else {}
+    if verbose and backend == "opencl":
+        options["verbose"] = True
     session = Session(loaded, get_backend(backend, **options),
                       SessionOptions(n_ctx=n_ctx, swa_full=swa_full, disabled_passes=frozenset(disable)))
     session.on_compile = on_compile

@@ -119,8 +119,6 @@ def add_bench_command(sub) -> None:
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens, 0 = skip (default 128)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default 0)")
-    p.add_argument("--verbose", action="store_true",
-                   help="also print the plan cache statistics and the host time per decode step")
     p.set_defaults(func=cmd_bench)
 
 
@@ -250,6 +248,7 @@ def add_model_arguments(p, ctx_size: int = 2048, runs_model: bool = True) -> Non
         group.add_argument("--swa-full", action="store_true")
         group.add_argument("--disable", action="append", default=[], metavar="PASS")
         group.add_argument("-q", "--quiet", action="store_true")
+        group.add_argument("--verbose", action="store_true")
         return
     p.add_argument("--backend", default="cpu", choices=BACKEND_NAMES,
                    help="backend to run on: cpu, opencl or vulkan (default cpu)")
@@ -263,6 +262,9 @@ def add_model_arguments(p, ctx_size: int = 2048, runs_model: bool = True) -> Non
                    help="skip this compiler pass (repeatable), for side-by-side comparisons")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress lines on stderr (compiles, benchmark runs, perplexity chunks)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the compiler's build logs (OpenCL: its warnings) on stderr; bench also "
+                        "prints the plan cache statistics and the host time per decode step")
 
 
 def add_generation_arguments(p) -> None:
@@ -322,7 +324,8 @@ def open_model(args):
     from ember.api import load
     path = model_path(args)
     llm = load(path, backend=args.backend, threads=args.threads, n_ctx=args.ctx_size,
-               swa_full=args.swa_full, disable=args.disable, on_compile=None if args.quiet else say)
+               swa_full=args.swa_full, disable=args.disable, on_compile=None if args.quiet else say,
+               verbose=args.verbose)
     print(f"ember: loaded {path} ({llm.model.arch}, {llm.model.hparams.n_layer} layers) in "
           f"{llm.load_seconds:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
     return llm
