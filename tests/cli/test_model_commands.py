@@ -183,3 +183,12 @@ def test_run_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     out = ember("run", tmp_path, "-p", "hello", "-n", 2)
     assert out.returncode == 1
     assert f"{tmp_path / 'manifest.json'}: missing: {tmp_path} is not an ember artifact" in out.stderr
+
+
+def test_run_checks_the_common_options_against_the_artifact(built):
+    ok = ember("run", built, "-p", "hello", "-n", 2, "--temp", 0, "--backend", "cpu", "-c", 64, "-t", 1, "-q")
+    assert ok.returncode == 0, ok.stderr
+    other = ember("run", built, "-p", "hello", "-n", 2, "--backend", "vulkan")
+    assert other.returncode == 1 and "the artifact runs on cpu, not vulkan" in other.stderr
+    context = ember("run", built, "-p", "hello", "-n", 2, "-c", 128)
+    assert context.returncode == 1 and "the artifact's context is 64 tokens" in context.stderr
