@@ -8,9 +8,9 @@ Odd sizes throughout: n_embd 96, attention 3 heads / 1 KV head of 24 with partia
 used, and the 320-token byte-level BPE vocabulary of tiny_gguf. Layers: qwen3next and qwen35moe
 have 4 (full attention every 2nd: recurrent, attention, recurrent, attention), qwen35 has 3
 (every 3rd). qwen35moe's rope sections leave one pair of each head to the e section (which text
-tokens do not turn). Weights come from fixed seeds. The "q8_0" files store the expert tensors
-(and every other 2-D weight whose rows are whole blocks) as Q8_0; norms, the conv kernel, A and
-dt bias stay F32. The decay is drawn so some heads remember for many tokens, others for a few.
+tokens do not turn). Weights come from fixed seeds. The "q8_0" files store the FFN weights (routed
+and shared experts, qwen35's dense FFN) as Q8_0; the routers stay F32 as llama.cpp's quantizer
+keeps them, and so does everything else. The decay is drawn so some heads remember for many tokens, others for a few.
 """
 from __future__ import annotations
 
@@ -91,7 +91,6 @@ class DeltaSpec:
 
 
 DELTA_SPECS = tuple(DeltaSpec(a, t) for a in DELTA_ARCHS for t in ("f32", "q8_0"))
-F32_TENSORS = ("ssm_conv1d.weight", "ssm_a", "ssm_dt.bias", "ssm_norm.weight")
 
 
 def make_delta_weights(cfg: DeltaConfig) -> dict[str, np.ndarray]:
@@ -149,6 +148,15 @@ def make_delta_weights(cfg: DeltaConfig) -> dict[str, np.ndarray]:
     return w
 
 
+def quantized(cfg: DeltaConfig, name: str, values: np.ndarray) -> bool:
+    """Whether a "q8_0" file stores this tensor as Q8_0: the FFN weights (the routed and shared
+    experts; qwen35's dense FFN). The rest stays F32 so that the comparison with llama.cpp (which
+    rounds activations to 8 bits for Q8_0 weights) is not swamped by top-k flips of near-tied
+    experts downstream of quantized attention and DeltaNet weights."""
+    kind = name.split(".", 2)[-1]
+    return values.ndim >= 2 and kind.startswith("ffn_") and not kind.startswith("ffn_gate_inp")
+
+
 def write_delta_gguf(path: str | Path, spec: DeltaSpec, edit=None) -> Path:
     """Write spec's file; edit, when given, maps the weights dict to the one written (tests of
     broken files use it to drop or reshape tensors)."""
@@ -184,8 +192,7 @@ def write_delta_gguf(path: str | Path, spec: DeltaSpec, edit=None) -> Path:
         w.add_expert_feed_forward_length(cfg.n_ff_exp)
         w.add_expert_shared_feed_forward_length(cfg.n_ff_shexp)
     write_vocab(w, bpe_vocab(cfg.n_vocab))
-    keep = frozenset(n for n, v in weights.items()
-                     if n.split(".", 2)[-1] in F32_TENSORS or v.shape[-1] % 32)
+    keep = frozenset(n for n, v in weights.items() if not quantized(cfg, n, v))
     write_tensors(w, weights, spec.weight_type, keep_f32=keep)
     return path
 
