@@ -7,8 +7,8 @@ Odd sizes throughout: n_embd 96, attention 3 heads / 1 KV head of 24 with partia
 2 q/k heads and 6 v heads of 24 (state 24 x 24 per v head), d_conv 4, 7 experts of which 3 are
 used, and the 320-token byte-level BPE vocabulary of tiny_gguf. Layers: qwen3next and qwen35moe
 have 4 (full attention every 2nd: recurrent, attention, recurrent, attention), qwen35 has 3
-(every 3rd). qwen35moe's rope sections leave one pair of each head to the e section (which text
-tokens do not turn). Weights come from fixed seeds. The "q8_0" files store the FFN weights (routed
+(every 3rd). qwen35moe's rope sections leave half the pairs of each head to the e section (which
+text tokens do not turn). Weights come from fixed seeds. The "q8_0" files store the FFN weights (routed
 and shared experts, qwen35's dense FFN) as Q8_0; the routers stay F32 as llama.cpp's quantizer
 keeps them, and so does everything else. The decay is drawn so some heads remember for many tokens, others for a few.
 """
@@ -68,8 +68,10 @@ DELTA_CONFIGS = {
     "qwen3next": DeltaConfig("qwen3next", seed=21, n_layer=4, full_attention_interval=2, n_rot=8),
     "qwen35": DeltaConfig("qwen35", seed=22, n_layer=3, full_attention_interval=3, n_rot=12,
                           rope_sections=(2, 2, 2, 0)),
+    # sections t, h, w, e = 1, 1, 1, 3 over 6 pairs: pairs 3-5 fall to e, which text tokens do
+    # not turn; a low rope base makes those pairs turn fast enough to notice
     "qwen35moe": DeltaConfig("qwen35moe", seed=23, n_layer=4, full_attention_interval=2, n_rot=12,
-                             rope_sections=(2, 2, 1, 1)),
+                             rope_sections=(1, 1, 1, 3), rope_base=100.0),
 }
 
 
