@@ -89,7 +89,7 @@ def hybrid(tiny_files, tmp_path_factory):
 def test_hybrid_speculation_is_token_identical(hybrid, draft_max):
     target, tokenizer = hybrid
     assert target.is_recurrent
-    prompt = repetitive_prompt(seed)
+    prompt = repetitive_prompt(2)
     expected = greedy(target, tokenizer, prompt)
     got, stats = speculative_generate(target, NgramDraft(), tokenizer, prompt, N_PREDICT,
                                       draft_max=draft_max, ignore_eos=True)
