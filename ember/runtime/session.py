@@ -6,7 +6,8 @@ masked; positions, cache slots and output rows are inputs. A step graph is built
 and compiled once per (n_tokens, n_kv, n_outputs) and reused through the plan cache (graph
 uids), so a decode step costs one lookup plus the kernels. Prompts run in micro-batches.
 
-Models with Mamba-2 layers (mamba2, granitehybrid) also carry a recurrent state per layer
+Models with recurrent layers (Mamba-2: mamba2, granitehybrid; gated DeltaNet: qwen3next, qwen35,
+qwen35moe) also carry a recurrent state per layer
 (conv_state.{il}, ssm_state.{il}, f32): zeros at reset, passed to each step and replaced by the
 step's returned state. It is the state after the last evaluated token only, so it cannot be
 truncated; `recurrent_state()` / `set_recurrent_state()` take and restore snapshots.

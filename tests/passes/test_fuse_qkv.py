@@ -190,6 +190,19 @@ def test_fuse_qkv_fuses_gate_and_up_the_same_way():
   %2 = add(%0, %1)
   return %2
 }""",
+    # a projection read through a view whose strides assume its own rows (qwen3next's query
+    # and gate interleaved per head): with the fused row stride the view would read other columns
+    """graph g(%x: f32[2, 32]) {
+  %a = const "a" : f32[8, 32]
+  %b = const "b" : f32[4, 32]
+  %0 = mul_mat(%x, %a)
+  %1 = view(%0, offset=0, shape=[2, 2, 2], strides=[32, 16, 4])
+  %2 = mul_mat(%x, %b)
+  %3 = cont(%1)
+  %4 = reshape(%3, shape=[2, 4])
+  %5 = add(%4, %2)
+  return %5
+}""",
     # a lone projection
     """graph g(%x: f32[2, 32]) {
   %a = const "a" : f32[8, 32]
