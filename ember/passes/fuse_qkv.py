@@ -7,24 +7,29 @@ launch once; each original result is a view of the fused result at a byte offset
 leading columns, with the fused row stride (llama.cpp's build_qkv). When every member is
 followed by the addition of a constant bias, the biases are concatenated too.
 
+The fused weights are made once per process and shared by every graph fused from the same
+weights (ember.passes.shared_constants), not copied per compiled step graph.
+
 Each output element is computed exactly as before (same row of weights, same reduction over
 K), so on batch-invariant kernels the results are bit-identical.
 
 Refused (graph unchanged): different inputs, different weight types or inner sizes, weights
-that are not constants, batched (3-D+) weights, a lone matmul.
+that are not constants, batched (3-D+) weights, a lone matmul. A matmul read through a `view`
+op stays out of the group: a view's byte strides were written for the matmul's own contiguous
+rows, and the fused row stride would change what it reads (Qwen3-Next's query + gate split).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 
 from ember.ir.builder import const_node, make_node
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.passes.base import Pass, PassContext
 from ember.passes.rewrite import RewriteState, apply_rules
+from ember.passes.shared_constants import concatenated
 
 
 def _fusable(node: Node) -> bool:
@@ -45,6 +50,13 @@ def _const_bias(graph: Graph, mm: Node) -> tuple[Node, Node] | None:
     return users[0], bias
 
 
+def _read_through_view(graph: Graph, mm: Node) -> bool:
+    """Whether mm (or its bias addition) is read by a view op, whose strides assume mm's rows."""
+    users = list(graph.users.get(mm, ()))
+    users += [u2 for u in users if u.op == "add" for u2 in graph.users.get(u, ())]
+    return any(u.op == "view" for u in users)
+
+
 def find_groups(graph: Graph) -> list[list[Node]]:
     """Matmuls to fuse, each group in declared order, groups in order of their first member."""
     groups: dict[tuple, list[Node]] = {}
@@ -52,6 +64,8 @@ def find_groups(graph: Graph) -> list[list[Node]]:
         if node.op == "mul_mat" and _fusable(node):
             x, w = node.inputs
             if 0 in x.shape:    # no rows (a step with no outputs): nothing to gain, no view fits
+                continue
+            if _read_through_view(graph, node):
                 continue
             groups.setdefault((x, w.dtype, w.shape[-1]), []).append(node)
     # A weight used twice by one input is one projection (cse makes them one node anyway).
@@ -96,7 +110,7 @@ class FuseQKV(Pass):
         x = mapping[group[0].inputs[0]]
         weights = [m.inputs[1] for m in group]
         name = "+".join(w.name for w in weights)
-        constants[name] = np.concatenate([graph.constants[w.name] for w in weights], axis=0)
+        constants[name] = concatenated([graph.constants[w.name] for w in weights])
         widths = [w.shape[0] for w in weights]
         fused_w = const_node(name, weights[0].dtype, (sum(widths), weights[0].shape[1]))
         y = make_node("mul_mat", (x, fused_w))
@@ -105,7 +119,7 @@ class FuseQKV(Pass):
         with_bias = all(b is not None for b in member_biases)
         if with_bias:
             bias_name = "+".join(b[1].name for b in member_biases)
-            constants[bias_name] = np.concatenate([graph.constants[b[1].name] for b in member_biases])
+            constants[bias_name] = concatenated([graph.constants[b[1].name] for b in member_biases])
             y = make_node("add", (y, const_node(bias_name, member_biases[0][1].dtype, (sum(widths),))))
 
         out: dict[Node, Node] = {}
