@@ -141,3 +141,37 @@ def _graph_without_walk(inputs, outputs) -> Graph:
     g.constants = MappingProxyType({})
     g._order = g._users = None
     return g
+
+
+def test_view_negative_stride_refused_with_node_named():
+    # issue 16: strides [-4096, 4] once passed (the span check used a negative span) and the
+    # compiled kernels read before the buffer.
+    x = input_node("x", "f32", (4, 1024))
+    t = TensorType(dtypes.f32, (4, 64))
+    bad = Node("view", (x,), {"shape": (4, 64), "strides": (-4096, 4), "offset": 0}, t)
+    verify_fails(Graph([x], [bad]), "%0 (view", "negative stride")
+    with pytest.raises(ValueError, match="negative stride"):
+        TensorType(dtypes.f32, (4, 64), (-4096, 4))
+
+
+def test_view_overlapping_strides_bounded_by_real_extent():
+    # Overlapping rows (stride 0: a broadcast) read inside the operand and are fine; a large
+    # offset with them is not.
+    x = input_node("x", "f32", (4,))
+    ok = make_node("view", [x], {"shape": (3, 4), "strides": (0, 4), "offset": 0})
+    verify(Graph([x], [ok]))
+    t = TensorType(dtypes.f32, (3, 2), (0, 4))
+    bad = Node("view", (x,), {"shape": (3, 2), "strides": (0, 4), "offset": 12}, t)
+    verify_fails(Graph([x], [bad]), "%0 (view", "bytes [12, 20) fall outside the operand's 16 bytes")
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ("shape=[4, 64], strides=[-4096, 4]", "negative stride"),
+    ("shape=[-4, 64], strides=[4096, 4]", "negative dimension"),
+], ids=["negative-stride", "negative-dimension"])
+def test_view_attribute_errors_carry_file_line_col(attrs, message):
+    from ember.errors import ParseError
+    text = f"graph g(%x: f32[4, 1024]) {{\n  %v = view(%x, offset=0, {attrs})\n  return %v\n}}\n"
+    with pytest.raises(ParseError) as e:
+        parse_ir(text, "bad.ir")
+    assert str(e.value).startswith("bad.ir:2:8: view:") and message in str(e.value)
