@@ -269,7 +269,7 @@ def open_model(args):
     path = model_path(args)
     start = time.perf_counter()
     model = load_model(path)
-    tokenizer = Tokenizer.from_metadata(model.tokenizer)
+    tokenizer = Tokenizer.from_metadata(model.tokenizer, str(path), model.n_vocab)
     options = {"threads": args.threads} if args.threads and args.backend == "cpu" else {}
     backend = get_backend(args.backend, **options)
     session = Session(model, backend, SessionOptions(n_ctx=args.ctx_size, swa_full=args.swa_full,
@@ -424,7 +424,7 @@ def cmd_run(args) -> int:
         raise EmberError("-n must be >= 0")
     start = time.perf_counter()
     model, session = load_artifact(args.artifact, args.model, args.threads)
-    tokenizer = Tokenizer.from_metadata(model.tokenizer)
+    tokenizer = Tokenizer.from_metadata(model.tokenizer, str(model.path), model.n_vocab)
     print(f"ember: loaded artifact {args.artifact} ({len(session.shapes)} steps, context "
           f"{session.n_ctx}, {model.arch} from {model.path}, backend {session.backend.name}) in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
