@@ -20,6 +20,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        check_arguments(args)
         return args.func(args) or 0
     except (EmberError, IRError, OSError, ValueError) as e:
         if args.debug:
@@ -29,6 +30,25 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ember: interrupted", file=sys.stderr)
         return 130
+
+
+def check_arguments(args) -> None:
+    """Refuse values outside their meaning before any work, each naming its flag: -t 0 (leave
+    -t out for all cores), a context or count below 1, sampling values (SamplingParams)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise EmberError(f"-t {threads}: the thread count must be at least 1 (leave -t out for all cores)")
+    ctx = getattr(args, "ctx_size", None)
+    if ctx is not None and ctx < 1:
+        raise EmberError(f"-c {ctx}: the context must be at least 1 token")
+    if getattr(args, "n_predict", 0) < 0:
+        raise EmberError(f"-n {args.n_predict}: must be >= 0")
+    if getattr(args, "draft_max", 1) < 1:
+        raise EmberError(f"--draft-max {args.draft_max}: must be at least 1")
+    if hasattr(args, "temp"):
+        from ember.runtime.sampling import SamplingParams
+        SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,8 +232,10 @@ def add_model_arguments(p, ctx_size: int = 2048) -> None:
     p.add_argument("--backend", default="cpu", choices=BACKEND_NAMES,
                    help="backend to run on: cpu, opencl or vulkan (default cpu)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-c", "--ctx-size", type=int, default=ctx_size,
-                   help=f"context size in tokens (default {ctx_size})")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help=f"context size in tokens, at most the model's training context (default "
+                        f"{ctx_size}, or the training context when it is smaller)")
+    p.set_defaults(ctx_default=ctx_size)
     p.add_argument("--swa-full", action="store_true",
                    help="sliding-window layers keep the whole context (default: a ring of window + "
                         "512 rows, as llama.cpp without --swa-full)")
@@ -269,6 +291,11 @@ def open_model(args):
     path = model_path(args)
     start = time.perf_counter()
     model = load_model(path)
+    if args.ctx_size is None:
+        args.ctx_size = min(args.ctx_default, model.hparams.n_ctx_train or args.ctx_default)
+    elif args.ctx_size > model.hparams.n_ctx_train > 0:
+        raise EmberError(f"-c {args.ctx_size} exceeds the training context of {path} "
+                         f"({model.hparams.n_ctx_train} tokens)")
     tokenizer = Tokenizer.from_metadata(model.tokenizer, str(path), model.n_vocab)
     options = {"threads": args.threads} if args.threads and args.backend == "cpu" else {}
     backend = get_backend(args.backend, **options)
@@ -442,6 +469,11 @@ def _speculative(args, session, tokenizer, show, sampler):
         if draft_model.hparams.n_vocab != session.model.hparams.n_vocab:
             raise EmberError(f"{args.spec[6:]}: the draft model's vocabulary ({draft_model.hparams.n_vocab}) "
                              f"differs from the target's ({session.model.hparams.n_vocab})")
+        tokens = "tokenizer.ggml.tokens"
+        if list(draft_model.tokenizer.get(tokens, ())) != list(session.model.tokenizer.get(tokens, ())):
+            # same size is not same vocabulary: the draft's ids would mean other tokens
+            raise EmberError(f"{args.spec[6:]}: the draft model's vocabulary has the target's size "
+                             f"but other tokens ({tokens} differ)")
         draft = ModelDraft(Session(draft_model, session.backend, session.options))
     else:
         raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")

@@ -52,3 +52,21 @@ def test_repeat_penalty_lowers_recent_tokens():
     assert Sampler(SamplingParams(temperature=0, repeat_penalty=2.0)).sample(logits, [0]) == 2
 
 
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_are_refused_naming_the_step(bad):
+    from ember.errors import EmberError
+    logits = np.zeros(16, np.float32)
+    logits[5] = bad
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.8)):
+        with pytest.raises(EmberError, match=r"logits after 3 tokens are not finite \(token 5"):
+            Sampler(params).sample(logits, [1, 2, 3])
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("nan")), ("top_k", -1), ("top_p", 0.0),
+                                          ("min_p", 1.5), ("repeat_penalty", 0.0)])
+def test_sampling_values_outside_their_meaning_are_refused(field, value):
+    from ember.errors import EmberError
+    with pytest.raises(EmberError, match="must be"):
+        SamplingParams(**{field: value})
