@@ -175,3 +175,22 @@ def test_view_attribute_errors_carry_file_line_col(attrs, message):
     with pytest.raises(ParseError) as e:
         parse_ir(text, "bad.ir")
     assert str(e.value).startswith("bad.ir:2:8: view:") and message in str(e.value)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ("n_dims=-2147483648", "n_dims -2147483648 must be even and in (0, head_dim 64]"),
+    ("freq_base=0.0", "freq_base 0.0 must be finite and positive"),
+    ("freq_scale=-inf", "freq_scale -inf must be finite and positive"),
+], ids=["n-dims-min", "freq-base-0", "freq-scale-inf"])
+def test_rope_attributes_outside_their_meaning(attrs, message):
+    from ember.errors import ParseError
+    text = (f"graph g(%x: f32[2, 4, 64], %p: i32[2]) {{\n  %r = rope(%x, %p, {attrs})\n  return %r\n}}\n")
+    with pytest.raises(ParseError, match=r"bad.ir:2:8: rope: " + message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        parse_ir(text, "bad.ir")
+
+
+def test_norm_eps_negative_is_refused():
+    x = input_node("x", "f32", (4, 8))
+    with pytest.raises(Exception, match="rms_norm: eps -1.0 must be finite and >= 0"):
+        make_node("rms_norm", [x], {"eps": -1.0})
