@@ -119,7 +119,8 @@ def c_literal(v: float, kind: str = "float") -> str:
     if kind == "double":
         return repr(v)
     if kind == "f32":
-        f = float(np.float32(v))
+        with np.errstate(over="ignore"):
+            f = float(np.float32(v))
         return c_literal(f) if math.isinf(f) else f"{f!r}f"     # beyond f32's range
     return f"((float){v!r})"
 
