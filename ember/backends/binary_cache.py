@@ -124,6 +124,11 @@ class BinaryCache(abc.ABC):
         atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest())
         return path
 
+    def discard(self, key: str) -> None:
+        """Remove key's entry (one its loader refused although it looked valid)."""
+        for path in (self.path(key).with_suffix(".sha256"), self.path(key)):
+            path.unlink(missing_ok=True)
+
     def cached(self, key: str, source: str, build: Callable[[], bytes]) -> Path:
         """The path of key's entry, made by build() when missing or not valid."""
         if self.get(key, source) is not None:

@@ -174,7 +174,8 @@ class _Reader:
               str: lambda v: isinstance(v, str),
               bool: lambda v: isinstance(v, (bool, np.bool_))}[kind](value)
         if not ok:
-            raise ModelFileError(f"{self.source}: metadata {key!r} = {value!r} is not a {kind.__name__}")
+            shown = f"an array of {len(value)}" if isinstance(value, (np.ndarray, list)) else repr(value)[:60]
+            raise ModelFileError(f"{self.source}: metadata {key!r} = {shown} is not a {kind.__name__}")
         return kind(value)
 
     def hparams(self) -> HParams:

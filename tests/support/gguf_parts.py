@@ -22,7 +22,7 @@ SCALAR_FORMATS = {
 
 
 def encode_string(text: str | bytes) -> bytes:
-    raw = text.encode() if isinstance(text, str) else text
+    raw = text.encode("utf-8", errors="surrogateescape") if isinstance(text, str) else text
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -113,7 +113,11 @@ class _Reader:
 
 def read_parts(path) -> GGUFParts:
     """A well-formed GGUF file's pieces."""
-    buf = Path(path).read_bytes()
+    return read_parts_bytes(Path(path).read_bytes())
+
+
+def read_parts_bytes(buf: bytes) -> GGUFParts:
+    """The pieces of a well-formed GGUF file's bytes."""
     r = _Reader(buf)
     assert buf[:4] == b"GGUF"
     r.pos = 4

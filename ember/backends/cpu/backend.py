@@ -82,7 +82,13 @@ class CpuBackend(Backend):
         tag = self._kernel_library()
         source = tag_kernel_symbols(program.source, tag)
         library = self.cache.build(source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}")
-        return self.load_executable(graph, program, library, source, options.get("threads"))
+        try:
+            return self.load_executable(graph, program, library, source, options.get("threads"))
+        except OSError:
+            # a damaged entry whose checksum and source mark still hold (dlopen refuses it):
+            # built again from source, as a damaged one is
+            library = self.cache.build(source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}", fresh=True)
+            return self.load_executable(graph, program, library, source, options.get("threads"))
 
     def load_executable(self, graph: Graph, program: CpuProgram, library_path, source: str,
                         threads: int | None = None) -> "CpuExecutable":
@@ -115,7 +121,11 @@ class CpuBackend(Backend):
         tag = "k" + self.cache.key(source, flags)[:12]
         if tag not in _LOADED_KERNEL_LIBRARIES:
             path = self.cache.build(tag_kernel_symbols(source, tag), flags, name="kernels")
-            load_kernel_library(tag, path)
+            try:
+                load_kernel_library(tag, path)
+            except OSError:     # refused by dlopen: built again (see compile)
+                load_kernel_library(tag, self.cache.build(tag_kernel_symbols(source, tag), flags,
+                                                          name="kernels", fresh=True))
         return tag
 
 

@@ -69,9 +69,12 @@ class CompileCache(BinaryCache):
     def key(self, source: str, flags=()) -> str:
         return super().key(source, " ".join(flags))
 
-    def build(self, source: str, flags=(), name: str = "kernel") -> Path:
-        """The path of a shared library built from source (from the cache when valid)."""
+    def build(self, source: str, flags=(), name: str = "kernel", fresh: bool = False) -> Path:
+        """The path of a shared library built from source (from the cache when valid; fresh:
+        built again whatever the cache holds, for an entry the dynamic loader refused)."""
         flags = tuple(BASE_FLAGS) + tuple(flags)
+        if fresh:
+            self.discard(self.key(source, flags))
         return self.cached(self.key(source, flags), source, lambda: self._compile(source, flags, name))
 
     def _compile(self, source: str, flags: tuple, name: str) -> bytes:
