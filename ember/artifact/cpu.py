@@ -86,6 +86,8 @@ def load(folder: Path, manifest: dict, model_path=None, threads: int | None = No
         load_kernel_library(library["tag"], folder / library["file"], check=True)
     except EmberError as e:
         raise ArtifactError(str(e)) from None
+    except OSError as e:
+        raise ArtifactError(f"{folder / library['file']}: cannot be loaded: {e}") from None
     steps = {}
     for step in manifest["steps"]:
         graph_path = folder / step["graph"]
@@ -93,11 +95,13 @@ def load(folder: Path, manifest: dict, model_path=None, threads: int | None = No
         program = render_graph(graph)
         source_path = folder / step["source"]
         source = tag_kernel_symbols(program.source, library["tag"])
-        if source != source_path.read_text():
+        if source.encode() != source_path.read_bytes():
             raise ArtifactError(f"{source_path}: this ember renders {graph_path} differently (the "
                                 "artifact comes from another code generator): compile the model again")
         try:
             steps[step_key(step)] = backend.load_executable(graph, program, folder / step["library"], source)
         except EmberError as e:
             raise ArtifactError(f"{folder / MANIFEST}: step {step_key(step)}: {e}") from None
+        except OSError as e:       # the dynamic loader refused the library
+            raise ArtifactError(f"{folder / step['library']}: cannot be loaded: {e}") from None
     return model, artifact_session(folder, manifest, model, backend, steps)

@@ -184,7 +184,8 @@ class _Reader:
         head_dim_k = self.get(Keys.Attention.KEY_LENGTH, int, n_embd // max(n_head, 1))
         n_vocab = self.get(Keys.LLM.VOCAB_SIZE, int, None)
         if n_vocab is None:
-            n_vocab = len(self.meta.get(Keys.Tokenizer.LIST, ()))
+            tokens = self.meta.get(Keys.Tokenizer.LIST, ())
+            n_vocab = len(tokens) if isinstance(tokens, (list, np.ndarray)) else 0   # else: the tokenizer refuses it
         n_layer = self.get(Keys.LLM.BLOCK_COUNT, int, required=True)
         if not 0 < n_layer <= MAX_LAYERS:
             raise ModelFileError(f"{self.source}: metadata {self.key(Keys.LLM.BLOCK_COUNT)!r} = {n_layer} "

@@ -194,3 +194,11 @@ def test_norm_eps_negative_is_refused():
     x = input_node("x", "f32", (4, 8))
     with pytest.raises(Exception, match="rms_norm: eps -1.0 must be finite and >= 0"):
         make_node("rms_norm", [x], {"eps": -1.0})
+
+
+@pytest.mark.parametrize("offset, strides", [(257, (512, 4)), (256, (512, 1))], ids=["offset", "stride"])
+def test_view_splitting_an_element_is_refused(offset, strides):
+    # found by the IR fuzzer: OpenCL read such views wrongly (kernels address whole elements)
+    x = input_node("x", "f32", (8, 64))
+    with pytest.raises(Exception, match="must be multiples of the 4-byte f32 element"):
+        make_node("view", [x], {"shape": (4, 32), "strides": strides, "offset": offset})

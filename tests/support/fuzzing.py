@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GOOD = ("ok", "refused")
+GOOD = ("ok", "refused", "skipped")
 TIME_LIMIT = 60.0                  # seconds per input (a compile included)
 MEMORY_LIMIT = 6 << 30             # bytes of address space per worker
 
@@ -177,6 +177,8 @@ def handle_ir(request: dict) -> dict:
     from ember.ir.verifier import verify
     graph = parse_ir(request["text"], "fuzz.ir")
     verify(graph)
+    if max(n.type.numel for n in graph.nodes) > 1 << 24:
+        return {"outcome": "skipped", "why": "a valid graph too large to run here"}
     inputs = random_inputs(graph, seed=0)
     with np.errstate(all="ignore"):
         expected = run_reference(graph, inputs)
@@ -259,7 +261,7 @@ def handle_artifact(request: dict) -> dict:
     logits = session.eval([1, 17, 260, 300, 42])
     if not np.all(np.isfinite(logits)):
         return {"outcome": "wrong", "why": "non-finite logits"}
-    if not np.array_equal(logits, np.load(request["expected"])):
+    if request["compare"] and not np.array_equal(logits, np.load(request["expected"])):
         return {"outcome": "wrong", "why": "logits differ from the untampered artifact's"}
     return {"outcome": "ok"}
 
@@ -444,7 +446,10 @@ def campaign(folder: Path, counts: dict, runner: Runner, seed0: int = 0, gpu: st
         for i in range(counts["artifact"]):
             dst = folder / f"artifact-{seed0 + i}"
             what = tamper_artifact(built, dst, seed0 + i)
-            runner.run({"class": "artifact", "path": str(dst), "expected": str(expected)}, what)
+            # weights edited with their checksums fixed give other logits: the data the tamperer
+            # chose (checksums detect corruption, not tampering); only finiteness is required
+            compare = "constants/" not in what
+            runner.run({"class": "artifact", "path": str(dst), "expected": str(expected), "compare": compare}, what)
             shutil.rmtree(dst)
     if counts.get("cache"):
         backends = ["cpu"] + ([gpu] if gpu else [])
@@ -470,7 +475,7 @@ def gpu_backend() -> str | None:
 
 
 def table(runner: Runner, seconds: float) -> str:
-    outcomes = ("ok", "refused", "traceback", "wrong", "crash", "hang")
+    outcomes = ("ok", "refused", "skipped", "traceback", "wrong", "crash", "hang")
     lines = ["| class | inputs | " + " | ".join(outcomes) + " |", "|---" * (len(outcomes) + 2) + "|"]
     for cls, c in runner.counts.items():
         lines.append(f"| {cls} | {sum(c.values())} | " + " | ".join(str(c[o]) for o in outcomes) + " |")

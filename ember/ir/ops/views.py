@@ -47,6 +47,12 @@ def _view_infer(ts, attrs):
     # Kernels index a view as base + offset + i * stride with unsigned sizes: a negative stride
     # would read below the buffer, so it is refused, and the bound is the real byte extent.
     require(all(s >= 0 for s in strides), f"view: negative stride in {list(strides)}")
+    # kernels address whole elements (GPU buffers are typed): byte offsets and strides that split
+    # one gave wrong values on OpenCL (found by the IR fuzzer)
+    unit = x.dtype.block_bytes
+    require(offset % unit == 0 and all(s % unit == 0 for s in strides),
+            f"view: offset {offset} and strides {list(strides)} must be multiples of the {unit}-byte "
+            f"{x.dtype} {'block' if x.dtype.is_quantized else 'element'}")
     lo, hi = t.byte_extent
     _, x_hi = x.byte_extent
     require(offset + lo >= 0 and offset + hi <= x_hi,
