@@ -23,6 +23,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        check_arguments(args)
         return args.func(args) or 0
     except (EmberError, IRError, OSError, ValueError) as e:
         if args.debug:
@@ -32,6 +33,25 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ember: interrupted", file=sys.stderr)
         return 130
+
+
+def check_arguments(args) -> None:
+    """Refuse values outside their meaning before any work, each naming its flag: -t 0 (leave
+    -t out for all cores), a context or count below 1, sampling values (SamplingParams)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise EmberError(f"-t {threads}: the thread count must be at least 1 (leave -t out for all cores)")
+    ctx = getattr(args, "ctx_size", None)
+    if ctx is not None and ctx < 1:
+        raise EmberError(f"-c {ctx}: the context must be at least 1 token")
+    if getattr(args, "n_predict", 0) < 0:
+        raise EmberError(f"-n {args.n_predict}: must be >= 0")
+    if getattr(args, "draft_max", 1) < 1:
+        raise EmberError(f"--draft-max {args.draft_max}: must be at least 1")
+    if hasattr(args, "temp"):
+        from ember.runtime.sampling import SamplingParams
+        SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,8 +276,10 @@ def add_model_arguments(p, ctx_size: int = 2048, runs_model: bool = True) -> Non
     p.add_argument("--backend", default="cpu", choices=BACKEND_NAMES,
                    help="backend to run on: cpu, opencl or vulkan (default cpu)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-c", "--ctx-size", type=int, default=ctx_size,
-                   help=f"context size in tokens (default {ctx_size})")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help=f"context size in tokens, at most the model's training context (default "
+                        f"{ctx_size}, or the training context when it is smaller)")
+    p.set_defaults(ctx_default=ctx_size)
     p.add_argument("--swa-full", action="store_true",
                    help="sliding-window layers keep the whole context (default: a ring of window + "
                         "512 rows, as llama.cpp without --swa-full)")
@@ -327,8 +349,9 @@ def open_model(args):
     from ember.api import load
     path = model_path(args)
     llm = load(path, backend=args.backend, threads=args.threads, n_ctx=args.ctx_size,
-               swa_full=args.swa_full, disable=args.disable, on_compile=None if args.quiet else say,
-               verbose=args.verbose)
+               default_n_ctx=getattr(args, "ctx_default", 2048), swa_full=args.swa_full,
+               disable=args.disable, on_compile=None if args.quiet else say, verbose=args.verbose)
+    args.ctx_size = llm.session.n_ctx        # the default resolved against the training context
     print(f"ember: loaded {path} ({llm.model.arch}, {llm.model.hparams.n_layer} layers) in "
           f"{llm.load_seconds:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
     return llm
@@ -539,6 +562,11 @@ def _speculative(args, llm, sampling, prompt: str):
         if draft_model.hparams.n_vocab != session.model.hparams.n_vocab:
             raise EmberError(f"{args.spec[6:]}: the draft model's vocabulary ({draft_model.hparams.n_vocab}) "
                              f"differs from the target's ({session.model.hparams.n_vocab})")
+        tokens = "tokenizer.ggml.tokens"
+        if list(draft_model.tokenizer.get(tokens, ())) != list(session.model.tokenizer.get(tokens, ())):
+            # same size is not same vocabulary: the draft's ids would mean other tokens
+            raise EmberError(f"{args.spec[6:]}: the draft model's vocabulary has the target's size "
+                             f"but other tokens ({tokens} differ)")
         draft = ModelDraft(Session(draft_model, session.backend, session.options))
     else:
         raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")

@@ -101,7 +101,11 @@ def open_model(folder: Path, manifest: dict, model_path=None):
 def step_graph(folder: Path, step: dict, data: dict):
     """A step's stored graph, parsed, its constants bound to data."""
     graph_path = folder / step["graph"]
-    graph = parse_ir(graph_path.read_text(), source=str(graph_path), constants=data)
+    try:
+        text = graph_path.read_text()
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{graph_path}: corrupt: not IR text") from None
+    graph = parse_ir(text, source=str(graph_path), constants=data)
     unknown = sorted(set(graph.constants) - set(data))
     if unknown:
         raise ArtifactError(f"{graph_path}: constant {unknown[0]!r} is neither in the model nor in "

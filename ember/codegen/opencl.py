@@ -42,7 +42,6 @@ import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 
 from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, matmul_batches, matmul_operands,
                                     next_pow2, offset_expr, round_up, span_bytes)
@@ -50,7 +49,7 @@ from ember.codegen.kv_quant import KV_QUANTIZED, c_hex, turbo_literals
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates,
-                                    c_comment, c_float, c_gated_delta_net, c_get_rows, c_rope, c_row_op,
+                                    c_comment, c_float, c_gated_delta_net, c_literal, c_get_rows, c_rope, c_row_op,
                                     c_softmax, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
@@ -137,8 +136,8 @@ def layout_pass(profile: Profile) -> LayoutAdreno | None:
 
 
 def cl_real(v: float, fp64: bool) -> str:
-    """A finite float as an OpenCL C literal: a double with fp64, else a float (rounded to f32)."""
-    return repr(float(v)) if fp64 else f"{float(np.float32(v))!r}f"
+    """A float as an OpenCL C literal: a double with fp64, else a float (rounded to f32)."""
+    return c_literal(v, "double" if fp64 else "f32")
 
 
 # ---- support -----------------------------------------------------------------------------------

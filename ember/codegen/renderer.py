@@ -93,19 +93,32 @@ class Templates:
 
 
 # ---- C-family literals and comments (C and OpenCL C) ------------------------------------------
-def c_float(v: float) -> str:
-    """A float attribute as a C float expression (the value rounded to f32, as stored)."""
+def c_literal(v: float, kind: str = "float") -> str:
+    """The one way every C-family renderer writes a float: kind "float" as a C float expression
+    (the value rounded to f32, as stored), "double" as a double literal, "f32" as an OpenCL C
+    float literal with the f suffix. NaN and infinities become the NAN / INFINITY macros (C99
+    and OpenCL C both have them), never `inf` or `nan`, which no compiler reads."""
+    v = float(v)
     if math.isnan(v):
         return "NAN"
     if math.isinf(v):
         return "INFINITY" if v > 0 else "(-INFINITY)"
-    return f"((float){float(v)!r})"
+    if kind == "double":
+        return repr(v)
+    if kind == "f32":
+        with np.errstate(over="ignore"):
+            f = float(np.float32(v))
+        return c_literal(f) if math.isinf(f) else f"{f!r}f"     # beyond f32's range
+    return f"((float){v!r})"
+
+
+def c_float(v: float) -> str:
+    """A float attribute as a C float expression (c_literal)."""
+    return c_literal(v, "float")
 
 
 def c_double(v: float) -> str:
-    if math.isinf(v) or math.isnan(v):
-        return "NAN" if math.isnan(v) else ("INFINITY" if v > 0 else "(-INFINITY)")
-    return repr(float(v))
+    return c_literal(v, "double")
 
 
 def c_comment(text: str) -> str:

@@ -18,7 +18,7 @@ from ember.models import gemma3, granite_hybrid, llama, mamba2, qwen2, qwen3
 from ember.models import qwen3next, qwen35, qwen35moe
 from ember.models.common import Model, StepGraph, build_qkv  # noqa: F401
 from ember.models.gguf_file import GGUFFile, ModelFileError, open_gguf  # noqa: F401
-from ember.models.hparams import HParams
+from ember.models.hparams import HParams, check_layer_tensors
 
 ARCHITECTURES: dict[str, Callable[[Model, int, int, int], Graph]] = {
     "llama": llama.build_step,
@@ -42,6 +42,7 @@ def load_model(path: str | os.PathLike) -> Model:
         raise ModelFileError(f"{file.path}: architecture {arch!r} is not supported; supported: "
                              f"{', '.join(sorted(ARCHITECTURES))}")
     hp = HParams.from_metadata(file.metadata, str(file.path))
+    check_layer_tensors(hp, file.tensor_infos, str(file.path))
     if hp.n_vocab == 0 and "token_embd.weight" in file:
         hp = dataclasses.replace(hp, n_vocab=file.tensor_infos["token_embd.weight"].shape[0])
     tokenizer = MappingProxyType({k: v for k, v in file.metadata.items() if k.startswith("tokenizer.")})

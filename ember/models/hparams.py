@@ -41,6 +41,14 @@ DELTA_NET_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
 MOE_ARCHS = ("qwen3next", "qwen35moe")
 DEFAULT_FULL_ATTENTION_INTERVAL = 4
 RECURRENT_LAYERS_KEY = "{arch}.attention.recurrent_layers"
+# llama.cpp's LLAMA_MAX_LAYERS: a header asking for more is refused before anything is sized
+# per layer (block_count = 2**31 - 1 once built 16 GiB of per-layer tuples).
+MAX_LAYERS = 512
+# Multipliers (granite's embedding, residual and logit scales, an attention scale) must stay in
+# this range, else a logit divided by one overflows f32 (logit_scale = 1e-45 printed <unk>s).
+MAX_MULTIPLIER = 2.0 ** 20
+# A rotation angle p * freq_scale must stay an exact f32 integer over the training context.
+MAX_ROPE_POSITION = 2 ** 24
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ class HParams:
             object.__setattr__(self, "swa_layers", (False,) * self.n_layer)
         if not self.recurrent_layers:
             object.__setattr__(self, "recurrent_layers", (False,) * self.n_layer)
-        if not self.attn_scale:
+        if not self.attn_scale and self.head_dim_k > 0:   # else refused by the reader's check
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim_k))
 
     @property
@@ -184,7 +192,8 @@ class _Reader:
               str: lambda v: isinstance(v, str),
               bool: lambda v: isinstance(v, (bool, np.bool_))}[kind](value)
         if not ok:
-            raise ModelFileError(f"{self.source}: metadata {key!r} = {value!r} is not a {kind.__name__}")
+            shown = f"an array of {len(value)}" if isinstance(value, (np.ndarray, list)) else repr(value)[:60]
+            raise ModelFileError(f"{self.source}: metadata {key!r} = {shown} is not a {kind.__name__}")
         return kind(value)
 
     def hparams(self) -> HParams:
@@ -193,8 +202,12 @@ class _Reader:
         head_dim_k = self.get(Keys.Attention.KEY_LENGTH, int, n_embd // max(n_head, 1))
         n_vocab = self.get(Keys.LLM.VOCAB_SIZE, int, None)
         if n_vocab is None:
-            n_vocab = len(self.meta.get(Keys.Tokenizer.LIST, ()))
+            tokens = self.meta.get(Keys.Tokenizer.LIST, ())
+            n_vocab = len(tokens) if isinstance(tokens, (list, np.ndarray)) else 0   # else: the tokenizer refuses it
         n_layer = self.get(Keys.LLM.BLOCK_COUNT, int, required=True)
+        if not 0 < n_layer <= MAX_LAYERS:
+            raise ModelFileError(f"{self.source}: metadata {self.key(Keys.LLM.BLOCK_COUNT)!r} = {n_layer} "
+                                 f"is outside 1..{MAX_LAYERS} (llama.cpp's layer limit)")
         n_head_kv, recurrent = self.head_count_kv(n_head, n_layer)
         values = dict(
             arch=self.arch,
@@ -388,5 +401,51 @@ class _Reader:
                                 f"{hp.ssm_n_group} groups")
         if hp.arch in DELTA_NET_ARCHS:
             problems += self.check_delta_net(hp)
+        problems += self.value_ranges(hp)
         if problems:
             raise ModelFileError(f"{self.source}: bad hyper-parameters: {'; '.join(problems)}")
+
+    @staticmethod
+    def value_ranges(hp: HParams) -> list[str]:
+        """Values outside their meaning, which would give NaN or infinite logits (or a C literal
+        `inf`) rather than an error: each named with the rule it breaks."""
+        problems = []
+
+        def finite(name: str, value: float) -> bool:
+            if not math.isfinite(value):
+                problems.append(f"{name} = {value} is not finite")
+            return math.isfinite(value)
+
+        if finite("rms_eps", hp.rms_eps) and not 0 < hp.rms_eps < 1:
+            problems.append(f"rms_eps = {hp.rms_eps} must be in (0, 1)")
+        for name in ("rope_freq_base", "rope_freq_base_swa"):
+            value = getattr(hp, name)
+            if finite(name, value) and value <= 1:
+                problems.append(f"{name} = {value} must be above 1 (rotation frequencies base^(-2i/n))")
+        for name in ("rope_freq_scale", "rope_freq_scale_swa"):
+            value = getattr(hp, name)
+            if finite(name, value) and not 0 < value * max(hp.n_ctx_train, 1) <= MAX_ROPE_POSITION:
+                problems.append(f"{name} = {value} (1 / rope scaling factor) must be positive and "
+                                f"keep positions up to the training context {hp.n_ctx_train} below "
+                                f"{MAX_ROPE_POSITION}")
+        for name in ("final_logit_softcap", "attn_scale", "embedding_scale", "residual_scale", "logit_scale"):
+            value = getattr(hp, name)
+            if finite(name, value) and value and not 1 / MAX_MULTIPLIER <= value <= MAX_MULTIPLIER:
+                problems.append(f"{name} = {value} must be 0 (unused) or in [2^-20, 2^20]")
+        for name in ("n_ctx_train", "n_vocab", "n_ff", "sliding_window"):
+            if getattr(hp, name) < 0:
+                problems.append(f"{name} = {getattr(hp, name)} is negative")
+        if hp.n_ctx_train == 0:
+            problems.append("n_ctx_train = 0 must be positive")
+        return problems
+
+
+def check_layer_tensors(hp: HParams, tensor_names, source: str) -> None:
+    """The layer count must be the one the file's blk.<i>.* tensors have: a header claiming
+    more layers than the file holds is refused before anything is built per layer."""
+    layers = {int(name.split(".")[1]) for name in tensor_names
+              if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    present = max(layers) + 1 if layers else 0
+    if present != hp.n_layer:
+        raise ModelFileError(f"{source}: block_count is {hp.n_layer} but the file holds tensors "
+                             f"for {present} layer(s) (blk.0 .. blk.{present - 1})")

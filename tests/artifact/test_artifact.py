@@ -181,3 +181,52 @@ def test_gpu_artifact_files_need_checksums_too(copy):
                                       (copy / "steps" / "extra.json").write_text("{}")))
     with pytest.raises(ArtifactError, match="manifest.json: corrupt: steps/extra.json has no checksum"):
         read_manifest(copy)
+
+
+# ---- tampered manifests (issue 16): checksums detect corruption, not tampering ---------------
+def test_swapped_step_libraries_are_refused_before_loading(copy):
+    """Two steps' library entries swapped, every checksum still valid: the decode step once ran
+    the prompt step's library (heap corruption, SIGSEGV); the library's source mark refuses it."""
+    def swap(m):
+        a, b = m["steps"][0], m["steps"][1]
+        a["library"], b["library"] = b["library"], a["library"]
+    rewrite_manifest(copy, swap)
+    with pytest.raises(ArtifactError, match=r"t8_kv64_o1.so: the library was not built from the program"):
+        load_artifact(copy, threads=1)
+
+
+@pytest.mark.parametrize("path", ["/tmp/evil.so", "../outside.so", "steps/../../outside.so"],
+                         ids=["absolute", "dotdot", "nested-dotdot"])
+def test_paths_leaving_the_artifact_are_refused(copy, path):
+    outside = copy.parent / "outside.so"
+    shutil.copyfile(copy / "steps" / "t1_kv64_o1.so", outside)
+    digest = artifact.file_sha256(outside)
+
+    def edit(m):
+        m["steps"][0]["library"] = path
+        m["files"][path] = digest
+    rewrite_manifest(copy, edit)
+    with pytest.raises(ArtifactError, match=rf"refused: file path '{path}' does not stay inside the artifact"):
+        load_artifact(copy, threads=1)
+
+
+def test_a_link_leading_outside_the_artifact_is_refused(copy):
+    outside = copy.parent / "outside.so"
+    shutil.copyfile(copy / "steps" / "t1_kv64_o1.so", outside)
+    library = copy / "steps" / "t1_kv64_o1.so"
+    library.unlink()
+    library.symlink_to(outside)
+    with pytest.raises(ArtifactError, match="'steps/t1_kv64_o1.so' leads outside the artifact"):
+        load_artifact(copy, threads=1)
+
+
+def test_a_library_of_another_program_is_refused(copy, tmp_path):
+    """A library that is not ember's graph library at all (no entry point, no source mark) is
+    refused naming it, not an AttributeError."""
+    from ember.backends.cpu.compiler import CompileCache
+    stranger = CompileCache(tmp_path / "cc").build("int stranger(void) { return 1; }\n", ())
+    library = copy / "steps" / "t1_kv64_o1.so"
+    shutil.copyfile(stranger, library)
+    rewrite_manifest(copy, lambda m: m["files"].update({"steps/t1_kv64_o1.so": artifact.file_sha256(library)}))
+    with pytest.raises(ArtifactError, match="t1_kv64_o1.so: the library was not built from the program"):
+        load_artifact(copy, threads=1)

@@ -279,3 +279,18 @@ def test_soa_kernels_index_the_transposed_layout():
     assert "read_imageui(wq, (kb * 8 + w4) * 68 + rowc)" in text       # quants: [K/4][M]
     assert "EMBER_H_LOAD(kb * 68 + rowc, wd)" in text                    # scales: [K/32][M]
     assert re.search(r"qcom_reqd_sub_group_size|EMBER_REQD_SUBGROUP\(\"half\"\)", text)
+
+
+@pytest.mark.parametrize("value, kind, literal", [
+    (float("inf"), "float", "INFINITY"), (-float("inf"), "double", "(-INFINITY)"),
+    (float("nan"), "f32", "NAN"), (1e300, "f32", "INFINITY"), (0.5, "f32", "0.5f"),
+    (0.5, "float", "((float)0.5)"), (0.1, "double", "0.1"),
+], ids=["inf-float", "minus-inf-double", "nan-f32", "beyond-f32", "half-f32", "half-float", "tenth-double"])
+def test_every_float_is_a_c_literal(value, kind, literal):
+    """Issue 16: `inf` once reached generated C and OpenCL C; every renderer writes floats
+    through c_literal, which gives the NAN / INFINITY macros for non-finite values."""
+    from ember.codegen.opencl import cl_real
+    from ember.codegen.renderer import c_literal
+    assert c_literal(value, kind) == literal
+    if kind != "float":
+        assert cl_real(value, fp64=kind == "double") == literal

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import threading
 import time
 import weakref
@@ -139,7 +140,8 @@ class VulkanBackend(ResidentSync, Backend):
         stored = dict(plan, shaders=[{k: v for k, v in s.items() if k not in exported} for s in plan["shaders"]],
                       regions=dict(plan["regions"], aux=[{k: v for k, v in a.items() if k != "file"}
                                                          for a in plan["regions"]["aux"]]))
-        if stored != program.launch_plan():
+        # compared as JSON stores it (a tuple-valued template parameter reads back as a list)
+        if stored != json.loads(json.dumps(program.launch_plan())):
             raise EmberError(f"vulkan: the launch plan does not match graph {graph.name!r} as rendered now")
         spirv = {}
         for s, entry in zip(program.shaders, plan["shaders"]):
