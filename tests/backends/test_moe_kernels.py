@@ -1,6 +1,7 @@
 """The mixture-of-experts ops on every backend, beyond the conformance cases: batch invariance
-(a token's expert outputs are the bits it gets alone), an expert id out of range as a status
-error naming the node, and a whole MoE FFN against plain NumPy."""
+(a token's expert outputs are the bits it gets alone, on every backend), an expert id out of
+range as a status error naming the node, and a whole MoE FFN against plain NumPy and against its
+own decode steps."""
 import numpy as np
 import pytest
 
@@ -101,3 +102,18 @@ def test_moe_ffn_matches_numpy(backend, wtype, bound, shape):
     x = np.random.default_rng(1).standard_normal((shape.T, shape.D)).astype(np.float32)
     (got,) = backend.compile(graph).run({"x": x})
     assert nmse(got, numpy_moe_ffn(shape, as_stored(weights, wtype), x)) <= bound
+
+
+@pytest.mark.parametrize("wtype", ["q4_0"])   # the router is f32 in any case
+def test_moe_ffn_rows_equal_decode_rows(backend, wtype):
+    """The whole FFN (router, top_k, take_along, three mul_mat_id, shared expert): each token of a
+    batch of 9 gets the bits of its own one-token step, whatever experts the others chose."""
+    shape = MoeShape()
+    weights = moe_weights(shape)
+    batch, decode = build_moe_ffn(shape, weights, wtype), build_moe_ffn(shape, weights, wtype, T=1)
+    _require(backend, batch)
+    x = np.random.default_rng(3).standard_normal((shape.T, shape.D)).astype(np.float32)
+    (got,) = backend.compile(batch).run({"x": x})
+    step = backend.compile(decode)
+    for t in range(shape.T):
+        np.testing.assert_array_equal(got[t], step.run({"x": x[t:t + 1]})[0][0], err_msg=f"token {t}")
