@@ -96,6 +96,28 @@ def test_every_op_of_the_table_is_supported_by_the_renderer():
         assert opencl.supports_node(node) == (True, ""), op
 
 
+def experts_graph(T, wtype="q4_0"):
+    b = GraphBuilder(f"experts{T}")
+    w = b.weight("w", np.random.default_rng(0).standard_normal((5, 8, 64)), wtype)
+    return b.build(b.mul_mat_id(b.input("x", "f32", (T, 64)), w, b.input("ids", "i32", (T, 3))))
+
+
+@pytest.mark.parametrize("wtype", ["f32", "q4_0"])
+def test_mul_mat_id_runs_the_same_kernel_for_one_token_and_for_a_batch(wtype):
+    """mul_mat.cl.j2 with ids, one work item per (weight row, pair): the kernel text is the same
+    whatever the number of tokens, so a token's rows are the bits it gets alone."""
+    bodies = []
+    for T in (1, 9):
+        program = render_graph(experts_graph(T, wtype))
+        (k,) = program.kernels
+        (launch,) = program.launches
+        assert k.template == "mul_mat.cl.j2" and k.params["ids"] is True
+        assert launch.global_size == (8, 1, T * 3)
+        lines = program.source.splitlines()[k.first_line - 1:k.last_line]
+        bodies.append(lines[next(i for i, line in enumerate(lines) if line.startswith("__kernel")):])
+    assert bodies[0] == bodies[1]
+
+
 def test_launch_plan_is_json_and_names_every_buffer():
     graph = shared_weight_graph()
     plan = compile_plan(laid_out(graph, adreno_profile(**SMALL_SOA)), adreno_profile(**SMALL_SOA))

@@ -3,6 +3,7 @@
 plans, bindings split for big weights, the SPIR-V cache and compile errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -141,6 +142,32 @@ def test_operand_too_big_for_any_binding_is_unsupported():
     node = b.exp(x)
     ok, reason = supports_node(node, DeviceCaps("tiny", max_storage_range=1024))
     assert not ok and "maxStorageBufferRange" in reason
+
+
+def experts_graph(E=4, N=8, K=64, wtype="q8_0"):
+    b = GraphBuilder("experts")
+    w = b.weight("w", np.random.default_rng(0).standard_normal((E, N, K)), wtype)
+    return b.build(b.mul_mat_id(b.input("x", "f32", (3, K)), w, b.input("ids", "i32", (3, 2))))
+
+
+def test_experts_are_one_dispatch_of_the_mul_mat_kernel_with_ids():
+    program = render_graph(experts_graph(), LAVAPIPE)
+    (d,) = program.dispatches
+    shader = program.shaders[d.shader]
+    assert shader.template == "mul_mat_chunked.comp.j2" and dict(shader.params)["ids"] is True
+    assert d.bindings[1].kind == "texel" and len(d.bindings) == 5     # x, w, y, ids, status
+    assert d.groups == (-(-8 // dict(shader.params)["rows"]) * 3 * 2, 1, 1)   # row groups x pairs
+
+
+def test_experts_over_one_texel_binding_are_read_through_a_storage_binding():
+    caps = dataclasses.replace(LAVAPIPE, max_texel_bytes=1024)    # 4 x 8 rows of 68 bytes: more
+    (d,) = render_graph(experts_graph(), caps).dispatches
+    assert d.bindings[1].kind == "storage"
+
+
+def test_experts_over_one_storage_binding_are_unsupported():
+    ok, reason = supports_node(experts_graph().outputs[0], DeviceCaps("small", max_storage_range=1024))
+    assert not ok and "operand 1" in reason and "maxStorageBufferRange" in reason
 
 
 # ---- SPIR-V cache and errors -------------------------------------------------------------------
