@@ -17,7 +17,7 @@ from ember.codegen.opencl_plan import (ADRENO_GENERATIONS, WeightLayout, adreno_
                                        generic_profile, relayout_weight)
 from ember.codegen.renderer import LOWERING
 from ember.errors import EmberError
-from ember.ir import GraphBuilder
+from ember.ir import GraphBuilder, dtypes
 from ember.passes import LayoutAdreno
 from ember.ir.quant import dequantize, quantize
 
@@ -96,20 +96,26 @@ def test_every_op_of_the_table_is_supported_by_the_renderer():
         assert opencl.supports_node(node) == (True, ""), op
 
 
-def experts_graph(T, wtype="q4_0"):
+def experts_graph(T, wtype="q4_0", K=64):
     b = GraphBuilder(f"experts{T}")
-    w = b.weight("w", np.random.default_rng(0).standard_normal((5, 8, 64)), wtype)
-    return b.build(b.mul_mat_id(b.input("x", "f32", (T, 64)), w, b.input("ids", "i32", (T, 3))))
+    w = b.weight("w", np.random.default_rng(0).standard_normal((5, 8, K)), wtype)
+    return b.build(b.mul_mat_id(b.input("x", "f32", (T, K)), w, b.input("ids", "i32", (T, 3))))
 
 
-@pytest.mark.parametrize("wtype", ["f32", "q4_0"])
-def test_mul_mat_id_runs_the_same_kernel_for_one_token_and_for_a_batch(wtype):
+# Every weight type, and float rows of K % 16 != 0 (the scalar path of mul_mat.cl.j2).
+ID_CASES = [(d.name, 256 if d.block_size == 256 else 64) for d in dtypes.WEIGHT_TYPES] + \
+    [(d.name, 72) for d in dtypes.WEIGHT_TYPES if not d.is_quantized]
+
+
+@pytest.mark.parametrize("wtype, K", ID_CASES, ids=[f"{w}-K{k}" for w, k in ID_CASES])
+def test_mul_mat_id_runs_the_same_kernel_for_one_token_and_for_a_batch(wtype, K):
     """mul_mat.cl.j2 with ids, one work item per (weight row, pair): the kernel text is the same
     whatever the number of tokens, so a token's rows are the bits it gets alone."""
     bodies = []
     for T in (1, 9):
-        program = render_graph(experts_graph(T, wtype))
+        program = render_graph(experts_graph(T, wtype, K))
         (k,) = program.kernels
+        assert k.params["vector"] == (K % 16 == 0)
         (launch,) = program.launches
         assert k.template == "mul_mat.cl.j2" and k.params["ids"] is True
         assert launch.global_size == (8, 1, T * 3)
