@@ -48,9 +48,9 @@ from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, mat
 from ember.codegen.kv_quant import KV_QUANTIZED, c_hex, turbo_literals
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
-from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates,
-                                    c_comment, c_float, c_gated_delta_net, c_literal, c_get_rows, c_rope, c_row_op,
-                                    c_softmax, lowering_problem, optional_operands)
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_comment, c_float,
+                                    c_gated_delta_net, c_get_rows, c_literal, c_rope, c_row_op, c_softmax,
+                                    c_take_along, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph
@@ -147,13 +147,11 @@ def supports_node(node: Node) -> tuple[bool, str]:
     why = lowering_problem(node, "OpenCL")
     if why:
         return False, why
-    if LOWERING.get(node.op) in MOE_KINDS:
-        return False, f"{node.op}: no OpenCL kernel yet"
     for t in [node.type] + [i.type for i in node.inputs]:
         if span_bytes(t) > MAX_BYTES or t.numel > MAX_BYTES:
             return False, f"{node.op}: a tensor of {span_bytes(t)} bytes is over the 2 GiB kernels address"
-    if node.op == "mul_mat" and node.inputs[1].shape[-1] == 0:
-        return False, "mul_mat: K == 0 unsupported"
+    if node.op in ("mul_mat", "mul_mat_id") and node.inputs[1].shape[-1] == 0:
+        return False, f"{node.op}: K == 0 unsupported"
     for k, operand in enumerate(node.inputs):
         if operand.type.layout not in ("row", SOA.name):
             return False, f"{node.op}: operand {k} is in layout {operand.type.layout}, which no OpenCL kernel reads"
@@ -187,6 +185,25 @@ def _mul_mat_shape(node: Node) -> _MulMat:
     b = matmul_batches(x, w)
     return _MulMat(b.T, w.shape[-2], w.shape[-1], b.batches, b.x_row, x.strides[-1], w.strides[-2], w.strides[-1],
                    b.x_batch, b.w_batch)
+
+
+def _mul_mat_id_shape(node: Node) -> _MulMat:
+    """mul_mat_id as mul_mat.cl.j2 runs it: one batch per (token, slot) pair, one token each, x
+    read at the pair's token (and slot, for x [T, n_used, K]), w at the pair's expert `e`."""
+    x, w, ids = (i.type for i in node.inputs)
+    T, n_used = ids.shape
+    E, N, K = w.shape
+    x_sel = x.strides[1] if x.rank == 3 and x.shape[1] > 1 else 0
+    x_batch = f"(b / {n_used}) * {x.strides[0]} + (b % {n_used}) * {x_sel}"
+    return _MulMat(1, N, K, T * n_used, 0, x.strides[-1], w.strides[1], w.strides[2], x_batch,
+                   f"e * {w.strides[0]}")
+
+
+def _vector_dot(x_dtype: str, wt: TensorType, mm: _MulMat) -> bool:
+    """Whether mul_mat.cl.j2 takes its float16 path: x f32 and contiguous along K, and w
+    quantized, or float, contiguous along K with K a multiple of 16."""
+    return x_dtype == "f32" and mm.x_step == 4 and (wt.dtype.is_quantized or (
+        mm.K % 16 == 0 and mm.w_step == wt.dtype.block_bytes))
 
 
 # ---- the renderer ------------------------------------------------------------------------------
@@ -342,8 +359,7 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         mm = _mul_mat_shape(node)
         if w in self.layouts:
             return self.mul_mat_soa(node, mm)
-        vector = x.dtype.name == "f32" and mm.x_step == 4 and (w.dtype.is_quantized or (
-            mm.K % 16 == 0 and mm.w_step == w.dtype.block_bytes))
+        vector = _vector_dot(x.dtype.name, w.type, mm)
         if mm.T > 1 and vector and not w.dtype.is_quantized:
             # Prompts: a register tile per work item (see the template); it reduces each
             # output exactly as mul_mat.cl.j2 does, so decode and prompt rows agree bit for bit.
@@ -361,7 +377,38 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         x_dtype=x.dtype.name,
                         T=mm.T, N=mm.N, K=mm.K, tt=tt, batches=mm.batches, x_row=mm.x_row,
                         x_step=mm.x_step, w_row=mm.w_row, w_step=mm.w_step, x_batch=mm.x_batch,
-                        w_batch=mm.w_batch)
+                        w_batch=mm.w_batch, ids=False)
+
+    def mul_mat_id(self, node: Node):
+        """mul_mat.cl.j2 with ids: one work item per (weight row, pair), reading only the pairs'
+        experts (see the template). Expert weights are in the row layout on every profile: the
+        Adreno SoA layout holds 2-D matrices, and layout-adreno leaves a 3-D [E, N, K] weight as
+        it is (check_layouts would refuse one that were not)."""
+        x, w, ids = node.inputs
+        mm = _mul_mat_id_shape(node)
+        T, n_used = ids.shape
+        self.add_kernel(node, "mul_mat.cl.j2",
+                        [self.buf(x), self.buf(w), self.buf(node), self.buf(ids),
+                         StatusArg(self.index_status(node, w.shape[0]))],
+                        (mm.N, 1, mm.batches), None,
+                        wtype=w.dtype.name, quantized=w.dtype.is_quantized,
+                        vector=_vector_dot(x.dtype.name, w.type, mm), x_dtype=x.dtype.name,
+                        T=1, N=mm.N, K=mm.K, tt=1, batches=mm.batches, x_row=0, x_step=mm.x_step,
+                        w_row=mm.w_row, w_step=mm.w_step, x_batch=mm.x_batch, w_batch=mm.w_batch,
+                        ids=True, n_used=n_used, E=w.shape[0], ids_tok=ids.type.strides[0],
+                        ids_sel=ids.type.strides[1])
+
+    def top_k(self, node: Node):
+        _, operands, params = c_row_op(node, c_float)
+        self.add_kernel(node, "top_k.cl.j2", [self.buf(operands[0]), self.buf(node)], (params["rows"],), None,
+                        k=node.attr("k"), **params)
+
+    def take_along(self, node: Node):
+        x, idx = node.inputs
+        params = c_take_along(node)
+        self.add_kernel(node, "take_along.cl.j2",
+                        [self.buf(x), self.buf(idx), self.buf(node), StatusArg(self.index_status(node, x.shape[-1]))],
+                        (params["k"], params["rows"]), None, **params)
 
     def mul_mat_soa(self, node: Node, mm: _MulMat):
         x, w = node.inputs

@@ -49,8 +49,6 @@ LOWERING.update(softmax="softmax", rope="rope", attention="attention", ssm_conv=
                 ssm_scan="ssm_scan", gated_delta_net="gated_delta_net", mul_mat="mul_mat",
                 get_rows="get_rows", set_rows="set_rows", cont="copy", cast="copy", concat="concat",
                 mul_mat_id="mul_mat_id", top_k="top_k", take_along="take_along")
-# The mixture-of-experts kinds; a dialect without their kernels declares so in supports_node.
-MOE_KINDS = ("mul_mat_id", "top_k", "take_along")
 
 
 def needs_lowering(op: str) -> bool:
@@ -439,20 +437,15 @@ class Renderer(abc.ABC):
     def set_rows(self, node: Node):
         """Rows written into a tensor by index (cache updates), with an index status check."""
 
-    # Kinds a dialect may lack kernels for yet: its supports_node declares them unsupported, so
-    # these defaults are never reached from a backend's compile; they name the gap if they are.
+    @abc.abstractmethod
     def mul_mat_id(self, node: Node):
         """Expert matmul: each (token, slot) row times the weight of the expert ids selects, reading
         only the selected experts, batch invariant, with an index status check."""
-        raise self.missing_kernel(node)
 
+    @abc.abstractmethod
     def top_k(self, node: Node):
         """Indices of the k largest values of each row (ties to the lower index)."""
-        raise self.missing_kernel(node)
 
+    @abc.abstractmethod
     def take_along(self, node: Node):
         """Values of each row at per-row indices, with an index status check."""
-        raise self.missing_kernel(node)
-
-    def missing_kernel(self, node: Node) -> EmberError:
-        return self.error(node, f"{node.op}: no {self.dialect} kernel yet")

@@ -506,10 +506,10 @@ case("get_rows/f32-strided-idx", "get_rows")(_get_rows_idx_view)
 
 
 # mixture of experts: mul_mat_id (E = 7 experts, not a power of two), top_k, take_along
-def _mm_id(name, wtype, T, n_used, x="plain", x_rows=0, ids=None, E=7, N=5, scalar=False):
+def _mm_id(name, wtype, T, n_used, x="plain", x_rows=0, ids=None, E=7, N=5, K=None, scalar=False):
     """x "plain" [T, K], "transposed" / "view" (strided), or "per-expert" [T, n_used, K] (x_rows
     rows per token: 1 broadcasts); ids from `ids` values, else random in [0, E)."""
-    K = 256 if wtype in ("q4_k", "q6_k") else 64
+    K = K or (256 if wtype in ("q4_k", "q6_k") else 64)
     def build(s):
         if x == "transposed":
             xn = transposed(s, "x", (T, K))
@@ -535,6 +535,8 @@ _mm_id("T9-used1-transposed", "f32", 9, 1, x="transposed")
 _mm_id("T9-used3-view", "q8_0", 9, 3, x="view")
 _mm_id("T9-used3-x-broadcast", "f16", 9, 3, x="per-expert", x_rows=1)
 _mm_id("T5-used3-E3-wide", "q4_0", 5, 3, E=3, N=33)
+_mm_id("T9-used3-K72", "f32", 9, 3, K=72)     # rows not in whole 32-value chunks (nor 16)
+_mm_id("T9-used3-K72", "f16", 9, 3, K=72)
 
 
 def _ties(rng, shape):   # few distinct values: ties everywhere

@@ -84,8 +84,7 @@ def test_every_generation_compiles_the_decode_step(model_graphs, generation, tmp
 # ---- every template ----------------------------------------------------------------------------
 def conformance_graphs():
     """One graph holding every conformance case (every op, dtype and view kind, quantized KV
-    caches included) that the OpenCL renderer declares it supports (it declares the
-    mixture-of-experts ops unsupported, for now)."""
+    caches and the mixture-of-experts ops included) that the OpenCL renderer supports."""
     import sys
     sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
     from test_conformance import CASES, Scope, _reachable
@@ -125,6 +124,9 @@ def test_every_conformance_kernel_compiles_for_adreno(tmp_path):
                    if k.template in ("set_rows.cl.j2", "attention.cl.j2")}
     assert {(t, dt) for t in ("set_rows.cl.j2", "attention.cl.j2")
             for dt in ("q8_0", "q4_0", "turbo3", "turbo4")} <= cache_types
+    ops = {n.op for n in program.graph.nodes}
+    assert {"mul_mat_id", "top_k", "take_along"} <= ops      # the mixture-of-experts kernels too
+    assert {"top_k.cl.j2", "take_along.cl.j2"} <= {k.template for k in program.kernels}
     assert_adreno_compiles(program, tmp_path)
 
 

@@ -127,6 +127,13 @@ graph g(%x: f32[1, 64]) {
   return %0, %2
 }
 """, SMALL),
+    ("experts of mul_mat_id: 3-D, read as rows", """
+graph g(%x: f32[2, 64], %ids: i32[2, 2]) {
+  %w = const "w" : q8_0[4, 8, 64]
+  %0 = mul_mat_id(%x, %w, %ids)
+  return %0
+}
+""", SMALL),
     ("a graph output", """
 graph g(%x: f32[1, 64]) {
   %w = const "w" : q8_0[8, 64]
