@@ -161,7 +161,7 @@ inline void ember_dequant32v_q6_k(__global const uchar *row, int c, float16 *w0,
 __constant char ember_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 __constant char ember_fp4_values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-/* E8M0 exponent -> 2^(e - 128) (the MXFP4 scale halved, as the code book is doubled). */
+/* E8M0 exponent -> 2^(e - 128) (the MXFP4 scale halved, the code book being E2M1 times 2). */
 inline float ember_e8m0_half(uint e) {
     return as_float(e < 2u ? 0x00200000u << e : (e - 1u) << 23);
 }
