@@ -51,7 +51,7 @@ def _token_alone_equals_batch(batch_exe, alone_exe, x, exact):
 def test_mul_mat_id_is_batch_invariant(backend, wtype):
     """Each token computed alone gives the bits it gets in a batch of 9 whose other tokens chose
     other experts (bit for bit on the cpu)."""
-    K = 256 if wtype in ("q4_k", "q6_k") else 64
+    K = 256 if dtypes.dtype(wtype).block_size == 256 else 64
     batch, x = _experts(9, K, wtype)
     alone, _ = _experts(1, K, wtype)
     _require(backend, batch)
