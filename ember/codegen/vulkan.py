@@ -79,7 +79,8 @@ assert set(ELTWISE_GLSL) == set(ELEMENTWISE_OPS), "an elementwise op has no GLSL
 
 FLOAT_KINDS = ("f32", "f16", "bf16")
 RAW_KIND = {4: "u32", 2: "u16", 1: "u8"}
-MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
+MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k",
+                 "q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4")
 
 
 # ---- templates -------------------------------------------------------------------------------

@@ -40,6 +40,15 @@ GGML_TO_EMBER: dict[GGMLQuantizationType, dtypes.DType] = {
     GGMLQuantizationType.Q5_0: dtypes.q5_0,
     GGMLQuantizationType.Q4_K: dtypes.q4_k,
     GGMLQuantizationType.Q6_K: dtypes.q6_k,
+    GGMLQuantizationType.Q4_1: dtypes.q4_1,
+    GGMLQuantizationType.Q5_1: dtypes.q5_1,
+    GGMLQuantizationType.Q2_K: dtypes.q2_k,
+    GGMLQuantizationType.Q3_K: dtypes.q3_k,
+    GGMLQuantizationType.Q5_K: dtypes.q5_k,
+    GGMLQuantizationType.IQ4_NL: dtypes.iq4_nl,
+    GGMLQuantizationType.IQ4_XS: dtypes.iq4_xs,
+    GGMLQuantizationType.MXFP4: dtypes.mxfp4,
+    GGMLQuantizationType.NVFP4: dtypes.nvfp4,
 }
 EMBER_TO_GGML = {v: k for k, v in GGML_TO_EMBER.items()}
 SUPPORTED_TYPE_NAMES = ", ".join(t.name for t in GGML_TO_EMBER)

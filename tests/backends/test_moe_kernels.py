@@ -27,14 +27,14 @@ def _require(backend, graph):
 
 def _experts(T, wtypes, seed=0):
     """For each weight type, an up projection x [T, K] -> [T, 3, K] and a down projection with one
-    input row per selected expert -> [T, 3, N], both through mul_mat_id (K = 256 for the k-quants,
-    64 else); all in one graph (one compile), with inputs x64 and x256 for 9 tokens."""
+    input row per selected expert -> [T, 3, N], both through mul_mat_id (K = 256 for 256-value
+    blocks, 64 else); all in one graph (one compile), with inputs x64 and x256 for 9 tokens."""
     rng = np.random.default_rng(seed)
     b = GraphBuilder(f"experts_T{T}")
     ids = b.input("ids", "i32", (T, 3))
     xs, outputs = {}, []
     for wtype in wtypes:
-        K = 256 if wtype in ("q4_k", "q6_k") else 64
+        K = 256 if dtypes.dtype(wtype).block_size == 256 else 64
         if K not in xs:
             xs[K] = b.input(f"x{K}", "f32", (T, K))
         up = b.mul_mat_id(xs[K], b.weight(f"up_{wtype}", rng.standard_normal((E, K, K)) / 8, wtype), ids)

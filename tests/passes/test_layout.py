@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from ember.ir import GraphBuilder
+from ember.ir.dtypes import dtype
+from ember.ir.layouts import get_layout
 from ember.ir.parser import parse_ir
 from ember.ir.printer import print_ir
 from ember.ir.verifier import verify
@@ -179,3 +181,17 @@ def test_ember_passes_output_with_layouts_round_trips(tmp_path):
     want = pipeline_for("opencl-adreno")(parse_ir(text))
     assert_structural_equal(printed, want)
     np.testing.assert_array_equal(printed.constants["w"], want.constants["w"])
+
+
+NEW_WTYPES = ("q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4")
+
+
+@pytest.mark.parametrize("wtype", NEW_WTYPES)
+def test_layout_adreno_leaves_the_other_weight_formats_in_rows(wtype):
+    """No Adreno SoA form for these (llama.cpp has none either): the layout names the type it
+    refuses, the pass leaves the weight in rows, and the OpenCL row kernels read it."""
+    K = 256 if dtype(wtype).block_size == 256 else 512
+    assert wtype in get_layout("adreno_soa").problem(dtype(wtype), (512, K))
+    before = parse_ir(one_consumer(wtype, shape=(512, K), x_shape=(1, K)))
+    assert LayoutAdreno(min_rows=4, min_cols=32)(before) is before
+    assert pipeline_for("opencl-adreno")(before).outputs[0].inputs[1].type.layout == "row"
