@@ -11,7 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from tiny_gguf import Spec, write_tiny_gguf
+from tiny_gguf_hybrid import HybridSpec, write_hybrid_gguf
 from tiny_gguf_ssm import SsmSpec, write_ssm_gguf
+
+WRITERS = {Spec: write_tiny_gguf, SsmSpec: write_ssm_gguf, HybridSpec: write_hybrid_gguf}
 
 
 class TinyFiles:
@@ -20,10 +23,9 @@ class TinyFiles:
     def __init__(self, folder: Path):
         self.folder, self.paths = folder, {}
 
-    def __getitem__(self, spec: Spec | SsmSpec) -> Path:
+    def __getitem__(self, spec: Spec | SsmSpec | HybridSpec) -> Path:
         if spec not in self.paths:
-            write = write_ssm_gguf if isinstance(spec, SsmSpec) else write_tiny_gguf
-            self.paths[spec] = write(self.folder / spec.filename, spec)
+            self.paths[spec] = WRITERS[type(spec)](self.folder / spec.filename, spec)
         return self.paths[spec]
 
 
