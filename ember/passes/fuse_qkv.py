@@ -11,7 +11,10 @@ Each output element is computed exactly as before (same row of weights, same red
 K), so on batch-invariant kernels the results are bit-identical.
 
 Refused (graph unchanged): different inputs, different weight types or inner sizes, weights
-that are not constants, batched (3-D+) weights, a lone matmul.
+that are not constants, batched (3-D+) weights, a lone matmul, and a matmul whose result some
+`view` reads: a view's byte strides were written for the contiguous result, so over the fused
+row stride they would read other columns (Mamba-2's ssm_in, split into z, xBC and dt by views,
+shares its input with Q/K/V in falcon-h1).
 """
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ def _fusable(node: Node) -> bool:
             and w.type.layout == "row")   # re-laid-out blocks do not concatenate row-wise
 
 
+def _viewed(graph: Graph, mm: Node) -> bool:
+    """Whether a view reads mm's result (its strides assume mm's own contiguous rows)."""
+    return any(user.op == "view" for user in graph.users.get(mm, ()))
+
+
 def _const_bias(graph: Graph, mm: Node) -> tuple[Node, Node] | None:
     """(add node, bias const) when mm's only user adds a constant bias of one value per column."""
     users = graph.users.get(mm, ())
@@ -49,7 +57,7 @@ def find_groups(graph: Graph) -> list[list[Node]]:
     """Matmuls to fuse, each group in declared order, groups in order of their first member."""
     groups: dict[tuple, list[Node]] = {}
     for node in graph.live_nodes:   # dead matmuls (left by an earlier fusion) do not count
-        if node.op == "mul_mat" and _fusable(node):
+        if node.op == "mul_mat" and _fusable(node) and not _viewed(graph, node):
             x, w = node.inputs
             if 0 in x.shape:    # no rows (a step with no outputs): nothing to gain, no view fits
                 continue

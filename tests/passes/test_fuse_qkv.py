@@ -178,6 +178,20 @@ def test_fuse_qkv_fuses_gate_and_up_the_same_way():
   %2 = add(%0, %1)
   return %2
 }""",
+    # a result read through a view with its own byte strides (Mamba-2's ssm_in split into z
+    # and x beside a projection of the same input, as in falcon-h1): over the fused row stride
+    # the view would read the other member's columns
+    """graph g(%x: f32[2, 32]) {
+  %a = const "a" : f32[8, 32]
+  %b = const "b" : f32[8, 32]
+  %0 = mul_mat(%x, %a)
+  %1 = mul_mat(%x, %b)
+  %2 = view(%1, offset=16, shape=[2, 4], strides=[32, 4])
+  %3 = view(%1, offset=0, shape=[2, 4], strides=[32, 4])
+  %4 = concat(%2, %3, axis=1)
+  %5 = add(%0, %4)
+  return %5
+}""",
     # a lone projection
     """graph g(%x: f32[2, 32]) {
   %a = const "a" : f32[8, 32]
