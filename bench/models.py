@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from ember.tools.bench import BenchResult, decode_run, prompt_run, random_tokens  # noqa: E402
+from ember.tools.bench import BenchResult, decode_run, prompt_run, random_tokens, test_name  # noqa: E402
 
 ENGINES = ("ember", "llama.cpp")
 N_CTX = 1024
@@ -37,17 +37,14 @@ REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print
 
 # ---- workers -----------------------------------------------------------------------------------
 class EmberEngine:
-    def __init__(self, model_path: str, threads: int):
+    def __init__(self, model_path: str, threads: int, n_ctx: int):
         from ember.backends import get_backend
         from ember.models import load_model
         from ember.models.tokenizer import Tokenizer
         from ember.runtime.session import Session, SessionOptions
         model = load_model(model_path)
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
-        self.session = Session(model, get_backend("cpu", threads=threads), SessionOptions(n_ctx=N_CTX))
-        # Keep idle plans: while the other engine runs, a plan would otherwise age out of the
-        # cache (10 s) and be compiled again inside a timed run.
-        self.session.plans.max_idle_s = float("inf")
+        self.session = Session(model, get_backend("cpu", threads=threads), SessionOptions(n_ctx=n_ctx))
         self.n_vocab = model.hparams.n_vocab
         self.bos = tokenizer.bos_id if tokenizer.add_bos else None
         self.reset, self.decode = self.session.reset, self.session.eval
@@ -59,9 +56,9 @@ class EmberEngine:
 
 
 class LlamaCppEngine:
-    def __init__(self, model_path: str, threads: int):
+    def __init__(self, model_path: str, threads: int, n_ctx: int):
         import llama_cpp
-        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=N_CTX, n_batch=512, n_ubatch=512,
+        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
                                    n_threads=threads, n_threads_batch=threads, verbose=False)
         self.n_vocab = self.llm.n_vocab()
         self.bos = self.llm.token_bos() if self.llm._model.add_bos_token() else None
@@ -85,21 +82,28 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen: int, seed: int) -> int:
+def context_size(n_prompt: int, n_gen: int, depth: int) -> int:
+    """N_CTX, or more when the depth needs it (a multiple of 256)."""
+    return max(N_CTX, -(-(depth + max(n_prompt, n_gen)) // 256) * 256)
+
+
+def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen: int, seed: int,
+           depth: int = 0) -> int:
     """Serve commands on stdin: pp / tg (one timed run each), quit (report and exit)."""
     def reply(obj) -> None:
         sys.stdout.write(REPLY + json.dumps(obj) + "\n")
         sys.stdout.flush()
 
     start = time.perf_counter()
-    engine = (EmberEngine if engine_name == "ember" else LlamaCppEngine)(model_path, threads)
+    engine = (EmberEngine if engine_name == "ember" else LlamaCppEngine)(
+        model_path, threads, context_size(n_prompt, n_gen, depth))
     rng = np.random.default_rng(seed)
 
-    def tokens(n: int) -> list[int]:
-        return random_tokens(rng, n, engine.n_vocab, engine.bos)
+    def tokens(n: int, bos: bool = True) -> list[int]:
+        return random_tokens(rng, n, engine.n_vocab, engine.bos if bos else None)
 
-    runs = {"pp": lambda: prompt_run(engine.reset, engine.decode, tokens(n_prompt)),
-            "tg": lambda: decode_run(engine.reset, engine.decode, tokens(n_gen))}
+    runs = {"pp": lambda: prompt_run(engine.reset, engine.decode, tokens(n_prompt, not depth), tokens(depth)),
+            "tg": lambda: decode_run(engine.reset, engine.decode, tokens(n_gen, not depth), tokens(depth))}
     for run in runs.values():        # the warm-up
         run()
     reply({"ready": time.perf_counter() - start, **engine.info()})
@@ -119,7 +123,7 @@ class Worker:
     def __init__(self, engine: str, args):
         command = [sys.executable, __file__, "--worker", engine, "--model", args.model,
                    "--threads", str(args.threads), "--n-prompt", str(args.n_prompt),
-                   "--n-gen", str(args.n_gen), "--seed", str(args.seed)]
+                   "--n-gen", str(args.n_gen), "--seed", str(args.seed), "--depth", str(args.depth)]
         self.engine = engine
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -137,8 +141,8 @@ class Worker:
 
 def measure(args) -> tuple[dict, dict]:
     """{engine: [BenchResult pp, BenchResult tg]}, {engine: worker info}"""
-    results = {e: [BenchResult(f"pp{args.n_prompt}", args.n_prompt), BenchResult(f"tg{args.n_gen}", args.n_gen)]
-               for e in ENGINES}
+    results = {e: [BenchResult(test_name("pp", args.n_prompt, args.depth), args.n_prompt),
+                   BenchResult(test_name("tg", args.n_gen, args.depth), args.n_gen)] for e in ENGINES}
     info = {}
     # One at a time, so neither warm-up (ember's includes compiling) overlaps the other.
     workers = []
@@ -171,6 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n-prompt", type=int, default=512)
     parser.add_argument("--n-gen", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=0,
+                        help="tokens in the cache before each timed run, decoded untimed (llama-bench's -d)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -178,7 +184,7 @@ def main(argv=None) -> int:
         from ember.models.default_model import default_model_path
         args.model = str(default_model_path())
     if args.worker:
-        return worker(args.worker, args.model, args.threads, args.n_prompt, args.n_gen, args.seed)
+        return worker(args.worker, args.model, args.threads, args.n_prompt, args.n_gen, args.seed, args.depth)
     if args.reps < 2:
         parser.error("--reps must be at least 2 (the table shows a sample std)")
 
@@ -193,7 +199,8 @@ def main(argv=None) -> int:
     rss = [info[e]["peak_rss_kib"] / 1024 for e in ENGINES]
     rows.append(("peak RSS MiB", f"{rss[0]:.0f}", f"{rss[1]:.0f}", f"{rss[0] / rss[1]:.2f}"))
     header = ("", "ember", "llama.cpp", "ember / llama.cpp")
-    title = (f"{Path(args.model).name}, {args.threads} threads, n_ctx {N_CTX}, mean ± std of "
+    n_ctx = context_size(args.n_prompt, args.n_gen, args.depth)
+    title = (f"{Path(args.model).name}, {args.threads} threads, n_ctx {n_ctx}, mean ± std of "
              f"{args.reps} reps ({load}; {time.perf_counter() - start:.0f} s)")
     notes = (f"ember: warm-up with compiling {info['ember']['ready_seconds']:.1f} s "
              f"(compile {info['ember']['compile_seconds']:.1f} s, {info['ember']['graphs']} graphs); "

@@ -75,10 +75,6 @@ def main(argv=None) -> int:
     plain = Session(model, backend, SessionOptions(n_ctx=1024, disabled_passes=FUSION_PASSES))
     reuse = Session(model, backend, SessionOptions(n_ctx=1024))
     rebuild = Session(model, backend, SessionOptions(n_ctx=1024, reuse=False))
-    # Keep idle plans: while the other sessions take their turn a plan would otherwise age out
-    # of the cache (10 s idle) and be compiled again inside a timed run.
-    for s in (fused, plain, reuse, rebuild):
-        s.plans.max_idle_s = float("inf")
     for s in (fused, plain):                 # warm-up: compile every shape used below
         speed(s, tokens, 2)
     results = {"fused": [], "unfused": []}

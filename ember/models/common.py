@@ -15,10 +15,13 @@ The step-graph contract, relied on by the generation runtime:
              then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each attention
              layer il (n_kv_swa rows for a sliding-window layer), then the state of each
              recurrent layer il (HParams.recurrent_layers says which; Model.state_kinds which
-             states): a Mamba-2 layer has conv_state.{il} f32[d_conv - 1, d_inner + 2 * n_group *
-             d_state] and ssm_state.{il} f32[n_ssm_head, ssm_head_dim, d_state]; a short
-             convolution (lfm2) has conv_state.{il} f32[l_cache - 1, n_embd] only (the last rows
-             of B*x it saw). Each group in layer order; a layer can have both a KV cache and a
+             states), each group in layer order. A Mamba-2 layer has conv_state.{il} f32[d_conv -
+             1, d_inner + 2 * n_group * d_state] and ssm_state.{il} f32[n_ssm_head, ssm_head_dim,
+             d_state]; a gated DeltaNet layer (qwen3next, qwen35, qwen35moe: ssm_n_head v heads of
+             S = d_state, d_inner = H_v * S, n_group q/k heads) a conv state over q, k and v
+             ([d_conv - 1, 2 H_k S + H_v S]) and ssm_state the delta rule's [H_v, S_v, S_k]
+             (gated_delta_net's layout); a short convolution (lfm2) conv_state.{il} f32[l_cache - 1,
+             n_embd] only (the last rows of B*x it saw). A layer can have both a KV cache and a
              state (falcon-h1) or neither (nemotron_h's FFN-only layers).
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
              set_rows(cache, slots, rows) for every attention layer, then the states after the
@@ -45,7 +48,7 @@ from ember.ir.builder import GraphBuilder
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.models.gguf_file import GGUFFile, ModelFileError
-from ember.models.hparams import HParams
+from ember.models.hparams import DELTA_NET_ARCHS, HParams
 
 CACHE_DTYPE = dtypes.f16
 STATE_DTYPE = dtypes.f32     # recurrent state stays f32, as in llama.cpp
@@ -126,8 +129,11 @@ class Model:
         if self.recurrent_layers and hp.shortconv_l_cache:
             parts.append(f"{len(self.recurrent_layers)} short convolutions (window {hp.shortconv_l_cache})")
         elif self.recurrent_layers:
-            parts.append(f"{len(self.recurrent_layers)} Mamba-2 ({hp.ssm_n_head} heads of "
+            kind = "DeltaNet" if hp.arch in DELTA_NET_ARCHS else "Mamba-2"
+            parts.append(f"{len(self.recurrent_layers)} {kind} ({hp.ssm_n_head} heads of "
                          f"{hp.ssm_head_dim}, d_state {hp.ssm_d_state})")
+        if hp.n_expert:
+            parts.append(f"{hp.n_expert} experts ({hp.n_expert_used} used)")
         if self.attention_layers:
             parts.append(f"{hp.n_head}/{hp.n_head_kv} heads of {hp.head_dim_k}")
         return f"<Model {self.arch} {str(self.path)!r}: {', '.join(parts)}, vocab {hp.n_vocab}>"

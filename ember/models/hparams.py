@@ -37,6 +37,16 @@ HYBRID_ARCHS = ("granitehybrid", "nemotron_h", "lfm2")
 PARALLEL_HYBRID_ARCHS = ("falcon-h1",)
 MAMBA2_ARCHS = ("mamba2", "granitehybrid", "nemotron_h", "falcon-h1")
 
+# Gated-DeltaNet hybrids (llama.cpp's qwen3next.cpp, qwen35.cpp, qwen35moe.cpp): DeltaNet layers
+# and gated full-attention layers; a layer is full attention every full_attention_interval
+# layers (default 4) unless {arch}.attention.recurrent_layers lists each layer. Their ssm.* keys
+# mean: state_size = the head size of q, k and v (S), group_count = q/k heads, time_step_rank =
+# v heads, inner_size = v heads * S. qwen3next and qwen35moe have a mixture of experts.
+DELTA_NET_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
+MOE_ARCHS = ("qwen3next", "qwen35moe")
+DEFAULT_FULL_ATTENTION_INTERVAL = 4
+RECURRENT_LAYERS_KEY = "{arch}.attention.recurrent_layers"
+
 
 @dataclass(frozen=True)
 class HParams:
@@ -80,6 +90,15 @@ class HParams:
     ssm_d_state: int = 0
     ssm_n_head: int = 0
     ssm_n_group: int = 0
+    # Mixture of experts (DELTA_NET_ARCHS with experts): experts, experts used per token, the
+    # width of one expert's FFN and of the shared expert, the factor on the selected weights
+    # (0: none).
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
+    expert_weights_scale: float = 0.0
+    rope_sections: tuple[int, ...] = field(default=())    # qwen35: the imrope sections (t, h, w, e)
 
     def __post_init__(self):
         if not self.swa_layers:
@@ -227,6 +246,9 @@ class _Reader:
             values.update(self.lfm2())
         if self.arch == "nemotron_h":
             values["use_rope"] = False          # llama.cpp: LLAMA_ROPE_TYPE_NONE
+        if self.arch in DELTA_NET_ARCHS:
+            values.update(self.mamba2(values))
+            values.update(self.delta_net(values))
         hp = HParams(**values)
         self.check(hp)
         return hp
@@ -288,7 +310,8 @@ class _Reader:
         return dict(shortconv_l_cache=self.get(Keys.ShortConv.L_CACHE, int, required=True))
 
     def mamba2(self, values: dict) -> dict:
-        """load_arch_hparams of mamba2, granitehybrid, nemotron_h and falcon-h1: the ssm.* sizes."""
+        """load_arch_hparams of mamba2, granitehybrid, nemotron_h and falcon-h1 (and of the DeltaNet
+        hybrids, which reuse the keys): the ssm.* sizes."""
         out = dict(
             ssm_d_conv=self.get(Keys.SSM.CONV_KERNEL, int, required=True),
             ssm_d_inner=self.get(Keys.SSM.INNER_SIZE, int, required=True),
@@ -298,6 +321,40 @@ class _Reader:
         )
         if self.arch in RECURRENT_ARCHS:
             out["recurrent_layers"] = (True,) * values["n_layer"]
+        return out
+
+    def delta_net(self, values: dict) -> dict:
+        """llama_model_qwen3next / qwen35 / qwen35moe::load_arch_hparams: which layers are
+        recurrent, the expert sizes, the rope sections."""
+        n_layer = values["n_layer"]
+        key = self.key(RECURRENT_LAYERS_KEY)
+        listed = self.meta.get(key)
+        if isinstance(listed, np.ndarray):
+            if listed.size != n_layer:
+                raise ModelFileError(f"{self.source}: {key!r} has {listed.size} entries for {n_layer} layers")
+            recurrent = tuple(bool(v) for v in listed)
+        else:
+            interval = self.get(Keys.LLM.FULL_ATTENTION_INTERVAL, int, DEFAULT_FULL_ATTENTION_INTERVAL)
+            if interval <= 0:
+                raise ModelFileError(f"{self.source}: {self.key(Keys.LLM.FULL_ATTENTION_INTERVAL)!r} "
+                                     f"= {interval} must be positive")
+            recurrent = tuple((il + 1) % interval != 0 for il in range(n_layer))
+        out = dict(recurrent_layers=recurrent)
+        if self.arch in MOE_ARCHS:
+            n_used = self.get(Keys.LLM.EXPERT_USED_COUNT, int, required=True)
+            n_ff = values["n_ff"]
+            out.update(n_expert=self.get(Keys.LLM.EXPERT_COUNT, int, required=True),
+                       n_expert_used=n_used,
+                       n_ff_exp=self.get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int, 0) or n_ff // max(n_used, 1),
+                       n_ff_shexp=self.get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, int, 0) or n_ff,
+                       expert_weights_scale=self.get(Keys.LLM.EXPERT_WEIGHTS_SCALE, float, 0.0))
+        if self.arch != "qwen3next":
+            key = self.key(Keys.Rope.DIMENSION_SECTIONS)
+            sections = self.meta.get(key)
+            if not isinstance(sections, np.ndarray) or sections.size < 4:
+                raise ModelFileError(f"{self.source}: required metadata {key!r} (4 rope sections) is "
+                                     f"missing or short: {sections!r}")
+            out["rope_sections"] = tuple(int(v) for v in sections[:4])
         return out
 
     def granite(self) -> dict:
@@ -313,6 +370,25 @@ class _Reader:
         if scale:
             out["attn_scale"] = scale
         return out
+
+    @staticmethod
+    def check_delta_net(hp: HParams) -> list[str]:
+        problems = []
+        if hp.recurrent_layer_ids and hp.ssm_d_inner != hp.ssm_n_head * hp.ssm_d_state:
+            problems.append(f"ssm inner size {hp.ssm_d_inner} must be the {hp.ssm_n_head} v heads "
+                            f"times the state size {hp.ssm_d_state} (q, k and v heads of one size)")
+        if hp.attention_layers and hp.head_dim_k != hp.head_dim_v:
+            problems.append(f"key length {hp.head_dim_k} and value length {hp.head_dim_v} must be equal")
+        if hp.arch in MOE_ARCHS:
+            if not 0 < hp.n_expert_used <= hp.n_expert:
+                problems.append(f"expert_used_count {hp.n_expert_used} must be in [1, expert_count "
+                                f"{hp.n_expert}]")
+            if hp.n_ff_exp <= 0 or hp.n_ff_shexp <= 0:
+                problems.append(f"expert FFN widths {hp.n_ff_exp} (routed), {hp.n_ff_shexp} (shared) "
+                                "must be positive")
+        if hp.rope_sections and hp.attention_layers and sum(hp.rope_sections) <= 0:
+            problems.append(f"rope sections {list(hp.rope_sections)} must not all be 0")
+        return problems
 
     def rope_scaling(self) -> dict:
         kind = self.get(Keys.Rope.SCALING_TYPE, str, "linear")
@@ -380,5 +456,7 @@ class _Reader:
             if hp.ssm_n_group > 0 and hp.ssm_n_head % hp.ssm_n_group:
                 problems.append(f"ssm heads {hp.ssm_n_head} are not a multiple of the "
                                 f"{hp.ssm_n_group} groups")
+        if hp.arch in DELTA_NET_ARCHS:
+            problems += self.check_delta_net(hp)
         if problems:
             raise ModelFileError(f"{self.source}: bad hyper-parameters: {'; '.join(problems)}")

@@ -7,27 +7,30 @@ launch once; each original result is a view of the fused result at a byte offset
 leading columns, with the fused row stride (llama.cpp's build_qkv). When every member is
 followed by the addition of a constant bias, the biases are concatenated too.
 
+The fused weights are made once per process and shared by every graph fused from the same
+weights (ember.passes.shared_constants), not copied per compiled step graph.
+
 Each output element is computed exactly as before (same row of weights, same reduction over
 K), so on batch-invariant kernels the results are bit-identical.
 
 Refused (graph unchanged): different inputs, different weight types or inner sizes, weights
-that are not constants, batched (3-D+) weights, a lone matmul, and a matmul whose result some
-`view` reads: a view's byte strides were written for the contiguous result, so over the fused
-row stride they would read other columns (Mamba-2's ssm_in, split into z, xBC and dt by views,
-shares its input with Q/K/V in falcon-h1).
+that are not constants, batched (3-D+) weights, a lone matmul. A matmul read through a `view`
+op stays out of the group: a view's byte strides were written for the matmul's own contiguous
+rows, and the fused row stride would change what it reads (Qwen3-Next's query + gate split;
+falcon-h1's Mamba-2 ssm_in beside Q/K/V).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 
 from ember.ir.builder import const_node, make_node
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.passes.base import Pass, PassContext
 from ember.passes.rewrite import RewriteState, apply_rules
+from ember.passes.shared_constants import concatenated
 
 
 def _fusable(node: Node) -> bool:
@@ -35,11 +38,6 @@ def _fusable(node: Node) -> bool:
     return (node.op == "mul_mat" and w.op == "const" and w.attr("value") is None
             and w.type.rank == 2 and w.type.is_contiguous
             and w.type.layout == "row")   # re-laid-out blocks do not concatenate row-wise
-
-
-def _viewed(graph: Graph, mm: Node) -> bool:
-    """Whether a view reads mm's result (its strides assume mm's own contiguous rows)."""
-    return any(user.op == "view" for user in graph.users.get(mm, ()))
 
 
 def _const_bias(graph: Graph, mm: Node) -> tuple[Node, Node] | None:
@@ -53,13 +51,22 @@ def _const_bias(graph: Graph, mm: Node) -> tuple[Node, Node] | None:
     return users[0], bias
 
 
+def _read_through_view(graph: Graph, mm: Node) -> bool:
+    """Whether mm (or its bias addition) is read by a view op, whose strides assume mm's rows."""
+    users = list(graph.users.get(mm, ()))
+    users += [u2 for u in users if u.op == "add" for u2 in graph.users.get(u, ())]
+    return any(u.op == "view" for u in users)
+
+
 def find_groups(graph: Graph) -> list[list[Node]]:
     """Matmuls to fuse, each group in declared order, groups in order of their first member."""
     groups: dict[tuple, list[Node]] = {}
     for node in graph.live_nodes:   # dead matmuls (left by an earlier fusion) do not count
-        if node.op == "mul_mat" and _fusable(node) and not _viewed(graph, node):
+        if node.op == "mul_mat" and _fusable(node):
             x, w = node.inputs
             if 0 in x.shape:    # no rows (a step with no outputs): nothing to gain, no view fits
+                continue
+            if _read_through_view(graph, node):
                 continue
             groups.setdefault((x, w.dtype, w.shape[-1]), []).append(node)
     # A weight used twice by one input is one projection (cse makes them one node anyway).
@@ -104,7 +111,7 @@ class FuseQKV(Pass):
         x = mapping[group[0].inputs[0]]
         weights = [m.inputs[1] for m in group]
         name = "+".join(w.name for w in weights)
-        constants[name] = np.concatenate([graph.constants[w.name] for w in weights], axis=0)
+        constants[name] = concatenated([graph.constants[w.name] for w in weights])
         widths = [w.shape[0] for w in weights]
         fused_w = const_node(name, weights[0].dtype, (sum(widths), weights[0].shape[1]))
         y = make_node("mul_mat", (x, fused_w))
@@ -113,7 +120,7 @@ class FuseQKV(Pass):
         with_bias = all(b is not None for b in member_biases)
         if with_bias:
             bias_name = "+".join(b[1].name for b in member_biases)
-            constants[bias_name] = np.concatenate([graph.constants[b[1].name] for b in member_biases])
+            constants[bias_name] = concatenated([graph.constants[b[1].name] for b in member_biases])
             y = make_node("add", (y, const_node(bias_name, member_biases[0][1].dtype, (sum(widths),))))
 
         out: dict[Node, Node] = {}

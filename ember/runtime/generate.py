@@ -6,8 +6,7 @@ text that might be the start of a stop string.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
-
+from typing import Callable, Iterator, Sequence
 
 from ember.runtime.sampling import Sampler
 from ember.runtime.session import Session
@@ -84,15 +83,37 @@ class TextStream:
 
 def generate(session: Session, tokenizer, prompt: str, n_predict: int, sampler: Sampler,
              stops: Sequence[str] = (), ignore_eos: bool = False,
-             on_text: Callable[[str], None] | None = None, parse_special: bool = True) -> Generation:
-    result = Generation()
-    # a prompt may be given as token ids (tests, benchmarks) or as text
+             on_text: Callable[[str], None] | None = None, parse_special: bool = True,
+             special: bool = False) -> Generation:
+    """Generate from an empty cache; on_text(piece) is told each piece of text as it is shown.
+    A prompt may be given as token ids (tests, benchmarks) or as text."""
     prompt_ids = list(prompt) if not isinstance(prompt, str) else \
         tokenizer.encode(prompt, add_special=True, parse_special=parse_special)
+    result = Generation()
+    for piece in generate_stream(session, tokenizer, prompt_ids, n_predict, sampler, stops,
+                                 ignore_eos, special, result):
+        if on_text:
+            on_text(piece)
+    return result
+
+
+def generate_stream(session: Session, tokenizer, prompt_ids: Sequence[int], n_predict: int,
+                    sampler: Sampler, stops: Sequence[str] = (), ignore_eos: bool = False,
+                    special: bool = False, result: Generation | None = None,
+                    n_keep: int = 0) -> Iterator[str]:
+    """Yield the generated text piece by piece, filling result (a Generation) as it goes.
+    prompt_ids are evaluated after the first n_keep positions of the session's cache (0: from an
+    empty cache; a chat keeps its earlier turns). A generated control or unknown token shows
+    as nothing unless special (llama.cpp's token_to_piece with special=false); the last sampled
+    token stays out of the cache (session.n_past says how far the cache goes)."""
+    result = Generation() if result is None else result
     if not prompt_ids:
         raise ValueError("the prompt is empty and the model adds no BOS token")
     result.prompt_tokens = len(prompt_ids)
-    session.reset()
+    if n_keep:
+        session.truncate(n_keep)
+    else:
+        session.reset()
     stream = TextStream(stops)
     history = list(prompt_ids)
 
@@ -106,9 +127,10 @@ def generate(session: Session, tokenizer, prompt: str, n_predict: int, sampler: 
             break
         result.tokens.append(token)
         history.append(token)
-        shown = stream.push(tokenizer.token_to_piece(token))
-        if shown and on_text:
-            on_text(shown)
+        shown = stream.push(tokenizer.token_to_piece(token, skip_special=not special))
+        result.text = stream.text[:stream.shown]
+        if shown:
+            yield shown
         if stream.stop_hit():
             result.stop_reason = "stop string"
             break
@@ -120,7 +142,6 @@ def generate(session: Session, tokenizer, prompt: str, n_predict: int, sampler: 
         logits = session.eval([token])[-1]
         result.decode_seconds += session.last_eval_seconds
     tail = stream.finish()
-    if tail and on_text:
-        on_text(tail)
     result.text = stream.text[:stream.shown]
-    return result
+    if tail:
+        yield tail

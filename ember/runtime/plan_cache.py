@@ -4,15 +4,16 @@ As in ggml, every graph handed to the runtime gets a uid from one global counter
 1; uid 0 means "unknown" and never matches anything. A plan (compiled kernels, buffer plan,
 bound arguments) is found by uid in O(1) when the same graph object comes back (the decode
 loop), or else by structural equality of the graph (a graph rebuilt equal: same structure,
-shapes, dtypes and constants' identity). The cache is bounded twice: LRU with a capacity,
-and entries unused for `max_idle_s` are evicted on a sweep at most every `sweep_every_s`
-(the fix ggml's CUDA graph cache needed after growing without bound).
+shapes, dtypes and constants' identity). The cache is bounded twice, least recently used
+first: by a number of plans and by a memory budget (the bytes each plan holds, as its owner
+measures them), the bounds ggml's CUDA graph cache needed after growing without bound. Time
+does not evict: a user who pauses for a minute between two prompts must not pay a recompile
+(an earlier version evicted plans idle for 10 s, and counted compile time as idle).
 """
 from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Generic, Hashable, TypeVar
@@ -58,22 +59,27 @@ class CacheStats:
 class _Entry(Generic[Plan]):
     plan: Plan
     uid: int
-    last_used: float
+    nbytes: int
 
 
 class PlanCache(Generic[Plan]):
-    def __init__(self, capacity: int = 32, max_idle_s: float = 10.0, sweep_every_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+    """`capacity` plans at most, and at most `budget_bytes` held by them (`size_of(plan)`
+    each; None: no budget), evicting the least recently used; the plan just used is always
+    kept, even when it alone is over the budget."""
+
+    def __init__(self, capacity: int = 32, budget_bytes: int | None = None,
+                 size_of: Callable[[Plan], int] = lambda plan: 0):
         if capacity < 1:
             raise ValueError("plan cache capacity must be at least 1")
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError("plan cache budget must not be negative")
         self.capacity = capacity
-        self.max_idle_s = max_idle_s
-        self.sweep_every_s = sweep_every_s
-        self.clock = clock
+        self.budget_bytes = budget_bytes
+        self.size_of = size_of
         self.stats = CacheStats()
         self._entries: "OrderedDict[Hashable, _Entry[Plan]]" = OrderedDict()
         self._by_uid: dict[int, Hashable] = {}
-        self._last_sweep = clock()
+        self.held_bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -84,48 +90,45 @@ class PlanCache(Generic[Plan]):
         `key` defaults to the graph itself (structural equality); callers may pass a cheaper
         key that determines the graph, e.g. the build parameters of a step graph.
         """
-        now = self.clock()
-        self._maybe_sweep(now)
         key = version.graph if key is None else key
         if version.uid != UNKNOWN_UID and version.uid in self._by_uid:
             found = self._by_uid[version.uid]
             self.stats.uid_hits += 1
-            return self._touch(found, now)
+            return self._touch(found)
         if key in self._entries:
             entry = self._entries[key]
             if version.uid != UNKNOWN_UID:
                 self._by_uid.pop(entry.uid, None)
                 entry.uid = version.uid
                 self._by_uid[version.uid] = key
-            return self._touch(key, now)
+            return self._touch(key)
         self.stats.misses += 1
         plan = build(version.graph)
-        self._entries[key] = _Entry(plan, version.uid, now)
+        entry = _Entry(plan, version.uid, int(self.size_of(plan)))
+        self._entries[key] = entry
+        self.held_bytes += entry.nbytes
         if version.uid != UNKNOWN_UID:
             self._by_uid[version.uid] = key
-        while len(self._entries) > self.capacity:
+        while len(self._entries) > 1 and self._over_bounds():
             self._evict(next(iter(self._entries)))
         return plan
 
-    def _touch(self, key: Hashable, now: float) -> Plan:
+    def _over_bounds(self) -> bool:
+        over_budget = self.budget_bytes is not None and self.held_bytes > self.budget_bytes
+        return len(self._entries) > self.capacity or over_budget
+
+    def _touch(self, key: Hashable) -> Plan:
         self.stats.hits += 1
-        entry = self._entries[key]
-        entry.last_used = now
         self._entries.move_to_end(key)
-        return entry.plan
+        return self._entries[key].plan
 
     def _evict(self, key: Hashable) -> None:
         entry = self._entries.pop(key)
         self._by_uid.pop(entry.uid, None)
+        self.held_bytes -= entry.nbytes
         self.stats.evictions += 1
-
-    def _maybe_sweep(self, now: float) -> None:
-        if now - self._last_sweep < self.sweep_every_s:
-            return
-        self._last_sweep = now
-        for key in [k for k, e in self._entries.items() if now - e.last_used > self.max_idle_s]:
-            self._evict(key)
 
     def clear(self) -> None:
         self._entries.clear()
         self._by_uid.clear()
+        self.held_bytes = 0

@@ -3,6 +3,11 @@
 
 Greedy (temperature <= 0) is an argmax with the lowest index winning ties, the same rule as
 the `argmax` op, so a greedy run is reproducible bit for bit.
+
+Top-k on a large vocabulary (262k for Gemma 3) is the costly step: a full `argpartition` takes
+~0.7 ms, most of a sampled token's overhead. `top_k_ids` first narrows the vocabulary to a few
+thousand candidates that must hold the top k (`_top_k_candidates`), then partitions only those.
+The result is exact, with ties at the k-th place going to the lowest ids.
 """
 from __future__ import annotations
 
@@ -49,7 +54,16 @@ class Sampler:
         if p.greedy:
             return int(np.argmax(logits))
         ids, probs = candidate_probs(logits, p)
-        return int(ids[self.rng.choice(len(ids), p=probs)])
+        return int(ids[draw(self.rng, probs)])
+
+
+def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
+    """`rng.choice(len(probs), p=probs)` without its argument checks (a tenth of a sampled
+    token's cost): the same cumulative sum, one uniform double, the same search, so the same
+    draws from the same seed."""
+    cdf = np.cumsum(probs)
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
@@ -63,13 +77,7 @@ def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: flo
 def candidate_probs(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """Token ids left after top-k / top-p / min-p, and their probabilities at the temperature."""
     n = logits.shape[-1]
-    k = p.top_k if 0 < p.top_k < n else n
-    if k < n:
-        ids = np.argpartition(-logits, k - 1)[:k]
-    else:
-        ids = np.arange(n)
-    # Sort by logit, ties by id, so the candidate order (and the draw) is deterministic.
-    ids = ids[np.lexsort((ids, -logits[ids]))]
+    ids = top_k_ids(logits, p.top_k if 0 < p.top_k < n else n)
     vals = logits[ids].astype(np.float64)
     probs = _softmax(vals)
     if p.top_p < 1.0:
@@ -80,6 +88,43 @@ def candidate_probs(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, 
         ids, vals = ids[keep], vals[keep]
     probs = _softmax(vals / p.temperature)
     return ids, probs
+
+
+GRID_ROWS = 64   # the logits are read as a 64-row grid; its column maxima pick the candidates
+
+
+def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest logits, ordered by logit (descending) then id (ascending); of
+    logits tied at the k-th place, the lowest ids are kept."""
+    n = logits.shape[-1]
+    if k >= n:
+        ids = np.arange(n)
+    else:
+        ids = _top_k_candidates(logits, k)
+        vals = logits[ids]
+        kth = np.partition(vals, len(vals) - k)[len(vals) - k]
+        above = vals > kth
+        tied = np.sort(ids[vals == kth])[:k - int(above.sum())]
+        ids = np.concatenate([ids[above], tied])
+    # Sort by logit, ties by id, so the candidate order (and the draw) is deterministic.
+    return ids[np.lexsort((ids, -logits[ids]))]
+
+
+def _top_k_candidates(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids that include every logit >= the k-th largest, found with a few vectorised
+    passes: read the logits as a grid, keep the k columns with the largest maxima (k values,
+    each in a different column, are >= their k-th largest maximum, so no top-k logit lies in a
+    column whose maximum is below it), plus the ragged tail that does not fill a row."""
+    n = logits.shape[-1]
+    width = n // GRID_ROWS
+    if width <= k:
+        return np.arange(n)
+    grid = logits[:width * GRID_ROWS].reshape(GRID_ROWS, width)
+    column_max = grid.max(axis=0)
+    cut = np.partition(column_max, width - k)[width - k]
+    columns = np.flatnonzero(column_max >= cut)
+    ids = (np.arange(GRID_ROWS)[:, None] * width + columns[None, :]).ravel()
+    return np.concatenate([ids, np.arange(width * GRID_ROWS, n)])
 
 
 def _softmax(v: np.ndarray) -> np.ndarray:

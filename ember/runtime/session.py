@@ -6,9 +6,10 @@ masked; positions, cache slots and output rows are inputs. A step graph is built
 and compiled once per (n_tokens, n_kv, n_outputs) and reused through the plan cache (graph
 uids), so a decode step costs one lookup plus the kernels. Prompts run in micro-batches.
 
-Models with recurrent layers (Mamba-2: mamba2, granitehybrid, nemotron_h, falcon-h1; short
-convolutions: lfm2) also carry a recurrent state per layer (conv_state.{il}, and ssm_state.{il}
-for Mamba-2; f32, Model.state_kinds): zeros at reset, passed to each step and replaced by the
+Models with recurrent layers (Mamba-2: mamba2, granitehybrid, nemotron_h, falcon-h1; gated
+DeltaNet: qwen3next, qwen35, qwen35moe; short convolutions: lfm2) also carry a recurrent state per
+layer (conv_state.{il}, and ssm_state.{il} except for short convolutions; f32,
+Model.state_kinds): zeros at reset, passed to each step and replaced by the
 step's returned state. It is the state after the last evaluated token only, so it cannot be
 truncated; `recurrent_state()` / `set_recurrent_state()` take and restore snapshots.
 """
@@ -34,7 +35,8 @@ class SessionOptions:
     disabled_passes: frozenset = frozenset()
     reuse: bool = True          # False: build, optimize and compile the step graph every step
     plan_capacity: int = 16
-    plan_idle_s: float = 10.0   # a plan unused this long is evicted (inf: never, e.g. benchmarks)
+    plan_budget_mb: float = 512.0   # compiled plans' arenas held at most (least recently used
+                                    # evicted first; a pause never evicts anything)
     pad_tokens: bool = True     # pad a prompt step (one output row at most) up to a token bucket
                                 # (token_bucket), so a new prompt length seldom compiles a new
                                 # step graph (not for recurrent models: padding would run
@@ -182,8 +184,9 @@ class Session:
         self.n_past = 0
         self.stats = SessionStats()
         self.last_eval_seconds = 0.0
-        self.plans: PlanCache[_Step] = PlanCache(capacity=options.plan_capacity,
-                                                  max_idle_s=options.plan_idle_s)
+        self.plans: PlanCache[_Step] = PlanCache(
+            capacity=options.plan_capacity, budget_bytes=int(options.plan_budget_mb * 2**20),
+            size_of=lambda step: step.executable.planned_peak_bytes)
         self._versions: dict[tuple, GraphVersion] = {}
         self.pipeline = backend.pipeline()    # the backend's target's, with its device's options
         # on_compile(message): told before each step graph is compiled (a cold start compiles

@@ -173,12 +173,13 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
                          draft_max: int = 8, stops: Sequence[str] = (), ignore_eos: bool = False,
                          on_text: Callable[[str], None] | None = None,
                          parse_special: bool = True,
-                         sampler: Sampler | None = None) -> tuple[Generation, SpecStats]:
+                         sampler: Sampler | None = None,
+                         special: bool = False) -> tuple[Generation, SpecStats]:
     """Generation with speculation. Greedy (sampler None or greedy): token-identical to
     greedy `generate`. Otherwise speculative sampling (module doc): the target's distribution."""
     if draft_max < 1:
         raise EmberError("--draft-max must be at least 1")
-    run = _Speculation(target, draft, tokenizer, n_predict, stops, ignore_eos, on_text, sampler)
+    run = _Speculation(target, draft, tokenizer, n_predict, stops, ignore_eos, on_text, sampler, special)
     # a prompt may be given as token ids (tests, benchmarks) or as text
     prompt_ids = list(prompt) if not isinstance(prompt, str) else \
         tokenizer.encode(prompt, add_special=True, parse_special=parse_special)
@@ -190,10 +191,11 @@ class _Speculation:
     (rolling recurrent state back when a tail is rejected), emit."""
 
     def __init__(self, target: Session, draft: DraftSource, tokenizer, n_predict: int,
-                 stops: Sequence[str], ignore_eos: bool, on_text, sampler: Sampler | None):
+                 stops: Sequence[str], ignore_eos: bool, on_text, sampler: Sampler | None,
+                 special: bool = False):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.n_predict, self.ignore_eos, self.on_text = n_predict, ignore_eos, on_text
-        self.sampler = sampler
+        self.sampler, self.special = sampler, special
         self.sampling = sampler is not None and not sampler.params.greedy
         self.result, self.stats = Generation(), SpecStats()
         self.stream = TextStream(stops)
@@ -248,7 +250,7 @@ class _Speculation:
             result.stop_reason = "eos"
             return True
         result.tokens.append(token)
-        shown = self.stream.push(self.tokenizer.token_to_piece(token))
+        shown = self.stream.push(self.tokenizer.token_to_piece(token, skip_special=not self.special))
         if shown and self.on_text:
             self.on_text(shown)
         if self.stream.stop_hit():

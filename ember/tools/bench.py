@@ -1,7 +1,9 @@
 """Throughput by llama-bench's method (llama.cpp tools/llama-bench).
 
 pp<N>: N random tokens (BOS first when the model adds one) in one batch; tg<N>: N single-token
-decodes, starting with BOS, each next token random. Every repetition starts from an empty cache;
+decodes, starting with BOS, each next token random. With a depth D (llama-bench's -d), D random
+tokens are decoded first, untimed, so the test runs against a cache already D tokens deep; the
+test is then named "pp512 @ d4096". Every repetition starts from an empty cache;
 one untimed warm-up run comes first (for ember it also compiles the step graphs); the result is
 the mean and sample standard deviation of tokens per second over the repetitions.
 
@@ -51,55 +53,60 @@ def random_tokens(rng: np.random.Generator, n: int, n_vocab: int, bos_id: int | 
     return tokens
 
 
-def prompt_run(reset: Reset, decode: Decode, tokens: Sequence[int]) -> float:
-    """Seconds for one batch of tokens from an empty cache."""
+def prompt_run(reset: Reset, decode: Decode, tokens: Sequence[int], depth: Sequence[int] = ()) -> float:
+    """Seconds for one batch of tokens after an empty cache was filled with `depth` (untimed)."""
     reset()
+    if depth:
+        decode(depth)
     start = time.perf_counter()
     decode(tokens)
     return time.perf_counter() - start
 
 
-def decode_run(reset: Reset, decode: Decode, tokens: Sequence[int]) -> float:
-    """Seconds for len(tokens) single-token decodes from an empty cache."""
+def decode_run(reset: Reset, decode: Decode, tokens: Sequence[int], depth: Sequence[int] = ()) -> float:
+    """Seconds for len(tokens) single-token decodes after an empty cache was filled with
+    `depth` (untimed)."""
     reset()
+    if depth:
+        decode(depth)
     start = time.perf_counter()
     for t in tokens:
         decode([t])
     return time.perf_counter() - start
 
 
+def test_name(kind: str, n_tokens: int, depth: int) -> str:
+    return f"{kind}{n_tokens}" + (f" @ d{depth}" if depth else "")
+
+
 def bench_session(session, n_prompt: int, n_gen: int, reps: int, bos_id: int | None,
-                  seed: int = 0, progress=None) -> list[BenchResult]:
-    """pp{n_prompt} and tg{n_gen} (a test with 0 tokens is left out) on an ember Session.
-    Its plan cache keeps idle plans meanwhile: a plan evicted while the other test runs would
-    be compiled again inside a timed run. progress(message), when given, hears of each run."""
-    max_idle = session.plans.max_idle_s
-    session.plans.max_idle_s = float("inf")
-    try:
-        return _bench_session(session, n_prompt, n_gen, reps, bos_id, seed, progress or (lambda message: None))
-    finally:
-        session.plans.max_idle_s = max_idle
-
-
-def _bench_session(session, n_prompt: int, n_gen: int, reps: int, bos_id: int | None,
-                   seed: int, progress) -> list[BenchResult]:
+                  seed: int = 0, progress=None, depth: int = 0) -> list[BenchResult]:
+    """pp{n_prompt} and tg{n_gen} (a test with 0 tokens is left out) on an ember Session, each
+    after `depth` untimed tokens. progress(message), when given, hears of each run."""
+    progress = progress or (lambda message: None)
     rng = np.random.default_rng(seed)
     vocab = session.model.hparams.n_vocab
+
+    def fill() -> list[int]:
+        return random_tokens(rng, depth, vocab, bos_id)
+
     results = []
     if n_prompt:
-        result = BenchResult(f"pp{n_prompt}", n_prompt)
+        result = BenchResult(test_name("pp", n_prompt, depth), n_prompt)
         for rep in range(reps + 1):
-            seconds = prompt_run(session.reset, session.eval, random_tokens(rng, n_prompt, vocab, bos_id))
+            seconds = prompt_run(session.reset, session.eval, random_tokens(rng, n_prompt, vocab, None if depth else bos_id),
+                                 fill())
             if rep:                         # rep 0 is the warm-up
                 result.seconds.append(seconds)
             progress(_run_line(result.test, rep, reps, n_prompt / seconds))
         results.append(result)
     if n_gen:
-        result = BenchResult(f"tg{n_gen}", n_gen)
+        result = BenchResult(test_name("tg", n_gen, depth), n_gen)
         host = steps = 0.0
         for rep in range(reps + 1):
             host_before, steps_before = session.stats.host_seconds, session.stats.decode_tokens
-            seconds = decode_run(session.reset, session.eval, random_tokens(rng, n_gen, vocab, bos_id))
+            seconds = decode_run(session.reset, session.eval, random_tokens(rng, n_gen, vocab, None if depth else bos_id),
+                                 fill())
             if rep:
                 result.seconds.append(seconds)
                 host += session.stats.host_seconds - host_before

@@ -247,3 +247,39 @@ def test_the_launch_plan_alone_runs_the_graph(ocl, profile):
     got = replay(json.dumps(plan), dict(graph.constants), [inputs["x"], inputs["i"]], ocl)
     for g, want in zip(got, run_reference(graph, inputs)):
         assert nmse(g, want) <= 1e-5
+
+
+# ---- build logs --------------------------------------------------------------------------------
+WARNING_EXPR = "-a + (float)(0 & 1 == 1)"     # clang: '&' has lower precedence than '==' (a warning)
+
+
+def warning_graph(name: str):
+    b = GraphBuilder(name)
+    x = b.input("x", "f32", (3, 5))
+    return b.build(b.neg(x))
+
+
+def test_compiler_warnings_stay_off_the_terminal(tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(opencl.ELTWISE_CL, "neg", WARNING_EXPR)
+    backend = OpenCLBackend(cache_dir=tmp_path)
+    graph = warning_graph("warns")
+    check(backend.compile(graph), graph)
+    out, err = capfd.readouterr()
+    assert "warning" not in err and "generated" not in err and out == ""
+    name, log = backend.cache.logs[-1]
+    assert name == "graph 'warns'" and "warning" in log      # kept for --verbose
+
+
+def test_verbose_prints_the_build_log(tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(opencl.ELTWISE_CL, "neg", WARNING_EXPR)
+    OpenCLBackend(cache_dir=tmp_path, verbose=True).compile(warning_graph("verbose"))
+    err = capfd.readouterr().err
+    assert "opencl: build log of graph 'verbose':" in err and "warning" in err
+
+
+def test_a_failed_build_keeps_what_the_compiler_printed(fresh, monkeypatch, capfd):
+    monkeypatch.setitem(opencl.ELTWISE_CL, "neg", "-a +* no_such_name")
+    with pytest.raises(CompileError) as info:
+        fresh.compile(warning_graph("fails"))
+    assert "no_such_name" in info.value.log
+    assert capfd.readouterr().err == ""

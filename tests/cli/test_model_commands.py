@@ -107,6 +107,16 @@ def test_bench_prints_a_row_per_test_and_the_verbose_statistics(tiny):
     assert re.search(r"tg4: host time per decode step \(outside the kernels\): \d+ us", out.stdout)
 
 
+def test_bench_at_a_depth_names_it_and_checks_the_context(tiny):
+    out = ember("bench", tiny, "-p", 8, "-n", 4, "-d", 40, "-r", 2, "-t", 1, "-c", 64, "-q")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| gemma3")]
+    assert [row.split("|")[4].strip() for row in rows] == ["pp8 @ d40", "tg4 @ d40"]
+    too_deep = ember("bench", tiny, "-p", 8, "-n", 4, "-d", 60, "-t", 1, "-c", 64, "-q")
+    assert too_deep.returncode != 0
+    assert too_deep.stderr.strip().splitlines()[-1] == "ember: error: -d plus -p/-n exceed the context of 64 tokens; raise -c"
+
+
 def test_bench_shows_progress_on_stderr_unless_quiet(tiny):
     out = ember("bench", tiny, "-p", 16, "-n", 4, "-r", 2, "-t", 1)
     assert out.returncode == 0, out.stderr
@@ -173,3 +183,12 @@ def test_run_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     out = ember("run", tmp_path, "-p", "hello", "-n", 2)
     assert out.returncode == 1
     assert f"{tmp_path / 'manifest.json'}: missing: {tmp_path} is not an ember artifact" in out.stderr
+
+
+def test_run_checks_the_common_options_against_the_artifact(built):
+    ok = ember("run", built, "-p", "hello", "-n", 2, "--temp", 0, "--backend", "cpu", "-c", 64, "-t", 1, "-q")
+    assert ok.returncode == 0, ok.stderr
+    other = ember("run", built, "-p", "hello", "-n", 2, "--backend", "vulkan")
+    assert other.returncode == 1 and "the artifact runs on cpu, not vulkan" in other.stderr
+    context = ember("run", built, "-p", "hello", "-n", 2, "-c", 128)
+    assert context.returncode == 1 and "the artifact's context is 64 tokens" in context.stderr

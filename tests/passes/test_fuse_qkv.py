@@ -64,6 +64,18 @@ def test_fuse_qkv_concatenates_quantized_blocks_without_requantizing():
     np.testing.assert_array_equal(fused[128:160], before.constants["wk"])
 
 
+def test_fused_weights_exist_once_per_process():
+    """Step graphs built from the same weights (every compiled graph of a model) share one fused
+    array instead of holding a copy each; other weights get their own."""
+    first = parse_ir(BEFORE)
+    same_weights = parse_ir(BEFORE.replace("f32[5, 64]", "f32[9, 64]").replace("i32[5]", "i32[9]")
+                            .replace("[5, ", "[9, "), constants=first.constants)
+    other_weights = parse_ir(BEFORE)
+    fused = [FUSE(g).constants["wq+wk+wv"] for g in (first, same_weights, other_weights)]
+    assert fused[0] is fused[1] and not fused[0].flags.writeable
+    assert fused[2] is not fused[0]      # equal bytes (parse_ir's constants are seeded), other arrays
+
+
 def test_fuse_qkv_is_idempotent():
     once = FUSE(parse_ir(BEFORE))
     assert FUSE(once) is once
@@ -178,18 +190,17 @@ def test_fuse_qkv_fuses_gate_and_up_the_same_way():
   %2 = add(%0, %1)
   return %2
 }""",
-    # a result read through a view with its own byte strides (Mamba-2's ssm_in split into z
-    # and x beside a projection of the same input, as in falcon-h1): over the fused row stride
-    # the view would read the other member's columns
+    # a projection read through a view whose strides assume its own rows (qwen3next's query
+    # and gate interleaved per head): with the fused row stride the view would read other columns
     """graph g(%x: f32[2, 32]) {
   %a = const "a" : f32[8, 32]
-  %b = const "b" : f32[8, 32]
+  %b = const "b" : f32[4, 32]
   %0 = mul_mat(%x, %a)
-  %1 = mul_mat(%x, %b)
-  %2 = view(%1, offset=16, shape=[2, 4], strides=[32, 4])
-  %3 = view(%1, offset=0, shape=[2, 4], strides=[32, 4])
-  %4 = concat(%2, %3, axis=1)
-  %5 = add(%0, %4)
+  %1 = view(%0, offset=0, shape=[2, 2, 2], strides=[32, 16, 4])
+  %2 = mul_mat(%x, %b)
+  %3 = cont(%1)
+  %4 = reshape(%3, shape=[2, 4])
+  %5 = add(%4, %2)
   return %5
 }""",
     # a lone projection

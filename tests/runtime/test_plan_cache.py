@@ -8,14 +8,6 @@ def chain(n: int, width: int = 8):
     return b.build(b.exp(x))
 
 
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
 def counting_build():
     calls = []
 
@@ -76,19 +68,53 @@ def test_lru_evicts_least_recently_used():
     assert len(calls) == 4
 
 
-def test_idle_entries_are_evicted_on_sweep():
-    clock = FakeClock()
-    cache, (build, calls) = PlanCache(max_idle_s=10, sweep_every_s=5, clock=clock), counting_build()
-    old = GraphVersion.of(chain(1))
-    cache.get(old, build)
-    clock.t = 6.0
-    cache.get(GraphVersion.of(chain(2)), build)   # sweep at 6 s: chain(1) idle 6 s, kept
-    assert len(cache) == 2
-    clock.t = 12.0
-    cache.get(GraphVersion.of(chain(2)), build)   # sweep at 12 s: chain(1) idle 12 s, evicted
-    assert len(cache) == 1 and cache.stats.evictions == 1
-    cache.get(old, build)
+def test_memory_budget_evicts_least_recently_used_and_keeps_the_newest():
+    sizes = {"plan1": 40, "plan2": 40, "plan3": 40, "plan4": 500}
+    cache, (build, calls) = PlanCache(budget_bytes=100, size_of=sizes.__getitem__), counting_build()
+    v1, v2, v3 = (GraphVersion.of(chain(n)) for n in (1, 2, 3))
+    cache.get(v1, build)
+    cache.get(v2, build)
+    assert cache.held_bytes == 80 and cache.stats.evictions == 0
+    cache.get(v1, build)           # v1 is now the most recent
+    cache.get(v3, build)           # 120 bytes > 100: evicts v2, the least recently used
+    assert len(cache) == 2 and cache.held_bytes == 80 and len(calls) == 3
+    cache.get(v1, build)
     assert len(calls) == 3
+    big = GraphVersion.of(chain(4))
+    cache.get(big, build)          # over the budget alone: everything else goes, it stays
+    assert len(cache) == 1 and cache.held_bytes == 500
+    cache.get(big, build)
+    assert len(calls) == 4
+
+
+def test_time_evicts_nothing(tiny_files, tmp_path, monkeypatch):
+    """A pause between two generations (30 s here, by moving the clocks) recompiles nothing."""
+    import time
+
+    import numpy as np
+
+    from ember.backends import get_backend
+    from ember.models import load_model
+    from ember.runtime.session import Session, SessionOptions
+    from tiny_gguf import Spec
+
+    session = Session(load_model(tiny_files[Spec("llama", "f32")]),
+                      get_backend("cpu", threads=1, cache_dir=tmp_path), SessionOptions(n_ctx=64))
+
+    def generate():
+        session.reset()
+        token = int(np.argmax(session.eval([1, 2, 3, 4])[-1]))
+        for _ in range(3):
+            token = int(np.argmax(session.eval([token])[-1]))
+        return token
+
+    first = generate()
+    compiled = session.stats.compiles
+    for clock in ("monotonic", "perf_counter", "time"):
+        real = getattr(time, clock)
+        monkeypatch.setattr(time, clock, lambda real=real: real() + 30.0)
+    assert generate() == first
+    assert session.stats.compiles == compiled and session.plans.stats.evictions == 0
 
 
 def test_no_growth_past_the_bound_over_many_shapes():

@@ -52,3 +52,47 @@ def test_repeat_penalty_lowers_recent_tokens():
     assert Sampler(SamplingParams(temperature=0, repeat_penalty=2.0)).sample(logits, [0]) == 2
 
 
+
+
+def brute_force_top_k(logits: np.ndarray, k: int) -> list[int]:
+    order = sorted(range(len(logits)), key=lambda i: (-float(logits[i]), i))
+    return order[:k]
+
+
+@pytest.mark.parametrize("n, k", [(262144, 40), (262144 + 37, 40), (5000, 1), (5000, 77), (640, 10),
+                                  (639, 10), (100, 99), (64 * 41, 40), (64 * 40, 40)])
+def test_top_k_ids_is_exact_with_lowest_ids_winning_ties(n, k):
+    from ember.runtime.sampling import top_k_ids
+    rng = np.random.default_rng(n + k)
+    cases = [rng.standard_normal(n).astype(np.float32),
+             rng.integers(-3, 3, n).astype(np.float32),          # many ties at the k-th place
+             np.full(n, 1.5, dtype=np.float32),                   # all tied
+             np.arange(n, dtype=np.float32),                      # the top k in the ragged tail
+             np.arange(n, dtype=np.float32)[::-1].copy()]
+    for logits in cases:
+        assert list(top_k_ids(logits, k)) == brute_force_top_k(logits, k)
+
+
+def test_candidates_are_the_same_as_a_full_sort_gives():
+    """The fast top-k changes no candidate set or probability the full sort would give."""
+    rng = np.random.default_rng(5)
+    params = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02)
+    for _ in range(20):
+        logits = (rng.standard_normal(50000) * 4).astype(np.float32)
+        ids, probs = candidate_probs(logits, params)
+        top = brute_force_top_k(logits, 40)
+        vals = logits[top].astype(np.float64)
+        full = np.exp(vals - vals.max()) / np.exp(vals - vals.max()).sum()
+        keep = int(np.searchsorted(np.cumsum(full), 0.9) + 1)
+        assert list(ids) == [t for t, p in zip(top[:keep], full[:keep]) if p >= 0.02 * full[0]]
+        assert np.isclose(probs.sum(), 1.0)
+
+
+def test_draw_matches_numpy_choice_from_the_same_seed():
+    from ember.runtime.sampling import draw
+    rng = np.random.default_rng(9)
+    for size in (1, 2, 7, 40, 300):
+        probs = rng.random(size)
+        probs /= probs.sum()
+        ours, theirs = np.random.default_rng(size), np.random.default_rng(size)
+        assert [draw(ours, probs) for _ in range(200)] == [int(theirs.choice(size, p=probs)) for _ in range(200)]

@@ -210,9 +210,10 @@ def bpe_vocab(n_vocab: int) -> dict:
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def write_tiny_gguf(path: str | Path, spec: Spec, edit=None) -> Path:
+def write_tiny_gguf(path: str | Path, spec: Spec, edit=None, vocab_edit=None, chat_template=None) -> Path:
     """Write spec's file; edit, when given, maps the weights dict to the one written (tests of
-    broken files use it to drop, add or reshape tensors)."""
+    broken files use it to drop, add or reshape tensors); vocab_edit maps the vocabulary dict
+    (spm_vocab/bpe_vocab) to the one written; chat_template is stored as tokenizer.chat_template."""
     cfg = spec.config
     path = Path(path)
     weights = make_weights(cfg)
@@ -240,7 +241,10 @@ def write_tiny_gguf(path: str | Path, spec: Spec, edit=None) -> Path:
     if cfg.final_logit_softcap:
         w.add_final_logit_softcapping(cfg.final_logit_softcap)
 
-    write_vocab(w, bpe_vocab(cfg.n_vocab) if cfg.arch.startswith("qwen") else spm_vocab(cfg.n_vocab))
+    vocab = bpe_vocab(cfg.n_vocab) if cfg.arch.startswith("qwen") else spm_vocab(cfg.n_vocab)
+    write_vocab(w, vocab_edit(vocab) if vocab_edit else vocab)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     write_tensors(w, weights, spec.weight_type)
     return path
 

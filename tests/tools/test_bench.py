@@ -52,3 +52,10 @@ def test_table_has_a_row_per_test():
     assert lines[0] == "| model | backend | threads | test | t/s |"
     assert lines[2] == "| gemma3 tiny | cpu | 2 | pp512 | 512.00 ± 0.00 |"
     assert lines[3] == "| gemma3 tiny | cpu | 2 | tg128 | 64.00 ± 0.00 |"
+
+
+def test_a_depth_is_decoded_untimed_after_the_reset():
+    engine = Engine()
+    prompt_run(engine.reset, engine.decode, [7, 8], depth=[2, 3, 4])
+    decode_run(engine.reset, engine.decode, [5, 6], depth=[2, 3, 4])
+    assert engine.log == ["reset", [2, 3, 4], [7, 8], "reset", [2, 3, 4], [5], [6]]

@@ -40,12 +40,13 @@ class OpenCLBackend(ResidentSync, Backend):
     """device: None (first GPU, else first device), an index or part of a name; profile: "auto",
     "generic", "adreno", "adreno-emulated" or a Profile; profile_options: Profile fields to
     override (e.g. soa_min_rows=4 to re-lay out small weights in tests); profiling: a queue that
-    times each launch (OpenCLExecutable.profile)."""
+    times each launch (OpenCLExecutable.profile); verbose: print the compiler's build logs on
+    stderr (otherwise kept in cache.logs)."""
 
     name = "opencl"
 
     def __init__(self, device=None, profile="auto", cache_dir=None, profile_options: dict | None = None,
-                 profiling: bool = False):
+                 profiling: bool = False, verbose: bool = False):
         if not isinstance(profile, Profile) and profile not in ("auto",) + PROFILE_NAMES:
             raise EmberError(f"opencl backend: unknown profile {profile!r}; known: auto, {', '.join(PROFILE_NAMES)}")
         self.device_spec = device
@@ -53,6 +54,7 @@ class OpenCLBackend(ResidentSync, Backend):
         self.profile_options = dict(profile_options or {})
         self.cache_dir = cache_dir
         self.profiling = profiling
+        self.verbose = verbose            # print the compiler's build logs on stderr
         self._state = None            # (device, info, profile) once selected
         self._failure: str | None = None
         self._context = None
@@ -109,7 +111,7 @@ class OpenCLBackend(ResidentSync, Backend):
         """The program-binary cache (`hits` and `builds` count its work)."""
         if self._cache is None:
             device, info, _ = self._select()
-            self._cache = ProgramCache(self.context, device, info, self.cache_dir)
+            self._cache = ProgramCache(self.context, device, info, self.cache_dir, self.verbose)
         return self._cache
 
     @property

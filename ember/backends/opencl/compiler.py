@@ -6,11 +6,17 @@ whose bytes do not match its checksum, or that the driver refuses to load, is re
 source, never trusted.
 
 A build failure raises CompileError naming the kernel(s) the compiler complains about, with the
-template and parameters each was rendered from, and the compiler's log.
+template and parameters each was rendered from, and the compiler's log. A successful build's
+log never reaches the terminal (PoCL's clang prints "N warnings generated." on the process's
+stderr, below Python): it is captured and kept in `ProgramCache.logs`, and printed only when
+the backend is verbose.
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,11 +34,13 @@ class ProgramCache(BinaryCache):
     """Program binaries for one device (BinaryCache: `hits`, `builds`, `directory`). A binary
     the driver refuses to load is rebuilt from source like a damaged one."""
 
-    def __init__(self, context, device, info, directory: Path | str | None = None):
+    def __init__(self, context, device, info, directory: Path | str | None = None, verbose: bool = False):
         super().__init__(directory or default_cache_dir() / "opencl")
         self.context = context
         self.device = device
         self.info = info
+        self.verbose = verbose
+        self.logs: list[tuple[str, str]] = []     # (program name, log) of builds that logged
 
     @property
     def format_version(self) -> int:
@@ -57,26 +65,60 @@ class ProgramCache(BinaryCache):
                 pass        # refused by the driver: rebuilt from source below
         raw = cl._cl._Program(self.context, source)   # the source build, without pyopencl's own cache
         try:
-            _quiet_build(raw, options, self.device)
+            printed = _quiet_build(raw, options, self.device)
         except cl.Error as e:
             try:
                 log = raw.get_build_info(self.device, cl.program_build_info.LOG)
             except cl.Error:
                 log = str(e)
+            log = "\n".join(part for part in (log, getattr(e, "printed", "")) if part and part.strip())
             raise build_error(program, name, log or str(e)) from None
+        self._keep_log(name, raw.get_build_info(self.device, cl.program_build_info.LOG) + printed)
         built = cl.Program(raw)
         self.builds += 1
         self.put(key, built.get_info(cl.program_info.BINARIES)[0])
         return built
 
 
-def _quiet_build(raw, options: str, device) -> None:
-    """Build without pyopencl's warning about a non-empty log: drivers log notes on success
-    (PoCL: vector ABI notes); a failure's log is reported by build_error."""
+    def _keep_log(self, name: str, log: str) -> None:
+        if not log.strip():
+            return
+        self.logs.append((name, log))
+        if self.verbose:
+            print(f"opencl: build log of {name}:\n{log.rstrip()}", file=sys.stderr, flush=True)
+
+
+def _quiet_build(raw, options: str, device) -> str:
+    """Build without pyopencl's warning about a non-empty log (drivers log notes on success;
+    PoCL: vector ABI notes) and with the process's stderr (file descriptor 2, where PoCL's
+    clang prints "N warnings generated.") captured. Returns what was printed there; a failure's
+    cl.Error carries it as `printed` (build_error reports the log)."""
     import pyopencl as cl
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", cl.CompilerWarning)
-        raw.build(options.encode(), [device])
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as grab:
+        os.dup2(grab.fileno(), 2)
+        error = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", cl.CompilerWarning)
+                raw.build(options.encode(), [device])
+        except cl.Error as e:
+            error = e
+        finally:
+            printed = _restore(saved, grab)
+    if error is not None:
+        error.printed = printed
+        raise error
+    return printed
+
+
+def _restore(saved: int, grab) -> str:
+    """Put the process's stderr back and return what was written to grab meanwhile."""
+    os.dup2(saved, 2)
+    os.close(saved)
+    grab.seek(0)
+    return grab.read().decode("utf-8", errors="replace")
 
 
 def build_error(program: OpenCLProgram, name: str, log: str) -> CompileError:
