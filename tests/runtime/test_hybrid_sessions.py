@@ -1,8 +1,9 @@
 """lfm2, nemotron_h and falcon-h1 in the generation session on the CPU backend: a prompt split into
 micro-batches, or decoded token by token, gives the rows of the whole prompt bit for bit (the
 kernels are batch invariant; the state is carried between steps), matching the reference
-interpreter; the recurrent state snapshots and restores; greedy speculative decoding (n-gram
-drafts, checkpoint and re-decode on partial acceptance) gives the tokens of plain decoding."""
+interpreter; the recurrent state snapshots and restores; greedy speculative decoding (n-gram and
+draft-model drafts, checkpoint and re-decode on partial acceptance) gives the tokens of plain
+decoding."""
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ from ember.models.tokenizer import Tokenizer
 from ember.runtime.generate import generate
 from ember.runtime.sampling import Sampler, SamplingParams
 from ember.runtime.session import Session, SessionOptions
-from ember.runtime.speculative import NgramDraft, speculative_generate
+from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
 from model_steps import ReferenceSession, nmse
 from tiny_gguf_hybrid import HYBRID_ARCHS, HybridSpec
 
@@ -60,15 +61,26 @@ def repetitive_prompt(seed: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", HYBRID_ARCHS)
-@pytest.mark.parametrize("draft_max", [2, 5])
-def test_ngram_speculation_is_token_identical(tiny_files, cpu, arch, draft_max):
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+def test_speculation_is_token_identical(tiny_files, cpu, arch, drafter):
+    """n-gram drafts (the tiny lfm2 settles on one token, so every draft is accepted there), and
+    drafts from another of the three models (same vocabulary, other weights: rejected tails, so
+    the target restores its checkpoint and re-decodes, and the recurrent draft rewinds)."""
     model = load_model(tiny_files[HybridSpec(arch)])
     tokenizer = Tokenizer.from_metadata(model.tokenizer)
-    target = Session(model, cpu, SessionOptions(n_ctx=96, kv_bucket=32))
+    options = SessionOptions(n_ctx=96, kv_bucket=32)
+    target = Session(model, cpu, options)
     prompt = repetitive_prompt(7)
     expected = generate(target, tokenizer, prompt, 24, Sampler(SamplingParams(temperature=0)),
                         ignore_eos=True).tokens
-    got, stats = speculative_generate(target, NgramDraft(), tokenizer, prompt, 24,
-                                      draft_max=draft_max, ignore_eos=True)
+    if drafter == "ngram":
+        draft, draft_max = NgramDraft(), 5
+    else:
+        other = HYBRID_ARCHS[(HYBRID_ARCHS.index(arch) + 1) % len(HYBRID_ARCHS)]
+        draft, draft_max = ModelDraft(Session(load_model(tiny_files[HybridSpec(other)]), cpu, options)), 3
+    got, stats = speculative_generate(target, draft, tokenizer, prompt, 24, draft_max=draft_max,
+                                      ignore_eos=True)
     assert got.tokens == expected
     assert stats.drafted > 0
+    if drafter == "model":
+        assert stats.accepted < stats.drafted and stats.redecode_seconds > 0
