@@ -13,17 +13,20 @@ The step-graph contract, relied on by the generation runtime:
              slots_swa i32[n_tokens] (only when n_kv_swa < n_kv: the rows of the sliding-window
              layers' ring caches; otherwise those layers use slots and n_kv_swa = n_kv),
              then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each attention
-             layer il (n_kv_swa rows for a sliding-window layer), then conv_state.{il} f32[d_conv - 1, d_inner + 2 * n_group * d_state] and
-             ssm_state.{il} f32[n_ssm_head, ssm_head_dim, d_state] for each recurrent layer il
-             (HParams.recurrent_layers says which), each group in layer order. For a Mamba-2
-             layer ssm_state is [heads, head_dim, d_state]; for a gated DeltaNet layer
-             (qwen3next, qwen35, qwen35moe: ssm_n_head v heads of S = d_state, d_inner = H_v * S,
-             n_group q/k heads) the conv state covers q, k and v ([d_conv - 1, 2 H_k S + H_v S])
-             and ssm_state is the delta rule's [H_v, S_v, S_k] (gated_delta_net's layout).
+             layer il (n_kv_swa rows for a sliding-window layer), then the state of each
+             recurrent layer il (HParams.recurrent_layers says which; Model.state_kinds which
+             states), each group in layer order. A Mamba-2 layer has conv_state.{il} f32[d_conv -
+             1, d_inner + 2 * n_group * d_state] and ssm_state.{il} f32[n_ssm_head, ssm_head_dim,
+             d_state]; a gated DeltaNet layer (qwen3next, qwen35, qwen35moe: ssm_n_head v heads of
+             S = d_state, d_inner = H_v * S, n_group q/k heads) a conv state over q, k and v
+             ([d_conv - 1, 2 H_k S + H_v S]) and ssm_state the delta rule's [H_v, S_v, S_k]
+             (gated_delta_net's layout); a short convolution (lfm2) conv_state.{il} f32[l_cache - 1,
+             n_embd] only (the last rows of B*x it saw). A layer can have both a KV cache and a
+             state (falcon-h1) or neither (nemotron_h's FFN-only layers).
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
-             set_rows(cache, slots, rows) for every attention layer, then conv_state.{il},
-             ssm_state.{il} after the step's tokens for every recurrent layer, each group in
-             layer order (the inputs' order).
+             set_rows(cache, slots, rows) for every attention layer, then the states after the
+             step's tokens for every recurrent layer, each group in layer order (the inputs'
+             order).
     Attention reads the updated caches with causal=False: the masks say everything.
     A recurrent layer holds only the state after the last token it saw, so the runtime feeds it
     the tokens of one sequence in order and replaces its state by the returned one after each
@@ -88,13 +91,24 @@ class Model:
 
     @property
     def recurrent_layers(self) -> tuple[int, ...]:
-        """The layers with recurrent state (conv_state.{il}, ssm_state.{il}), in order."""
+        """The layers with recurrent state ({kind}_state.{il} for each of state_kinds), in order."""
         return self.hparams.recurrent_layer_ids
+
+    @property
+    def state_kinds(self) -> tuple[str, ...]:
+        """The states of each recurrent layer, in order: ("conv", "ssm") for Mamba-2 layers,
+        ("conv",) for short convolutions (lfm2)."""
+        return self.hparams.state_kinds
+
+    def state_names(self) -> list[str]:
+        """Every recurrent state input of the step graph, in order: {kind}_state.{il}."""
+        return [f"{kind}_state.{il}" for il in self.recurrent_layers for kind in self.state_kinds]
 
     def state_shape(self, which: str) -> tuple[int, ...]:
         """Shape of one recurrent layer's "conv" or "ssm" state (f32)."""
-        if which not in ("conv", "ssm"):
-            raise ValueError(f"state_shape: which must be 'conv' or 'ssm', got {which!r}")
+        if which not in self.state_kinds:
+            raise ValueError(f"state_shape: {self.arch}'s recurrent layers have states "
+                             f"{self.state_kinds}, not {which!r}")
         hp = self.hparams
         return hp.conv_state_shape if which == "conv" else hp.ssm_state_shape
 
@@ -112,7 +126,9 @@ class Model:
     def __repr__(self) -> str:
         hp = self.hparams
         parts = [f"{hp.n_layer} layers", f"n_embd {hp.n_embd}"]
-        if self.recurrent_layers:
+        if self.recurrent_layers and hp.shortconv_l_cache:
+            parts.append(f"{len(self.recurrent_layers)} short convolutions (window {hp.shortconv_l_cache})")
+        elif self.recurrent_layers:
             kind = "DeltaNet" if hp.arch in DELTA_NET_ARCHS else "Mamba-2"
             parts.append(f"{len(self.recurrent_layers)} {kind} ({hp.ssm_n_head} heads of "
                          f"{hp.ssm_head_dim}, d_state {hp.ssm_d_state})")
@@ -152,7 +168,8 @@ class StepGraph:
         self.ssm_state: dict[int, Node] = {}
         for il in model.recurrent_layers:
             self.conv_state[il] = b.input(f"conv_state.{il}", STATE_DTYPE, model.state_shape("conv"))
-            self.ssm_state[il] = b.input(f"ssm_state.{il}", STATE_DTYPE, model.state_shape("ssm"))
+            if "ssm" in model.state_kinds:
+                self.ssm_state[il] = b.input(f"ssm_state.{il}", STATE_DTYPE, model.state_shape("ssm"))
         self.k_updated: list[Node | None] = [None] * self.hp.n_layer
         self.v_updated: list[Node | None] = [None] * self.hp.n_layer
         self.conv_updated: list[Node | None] = [None] * self.hp.n_layer
@@ -236,14 +253,14 @@ class StepGraph:
         return self.b.get_rows(x, self.out_ids)
 
     def finish(self, h: Node, output_name: str = "output.weight", softcap: float = 0.0,
-               logit_scale: float = 0.0) -> Graph:
-        """Final norm and output matmul on h[n_outputs, n_embd] (already selected rows); the
-        output falls back to the tied token embedding; logits are divided by logit_scale when
-        it is set (granite). Returns the step graph."""
+               logit_scale: float = 0.0, output_norm: str = "output_norm.weight") -> Graph:
+        """Final norm (output_norm: its weight) and output matmul on h[n_outputs, n_embd]
+        (already selected rows); the output falls back to the tied token embedding; logits are
+        divided by logit_scale when it is set (granite). Returns the step graph."""
         b, hp = self.b, self.hp
         if h.shape[0] != self.n_outputs:
             raise ValueError(f"finish: h has {h.shape[0]} rows, expected n_outputs={self.n_outputs}")
-        h = self.rms_norm(h, "output_norm.weight")
+        h = self.rms_norm(h, output_norm)
         name = output_name if output_name in self.file else "token_embd.weight"
         logits = b.mul_mat(h, self.weight(name, hp.n_vocab, hp.n_embd))
         bias = self.vector("output.bias", hp.n_vocab, required=False)
@@ -256,12 +273,13 @@ class StepGraph:
         missing = [il for il in self.k_cache if self.k_updated[il] is None]
         if missing:
             raise ValueError(f"finish: layers {missing} never wrote their KV cache")
-        missing = [il for il in self.conv_state
-                   if self.conv_updated[il] is None or self.ssm_updated[il] is None]
-        if missing:
+        states = [self.conv_updated[il] if kind == "conv" else self.ssm_updated[il]
+                  for il in self.conv_state for kind in self.model.state_kinds]
+        if any(st is None for st in states):
+            missing = [il for il in self.conv_state if self.conv_updated[il] is None
+                       or (il in self.ssm_state and self.ssm_updated[il] is None)]
             raise ValueError(f"finish: layers {missing} never returned their recurrent state")
         caches = [c for il in self.k_cache for c in (self.k_updated[il], self.v_updated[il])]
-        states = [st for il in self.conv_state for st in (self.conv_updated[il], self.ssm_updated[il])]
         return b.build(logits, *caches, *states)
 
 

@@ -6,9 +6,10 @@ masked; positions, cache slots and output rows are inputs. A step graph is built
 and compiled once per (n_tokens, n_kv, n_outputs) and reused through the plan cache (graph
 uids), so a decode step costs one lookup plus the kernels. Prompts run in micro-batches.
 
-Models with recurrent layers (Mamba-2: mamba2, granitehybrid; gated DeltaNet: qwen3next, qwen35,
-qwen35moe) also carry a recurrent state per layer
-(conv_state.{il}, ssm_state.{il}, f32): zeros at reset, passed to each step and replaced by the
+Models with recurrent layers (Mamba-2: mamba2, granitehybrid, nemotron_h, falcon-h1; gated
+DeltaNet: qwen3next, qwen35, qwen35moe; short convolutions: lfm2) also carry a recurrent state per
+layer (conv_state.{il}, and ssm_state.{il} except for short convolutions; f32,
+Model.state_kinds): zeros at reset, passed to each step and replaced by the
 step's returned state. It is the state after the last evaluated token only, so it cannot be
 truncated; `recurrent_state()` / `set_recurrent_state()` take and restore snapshots.
 """
@@ -236,13 +237,13 @@ class Session:
 
     @property
     def is_recurrent(self) -> bool:
-        """Whether the model has recurrent (Mamba-2) layers."""
+        """Whether the model has recurrent (Mamba-2 or short-convolution) layers."""
         return bool(self._state)
 
     def recurrent_state(self) -> dict[str, np.ndarray]:
-        """The recurrent state after the last evaluated token: conv_state.{il} and ssm_state.{il}
-        of every recurrent layer (empty for a transformer). The session never writes into these
-        arrays (each step replaces them), so the dict is a snapshot as it stands; with the
+        """The recurrent state after the last evaluated token: conv_state.{il} (and ssm_state.{il}
+        for Mamba-2) of every recurrent layer (empty for a transformer). The session never writes
+        into these arrays (each step replaces them), so the dict is a snapshot as it stands; with the
         position (n_past) and the KV cache rows before it, it is all a checkpoint needs."""
         return dict(self._state)
 
@@ -271,8 +272,8 @@ class Session:
     def _zero_recurrent_state(self) -> None:
         self._state = {}
         for il in self.model.recurrent_layers:
-            self._state[f"conv_state.{il}"] = np.zeros(self.model.state_shape("conv"), np.float32)
-            self._state[f"ssm_state.{il}"] = np.zeros(self.model.state_shape("ssm"), np.float32)
+            for kind in self.model.state_kinds:
+                self._state[f"{kind}_state.{il}"] = np.zeros(self.model.state_shape(kind), np.float32)
 
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Run tokens after the current position. Returns logits f32[rows, n_vocab]: every

@@ -1,6 +1,6 @@
 """Running step graphs with the reference interpreter the way the generation runtime does:
 cache slots, positions and the 0/-inf masks (causal + padding, and the sliding window), and the
-recurrent state of Mamba-2 layers (zeros at first, replaced by the returned state each step)."""
+recurrent state of Mamba-2 and short-convolution layers (zeros at first, replaced by the returned state each step)."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +20,8 @@ class ReferenceSession:
             self.caches[f"k_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "k"), np.float16)
             self.caches[f"v_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "v"), np.float16)
         for il in model.recurrent_layers:
-            self.caches[f"conv_state.{il}"] = np.zeros(model.state_shape("conv"), np.float32)
-            self.caches[f"ssm_state.{il}"] = np.zeros(model.state_shape("ssm"), np.float32)
+            for kind in model.state_kinds:
+                self.caches[f"{kind}_state.{il}"] = np.zeros(model.state_shape(kind), np.float32)
 
     def masks(self, pos: np.ndarray) -> dict[str, np.ndarray]:
         keys = self.slot_pos[None, :]
