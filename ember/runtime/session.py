@@ -62,10 +62,10 @@ def swa_cache_rows(hp, n_ctx: int, options: SessionOptions) -> int:
     return min(n_ctx, -(-(hp.sliding_window + options.ubatch) // bucket) * bucket)
 
 
-def check_cache_support(backend: Backend, model: Model, cache: KVCacheTypes) -> None:
-    """EmberError (one line) when backend has no kernel writing or reading a KV cache of these
-    types: asked of the backend's supports_op on a cache write and an attention at this model's
-    head sizes, so it is refused before any step graph is built or compiled."""
+def check_cache_support(supports_op, where: str, model: Model, cache: KVCacheTypes) -> None:
+    """EmberError (one line, naming where: a backend, a target) when supports_op(node) -> (ok,
+    why) refuses a cache write or an attention over a KV cache of these types at this model's
+    head sizes: asked before any step graph is built or compiled."""
     if not cache.quantized or not model.attention_layers:
         return
     hp = model.hparams
@@ -80,9 +80,9 @@ def check_cache_support(backend: Backend, model: Model, cache: KVCacheTypes) -> 
     keys = b.reshape(caches[0], 1, hp.n_head_kv, hp.head_dim_k)
     values = b.reshape(caches[1], 1, hp.n_head_kv, hp.head_dim_v)
     for node in (*caches, b.attention(q, keys, values, scale=1.0)):
-        ok, why = backend.supports_op(node)
+        ok, why = supports_op(node)
         if not ok:
-            raise EmberError(f"{backend.name} backend: a KV cache of {cache} is not supported: {why}")
+            raise EmberError(f"{where}: a KV cache of {cache} is not supported: {why}")
 
 
 def token_bucket(T: int, ubatch: int) -> int:
@@ -199,7 +199,7 @@ class Session:
         self.model, self.backend, self.options = model, backend, options
         self.cache = options.cache
         model.check_cache(self.cache)
-        check_cache_support(backend, model, self.cache)
+        check_cache_support(backend.supports_op, f"{backend.name} backend", model, self.cache)
         hp = model.hparams
         self.n_ctx = min(options.n_ctx, hp.n_ctx_train) if hp.n_ctx_train else options.n_ctx
         # KV caches of the attention layers (every layer of a transformer), in layer order
