@@ -13,7 +13,7 @@ from ember.models.tokenizer import Tokenizer
 from ember.runtime.generate import generate
 from ember.runtime.memory import SequenceMemory, kv_footprint
 from ember.runtime.sampling import Sampler, SamplingParams
-from ember.runtime.session import Session, SessionOptions
+from ember.runtime.session import Session, SessionOptions, check_cache_support
 from ember.runtime.speculative import NgramDraft, speculative_generate
 from model_steps import ReferenceSession, nmse
 from tiny_gguf import Spec
@@ -105,3 +105,24 @@ def test_a_head_size_the_type_cannot_hold_is_one_line(tiny_files, cpu):
                                          r"of 128; this model's V head size is 64") as e:
         Session(llama, cpu, SessionOptions(n_ctx=32, cache=KVCacheTypes.of("q8_0", "turbo3")))
     assert "\n" not in str(e.value) and str(llama.path) in str(e.value)
+
+
+def test_a_backend_refusing_the_cache_is_asked_before_anything_compiles(gemma):
+    """check_cache_support asks supports_op about a cache write and an attention read at the
+    model's head sizes; the first refusal is one line naming where and why."""
+    asked = []
+
+    def refuses_quantized_attention(node):
+        asked.append((node.op, str(node.type.dtype), tuple(str(i.dtype) for i in node.inputs)))
+        if node.op == "attention" and node.inputs[2].dtype.is_quantized:
+            return False, "attention: turbo4 cache: no kernel yet"
+        return True, ""
+
+    with pytest.raises(EmberError) as e:
+        check_cache_support(refuses_quantized_attention, "test backend", gemma, KVCacheTypes.of("q8_0", "turbo4"))
+    assert str(e.value) == ("test backend: a KV cache of K q8_0, V turbo4 is not supported: "
+                            "attention: turbo4 cache: no kernel yet")
+    assert [a[:2] for a in asked] == [("set_rows", "q8_0"), ("set_rows", "turbo4"), ("attention", "f32")]
+    asked.clear()
+    check_cache_support(refuses_quantized_attention, "test backend", gemma, KVCacheTypes())   # f16: not asked
+    assert asked == []
