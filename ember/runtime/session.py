@@ -372,16 +372,17 @@ class Session:
         return T if self.n_past + T <= self.n_ctx else n
 
     def _plan(self, T: int, n_kv: int, n_out: int) -> _Step:
-        key = (T, n_kv, n_out, self.cache)     # what determines the step graph
-        if self.options.reuse and key in self._versions:
-            return self.plans.get(self._versions[key], self._compile, key=key)
+        shape = (T, n_kv, n_out)
+        key = (*shape, self.cache)     # the plan cache's key: what determines the step graph
+        if self.options.reuse and shape in self._versions:
+            return self.plans.get(self._versions[shape], self._compile, key=key)
         start = time.perf_counter()
         graph = self.build_step(T, n_kv, n_out)
         self.stats.graph_builds += 1
         if not self.options.reuse:
             return self._compile(graph, GraphVersion(graph, UNKNOWN_UID), start)
         version = GraphVersion.of(graph)
-        self._versions[key] = version
+        self._versions[shape] = version
         return self.plans.get(version, lambda g: self._compile(g, version, start), key=key)
 
     def _compile(self, graph, version=None, start=None) -> _Step:
