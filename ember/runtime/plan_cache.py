@@ -100,7 +100,9 @@ class PlanCache(Generic[Plan]):
             return self._touch(key, now)
         self.stats.misses += 1
         plan = build(version.graph)
-        self._entries[key] = _Entry(plan, version.uid, now)
+        # used as of now, after the build: a build longer than max_idle_s (a compile on a busy
+        # machine) must not leave the new plan looking idle to the next sweep
+        self._entries[key] = _Entry(plan, version.uid, self.clock())
         if version.uid != UNKNOWN_UID:
             self._by_uid[version.uid] = key
         while len(self._entries) > self.capacity:
