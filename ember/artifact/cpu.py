@@ -25,15 +25,19 @@ class Writer:
 
     A target's writer (this one; ember/artifact/opencl.py and vulkan.py) has: `layout` (the
     layout pass its pipeline ends with, or None for the target's default); begin(tmp) ->
-    manifest fields; step(tmp, name, graph) -> (step entry fields, kernel count, the graph as
-    compiled, names of constants stored in a form of the target's own); finish(tmp) -> more
-    manifest fields."""
+    manifest fields; supports_op(node) -> (ok, why) (asked before anything is compiled, e.g.
+    of a KV cache's types); step(tmp, name, graph) -> (step entry fields, kernel count, the
+    graph as compiled, names of constants stored in a form of the target's own); finish(tmp) ->
+    more manifest fields."""
     layout = None
 
     def __init__(self, backend: CpuBackend):
         if backend.profile:
             raise ArtifactError("compile: the backend renders profiling code; artifacts hold plain graphs")
         self.backend = backend
+
+    def supports_op(self, node) -> tuple[bool, str]:
+        return self.backend.supports_op(node)
 
     def begin(self, tmp: Path) -> dict:
         self.tag, kernels = self.backend.kernel_library()

@@ -78,6 +78,10 @@ class Writer:
             from ember.backends.opencl.backend import OpenCLBackend
             self.backend = OpenCLBackend(device=info.index, profile=self.profile, cache_dir=cache_dir)
 
+    def supports_op(self, node) -> tuple[bool, str]:
+        from ember.codegen.opencl import supports_node
+        return supports_node(node)
+
     def begin(self, tmp: Path) -> dict:
         return {}
 

@@ -2,6 +2,7 @@
 
     model = load_model("gemma-3-270m-q4_k_m.gguf")
     graph = model.build_step(n_tokens=8, n_kv=64, n_outputs=1)
+    graph = model.build_step(8, 64, 1, cache=KVCacheTypes.of("q8_0", "q8_0"))   # a q8_0 KV cache
 
 `ARCHITECTURES` maps a GGUF `general.architecture` to the function that builds its step graph
 (the contract is in ember/models/common.py).
@@ -20,8 +21,10 @@ from ember.models import falcon_h1, lfm2, nemotron_h
 from ember.models.common import Model, StepGraph, build_qkv  # noqa: F401
 from ember.models.gguf_file import GGUFFile, ModelFileError, open_gguf  # noqa: F401
 from ember.models.hparams import HParams, check_layer_tensors
+from ember.models.kv_cache import CACHE_TYPE_NAMES, F16_CACHE, KVCacheTypes  # noqa: F401
 
-ARCHITECTURES: dict[str, Callable[[Model, int, int, int], Graph]] = {
+# arch -> build_step(model, n_tokens, n_kv, n_outputs, n_kv_swa=None, cache=F16_CACHE)
+ARCHITECTURES: dict[str, Callable[..., Graph]] = {
     "llama": llama.build_step,
     "qwen2": qwen2.build_step,
     "qwen3": qwen3.build_step,

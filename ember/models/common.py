@@ -5,15 +5,17 @@ cache, gated FFNs and the output head.
 
 The step-graph contract, relied on by the generation runtime:
 
-    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None) -> Graph
+    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None, cache=F16_CACHE) -> Graph
     inputs   tokens i32[n_tokens], pos i32[n_tokens] (positions), slots i32[n_tokens] (the cache
              rows the new K/V rows go to), out_ids i32[n_outputs] (the rows that produce logits),
              mask f32[n_tokens, n_kv] (0 / -inf: causal + padding, built by the runtime),
              mask_swa f32[n_tokens, n_kv_swa] (only for models with sliding-window layers),
              slots_swa i32[n_tokens] (only when n_kv_swa < n_kv: the rows of the sliding-window
              layers' ring caches; otherwise those layers use slots and n_kv_swa = n_kv),
-             then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each attention
-             layer il (n_kv_swa rows for a sliding-window layer), then the state of each
+             then k_cache.{il} cache.k[n_kv, n_head_kv * head_dim_k], v_cache.{il}
+             cache.v[n_kv, n_head_kv * head_dim_v] for each attention layer il (n_kv_swa rows for
+             a sliding-window layer; cache: a KVCacheTypes, f16/f16 by default; a quantized type
+             is stored as whole blocks per row, ember.ir.dtypes), then the state of each
              recurrent layer il (HParams.recurrent_layers says which; Model.state_kinds which
              states), each group in layer order. A Mamba-2 layer has conv_state.{il} f32[d_conv -
              1, d_inner + 2 * n_group * d_state] and ssm_state.{il} f32[n_ssm_head, ssm_head_dim,
@@ -27,14 +29,17 @@ The step-graph contract, relied on by the generation runtime:
              set_rows(cache, slots, rows) for every attention layer, then the states after the
              step's tokens for every recurrent layer, each group in layer order (the inputs'
              order).
-    Attention reads the updated caches with causal=False: the masks say everything.
+    Attention reads the updated caches with causal=False: the masks say everything. With a
+    q8_0 / q4_0 cache (and cache.rotation) the rows stored are the Walsh-Hadamard rotations of K
+    and V (llama.cpp's attn_rot; ember/models/kv_cache.py): Q is rotated with K, the attention
+    output rotated back, so the logits mean the same; turbo3/turbo4 rotate inside their blocks.
     A recurrent layer holds only the state after the last token it saw, so the runtime feeds it
     the tokens of one sequence in order and replaces its state by the returned one after each
     step; positions, slots and masks mean nothing to it. A model with no attention layer still
     takes every input above (unused), so the runtime builds the same inputs for every model.
 
 Weights are graph constants under their GGUF names, holding views of the memory-mapped file.
-Imports the IR and the GGUF reader only.
+Imports the IR, the GGUF reader and the cache types (kv_cache) only.
 """
 from __future__ import annotations
 
@@ -49,8 +54,8 @@ from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.models.gguf_file import GGUFFile, ModelFileError
 from ember.models.hparams import DELTA_NET_ARCHS, HParams
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 
-CACHE_DTYPE = dtypes.f16
 STATE_DTYPE = dtypes.f32     # recurrent state stays f32, as in llama.cpp
 
 
@@ -62,7 +67,7 @@ class Model:
     hparams: HParams
     file: GGUFFile
     tokenizer: Mapping[str, object]
-    step_builder: Callable[["Model", int, int, int, "int | None"], Graph]
+    step_builder: Callable[..., Graph]   # (model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
 
     @property
     def path(self):
@@ -112,16 +117,30 @@ class Model:
         hp = self.hparams
         return hp.conv_state_shape if which == "conv" else hp.ssm_state_shape
 
-    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None) -> Graph:
+    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
+                   cache: KVCacheTypes = F16_CACHE) -> Graph:
         """The step graph; with n_kv_swa < n_kv (a model with sliding-window layers), those
-        layers keep a ring of n_kv_swa rows (the contract's slots_swa input)."""
+        layers keep a ring of n_kv_swa rows (the contract's slots_swa input). cache: the KV
+        cache's types (a head size the types cannot hold is an EmberError, see check_cache)."""
         if n_tokens < 1 or n_kv < 1:
             raise ValueError(f"build_step: need n_tokens >= 1 and n_kv >= 1, got {n_tokens}, {n_kv}")
         if not 0 <= n_outputs <= n_tokens:
             raise ValueError(f"build_step: n_outputs {n_outputs} must be in [0, {n_tokens}]")
         if n_kv_swa is not None and not n_tokens <= n_kv_swa <= n_kv:
             raise ValueError(f"build_step: n_kv_swa {n_kv_swa} must be in [n_tokens {n_tokens}, n_kv {n_kv}]")
-        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa)
+        self.check_cache(cache)
+        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+
+    def check_cache(self, cache: KVCacheTypes) -> None:
+        """EmberError (one line: the file, the head size, the type) when a quantized cache type
+        cannot hold this model's heads as whole blocks; nothing to check without attention."""
+        if self.attention_layers:
+            cache.check(self.hparams.head_dim_k, self.hparams.head_dim_v, str(self.path))
+
+    def cache_bytes_per_row(self, cache: KVCacheTypes) -> int:
+        """Bytes one token takes in one attention layer's K and V caches."""
+        hp = self.hparams
+        return cache.row_bytes(hp.n_embd_k_gqa, hp.n_embd_v_gqa)
 
     def __repr__(self) -> str:
         hp = self.hparams
@@ -143,9 +162,11 @@ class StepGraph:
     """One step graph under construction: the contract's inputs, the weights, the per-layer
     cache updates; `finish` adds the output head and returns the Graph."""
 
-    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None):
+    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
+                 cache: KVCacheTypes = F16_CACHE):
         self.model, self.hp, self.file = model, model.hparams, model.file
         self.n_tokens, self.n_kv, self.n_outputs = n_tokens, n_kv, n_outputs
+        self.cache = cache
         # Sliding-window layers read a ring of n_kv_swa rows (slots_swa, mask_swa) when it is
         # shorter than the other layers' n_kv; otherwise they share slots with them.
         ring = self.hp.uses_swa and n_kv_swa is not None and n_kv_swa < n_kv
@@ -162,8 +183,8 @@ class StepGraph:
         self.v_cache: dict[int, Node] = {}
         for il in model.attention_layers:
             rows = self.cache_rows(il)
-            self.k_cache[il] = b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "k"))
-            self.v_cache[il] = b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "v"))
+            self.k_cache[il] = b.input(f"k_cache.{il}", cache.k, model.cache_shape(rows, "k"))
+            self.v_cache[il] = b.input(f"v_cache.{il}", cache.v, model.cache_shape(rows, "v"))
         self.conv_state: dict[int, Node] = {}
         self.ssm_state: dict[int, Node] = {}
         for il in model.recurrent_layers:
@@ -227,11 +248,17 @@ class StepGraph:
     def attention(self, il: int, q: Node, k: Node, v: Node, scale: float, softcap: float = 0.0,
                   swa: bool = False) -> Node:
         """Write this step's K/V rows into layer il's caches, attend over the updated caches,
-        and return the heads flattened: f32[n_tokens, n_head * head_dim_v]."""
+        and return the heads flattened: f32[n_tokens, n_head * head_dim_v]. A q8_0 / q4_0
+        cache rotates Q and K (V, and the output back) as llama.cpp does (ember.models.kv_cache)."""
         b, hp = self.b, self.hp
         if swa != hp.is_swa(il):
             raise ValueError(f"attention: layer {il} is {'' if hp.is_swa(il) else 'not '}a "
                              f"sliding-window layer, called with swa={swa}")
+        k_rot, v_rot = self.cache.k_rotation(hp.head_dim_k), self.cache.v_rotation(hp.head_dim_v)
+        if k_rot:
+            q, k = rotate(b, q, k_rot), rotate(b, k, k_rot)
+        if v_rot:
+            v = rotate(b, v, v_rot)
         rows = self.cache_rows(il)
         slots = self.slots_swa if swa else self.slots
         k_cache = b.set_rows(self.k_cache[il], slots, flatten_heads(b, k))
@@ -241,6 +268,8 @@ class StepGraph:
         values = b.reshape(v_cache, rows, hp.n_head_kv, hp.head_dim_v)
         mask = self.mask_swa if swa else self.mask
         out = b.attention(q, keys, values, mask, scale=scale, softcap=softcap, causal=False)
+        if v_rot:
+            out = b.hadamard(out, v_rot)
         return b.reshape(out, self.n_tokens, hp.n_head * hp.head_dim_v)
 
     def cache_rows(self, il: int) -> int:
@@ -281,6 +310,12 @@ class StepGraph:
             raise ValueError(f"finish: layers {missing} never returned their recurrent state")
         caches = [c for il in self.k_cache for c in (self.k_updated[il], self.v_updated[il])]
         return b.build(logits, *caches, *states)
+
+
+def rotate(b: GraphBuilder, x: Node, block: int) -> Node:
+    """x [T, H, D] times the orthonormal Hadamard matrix over blocks of D (a strided view, the
+    fused-QKV split, is made contiguous first)."""
+    return b.hadamard(x if x.type.is_contiguous else b.cont(x), block)
 
 
 def flatten_heads(b: GraphBuilder, x: Node) -> Node:
