@@ -166,6 +166,9 @@ def add_compile_command(sub) -> None:
     p.add_argument("--portable", action="store_true",
                    help="target vulkan only: compile for any Vulkan 1.1 device (no optional features, "
                         "the specification's minimum limits), with no Vulkan device here")
+    p.add_argument("--runtime", action="store_true",
+                   help="target cpu only: also build the native runtime ember-run into the folder, "
+                        "which runs the artifact without Python (DIR/ember-run DIR -p PROMPT)")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable)")
     p.set_defaults(func=cmd_compile)
@@ -522,7 +525,11 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     progress = say
     progress(f"compiling {path} ({model.arch}, {model.hparams.n_layer} layers) for {args.target}")
+    if args.runtime and args.target != "cpu":
+        raise EmberError(f"--runtime applies to --target cpu only, not {args.target}")
     target_options = {"features": "portable"} if args.portable else {}
+    if args.runtime:
+        target_options["runtime"] = True
     manifest = compile_artifact(model, target, args.output, n_ctx=args.ctx_size,
                                 prompt_tokens=args.prompt_tokens, disabled_passes=frozenset(args.disable),
                                 progress=progress, cache=cache, **target_options)

@@ -3,6 +3,8 @@
     DIR/kernels.so             the matmul kernel library every step library links against
     DIR/steps/<shape>.c        a step's C source (symbols tagged for kernels.so)
     DIR/steps/<shape>.so       the library built from that source
+    DIR/ember-run              with option runtime: the native runtime (ember.artifact.native),
+                               which runs the artifact without Python
 
 Loading renders each stored graph again (no passes, no compiler; ~0.1 s) and requires the
 stored source byte for byte, so a library only ever runs with the program it was built from.
@@ -14,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from ember.artifact.format import MANIFEST, ArtifactError, host_cpu
+from ember.artifact.native import RUNTIME_FILE, build_runtime, step_abi
 from ember.artifact.session import artifact_session, open_model, step_graph, step_key
 from ember.backends.cpu.backend import CpuBackend, load_kernel_library
 from ember.codegen.cpu import render_graph, tag_kernel_symbols
@@ -28,13 +31,16 @@ class Writer:
     manifest fields; supports_op(node) -> (ok, why) (asked before anything is compiled, e.g.
     of a KV cache's types); step(tmp, name, graph) -> (step entry fields, kernel count, the
     graph as compiled, names of constants stored in a form of the target's own); finish(tmp) ->
-    more manifest fields."""
+    more manifest fields. `native`: whether its steps carry what the native runtime needs (their
+    `abi`, and the manifest's `native` block)."""
     layout = None
+    native = True
 
-    def __init__(self, backend: CpuBackend):
+    def __init__(self, backend: CpuBackend, runtime: bool = False):
         if backend.profile:
             raise ArtifactError("compile: the backend renders profiling code; artifacts hold plain graphs")
         self.backend = backend
+        self.runtime = runtime
 
     def supports_op(self, node) -> tuple[bool, str]:
         return self.backend.supports_op(node)
@@ -50,16 +56,22 @@ class Writer:
         program = executable.program
         (tmp / f"{name}.c").write_text(tag_kernel_symbols(program.source, self.tag))
         shutil.copyfile(executable.library_path, tmp / f"{name}.so")
-        return {"source": f"{name}.c", "library": f"{name}.so"}, program.n_kernels, program.graph, set()
+        entry = {"source": f"{name}.c", "library": f"{name}.so", "abi": step_abi(program)}
+        return entry, program.n_kernels, program.graph, set()
 
     def finish(self, tmp: Path) -> dict:
-        return {}
+        if not self.runtime:
+            return {}
+        build_runtime(tmp / RUNTIME_FILE)
+        return {"runtime": RUNTIME_FILE}
 
 
 def writer(target: str, backend: CpuBackend | None = None, progress=None, **options) -> Writer:
-    if options:
-        raise ArtifactError(f"compile: target cpu takes no options {sorted(options)}")
-    return Writer(backend or CpuBackend())
+    """options: runtime (bool): also build the native runtime `ember-run` into the artifact."""
+    unknown = set(options) - {"runtime"}
+    if unknown:
+        raise ArtifactError(f"compile: target cpu takes no options {sorted(unknown)}")
+    return Writer(backend or CpuBackend(), runtime=bool(options.get("runtime")))
 
 
 def check_host(manifest: dict, path: Path) -> None:

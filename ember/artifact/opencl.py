@@ -38,6 +38,8 @@ def profiles_of(target: str) -> tuple[str, ...]:
 
 
 class Writer:
+    native = False          # no native runtime for this target yet
+
     def __init__(self, target: str, progress=None, device=None, profile: str | None = None,
                  profile_options: dict | None = None, cache_dir=None):
         from ember.backends.opencl.device import choose_profile, select_device

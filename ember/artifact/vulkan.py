@@ -19,6 +19,7 @@ from ember.errors import BackendUnavailable, EmberError
 
 
 class Writer:
+    native = False          # no native runtime for this target yet
     layout = None
 
     def __init__(self, device=None, features: str = "device", cache_dir=None, progress=None):

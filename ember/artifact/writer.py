@@ -3,6 +3,7 @@ PassContext, handed to the target's writer (ember/artifact/<target>.py) one by o
 folder written under a temporary name, then renamed into place."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -12,6 +13,7 @@ import numpy as np
 
 from ember.artifact.format import (FORMAT, FORMAT_VERSION, MANIFEST, ArtifactError, ember_version,
                                    file_sha256, new_folder, replace_folder, target_module)
+from ember.artifact.native import native_fields
 from ember.artifact.session import shape_name, step_shapes
 from ember.ir.printer import print_ir
 from ember.models.kv_cache import F16_CACHE, KVCacheTypes
@@ -68,6 +70,8 @@ def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
                 progress(f"compiled step {shape_name(shape)} ({n_kernels} kernels) in "
                          f"{time.perf_counter() - start:.1f} s")
         fields.update(writer.finish(tmp))
+        if writer.native:
+            fields["native"] = native_fields(model)
         manifest = _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_passes,
                              cache, steps, constants, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -89,7 +93,10 @@ def _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_p
         "target": target,
         **fields,
         "model": {"file": path.name, "path": str(path.resolve()), "size": path.stat().st_size,
-                  "sha256": file_sha256(path), "arch": model.arch},
+                  "sha256": file_sha256(path), "arch": model.arch,
+                  # the bytes before the tensor data: every tensor's name, type, shape and offset
+                  # (what the native runtime checks at each start; the whole file on request)
+                  "header_sha256": _head_sha256(path, model.file.data_offset)},
         "n_ctx": n_ctx,
         "kv_bucket": kv_bucket,
         "prompt_tokens": prompt_tokens,
@@ -99,6 +106,11 @@ def _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_p
         "constants": constants,
         "files": {f: file_sha256(folder / f) for f in files},
     }
+
+
+def _head_sha256(path: Path, n: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(n)).hexdigest()
 
 
 def _from_file(model, name: str, data: np.ndarray) -> bool:

@@ -1,0 +1,91 @@
+"""The native runtime: what a cpu artifact records so that C code without Python can run it, and
+building that C code (ember/artifact/native/*.c) into the artifact's `ember-run` command.
+
+A cpu artifact's step entry carries `abi` (step_abi): the order, types and storage shapes of the
+inputs and outputs of its library's entry point, which outputs update an input in place, the
+constants (by name: a GGUF tensor or one of the artifact's .npy files, with their byte sizes)
+and the arena size. The manifest's `native` block (native_fields) holds what the runtime needs
+of the model beyond the GGUF: the sliding window, and the tokenizer's flags and special-token
+ids as ember.models.tokenizer derives them (the C tokenizer reads the vocabulary itself from
+the memory-mapped GGUF, and runs the SPM algorithm in C).
+
+The C sources are plain C11 + POSIX (mmap, dlopen): the same files build for x86-64 here and
+for aarch64 with a cross compiler (build_runtime's cc). May import ir, codegen, backends, models.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from ember.artifact.format import ArtifactError
+from ember.backends.base import host_storage
+from ember.backends.cpu.compiler import find_compiler
+
+SOURCE_DIR = Path(__file__).with_name("native")
+SOURCES = ("runtime.c", "json.c", "gguf.c", "sha256.c", "tokenizer.c", "sampler.c", "ember_run.c")
+RUNTIME_FILE = "ember-run"
+FLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-format-truncation")
+LIBS = ("-ldl", "-lm", "-lpthread")
+
+
+def step_abi(program) -> dict:
+    """How a CpuProgram's entry point is called: inputs [name, numpy dtype, storage shape],
+    outputs [numpy dtype, storage shape, index of the input it updates in place or -1],
+    constants [name, bytes], arena bytes."""
+    graph = program.graph
+    in_place = program.in_place or {}
+    inputs = [[n.name, *_storage(n.type)] for n in graph.inputs]
+    outputs = [[*_storage(n.type), in_place.get(k, -1)] for k, n in enumerate(graph.outputs)]
+    consts = []
+    for node in program.constants:
+        if node.attr("value") is not None:
+            # a literal's bytes live in the IR text only; none of today's models makes one
+            raise ArtifactError(f"compile: step {graph.name!r}: literal constant {node.name!r} cannot "
+                                "be stored for the native runtime")
+        consts.append([node.name, int(np.asarray(graph.constant_data(node)).nbytes)])
+    return {"inputs": inputs, "outputs": outputs, "consts": consts, "arena": int(program.plan.peak_bytes)}
+
+
+def _storage(t) -> list:
+    shape, dtype = host_storage(t)
+    return [np.dtype(dtype).name, [int(d) for d in shape]]
+
+
+def native_fields(model) -> dict:
+    """The manifest's `native` block (see the module docstring)."""
+    from ember.models.tokenizer import CONTROL, Tokenizer
+    hp = model.hparams
+    tok = Tokenizer.from_metadata(model.tokenizer, str(model.path), model.n_vocab)
+    extra_control = sorted(i for i in tok._control if tok.types[i] != CONTROL)
+    return {
+        "arch": model.arch,
+        "n_vocab": int(hp.n_vocab),
+        "sliding_window": int(hp.sliding_window) if hp.uses_swa else 0,
+        "recurrent": bool(model.recurrent_layers),
+        "tokenizer": {
+            "kind": tok.kind,
+            "bos": -1 if tok.bos_id is None else int(tok.bos_id),
+            "eos": -1 if tok.eos_id is None else int(tok.eos_id),
+            "unk": -1 if tok.unk_id is None else int(tok.unk_id),
+            "add_bos": bool(tok.add_bos),
+            "add_eos": bool(tok.add_eos),
+            "add_space_prefix": bool(tok.add_space_prefix),
+            "extra_control": [int(i) for i in extra_control],
+            "eog": sorted(int(i) for i in tok.eog_ids),
+        },
+    }
+
+
+def build_runtime(out: Path, cc: str | None = None, flags: tuple[str, ...] = ()) -> Path:
+    """Compile the native runtime's sources into the executable out (cc: a C compiler, e.g. a
+    cross compiler; default the host's)."""
+    compiler = cc or find_compiler()
+    sources = [str(SOURCE_DIR / name) for name in SOURCES]
+    cmd = [compiler, *FLAGS, *flags, "-I", str(SOURCE_DIR), *sources, "-o", str(out), *LIBS]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
+        raise ArtifactError(f"compile: building the native runtime with {compiler} failed: {first}")
+    return Path(out)
