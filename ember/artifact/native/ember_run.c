@@ -2,6 +2,7 @@
  *
  *     ember-run ARTIFACT -p PROMPT [-n N] [--temp T] [--top-k K] [--top-p P] [--min-p M]
  *               [--seed S] [-t THREADS] [--model GGUF] [--verify-model] [--ignore-eos] [--special]
+ *     ember-run ARTIFACT --tokenize -p TEXT      (the prompt's token ids, one line; nothing run)
  *
  * The same loop as `ember run` (ember/runtime/generate.py): the prompt with BOS and special-token
  * text parsed, then up to N tokens, stopping at an end-of-generation token or a full context;
@@ -29,7 +30,8 @@ static int fail(const char *message) {
 
 static void usage(FILE *out) {
     fprintf(out, "usage: ember-run ARTIFACT -p PROMPT [-n N] [--temp T] [--top-k K] [--top-p P] [--min-p M]\n"
-                 "                 [--seed S] [-t THREADS] [--model GGUF] [--verify-model] [--ignore-eos] [--special]\n");
+                 "                 [--seed S] [-t THREADS] [--model GGUF] [--verify-model] [--ignore-eos] [--special]\n"
+                 "       ember-run ARTIFACT --tokenize -p TEXT\n");
 }
 
 static int number(const char *flag, const char *text, double lo, double hi, double *out) {
@@ -49,7 +51,7 @@ int main(int argc, char **argv) {
     const char *artifact = NULL, *prompt = NULL, *model = NULL;
     double n_predict = 128, threads = 0, seed = 0, top_k = 40;
     double temp = 0.8, top_p = 0.95, min_p = 0.05;
-    int verify = 0, ignore_eos = 0, special = 0;
+    int verify = 0, ignore_eos = 0, special = 0, tokenize_only = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -58,6 +60,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--verify-model")) { verify = 1; continue; }
         else if (!strcmp(a, "--ignore-eos")) { ignore_eos = 1; continue; }
         else if (!strcmp(a, "--special")) { special = 1; continue; }
+        else if (!strcmp(a, "--tokenize")) { tokenize_only = 1; continue; }
         else if (a[0] != '-') {
             if (artifact) { usage(stderr); return fail("more than one artifact given"); }
             artifact = a;
@@ -92,6 +95,13 @@ int main(int argc, char **argv) {
         n = ids ? ember_tokenize(rt, prompt, len, 1, 1, ids, n) : -1;
     }
     if (n < 0) { ember_close(rt); return fail("tokenize: out of memory"); }
+    if (tokenize_only) {
+        for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        printf("\n");
+        free(ids);
+        ember_close(rt);
+        return 0;
+    }
     if (n == 0) { ember_close(rt); return fail("the prompt is empty and the model adds no BOS token"); }
 
     ember_sampling sampling = {(float)temp, (float)top_p, (float)min_p, (int)top_k, (uint64_t)seed};

@@ -1,0 +1,182 @@
+"""The native runtime (ember/artifact/native): `ember-run` built into a cpu artifact by
+`compile_artifact(..., runtime=True)` runs it without Python, giving the greedy text of
+`ember run`, the token ids of ember's tokenizer, and one line and exit status 1 for a damaged
+artifact or the wrong model, never a crash."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ember.artifact import compile_artifact
+from ember.backends.cpu.backend import CpuBackend
+from ember.models import load_model
+from ember.models.tokenizer import Tokenizer
+
+from tiny_gguf import Spec, write_tiny_gguf
+
+N_CTX, PROMPT_TOKENS = 64, 8
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "Hello world, this is a prompt of more than eight tokens"
+
+HARD_TEXTS = [
+    "", " ", "  ", "a", "Hello", " Hello", "Hello  world", "tab\tand\nnewline\r\n", "    four spaces",
+    "trailing   ", "héllo wörld", "日本語のテキスト", "emoji 🙂🚀 and ZWJ 👩‍👩‍👧", "ﬁ ligature, Ω, ß, ǅ",
+    "<start_of_turn>user\nhi<end_of_turn>", "<bos><bos>", "a<unk>b", "<0x41> is not a byte token",
+    "mixed 123 456.789 -0", "\u2581visible space mark", "x" * 300, "ab " * 400 + "end",
+    "😀" * 50, "the quick brown fox " * 100,
+]
+
+
+def ember_run(artifact: Path, *args, runtime: Path | None = None) -> subprocess.CompletedProcess:
+    exe = runtime or artifact / "ember-run"
+    # a random model's text may be any bytes: compared as bytes, read with errors="replace"
+    return subprocess.run([str(exe), str(artifact), *args], capture_output=True, timeout=120,
+                          encoding="utf-8", errors="replace")
+
+
+def python_run(artifact: Path, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "ember.cli", "run", str(artifact), *args], capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=300, env=env)
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 1, (result.returncode, result.stderr)     # not a signal
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ember-run: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def built(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(artifact with its ember-run, GGUF) of a tiny f32 model."""
+    folder = tmp_path_factory.mktemp(f"native-{request.param}")
+    model = write_tiny_gguf(folder / f"{request.param}-f32.gguf", Spec(request.param, "f32"))
+    out = folder / "tiny.ember"
+    compile_artifact(load_model(model), CpuBackend(threads=1), out, n_ctx=N_CTX, prompt_tokens=PROMPT_TOKENS,
+                     runtime=True)
+    return out, model
+
+
+@pytest.fixture
+def copy(built, tmp_path) -> Path:
+    return Path(shutil.copytree(built[0], tmp_path / "copy", symlinks=True))
+
+
+def test_greedy_text_is_the_python_runs(built):
+    # the prompt takes two prompt steps and single tokens; decoding crosses no bucket (n_ctx 64)
+    artifact, _ = built
+    args = ("-p", PROMPT, "-n", "24", "--temp", "0", "-t", "2")
+    native, python = ember_run(artifact, *args), python_run(artifact, *args)
+    assert python.returncode == 0, python.stderr
+    assert native.returncode == 0, native.stderr
+    assert native.stdout == python.stdout and len(native.stdout) > 1
+    assert "cold start to the first token" in native.stderr
+
+
+def test_the_context_fills_and_stops_as_python_does(built):
+    artifact, _ = built
+    args = ("-p", PROMPT, "-n", "200", "--temp", "0", "--ignore-eos", "-t", "1")
+    native, python = ember_run(artifact, *args), python_run(artifact, *args)
+    assert native.returncode == 0 and python.returncode == 0, native.stderr + python.stderr
+    assert native.stdout == python.stdout
+    assert "stop: context" in native.stderr
+
+
+def test_token_ids_are_ember_tokenizes(built):
+    artifact, model = built
+    tokenizer = Tokenizer.from_gguf(model)
+    for text in HARD_TEXTS:
+        result = ember_run(artifact, "--tokenize", "-p", text)
+        assert result.returncode == 0, result.stderr
+        ids = [int(i) for i in result.stdout.split()]
+        assert ids == tokenizer.encode(text, add_special=True, parse_special=True), text
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed(built):
+    artifact, _ = built
+    args = ("-p", PROMPT, "-n", "16", "--temp", "1.5", "--top-k", "50", "--top-p", "0.9", "--min-p", "0")
+    runs = [ember_run(artifact, *args, "--seed", str(seed)) for seed in (1, 1, 2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+    assert runs[0].stdout != runs[2].stdout
+
+
+def test_a_tampered_library_is_one_line(copy):
+    library = next((copy / "steps").glob("*.so"))
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+    assert_one_line_failure(ember_run(copy, "-p", "hi", runtime=copy / "ember-run"), "checksum mismatch",
+                            library.name)
+
+
+def test_a_truncated_manifest_is_one_line(copy):
+    manifest = copy / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:200])
+    assert_one_line_failure(ember_run(copy, "-p", "hi"), "not valid JSON")
+
+
+def test_a_manifest_path_leaving_the_folder_is_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["../evil.so"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_failure(ember_run(copy, "-p", "hi"), "does not stay inside")
+
+
+def test_a_missing_file_is_one_line(copy):
+    next((copy / "steps").glob("*.so")).unlink()
+    assert_one_line_failure(ember_run(copy, "-p", "hi"), "missing")
+
+
+def test_a_truncated_model_is_one_line(built, tmp_path):
+    artifact, model = built
+    short = tmp_path / "short.gguf"
+    short.write_bytes(model.read_bytes()[:100_000])
+    assert_one_line_failure(ember_run(artifact, "-p", "hi", "--model", str(short)), "not the model")
+
+
+def test_another_model_is_one_line(built, tmp_path):
+    artifact, model = built
+    other = write_tiny_gguf(tmp_path / "other.gguf", Spec("qwen2" if "llama" in model.name else "llama", "f32"))
+    assert_one_line_failure(ember_run(artifact, "-p", "hi", "--model", str(other)), "not the model")
+
+
+def test_a_tampered_weight_is_found_on_request(built, tmp_path):
+    # same size and header: only --verify-model (the whole file's sha256) sees it
+    artifact, model = built
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0x01
+    changed = tmp_path / "changed.gguf"
+    changed.write_bytes(bytes(data))
+    assert_one_line_failure(ember_run(artifact, "-p", "hi", "--model", str(changed), "--verify-model"),
+                            "not the model")
+
+
+def test_bad_arguments_are_one_line(built):
+    artifact, _ = built
+    assert_one_line_failure(ember_run(artifact, "-p", "hi", "--top-p", "2"), "--top-p")
+    assert_one_line_failure(ember_run(artifact.parent / "nowhere", "-p", "hi", runtime=artifact / "ember-run"),
+                            "no such artifact")
+
+
+@pytest.mark.slow
+def test_default_model_first_16_greedy_tokens(tmp_path):
+    from ember.models.default_model import default_model_path
+    model = default_model_path()
+    out = tmp_path / "default.ember"
+    compile_artifact(load_model(model), CpuBackend(), out, n_ctx=256, prompt_tokens=32, runtime=True)
+    args = ("-p", "The capital of France is a city that", "-n", "16", "--temp", "0", "--ignore-eos")
+    native, python = ember_run(out, *args), python_run(out, *args)
+    assert native.returncode == 0 and python.returncode == 0, native.stderr + python.stderr
+    assert native.stdout == python.stdout
+    tokenizer = Tokenizer.from_gguf(model)
+    for text in HARD_TEXTS:
+        result = ember_run(out, "--tokenize", "-p", text)
+        assert [int(i) for i in result.stdout.split()] == tokenizer.encode(text, add_special=True,
+                                                                           parse_special=True), text
