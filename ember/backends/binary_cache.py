@@ -22,8 +22,9 @@ entries under the cache's root pass the limit the oldest are removed until they 
 EVICT_TO of it. The root is ember's cache folder for a cache inside it (the CPU, OpenCL and
 Vulkan entries share one bound), else the cache's own folder. A process counts the root once,
 on its first use of it (removing stale temporaries a killed process left: ember.files), then
-adds what it writes; another process's writes are counted on that process's own start. An
-entry removed while another process is about to load it is rebuilt there like a damaged one.
+adds what it writes; another process's writes are counted on that process's own start. The
+entry just used is the last to go (a bound smaller than what runs at once makes processes
+rebuild each other's entries); a library already loaded stays mapped.
 Compilers build in `build_folder()`, a temporary folder inside the cache named after its owner,
 so a compile killed midway leaves nothing that outlives the next start's clean-up.
 
