@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add_command in (add_generate_command, add_chat_command, add_tokenize_command, add_logits_command,
                         add_perplexity_command, add_bench_command, add_compile_command, add_run_command,
-                        add_demo_command, add_ops_command, add_ir_command, add_passes_command):
+                        add_demo_command, add_ops_command, add_ir_command, add_passes_command,
+                        add_cache_command):
         add_command(sub)
     for command in sub.choices.values():
         # --debug after the command too; SUPPRESS keeps a --debug given before it
@@ -254,6 +255,19 @@ def add_passes_command(sub) -> None:
     p.add_argument("--timing", action="store_true", help="print the time each pass took (to stderr)")
     p.add_argument("--no-verify", action="store_true", help="do not run the verifier after each pass")
     p.set_defaults(func=cmd_passes)
+
+
+def add_cache_command(sub) -> None:
+    from ember.files import CACHE_LIMIT_VARIABLE
+    p = sub.add_parser("cache", help="show or clear the compiled-binary cache",
+                       description="The compiled binaries (CPU libraries, OpenCL programs, SPIR-V) in "
+                                   "ember's cache folder ($XDG_CACHE_HOME/ember, else ~/.cache/ember), "
+                                   f"bounded by ${CACHE_LIMIT_VARIABLE} (default 2G; 0: no bound), least "
+                                   "recently used evicted first. `info` prints the folder, the entries, "
+                                   "their size and the limit; `clear` removes every entry (the default "
+                                   "model and other files stay).")
+    p.add_argument("action", choices=["info", "clear"], help="info or clear")
+    p.set_defaults(func=cmd_cache)
 
 
 def add_model_path_argument(p) -> None:
@@ -696,6 +710,41 @@ def cmd_ops(args) -> int:
         if backend is None:
             print(f"{name}: unavailable: {why}")
     return 0
+
+
+def cmd_cache(args) -> int:
+    import os
+
+    from ember.backends import binary_cache
+    from ember.files import CACHE_LIMIT_VARIABLE, cache_limit, default_cache_dir
+    folder = default_cache_dir()
+    limit = cache_limit()
+    if args.action == "clear":
+        count, size = binary_cache.clear(folder)
+        print(f"removed {count} entries ({human_bytes(size)}) from {folder}")
+        return 0
+    found = binary_cache.entries(folder)
+    size = sum(e.size for e in found)
+    print(f"folder:  {folder}")
+    print(f"entries: {len(found)}")
+    print(f"bytes:   {size} ({human_bytes(size)})")
+    setting = f"{CACHE_LIMIT_VARIABLE}={os.environ[CACHE_LIMIT_VARIABLE]}" if os.environ.get(
+        CACHE_LIMIT_VARIABLE, "").strip() else "the default"
+    print("limit:   " + (f"{limit} ({human_bytes(limit)}; {setting})" if limit else f"none ({setting})"))
+    kinds: dict[str, list[int]] = {}
+    for entry in found:
+        kind = str(entry.path.parent.parent.relative_to(folder))
+        kinds.setdefault(kind, []).append(entry.size)
+    for kind, sizes in sorted(kinds.items()):
+        print(f"  {kind + '/':<14} {len(sizes):6d} entries  {human_bytes(sum(sizes)):>10}")
+    return 0
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def cmd_demo(args) -> int:

@@ -16,19 +16,43 @@ artifact's copy of the library carries it too), else as the entry's first line, 
 strips. An entry whose mark is not its source's (an entry copied over another, a binary of
 another program) is rebuilt like a damaged one.
 
+The cache is bounded (ember.files.cache_limit: $EMBER_CACHE_LIMIT, 2 GiB by default) with
+least-recently-used eviction: a hit touches its entry (its mtime is its last use), and when the
+entries under the cache's root pass the limit the oldest are removed until they fill
+EVICT_TO of it. The root is ember's cache folder for a cache inside it (the CPU, OpenCL and
+Vulkan entries share one bound), else the cache's own folder. A process counts the root once,
+on its first use of it (removing stale temporaries a killed process left: ember.files), then
+adds what it writes; another process's writes are counted on that process's own start. The
+entry just used is the last to go (a bound smaller than what runs at once makes processes
+rebuild each other's entries); a library already loaded stays mapped.
+Compilers build in `build_folder()`, a temporary folder inside the cache named after its owner,
+so a compile killed midway leaves nothing that outlives the next start's clean-up.
+
 Imports only ember.files and ember.errors.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
 import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from ember.files import atomic_write_bytes, atomic_write_text
+from ember.files import (atomic_write_bytes, atomic_write_text, cache_limit, default_cache_dir,
+                         remove_stale_temporaries, temporary_prefix)
 
 LAYOUT_VERSION = 1
 SOURCE_MARK = b"ember-source-sha256:"
+EVICT_TO = 0.9          # eviction leaves the entries at this fraction of the limit
+ENTRY_NAME = re.compile(r"^[0-9a-f]{64}$")
+SHARD_NAME = re.compile(r"^[0-9a-f]{2}$")
+ENTRY_DEPTH = 3         # an entry lies at most this deep under a root (vulkan/spirv/<xx>/<key>)
 
 
 def cache_key(*parts: str) -> str:
@@ -62,6 +86,102 @@ def unmarked(data: bytes, source: str) -> bytes | None:
     return data[len(head):] if data.startswith(head) else None
 
 
+# bytes of entries under each root this process has counted (on its first use) plus written since
+_COUNTED: dict[Path, int] = {}
+_COUNTED_LOCK = threading.Lock()
+
+
+# ---- the cache folder as a whole: entries, their size and last use, eviction ---------------------
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    path: Path          # the binary; its checksum is path.with_suffix(".sha256")
+    size: int           # bytes of the binary and its checksum
+    used: float         # last use: the binary's mtime (written, or touched by a hit)
+
+
+def entries(root: Path | str) -> list[Entry]:
+    """Every entry under root (<shard>/<key><suffix> with <key>.sha256 beside it, at most
+    ENTRY_DEPTH deep), least recently used first."""
+    found = []
+    for folder, names, files in _walk(Path(root), ENTRY_DEPTH):
+        if not SHARD_NAME.match(folder.name):
+            continue
+        for name in files:
+            path = folder / name
+            if (path.suffix == ".sha256" or not ENTRY_NAME.match(path.stem)
+                    or not path.stem.startswith(folder.name)):
+                continue
+            try:
+                st = path.stat()
+                size = st.st_size + path.with_suffix(".sha256").stat().st_size
+            except OSError:
+                continue    # a binary without its checksum is no entry (get rebuilds it)
+            found.append(Entry(path, size, st.st_mtime))
+    return sorted(found, key=lambda e: (e.used, str(e.path)))
+
+
+def _walk(root: Path, depth: int) -> Iterator[tuple[Path, list[str], list[str]]]:
+    try:
+        children = list(os.scandir(root))
+    except OSError:
+        return
+    dirs = [c.name for c in children if c.is_dir(follow_symlinks=False) and not c.name.startswith(".")]
+    files = [c.name for c in children if c.is_file(follow_symlinks=False)]
+    yield root, dirs, files
+    if depth > 0:
+        for name in dirs:
+            yield from _walk(root / name, depth - 1)
+
+
+def remove_entry(path: Path) -> None:
+    """Remove an entry, its checksum first (a binary without one is never trusted)."""
+    for p in (path.with_suffix(".sha256"), path):
+        p.unlink(missing_ok=True)
+
+
+def evict(root: Path | str, limit: int | None, keep: Path | None = None) -> tuple[int, int]:
+    """Remove the least recently used entries under root until they fill at most EVICT_TO of
+    limit (nothing when they are within limit, or limit is None); keep is never removed.
+    The entries' count and bytes left."""
+    found = entries(root)
+    total = sum(e.size for e in found)
+    if limit is None or total <= limit:
+        return len(found), total
+    left = len(found)
+    for entry in found:
+        if total <= limit * EVICT_TO:
+            break
+        if keep is not None and entry.path == keep:
+            continue
+        remove_entry(entry.path)
+        total -= entry.size
+        left -= 1
+    return left, total
+
+
+def clear(root: Path | str) -> tuple[int, int]:
+    """Remove every entry under root (and stale temporaries); the count and bytes removed. A
+    process using an entry that vanished rebuilds it."""
+    remove_stale_temporaries(root)
+    with _COUNTED_LOCK:
+        _COUNTED.pop(Path(root), None)
+    found = entries(root)
+    for entry in found:
+        remove_entry(entry.path)
+    for folder, _, _ in sorted(_walk(Path(root), ENTRY_DEPTH), key=lambda w: -len(w[0].parts)):
+        if SHARD_NAME.match(folder.name):
+            with contextlib.suppress(OSError):
+                folder.rmdir()      # an emptied shard (one another process writes into stays)
+    return len(found), sum(e.size for e in found)
+
+
+def cache_root(directory: Path) -> Path:
+    """The folder a cache in directory shares its bound with: ember's cache folder when the
+    directory lies inside it, else the directory itself."""
+    base = default_cache_dir()
+    return base if directory.resolve().is_relative_to(base.resolve()) else directory
+
+
 class BinaryCache(abc.ABC):
     """Binaries on disk by key. A subclass gives `suffix`, `format_version` and `identity`, may
     refine `accepts` (a sanity check of the bytes beyond the checksum), and compiles; `hits` and
@@ -75,6 +195,8 @@ class BinaryCache(abc.ABC):
 
     def __init__(self, directory: Path | str):
         self.directory = Path(directory)
+        self.root = cache_root(self.directory)
+        self.limit = cache_limit()        # bytes, None for no bound
         self.hits = 0
         self.builds = 0
 
@@ -102,7 +224,8 @@ class BinaryCache(abc.ABC):
 
     def get(self, key: str, source: str) -> bytes | None:
         """A valid entry's binary (its checksum matches, it carries source's mark and `accepts`
-        it), else None."""
+        it), else None. A valid entry is touched: it is now the most recently used."""
+        self._start()
         path = self.path(key)
         try:
             data = path.read_bytes()
@@ -112,17 +235,51 @@ class BinaryCache(abc.ABC):
         if hashlib.sha256(data).hexdigest() != expected:
             return None
         data = (data if carries_mark(data, source) else None) if self.embeds_mark else unmarked(data, source)
-        return data if data is not None and self.accepts(data) else None
+        if data is None or not self.accepts(data):
+            return None
+        with contextlib.suppress(OSError):      # a read-only cache still serves its entries
+            os.utime(path)
+        return data
 
     def put(self, key: str, data: bytes, source: str) -> Path:
         """Store the binary built from source under key (replacing any entry); its path."""
+        self._start()
         if not self.embeds_mark:
             data = marked(data, source)
         path = self.path(key)
         atomic_write_bytes(path, data)
         # the checksum last: until it is in place the entry is not trusted
         atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest())
+        self._grew(len(data) + 64, path)
         return path
+
+    @contextlib.contextmanager
+    def build_folder(self) -> Iterator[Path]:
+        """A temporary folder for a compiler's files, inside the cache and named after this
+        process (a killed compile's folder is removed by a later start), removed on exit."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=self.directory, prefix=temporary_prefix("build")))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ---- the bound ---------------------------------------------------------------------------------
+    def _start(self) -> None:
+        """On this process's first use of the root: remove stale temporaries, count the entries
+        and evict down to the limit."""
+        if self.root in _COUNTED:
+            return
+        with _COUNTED_LOCK:
+            if self.root not in _COUNTED:
+                remove_stale_temporaries(self.root)
+                _COUNTED[self.root] = evict(self.root, self.limit)[1]
+
+    def _grew(self, size: int, written: Path) -> None:
+        with _COUNTED_LOCK:
+            _COUNTED[self.root] = _COUNTED.get(self.root, 0) + size
+            if self.limit is not None and _COUNTED[self.root] > self.limit:
+                _COUNTED[self.root] = evict(self.root, self.limit, keep=written)[1]
 
     def discard(self, key: str) -> None:
         """Remove key's entry (one its loader refused although it looked valid)."""

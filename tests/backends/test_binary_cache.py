@@ -1,10 +1,17 @@
 """The compiled-binary cache (ember.backends.binary_cache), once for every compiler that uses it:
 the CPU's shared libraries, OpenCL program binaries and Vulkan SPIR-V, each skipped with its
-reason where its compiler or device is missing; then the key's parts on a toy compiler."""
+reason where its compiler or device is missing; then the key's parts on a toy compiler; the
+bound (least recently used evicted) and the clean-up of a killed compile's folder."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +19,7 @@ from devices import make_backend
 from ember.backends import binary_cache
 from ember.backends.binary_cache import BinaryCache
 from ember.errors import CompileError
+from ember.files import STALE_AFTER_S
 from ember.ir import GraphBuilder
 
 C_SOURCE = "int ember_cache_test(void) { return 42; }\n"
@@ -220,3 +228,137 @@ def test_a_toy_entry_copied_under_another_key_is_refused(tmp_path):
     assert cache.get(cache.key("bbb"), "bbb") is None
     cache.build("bbb")
     assert cache.get(cache.key("bbb"), "bbb") == b"bbb"
+
+
+# ---- the bound: least recently used entries evicted (issue 16) -------------------------------
+def entry_size(cache: ToyCache, source: str) -> int:
+    path = cache.path(cache.key(source))
+    return path.stat().st_size + path.with_suffix(".sha256").stat().st_size
+
+
+def last_used(cache: ToyCache, ages: dict[str, float]) -> None:
+    """Set each source's entry's last use to that many seconds ago."""
+    now = time.time()
+    for source, age in ages.items():
+        os.utime(cache.path(cache.key(source)), (now - age, now - age))
+
+
+def present(cache: ToyCache, *sources: str) -> list[str]:
+    return [s for s in sources if cache.path(cache.key(s)).exists()]
+
+
+def bounded_toy_cache(tmp_path, entries: float) -> ToyCache:
+    """A toy cache holding a, b and c (a used longest ago), bounded to `entries` of their size."""
+    cache = ToyCache(tmp_path)
+    cache.limit = None
+    for source in "abc":
+        cache.build(source * 100)
+    cache.limit = int(entries * entry_size(cache, "a" * 100))
+    last_used(cache, {"a" * 100: 300, "b" * 100: 200, "c" * 100: 100})
+    return cache
+
+
+def test_eviction_removes_the_least_recently_used_first(tmp_path):
+    cache = bounded_toy_cache(tmp_path, 3.5)
+    cache.build("d" * 100)              # four entries: over the bound; a goes, to 3 <= 0.9 * 3.5
+    assert present(cache, *(s * 100 for s in "abcd")) == [s * 100 for s in "bcd"]
+    assert len(binary_cache.entries(tmp_path)) == 3
+
+
+def test_a_hit_makes_an_entry_the_most_recently_used(tmp_path):
+    cache = bounded_toy_cache(tmp_path, 3.5)
+    before = cache.path(cache.key("a" * 100)).stat().st_mtime
+    cache.build("a" * 100)              # a hit: a is now the newest
+    assert counts(cache) == (3, 1) and cache.path(cache.key("a" * 100)).stat().st_mtime > before
+    cache.build("d" * 100)
+    assert present(cache, *(s * 100 for s in "abcd")) == [s * 100 for s in "acd"]
+
+
+def test_the_limit_is_respected_while_the_cache_fills(tmp_path):
+    cache = ToyCache(tmp_path)
+    cache.limit = 5 * 300               # about five entries of ~250 bytes
+    for i in range(40):
+        cache.build(f"{i:03d}" * 50)
+        assert sum(e.size for e in binary_cache.entries(tmp_path)) <= cache.limit
+    assert present(cache, "039" * 50) and not present(cache, "000" * 50)
+    assert 4 <= len(binary_cache.entries(tmp_path)) <= 5
+
+
+def test_a_cache_over_its_bound_is_evicted_on_first_use(tmp_path):
+    filler = ToyCache(tmp_path)
+    filler.limit = None
+    for source in "abcdef":
+        filler.build(source * 100)
+    last_used(filler, {s * 100: 600 - 100 * i for i, s in enumerate("abcdef")})
+    size = entry_size(filler, "a" * 100)
+    # another process's first use of the folder (this process counted it already)
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); import test_binary_cache as t; "
+            f"c = t.ToyCache(sys.argv[1]); c.limit = {int(3.5 * size)}; c.get(c.key('x'), 'x')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), str(Path(__file__).parent)], check=True,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert present(filler, *(s * 100 for s in "abcdef")) == [s * 100 for s in "def"]
+
+
+def test_the_compilers_share_the_bound_of_embers_cache_folder(tmp_path, monkeypatch):
+    from ember.backends.cpu.compiler import CompileCache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert CompileCache().root == tmp_path / "ember"
+    assert CompileCache(tmp_path / "elsewhere").root == tmp_path / "elsewhere"
+
+
+def test_clear_removes_every_entry_and_nothing_else(tmp_path):
+    cache = ToyCache(tmp_path / "toy")
+    for source in "abc":
+        cache.build(source)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.gguf").write_bytes(b"GGUF")
+    assert binary_cache.clear(tmp_path)[0] == 3
+    assert binary_cache.entries(tmp_path) == [] and (tmp_path / "models" / "model.gguf").exists()
+    assert cache.get(cache.key("a"), "a") is None and cache.build("a") and counts(cache) == (4, 0)
+
+
+# ---- a compile killed midway leaves nothing behind (issue 16) --------------------------------
+SLOW_CC = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "slow-cc 1.0"; exit 0; fi
+exec sleep 120
+"""
+OPEN_A_CACHE = ("import sys; from ember.backends.cpu.compiler import CompileCache; "
+                "c = CompileCache(sys.argv[1], cc=sys.argv[2]); ")
+START = OPEN_A_CACHE + "c.get(c.key('int x;'), 'int x;')"     # a process's first use: the clean-up
+COMPILE = OPEN_A_CACHE + "c.build('int x;')"
+
+
+def test_a_killed_compiles_folder_is_removed_once_stale_never_while_its_owner_lives(tmp_path):
+    cc = tmp_path / "slow-cc"
+    cc.write_text(SLOW_CC)
+    cc.chmod(0o755)
+    folder = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    compile_ = subprocess.Popen([sys.executable, "-c", COMPILE, str(folder), str(cc)], env=env,
+                                start_new_session=True)
+
+    def start():          # another process starts on the folder
+        subprocess.run([sys.executable, "-c", START, str(folder), str(cc)], env=env, check=True)
+
+    try:
+        deadline = time.time() + 60
+        while not (builds := list(folder.glob(".build.pid*"))) and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(builds) == 1 and f".pid{compile_.pid}." in builds[0].name
+        old = time.time() - STALE_AFTER_S - 60
+        os.utime(builds[0], (old, old))
+        start()
+        assert builds[0].exists()                 # its owner compiles still, however long
+    finally:
+        os.killpg(compile_.pid, signal.SIGKILL)   # the compile (and its compiler) killed midway
+        compile_.wait()
+    assert builds[0].exists() and compile_.returncode == -signal.SIGKILL
+    start()
+    assert not builds[0].exists() and list(folder.iterdir()) == []
+
+
+def test_a_compile_builds_inside_the_cache_and_cleans_up(tmp_path):
+    driver = CpuDriver(tmp_path)
+    driver.compile()
+    assert driver.cache.path(driver.key).exists()
+    assert [p for p in driver.cache.directory.rglob("*") if p.name.startswith(".")] == []

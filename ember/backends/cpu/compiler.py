@@ -10,7 +10,6 @@ import functools
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from ember.backends.binary_cache import BinaryCache, source_mark
@@ -78,7 +77,7 @@ class CompileCache(BinaryCache):
         return self.cached(self.key(source, flags), source, lambda: self._compile(source, flags, name))
 
     def _compile(self, source: str, flags: tuple, name: str) -> bytes:
-        with tempfile.TemporaryDirectory(prefix="ember-cpu-build-") as tmp:
+        with self.build_folder() as tmp:
             src = Path(tmp) / f"{name}.c"
             src.write_text(source + marked_source_tail(source))
             out = Path(tmp) / "out.so"

@@ -90,7 +90,7 @@ class SpirvCache(BinaryCache):
         """Compile the missing shaders together (one glslc per core: process start-up costs
         more than a small shader) and store each."""
         glslc = self.require_glslc()
-        with tempfile.TemporaryDirectory(prefix="ember-spirv-build-") as tmp:
+        with self.build_folder() as tmp:
             sources = {}
             for key, shader in shaders.items():
                 src = Path(tmp) / f"{key}.comp"
