@@ -66,12 +66,12 @@ def writer(target: str, backend: CpuBackend | None = None, progress=None, **opti
     """target cpu takes no options; cpu-aarch64 takes features ("dotprod,i8mm")."""
     if target == "cpu-aarch64":
         from ember.backends.cpu.cross import Aarch64Backend
-        features = options.pop("features", ())
+        features = options.pop("features", None)
         if options:
             raise ArtifactError(f"compile: target cpu-aarch64 takes no options {sorted(options)}")
         if backend is None:
-            backend = Aarch64Backend(features)
-        elif tuple(backend.features) != Aarch64Backend(features).features:
+            backend = Aarch64Backend(features or ())
+        elif features is not None and tuple(backend.features) != Aarch64Backend(features).features:
             raise ArtifactError(f"compile: the backend builds for features {list(backend.features)}, "
                                 f"not {features!r}")
         backend.require_available()

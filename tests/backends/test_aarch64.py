@@ -11,12 +11,15 @@ installs both).
 """
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 
 import test_conformance as conformance
 from ember.backends.cpu.backend import CpuBackend
 from ember.backends.cpu.cross import Aarch64Backend, aarch64_flags, parse_features, qemu_problem
+from ember.artifact import ArtifactError, compile_artifact, read_manifest
 from ember.errors import EmberError
 from ember.ir import GraphBuilder
 from ember.ir.interpreter import run_reference
@@ -101,18 +104,21 @@ def _matmul_graph(wtype: str):
     return graph, {"x7": x, "x1": x[3:4].copy()}
 
 
+BUILDS = ["neon", "portable", pytest.param("dotprod", marks=pytest.mark.slow)]
+
+
 @needs_qemu
 @pytest.mark.parametrize("wtype", WTYPES)
-def test_neon_matmul_gives_the_portable_bits_at_any_batch(wtype, neon, dotprod, portable, x86_portable):
+@pytest.mark.parametrize("build", BUILDS)
+def test_aarch64_matmul_gives_the_x86_portable_bits_at_any_batch(build, wtype, request, x86_portable):
     graph, inputs = _matmul_graph(wtype)
     expected = run_reference(graph, inputs)[0]
     reference = x86_portable.compile(graph).run(inputs)
     assert nmse(reference[0], expected) <= conformance.MUL_MAT_BOUND[wtype]
     np.testing.assert_array_equal(reference[0][3:4], reference[1])
-    for backend in (neon, dotprod, portable):
-        got = backend.compile(graph).run(inputs)
-        for k in range(2):
-            np.testing.assert_array_equal(got[k], reference[k], err_msg=f"{backend!r} output {k}")
+    got = request.getfixturevalue(build).compile(graph).run(inputs)
+    for k in range(2):
+        np.testing.assert_array_equal(got[k], reference[k], err_msg=f"{build} output {k}")
 
 
 # ---- a model --------------------------------------------------------------------------------------
@@ -155,3 +161,16 @@ def test_tiny_f32_model_gives_the_x86_greedy_tokens(tiny_f32, neon, backend_cach
     tokens, logits = _greedy(tiny_f32, neon, prompt, 4)
     assert tokens == x86_tokens
     assert nmse(logits, x86_logits) <= 1e-9
+
+
+def test_aarch64_artifact_records_isa_and_features_and_is_refused_on_x86(tiny_f32, tmp_path, backend_cache):
+    if Aarch64Backend().available()[0] is False:
+        pytest.skip(f"aarch64 cross builds: {Aarch64Backend().available()[1]}")
+    backend = Aarch64Backend("dotprod", cache_dir=backend_cache)
+    out = tmp_path / "tiny.ember"
+    manifest = compile_artifact(tiny_f32, backend, out, n_ctx=64, prompt_tokens=8)
+    assert (manifest["target"], manifest["isa"], manifest["features"]) == ("cpu-aarch64", "aarch64", ["dotprod"])
+    assert (out / "kernels.so").read_bytes()[18:20] == (183).to_bytes(2, "little")   # ELF e_machine: AArch64
+    if platform.machine() != "aarch64":
+        with pytest.raises(ArtifactError, match="an aarch64 artifact .*dotprod.*native runtime"):
+            read_manifest(out)
