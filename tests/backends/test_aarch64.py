@@ -74,7 +74,7 @@ def x86_portable(backend_cache):
 
 
 # ---- conformance ------------------------------------------------------------------------------
-DEFAULT_GROUPS = ("mul_mat_quant", "mul_mat_float", "rows", "attention")
+DEFAULT_GROUPS = ("mul_mat_quant", "rows", "attention")
 CASES = [pytest.param(c, id=c.id, marks=() if c.group in DEFAULT_GROUPS else pytest.mark.slow)
          for c in conformance.CASES]
 
