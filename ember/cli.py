@@ -168,8 +168,11 @@ def add_compile_command(sub) -> None:
                    help="target vulkan only: compile for any Vulkan 1.1 device (no optional features, "
                         "the specification's minimum limits), with no Vulkan device here")
     p.add_argument("--runtime", action="store_true",
-                   help="target cpu only: also build the native runtime ember-run into the folder, "
-                        "which runs the artifact without Python (DIR/ember-run DIR -p PROMPT)")
+                   help="targets cpu and cpu-aarch64: also build the native runtime ember-run into the "
+                        "folder, which runs the artifact without Python (DIR/ember-run DIR -p PROMPT)")
+    p.add_argument("--cpu-features", default=None, metavar="LIST",
+                   help="target cpu-aarch64 only: target features beyond baseline NEON, comma-separated "
+                        "(dotprod, i8mm); recorded in the artifact, which then runs only on a CPU that has them")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable)")
     p.set_defaults(func=cmd_compile)
@@ -527,6 +530,8 @@ def cmd_compile(args) -> int:
         raise EmberError(f"-t/--threads applies to --target cpu only, not {args.target}")
     if args.portable and args.target != "vulkan":
         raise EmberError(f"--portable applies to --target vulkan only, not {args.target}")
+    if args.cpu_features is not None and args.target != "cpu-aarch64":
+        raise EmberError(f"--cpu-features applies to --target cpu-aarch64 only, not {args.target}")
     path = model_path(args)
     model = load_model(path)
     cache = cache_types(args)
@@ -539,9 +544,11 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     progress = say
     progress(f"compiling {path} ({model.arch}, {model.hparams.n_layer} layers) for {args.target}")
-    if args.runtime and args.target != "cpu":
-        raise EmberError(f"--runtime applies to --target cpu only, not {args.target}")
+    if args.runtime and args.target not in ("cpu", "cpu-aarch64"):
+        raise EmberError(f"--runtime applies to --target cpu and cpu-aarch64 only, not {args.target}")
     target_options = {"features": "portable"} if args.portable else {}
+    if args.cpu_features is not None:
+        target_options["features"] = args.cpu_features
     if args.runtime:
         target_options["runtime"] = True
     manifest = compile_artifact(model, target, args.output, n_ctx=args.ctx_size,

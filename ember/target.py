@@ -28,6 +28,9 @@ class Target:
 TARGETS: tuple[Target, ...] = (
     Target("cpu", "cpu", None, None, "ember.artifact.cpu",
            "C sources and built libraries (run without the passes or the C compiler)"),
+    Target("cpu-aarch64", "cpu-aarch64", None, None, "ember.artifact.cpu",
+           "the same cross-compiled for aarch64 Linux (NEON; --cpu-features dotprod,i8mm), "
+           "run on an aarch64 machine or by the native runtime"),
     Target("opencl-generic", "opencl", "generic", None, "ember.artifact.opencl",
            "OpenCL C sources, build options and launch plans, plus binaries for the OpenCL device "
            "here (run on any OpenCL 1.2 device)"),

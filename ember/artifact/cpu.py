@@ -9,9 +9,15 @@
 Loading renders each stored graph again (no passes, no compiler; ~0.1 s) and requires the
 stored source byte for byte, so a library only ever runs with the program it was built from.
 Libraries built with -march=native run only on the CPU model they were built on.
+
+Target cpu-aarch64 writes the same folder with libraries cross-compiled for aarch64 Linux
+(ember.backends.cpu.cross); the manifest records `isa: aarch64` and the target `features`
+(dotprod, i8mm). Such an artifact loads in Python only on an aarch64 machine whose CPU has those
+features; elsewhere the loader says it needs the native runtime or an aarch64 machine.
 """
 from __future__ import annotations
 
+import platform
 import shutil
 from pathlib import Path
 
@@ -36,11 +42,12 @@ class Writer:
     layout = None
     native = True
 
-    def __init__(self, backend: CpuBackend, runtime: bool = False):
+    def __init__(self, backend: CpuBackend, runtime: bool = False, runtime_cc: str | None = None):
         if backend.profile:
             raise ArtifactError("compile: the backend renders profiling code; artifacts hold plain graphs")
         self.backend = backend
         self.runtime = runtime
+        self.runtime_cc = runtime_cc      # the compiler of ember-run (a cross compiler for aarch64)
 
     def supports_op(self, node) -> tuple[bool, str]:
         return self.backend.supports_op(node)
@@ -48,7 +55,7 @@ class Writer:
     def begin(self, tmp: Path) -> dict:
         self.tag, kernels = self.backend.kernel_library()
         shutil.copyfile(kernels, tmp / "kernels.so")
-        return {"isa": self.backend.isa, "host": host_cpu(),
+        return {"isa": self.backend.isa, "features": list(self.backend.features), "host": host_cpu(),
                 "kernel_library": {"file": "kernels.so", "tag": self.tag}}
 
     def step(self, tmp: Path, name: str, graph) -> tuple[dict, int, object, set]:
@@ -62,19 +69,55 @@ class Writer:
     def finish(self, tmp: Path) -> dict:
         if not self.runtime:
             return {}
-        build_runtime(tmp / RUNTIME_FILE)
+        build_runtime(tmp / RUNTIME_FILE, cc=self.runtime_cc)
         return {"runtime": RUNTIME_FILE}
 
 
 def writer(target: str, backend: CpuBackend | None = None, progress=None, **options) -> Writer:
-    """options: runtime (bool): also build the native runtime `ember-run` into the artifact."""
-    unknown = set(options) - {"runtime"}
-    if unknown:
-        raise ArtifactError(f"compile: target cpu takes no options {sorted(unknown)}")
-    return Writer(backend or CpuBackend(), runtime=bool(options.get("runtime")))
+    """options: runtime (bool): also build the native runtime `ember-run` into the artifact (for
+    cpu-aarch64 with the cross compiler); cpu-aarch64 also takes features ("dotprod,i8mm")."""
+    runtime = bool(options.pop("runtime", False))
+    if target == "cpu-aarch64":
+        from ember.backends.cpu.cross import AARCH64_CC, Aarch64Backend
+        features = options.pop("features", None)
+        if options:
+            raise ArtifactError(f"compile: target cpu-aarch64 takes no options {sorted(options)}")
+        if backend is None:
+            backend = Aarch64Backend(features or ())
+        elif features is not None and tuple(backend.features) != Aarch64Backend(features).features:
+            raise ArtifactError(f"compile: the backend builds for features {list(backend.features)}, "
+                                f"not {features!r}")
+        backend.require_available()
+        return Writer(backend, runtime=runtime, runtime_cc=AARCH64_CC)
+    if options:
+        raise ArtifactError(f"compile: target cpu takes no options {sorted(options)}")
+    return Writer(backend or CpuBackend(), runtime=runtime)
+
+
+def cpu_features() -> set[str]:
+    """This aarch64 host's CPU features by the names of cpu-aarch64 (from /proc/cpuinfo)."""
+    names = {"asimddp": "dotprod", "i8mm": "i8mm"}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("Features"):
+                return {names[f] for f in line.split(":", 1)[1].split() if f in names}
+    except OSError:
+        pass
+    return set()
 
 
 def check_host(manifest: dict, path: Path) -> None:
+    if manifest["isa"].startswith("aarch64"):
+        features = list(manifest.get("features", []))
+        what = f"an aarch64 artifact (target features: {', '.join(features) or 'baseline NEON'})"
+        if platform.machine() not in ("aarch64", "arm64"):
+            raise ArtifactError(f"{path}: {what}: it runs on an aarch64 machine, or with ember's native "
+                                f"runtime there, not in Python on this {platform.machine()} host")
+        missing = [f for f in features if f not in cpu_features()]
+        if missing:
+            raise ArtifactError(f"{path}: {what}: this CPU lacks {', '.join(missing)}: compile again "
+                                f"with fewer --cpu-features")
+        return
     if manifest["isa"] == "native" and manifest["host"] != host_cpu():
         raise ArtifactError(f"{path}: built with -march=native for {manifest['host']!r}; this host is "
                             f"{host_cpu()!r}: compile the model again here")
@@ -96,7 +139,8 @@ class _PrebuiltCpuBackend(CpuBackend):
 
 def load(folder: Path, manifest: dict, model_path=None, threads: int | None = None):
     model, data = open_model(folder, manifest, model_path)
-    backend = _PrebuiltCpuBackend(threads=threads, isa=manifest["isa"])
+    backend = _PrebuiltCpuBackend(threads=threads, isa="native" if manifest["isa"].startswith("aarch64")
+                                  else manifest["isa"])
     library = manifest["kernel_library"]
     try:
         load_kernel_library(library["tag"], folder / library["file"], check=True)

@@ -169,7 +169,7 @@ def test_compile_replaces_an_artifact_but_not_a_foreign_folder(built, tiny_model
 
 
 def test_unknown_target_is_refused_naming_the_targets(tiny_model, tmp_path):
-    with pytest.raises(ArtifactError, match="target 'metal' is not supported; targets: cpu, opencl-generic, "
+    with pytest.raises(ArtifactError, match="target 'metal' is not supported; targets: cpu, cpu-aarch64, opencl-generic, "
                                             "opencl-adreno, vulkan"):
         compile_artifact(load_model(tiny_model), "metal", tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -277,8 +277,8 @@ def test_missing_vulkan_device_is_refused_saying_why(vulkan, monkeypatch):
 # ---- the command line --------------------------------------------------------------------------
 def test_compile_and_run_help_name_every_target(cache_home):
     compile_help = ember("compile", "--help", cache_home=cache_home).stdout
-    assert "{cpu,opencl-generic,opencl-adreno,vulkan}" in compile_help
-    for words in ("opencl-adreno", "SoA layout", "SPIR-V", "binaries"):
+    assert "{cpu,cpu-aarch64,opencl-generic,opencl-adreno,vulkan}" in compile_help
+    for words in ("opencl-adreno", "SoA layout", "SPIR-V", "binaries", "aarch64", "--cpu-features"):
         assert words in compile_help
     run_help = " ".join(ember("run", "--help", cache_home=cache_home).stdout.split())
     assert "opencl-adreno on an Adreno GPU only" in run_help and "glslc" in run_help

@@ -171,3 +171,25 @@ def test_default_model_first_16_greedy_tokens(tmp_path):
         result = ember_run(out, "--tokenize", "-p", text)
         assert [int(i) for i in result.stdout.split()] == tokenizer.encode(text, add_special=True,
                                                                            parse_special=True), text
+
+
+# ---- the aarch64 build of ember-run, under qemu-user (issue 15) --------------------------------
+@pytest.mark.slow
+def test_aarch64_native_runtime_under_qemu_gives_the_x86_greedy_text(built, tmp_path):
+    """`ember compile --target cpu-aarch64 --runtime`: the cross-built ember-run and NEON step
+    libraries, run under qemu-aarch64, give the greedy text of the x86 native runtime."""
+    from ember.backends.cpu.cross import AARCH64_SYSROOT, QEMU, Aarch64Backend, qemu_problem
+    if qemu_problem() is not None:
+        pytest.skip(f"aarch64 under qemu: {qemu_problem()}")
+    artifact, model = built
+    out = tmp_path / "tiny-aarch64.ember"
+    compile_artifact(load_model(model), Aarch64Backend(()), out, n_ctx=N_CTX, prompt_tokens=PROMPT_TOKENS,
+                     runtime=True)
+    assert json.loads((out / "manifest.json").read_text())["isa"] == "aarch64"
+    args = ("-p", PROMPT, "-n", "24", "--temp", "0", "--ignore-eos", "-t", "1")
+    qemu = subprocess.run([QEMU, "-L", str(AARCH64_SYSROOT), str(out / "ember-run"), str(out), *args],
+                          capture_output=True, timeout=300, encoding="utf-8", errors="replace")
+    native = ember_run(artifact, *args)
+    assert qemu.returncode == 0, qemu.stderr
+    assert native.returncode == 0, native.stderr
+    assert qemu.stdout == native.stdout and len(qemu.stdout) > 1

@@ -33,6 +33,9 @@ class CpuBackend(Backend):
     artifact's (`load_kernel_library`, then `load_executable`)."""
 
     name = "cpu"
+    # the target features its code is built for beyond the ISA's baseline (cpu-aarch64: dotprod,
+    # i8mm); recorded in artifacts
+    features: tuple[str, ...] = ()
 
     def __init__(self, threads: int | None = None, isa: str = "native", cache_dir=None,
                  cc: str | None = None, profile: str | None = None):

@@ -20,6 +20,8 @@ FORMAT_VERSION = 1
 # -ffp-contract=off: a multiply-add is fused only where the code says so (fmaf, _mm256_fmadd_ps),
 # so a kernel's scalar and vector forms of one formula round alike (batch invariance).
 BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
+# A program rather than a library (a test harness that loads graph libraries).
+PROGRAM_FLAGS = ("-O2", "-std=gnu11", "-fopenmp")
 # The ISA levels the CPU backend builds for. "scalar" is the portable path: plain x86-64 (or the
 # host's default elsewhere), so the kernels' non-SIMD branches are compiled and tested.
 ISA_FLAGS = {
@@ -68,10 +70,12 @@ class CompileCache(BinaryCache):
     def key(self, source: str, flags=()) -> str:
         return super().key(source, " ".join(flags))
 
-    def build(self, source: str, flags=(), name: str = "kernel", fresh: bool = False) -> Path:
+    def build(self, source: str, flags=(), name: str = "kernel", fresh: bool = False,
+              program: bool = False) -> Path:
         """The path of a shared library built from source (from the cache when valid; fresh:
-        built again whatever the cache holds, for an entry the dynamic loader refused)."""
-        flags = tuple(BASE_FLAGS) + tuple(flags)
+        built again whatever the cache holds, for an entry the dynamic loader refused); program:
+        an executable program instead (its cache entry keeps the .so suffix)."""
+        flags = tuple(PROGRAM_FLAGS if program else BASE_FLAGS) + tuple(flags)
         if fresh:
             self.discard(self.key(source, flags))
         return self.cached(self.key(source, flags), source, lambda: self._compile(source, flags, name))

@@ -11,6 +11,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
 #define EMBER_RESTRICT __restrict__
 #define EMBER_INLINE static inline __attribute__((always_inline))
@@ -23,6 +26,10 @@ typedef uint16_t ember_bf16;  /* bfloat16 bits */
 EMBER_INLINE float ember_f16_to_f32(ember_f16 h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+    __fp16 v;   /* FCVT: exact, as the portable code (a signalling NaN comes back quiet) */
+    memcpy(&v, &h, 2);
+    return (float)v;
 #else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     uint32_t exp = (h >> 10) & 0x1f;
