@@ -35,6 +35,7 @@ ARCHITECTURES: dict[str, Callable[..., Graph]] = {
     "qwen35": qwen35.build_step,
     "qwen35moe": qwen35moe.build_step,
     "lfm2": lfm2.build_step,
+    "lfm2moe": lfm2.build_step,
     "nemotron_h": nemotron_h.build_step,
     "falcon-h1": falcon_h1.build_step,
 }

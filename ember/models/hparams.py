@@ -30,10 +30,11 @@ ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
 # Architectures with recurrent layers (llm_arch_is_recurrent / llm_arch_is_hybrid). mamba2: every
 # layer is Mamba-2. granitehybrid, nemotron_h, lfm2: head_count_kv is per layer, and a layer
 # without KV heads is recurrent (nemotron_h: unless its feed_forward_length is set, which makes it
-# an FFN-only layer; lfm2's recurrent layers are short convolutions). falcon-h1: every layer runs
-# attention and Mamba-2 side by side.
+# an FFN-only layer; lfm2's and lfm2moe's recurrent layers are short convolutions). falcon-h1: every
+# layer runs attention and Mamba-2 side by side.
 RECURRENT_ARCHS = ("mamba2",)
-HYBRID_ARCHS = ("granitehybrid", "nemotron_h", "lfm2")
+HYBRID_ARCHS = ("granitehybrid", "nemotron_h", "lfm2", "lfm2moe")
+SHORTCONV_ARCHS = ("lfm2", "lfm2moe")
 PARALLEL_HYBRID_ARCHS = ("falcon-h1",)
 MAMBA2_ARCHS = ("mamba2", "granitehybrid", "nemotron_h", "falcon-h1")
 
@@ -44,6 +45,8 @@ MAMBA2_ARCHS = ("mamba2", "granitehybrid", "nemotron_h", "falcon-h1")
 # v heads, inner_size = v heads * S. qwen3next and qwen35moe have a mixture of experts.
 DELTA_NET_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
 MOE_ARCHS = ("qwen3next", "qwen35moe")
+# llama.cpp's llama_expert_gating_func_type values ember reads ({arch}.expert_gating_func)
+EXPERT_GATING = {1: "softmax", 2: "sigmoid"}
 DEFAULT_FULL_ATTENTION_INTERVAL = 4
 RECURRENT_LAYERS_KEY = "{arch}.attention.recurrent_layers"
 # llama.cpp's LLAMA_MAX_LAYERS: a header asking for more is refused before anything is sized
@@ -98,14 +101,16 @@ class HParams:
     ssm_d_state: int = 0
     ssm_n_head: int = 0
     ssm_n_group: int = 0
-    # Mixture of experts (DELTA_NET_ARCHS with experts): experts, experts used per token, the
-    # width of one expert's FFN and of the shared expert, the factor on the selected weights
-    # (0: none).
+    # Mixture of experts (MOE_ARCHS, lfm2moe): experts, experts used per token, the width of one
+    # expert's FFN and of the shared expert (0: none), the factor on the selected weights (0:
+    # none), the router's gating function, and the leading layers that keep a dense FFN (lfm2moe).
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
     n_ff_shexp: int = 0
     expert_weights_scale: float = 0.0
+    expert_gating: str = "softmax"
+    n_layer_dense_lead: int = 0
     rope_sections: tuple[int, ...] = field(default=())    # qwen35: the imrope sections (t, h, w, e)
 
     def __post_init__(self):
@@ -255,8 +260,10 @@ class _Reader:
             values.update(self.mamba2(values))
         if self.arch == "granitehybrid":
             values.update(self.granite())
-        if self.arch == "lfm2":
+        if self.arch in SHORTCONV_ARCHS:
             values.update(self.lfm2())
+        if self.arch == "lfm2moe":
+            values.update(self.lfm2moe(values))
         if self.arch == "nemotron_h":
             values["use_rope"] = False          # llama.cpp: LLAMA_ROPE_TYPE_NONE
         if self.arch in DELTA_NET_ARCHS:
@@ -315,12 +322,29 @@ class _Reader:
         return nonzero[0] if nonzero else 0
 
     def lfm2(self) -> dict:
-        """llama_model_lfm2::load_arch_hparams (dense FFN, no sliding window)."""
+        """llama_model_lfm2::load_arch_hparams (no sliding window); lfm2moe's too."""
         key = self.key(Keys.Attention.SLIDING_WINDOW)
         if self.get(Keys.Attention.SLIDING_WINDOW, int, 0) > 0:
-            raise ModelFileError(f"{self.source}: {key!r} is set; ember's lfm2 has no sliding-window "
-                                 "attention")
+            raise ModelFileError(f"{self.source}: {key!r} is set; ember's {self.arch} has no "
+                                 "sliding-window attention")
         return dict(shortconv_l_cache=self.get(Keys.ShortConv.L_CACHE, int, required=True))
+
+    def lfm2moe(self, values: dict) -> dict:
+        """llama_model_lfm2moe::load_arch_hparams: the routed experts (no shared expert), the
+        gating function (required), the leading dense layers (default none)."""
+        key = self.key(Keys.LLM.EXPERT_GATING_FUNC)
+        gating = self.get(Keys.LLM.EXPERT_GATING_FUNC, int, required=True)
+        if gating not in EXPERT_GATING:
+            raise ModelFileError(f"{self.source}: {key!r} = {gating} is not supported "
+                                 f"(supported: {', '.join(f'{k} ({v})' for k, v in EXPERT_GATING.items())})")
+        dense = self.get(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, int, 0)
+        if not 0 <= dense <= values["n_layer"]:
+            raise ModelFileError(f"{self.source}: {self.key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT)!r} = "
+                                 f"{dense} must be in [0, block_count {values['n_layer']}]")
+        return dict(n_expert=self.get(Keys.LLM.EXPERT_COUNT, int, required=True),
+                    n_expert_used=self.get(Keys.LLM.EXPERT_USED_COUNT, int, required=True),
+                    n_ff_exp=self.get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int, required=True),
+                    expert_gating=EXPERT_GATING[gating], n_layer_dense_lead=dense)
 
     def mamba2(self, values: dict) -> dict:
         """load_arch_hparams of mamba2, granitehybrid, nemotron_h and falcon-h1 (and of the DeltaNet
@@ -393,14 +417,21 @@ class _Reader:
         if hp.attention_layers and hp.head_dim_k != hp.head_dim_v:
             problems.append(f"key length {hp.head_dim_k} and value length {hp.head_dim_v} must be equal")
         if hp.arch in MOE_ARCHS:
-            if not 0 < hp.n_expert_used <= hp.n_expert:
-                problems.append(f"expert_used_count {hp.n_expert_used} must be in [1, expert_count "
-                                f"{hp.n_expert}]")
-            if hp.n_ff_exp <= 0 or hp.n_ff_shexp <= 0:
-                problems.append(f"expert FFN widths {hp.n_ff_exp} (routed), {hp.n_ff_shexp} (shared) "
-                                "must be positive")
+            problems += _Reader.check_experts(hp)
+            if hp.n_ff_shexp <= 0:
+                problems.append(f"shared expert feed_forward_length {hp.n_ff_shexp} must be positive")
         if hp.rope_sections and hp.attention_layers and sum(hp.rope_sections) <= 0:
             problems.append(f"rope sections {list(hp.rope_sections)} must not all be 0")
+        return problems
+
+    @staticmethod
+    def check_experts(hp: HParams) -> list[str]:
+        problems = []
+        if not 0 < hp.n_expert_used <= hp.n_expert:
+            problems.append(f"expert_used_count {hp.n_expert_used} must be in [1, expert_count "
+                            f"{hp.n_expert}]")
+        if hp.n_ff_exp <= 0:
+            problems.append(f"expert feed_forward_length {hp.n_ff_exp} must be positive")
         return problems
 
     def rope_scaling(self) -> dict:
@@ -456,7 +487,7 @@ class _Reader:
             problems.append(f"head_count {hp.n_head} is not a multiple of head_count_kv {hp.n_head_kv}")
         if attention and (hp.n_rot % 2 or not 0 < hp.n_rot <= hp.head_dim_k):
             problems.append(f"rope dimension count {hp.n_rot} must be even and in (0, {hp.head_dim_k}]")
-        if hp.recurrent_layer_ids and hp.arch == "lfm2":
+        if hp.recurrent_layer_ids and hp.arch in SHORTCONV_ARCHS:
             if hp.shortconv_l_cache < 2:
                 problems.append(f"shortconv.l_cache {hp.shortconv_l_cache} must be at least 2")
         elif hp.recurrent_layer_ids:
@@ -471,6 +502,8 @@ class _Reader:
                                 f"{hp.ssm_n_group} groups")
         if hp.arch in DELTA_NET_ARCHS:
             problems += self.check_delta_net(hp)
+        if hp.arch == "lfm2moe" and hp.n_layer_dense_lead < hp.n_layer:
+            problems += self.check_experts(hp)
         problems += self.value_ranges(hp)
         if problems:
             raise ModelFileError(f"{self.source}: bad hyper-parameters: {'; '.join(problems)}")

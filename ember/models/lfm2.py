@@ -1,5 +1,9 @@
-"""lfm2 (Liquid AI LFM2) as a step graph, after llama.cpp's models/lfm2.cpp: short-convolution
-layers and attention layers in one stack, each followed by a SwiGLU FFN.
+"""lfm2 and lfm2moe (Liquid AI LFM2, LFM2-MoE) as step graphs, after llama.cpp's models/lfm2.cpp,
+which builds both: short-convolution layers and attention layers in one stack, each followed by a
+SwiGLU FFN (lfm2) or, past the n_layer_dense_lead leading dense layers, a mixture of experts
+(lfm2moe: the router's gating function from expert_gating_func, sigmoid in the released models,
+top-k over the probabilities plus the exp_probs_b selection bias, the k weights renormalised, no
+shared expert; ember/models/moe.py).
 
 - A layer is a short convolution when its head_count_kv is 0 (HParams.recurrent_layers), else
   GQA attention with QK-norm (rms_norm per head) and neox rope, scale 1/sqrt(head_dim).
@@ -9,7 +13,7 @@ layers and attention layers in one stack, each followed by a SwiGLU FFN.
   ssm_conv as Mamba-2's, without bias or activation); C gates the result; shortconv.out_proj.
 - The final norm is `token_embd_norm.weight` (llama.cpp's LLM_TENSOR_OUTPUT_NORM_LFM2); the output
   head falls back to the tied token embedding.
-Imports the IR builder (through common) only.
+Imports the IR builder (through common) and the MoE FFN only.
 """
 from __future__ import annotations
 
@@ -17,15 +21,17 @@ import ember.ir.dtypes as dtypes
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.models.common import Model, StepGraph, build_qkv, embed_tokens
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.models.mamba2 import f32_weight
+from ember.models.moe import MoeSpec, moe_ffn
 
 F32 = dtypes.f32.row_bytes(1)
 OUTPUT_NORM = "token_embd_norm.weight"
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa)
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     for il in range(hp.n_layer):
@@ -35,8 +41,18 @@ def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
         if il == hp.n_layer - 1:
             cur, h = s.select_outputs(cur), s.select_outputs(h)
         h = b.add(h, cur)
-        h = b.add(h, s.ffn(s.rms_norm(h, p + "ffn_norm.weight"), il, "swiglu"))
+        x = s.rms_norm(h, p + "ffn_norm.weight")
+        if hp.n_expert and il >= hp.n_layer_dense_lead:
+            h = b.add(h, moe_ffn(s, x, il, moe_spec(model)))
+        else:
+            h = b.add(h, s.ffn(x, il, "swiglu"))
     return s.finish(h, output_norm=OUTPUT_NORM)
+
+
+def moe_spec(model: Model) -> MoeSpec:
+    """lfm2moe's router (llama.cpp's build_moe_ffn with norm_w and the selection bias)."""
+    return MoeSpec(gating=model.hparams.expert_gating, norm_weights=True, shared_expert=False,
+                   selection_bias=True)
 
 
 def attention_block(s: StepGraph, il: int, x: Node) -> Node:

@@ -3,7 +3,7 @@
 
     logits = x @ ffn_gate_inp                      # router, [T, E]
     probs  = softmax(logits) | sigmoid(logits)
-    ids    = top_k(probs, n_expert_used)           # [T, k]
+    ids    = top_k(probs (+ exp_probs_b), n_expert_used)   # [T, k]; the bias only steers selection
     w      = take_along(probs, ids)                # weights of the selected experts
     w      = w / sum(w)          (norm_w)          # renormalised over the k selected
     w      = w * weights_scale   (when set and not 1)
@@ -12,8 +12,9 @@
 
 The expert tensors are `ffn_{gate,up,down}_exps.weight` [E, n_ff_exp, n_embd] / [E, n_embd,
 n_ff_exp] (GGUF shapes outermost first), the shared expert `ffn_{gate,up,down}_shexp.weight` and
-its gate `ffn_gate_inp_shexp.weight` [n_embd] (one value per token). Each arch says which parts it
-has. Imports the IR builder (through common) only.
+its gate `ffn_gate_inp_shexp.weight` [n_embd] (one value per token), the selection bias
+`exp_probs_b.bias` [E] (lfm2moe; DeepSeek-V3's auxiliary-loss-free balancing). Each arch says which
+parts it has. Imports the IR builder (through common) only.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class MoeSpec:
     norm_weights: bool = True
     shared_expert: bool = True
     shared_gate: bool = True       # the shared expert scaled by sigmoid(x @ ffn_gate_inp_shexp)
+    selection_bias: bool = False   # top-k over probs + exp_probs_b; the weights stay unbiased
 
 
 def moe_ffn(s: StepGraph, x: Node, il: int, spec: MoeSpec) -> Node:
@@ -45,7 +47,10 @@ def moe_ffn(s: StepGraph, x: Node, il: int, spec: MoeSpec) -> Node:
         probs = b.sigmoid(logits)
     else:
         raise ValueError(f"moe_ffn: gating must be softmax or sigmoid, got {spec.gating!r}")
-    ids = b.top_k(probs, k=k)
+    if spec.selection_bias:
+        ids = b.top_k(b.add(probs, s.vector(p + "exp_probs_b.bias", E)), k=k)
+    else:
+        ids = b.top_k(probs, k=k)
     weights = b.take_along(probs, ids)
     if spec.norm_weights:
         # llama.cpp clamps the sum below at 2^-14; a softmax's k largest sum to >= k / E

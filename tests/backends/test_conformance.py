@@ -55,6 +55,14 @@ def positive(rng, shape):
     return (np.abs(rng.standard_normal(shape)) + 0.5).astype(np.float32)
 
 
+def unturned_pairs(rng, shape):
+    """Rope frequency factors with every other pair at +inf: angle 0, the pair passes through
+    unturned (qwen35moe's imrope e-section for text tokens)."""
+    values = positive(rng, shape)
+    values[1::2] = np.inf
+    return values
+
+
 def indices(high, values=None):
     def fill(rng, shape):
         if values is not None:
@@ -221,7 +229,10 @@ case("softmax/transposed-mask-view", "softmax")(
 
 
 # rope
-def _rope_case(T, H, D, mode, n_dims=0, ff=False, view=False, freq_scale=1.0, scalar=False):
+def _rope_case(T, H, D, mode, n_dims=0, ff=False, view=False, freq_scale=1.0, scalar=False,
+               unturned=False):
+    ff_fill = unturned_pairs if unturned else positive
+
     def build(s):
         if view:   # q out of a fused QKV row: byte offset H*D*4, row stride 3*H*D*4
             fused = s.input("qkv", "f32", (T, 3 * H * D))
@@ -229,11 +240,12 @@ def _rope_case(T, H, D, mode, n_dims=0, ff=False, view=False, freq_scale=1.0, sc
         else:
             x = s.input("x", "f32", (T, H, D))
         pos = s.input("pos", "i32", (T,), indices(5000))
-        factors = s.input("ff", "f32", ((n_dims or D) // 2,), positive) if ff else None
+        factors = s.input("ff", "f32", ((n_dims or D) // 2,), ff_fill) if ff else None
         return [s.rope(x, pos, factors, mode=mode, n_dims=n_dims, freq_base=10000.0,
                        freq_scale=freq_scale)]
     name = f"rope/{mode}-{T}x{H}x{D}" + (f"-n{n_dims}" if n_dims else "") + ("-ff" if ff else "") + \
-        ("-view" if view else "") + (f"-fs{freq_scale}" if freq_scale != 1.0 else "")
+        ("-view" if view else "") + (f"-fs{freq_scale}" if freq_scale != 1.0 else "") + \
+        ("-unturned" if unturned else "")
     case(name, "rope", scalar=scalar)(build)
 
 
@@ -242,6 +254,7 @@ for _mode in ("normal", "neox"):
     _rope_case(1, 4, 64, _mode, n_dims=32)
     _rope_case(17, 4, 64, _mode, ff=True, view=True, scalar=_mode == "neox")
     _rope_case(5, 1, 128, _mode, n_dims=64, ff=True, freq_scale=0.25)
+    _rope_case(4, 3, 24, _mode, n_dims=12, ff=True, unturned=True)
 
 
 # attention

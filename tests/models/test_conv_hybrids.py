@@ -1,4 +1,4 @@
-"""The step graphs of lfm2, nemotron_h and falcon-h1 (tiny_gguf_hybrid files) through the
+"""The step graphs of lfm2, lfm2moe, nemotron_h and falcon-h1 (tiny_gguf_hybrid files) through the
 reference interpreter: the step contract with each layer kind's caches and states, decode steps
 and micro-batches equal to one prompt, the carried state, and the files ember refuses."""
 import tempfile
@@ -13,7 +13,7 @@ from ember.models.gguf_file import GGUFFile, ModelFileError
 from ember.models.hparams import HParams
 
 from model_steps import ReferenceSession, nmse, reference_logits
-from tiny_gguf_hybrid import HYBRID_ARCHS, HYBRID_CONFIGS, HybridSpec, write_hybrid_gguf
+from tiny_gguf_hybrid import HYBRID_ARCHS, HYBRID_CONFIGS, SHORTCONV_ARCHS, HybridSpec, write_hybrid_gguf
 
 PROMPT = [1, 17, 260, 300, 42, 9, 33]
 
@@ -27,7 +27,7 @@ def test_step_contract(tiny_files, arch):
     model = load_model(tiny_files[HybridSpec(arch)])
     assert model.attention_layers == cfg.attention_layers
     assert model.recurrent_layers == cfg.recurrent_layers
-    kinds = ("conv",) if arch == "lfm2" else ("conv", "ssm")
+    kinds = ("conv",) if arch in SHORTCONV_ARCHS else ("conv", "ssm")
     assert model.state_kinds == kinds
     g = model.build_step(n_tokens=3, n_kv=8, n_outputs=2)
     verify(g)
@@ -37,7 +37,7 @@ def test_step_contract(tiny_files, arch):
     assert [n.name for n in g.inputs] == ["tokens", "pos", "slots", "out_ids", "mask"] + caches + states
     by_name = {n.name: n.type for n in g.inputs}
     for il in cfg.recurrent_layers:
-        if arch == "lfm2":
+        if arch in SHORTCONV_ARCHS:
             assert str(by_name[f"conv_state.{il}"]) == f"f32[{cfg.l_cache - 1}, {cfg.n_embd}]"
         else:
             assert str(by_name[f"conv_state.{il}"]) == f"f32[{cfg.d_conv - 1}, {cfg.conv_channels}]"
@@ -125,6 +125,12 @@ BROKEN = [
     ("falcon-h1", _reshape("blk.0.ssm_a", 4),                      # a head short
      r"'blk.0.ssm_a' has shape \[4, 1\], expected \[5, 1\]"),
     ("falcon-h1", _drop("blk.2.ffn_norm"), r"'blk.2.ffn_norm' is missing"),
+    ("lfm2moe", _drop("blk.3.exp_probs_b.bias"), r"'blk.3.exp_probs_b.bias' is missing"),
+    ("lfm2moe", _reshape("blk.2.ffn_gate_exps.weight", 6),         # an expert short
+     r"'blk.2.ffn_gate_exps.weight' has shape \[6, 96, 160\], expected \[7, 96, 160\]"),
+    ("lfm2moe", _reshape("blk.4.ffn_gate_inp.weight", 8),          # a router for 8 experts
+     r"'blk.4.ffn_gate_inp.weight' has shape \[8, 160\], expected \[7, 160\]"),
+    ("lfm2moe", _drop("blk.1.ffn_up.weight"), r"'blk.1.ffn_up.weight' is missing"),   # a dense lead layer
 ]
 
 
@@ -161,3 +167,31 @@ def test_bad_layer_metadata_is_refused():
         HParams.from_metadata(hybrid_metadata("nemotron_h", **{"nemotron_h.feed_forward_length": uneven}))
     with pytest.raises(ModelFileError, match="'lfm2.attention.head_count_kv' has 4 entries for 5 layers"):
         HParams.from_metadata(hybrid_metadata("lfm2", **{"lfm2.attention.head_count_kv": np.zeros(4, np.int32)}))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lfm2moe.expert_gating_func", 3, r"'lfm2moe.expert_gating_func' = 3 is not supported \(supported: 1 \(softmax\), 2 \(sigmoid\)\)"),
+    ("lfm2moe.expert_gating_func", None, "required metadata 'lfm2moe.expert_gating_func' is missing"),
+    ("lfm2moe.expert_used_count", 8, r"expert_used_count 8 must be in \[1, expert_count 7\]"),
+    ("lfm2moe.leading_dense_block_count", 6, r"'lfm2moe.leading_dense_block_count' = 6 must be in \[0, block_count 5\]"),
+    ("lfm2moe.expert_feed_forward_length", None, "required metadata 'lfm2moe.expert_feed_forward_length' is missing"),
+], ids=["gating", "no-gating", "used-count", "dense-lead", "no-expert-width"])
+def test_bad_lfm2moe_metadata_is_refused(key, value, message):
+    with pytest.raises(ModelFileError, match=message):
+        HParams.from_metadata(hybrid_metadata("lfm2moe", **{key: value}))
+
+
+def test_lfm2moe_routes_with_a_sigmoid_and_a_selection_bias(tiny_files):
+    """Dense SwiGLU FFNs in the leading layers, experts after: top-k over sigmoid + exp_probs_b,
+    the weights taken from the unbiased probabilities."""
+    cfg = HYBRID_CONFIGS["lfm2moe"]
+    model = load_model(tiny_files[HybridSpec("lfm2moe")])
+    assert (model.hparams.expert_gating, model.hparams.n_layer_dense_lead) == ("sigmoid", 2)
+    g = model.build_step(2, 8, 1)
+    experts = [n for n in g.nodes if n.op == "mul_mat_id"]
+    assert len(experts) == 3 * (cfg.n_layer - cfg.n_dense_lead)
+    for top_k in {n.inputs[2] for n in experts}:
+        biased = top_k.inputs[0]
+        assert (top_k.attr("k"), biased.op, biased.inputs[0].op) == (3, "add", "sigmoid")
+    takes = [n for n in g.nodes if n.op == "take_along"]
+    assert takes and all(n.inputs[0].op == "sigmoid" for n in takes)

@@ -228,3 +228,34 @@ def test_speculation_at_the_end_of_the_context_is_token_identical(setup, draft_m
     assert expected.stop_reason == got.stop_reason == "context"
     assert len(expected.tokens) == OPTIONS.n_ctx - PROMPT_LEN + 1
     assert got.tokens == expected.tokens
+
+
+# slow: target and draft each compile their decode, verify and re-decode step graphs (~1-4 min each
+# on 2 loaded cores)
+@pytest.mark.slow
+@pytest.mark.parametrize("target_spec, draft_spec, draft_max, agrees", [
+    # another arch (qwen35: dense FFN, 3 layers, other weights): it never agrees, every tail is
+    # rejected and rewound in both the DeltaNet target (checkpoint + re-decode) and the DeltaNet
+    # draft (the states it kept)
+    (DeltaSpec("qwen35moe", "f32"), DeltaSpec("qwen35", "f32"), 3, False),
+    # the same weights in q8_0: it agrees mostly, whole drafts are accepted
+    (DeltaSpec("qwen35moe", "f32"), DeltaSpec("qwen35moe", "q8_0"), 4, True),
+    (DeltaSpec("qwen3next", "f32"), DeltaSpec("qwen35moe", "q8_0"), 2, False),
+], ids=lambda s: f"k{s}" if type(s) is int else str(s))
+def test_delta_net_draft_model_speculation_is_token_identical(tiny_files, tmp_path_factory, target_spec,
+                                                              draft_spec, draft_max, agrees):
+    backend = get_backend("cpu", threads=2, cache_dir=tmp_path_factory.mktemp("spec-delta-draft"))
+    model = load_model(tiny_files[target_spec])
+    target, tokenizer = Session(model, backend, OPTIONS), Tokenizer.from_metadata(model.tokenizer)
+    draft = ModelDraft(Session(load_model(tiny_files[draft_spec]), backend, OPTIONS))
+    assert target.is_recurrent and draft.session.is_recurrent
+    prompt = repetitive_prompt(6)
+    expected = greedy(target, tokenizer, prompt)
+    got, stats = speculative_generate(target, draft, tokenizer, prompt, N_PREDICT,
+                                      draft_max=draft_max, ignore_eos=True)
+    assert got.tokens == expected
+    assert stats.drafted > 0
+    if agrees:
+        assert stats.accepted > 0 and stats.rounds < N_PREDICT      # drafts were kept
+    else:
+        assert stats.accepted < stats.drafted and stats.redecode_seconds > 0    # tails were rewound

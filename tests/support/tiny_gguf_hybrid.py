@@ -8,13 +8,19 @@ seeds (the f32 and q8_0 files of one architecture hold the same values up to qua
 - lfm2: 5 layers, short convolutions at 0, 1, 3 (window l_cache 3), GQA attention with QK-norm at
   2 and 4 (6 heads / 3 KV heads of 32), n_embd 192, SwiGLU FFN 288 in every layer, tied output,
   the final norm under LFM2's name token_embd_norm.
+- lfm2moe: 5 layers, short convolutions at 0, 2, 3 (l_cache 3), attention at 1 and 4 (5 heads / 1
+  KV head of 32), n_embd 160; layers 0-1 keep a dense SwiGLU FFN 224 (leading_dense_block_count
+  2), layers 2-4 route to 3 of 7 experts of width 96 (sigmoid gating, a selection bias exp_probs_b
+  large enough to change which experts win, renormalised weights, no shared expert), tied output.
+  Its seed is one whose q8_0 file routes every token of the peer tests as the f32 file does
+  (with seed 24 a near-tie flips an expert of the first token: NMSE 3e-2 against llama.cpp).
 - nemotron_h: 5 layers Mamba-2 / FFN / attention / Mamba-2 / FFN (per-layer head_count_kv and
   feed_forward_length say which), n_embd 160, 6 SSM heads of 32 in 3 groups, d_state 24, attention
   5 heads / 1 KV head of 32 without rope, squared-ReLU FFN 352, untied output.
 - falcon-h1: 3 layers of attention (6 heads / 2 KV heads of 32, neox rope) beside Mamba-2 (5 SSM
   heads of 32, one group, d_state 20, no group norm), SwiGLU FFN 320, n_embd 192, untied output.
 The 2-D weights take the file's weight type except the small SSM and convolution tensors, which
-stay F32 as llama.cpp's quantizer keeps them.
+stay F32 as llama.cpp's quantizer keeps them, and so does lfm2moe's router.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ import numpy as np
 from tiny_gguf import N_VOCAB, spm_vocab, write_tensors, write_vocab
 from tiny_gguf_ssm import SMALL_SSM_TENSORS, mamba2_weights, random_matrix, random_norm
 
-HYBRID_ARCHS = ("lfm2", "nemotron_h", "falcon-h1")
+HYBRID_ARCHS = ("lfm2", "nemotron_h", "falcon-h1", "lfm2moe")
+SHORTCONV_ARCHS = ("lfm2", "lfm2moe")
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,11 @@ class HybridConfig:
     n_head_kv: int
     head_dim: int = 32
     n_ff: int = 0
-    l_cache: int = 0          # lfm2
+    l_cache: int = 0          # lfm2, lfm2moe
+    n_expert: int = 0         # lfm2moe
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_dense_lead: int = 0
     d_inner: int = 0          # Mamba-2
     d_state: int = 0
     n_ssm_head: int = 0
@@ -75,6 +86,9 @@ class HybridConfig:
 HYBRID_CONFIGS = {
     "lfm2": HybridConfig("lfm2", seed=21, layers="CCACA", n_embd=192, n_head=6, n_head_kv=3,
                          n_ff=288, l_cache=3, rope_base=1e6, tied_output=True),
+    "lfm2moe": HybridConfig("lfm2moe", seed=27, layers="CACCA", n_embd=160, n_head=5, n_head_kv=1,
+                            n_ff=224, l_cache=3, n_expert=7, n_expert_used=3, n_ff_exp=96,
+                            n_dense_lead=2, rope_base=1e6, tied_output=True),
     "nemotron_h": HybridConfig("nemotron_h", seed=22, layers="MFAMF", n_embd=160, n_head=5,
                                n_head_kv=1, n_ff=352, d_inner=192, d_state=24, n_ssm_head=6,
                                n_group=3),
@@ -102,7 +116,11 @@ class HybridSpec:
 
 
 HYBRID_SPECS = tuple(HybridSpec(a, t) for a in HYBRID_ARCHS for t in ("f32", "q8_0"))
-SMALL_TENSORS = SMALL_SSM_TENSORS + ("shortconv.conv.weight",)
+SMALL_TENSORS = SMALL_SSM_TENSORS + ("shortconv.conv.weight", "ffn_gate_inp.weight", "exp_probs_b.bias")
+
+
+def experts(rng: np.random.Generator, n_expert: int, rows: int, cols: int) -> np.ndarray:
+    return (rng.standard_normal((n_expert, rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
 
 def make_hybrid_weights(cfg: HybridConfig) -> dict[str, np.ndarray]:
@@ -110,7 +128,7 @@ def make_hybrid_weights(cfg: HybridConfig) -> dict[str, np.ndarray]:
     E, D = cfg.n_embd, cfg.head_dim
     n_q, n_kv = cfg.n_head * D, cfg.n_head_kv * D
     w = {"token_embd.weight": rng.standard_normal((cfg.n_vocab, E)).astype(np.float32),
-         ("token_embd_norm.weight" if cfg.arch == "lfm2" else "output_norm.weight"): random_norm(rng, E)}
+         ("token_embd_norm.weight" if cfg.arch in SHORTCONV_ARCHS else "output_norm.weight"): random_norm(rng, E)}
     if not cfg.tied_output:
         w["output.weight"] = random_matrix(rng, cfg.n_vocab, E)
     for il, kind in enumerate(cfg.layers):
@@ -120,7 +138,7 @@ def make_hybrid_weights(cfg: HybridConfig) -> dict[str, np.ndarray]:
             w[p + "attn_q.weight"] = random_matrix(rng, n_q, E)
             w[p + "attn_k.weight"] = random_matrix(rng, n_kv, E)
             w[p + "attn_v.weight"] = random_matrix(rng, n_kv, E)
-            if cfg.arch == "lfm2":
+            if cfg.arch in SHORTCONV_ARCHS:
                 w[p + "attn_q_norm.weight"] = random_norm(rng, D)
                 w[p + "attn_k_norm.weight"] = random_norm(rng, D)
             w[p + "attn_output.weight"] = random_matrix(rng, E, n_q)
@@ -134,7 +152,15 @@ def make_hybrid_weights(cfg: HybridConfig) -> dict[str, np.ndarray]:
         if kind == "F":                    # nemotron_h: up, squared ReLU, down
             w[p + "ffn_up.weight"] = random_matrix(rng, cfg.n_ff, E)
             w[p + "ffn_down.weight"] = random_matrix(rng, E, cfg.n_ff)
-        if cfg.arch != "nemotron_h":       # a SwiGLU FFN after every block
+        if cfg.arch == "lfm2moe" and il >= cfg.n_dense_lead:
+            X, F = cfg.n_expert, cfg.n_ff_exp
+            w[p + "ffn_norm.weight"] = random_norm(rng, E)
+            w[p + "ffn_gate_inp.weight"] = random_matrix(rng, X, E)
+            w[p + "exp_probs_b.bias"] = (0.3 * rng.standard_normal(X)).astype(np.float32)
+            w[p + "ffn_gate_exps.weight"] = experts(rng, X, F, E)
+            w[p + "ffn_up_exps.weight"] = experts(rng, X, F, E)
+            w[p + "ffn_down_exps.weight"] = experts(rng, X, E, F)
+        elif cfg.arch != "nemotron_h":     # a SwiGLU FFN after every block
             # falcon-h1's FFN norm has no ".weight" (llama.cpp loads it as tn(FFN_NORM, i))
             w[p + ("ffn_norm" if cfg.arch == "falcon-h1" else "ffn_norm.weight")] = random_norm(rng, E)
             w[p + "ffn_gate.weight"] = random_matrix(rng, cfg.n_ff, E)
@@ -170,7 +196,7 @@ def write_hybrid_gguf(path: str | Path, spec: HybridSpec, edit=None) -> Path:
         w.add_layer_norm_eps(cfg.rms_eps)    # llama.cpp 0.3.36 requires it (unused: RMS norms only)
     else:
         w.add_feed_forward_length(cfg.n_ff)
-    if cfg.arch == "lfm2":
+    if cfg.arch in SHORTCONV_ARCHS:
         w.add_shortconv_l_cache(cfg.l_cache)
     else:
         w.add_ssm_conv_kernel(cfg.d_conv)
@@ -178,6 +204,12 @@ def write_hybrid_gguf(path: str | Path, spec: HybridSpec, edit=None) -> Path:
         w.add_ssm_state_size(cfg.d_state)
         w.add_ssm_time_step_rank(cfg.n_ssm_head)
         w.add_ssm_group_count(cfg.n_group)
+    if cfg.n_expert:
+        w.add_expert_count(cfg.n_expert)
+        w.add_expert_used_count(cfg.n_expert_used)
+        w.add_expert_feed_forward_length(cfg.n_ff_exp)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_leading_dense_block_count(cfg.n_dense_lead)
     write_vocab(w, spm_vocab(cfg.n_vocab))
     keep = frozenset(n for n in weights if n.split(".", 2)[-1] in SMALL_TENSORS)
     write_tensors(w, weights, spec.weight_type, keep_f32=keep)
