@@ -16,7 +16,8 @@ a comment naming the node, the template and its parameters. Views are free: a vi
 operand's pointer plus a byte offset, read through its own strides, and every kernel takes byte
 strides for its operands. Values live where the memory plan puts them (ember.codegen.memory_plan):
 inputs and constants in the caller's arrays, graph outputs in the caller's output arrays, the rest
-in one arena. mul_mat calls the kernels of ember.codegen.cpu_matmul.
+in one arena. mul_mat and mul_mat_id call the kernels of ember.codegen.cpu_matmul (mul_mat_id
+shares one work list over all selected experts' chunks).
 
 The walk is ember.codegen.renderer's; `CpuRenderer` states what C does differently: expressions,
 threads and barriers, kernel calls.
