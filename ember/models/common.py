@@ -5,33 +5,41 @@ cache, gated FFNs and the output head.
 
 The step-graph contract, relied on by the generation runtime:
 
-    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None) -> Graph
+    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None, cache=F16_CACHE) -> Graph
     inputs   tokens i32[n_tokens], pos i32[n_tokens] (positions), slots i32[n_tokens] (the cache
              rows the new K/V rows go to), out_ids i32[n_outputs] (the rows that produce logits),
              mask f32[n_tokens, n_kv] (0 / -inf: causal + padding, built by the runtime),
              mask_swa f32[n_tokens, n_kv_swa] (only for models with sliding-window layers),
              slots_swa i32[n_tokens] (only when n_kv_swa < n_kv: the rows of the sliding-window
              layers' ring caches; otherwise those layers use slots and n_kv_swa = n_kv),
-             then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each attention
-             layer il (n_kv_swa rows for a sliding-window layer), then conv_state.{il} f32[d_conv - 1, d_inner + 2 * n_group * d_state] and
-             ssm_state.{il} f32[n_ssm_head, ssm_head_dim, d_state] for each recurrent layer il
-             (HParams.recurrent_layers says which), each group in layer order. For a Mamba-2
-             layer ssm_state is [heads, head_dim, d_state]; for a gated DeltaNet layer
-             (qwen3next, qwen35, qwen35moe: ssm_n_head v heads of S = d_state, d_inner = H_v * S,
-             n_group q/k heads) the conv state covers q, k and v ([d_conv - 1, 2 H_k S + H_v S])
-             and ssm_state is the delta rule's [H_v, S_v, S_k] (gated_delta_net's layout).
+             then k_cache.{il} cache.k[n_kv, n_head_kv * head_dim_k], v_cache.{il}
+             cache.v[n_kv, n_head_kv * head_dim_v] for each attention layer il (n_kv_swa rows for
+             a sliding-window layer; cache: a KVCacheTypes, f16/f16 by default; a quantized type
+             is stored as whole blocks per row, ember.ir.dtypes), then the state of each
+             recurrent layer il (HParams.recurrent_layers says which; Model.state_kinds which
+             states), each group in layer order. A Mamba-2 layer has conv_state.{il} f32[d_conv -
+             1, d_inner + 2 * n_group * d_state] and ssm_state.{il} f32[n_ssm_head, ssm_head_dim,
+             d_state]; a gated DeltaNet layer (qwen3next, qwen35, qwen35moe: ssm_n_head v heads of
+             S = d_state, d_inner = H_v * S, n_group q/k heads) a conv state over q, k and v
+             ([d_conv - 1, 2 H_k S + H_v S]) and ssm_state the delta rule's [H_v, S_v, S_k]
+             (gated_delta_net's layout); a short convolution (lfm2) conv_state.{il} f32[l_cache - 1,
+             n_embd] only (the last rows of B*x it saw). A layer can have both a KV cache and a
+             state (falcon-h1) or neither (nemotron_h's FFN-only layers).
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
-             set_rows(cache, slots, rows) for every attention layer, then conv_state.{il},
-             ssm_state.{il} after the step's tokens for every recurrent layer, each group in
-             layer order (the inputs' order).
-    Attention reads the updated caches with causal=False: the masks say everything.
+             set_rows(cache, slots, rows) for every attention layer, then the states after the
+             step's tokens for every recurrent layer, each group in layer order (the inputs'
+             order).
+    Attention reads the updated caches with causal=False: the masks say everything. With a
+    q8_0 / q4_0 cache (and cache.rotation) the rows stored are the Walsh-Hadamard rotations of K
+    and V (llama.cpp's attn_rot; ember/models/kv_cache.py): Q is rotated with K, the attention
+    output rotated back, so the logits mean the same; turbo3/turbo4 rotate inside their blocks.
     A recurrent layer holds only the state after the last token it saw, so the runtime feeds it
     the tokens of one sequence in order and replaces its state by the returned one after each
     step; positions, slots and masks mean nothing to it. A model with no attention layer still
     takes every input above (unused), so the runtime builds the same inputs for every model.
 
 Weights are graph constants under their GGUF names, holding views of the memory-mapped file.
-Imports the IR and the GGUF reader only.
+Imports the IR, the GGUF reader and the cache types (kv_cache) only.
 """
 from __future__ import annotations
 
@@ -46,8 +54,8 @@ from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.models.gguf_file import GGUFFile, ModelFileError
 from ember.models.hparams import DELTA_NET_ARCHS, HParams
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 
-CACHE_DTYPE = dtypes.f16
 STATE_DTYPE = dtypes.f32     # recurrent state stays f32, as in llama.cpp
 
 
@@ -59,7 +67,7 @@ class Model:
     hparams: HParams
     file: GGUFFile
     tokenizer: Mapping[str, object]
-    step_builder: Callable[["Model", int, int, int, "int | None"], Graph]
+    step_builder: Callable[..., Graph]   # (model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
 
     @property
     def path(self):
@@ -88,31 +96,58 @@ class Model:
 
     @property
     def recurrent_layers(self) -> tuple[int, ...]:
-        """The layers with recurrent state (conv_state.{il}, ssm_state.{il}), in order."""
+        """The layers with recurrent state ({kind}_state.{il} for each of state_kinds), in order."""
         return self.hparams.recurrent_layer_ids
+
+    @property
+    def state_kinds(self) -> tuple[str, ...]:
+        """The states of each recurrent layer, in order: ("conv", "ssm") for Mamba-2 layers,
+        ("conv",) for short convolutions (lfm2)."""
+        return self.hparams.state_kinds
+
+    def state_names(self) -> list[str]:
+        """Every recurrent state input of the step graph, in order: {kind}_state.{il}."""
+        return [f"{kind}_state.{il}" for il in self.recurrent_layers for kind in self.state_kinds]
 
     def state_shape(self, which: str) -> tuple[int, ...]:
         """Shape of one recurrent layer's "conv" or "ssm" state (f32)."""
-        if which not in ("conv", "ssm"):
-            raise ValueError(f"state_shape: which must be 'conv' or 'ssm', got {which!r}")
+        if which not in self.state_kinds:
+            raise ValueError(f"state_shape: {self.arch}'s recurrent layers have states "
+                             f"{self.state_kinds}, not {which!r}")
         hp = self.hparams
         return hp.conv_state_shape if which == "conv" else hp.ssm_state_shape
 
-    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None) -> Graph:
+    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
+                   cache: KVCacheTypes = F16_CACHE) -> Graph:
         """The step graph; with n_kv_swa < n_kv (a model with sliding-window layers), those
-        layers keep a ring of n_kv_swa rows (the contract's slots_swa input)."""
+        layers keep a ring of n_kv_swa rows (the contract's slots_swa input). cache: the KV
+        cache's types (a head size the types cannot hold is an EmberError, see check_cache)."""
         if n_tokens < 1 or n_kv < 1:
             raise ValueError(f"build_step: need n_tokens >= 1 and n_kv >= 1, got {n_tokens}, {n_kv}")
         if not 0 <= n_outputs <= n_tokens:
             raise ValueError(f"build_step: n_outputs {n_outputs} must be in [0, {n_tokens}]")
         if n_kv_swa is not None and not n_tokens <= n_kv_swa <= n_kv:
             raise ValueError(f"build_step: n_kv_swa {n_kv_swa} must be in [n_tokens {n_tokens}, n_kv {n_kv}]")
-        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa)
+        self.check_cache(cache)
+        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+
+    def check_cache(self, cache: KVCacheTypes) -> None:
+        """EmberError (one line: the file, the head size, the type) when a quantized cache type
+        cannot hold this model's heads as whole blocks; nothing to check without attention."""
+        if self.attention_layers:
+            cache.check(self.hparams.head_dim_k, self.hparams.head_dim_v, str(self.path))
+
+    def cache_bytes_per_row(self, cache: KVCacheTypes) -> int:
+        """Bytes one token takes in one attention layer's K and V caches."""
+        hp = self.hparams
+        return cache.row_bytes(hp.n_embd_k_gqa, hp.n_embd_v_gqa)
 
     def __repr__(self) -> str:
         hp = self.hparams
         parts = [f"{hp.n_layer} layers", f"n_embd {hp.n_embd}"]
-        if self.recurrent_layers:
+        if self.recurrent_layers and hp.shortconv_l_cache:
+            parts.append(f"{len(self.recurrent_layers)} short convolutions (window {hp.shortconv_l_cache})")
+        elif self.recurrent_layers:
             kind = "DeltaNet" if hp.arch in DELTA_NET_ARCHS else "Mamba-2"
             parts.append(f"{len(self.recurrent_layers)} {kind} ({hp.ssm_n_head} heads of "
                          f"{hp.ssm_head_dim}, d_state {hp.ssm_d_state})")
@@ -127,9 +162,11 @@ class StepGraph:
     """One step graph under construction: the contract's inputs, the weights, the per-layer
     cache updates; `finish` adds the output head and returns the Graph."""
 
-    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None):
+    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
+                 cache: KVCacheTypes = F16_CACHE):
         self.model, self.hp, self.file = model, model.hparams, model.file
         self.n_tokens, self.n_kv, self.n_outputs = n_tokens, n_kv, n_outputs
+        self.cache = cache
         # Sliding-window layers read a ring of n_kv_swa rows (slots_swa, mask_swa) when it is
         # shorter than the other layers' n_kv; otherwise they share slots with them.
         ring = self.hp.uses_swa and n_kv_swa is not None and n_kv_swa < n_kv
@@ -146,13 +183,14 @@ class StepGraph:
         self.v_cache: dict[int, Node] = {}
         for il in model.attention_layers:
             rows = self.cache_rows(il)
-            self.k_cache[il] = b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "k"))
-            self.v_cache[il] = b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "v"))
+            self.k_cache[il] = b.input(f"k_cache.{il}", cache.k, model.cache_shape(rows, "k"))
+            self.v_cache[il] = b.input(f"v_cache.{il}", cache.v, model.cache_shape(rows, "v"))
         self.conv_state: dict[int, Node] = {}
         self.ssm_state: dict[int, Node] = {}
         for il in model.recurrent_layers:
             self.conv_state[il] = b.input(f"conv_state.{il}", STATE_DTYPE, model.state_shape("conv"))
-            self.ssm_state[il] = b.input(f"ssm_state.{il}", STATE_DTYPE, model.state_shape("ssm"))
+            if "ssm" in model.state_kinds:
+                self.ssm_state[il] = b.input(f"ssm_state.{il}", STATE_DTYPE, model.state_shape("ssm"))
         self.k_updated: list[Node | None] = [None] * self.hp.n_layer
         self.v_updated: list[Node | None] = [None] * self.hp.n_layer
         self.conv_updated: list[Node | None] = [None] * self.hp.n_layer
@@ -210,11 +248,17 @@ class StepGraph:
     def attention(self, il: int, q: Node, k: Node, v: Node, scale: float, softcap: float = 0.0,
                   swa: bool = False) -> Node:
         """Write this step's K/V rows into layer il's caches, attend over the updated caches,
-        and return the heads flattened: f32[n_tokens, n_head * head_dim_v]."""
+        and return the heads flattened: f32[n_tokens, n_head * head_dim_v]. A q8_0 / q4_0
+        cache rotates Q and K (V, and the output back) as llama.cpp does (ember.models.kv_cache)."""
         b, hp = self.b, self.hp
         if swa != hp.is_swa(il):
             raise ValueError(f"attention: layer {il} is {'' if hp.is_swa(il) else 'not '}a "
                              f"sliding-window layer, called with swa={swa}")
+        k_rot, v_rot = self.cache.k_rotation(hp.head_dim_k), self.cache.v_rotation(hp.head_dim_v)
+        if k_rot:
+            q, k = rotate(b, q, k_rot), rotate(b, k, k_rot)
+        if v_rot:
+            v = rotate(b, v, v_rot)
         rows = self.cache_rows(il)
         slots = self.slots_swa if swa else self.slots
         k_cache = b.set_rows(self.k_cache[il], slots, flatten_heads(b, k))
@@ -224,6 +268,8 @@ class StepGraph:
         values = b.reshape(v_cache, rows, hp.n_head_kv, hp.head_dim_v)
         mask = self.mask_swa if swa else self.mask
         out = b.attention(q, keys, values, mask, scale=scale, softcap=softcap, causal=False)
+        if v_rot:
+            out = b.hadamard(out, v_rot)
         return b.reshape(out, self.n_tokens, hp.n_head * hp.head_dim_v)
 
     def cache_rows(self, il: int) -> int:
@@ -236,14 +282,14 @@ class StepGraph:
         return self.b.get_rows(x, self.out_ids)
 
     def finish(self, h: Node, output_name: str = "output.weight", softcap: float = 0.0,
-               logit_scale: float = 0.0) -> Graph:
-        """Final norm and output matmul on h[n_outputs, n_embd] (already selected rows); the
-        output falls back to the tied token embedding; logits are divided by logit_scale when
-        it is set (granite). Returns the step graph."""
+               logit_scale: float = 0.0, output_norm: str = "output_norm.weight") -> Graph:
+        """Final norm (output_norm: its weight) and output matmul on h[n_outputs, n_embd]
+        (already selected rows); the output falls back to the tied token embedding; logits are
+        divided by logit_scale when it is set (granite). Returns the step graph."""
         b, hp = self.b, self.hp
         if h.shape[0] != self.n_outputs:
             raise ValueError(f"finish: h has {h.shape[0]} rows, expected n_outputs={self.n_outputs}")
-        h = self.rms_norm(h, "output_norm.weight")
+        h = self.rms_norm(h, output_norm)
         name = output_name if output_name in self.file else "token_embd.weight"
         logits = b.mul_mat(h, self.weight(name, hp.n_vocab, hp.n_embd))
         bias = self.vector("output.bias", hp.n_vocab, required=False)
@@ -256,13 +302,20 @@ class StepGraph:
         missing = [il for il in self.k_cache if self.k_updated[il] is None]
         if missing:
             raise ValueError(f"finish: layers {missing} never wrote their KV cache")
-        missing = [il for il in self.conv_state
-                   if self.conv_updated[il] is None or self.ssm_updated[il] is None]
-        if missing:
+        states = [self.conv_updated[il] if kind == "conv" else self.ssm_updated[il]
+                  for il in self.conv_state for kind in self.model.state_kinds]
+        if any(st is None for st in states):
+            missing = [il for il in self.conv_state if self.conv_updated[il] is None
+                       or (il in self.ssm_state and self.ssm_updated[il] is None)]
             raise ValueError(f"finish: layers {missing} never returned their recurrent state")
         caches = [c for il in self.k_cache for c in (self.k_updated[il], self.v_updated[il])]
-        states = [st for il in self.conv_state for st in (self.conv_updated[il], self.ssm_updated[il])]
         return b.build(logits, *caches, *states)
+
+
+def rotate(b: GraphBuilder, x: Node, block: int) -> Node:
+    """x [T, H, D] times the orthonormal Hadamard matrix over blocks of D (a strided view, the
+    fused-QKV split, is made contiguous first)."""
+    return b.hadamard(x if x.type.is_contiguous else b.cont(x), block)
 
 
 def flatten_heads(b: GraphBuilder, x: Node) -> Node:

@@ -10,7 +10,7 @@ when the file has no output.weight). The mixer:
   d_conv - 1 rows it saw): ssm_conv(concat(conv_state, xBC)), + ssm_conv1d.bias, silu;
 - the selective scan ssm_scan over ssm_state, with dt + ssm_dt.bias, A = ssm_a per head, B and C
   per group; y += x * ssm_d (the skip); y = silu(z) * y; an rms_norm over each group of
-  d_inner / n_group channels times ssm_norm; then ssm_out.
+  d_inner / n_group channels times ssm_norm (optional in falcon-h1 only); then ssm_out.
 The step returns both states after its last token (the contract in ember/models/common.py).
 Imports the IR builder (through common) only.
 """
@@ -20,14 +20,15 @@ import ember.ir.dtypes as dtypes
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.models.common import Model, StepGraph, embed_tokens
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.models.gguf_file import ModelFileError
 
 F32 = dtypes.f32.row_bytes(1)
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa)
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     for il in range(hp.n_layer):
@@ -86,6 +87,7 @@ def mamba2_mixer(s: StepGraph, il: int, x: Node) -> Node:
 
     y = b.add(y, b.mul(xs, f32_weight(s, p + "ssm_d", H, 1)))     # D skip, one per head
     y = b.swiglu(z, y)                                             # silu(z) * y
-    y = b.reshape(y, T, G, d_inner // G)                           # grouped rms norm
-    y = b.mul(b.rms_norm(y, eps=hp.rms_eps), f32_weight(s, p + "ssm_norm.weight", G, d_inner // G))
+    if hp.arch != "falcon-h1" or s.has(p + "ssm_norm.weight"):    # optional in falcon-h1 only
+        y = b.reshape(y, T, G, d_inner // G)                       # grouped rms norm
+        y = b.mul(b.rms_norm(y, eps=hp.rms_eps), f32_weight(s, p + "ssm_norm.weight", G, d_inner // G))
     return b.mul_mat(b.reshape(y, T, d_inner), s.weight(p + "ssm_out.weight", hp.n_embd, d_inner))

@@ -16,7 +16,8 @@ K), so on batch-invariant kernels the results are bit-identical.
 Refused (graph unchanged): different inputs, different weight types or inner sizes, weights
 that are not constants, batched (3-D+) weights, a lone matmul. A matmul read through a `view`
 op stays out of the group: a view's byte strides were written for the matmul's own contiguous
-rows, and the fused row stride would change what it reads (Qwen3-Next's query + gate split).
+rows, and the fused row stride would change what it reads (Qwen3-Next's query + gate split;
+falcon-h1's Mamba-2 ssm_in beside Q/K/V).
 """
 from __future__ import annotations
 

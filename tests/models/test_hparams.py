@@ -179,7 +179,7 @@ def test_hybrid_layers_follow_head_count_kv():
 
 def test_hybrid_attention_layers_must_agree():
     bad = granite_metadata(**{"granitehybrid.attention.head_count_kv": np.array([0, 2, 4], np.uint32)})
-    with pytest.raises(ModelFileError, match="differs between attention layers"):
+    with pytest.raises(ModelFileError, match="differs between layers"):
         HParams.from_metadata(bad)
 
 

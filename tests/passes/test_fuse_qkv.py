@@ -213,3 +213,16 @@ def test_fuse_qkv_fuses_gate_and_up_the_same_way():
 def test_fuse_qkv_leaves_alone(text):
     g = parse_ir(text)
     assert FUSE(g) is g
+
+
+@pytest.mark.parametrize("wtype", ["q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4"])
+def test_fuse_qkv_concatenates_blocks_of_every_weight_format(wtype):
+    """Rows are whole blocks in every format, so the fused weight is the members' bytes one
+    after the other and the reference result does not move a bit."""
+    text = BEFORE.replace("q8_0", wtype).replace(", 64]", ", 256]").replace("[5, 64]", "[5, 256]")
+    before = parse_ir(text)
+    after = DeadCodeElimination()(FUSE(before))
+    verify(after)
+    fused = after.constants["wq+wk+wv"]
+    np.testing.assert_array_equal(fused, np.concatenate([before.constants[n] for n in ("wq", "wk", "wv")]))
+    assert_allclose(run_reference(before, seed=0), run_reference(after, seed=0), rtol=0, atol=0)

@@ -213,3 +213,18 @@ def test_delta_net_speculation_is_token_identical(tiny_files, tmp_path_factory, 
                                       draft_max=draft_max, ignore_eos=True)
     assert got.tokens == expected
     assert stats.drafted > 0
+
+
+@pytest.mark.parametrize("draft_max", [1, 8])
+def test_speculation_at_the_end_of_the_context_is_token_identical(setup, draft_max):
+    """Generating past n_ctx: speculation once stopped one token short of plain decoding, which
+    also emits the token the last position's logits choose (issue 16)."""
+    _, target, _, tokenizer = setup
+    prompt = repetitive_prompt(3)
+    n = OPTIONS.n_ctx                      # more than fits
+    expected = generate(target, tokenizer, prompt, n, Sampler(SamplingParams(temperature=0)), ignore_eos=True)
+    got, _ = speculative_generate(target, NgramDraft(), tokenizer, prompt, n, draft_max=draft_max,
+                                  ignore_eos=True)
+    assert expected.stop_reason == got.stop_reason == "context"
+    assert len(expected.tokens) == OPTIONS.n_ctx - PROMPT_LEN + 1
+    assert got.tokens == expected.tokens

@@ -1,27 +1,29 @@
 """Running step graphs with the reference interpreter the way the generation runtime does:
 cache slots, positions and the 0/-inf masks (causal + padding, and the sliding window), and the
-recurrent state of Mamba-2 layers (zeros at first, replaced by the returned state each step)."""
+recurrent state of Mamba-2 and short-convolution layers (zeros at first, replaced by the returned
+state each step); the KV caches in any of the cache types (ember.models.kv_cache)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ember.ir.interpreter import run_reference
-from ember.models import Model
+from ember.models import F16_CACHE, KVCacheTypes, Model
+from ember.runtime.memory import cache_array
 
 
 class ReferenceSession:
     """One sequence in a KV cache of n_kv rows; slot i holds position i."""
 
-    def __init__(self, model: Model, n_kv: int):
-        self.model, self.n_kv = model, n_kv
+    def __init__(self, model: Model, n_kv: int, cache: KVCacheTypes = F16_CACHE):
+        self.model, self.n_kv, self.cache = model, n_kv, cache
         self.slot_pos = np.full(n_kv, -1)          # position held by each cache row, -1: empty
         self.caches = {}                           # in the order of the graph's inputs and outputs
         for il in model.attention_layers:
-            self.caches[f"k_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "k"), np.float16)
-            self.caches[f"v_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "v"), np.float16)
+            self.caches[f"k_cache.{il}"] = cache_array(cache.k, *model.cache_shape(n_kv, "k"))
+            self.caches[f"v_cache.{il}"] = cache_array(cache.v, *model.cache_shape(n_kv, "v"))
         for il in model.recurrent_layers:
-            self.caches[f"conv_state.{il}"] = np.zeros(model.state_shape("conv"), np.float32)
-            self.caches[f"ssm_state.{il}"] = np.zeros(model.state_shape("ssm"), np.float32)
+            for kind in model.state_kinds:
+                self.caches[f"{kind}_state.{il}"] = np.zeros(model.state_shape(kind), np.float32)
 
     def masks(self, pos: np.ndarray) -> dict[str, np.ndarray]:
         keys = self.slot_pos[None, :]
@@ -43,7 +45,7 @@ class ReferenceSession:
         out_ids = np.arange(len(tokens), dtype=np.int32) if out_ids is None \
             else np.asarray(out_ids, dtype=np.int32)
         self.slot_pos[slots] = pos          # the graph writes the cache before attending
-        graph = self.model.build_step(len(tokens), self.n_kv, len(out_ids))
+        graph = self.model.build_step(len(tokens), self.n_kv, len(out_ids), cache=self.cache)
         inputs = dict(tokens=tokens, pos=pos, slots=slots, out_ids=out_ids, **self.masks(pos),
                       **self.caches)
         logits, *caches = run_reference(graph, inputs)
