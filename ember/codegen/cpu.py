@@ -16,7 +16,8 @@ a comment naming the node, the template and its parameters. Views are free: a vi
 operand's pointer plus a byte offset, read through its own strides, and every kernel takes byte
 strides for its operands. Values live where the memory plan puts them (ember.codegen.memory_plan):
 inputs and constants in the caller's arrays, graph outputs in the caller's output arrays, the rest
-in one arena. mul_mat calls the kernels of ember.codegen.cpu_matmul.
+in one arena. mul_mat and mul_mat_id call the kernels of ember.codegen.cpu_matmul (mul_mat_id
+shares one work list over all selected experts' chunks).
 
 The walk is ember.codegen.renderer's; `CpuRenderer` states what C does differently: expressions,
 threads and barriers, kernel calls.
@@ -247,25 +248,33 @@ def _mul_mat_id_support(node: Node) -> tuple[bool, str]:
 
 
 def _mul_mat_id_params(node: Node) -> dict:
-    """The template parameters of a mul_mat_id kernel, with the scratch it needs (scratch_bytes):
-    the expert map, one work block per expert, the gathered x rows and their results, and the
-    matmul kernel's scratch for every row (so no two expert calls share any)."""
+    """The template parameters of a mul_mat_id kernel, with the scratch it needs (scratch_bytes).
+    One token whose activation row fits the stack takes the "decode" plan (no scratch); else the
+    "batch" plan: the expert map, the pairs' activation rows in the matmul kernel's form (with
+    f32 copies first for a quantized w and an x that is not contiguous f32), and their results."""
     x, w, ids = (i.type for i in node.inputs)
     T, n_used = ids.shape
     E, N, K = w.shape
     P = T * n_used
     mm = _matmul()
-    mm_row = mm.matmul_scratch_bytes(w.dtype.name, 1, K)
-    layout, offset = {}, 0
-    for part, size in (("map_off", 4 * (2 * E + 1 + P)), ("work_off", 4 * E * EMBER_WORK_INTS),
-                       ("xg_off", 4 * P * K), ("yg_off", 4 * P * N), ("mm_off", mm_row * P)):
-        layout[part] = offset
-        offset += round_up(size, ARENA_ALIGNMENT)
+    wtype = w.dtype.name
+    act = mm.matmul_activation(wtype)
+    a_row = 4 * K if act is None else mm.matmul_scratch_bytes(wtype, 1, K)
+    x_direct = x.dtype is dtypes.f32 and x.strides[-1] == 4
+    needs_f32 = act is not None and not x_direct
+    fits = a_row <= mm.LOCAL_ROW_BYTES and (not needs_f32 or 4 * K <= mm.LOCAL_ROW_BYTES)
+    plan = "decode" if T == 1 and fits else "batch"
+    layout, offset = {"map_off": 0, "a_off": 0, "xf_off": 0, "yg_off": 0}, 0
+    if plan == "batch":
+        for part, size in (("map_off", 4 * (3 * E + 2 + P)), ("a_off", a_row * P),
+                           ("xf_off", 4 * P * K if needs_f32 else 0), ("yg_off", 4 * P * N)):
+            layout[part] = offset
+            offset += round_up(size, ARENA_ALIGNMENT)
     x_sel = x.strides[1] if x.rank == 3 and x.shape[1] > 1 else 0
-    return dict(wtype=w.dtype.name, P=P, n_used=n_used, E=E, N=N, K=K, x_tok=x.strides[0],
-                x_sel=x_sel, x_step=x.strides[-1], x_dtype=x.dtype.name, ids_tok=ids.strides[0],
-                ids_sel=ids.strides[1], w_expert=w.strides[0], w_row=w.strides[1], mm_row=mm_row,
-                scratch_bytes=offset, **layout)
+    return dict(wtype=wtype, plan=plan, act=act, a_row=a_row, P=P, n_used=n_used, E=E, N=N, K=K,
+                x_tok=x.strides[0], x_sel=x_sel, x_step=x.strides[-1], x_dtype=x.dtype.name,
+                x_direct=x_direct, ids_tok=ids.strides[0], ids_sel=ids.strides[1],
+                w_expert=w.strides[0], w_row=w.strides[1], scratch_bytes=offset, **layout)
 
 
 # ---- the renderer ------------------------------------------------------------------------------
@@ -542,7 +551,7 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
         code = self.index_status(node, w.shape[0])
         self.add_kernel(node, "mul_mat_id.c.j2",
                         [self.ptr(x), self.ptr(w), self.ptr(ids), self.ptr(node), c_pointer(scratch),
-                         "&ember_bar", "&status", str(code)],
+                         self.counters(), "&ember_bar", "&status", str(code)],
                         reads=self.reads_of(x, w, ids), writes=self.reads_of(node) + [(scratch, scratch_bytes)],
                         **params)
 
@@ -584,7 +593,11 @@ def matmul_prototypes(wtype: str) -> str:
     return (f"void ember_mm_{wtype}(int ith, int nth, int64_t T, int64_t N, int64_t K, const float *x, "
             f"int64_t x_row, const void *w, int64_t w_row, float *y, int64_t y_row, void *scratch, "
             f"int *next, ember_barrier *bar);\n"
-            f"void ember_dequant_row_{wtype}(const void *row, float *out, int64_t K);\n")
+            f"void ember_dequant_row_{wtype}(const void *row, float *out, int64_t K);\n"
+            f"void ember_mm_{wtype}_prepare(int64_t K, const float *x, void *a);\n"
+            f"void ember_mm_{wtype}_chunk(int64_t T, int64_t n0, int64_t n1, int64_t K, const void *a, "
+            f"int64_t a_row, const void *w, int64_t w_row, float *y, int64_t y_row);\n"
+            f"int64_t ember_mm_chunk_rows_of(int64_t T, int64_t N, int64_t w_row);\n")
 
 
 def kernel_library_source() -> str:

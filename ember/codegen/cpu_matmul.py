@@ -8,6 +8,15 @@ For each wtype in MATMUL_WTYPES the rendered source defines
                           ember_barrier *bar);
     void ember_dequant_row_<wtype>(const void *row, float *out, int64_t K);
     int64_t ember_mm_<wtype>_scratch(int64_t T, int64_t K);
+    static void ember_mm_<wtype>_rows(int64_t T, int64_t n0, int64_t n1, int64_t K,
+                                      const <a> *a, int64_t a_row, const void *w, int64_t w_row,
+                                      float *y, int64_t y_row);
+
+ember_mm_<wtype>_rows is what ember_mm_<wtype> does with one chunk, weight rows [n0, n1), on T
+activation rows already in the kernel's form (matmul_activation): f32 rows for a float wtype,
+for a quantized one the rows ember_mm_quantize_<act>_local makes (uint8_t); it takes no
+scratch and no barrier, so a caller with its own work list (mul_mat_id: one list over all
+experts) calls it directly, with the same bits as ember_mm_<wtype>.
 
 y[t, n] = sum_k x[t, k] * w[n, k]; strides are in bytes. ember_mm_* is called by all nth threads
 of an OpenMP team; the quantized ones quantize x into the scratch and wait once at the team's
@@ -123,6 +132,14 @@ def matmul_source(wtype: str) -> str:
             max_r=max(tiles["gemm_r"], 1), max_c=max(tiles["gemm_c"], tiles["gemv_c"]), **tiles,
             **_DECODED.get(wtype, {}))
     return matmul_common_source() + "\n" + body
+
+
+def matmul_activation(wtype: str) -> str | None:
+    """The form ember_mm_<wtype>_rows takes its activation rows in: None (f32 rows), "q32" or
+    "q256" (rows quantized by ember_mm_quantize_<act>_local, matmul_scratch_bytes(wtype, 1, K)
+    bytes each)."""
+    _check(wtype)
+    return None if wtype in _FLOAT_PARAMS else _ACTIVATIONS[wtype]
 
 
 def _align64(n: int) -> int:

@@ -137,3 +137,55 @@ def test_moe_ffn_rows_equal_decode_rows(backend):
     step = backend.compile(decode)
     for t in range(shape.T):
         np.testing.assert_array_equal(got[t], step.run({"x": x[t:t + 1]})[0][0], err_msg=f"token {t}")
+
+
+def _wide_experts(T, wtype, x_dtype, seed=3):
+    """Expert matrices of 300 rows of K=256 (several work chunks per expert and per token), 5
+    experts, 2 per token; x in x_dtype (f16: the kernel widens each row before use)."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(f"wide_experts_T{T}")
+    x = b.input("x", x_dtype, (T, 256))
+    ids = b.input("ids", "i32", (T, 2))
+    y = b.mul_mat_id(x, b.weight("w", rng.standard_normal((5, 300, 256)) / 16, wtype), ids)
+    return b.build(y)
+
+
+@pytest.mark.parametrize("x_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("wtype", ["f32", "q8_0", "q4_0"])
+def test_mul_mat_id_cpu_many_chunks_rows_equal_decode_rows(backend_cache, wtype, x_dtype):
+    """33 tokens, most of them on expert 1 (more rows than one chunk holds): every token's row is
+    the bits that token gets decoded alone (the one-token plan, which shares work per token)."""
+    rng = np.random.default_rng(4)
+    T = 33
+    ids = np.where(rng.random((T, 2)) < 0.7, 1, rng.integers(0, 5, (T, 2))).astype(np.int32)
+    ids[:, 1] = np.where(ids[:, 1] == ids[:, 0], (ids[:, 0] + 1) % 5, ids[:, 1])
+    x = rng.standard_normal((T, 256)).astype(dtypes.dtype(x_dtype).numpy)
+    cpu = CpuBackend(threads=2, cache_dir=backend_cache)
+    (got,) = cpu.compile(_wide_experts(T, wtype, x_dtype)).run({"x": x, "ids": ids})
+    alone = cpu.compile(_wide_experts(1, wtype, x_dtype))
+    for t in range(T):
+        (one,) = alone.run({"x": x[t:t + 1], "ids": ids[t:t + 1]})
+        np.testing.assert_array_equal(got[t], one[0], err_msg=f"token {t}")
+    want = np.einsum("tk,tjnk->tjn", x.astype(np.float64), _stored_experts(wtype)[ids])
+    assert nmse(got, want) <= (1e-10 if wtype == "f32" else 1e-3)
+
+
+def _stored_experts(wtype):
+    w = np.random.default_rng(3).standard_normal((5, 300, 256)) / 16
+    if wtype == "f32":
+        return w.astype(np.float32).astype(np.float64)
+    dt = dtypes.dtype(wtype)
+    return dtypes.to_float32(dtypes.from_float32(w.astype(np.float32), dt), dt).astype(np.float64)
+
+
+def test_mul_mat_id_one_token_id_out_of_range_is_an_error(backend_cache):
+    """The one-token plan checks the ids too, and the status is cleared for the next run."""
+    b = GraphBuilder("experts_one")
+    ids = b.input("ids", "i32", (1, 3))
+    graph = b.build(b.mul_mat_id(b.input("x", "f32", (1, 64)), b.weight("w", np.ones((4, 3, 64)), "f16"), ids))
+    exe = CpuBackend(threads=2, cache_dir=backend_cache).compile(graph)
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(EmberError, match=r"mul_mat_id.*an index is out of range \[0, 4\)"):
+        exe.run({"x": x, "ids": np.array([[1, -1, 3]], np.int32)})
+    (y,) = exe.run({"x": x, "ids": np.array([[1, 2, 3]], np.int32)})
+    np.testing.assert_array_equal(y, np.full((1, 3, 3), 64.0, np.float32))

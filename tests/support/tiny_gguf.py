@@ -291,11 +291,21 @@ def write_tensors(w: gguf.GGUFWriter, weights: dict[str, np.ndarray], weight_typ
                   keep_f32: frozenset = frozenset()):
     """Add the tensors (2-D ones in weight_type unless named in keep_f32), write the file, close."""
     for name, values in weights.items():
-        data, gtype = stored(values, "f32" if name in keep_f32 else weight_type, name)
-        if gtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            w.add_tensor(name, data)
-        else:
-            w.add_tensor(name, data, raw_dtype=gtype)
+        add_tensor(w, name, values, "f32" if name in keep_f32 else weight_type)
+    finish(w)
+
+
+def add_tensor(w: gguf.GGUFWriter, name: str, values: np.ndarray, weight_type: str):
+    """One tensor in its stored form (see stored)."""
+    data, gtype = stored(values, weight_type, name)
+    if gtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        w.add_tensor(name, data)
+    else:
+        w.add_tensor(name, data, raw_dtype=gtype)
+
+
+def finish(w: gguf.GGUFWriter):
+    """Write the header, metadata and tensors added to w, and close the file."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

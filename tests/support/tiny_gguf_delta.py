@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from tiny_gguf import N_VOCAB, bpe_vocab, write_tensors, write_vocab
+from tiny_gguf import N_VOCAB, add_tensor, bpe_vocab, finish, write_vocab
 
 DELTA_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
 
@@ -96,6 +97,12 @@ DELTA_SPECS = tuple(DeltaSpec(a, t) for a in DELTA_ARCHS for t in ("f32", "q8_0"
 
 
 def make_delta_weights(cfg: DeltaConfig) -> dict[str, np.ndarray]:
+    return dict(delta_weights(cfg))
+
+
+def delta_weights(cfg: DeltaConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, f32 values) of every tensor, drawn one at a time from the config's seed (a large
+    config never holds all its weights at once)."""
     rng = np.random.default_rng(cfg.seed)
 
     def matrix(*shape):
@@ -105,49 +112,49 @@ def make_delta_weights(cfg: DeltaConfig) -> dict[str, np.ndarray]:
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
 
     E, S, Hk, Hv = cfg.n_embd, cfg.d_state, cfg.n_k_heads, cfg.n_v_heads
-    w = {"token_embd.weight": rng.standard_normal((cfg.n_vocab, E)).astype(np.float32),
-         "output_norm.weight": norm(E), "output.weight": matrix(cfg.n_vocab, E)}
+    yield "token_embd.weight", rng.standard_normal((cfg.n_vocab, E)).astype(np.float32)
+    yield "output_norm.weight", norm(E)
+    yield "output.weight", matrix(cfg.n_vocab, E)
     for il in range(cfg.n_layer):
         p = f"blk.{il}."
-        w[p + "attn_norm.weight"] = norm(E)
-        w[p + "post_attention_norm.weight"] = norm(E)
+        yield p + "attn_norm.weight", norm(E)
+        yield p + "post_attention_norm.weight", norm(E)
         if cfg.is_recurrent(il):
-            w[p + "attn_qkv.weight"] = matrix(cfg.conv_channels, E)
-            w[p + "attn_gate.weight"] = matrix(Hv * S, E)
+            yield p + "attn_qkv.weight", matrix(cfg.conv_channels, E)
+            yield p + "attn_gate.weight", matrix(Hv * S, E)
             if cfg.arch == "qwen3next":
-                w[p + "ssm_ba.weight"] = matrix(2 * Hv, E)
+                yield p + "ssm_ba.weight", matrix(2 * Hv, E)
             else:
-                w[p + "ssm_beta.weight"] = matrix(Hv, E)
-                w[p + "ssm_alpha.weight"] = matrix(Hv, E)
-            w[p + "ssm_conv1d.weight"] = matrix(cfg.conv_channels, cfg.d_conv)
+                yield p + "ssm_beta.weight", matrix(Hv, E)
+                yield p + "ssm_alpha.weight", matrix(Hv, E)
+            yield p + "ssm_conv1d.weight", matrix(cfg.conv_channels, cfg.d_conv)
             dt = np.exp(rng.uniform(np.log(1e-2), np.log(0.5), Hv))
-            w[p + "ssm_dt.bias"] = (dt + np.log(-np.expm1(-dt))).astype(np.float32)     # softplus^-1
-            w[p + "ssm_a"] = -np.exp(rng.uniform(np.log(0.1), np.log(2.0), Hv)).astype(np.float32)
-            w[p + "ssm_norm.weight"] = norm(S)
-            w[p + "ssm_out.weight"] = matrix(E, Hv * S)
+            yield p + "ssm_dt.bias", (dt + np.log(-np.expm1(-dt))).astype(np.float32)  # softplus^-1
+            yield p + "ssm_a", -np.exp(rng.uniform(np.log(0.1), np.log(2.0), Hv)).astype(np.float32)
+            yield p + "ssm_norm.weight", norm(S)
+            yield p + "ssm_out.weight", matrix(E, Hv * S)
         else:
             hd = cfg.head_dim
-            w[p + "attn_q.weight"] = matrix(2 * cfg.n_head * hd, E)
-            w[p + "attn_k.weight"] = matrix(cfg.n_head_kv * hd, E)
-            w[p + "attn_v.weight"] = matrix(cfg.n_head_kv * hd, E)
-            w[p + "attn_q_norm.weight"] = norm(hd)
-            w[p + "attn_k_norm.weight"] = norm(hd)
-            w[p + "attn_output.weight"] = matrix(E, cfg.n_head * hd)
+            yield p + "attn_q.weight", matrix(2 * cfg.n_head * hd, E)
+            yield p + "attn_k.weight", matrix(cfg.n_head_kv * hd, E)
+            yield p + "attn_v.weight", matrix(cfg.n_head_kv * hd, E)
+            yield p + "attn_q_norm.weight", norm(hd)
+            yield p + "attn_k_norm.weight", norm(hd)
+            yield p + "attn_output.weight", matrix(E, cfg.n_head * hd)
         if cfg.moe:
             X, F, Fs = cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
-            w[p + "ffn_gate_inp.weight"] = matrix(X, E)
-            w[p + "ffn_gate_exps.weight"] = matrix(X, F, E)
-            w[p + "ffn_up_exps.weight"] = matrix(X, F, E)
-            w[p + "ffn_down_exps.weight"] = matrix(X, E, F)
-            w[p + "ffn_gate_inp_shexp.weight"] = matrix(E)
-            w[p + "ffn_gate_shexp.weight"] = matrix(Fs, E)
-            w[p + "ffn_up_shexp.weight"] = matrix(Fs, E)
-            w[p + "ffn_down_shexp.weight"] = matrix(E, Fs)
+            yield p + "ffn_gate_inp.weight", matrix(X, E)
+            yield p + "ffn_gate_exps.weight", matrix(X, F, E)
+            yield p + "ffn_up_exps.weight", matrix(X, F, E)
+            yield p + "ffn_down_exps.weight", matrix(X, E, F)
+            yield p + "ffn_gate_inp_shexp.weight", matrix(E)
+            yield p + "ffn_gate_shexp.weight", matrix(Fs, E)
+            yield p + "ffn_up_shexp.weight", matrix(Fs, E)
+            yield p + "ffn_down_shexp.weight", matrix(E, Fs)
         else:
-            w[p + "ffn_gate.weight"] = matrix(cfg.n_ff, E)
-            w[p + "ffn_up.weight"] = matrix(cfg.n_ff, E)
-            w[p + "ffn_down.weight"] = matrix(E, cfg.n_ff)
-    return w
+            yield p + "ffn_gate.weight", matrix(cfg.n_ff, E)
+            yield p + "ffn_up.weight", matrix(cfg.n_ff, E)
+            yield p + "ffn_down.weight", matrix(E, cfg.n_ff)
 
 
 def quantized(cfg: DeltaConfig, name: str, values: np.ndarray) -> bool:
@@ -163,12 +170,22 @@ def write_delta_gguf(path: str | Path, spec: DeltaSpec, edit=None) -> Path:
     """Write spec's file; edit, when given, maps the weights dict to the one written (tests of
     broken files use it to drop or reshape tensors)."""
     cfg = spec.config
-    path = Path(path)
     weights = make_delta_weights(cfg)
     if edit is not None:
         weights = edit(dict(weights))
+    return write_delta_model(path, cfg, weights.items(), spec.weight_type,
+                             f"tiny-{cfg.arch}-{spec.weight_type}")
+
+
+def write_delta_model(path: str | Path, cfg: DeltaConfig, weights: Iterable[tuple[str, np.ndarray]],
+                      weight_type: str, name: str,
+                      quantize: Callable[[DeltaConfig, str, np.ndarray], bool] = quantized) -> Path:
+    """A GGUF of cfg holding weights, (name, f32 values) pairs taken one at a time (only their
+    stored form is kept); the tensors for which quantize(cfg, name, values) holds are stored in
+    weight_type, the rest in F32."""
+    path = Path(path)
     w = gguf.GGUFWriter(str(path), cfg.arch)
-    w.add_name(f"tiny-{cfg.arch}-{spec.weight_type}")
+    w.add_name(name)
     w.add_context_length(cfg.n_ctx)
     w.add_embedding_length(cfg.n_embd)
     w.add_block_count(cfg.n_layer)
@@ -194,8 +211,9 @@ def write_delta_gguf(path: str | Path, spec: DeltaSpec, edit=None) -> Path:
         w.add_expert_feed_forward_length(cfg.n_ff_exp)
         w.add_expert_shared_feed_forward_length(cfg.n_ff_shexp)
     write_vocab(w, bpe_vocab(cfg.n_vocab))
-    keep = frozenset(n for n, v in weights.items() if not quantized(cfg, n, v))
-    write_tensors(w, weights, spec.weight_type, keep_f32=keep)
+    for tensor, values in weights:
+        add_tensor(w, tensor, values, weight_type if quantize(cfg, tensor, values) else "f32")
+    finish(w)
     return path
 
 
