@@ -80,6 +80,27 @@ def test_corrupted_cache_entry_is_rebuilt_not_loaded(fresh_cpu):
     assert nmse(exe.run(inputs)[0], run_reference(graph, inputs)[0]) < 1e-7
 
 
+def test_an_entry_evicted_between_lookup_and_load_is_built_again(fresh_cpu, monkeypatch):
+    """Another process may evict an entry from the size-limited cache after this one found it:
+    the library is built again, not reported missing."""
+    fresh_cpu.kernel_library()
+    build = fresh_cpu.cache.build
+    evicted = []
+
+    def build_then_evict(source, flags, name="lib", fresh=False):
+        path = build(source, flags, name=name, fresh=fresh)
+        if not evicted:
+            evicted.append(path)
+            path.unlink()
+        return path
+    monkeypatch.setattr(fresh_cpu.cache, "build", build_then_evict)
+    graph = small_graph("evicted")
+    exe = fresh_cpu.compile(graph)
+    assert evicted and exe.library_path.exists()
+    inputs = random_inputs(graph)
+    assert nmse(exe.run(inputs)[0], run_reference(graph, inputs)[0]) < 1e-7
+
+
 def test_missing_compiler_is_backend_unavailable(tmp_path):
     backend = CpuBackend(cc="ember-no-such-cc", cache_dir=tmp_path)
     ok, reason = backend.available()

@@ -87,9 +87,10 @@ class CpuBackend(Backend):
         library = self.cache.build(source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}")
         try:
             return self.load_executable(graph, program, library, source, options.get("threads"))
-        except OSError:
-            # a damaged entry whose checksum and source mark still hold (dlopen refuses it):
-            # built again from source, as a damaged one is
+        except (OSError, LibraryGone):
+            # a damaged entry whose checksum and source mark still hold (dlopen refuses it), or
+            # one another process evicted from the size-limited cache since the lookup: built
+            # again from source
             library = self.cache.build(source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}", fresh=True)
             return self.load_executable(graph, program, library, source, options.get("threads"))
 
@@ -132,10 +133,16 @@ class CpuBackend(Backend):
         return tag
 
 
+class LibraryGone(EmberError):
+    """The library file is not there (any more)."""
+
+
 def check_library(path, source: str) -> None:
     """Refuse a shared library that was not built from source (it lacks source's mark)."""
     try:
         data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise LibraryGone(f"{path}: cannot read the library: it is gone") from None
     except OSError as e:
         raise EmberError(f"{path}: cannot read the library: {e.strerror}") from None
     if not carries_mark(data, source):
