@@ -10,7 +10,13 @@ with --no-cache-rotation's setting), the mixed q8_0-K + turbo4-V, turbo4, turbo3
 f16, q8_0, q4_0 (flash attention on, needed for a quantized V cache), with its rotation and with
 LLAMA_ATTN_ROT_DISABLE=1.
 
+--speed measures decode instead (llama-bench's tg at depths 0 and 4096, by bench/models.py's
+workers: one process per engine and cache type, taking turns repetition by repetition so load
+from elsewhere falls on all alike): ember with f16, q8_0 and turbo4 caches, llama.cpp with f16
+and q8_0 (flash attention on for both).
+
     python bench/kv_cache.py [--model GGUF] [--text FILE] [--ctx 512] [--threads 2] [--markdown]
+    python bench/kv_cache.py --speed [--depths 0,4096] [--n-gen 32] [--reps 3] [--markdown]
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ EMBER_CONFIGS = [("f16", "f16", True), ("q8_0", "q8_0", True), ("q8_0", "q8_0", 
                  ("turbo4", "turbo4", True), ("turbo3", "turbo3", True)]
 LLAMA_CONFIGS = [("f16", "f16", True), ("q8_0", "q8_0", True), ("q8_0", "q8_0", False),
                  ("q4_0", "q4_0", True), ("q4_0", "q4_0", False)]
+SPEED_CONFIGS = [("ember", "f16"), ("ember", "q8_0"), ("ember", "turbo4"), ("llama.cpp", "f16"),
+                 ("llama.cpp", "q8_0")]      # (engine, K and V cache type)
 
 
 class Recorder:
@@ -98,6 +106,58 @@ def llama_run(model_path, tokens, bos, ctx, threads, k, v, rotation):
         os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
 
 
+def speed(args) -> int:
+    """Decode t/s per engine and cache type at each depth; ratios against ember's f16."""
+    from bench.models import Worker, context_size
+    from ember.tools.bench import BenchResult, test_name
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    depths = [int(d) for d in args.depths.split(",")]
+    table = {}                      # (engine, type) -> [BenchResult per depth]
+    for depth in depths:
+        wargs = argparse.Namespace(model=str(args.model), threads=args.threads, n_prompt=0, n_gen=args.n_gen,
+                                   seed=0, depth=depth)
+        workers = []
+        try:
+            for engine, kind in SPEED_CONFIGS:     # one at a time: no warm-up overlaps another
+                w = Worker(engine, wargs, (kind, kind), tests="tg")
+                w.read()
+                workers.append((engine, kind, w))
+                table.setdefault((engine, kind), []).append(BenchResult(test_name("tg", args.n_gen, depth), args.n_gen))
+            for rep in range(args.reps):
+                shift = rep % len(workers)
+                for engine, kind, w in workers[shift:] + workers[:shift]:
+                    table[(engine, kind)][-1].seconds.append(w.ask("tg")["seconds"])
+                    print(f"d{depth} rep {rep} {engine} {kind}: {table[(engine, kind)][-1].samples[-1]:.2f} t/s",
+                          file=sys.stderr, flush=True)
+            for _, _, w in workers:
+                w.ask("quit")
+        finally:
+            for _, _, w in workers:
+                if w.proc.poll() is None:
+                    w.proc.kill()
+    load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    base = table[("ember", "f16")]
+    header = ["engine", "K = V"] + [r.test + " t/s" for r in base] + [f"vs ember f16 @ d{d}" for d in depths]
+    rows = []
+    for (engine, kind), results in table.items():
+        rows.append([engine, kind] + [r.cell() for r in results] +
+                    [f"{r.mean / b.mean:.2f}" for r, b in zip(results, base)])
+    title = (f"{Path(args.model).name}, CPU, {args.threads} threads, n_ctx {context_size(0, args.n_gen, max(depths))}, "
+             f"mean ± std of {args.reps} reps ({load}; {time.perf_counter() - start:.0f} s)")
+    if args.markdown:
+        print(f"**{title}**\n")
+        print("| " + " | ".join(header) + " |")
+        print("|---|---|" + "---:|" * (len(header) - 2))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        print(title)
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        for row in [header] + rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="GGUF (default: the default model, Gemma 3 270M Q4_K_M)")
@@ -106,10 +166,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default="ember,llama.cpp")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--speed", action="store_true", help="decode t/s per cache type instead of perplexity")
+    parser.add_argument("--depths", default="0,4096", help="--speed: cache depths (llama-bench's -d)")
+    parser.add_argument("--n-gen", type=int, default=32, help="--speed: decoded tokens per timed run")
+    parser.add_argument("--reps", type=int, default=3, help="--speed: timed runs per engine, type and depth")
     args = parser.parse_args()
     from ember.models.default_model import default_model_path
     from ember.models.tokenizer import Tokenizer
     model_path = Path(args.model) if args.model else default_model_path()
+    if args.speed:
+        args.model = model_path
+        return speed(args)
     tokenizer = Tokenizer.from_gguf(model_path)
     tokens = tokenizer.encode(Path(args.text).read_text(), add_special=True)
     bos = tokenizer.bos_id if tokenizer.add_bos else None

@@ -37,14 +37,15 @@ REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print
 
 # ---- workers -----------------------------------------------------------------------------------
 class EmberEngine:
-    def __init__(self, model_path: str, threads: int, n_ctx: int):
+    def __init__(self, model_path: str, threads: int, n_ctx: int, cache: tuple[str, str] | None = None):
         from ember.backends import get_backend
-        from ember.models import load_model
+        from ember.models import KVCacheTypes, load_model
         from ember.models.tokenizer import Tokenizer
         from ember.runtime.session import Session, SessionOptions
         model = load_model(model_path)
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
-        self.session = Session(model, get_backend("cpu", threads=threads), SessionOptions(n_ctx=n_ctx))
+        options = SessionOptions(n_ctx=n_ctx, cache=KVCacheTypes.of(*cache) if cache else KVCacheTypes())
+        self.session = Session(model, get_backend("cpu", threads=threads), options)
         self.n_vocab = model.hparams.n_vocab
         self.bos = tokenizer.bos_id if tokenizer.add_bos else None
         self.reset, self.decode = self.session.reset, self.session.eval
@@ -56,10 +57,14 @@ class EmberEngine:
 
 
 class LlamaCppEngine:
-    def __init__(self, model_path: str, threads: int, n_ctx: int):
+    def __init__(self, model_path: str, threads: int, n_ctx: int, cache: tuple[str, str] | None = None):
         import llama_cpp
+        kv = {}
+        if cache:       # a quantized V needs flash attention; f16 caches take it too, to compare alike
+            ids = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+            kv = dict(type_k=ids[cache[0]], type_v=ids[cache[1]], flash_attn=True)
         self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
-                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+                                   n_threads=threads, n_threads_batch=threads, verbose=False, **kv)
         self.n_vocab = self.llm.n_vocab()
         self.bos = self.llm.token_bos() if self.llm._model.add_bos_token() else None
         self.decode = self.llm.eval
@@ -88,15 +93,16 @@ def context_size(n_prompt: int, n_gen: int, depth: int) -> int:
 
 
 def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen: int, seed: int,
-           depth: int = 0) -> int:
-    """Serve commands on stdin: pp / tg (one timed run each), quit (report and exit)."""
+           depth: int = 0, cache: tuple[str, str] | None = None, tests: str = "pp,tg") -> int:
+    """Serve commands on stdin: pp / tg (one timed run each; those of `tests`, each warmed up
+    once), quit (report and exit). cache: the K and V cache types (None: each engine's default)."""
     def reply(obj) -> None:
         sys.stdout.write(REPLY + json.dumps(obj) + "\n")
         sys.stdout.flush()
 
     start = time.perf_counter()
     engine = (EmberEngine if engine_name == "ember" else LlamaCppEngine)(
-        model_path, threads, context_size(n_prompt, n_gen, depth))
+        model_path, threads, context_size(n_prompt, n_gen, depth), cache)
     rng = np.random.default_rng(seed)
 
     def tokens(n: int, bos: bool = True) -> list[int]:
@@ -104,6 +110,7 @@ def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen
 
     runs = {"pp": lambda: prompt_run(engine.reset, engine.decode, tokens(n_prompt, not depth), tokens(depth)),
             "tg": lambda: decode_run(engine.reset, engine.decode, tokens(n_gen, not depth), tokens(depth))}
+    runs = {name: run for name, run in runs.items() if name in tests.split(",")}
     for run in runs.values():        # the warm-up
         run()
     reply({"ready": time.perf_counter() - start, **engine.info()})
@@ -120,10 +127,15 @@ def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen
 
 # ---- the driver --------------------------------------------------------------------------------
 class Worker:
-    def __init__(self, engine: str, args):
+    """One engine in its own process; cache (K, V types) and tests as worker() takes them."""
+
+    def __init__(self, engine: str, args, cache: tuple[str, str] | None = None, tests: str = "pp,tg"):
         command = [sys.executable, __file__, "--worker", engine, "--model", args.model,
                    "--threads", str(args.threads), "--n-prompt", str(args.n_prompt),
-                   "--n-gen", str(args.n_gen), "--seed", str(args.seed), "--depth", str(args.depth)]
+                   "--n-gen", str(args.n_gen), "--seed", str(args.seed), "--depth", str(args.depth),
+                   "--tests", tests]
+        if cache:
+            command += ["--cache", f"{cache[0]},{cache[1]}"]
         self.engine = engine
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -179,12 +191,16 @@ def main(argv=None) -> int:
                         help="tokens in the cache before each timed run, decoded untimed (llama-bench's -d)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)      # a worker's K,V cache types
+    parser.add_argument("--tests", default="pp,tg", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.model is None:
         from ember.models.default_model import default_model_path
         args.model = str(default_model_path())
     if args.worker:
-        return worker(args.worker, args.model, args.threads, args.n_prompt, args.n_gen, args.seed, args.depth)
+        cache = tuple(args.cache.split(",")) if args.cache else None
+        return worker(args.worker, args.model, args.threads, args.n_prompt, args.n_gen, args.seed, args.depth,
+                      cache, args.tests)
     if args.reps < 2:
         parser.error("--reps must be at least 2 (the table shows a sample std)")
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batches, matmul_operands, offset_expr,
                                     round_up, row_loop, span_bytes)
-from ember.codegen.kv_quant import KV_QUANTIZED, c_hex, turbo_literals
+from ember.codegen.kv_quant import KV_QUANTIZED, Q_DOT_ROUNDED, c_hex, turbo_literals
 from ember.codegen.memory_plan import MemoryPlan
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float,
                                     c_gated_delta_net, c_get_rows, c_rope, c_row_op, c_softmax, c_take_along,
@@ -488,8 +488,8 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
                         Tq=Tq, Tk=Tk, Hq=Hq, Hkv=Hkv, group=Hq // Hkv, D=D, Dv=Dv,
                         qs=q.type.strides, ks=k.type.strides, vs=v.type.strides,
                         ms=mask.type.strides if mask else (0, 0), k_dtype=k.dtype.name,
-                        v_dtype=v.dtype.name, kv_quantized=KV_QUANTIZED, has_mask=mask is not None,
-                        mask_dtype=mask.dtype.name if mask else "f32",
+                        v_dtype=v.dtype.name, kv_quantized=KV_QUANTIZED, q_dot_rounded=Q_DOT_ROUNDED,
+                        has_mask=mask is not None, mask_dtype=mask.dtype.name if mask else "f32",
                         scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None,
                         causal=node.attr("causal"), window=node.attr("window"),
                         **_attention_items(Tq, Hkv, Hq // Hkv))

@@ -24,8 +24,10 @@ import functools
 import numpy as np
 
 from ember.ir import dtypes, turbo
+from ember.ir.ops.attention import Q_DOT_ROUNDED as _Q_DOT_ROUNDED
 
 KV_QUANTIZED = tuple(d.name for d in dtypes.KV_QUANTIZED)
+Q_DOT_ROUNDED = tuple(d.name for d in _Q_DOT_ROUNDED)   # K types whose attention rounds q to q8_0
 TURBO_BITS = {"turbo3": 3, "turbo4": 4}
 
 

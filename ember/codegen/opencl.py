@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, matmul_batches, matmul_operands,
                                     next_pow2, offset_expr, round_up, span_bytes)
-from ember.codegen.kv_quant import KV_QUANTIZED, c_hex, turbo_literals
+from ember.codegen.kv_quant import KV_QUANTIZED, Q_DOT_ROUNDED, c_hex, turbo_literals
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_comment, c_float,
@@ -351,7 +351,8 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         causal=node.attr("causal"), window=node.attr("window"), wg=wg,
                         k_vector=D % 16 == 0 and k.type.strides[2] == k.dtype.block_bytes
                         and not k.dtype.is_quantized,
-                        dv_per=max(1, -(-Dv // wg)), reduce=self.reduce, kv_quantized=KV_QUANTIZED)
+                        dv_per=max(1, -(-Dv // wg)), reduce=self.reduce, kv_quantized=KV_QUANTIZED,
+                        q_dot_rounded=Q_DOT_ROUNDED)
 
     # ---- matmul and rows of tables -------------------------------------------------------
     def mul_mat(self, node: Node):

@@ -36,7 +36,7 @@ import struct
 import numpy as np
 
 from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
-from ember.codegen.kv_quant import KV_QUANTIZED, glsl_bits, is_turbo, sign_words, turbo_literals, turbo_tables
+from ember.codegen.kv_quant import KV_QUANTIZED, Q_DOT_ROUNDED, glsl_bits, is_turbo, sign_words, turbo_literals, turbo_tables
 from ember.codegen.memory_plan import is_view
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, extent, hazard_barriers,
                                     lowering_problem, optional_operands)
@@ -413,7 +413,7 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         params = dict(wg=64, D=D, Dv=Dv, k_dtype=k.dtype.name, v_dtype=v.dtype.name, has_mask=mask is not None,
                       mask_dtype=mask.dtype.name if mask is not None else "f32", softcap=bool(softcap),
                       causal=node.attr("causal"), window=node.attr("window") > 0, kv_texel=kv_texel,
-                      kv_quantized=KV_QUANTIZED)
+                      kv_quantized=KV_QUANTIZED, q_dot_rounded=Q_DOT_ROUNDED, float64=self.caps.float64)
         self.dispatch(node, "attention.comp.j2", params, bindings + [y], push, Tq * Hq,
                       reads=bindings, writes=[y])
 
@@ -780,13 +780,15 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
             kv_kind = "texel" if texel else "storage"
             add("attention.comp.j2", dict(wg=64, D=64, Dv=32, k_dtype=kv, v_dtype=kv, has_mask=mask is not None,
                                           mask_dtype=mask or "f32", softcap=True, causal=True, window=True,
-                                          kv_texel=texel, kv_quantized=KV_QUANTIZED), push,
+                                          kv_texel=texel, kv_quantized=KV_QUANTIZED,
+                                          q_dot_rounded=Q_DOT_ROUNDED, float64=caps.float64), push,
                 ["storage", kv_kind, kv_kind] + ["storage"] * (2 if mask else 1))
     for k_dt, v_dt in (("q8_0", "turbo4"), ("turbo3", "q4_0")):   # quantized caches: every kind, turbo K and V
         push = ["Tq", "Tk", "Hq", "group"] + [f"{p}_{s}" for p in "qkv" for s in ("off", "s0", "s1", "s2")]
         add("attention.comp.j2", dict(wg=64, D=128, Dv=128, k_dtype=k_dt, v_dtype=v_dt, has_mask=False,
                                       mask_dtype="f32", softcap=False, causal=True, window=False, kv_texel=False,
-                                      kv_quantized=KV_QUANTIZED), push + ["y_off", "scale", "softcap", "window"], 4)
+                                      kv_quantized=KV_QUANTIZED, q_dot_rounded=Q_DOT_ROUNDED,
+                                      float64=caps.float64), push + ["y_off", "scale", "softcap", "window"], 4)
     gr_push = ["T", "D", "rows", "row_lo", "row_hi", "i_off", "i_s0", "w_off", "w_row", "w_step", "y_off", "status"]
     for k, wtype in enumerate(MATMUL_WTYPES):
         rows = 4 if wtype in FLOAT_KINDS else 2

@@ -147,3 +147,19 @@ def test_attention_over_a_quantized_cache_is_batch_invariant(backend):
     for n, (k_dt, v_dt) in enumerate(pairs):
         batch, one = got[2 * n:2 * n + 2]
         np.testing.assert_array_equal(one[0], batch[-1], err_msg=f"K {k_dt}, V {v_dt}")
+
+
+def test_simd_cache_loads_equal_the_portable_ones(backend_cache, scalar_cpu):
+    """The CPU's AVX2 block loads (codebooks in registers, eight values at a time) give the
+    portable loads' values: attention over every cache type as K and as V is the same, bit for
+    bit, on the native and the portable-ISA builds."""
+    native = make_backend("cpu", backend_cache)
+    pairs = [("q8_0", "q4_0"), ("q4_0", "turbo3"), ("turbo4", "q8_0"), ("turbo3", "turbo4")]
+    b = GraphBuilder("kv_isa")
+    q = b.input("q", "f32", (TQ, HQ, D))
+    rng = np.random.default_rng(5)
+    caches, data = _cache_data(rng, pairs, b, (TK, HKV, D))
+    data["q"] = rng.standard_normal((TQ, HQ, D)).astype(np.float32)
+    graph = b.build([b.attention(q, caches[k], caches[v], scale=D ** -0.5, causal=True) for k, v in pairs])
+    for (k, v), a, s in zip(pairs, native.compile(graph).run(data), scalar_cpu.compile(graph).run(data)):
+        np.testing.assert_array_equal(a, s, err_msg=f"K {k}, V {v}")
