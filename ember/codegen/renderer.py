@@ -184,12 +184,14 @@ def c_rope(node: Node, real: Callable[[float], str]) -> tuple[list[Node], dict]:
 
 def c_gated_delta_net(node: Node) -> dict:
     """The parameters of a gated_delta_net kernel: sizes, byte strides of every operand, whether
-    the decay is per key channel (kda) and the output scale as a float literal."""
+    the decay is per key channel (kda), the output scale as a float literal and whether the
+    state after every token is written (all_states)."""
     q, k, v, g, beta, state = node.inputs
     T, H_k, S_k = q.shape
     return dict(T=T, H_k=H_k, H_v=v.shape[1], S_k=S_k, S_v=v.shape[2], kda=g.type.rank == 3,
                 qs=q.type.strides, ks=k.type.strides, vs=v.type.strides, gs=g.type.strides,
-                bs=beta.type.strides, ss=state.type.strides, scale=c_float(node.attr("scale")))
+                bs=beta.type.strides, ss=state.type.strides, scale=c_float(node.attr("scale")),
+                all_states=node.attr("all_states"))
 
 
 def optional_operands(node: Node, n: int) -> tuple[list[Node], Node | None]:
