@@ -339,11 +339,16 @@ class Renderer(abc.ABC):
 
     def in_place_input(self, node: Node) -> int | None:
         """The input whose buffer a set_rows output may share (a cache updated where it lies):
-        its dst is a graph input read by nothing else, of the same type. None otherwise."""
+        its dst is a graph input of the same type that nothing else reads, except nodes the
+        set_rows itself depends on (a recurrent state read with get_rows, then its new rows
+        written back): those run before it, so they read the old rows. None otherwise."""
         if node.op != "set_rows":
             return None
         dst = node.inputs[0]
-        if dst.op != "input" or self.graph.users[dst] != (node,) or dst.type != node.type:
+        if dst.op != "input" or dst.type != node.type:
+            return None
+        others = set(self.graph.users[dst]) - {node}
+        if others and not others <= _ancestors(node.inputs[1:]):
             return None
         index = self.graph.inputs.index(dst)
         return None if index in self.in_place.values() else index
@@ -458,3 +463,14 @@ class Renderer(abc.ABC):
 
     def missing_kernel(self, node: Node) -> EmberError:
         return self.error(node, f"{node.op}: no {self.dialect} kernel yet")
+
+
+def _ancestors(nodes) -> set[Node]:
+    """Every node the given nodes depend on, themselves included."""
+    seen, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.inputs)
+    return seen

@@ -5,7 +5,7 @@ cache, gated FFNs and the output head.
 
 The step-graph contract, relied on by the generation runtime:
 
-    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None) -> Graph
+    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None, states=StateLayout()) -> Graph
     inputs   tokens i32[n_tokens], pos i32[n_tokens] (positions), slots i32[n_tokens] (the cache
              rows the new K/V rows go to), out_ids i32[n_outputs] (the rows that produce logits),
              mask f32[n_tokens, n_kv] (0 / -inf: causal + padding, built by the runtime),
@@ -13,18 +13,29 @@ The step-graph contract, relied on by the generation runtime:
              slots_swa i32[n_tokens] (only when n_kv_swa < n_kv: the rows of the sliding-window
              layers' ring caches; otherwise those layers use slots and n_kv_swa = n_kv),
              then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each attention
-             layer il (n_kv_swa rows for a sliding-window layer), then conv_state.{il} f32[d_conv - 1, d_inner + 2 * n_group * d_state] and
-             ssm_state.{il} f32[n_ssm_head, ssm_head_dim, d_state] for each recurrent layer il
-             (Mamba-2; HParams.recurrent_layers says which), each group in layer order.
+             layer il (n_kv_swa rows for a sliding-window layer), then, for a model with
+             recurrent layers (HParams.recurrent_layers), state_src i32[1] and state_slots
+             i32[n_states] followed by the state planes conv_state.{il} f32[planes, (d_conv - 1)
+             * (d_inner + 2 * n_group * d_state)] and ssm_state.{il} f32[planes, n_ssm_head *
+             ssm_head_dim * d_state] of each recurrent layer il (Mamba-2), each group in layer order.
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
-             set_rows(cache, slots, rows) for every attention layer, then conv_state.{il},
-             ssm_state.{il} after the step's tokens for every recurrent layer, each group in
-             layer order (the inputs' order).
+             set_rows(cache, slots, rows) for every attention layer, then the state planes
+             updated with set_rows(planes, state_slots, states), in the inputs' order.
     Attention reads the updated caches with causal=False: the masks say everything.
-    A recurrent layer holds only the state after the last token it saw, so the runtime feeds it
-    the tokens of one sequence in order and replaces its state by the returned one after each
-    step; positions, slots and masks mean nothing to it. A model with no attention layer still
-    takes every input above (unused), so the runtime builds the same inputs for every model.
+
+    Recurrent state (StateLayout): each recurrent layer keeps `planes` copies of each of its
+    states, rows of a per-layer table that stays where it is (on a GPU backend, resident on the
+    device like the KV caches). A step reads the state it starts from out of plane state_src
+    (get_rows) and writes n_states states with set_rows into the planes state_slots names: with
+    all_states (n_states = n_tokens, a speculative verify batch) the state after EVERY token, so
+    the runtime can continue from any accepted prefix by pointing state_src at its plane (no
+    copy, no second pass: ember.runtime.speculative); otherwise (n_states = 1) only the state
+    after the last token. StepGraph.recurrent_state / write_states do this for any recurrent
+    layer (Mamba-2's conv and SSM states here; a gated DeltaNet or short-convolution layer the
+    same way), so an architecture never handles planes itself. The runtime feeds a recurrent
+    layer the tokens of one sequence in order; positions, slots and masks mean nothing to it.
+    A model with no attention layer still takes every input above (unused), so the runtime
+    builds the same inputs for every model.
 
 Weights are graph constants under their GGUF names, holding views of the memory-mapped file.
 Imports the IR and the GGUF reader only.
@@ -47,6 +58,18 @@ CACHE_DTYPE = dtypes.f16
 STATE_DTYPE = dtypes.f32     # recurrent state stays f32, as in llama.cpp
 
 
+@dataclass(frozen=True)
+class StateLayout:
+    """How a step graph keeps recurrent state (the contract above): `planes` copies of each
+    state per layer, and whether the step writes the state after every token (all_states) or
+    only after its last one."""
+    planes: int = 1
+    all_states: bool = False
+
+    def n_states(self, n_tokens: int) -> int:
+        return n_tokens if self.all_states else 1
+
+
 @dataclass(frozen=True, eq=False)
 class Model:
     """A loaded model: hyper-parameters, the file's tensors (mmap views), the tokenizer
@@ -55,7 +78,7 @@ class Model:
     hparams: HParams
     file: GGUFFile
     tokenizer: Mapping[str, object]
-    step_builder: Callable[["Model", int, int, int, "int | None"], Graph]
+    step_builder: Callable[..., Graph]   # (model, n_tokens, n_kv, n_outputs, n_kv_swa[, states])
 
     @property
     def path(self):
@@ -87,6 +110,12 @@ class Model:
         """The layers with recurrent state (conv_state.{il}, ssm_state.{il}), in order."""
         return self.hparams.recurrent_layer_ids
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every recurrent state the step graph carries, by input name, with its shape (one
+        plane): conv_state.{il} and ssm_state.{il} for each Mamba-2 layer, in the contract's order."""
+        return {f"{kind}_state.{il}": self.state_shape(kind)
+                for il in self.recurrent_layers for kind in ("conv", "ssm")}
+
     def state_shape(self, which: str) -> tuple[int, ...]:
         """Shape of one recurrent layer's "conv" or "ssm" state (f32)."""
         if which not in ("conv", "ssm"):
@@ -94,16 +123,23 @@ class Model:
         hp = self.hparams
         return hp.conv_state_shape if which == "conv" else hp.ssm_state_shape
 
-    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None) -> Graph:
+    def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
+                   states: StateLayout = StateLayout()) -> Graph:
         """The step graph; with n_kv_swa < n_kv (a model with sliding-window layers), those
-        layers keep a ring of n_kv_swa rows (the contract's slots_swa input)."""
+        layers keep a ring of n_kv_swa rows (the contract's slots_swa input); states: how a
+        model with recurrent layers keeps their state (StateLayout)."""
         if n_tokens < 1 or n_kv < 1:
             raise ValueError(f"build_step: need n_tokens >= 1 and n_kv >= 1, got {n_tokens}, {n_kv}")
         if not 0 <= n_outputs <= n_tokens:
             raise ValueError(f"build_step: n_outputs {n_outputs} must be in [0, {n_tokens}]")
         if n_kv_swa is not None and not n_tokens <= n_kv_swa <= n_kv:
             raise ValueError(f"build_step: n_kv_swa {n_kv_swa} must be in [n_tokens {n_tokens}, n_kv {n_kv}]")
-        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa)
+        if not self.recurrent_layers:
+            return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa)
+        if states.planes < 1 or (states.planes == 1 and states.n_states(n_tokens) > 1):
+            raise ValueError(f"build_step: {states.n_states(n_tokens)} states per step need more than "
+                             f"{states.planes} state plane(s)")
+        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, states)
 
     def __repr__(self) -> str:
         hp = self.hparams
@@ -120,8 +156,11 @@ class StepGraph:
     """One step graph under construction: the contract's inputs, the weights, the per-layer
     cache updates; `finish` adds the output head and returns the Graph."""
 
-    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None):
+    def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
+                 states: StateLayout = StateLayout()):
         self.model, self.hp, self.file = model, model.hparams, model.file
+        self.states = states
+        self.n_states = states.n_states(n_tokens)
         self.n_tokens, self.n_kv, self.n_outputs = n_tokens, n_kv, n_outputs
         # Sliding-window layers read a ring of n_kv_swa rows (slots_swa, mask_swa) when it is
         # shorter than the other layers' n_kv; otherwise they share slots with them.
@@ -141,15 +180,37 @@ class StepGraph:
             rows = self.cache_rows(il)
             self.k_cache[il] = b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "k"))
             self.v_cache[il] = b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "v"))
-        self.conv_state: dict[int, Node] = {}
-        self.ssm_state: dict[int, Node] = {}
-        for il in model.recurrent_layers:
-            self.conv_state[il] = b.input(f"conv_state.{il}", STATE_DTYPE, model.state_shape("conv"))
-            self.ssm_state[il] = b.input(f"ssm_state.{il}", STATE_DTYPE, model.state_shape("ssm"))
         self.k_updated: list[Node | None] = [None] * self.hp.n_layer
         self.v_updated: list[Node | None] = [None] * self.hp.n_layer
-        self.conv_updated: list[Node | None] = [None] * self.hp.n_layer
-        self.ssm_updated: list[Node | None] = [None] * self.hp.n_layer
+        # recurrent state: plane tables by name, the state each step starts from, the states written
+        self.state_planes: dict[str, Node] = {}
+        self.state_read: dict[str, Node] = {}
+        self.state_written: dict[str, Node] = {}
+        if model.recurrent_layers:
+            self.state_src = b.input("state_src", "i32", (1,))
+            self.state_slots = b.input("state_slots", "i32", (self.n_states,))
+        for name, shape in model.state_shapes().items():
+            self.state_planes[name] = b.input(name, STATE_DTYPE, (states.planes, int(np.prod(shape))))
+        self.conv_state = {il: self.recurrent_state(f"conv_state.{il}") for il in model.recurrent_layers}
+        self.ssm_state = {il: self.recurrent_state(f"ssm_state.{il}") for il in model.recurrent_layers}
+
+    # ---- recurrent state (the contract's planes) ------------------------------------------
+    def recurrent_state(self, name: str) -> Node:
+        """The state `name` the step starts from (plane state_src), in its own shape."""
+        if name not in self.state_read:
+            shape = self.model.state_shapes()[name]
+            row = self.b.get_rows(self.state_planes[name], self.state_src)
+            self.state_read[name] = self.b.reshape(row, *shape)
+        return self.state_read[name]
+
+    def write_states(self, name: str, states: Node) -> None:
+        """Record the states the step leaves for `name`: states[n_states, state size], the state
+        after each token (all_states) or after the last one; finish writes them to the planes
+        state_slots names."""
+        expected = (self.n_states, self.state_planes[name].shape[1])
+        if states.shape != expected:
+            raise ValueError(f"write_states: {name} states are {list(states.shape)}, expected {list(expected)}")
+        self.state_written[name] = states
 
     # ---- weights --------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -249,12 +310,12 @@ class StepGraph:
         missing = [il for il in self.k_cache if self.k_updated[il] is None]
         if missing:
             raise ValueError(f"finish: layers {missing} never wrote their KV cache")
-        missing = [il for il in self.conv_state
-                   if self.conv_updated[il] is None or self.ssm_updated[il] is None]
+        missing = [name for name in self.state_planes if name not in self.state_written]
         if missing:
-            raise ValueError(f"finish: layers {missing} never returned their recurrent state")
+            raise ValueError(f"finish: states {missing} were never written")
         caches = [c for il in self.k_cache for c in (self.k_updated[il], self.v_updated[il])]
-        states = [st for il in self.conv_state for st in (self.conv_updated[il], self.ssm_updated[il])]
+        states = [b.set_rows(planes, self.state_slots, self.state_written[name])
+                  for name, planes in self.state_planes.items()]
         return b.build(logits, *caches, *states)
 
 

@@ -1,6 +1,6 @@
 """Running step graphs with the reference interpreter the way the generation runtime does:
 cache slots, positions and the 0/-inf masks (causal + padding, and the sliding window), and the
-recurrent state of Mamba-2 layers (zeros at first, replaced by the returned state each step)."""
+recurrent state of Mamba-2 layers (zeros at first, one plane read and rewritten each step)."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,9 +19,10 @@ class ReferenceSession:
         for il in model.attention_layers:
             self.caches[f"k_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "k"), np.float16)
             self.caches[f"v_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "v"), np.float16)
-        for il in model.recurrent_layers:
-            self.caches[f"conv_state.{il}"] = np.zeros(model.state_shape("conv"), np.float32)
-            self.caches[f"ssm_state.{il}"] = np.zeros(model.state_shape("ssm"), np.float32)
+        for name, shape in model.state_shapes().items():     # one plane each
+            self.caches[name] = np.zeros((1, int(np.prod(shape))), np.float32)
+        self.state_inputs = {"state_src": np.zeros(1, np.int32), "state_slots": np.zeros(1, np.int32)} \
+            if model.recurrent_layers else {}
 
     def masks(self, pos: np.ndarray) -> dict[str, np.ndarray]:
         keys = self.slot_pos[None, :]
@@ -45,7 +46,7 @@ class ReferenceSession:
         self.slot_pos[slots] = pos          # the graph writes the cache before attending
         graph = self.model.build_step(len(tokens), self.n_kv, len(out_ids))
         inputs = dict(tokens=tokens, pos=pos, slots=slots, out_ids=out_ids, **self.masks(pos),
-                      **self.caches)
+                      **self.state_inputs, **self.caches)
         logits, *caches = run_reference(graph, inputs)
         self.caches = dict(zip(self.caches, caches))
         return logits
