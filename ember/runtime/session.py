@@ -179,6 +179,9 @@ class _Feed:
 
 
 class Session:
+    # whether the number of recurrent state planes is fixed (an artifact's compiled steps)
+    fixed_state_planes = False
+
     def __init__(self, model: Model, backend: Backend, options: SessionOptions = SessionOptions()):
         backend.require_available()
         self.model, self.backend, self.options = model, backend, options
