@@ -17,10 +17,16 @@ Models:
   also driven by a synthetic oracle draft (OracleDraft) whose acceptance is set by hand.
 
 A last table gives the cost of one verify pass over T tokens relative to a decode step, which
-bounds what speculation can gain: speedup ~= tokens per pass / (cost of a pass of k+1 tokens).
+bounds what speculation can gain: speedup ~= tokens per pass / (cost of a pass of k+1 tokens);
+on a recurrent model also the pass that keeps the state after every token (rollback "states").
+
+--rollback (hybrid model only): the oracle draft at the miss rates given, at each draft length,
+with `--spec-rollback redecode` and the default per-position-states rollback side by side; the
+table adds the share of a round spent re-decoding and selecting the kept state.
 
     python bench/speculative.py [--threads 2] [--reps 3] [--n-predict 128] [--draft-max 1,2,4,8]
                                 [--models default,hybrid] [--oracle-miss 0.05,0.2] [--no-draft-model]
+                                [--rollback]
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "models"))     # the random-weight GGUF writers
+sys.path.insert(0, str(ROOT / "tests" / "support"))    # the random-weight GGUF writers
 
 from ember.backends import get_backend  # noqa: E402
 from ember.models import load_model  # noqa: E402
@@ -165,15 +171,17 @@ def verify_cost(target: Session, prompt: list[int], lengths: list[int], reps: in
     target.reset()
     target.eval(prompt)
     checkpoint = memory.checkpoint()
-    times: dict[int, list] = {T: [] for T in lengths}
+    kinds = [(T, keep) for T in lengths for keep in ((False, True) if target.is_recurrent and T > 1 else (False,))]
+    target.reserve_state_planes(max(lengths) + 1)
+    times: dict[tuple, list] = {kind: [] for kind in kinds}
     for rep in range(reps + 1):                 # the first round compiles, untimed
-        for T in lengths:
+        for T, keep in kinds:
             memory.restore(checkpoint)
             start = time.perf_counter()
-            target.eval(prompt[:T], all_logits=True)
+            target.eval(prompt[:T], all_logits=True, keep_states=keep)
             if rep:
-                times[T].append(time.perf_counter() - start)
-    return {T: statistics.median(v) for T, v in times.items()}
+                times[T, keep].append(time.perf_counter() - start)
+    return {kind: statistics.median(v) for kind, v in times.items()}
 
 
 @dataclass
@@ -181,6 +189,7 @@ class Config:
     label: str
     draft_max: int = 0                 # 0: no speculation
     draft: object = None               # answer (prompt + greedy output) -> a fresh draft source
+    rollback: str = "states"           # speculative_generate's rollback (recurrent models)
     tps: list = field(default_factory=list)
     stats: list = field(default_factory=list)
 
@@ -191,7 +200,7 @@ def run(config: Config, target: Session, tokenizer, prompt: list[int], n_predict
                      ignore_eos=True)
         return g, None
     return speculative_generate(target, config.draft(answer), tokenizer, prompt, n_predict,
-                                draft_max=config.draft_max, ignore_eos=True)
+                                draft_max=config.draft_max, ignore_eos=True, rollback=config.rollback)
 
 
 def measure(title: str, target: Session, tokenizer, configs: list[Config], n_predict: int,
@@ -222,8 +231,8 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
              f"greedy identity checked on every run.", "",
              "| decoding | t/s | best t/s | speedup (means) | speedup (paired median) | acceptance | "
              "tokens / verify pass | checkpoint + restore per round | share of round | "
-             "re-decode share of round |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "re-decode share of round | rollback (state selection) share of round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in configs:
         tps = config.tps
         cell = f"{statistics.mean(tps):.1f} ± {statistics.stdev(tps) if len(tps) > 1 else 0:.1f}"
@@ -239,13 +248,16 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
         round_s = sum(x.round_seconds for x in config.stats)
         state_s = sum(x.checkpoint_seconds + x.restore_seconds for x in config.stats)
         redecode_s = sum(x.redecode_seconds for x in config.stats)
-        if target.is_recurrent:
+        rollback_s = sum(x.rollback_seconds for x in config.stats)
+        if target.is_recurrent and s.rollback == "redecode":
             state = f"{1e6 * state_s / rounds:.0f} µs", f"{100 * state_s / round_s:.2f}%", \
-                f"{100 * redecode_s / round_s:.1f}%"
+                f"{100 * redecode_s / round_s:.1f}%", ""
+        elif target.is_recurrent:
+            state = "none", "", "0%", f"{100 * rollback_s / round_s:.3f}% ({1e6 * rollback_s / rounds:.0f} µs)"
         else:
-            state = ("none (KV truncate)", "", "")
+            state = ("none (KV truncate)", "", "", "")
         lines.append(f"| {config.label} | {cell} | {s.acceptance:.2f} ({s.accepted}/{s.drafted}) | "
-                     f"{s.tokens_per_pass:.2f} | {state[0]} | {state[1]} | {state[2]} |")
+                     f"{s.tokens_per_pass:.2f} | {' | '.join(state)} |")
 
     # What a verify pass costs: speculation gains only when tokens per pass outgrow it.
     lengths = sorted({1} | {c.draft_max + 1 for c in configs if c.draft_max})
@@ -254,8 +266,13 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
               "prompt, median:", "",
               "| T | " + " | ".join(str(T) for T in lengths) + " |",
               "|---|" + "---|" * len(lengths),
-              "| ms | " + " | ".join(f"{1e3 * cost[T]:.1f}" for T in lengths) + " |",
-              "| / decode step | " + " | ".join(f"{cost[T] / cost[1]:.2f}" for T in lengths) + " |"]
+              "| ms | " + " | ".join(f"{1e3 * cost[T, False]:.1f}" for T in lengths) + " |",
+              "| / decode step | " + " | ".join(f"{cost[T, False] / cost[1, False]:.2f}" for T in lengths) + " |"]
+    if target.is_recurrent:
+        lines += ["| ms, keeping every state | " + " | ".join(
+                      f"{1e3 * cost.get((T, True), cost[T, False]):.1f}" for T in lengths) + " |",
+                  "| keeping every state / plain | " + " | ".join(
+                      f"{cost.get((T, True), cost[T, False]) / cost[T, False]:.2f}" for T in lengths) + " |"]
     return lines
 
 
@@ -270,6 +287,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-draft-model", action="store_true", help="skip `draft:` on the hybrid model")
     ap.add_argument("--oracle-miss", default="0.05,0.2", type=lambda v: [float(x) for x in v.split(",")],
                     help="miss rates of the synthetic oracle draft on the hybrid model")
+    ap.add_argument("--rollback", action="store_true",
+                    help="hybrid model: oracle drafts with --spec-rollback redecode and states side by side "
+                         "(no n-gram or draft-model rows)")
     args = ap.parse_args(argv)
     backend = get_backend("cpu", threads=args.threads)
     lengths = [int(k) for k in args.draft_max.split(",")]
@@ -288,6 +308,14 @@ def main(argv=None) -> int:
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
         target = new_session(model, backend)
         configs = [Config("no speculation")]
+        if which == "hybrid" and args.rollback:
+            n_vocab = model.hparams.n_vocab
+            configs += [Config(f"oracle (miss {miss}), draft-max {k}, {mode}", k,
+                               lambda answer, m=miss: OracleDraft(answer, m, n_vocab), mode)
+                        for miss in args.oracle_miss for k in lengths for mode in ("redecode", "states")]
+            out += ["", *measure(title + ", rollback side by side", target, tokenizer, configs,
+                                 args.n_predict, args.reps)]
+            continue
         configs += [Config(f"ngram, draft-max {k}", k, lambda answer: NgramDraft()) for k in lengths]
         if which == "hybrid":
             n_vocab = model.hparams.n_vocab
