@@ -198,3 +198,16 @@ def test_gpu_every_acceptance_position(tiny_files, backends, backend_name, draft
     got, stats = speculative_generate(target, WrongAt(expected, len(prompt)), tokenizer, prompt, N_PREDICT,
                                       draft_max=draft_max, ignore_eos=True)
     assert got.tokens == expected and stats.synced_bytes == 0
+
+
+@pytest.mark.parametrize("rollback", ["states", "redecode"])
+def test_cli_spec_rollback_option(tiny_files, tmp_path, capsys, rollback):
+    from ember.cli import main
+    path = tiny_files[SsmSpec("granitehybrid", "f32")]
+    argv = ["generate", str(path), "-p", "a b a b a b a b", "-n", "8", "--temp", "0",
+            "--ignore-eos", "-c", "96", "-t", "2", "--spec", "ngram", "--draft-max", "3",
+            "--spec-rollback", rollback, "--verbose"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "speculative memory: recurrent state" in err and f"({rollback})" in err
+    assert ("no re-decode" in err) == (rollback == "states")
