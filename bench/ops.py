@@ -2,7 +2,7 @@
 
 Prints one table, measured in one run (median of several repetitions after a warm-up):
   * f32 matmul GFLOP/s, ember vs NumPy (OpenBLAS), at 1024^3 and T=512, N=4096, K=4096;
-  * GB/s of weight bytes read by quantized GEMV (T=1) for q8_0 / q4_0 / q4_k, against the
+  * GB/s of weight bytes read by quantized GEMV (T=1) for each type of GEMV_TYPES, against the
     machine's read bandwidth measured by a C streaming-read kernel (same OpenMP thread count,
     over a buffer larger than the L3 cache) compiled in the same run;
   * prompt-sized (T=512) quantized GEMM GFLOP/s, for scale.
@@ -16,7 +16,8 @@ sgemm; run once with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/
 see both numbers. The 4096x4096 quantized matrices (9-18 MB) fit in a 32 MiB L3, so their
 GEMV can read faster than DRAM. Other processes on the machine (see the load average in the
 title) make 2-thread timings jumpy: a woken OpenMP thread may wait milliseconds for its core.
-q4_k needs K to be a multiple of 256, so its large-N row uses K=768 instead of 640. Weights are
+The 256-value super-block types need K to be a multiple of 256, so their large-N rows use K=768
+instead of 640. Weights are
 random bytes with sane scales: speed does not depend on them.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ember.backends.cpu.compiler import ISA_FLAGS, CompileCache  # noqa: E402
 from ember.codegen.cpu_matmul import matmul_scratch_bytes, standalone_source  # noqa: E402
 from ember.ir.dtypes import dtype, from_float32  # noqa: E402
+from ember.ir.quant_formats import random_blocks  # noqa: E402
 
 STREAM_SOURCE = r"""
 /* Streaming read of n floats by nth threads; returns the sum so nothing is optimized away. */
@@ -100,12 +102,7 @@ def random_weights(wtype: str, N: int, K: int, rng) -> np.ndarray:
     if dt.is_float:
         values = rng.standard_normal((N, K), dtype=np.float32)
         return values if dt.name == "f32" else from_float32(values, dt)
-    nblocks = N * K // dt.block_size
-    raw = rng.integers(0, 256, size=(nblocks, dt.block_bytes), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    offsets = {"q8_0": (0,), "q4_0": (0,), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}[wtype]
-    for off in offsets:
-        raw[:, off:off + 2] = scale
+    raw = random_blocks(wtype, N * K // dt.block_size, rng)
     return raw.reshape(N, K // dt.block_size * dt.block_bytes)
 
 
@@ -152,8 +149,10 @@ class Bench:
 
 
 F32_SIZES = ((1024, 1024, 1024), (512, 4096, 4096))
-GEMV_CASES = tuple((wtype, N, K) for wtype in ("q8_0", "q4_0", "q4_k")
-                   for N, K in ((4096, 4096), (262144, 768 if wtype == "q4_k" else 640)))
+GEMV_TYPES = ("q8_0", "q4_0", "q4_k", "q5_k", "q3_k", "q2_k", "iq4_xs", "q4_1", "q5_1", "iq4_nl",
+              "mxfp4", "nvfp4")
+GEMV_CASES = tuple((wtype, N, K) for wtype in GEMV_TYPES
+                   for N, K in ((4096, 4096), (262144, 768 if dtype(wtype).block_size == 256 else 640)))
 GEMM_CASES = tuple((wtype, 512, 4096, 4096) for wtype in ("q8_0", "q4_0", "q4_k"))
 
 

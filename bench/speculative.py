@@ -20,12 +20,15 @@ A last table gives the cost of one verify pass over T tokens relative to a decod
 bounds what speculation can gain: speedup ~= tokens per pass / (cost of a pass of k+1 tokens);
 on a recurrent model also the pass that keeps the state after every token (rollback "states").
 
---rollback (hybrid model only): the oracle draft at the miss rates given, at each draft length,
+- a random-weight qwen35moe (gated DeltaNet + gated attention layers, MoE FFNs), written the same
+  way through the test suite's DeltaNet writer (`--models qwen35moe`), with the oracle draft only.
+
+--rollback (the two random-weight hybrids): the oracle draft at the miss rates given, at each draft length,
 with `--spec-rollback redecode` and the default per-position-states rollback side by side; the
 table adds the share of a round spent re-decoding and selecting the kept state.
 
     python bench/speculative.py [--threads 2] [--reps 3] [--n-predict 128] [--draft-max 1,2,4,8]
-                                [--models default,hybrid] [--oracle-miss 0.05,0.2] [--no-draft-model]
+                                [--models default,hybrid,qwen35moe] [--oracle-miss 0.05,0.2] [--no-draft-model]
                                 [--rollback]
 """
 from __future__ import annotations
@@ -111,32 +114,48 @@ HYBRID_DRAFT = dict(arch="granitehybrid", seed=2025, n_layer=3, attention_layers
                     logit_scale=8.0)
 
 
+# The gated-DeltaNet hybrid target: qwen35moe with 6 DeltaNet layers and 2 gated attention layers
+# (full attention every 4th), n_embd 512, 16 experts of which 4 are used plus a shared expert, q8_0.
+QWEN35MOE = dict(arch="qwen35moe", seed=2026, n_layer=8, full_attention_interval=4, n_rot=32,
+                 rope_sections=(6, 5, 5, 0), n_embd=512, n_head=8, n_head_kv=2, head_dim=64,
+                 d_state=64, n_k_heads=4, n_v_heads=8, d_conv=4, n_expert=16, n_expert_used=4,
+                 n_ff_exp=256, n_ff_shexp=512)
+
+
 def write_hybrid(name: str, settings: dict, weight_type: str = "q8_0") -> Path:
-    """The random-weight hybrid GGUF, written once into the cache folder (fixed seed)."""
-    import tiny_gguf_ssm
-    from tiny_gguf_ssm import SsmConfig, SsmSpec, write_ssm_gguf
-    cfg = SsmConfig(**settings)
+    """The random-weight hybrid GGUF (granitehybrid through the test suite's Mamba-2 writer,
+    qwen35moe through its DeltaNet writer), written once into the cache folder (fixed seed)."""
+    if settings["arch"] == "qwen35moe":
+        import tiny_gguf_delta as writer
+        cfg, spec, configs = writer.DeltaConfig(**settings), writer.DeltaSpec, writer.DELTA_CONFIGS
+        write = writer.write_delta_gguf
+    else:
+        import tiny_gguf_ssm as writer
+        cfg, spec, configs = writer.SsmConfig(**settings), writer.SsmSpec, writer.SSM_CONFIGS
+        write = writer.write_ssm_gguf
     folder = Path(os.path.expanduser("~/.cache/ember/bench"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{weight_type}.gguf"
     if not path.exists():
-        # write_ssm_gguf reads its shapes from SSM_CONFIGS by architecture: point that entry at
-        # this config for the write only
-        saved = tiny_gguf_ssm.SSM_CONFIGS[cfg.arch]
-        tiny_gguf_ssm.SSM_CONFIGS[cfg.arch] = cfg
+        # the writers read their shapes from a table by architecture: point that entry at this
+        # config for the write only
+        saved = configs[cfg.arch]
+        configs[cfg.arch] = cfg
         try:
             tmp = path.with_suffix(".tmp")
-            write_ssm_gguf(tmp, SsmSpec(cfg.arch, weight_type))
+            write(tmp, spec(cfg.arch, weight_type))
             tmp.rename(path)
         finally:
-            tiny_gguf_ssm.SSM_CONFIGS[cfg.arch] = saved
+            configs[cfg.arch] = saved
     return path
 
 
 def new_session(model, backend) -> Session:
-    # Every verify length (1..k+1 rows), re-decode length and KV bucket is its own compiled step:
-    # room for all of them, and no eviction while other configurations take their turn.
-    return Session(model, backend, SessionOptions(n_ctx=N_CTX, plan_capacity=128))
+    # Every verify length (1..k+1 rows, with and without every state kept), re-decode length and
+    # KV bucket is its own compiled step: room for all of them (count and memory budget), and no
+    # eviction while other configurations take their turn (an evicted step recompiled inside a
+    # timed run would be counted as decoding).
+    return Session(model, backend, SessionOptions(n_ctx=N_CTX, plan_capacity=128, plan_budget_mb=8192))
 
 
 @dataclass
@@ -288,7 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--oracle-miss", default="0.05,0.2", type=lambda v: [float(x) for x in v.split(",")],
                     help="miss rates of the synthetic oracle draft on the hybrid model")
     ap.add_argument("--rollback", action="store_true",
-                    help="hybrid model: oracle drafts with --spec-rollback redecode and states side by side "
+                    help="hybrid and qwen35moe models: oracle drafts with --spec-rollback redecode and states side by side "
                          "(no n-gram or draft-model rows)")
     args = ap.parse_args(argv)
     backend = get_backend("cpu", threads=args.threads)
@@ -302,13 +321,18 @@ def main(argv=None) -> int:
         elif which == "hybrid":
             path = write_hybrid("granitehybrid-768x8", HYBRID)
             title = f"random-weight hybrid ({path.name}: 6 Mamba-2 + 2 attention layers, n_embd 768)"
+        elif which == "qwen35moe":
+            path = write_hybrid("qwen35moe-512x8", QWEN35MOE)
+            title = (f"random-weight qwen35moe ({path.name}: 6 gated DeltaNet + 2 gated attention "
+                     "layers, n_embd 512, 16 experts / 4 used + shared)")
         else:
             raise SystemExit(f"unknown model {which!r}")
         model = load_model(str(path))
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
         target = new_session(model, backend)
         configs = [Config("no speculation")]
-        if which == "hybrid" and args.rollback:
+        recurrent = which in ("hybrid", "qwen35moe")
+        if recurrent and args.rollback:
             n_vocab = model.hparams.n_vocab
             configs += [Config(f"oracle (miss {miss}), draft-max {k}, {mode}", k,
                                lambda answer, m=miss: OracleDraft(answer, m, n_vocab), mode)
@@ -317,7 +341,7 @@ def main(argv=None) -> int:
                                  args.n_predict, args.reps)]
             continue
         configs += [Config(f"ngram, draft-max {k}", k, lambda answer: NgramDraft()) for k in lengths]
-        if which == "hybrid":
+        if recurrent:
             n_vocab = model.hparams.n_vocab
             for miss in args.oracle_miss:
                 configs.append(Config(f"oracle (miss {miss}), draft-max 4", 4,

@@ -45,13 +45,16 @@ class SamplingArgs:
 
 
 def load(model: str | Path | None = None, backend: str = "cpu", threads: int | None = None,
-         n_ctx: int = 2048, swa_full: bool = False, disable: Sequence[str] = (),
-         on_compile: Callable[[str], None] | None = None, verbose: bool = False) -> "Model":
+         n_ctx: int | None = None, swa_full: bool = False, disable: Sequence[str] = (),
+         on_compile: Callable[[str], None] | None = None, verbose: bool = False,
+         default_n_ctx: int = 2048, cache=None) -> "Model":
     """Open a GGUF model (default: Gemma 3 270M Q4_K_M, fetched into the cache on first use) on
     a backend (cpu, opencl, vulkan). threads: CPU threads (cpu only; default all cores); n_ctx:
-    the context in tokens (at most the model's training context); disable: compiler passes to
+    the context in tokens (default: default_n_ctx, or the model's training context when that is
+    smaller; more than the training context is refused); disable: compiler passes to
     skip; on_compile(message) is told before each step graph is compiled; verbose: the OpenCL
-    compiler's build logs go to stderr (otherwise they are kept, not shown)."""
+    compiler's build logs go to stderr (otherwise they are kept, not shown); cache: the KV cache
+    types (an ember.models.KVCacheTypes, e.g. KVCacheTypes.of("q8_0", "turbo4"); default f16)."""
     from ember.backends import get_backend
     from ember.models import load_model
     from ember.models.default_model import default_model_path
@@ -63,22 +66,30 @@ def load(model: str | Path | None = None, backend: str = "cpu", threads: int | N
     path = Path(model) if model is not None else default_model_path()
     start = time.perf_counter()
     loaded = load_model(path)
+    n_train = loaded.hparams.n_ctx_train
+    if n_ctx is None:
+        n_ctx = min(default_n_ctx, n_train or default_n_ctx)
+    elif n_ctx > n_train > 0:
+        raise EmberError(f"n_ctx {n_ctx} exceeds the training context of {path} ({n_train} tokens)")
     options = {"threads": threads} if threads and backend == "cpu" else {}
     if verbose and backend == "opencl":
         options["verbose"] = True
     session = Session(loaded, get_backend(backend, **options),
-                      SessionOptions(n_ctx=n_ctx, swa_full=swa_full, disabled_passes=frozenset(disable)))
+                      SessionOptions(n_ctx=n_ctx, swa_full=swa_full, disabled_passes=frozenset(disable),
+                                     **({"cache": cache} if cache is not None else {})))
     session.on_compile = on_compile
     return Model(loaded, session, load_seconds=time.perf_counter() - start)
 
 
 def load_artifact(folder: str | Path, model: str | Path | None = None,
-                  threads: int | None = None) -> "Model":
+                  threads: int | None = None, cache_request: dict | None = None) -> "Model":
     """Open an artifact folder written by `ember compile` (no passes, no compilers run); the GGUF
-    from model, or the path recorded in the artifact (checked by sha256)."""
+    from model, or the path recorded in the artifact (checked by sha256). cache_request: the
+    KV cache settings ({"k", "v", "rotation"}) the caller expects; other than the artifact's
+    is refused (None, or a None value: the artifact's)."""
     from ember.artifact import load_artifact as load
     start = time.perf_counter()
-    loaded, session = load(folder, model, threads)
+    loaded, session = load(folder, model, threads, cache_request=cache_request)
     return Model(loaded, session, load_seconds=time.perf_counter() - start)
 
 
@@ -89,7 +100,7 @@ class Model:
     def __init__(self, model, session, tokenizer=None, load_seconds: float = 0.0):
         from ember.models.tokenizer import Tokenizer
         self.model, self.session = model, session
-        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_metadata(model.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_metadata(model.tokenizer, str(model.path), model.n_vocab)
         self.path = Path(model.path) if getattr(model, "path", None) else None
         self.load_seconds = load_seconds
         self.last = None

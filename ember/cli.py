@@ -23,6 +23,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        check_arguments(args)
         return args.func(args) or 0
     except (EmberError, IRError, OSError, ValueError) as e:
         if args.debug:
@@ -32,6 +33,25 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ember: interrupted", file=sys.stderr)
         return 130
+
+
+def check_arguments(args) -> None:
+    """Refuse values outside their meaning before any work, each naming its flag: -t 0 (leave
+    -t out for all cores), a context or count below 1, sampling values (SamplingParams)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise EmberError(f"-t {threads}: the thread count must be at least 1 (leave -t out for all cores)")
+    ctx = getattr(args, "ctx_size", None)
+    if ctx is not None and ctx < 1:
+        raise EmberError(f"-c {ctx}: the context must be at least 1 token")
+    if getattr(args, "n_predict", 0) < 0:
+        raise EmberError(f"-n {args.n_predict}: must be >= 0")
+    if getattr(args, "draft_max", 1) < 1:
+        raise EmberError(f"--draft-max {args.draft_max}: must be at least 1")
+    if hasattr(args, "temp"):
+        from ember.runtime.sampling import SamplingParams
+        SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +154,7 @@ def add_compile_command(sub) -> None:
                                    "and sha256 are recorded). Targets: " +
                                    "; ".join(f"{t.name}: {t.summary}" for t in TARGETS) + ".")
     add_model_path_argument(p)
+    add_cache_type_arguments(p)
     p.add_argument("--target", default="cpu", choices=TARGET_NAMES, help="target (default cpu)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact folder to write")
     p.add_argument("-c", "--ctx-size", type=int, default=256,
@@ -172,6 +193,7 @@ def add_run_command(sub) -> None:
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="not settable here: the passes ran in `ember compile --disable`")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    add_cache_type_arguments(p, default=None)
     add_generation_arguments(p)
     p.set_defaults(func=cmd_run)
 
@@ -215,6 +237,7 @@ def add_passes_command(sub) -> None:
     p.add_argument("--tokens", type=int, default=1,
                    help="for a model: tokens in the step graph (default 1, a decode step)")
     p.add_argument("--n-kv", type=int, default=256, help="for a model: KV length of the step graph (default 256)")
+    add_cache_type_arguments(p)
     p.add_argument("--pipeline", "--target", dest="target", default="cpu", choices=TARGET_NAMES,
                    help=f"target whose pipeline to run: {', '.join(TARGET_NAMES)} (default cpu)")
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass (to stderr)")
@@ -256,18 +279,42 @@ def add_model_arguments(p, ctx_size: int = 2048, runs_model: bool = True) -> Non
     p.add_argument("--backend", default="cpu", choices=BACKEND_NAMES,
                    help="backend to run on: cpu, opencl or vulkan (default cpu)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-c", "--ctx-size", type=int, default=ctx_size,
-                   help=f"context size in tokens (default {ctx_size})")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help=f"context size in tokens, at most the model's training context (default "
+                        f"{ctx_size}, or the training context when it is smaller)")
+    p.set_defaults(ctx_default=ctx_size)
     p.add_argument("--swa-full", action="store_true",
                    help="sliding-window layers keep the whole context (default: a ring of window + "
                         "512 rows, as llama.cpp without --swa-full)")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable), for side-by-side comparisons")
+    add_cache_type_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress lines on stderr (compiles, benchmark runs, perplexity chunks)")
     p.add_argument("--verbose", action="store_true",
                    help="print the compiler's build logs (OpenCL: its warnings) on stderr; bench also "
                         "prints the plan cache statistics and the host time per decode step")
+
+
+def add_cache_type_arguments(p, default: str | None = "f16") -> None:
+    """-ctk/-ctv and --no-cache-rotation, as llama.cpp spells them. default None (`ember run`):
+    an option left out means the artifact's setting."""
+    from ember.models.kv_cache import CACHE_TYPE_NAMES
+    said = f"default {default}" if default else "default: the artifact's"
+    for flag, short, which in (("--cache-type-k", "-ctk", "K"), ("--cache-type-v", "-ctv", "V")):
+        p.add_argument(short, flag, default=default, choices=CACHE_TYPE_NAMES, metavar="TYPE",
+                       help=f"{which} cache type: {', '.join(CACHE_TYPE_NAMES)} ({said}); turbo3/"
+                            "turbo4 need a head size that is a multiple of 128, q8_0/q4_0 of 32")
+    p.add_argument("--no-cache-rotation", action="store_true", default=None if default is None else False,
+                   help="do not rotate Q/K/V by a Walsh-Hadamard matrix when the cache is q8_0 or "
+                        "q4_0 (llama.cpp rotates them unless LLAMA_ATTN_ROT_DISABLE=1; this flag "
+                        "means the same)")
+
+
+def cache_types(args):
+    """The KVCacheTypes of the -ctk/-ctv/--no-cache-rotation arguments."""
+    from ember.models.kv_cache import KVCacheTypes
+    return KVCacheTypes.of(args.cache_type_k, args.cache_type_v, rotation=not args.no_cache_rotation)
 
 
 def add_generation_arguments(p) -> None:
@@ -332,10 +379,13 @@ def open_model(args):
     from ember.api import load
     path = model_path(args)
     llm = load(path, backend=args.backend, threads=args.threads, n_ctx=args.ctx_size,
-               swa_full=args.swa_full, disable=args.disable, on_compile=None if args.quiet else say,
-               verbose=args.verbose)
+               default_n_ctx=getattr(args, "ctx_default", 2048), swa_full=args.swa_full,
+               disable=args.disable, on_compile=None if args.quiet else say, verbose=args.verbose,
+               cache=cache_types(args))
+    args.ctx_size = llm.session.n_ctx        # the default resolved against the training context
     print(f"ember: loaded {path} ({llm.model.arch}, {llm.model.hparams.n_layer} layers) in "
-          f"{llm.load_seconds:.1f} s; backend {args.backend}", file=sys.stderr, flush=True)
+          f"{llm.load_seconds:.1f} s; backend {args.backend}; KV cache {llm.session.cache}",
+          file=sys.stderr, flush=True)
     return llm
 
 
@@ -446,6 +496,8 @@ def cmd_bench(args) -> int:
     name = f"{llm.model.arch} {Path(llm.model.path).stem}"
     print(bench_table(name, args.backend, session.backend.threads, results))
     if args.verbose:
+        from ember.runtime.memory import kv_footprint
+        print(kv_footprint(session).describe(session.cache))
         print(session.plans.stats)
         for r in results:
             if r.host_seconds_per_token is not None:
@@ -465,6 +517,8 @@ def cmd_compile(args) -> int:
         raise EmberError(f"--portable applies to --target vulkan only, not {args.target}")
     path = model_path(args)
     model = load_model(path)
+    cache = cache_types(args)
+    model.check_cache(cache)
     if args.target == "cpu":
         from ember.backends import get_backend
         target = get_backend("cpu", **({"threads": args.threads} if args.threads else {}))
@@ -476,7 +530,7 @@ def cmd_compile(args) -> int:
     target_options = {"features": "portable"} if args.portable else {}
     manifest = compile_artifact(model, target, args.output, n_ctx=args.ctx_size,
                                 prompt_tokens=args.prompt_tokens, disabled_passes=frozenset(args.disable),
-                                progress=progress, **target_options)
+                                progress=progress, cache=cache, **target_options)
     shapes = ", ".join(f"{s['n_tokens']}x{s['n_kv']}" for s in manifest["steps"])
     print(f"ember: wrote {args.output}: {len(manifest['steps'])} steps (tokens x KV rows: {shapes}), "
           f"context {manifest['n_ctx']}, {len(manifest['files'])} files, in "
@@ -490,7 +544,9 @@ def cmd_run(args) -> int:
     if args.disable:
         raise EmberError("run: --disable applies when compiling: the artifact's passes ran in "
                          "`ember compile --disable PASS`")
-    llm = load_artifact(args.artifact, args.model, args.threads)
+    rotation = None if args.no_cache_rotation is None else not args.no_cache_rotation
+    request = {"k": args.cache_type_k, "v": args.cache_type_v, "rotation": rotation}
+    llm = load_artifact(args.artifact, args.model, args.threads, cache_request=request)
     session = llm.session
     if args.ctx_size is not None and args.ctx_size != session.n_ctx:
         raise EmberError(f"run: the artifact's context is {session.n_ctx} tokens, fixed by "
@@ -499,8 +555,8 @@ def cmd_run(args) -> int:
         raise EmberError(f"run: the artifact runs on {session.backend.name}, not {args.backend} "
                          "(its target fixes the backend)")
     print(f"ember: loaded artifact {args.artifact} ({len(session.shapes)} steps, context "
-          f"{session.n_ctx}, {llm.model.arch} from {llm.model.path}, backend {session.backend.name}) in "
-          f"{llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
+          f"{session.n_ctx}, KV cache {session.cache}, {llm.model.arch} from {llm.model.path}, "
+          f"backend {session.backend.name}) in {llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
     return generate_and_report(args, llm, sampling)
 
 
@@ -544,6 +600,11 @@ def _speculative(args, llm, sampling, prompt: str):
         if draft_model.hparams.n_vocab != session.model.hparams.n_vocab:
             raise EmberError(f"{args.spec[6:]}: the draft model's vocabulary ({draft_model.hparams.n_vocab}) "
                              f"differs from the target's ({session.model.hparams.n_vocab})")
+        tokens = "tokenizer.ggml.tokens"
+        if list(draft_model.tokenizer.get(tokens, ())) != list(session.model.tokenizer.get(tokens, ())):
+            # same size is not same vocabulary: the draft's ids would mean other tokens
+            raise EmberError(f"{args.spec[6:]}: the draft model's vocabulary has the target's size "
+                             f"but other tokens ({tokens} differ)")
         draft = ModelDraft(Session(draft_model, session.backend, session.options))
     else:
         raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")
@@ -553,7 +614,7 @@ def _speculative(args, llm, sampling, prompt: str):
                                          sampler=sampling.sampler(), special=sampling.special,
                                          rollback=args.spec_rollback)
     print(f"ember: {stats.summary()}", file=sys.stderr)
-    if getattr(args, "verbose", False) and stats.rollback:
+    if args.verbose and stats.rollback:
         print(f"ember: {stats.memory_summary()}", file=sys.stderr)
     return result
 
@@ -581,7 +642,7 @@ def cmd_passes(args) -> int:
     path = Path(args.file)
     if path.suffix == ".gguf":
         from ember.models import load_model
-        graph = load_model(path).build_step(args.tokens, args.n_kv, 1)
+        graph = load_model(path).build_step(args.tokens, args.n_kv, 1, cache=cache_types(args))
     else:
         graph = parse_ir(path.read_text(), source=str(path))
     verify(graph)

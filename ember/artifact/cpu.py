@@ -13,10 +13,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ember.artifact.format import ArtifactError, host_cpu
+from ember.artifact.format import MANIFEST, ArtifactError, host_cpu
 from ember.artifact.session import artifact_session, open_model, step_graph, step_key
 from ember.backends.cpu.backend import CpuBackend, load_kernel_library
 from ember.codegen.cpu import render_graph, tag_kernel_symbols
+from ember.errors import EmberError
 
 
 class Writer:
@@ -24,15 +25,19 @@ class Writer:
 
     A target's writer (this one; ember/artifact/opencl.py and vulkan.py) has: `layout` (the
     layout pass its pipeline ends with, or None for the target's default); begin(tmp) ->
-    manifest fields; step(tmp, name, graph) -> (step entry fields, kernel count, the graph as
-    compiled, names of constants stored in a form of the target's own); finish(tmp) -> more
-    manifest fields."""
+    manifest fields; supports_op(node) -> (ok, why) (asked before anything is compiled, e.g.
+    of a KV cache's types); step(tmp, name, graph) -> (step entry fields, kernel count, the
+    graph as compiled, names of constants stored in a form of the target's own); finish(tmp) ->
+    more manifest fields."""
     layout = None
 
     def __init__(self, backend: CpuBackend):
         if backend.profile:
             raise ArtifactError("compile: the backend renders profiling code; artifacts hold plain graphs")
         self.backend = backend
+
+    def supports_op(self, node) -> tuple[bool, str]:
+        return self.backend.supports_op(node)
 
     def begin(self, tmp: Path) -> dict:
         self.tag, kernels = self.backend.kernel_library()
@@ -81,15 +86,26 @@ def load(folder: Path, manifest: dict, model_path=None, threads: int | None = No
     model, data = open_model(folder, manifest, model_path)
     backend = _PrebuiltCpuBackend(threads=threads, isa=manifest["isa"])
     library = manifest["kernel_library"]
-    load_kernel_library(library["tag"], folder / library["file"])
+    try:
+        load_kernel_library(library["tag"], folder / library["file"], check=True)
+    except EmberError as e:
+        raise ArtifactError(str(e)) from None
+    except OSError as e:
+        raise ArtifactError(f"{folder / library['file']}: cannot be loaded: {e}") from None
     steps = {}
     for step in manifest["steps"]:
         graph_path = folder / step["graph"]
         graph = step_graph(folder, step, data)
         program = render_graph(graph)
         source_path = folder / step["source"]
-        if tag_kernel_symbols(program.source, library["tag"]) != source_path.read_text():
+        source = tag_kernel_symbols(program.source, library["tag"])
+        if source.encode() != source_path.read_bytes():
             raise ArtifactError(f"{source_path}: this ember renders {graph_path} differently (the "
                                 "artifact comes from another code generator): compile the model again")
-        steps[step_key(step)] = backend.load_executable(graph, program, folder / step["library"])
+        try:
+            steps[step_key(step)] = backend.load_executable(graph, program, folder / step["library"], source)
+        except EmberError as e:
+            raise ArtifactError(f"{folder / MANIFEST}: step {step_key(step)}: {e}") from None
+        except OSError as e:       # the dynamic loader refused the library
+            raise ArtifactError(f"{folder / step['library']}: cannot be loaded: {e}") from None
     return model, artifact_session(folder, manifest, model, backend, steps)

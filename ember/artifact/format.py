@@ -19,7 +19,10 @@ from ember.files import umask_mode
 from ember.target import TARGET_NAMES, get_target
 
 FORMAT = "ember-artifact"
-FORMAT_VERSION = 1
+# 2: recurrent state as planes (state_src, state_slots and f32[planes, size] tables in the step
+# graphs: ember.models.common.StateLayout); a version-1 recurrent artifact's steps take the old
+# per-layer state inputs, so version 1 is refused with "compile the model again".
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 # Keys of a step entry that name a file, or a list of files, of the artifact (which ones a step
@@ -117,7 +120,7 @@ def read_manifest(folder) -> dict:
         module = target_module(manifest["target"])
         module.check_host(manifest, path)
         for rel, digest in manifest["files"].items():
-            file = folder / rel
+            file = inside(folder, rel, path)
             if not file.is_file():
                 raise ArtifactError(f"{file}: missing: the artifact is incomplete")
             if file_sha256(file) != digest:
@@ -126,10 +129,28 @@ def read_manifest(folder) -> dict:
         needed = _needed_files(manifest) + module.manifest_files(manifest)
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{path}: corrupt: malformed manifest ({e!r})") from None
+    for rel in needed:
+        inside(folder, rel, path)
     unlisted = [rel for rel in needed if rel not in listed]
     if unlisted:
         raise ArtifactError(f"{path}: corrupt: {unlisted[0]} has no checksum")
     return manifest
+
+
+def inside(folder: Path, rel, manifest_path: Path) -> Path:
+    """folder/rel, for a path a manifest names, which must stay inside the artifact: relative,
+    without `..`, and not leaving the folder through a link (a manifest naming /tmp/evil.so
+    would otherwise have it loaded, its constructor run)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts \
+            or "\\" in rel:
+        raise ArtifactError(f"{manifest_path}: refused: file path {rel!r} does not stay inside the artifact")
+    file = folder / rel
+    try:
+        file.resolve().relative_to(folder.resolve())
+    except ValueError:
+        raise ArtifactError(f"{manifest_path}: refused: {rel!r} leads outside the artifact "
+                            f"(to {file.resolve()})") from None
+    return file
 
 
 def _needed_files(manifest: dict) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ember.artifact.format import MANIFEST, ArtifactError, read_json
+from ember.backends.binary_cache import marked, unmarked
 from ember.artifact.session import artifact_session, open_model, step_key
 from ember.errors import BackendUnavailable
 from ember.target import get_target
@@ -77,6 +78,10 @@ class Writer:
             from ember.backends.opencl.backend import OpenCLBackend
             self.backend = OpenCLBackend(device=info.index, profile=self.profile, cache_dir=cache_dir)
 
+    def supports_op(self, node) -> tuple[bool, str]:
+        from ember.codegen.opencl import supports_node
+        return supports_node(node)
+
     def begin(self, tmp: Path) -> dict:
         return {}
 
@@ -96,7 +101,7 @@ class Writer:
         if self.backend is not None:
             import pyopencl as cl
             built = self.backend.cache.build(program, name=f"graph {graph.name!r}")
-            (tmp / f"{name}.bin").write_bytes(built.get_info(cl.program_info.BINARIES)[0])
+            (tmp / f"{name}.bin").write_bytes(marked(built.get_info(cl.program_info.BINARIES)[0], program.source))
             entry["binary"] = f"{name}.bin"
         return entry, len(program.kernels), program.graph, {program.constants[j].name for j in program.layouts}
 
@@ -171,6 +176,12 @@ def load(folder: Path, manifest: dict, model_path=None, threads: int | None = No
                                 f"manifest's {step['build_options']!r}")
         binary = (folder / step["binary"]).read_bytes() if same_device and "binary" in step else None
         source = (folder / step["source"]).read_text()
+        if binary is not None:
+            # a binary of another program (steps swapped in the manifest) would crash the driver
+            binary = unmarked(binary, source)
+            if binary is None:
+                raise ArtifactError(f"{folder / step['binary']}: not built from {folder / step['source']} "
+                                    f"(its source mark differs): refusing to load it")
         try:
             exe = PlanExecutable(backend, Path(step["source"]).stem, plan, source, data, relaid, binary)
         except (KeyError, TypeError, ValueError) as e:

@@ -10,6 +10,7 @@ from ember.artifact.format import ArtifactError, file_sha256
 from ember.errors import EmberError
 from ember.ir.parser import parse_ir
 from ember.models import load_model
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.runtime.session import Session, SessionOptions, _Step
 
 
@@ -76,7 +77,7 @@ class ArtifactSession(Session):
         return np.concatenate(rows) if all_logits else rows[-1]
 
     def _plan(self, T: int, n_kv: int, n_out: int):
-        step = self._prebuilt.get((T, n_kv, n_out))
+        step = self._prebuilt.get((T, n_kv, n_out))     # the artifact has one cache type
         if step is None:
             shapes = ", ".join(shape_name(k) for k in self.shapes)
             raise ArtifactError(f"{self.folder}: no compiled step for {T} tokens over {n_kv} KV rows "
@@ -105,7 +106,11 @@ def open_model(folder: Path, manifest: dict, model_path=None):
 def step_graph(folder: Path, step: dict, data: dict):
     """A step's stored graph, parsed, its constants bound to data."""
     graph_path = folder / step["graph"]
-    graph = parse_ir(graph_path.read_text(), source=str(graph_path), constants=data)
+    try:
+        text = graph_path.read_text()
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{graph_path}: corrupt: not IR text") from None
+    graph = parse_ir(text, source=str(graph_path), constants=data)
     unknown = sorted(set(graph.constants) - set(data))
     if unknown:
         raise ArtifactError(f"{graph_path}: constant {unknown[0]!r} is neither in the model nor in "
@@ -113,10 +118,31 @@ def step_graph(folder: Path, step: dict, data: dict):
     return graph
 
 
+def cache_types(manifest: dict) -> KVCacheTypes:
+    """The KV cache types an artifact was compiled for (f16/f16 when the manifest names none)."""
+    entry = manifest.get("kv_cache")
+    return F16_CACHE if entry is None else KVCacheTypes.from_manifest(entry)
+
+
+def check_cache_request(folder: Path, manifest: dict, requested: dict) -> None:
+    """ArtifactError (one line) when a requested cache setting ("k", "v": type names,
+    "rotation": bool; None or absent: as the artifact) differs from the artifact's: its step
+    graphs were compiled for its types, and a run never compiles."""
+    have = cache_types(manifest).manifest()
+    for key, want in requested.items():
+        if want is not None and want != have[key]:
+            what = {"k": "K cache type", "v": "V cache type", "rotation": "cache rotation"}[key]
+            said = {True: "on", False: "off"} if key == "rotation" else {}
+            raise ArtifactError(f"{folder}: the artifact was compiled with {what} "
+                                f"{said.get(have[key], have[key])}, not {said.get(want, want)}; "
+                                "compile it again with the cache settings you want")
+
+
 def artifact_session(folder: Path, manifest: dict, model, backend, steps: dict) -> ArtifactSession:
     # An artifact has exactly its compiled step shapes, built by model.build_step(T, n_kv,
-    # n_out): a prompt step is never padded, and sliding-window layers keep the whole context.
+    # n_out, cache=...): a prompt step is never padded, and sliding-window layers keep the whole
+    # context.
     options = SessionOptions(n_ctx=manifest["n_ctx"], kv_bucket=manifest["kv_bucket"],
                              disabled_passes=frozenset(manifest["disabled_passes"]),
-                             pad_tokens=False, swa_full=True)
+                             pad_tokens=False, swa_full=True, cache=cache_types(manifest))
     return ArtifactSession(model, backend, options, steps, manifest["prompt_tokens"], folder)

@@ -43,6 +43,10 @@ class Writer:
             self.caps = self.backend.caps
         self.spirv: set[str] = set()
 
+    def supports_op(self, node) -> tuple[bool, str]:
+        from ember.codegen.vulkan import supports_node
+        return supports_node(node, self.caps)
+
     def begin(self, tmp: Path) -> dict:
         (tmp / "spirv").mkdir()
         return {}

@@ -14,7 +14,9 @@ from ember.artifact.format import (FORMAT, FORMAT_VERSION, MANIFEST, ArtifactErr
                                    file_sha256, new_folder, replace_folder, target_module)
 from ember.artifact.session import shape_name, step_shapes
 from ember.ir.printer import print_ir
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.passes import PassContext, pipeline_for
+from ember.runtime.session import check_cache_support
 from ember.target import TARGET_NAMES
 
 DEFAULT_CTX = 256
@@ -23,16 +25,21 @@ DEFAULT_PROMPT_TOKENS = 32
 
 def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
                      prompt_tokens: int = DEFAULT_PROMPT_TOKENS, kv_bucket: int = 256,
-                     disabled_passes=frozenset(), progress=None, **target_options) -> dict:
+                     disabled_passes=frozenset(), progress=None, cache: KVCacheTypes = F16_CACHE,
+                     **target_options) -> dict:
     """Compile model's steps into out_dir (replacing an artifact there); returns the manifest.
     backend: a target name of ember.target.TARGETS, or a CpuBackend for target cpu (the other
     targets make their own backend; target_options go to the target's writer, see
-    ember/artifact/<target>.py). progress(message), when given, hears about each step."""
+    ember/artifact/<target>.py). progress(message), when given, hears about each step. cache:
+    the KV cache's types, recorded in the manifest (a head size they cannot hold, or a target
+    without kernels for them, is an error before anything is compiled)."""
     target = backend if isinstance(backend, str) else backend.name
     if target not in TARGET_NAMES:
         raise ArtifactError(f"compile: target {target!r} is not supported; targets: {', '.join(TARGET_NAMES)}")
+    model.check_cache(cache)
     writer = target_module(target).writer(target, None if isinstance(backend, str) else backend,
                                           progress=progress, **target_options)
+    check_cache_support(writer.supports_op, f"compile: target {target}", model, cache)
     out = Path(out_dir)
     hp = model.hparams
     n_ctx = min(n_ctx, hp.n_ctx_train) if hp.n_ctx_train else n_ctx
@@ -47,7 +54,7 @@ def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
         for shape in shapes:
             start = time.perf_counter()
             with PassContext(disabled=frozenset(disabled_passes)):
-                optimized = pipeline(model.build_step(*shape))
+                optimized = pipeline(model.build_step(*shape, cache=cache))
             name = f"steps/{shape_name(shape)}"
             # graph: the step as the target compiled it (the renderer may have dropped dead nodes);
             # stored_as: constants the target keeps in a form of its own (Adreno SoA weights),
@@ -62,7 +69,7 @@ def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
                          f"{time.perf_counter() - start:.1f} s")
         fields.update(writer.finish(tmp))
         manifest = _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_passes,
-                             steps, constants, tmp)
+                             cache, steps, constants, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         replace_folder(tmp, out)
     except BaseException:
@@ -71,8 +78,8 @@ def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
     return manifest
 
 
-def _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_passes, steps,
-              constants, folder: Path) -> dict:
+def _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_passes, cache,
+              steps, constants, folder: Path) -> dict:
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     path = Path(model.path)
     return {
@@ -86,6 +93,7 @@ def _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_p
         "n_ctx": n_ctx,
         "kv_bucket": kv_bucket,
         "prompt_tokens": prompt_tokens,
+        "kv_cache": cache.manifest(),
         "disabled_passes": sorted(disabled_passes),
         "steps": steps,
         "constants": constants,

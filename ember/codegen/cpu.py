@@ -30,17 +30,16 @@ import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batches, matmul_operands, offset_expr,
                                     round_up, row_loop, span_bytes)
+from ember.codegen.kv_quant import KV_QUANTIZED, c_hex, turbo_literals
 from ember.codegen.memory_plan import MemoryPlan
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float,
                                     c_gated_delta_net, c_get_rows, c_rope, c_row_op, c_softmax, c_take_along,
                                     extent, hazard_barriers, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
-from ember.ir import dtypes, turbo
+from ember.ir import dtypes
 from ember.ir.graph import Graph
 from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
@@ -573,22 +572,12 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
                         esize=dst.dtype.block_bytes, in_place=node in self.in_place_nodes)
 
 
-KV_QUANTIZED = tuple(d.name for d in dtypes.KV_QUANTIZED)
-
-
-def _c_hex(v) -> str:
-    """A float32 value as an exact C hex-float literal."""
-    return float(np.float32(v)).hex() + "f"
-
-
 @functools.lru_cache(maxsize=None)
 def kv_quant_header() -> str:
-    """The quantized KV-cache block helpers, with the TurboQuant constants of ember.ir.turbo."""
-    return TEMPLATES.render(
-        "kv_quant.h.j2", d1=[_c_hex(v) for v in turbo.SIGNS_D1], d2=[_c_hex(v) for v in turbo.SIGNS_D2],
-        cb3=[_c_hex(v) for v in turbo.CODEBOOKS[3]], cb4=[_c_hex(v) for v in turbo.CODEBOOKS[4]],
-        b3=[_c_hex(v) for v in turbo.BOUNDARIES[3]], b4=[_c_hex(v) for v in turbo.BOUNDARIES[4]],
-        inv=_c_hex(turbo.INV_SQRT_BLOCK))
+    """The quantized KV-cache block helpers, with the TurboQuant tables of ember.codegen.kv_quant."""
+    t = turbo_literals(c_hex)
+    return TEMPLATES.render("kv_quant.h.j2", d1=t["d1"], d2=t["d2"], cb3=t["cb3"], cb4=t["cb4"],
+                            b3=t["b3"], b4=t["b4"], inv=t["inv"][0])
 
 
 def matmul_prototypes(wtype: str) -> str:

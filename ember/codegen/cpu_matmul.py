@@ -38,7 +38,8 @@ import jinja2
 
 from ember.ir.dtypes import dtype
 
-MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
+MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k",
+                 "q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4")
 
 _FLOAT_PARAMS = {
     "f32": {"ctype": "float", "to_f32": "v", "load8": "_mm256_loadu_ps(p)"},
@@ -50,7 +51,17 @@ _FLOAT_PARAMS = {
 }
 # Activation layout used by each quantized weight type: q32 = blocks of 32 with an f32 scale
 # (llama.cpp's q8_0 idea), q256 = blocks of 256 with an f32 scale and 16-value sums (q8_K).
-_ACTIVATIONS = {"q8_0": "q32", "q4_0": "q32", "q5_0": "q32", "q4_k": "q256", "q6_k": "q256"}
+_ACTIVATIONS = {"q8_0": "q32", "q4_0": "q32", "q5_0": "q32", "q4_k": "q256", "q6_k": "q256",
+                "q4_1": "q32", "q5_1": "q32", "iq4_nl": "q32", "mxfp4": "q32", "nvfp4": "q32",
+                "q2_k": "q256", "q3_k": "q256", "q5_k": "q256", "iq4_xs": "q256"}
+# The formats read through a block decoder into int8 codes (matmul/codes32.c.j2 for 32-value
+# blocks, matmul/codes256.c.j2 for 256-value super-blocks): whether a value has an additive
+# min term, and whether a 32-value block carries two scales (nvfp4's 16-value sub-blocks).
+_DECODED = {"q4_1": {"has_min": True, "two_scales": False}, "q5_1": {"has_min": True, "two_scales": False},
+            "iq4_nl": {"has_min": False, "two_scales": False}, "mxfp4": {"has_min": False, "two_scales": False},
+            "nvfp4": {"has_min": False, "two_scales": True},
+            "q2_k": {"has_min": True}, "q3_k": {"has_min": False}, "q5_k": {"has_min": True},
+            "iq4_xs": {"has_min": False}}
 # Tile shapes of the AVX2 path (performance only: results do not depend on them): gemv_c weight
 # rows per T=1 tile (with gemv_loop, through the GEMV loop ember_mm_<wtype>_gemv of q8_0, q4_0,
 # q5_0, which prefetches gemv_pf "group": the rows gemv_pf_groups groups ahead, or "row": each
@@ -66,6 +77,9 @@ _TILES = {
     "q5_0": {"gemv_c": 4, "gemv_loop": True, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": True},
     "q4_k": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 1, "gemm_tb": 32, "gemm_decode": False},
     "q6_k": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 1, "gemm_tb": 32, "gemm_decode": False},
+    **{w: {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 4,
+           "gemm_c": 2 if _ACTIVATIONS[w] == "q32" else 1, "gemm_tb": 32, "gemm_decode": False}
+       for w in _DECODED},
 }
 
 
@@ -105,7 +119,8 @@ def matmul_source(wtype: str) -> str:
         tiles = _TILES[wtype]
         body = env.get_template("matmul/quant.c.j2").render(
             wtype=wtype, block=dt.block_size, block_bytes=dt.block_bytes, act=_ACTIVATIONS[wtype],
-            max_r=max(tiles["gemm_r"], 1), max_c=max(tiles["gemm_c"], tiles["gemv_c"]), **tiles)
+            max_r=max(tiles["gemm_r"], 1), max_c=max(tiles["gemm_c"], tiles["gemv_c"]), **tiles,
+            **_DECODED.get(wtype, {}))
     return matmul_common_source() + "\n" + body
 
 

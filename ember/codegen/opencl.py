@@ -38,18 +38,19 @@ the codegen modules: no OpenCL library.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 
 from ember.codegen.indexing import (broadcast_strides, bytes_type, coalesce, matmul_batches, matmul_operands,
                                     next_pow2, offset_expr, round_up, span_bytes)
+from ember.codegen.kv_quant import KV_QUANTIZED, c_hex, turbo_literals
 from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Launch, OpenCLProgram, Profile,
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
-from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates,
-                                    c_comment, c_float, c_gated_delta_net, c_get_rows, c_rope, c_row_op,
-                                    c_softmax, lowering_problem, optional_operands, quantized_cache_problem)
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_comment, c_float,
+                                    c_gated_delta_net, c_get_rows, c_literal, c_rope, c_row_op, c_softmax,
+                                    c_take_along, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph
@@ -135,24 +136,22 @@ def layout_pass(profile: Profile) -> LayoutAdreno | None:
 
 
 def cl_real(v: float, fp64: bool) -> str:
-    """A finite float as an OpenCL C literal: a double with fp64, else a float (rounded to f32)."""
-    return repr(float(v)) if fp64 else f"{float(np.float32(v))!r}f"
+    """A float as an OpenCL C literal: a double with fp64, else a float (rounded to f32)."""
+    return c_literal(v, "double" if fp64 else "f32")
 
 
 # ---- support -----------------------------------------------------------------------------------
 def supports_node(node: Node) -> tuple[bool, str]:
     """Whether the OpenCL renderer handles node: every op of the op table, at every dtype it
     allows, as long as each tensor spans less than 2 GiB (32-bit offsets)."""
-    why = lowering_problem(node, "OpenCL") or quantized_cache_problem(node, "OpenCL")
+    why = lowering_problem(node, "OpenCL")
     if why:
         return False, why
-    if LOWERING.get(node.op) in MOE_KINDS:
-        return False, f"{node.op}: no OpenCL kernel yet"
     for t in [node.type] + [i.type for i in node.inputs]:
         if span_bytes(t) > MAX_BYTES or t.numel > MAX_BYTES:
             return False, f"{node.op}: a tensor of {span_bytes(t)} bytes is over the 2 GiB kernels address"
-    if node.op == "mul_mat" and node.inputs[1].shape[-1] == 0:
-        return False, "mul_mat: K == 0 unsupported"
+    if node.op in ("mul_mat", "mul_mat_id") and node.inputs[1].shape[-1] == 0:
+        return False, f"{node.op}: K == 0 unsupported"
     for k, operand in enumerate(node.inputs):
         if operand.type.layout not in ("row", SOA.name):
             return False, f"{node.op}: operand {k} is in layout {operand.type.layout}, which no OpenCL kernel reads"
@@ -188,6 +187,25 @@ def _mul_mat_shape(node: Node) -> _MulMat:
                    b.x_batch, b.w_batch)
 
 
+def _mul_mat_id_shape(node: Node) -> _MulMat:
+    """mul_mat_id as mul_mat.cl.j2 runs it: one batch per (token, slot) pair, one token each, x
+    read at the pair's token (and slot, for x [T, n_used, K]), w at the pair's expert `e`."""
+    x, w, ids = (i.type for i in node.inputs)
+    T, n_used = ids.shape
+    E, N, K = w.shape
+    x_sel = x.strides[1] if x.rank == 3 and x.shape[1] > 1 else 0
+    x_batch = f"(b / {n_used}) * {x.strides[0]} + (b % {n_used}) * {x_sel}"
+    return _MulMat(1, N, K, T * n_used, 0, x.strides[-1], w.strides[1], w.strides[2], x_batch,
+                   f"e * {w.strides[0]}")
+
+
+def _vector_dot(x_dtype: str, wt: TensorType, mm: _MulMat) -> bool:
+    """Whether mul_mat.cl.j2 takes its float16 path: x f32 and contiguous along K, and w
+    quantized, or float, contiguous along K with K a multiple of 16."""
+    return x_dtype == "f32" and mm.x_step == 4 and (wt.dtype.is_quantized or (
+        mm.K % 16 == 0 and mm.w_step == wt.dtype.block_bytes))
+
+
 # ---- the renderer ------------------------------------------------------------------------------
 class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alignment=ARENA_ALIGNMENT):
     """OpenCL C for a profile: operands as (buffer, byte offset) pairs, launches with global and
@@ -197,6 +215,7 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         self.profile = profile
         self.reduce = "subgroup" if profile.subgroups else "local"
         self.launches: list[Launch] = []
+        self.kv_quant = False          # whether a kernel reads or writes a quantized KV cache
         super().__init__(graph)
         self.layouts = weight_layouts(self.graph)     # read from the types; check_layouts vetted them
 
@@ -235,6 +254,8 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         prelude.append(TEMPLATES.static_file("common.h"))
         if self.profile.adreno:
             prelude.append(TEMPLATES.static_file("adreno.h"))
+        if self.kv_quant:
+            prelude.append(kv_quant_header(self.profile.fp64))
         source = "\n".join(prelude)
         line = source.count("\n") + 1
         infos, parts = [], [source]
@@ -318,6 +339,7 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         softcap = node.attr("softcap")
         wg = self.profile.attention_wg
         operands = [q, k, v] + ([mask] if mask else [])
+        self.kv_quant |= k.dtype.is_quantized or v.dtype.is_quantized
         self.add_kernel(node, "attention.cl.j2", [self.buf(o) for o in operands] + [self.buf(node)],
                         (wg, Hq, Tq), (wg, 1, 1),
                         Tq=Tq, Tk=Tk, Hq=Hq, group=Hq // Hkv, D=D, Dv=Dv,
@@ -327,8 +349,9 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         mask_dtype=mask.dtype.name if mask else "f32",
                         scale=c_float(node.attr("scale")), softcap=c_float(softcap) if softcap else None,
                         causal=node.attr("causal"), window=node.attr("window"), wg=wg,
-                        k_vector=D % 16 == 0 and k.type.strides[2] == k.dtype.block_bytes,
-                        dv_per=max(1, -(-Dv // wg)), reduce=self.reduce)
+                        k_vector=D % 16 == 0 and k.type.strides[2] == k.dtype.block_bytes
+                        and not k.dtype.is_quantized,
+                        dv_per=max(1, -(-Dv // wg)), reduce=self.reduce, kv_quantized=KV_QUANTIZED)
 
     # ---- matmul and rows of tables -------------------------------------------------------
     def mul_mat(self, node: Node):
@@ -336,8 +359,7 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         mm = _mul_mat_shape(node)
         if w in self.layouts:
             return self.mul_mat_soa(node, mm)
-        vector = x.dtype.name == "f32" and mm.x_step == 4 and (w.dtype.is_quantized or (
-            mm.K % 16 == 0 and mm.w_step == w.dtype.block_bytes))
+        vector = _vector_dot(x.dtype.name, w.type, mm)
         if mm.T > 1 and vector and not w.dtype.is_quantized:
             # Prompts: a register tile per work item (see the template); it reduces each
             # output exactly as mul_mat.cl.j2 does, so decode and prompt rows agree bit for bit.
@@ -355,7 +377,38 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         x_dtype=x.dtype.name,
                         T=mm.T, N=mm.N, K=mm.K, tt=tt, batches=mm.batches, x_row=mm.x_row,
                         x_step=mm.x_step, w_row=mm.w_row, w_step=mm.w_step, x_batch=mm.x_batch,
-                        w_batch=mm.w_batch)
+                        w_batch=mm.w_batch, ids=False)
+
+    def mul_mat_id(self, node: Node):
+        """mul_mat.cl.j2 with ids: one work item per (weight row, pair), reading only the pairs'
+        experts (see the template). Expert weights are in the row layout on every profile: the
+        Adreno SoA layout holds 2-D matrices, and layout-adreno leaves a 3-D [E, N, K] weight as
+        it is (check_layouts would refuse one that were not)."""
+        x, w, ids = node.inputs
+        mm = _mul_mat_id_shape(node)
+        T, n_used = ids.shape
+        self.add_kernel(node, "mul_mat.cl.j2",
+                        [self.buf(x), self.buf(w), self.buf(node), self.buf(ids),
+                         StatusArg(self.index_status(node, w.shape[0]))],
+                        (mm.N, 1, mm.batches), None,
+                        wtype=w.dtype.name, quantized=w.dtype.is_quantized,
+                        vector=_vector_dot(x.dtype.name, w.type, mm), x_dtype=x.dtype.name,
+                        T=1, N=mm.N, K=mm.K, tt=1, batches=mm.batches, x_row=0, x_step=mm.x_step,
+                        w_row=mm.w_row, w_step=mm.w_step, x_batch=mm.x_batch, w_batch=mm.w_batch,
+                        ids=True, n_used=n_used, E=w.shape[0], ids_tok=ids.type.strides[0],
+                        ids_sel=ids.type.strides[1])
+
+    def top_k(self, node: Node):
+        _, operands, params = c_row_op(node, c_float)
+        self.add_kernel(node, "top_k.cl.j2", [self.buf(operands[0]), self.buf(node)], (params["rows"],), None,
+                        k=node.attr("k"), **params)
+
+    def take_along(self, node: Node):
+        x, idx = node.inputs
+        params = c_take_along(node)
+        self.add_kernel(node, "take_along.cl.j2",
+                        [self.buf(x), self.buf(idx), self.buf(node), StatusArg(self.index_status(node, x.shape[-1]))],
+                        (params["k"], params["rows"]), None, **params)
 
     def mul_mat_soa(self, node: Node, mm: _MulMat):
         x, w = node.inputs
@@ -402,12 +455,15 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
         R, D = dst.shape
         if self.places[node] != self.places[dst]:
             self.copy(node, dst, self.places[node], node.type)
-        chunk = 256
+        quantized = dst.dtype.is_quantized      # a quantized cache: one work item per block
+        self.kv_quant |= quantized
+        chunk = dst.dtype.block_size if quantized else 256
         self.add_kernel(node, "set_rows.cl.j2",
                         [self.buf(idx), self.buf(src), self.buf(node),
                          StatusArg(self.index_status(node, R))],
                         (-(-D // chunk), idx.shape[0]), None,
-                        T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, esize=dst.dtype.block_bytes,
+                        T=idx.shape[0], R=R, D=D, dtype=dst.dtype.name, quantized=quantized,
+                        esize=dst.dtype.block_bytes, row_bytes=dst.dtype.row_bytes(D),
                         idx_step=idx.type.strides[0], ss=src.type.strides, chunk=chunk)
 
     # ---- state-space ops (Mamba-2) -------------------------------------------------------
@@ -429,6 +485,14 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
     def gated_delta_net(self, node: Node):
         self.add_kernel(node, "gated_delta_net.cl.j2", [self.buf(o) for o in node.inputs] + [self.buf(node)],
                         (node.inputs[2].shape[1] * node.inputs[2].shape[2],), None, **c_gated_delta_net(node))
+
+
+@functools.lru_cache(maxsize=None)
+def kv_quant_header(fp64: bool) -> str:
+    """The quantized KV-cache helpers, with the TurboQuant tables of ember.codegen.kv_quant."""
+    t = turbo_literals(c_hex)
+    return TEMPLATES.render("kv_quant.h.j2", d1=t["d1"], d2=t["d2"], cb3=t["cb3"], cb4=t["cb4"],
+                            b3=t["b3"], b4=t["b4"], inv=t["inv"][0], fp64=fp64)
 
 
 def render_graph(graph: Graph, profile: Profile | None = None) -> OpenCLProgram:

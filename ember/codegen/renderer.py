@@ -49,8 +49,6 @@ LOWERING.update(softmax="softmax", rope="rope", attention="attention", ssm_conv=
                 ssm_scan="ssm_scan", gated_delta_net="gated_delta_net", mul_mat="mul_mat",
                 get_rows="get_rows", set_rows="set_rows", cont="copy", cast="copy", concat="concat",
                 mul_mat_id="mul_mat_id", top_k="top_k", take_along="take_along")
-# The mixture-of-experts kinds; a dialect without their kernels declares so in supports_node.
-MOE_KINDS = ("mul_mat_id", "top_k", "take_along")
 
 
 def needs_lowering(op: str) -> bool:
@@ -64,19 +62,6 @@ def lowering_problem(node: Node, dialect: str) -> str:
     if needs_lowering(node.op) and node.op not in LOWERING:
         return f"{node.op}: no {dialect} kernel for this op"
     return ""
-
-
-def quantized_cache_problem(node: Node, dialect: str) -> str:
-    """Why a dialect without quantized KV-cache kernels refuses node ("" when it is not such a
-    node): a set_rows into, or an attention reading, a q8_0 / q4_0 / turbo3 / turbo4 cache."""
-    if node.op == "set_rows":
-        cache = [node.inputs[0].dtype]
-    elif node.op == "attention":
-        cache = [node.inputs[1].dtype, node.inputs[2].dtype]
-    else:
-        return ""
-    quantized = [dt for dt in cache if dt.is_quantized]
-    return f"{node.op}: {quantized[0]} cache: no {dialect} kernel yet" if quantized else ""
 
 
 # ---- templates ---------------------------------------------------------------------------------
@@ -106,19 +91,32 @@ class Templates:
 
 
 # ---- C-family literals and comments (C and OpenCL C) ------------------------------------------
-def c_float(v: float) -> str:
-    """A float attribute as a C float expression (the value rounded to f32, as stored)."""
+def c_literal(v: float, kind: str = "float") -> str:
+    """The one way every C-family renderer writes a float: kind "float" as a C float expression
+    (the value rounded to f32, as stored), "double" as a double literal, "f32" as an OpenCL C
+    float literal with the f suffix. NaN and infinities become the NAN / INFINITY macros (C99
+    and OpenCL C both have them), never `inf` or `nan`, which no compiler reads."""
+    v = float(v)
     if math.isnan(v):
         return "NAN"
     if math.isinf(v):
         return "INFINITY" if v > 0 else "(-INFINITY)"
-    return f"((float){float(v)!r})"
+    if kind == "double":
+        return repr(v)
+    if kind == "f32":
+        with np.errstate(over="ignore"):
+            f = float(np.float32(v))
+        return c_literal(f) if math.isinf(f) else f"{f!r}f"     # beyond f32's range
+    return f"((float){v!r})"
+
+
+def c_float(v: float) -> str:
+    """A float attribute as a C float expression (c_literal)."""
+    return c_literal(v, "float")
 
 
 def c_double(v: float) -> str:
-    if math.isinf(v) or math.isnan(v):
-        return "NAN" if math.isnan(v) else ("INFINITY" if v > 0 else "(-INFINITY)")
-    return repr(float(v))
+    return c_literal(v, "double")
 
 
 def c_comment(text: str) -> str:
@@ -446,23 +444,18 @@ class Renderer(abc.ABC):
     def set_rows(self, node: Node):
         """Rows written into a tensor by index (cache updates), with an index status check."""
 
-    # Kinds a dialect may lack kernels for yet: its supports_node declares them unsupported, so
-    # these defaults are never reached from a backend's compile; they name the gap if they are.
+    @abc.abstractmethod
     def mul_mat_id(self, node: Node):
         """Expert matmul: each (token, slot) row times the weight of the expert ids selects, reading
         only the selected experts, batch invariant, with an index status check."""
-        raise self.missing_kernel(node)
 
+    @abc.abstractmethod
     def top_k(self, node: Node):
         """Indices of the k largest values of each row (ties to the lower index)."""
-        raise self.missing_kernel(node)
 
+    @abc.abstractmethod
     def take_along(self, node: Node):
         """Values of each row at per-row indices, with an index status check."""
-        raise self.missing_kernel(node)
-
-    def missing_kernel(self, node: Node) -> EmberError:
-        return self.error(node, f"{node.op}: no {self.dialect} kernel yet")
 
 
 def _ancestors(nodes) -> set[Node]:

@@ -36,12 +36,14 @@ import struct
 import numpy as np
 
 from ember.codegen.indexing import broadcast_strides, dims4, item_unit, matmul_operands, round_up, span_bytes
+from ember.codegen.kv_quant import KV_QUANTIZED, glsl_bits, is_turbo, sign_words, turbo_literals, turbo_tables
 from ember.codegen.memory_plan import is_view
-from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, LOWERING, MOE_KINDS, Renderer, Templates, extent,
-                                    hazard_barriers, lowering_problem, optional_operands, quantized_cache_problem)
+from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, extent, hazard_barriers,
+                                    lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.codegen.vulkan_plan import Binding, DeviceCaps, Dispatch, Shader, VulkanProgram
 from ember.errors import EmberError
+from ember.ir import dtypes
 from ember.ir.graph import Graph
 from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
@@ -50,6 +52,9 @@ from ember.ir.printer import value_names
 from ember.ir.types import TensorType
 
 TEMPLATES = Templates("vulkan")
+# The TurboQuant tables (_kv_quant.glsl.j2): a template global, not a parameter of every shader.
+TEMPLATES.environment.globals["tq"] = dict(turbo_literals(glsl_bits), **{
+    f"{name}_words": [f"0x{w:08x}u" for w in sign_words(turbo_tables()[name])] for name in ("d1", "d2")})
 TEMPLATE_DIR = TEMPLATES.folder
 ARENA_ALIGNMENT = 64
 
@@ -74,7 +79,8 @@ assert set(ELTWISE_GLSL) == set(ELEMENTWISE_OPS), "an elementwise op has no GLSL
 
 FLOAT_KINDS = ("f32", "f16", "bf16")
 RAW_KIND = {4: "u32", 2: "u16", 1: "u8"}
-MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
+MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k",
+                 "q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4")
 
 
 # ---- templates -------------------------------------------------------------------------------
@@ -122,11 +128,9 @@ def _splittable_rows(node: Node) -> Node | None:
 
 def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
     """Whether the Vulkan renderer handles node on a device with caps."""
-    why = lowering_problem(node, "Vulkan") or quantized_cache_problem(node, "Vulkan") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
+    why = lowering_problem(node, "Vulkan") or unsupported_layout(node)   # only row-layout tensors: no kernel reads another layout
     if why:
         return False, why
-    if LOWERING.get(node.op) in MOE_KINDS:
-        return False, f"{node.op}: no Vulkan kernel yet"
     if node.op in ("input", "const") or is_view(node):
         return True, ""
     limit = caps.max_storage_range
@@ -145,12 +149,12 @@ def supports_node(node: Node, caps: DeviceCaps) -> tuple[bool, str]:
     if span_bytes(node.type) > limit and not (node.op == "mul_mat" and _mul_mat_t_splits(node, caps)):
         return False, (f"{node.op}: the result spans {span_bytes(node.type)} bytes, more than the device's "
                        f"maxStorageBufferRange {limit}")
-    if node.op == "mul_mat":
+    if node.op in ("mul_mat", "mul_mat_id"):
         w = node.inputs[1]
         if w.dtype.name not in MATMUL_WTYPES:
-            return False, f"mul_mat: w dtype {w.dtype} unsupported"
+            return False, f"{node.op}: w dtype {w.dtype} unsupported"
         if w.shape[-1] == 0:
-            return False, "mul_mat: K == 0 unsupported"
+            return False, f"{node.op}: K == 0 unsupported"
     return True, ""
 
 
@@ -408,7 +412,8 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
                     window=node.attr("window"))
         params = dict(wg=64, D=D, Dv=Dv, k_dtype=k.dtype.name, v_dtype=v.dtype.name, has_mask=mask is not None,
                       mask_dtype=mask.dtype.name if mask is not None else "f32", softcap=bool(softcap),
-                      causal=node.attr("causal"), window=node.attr("window") > 0, kv_texel=kv_texel)
+                      causal=node.attr("causal"), window=node.attr("window") > 0, kv_texel=kv_texel,
+                      kv_quantized=KV_QUANTIZED)
         self.dispatch(node, "attention.comp.j2", params, bindings + [y], push, Tq * Hq,
                       reads=bindings, writes=[y])
 
@@ -481,7 +486,7 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         quantized = wt.dtype.is_quantized
         if quantized and (self.places[w].offset % 2 or wt.strides[-2] % 2):
             raise EmberError(f"vulkan: {self.describe(node)}: quantized rows at odd byte offsets")
-        template, params, w_kind, rows, tt = self._mul_mat_kernel(xt, wt)
+        template, params, w_kind, rows, tt = self._mul_mat_kernel(xt.dtype.name, xt.shape[-2], wt)
         wu = 1 if template == "mul_mat_chunked.comp.j2" else item_unit(wt.dtype)   # chunked: w in bytes
         push = self._mul_mat_batches(xt, wt, wu)
         row_bytes = wt.dtype.row_bytes(K) if quantized else (K - 1) * wt.strides[-1] + wt.dtype.block_bytes
@@ -508,34 +513,37 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
                 groups_n, groups_t = -(-(n1 - n0) // rows), -(-nt // tt)
                 piece = dict(push, N=n1 - n0, T=nt, x_off=x_off, w_off=w_off, y_off=y_off, n0=n0,
                              groups_n=groups_n, groups_t=groups_t)
-                self.dispatch(node, template, params, [xb, wb, yb], _mul_mat_push(piece, template),
+                self.dispatch(node, template, params, [xb, wb, yb], _mul_mat_push(piece, template, ids=False),
                               groups_n * groups_t * push["ne2"] * push["ne3"], reads=[xb, wb], writes=[yb])
 
-    def _mul_mat_kernel(self, xt: TensorType, wt: TensorType):
-        """(template, params, w binding kind, rows per group, tokens per group). Whole 32-value
-        chunks in contiguous rows: the chunked kernel (x in registers, 32-bit weight loads,
-        through a texel buffer where the device has them); anything else (K % 32, strided float
-        rows): the generic one."""
-        K, T = wt.shape[-1], xt.shape[-2]
+    def _mul_mat_kernel(self, xtype: str, T: int, wt: TensorType, ids: bool = False):
+        """(template, params, w binding kind, rows per group, tokens per group) for T tokens of
+        x of dtype xtype, with ids for mul_mat_id. Whole 32-value chunks in contiguous rows: the
+        chunked kernel (x in registers, 32-bit weight loads, through a texel buffer where the
+        device has them and w fits one); anything else (K % 32, strided float rows): the generic
+        one. The parameters depend on T only through tt, which changes no row's arithmetic."""
+        K = wt.shape[-1]
         quantized = wt.dtype.is_quantized
         chunked = K % 32 == 0 and (quantized or wt.strides[-1] == wt.dtype.block_bytes)
         sub = self.caps.subgroup_size
         tt = 1 if T == 1 else 2 if T == 2 else 4 if T <= 4 else 8
         if chunked:
-            w_kind = "texel" if self.caps.texel_buffers else "storage"
+            # mul_mat binds a too-big weight in pieces of rows; mul_mat_id binds all experts
+            texel = self.caps.texel_buffers and (not ids or span_bytes(wt) <= self.caps.max_texel_bytes)
+            w_kind = "texel" if texel else "storage"
             n_chunks = K // 32
             step = max(8, sub)
             wg = min(64, max(step, -(-n_chunks // step) * step))
             rows = 16 if sub else max(1, min(16, 4096 // (wg * tt)))
-            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, tt=tt, rows=rows,
+            params = dict(wg=wg, wtype=wt.dtype.name, xtype=xtype, tt=tt, rows=rows,
                           cpl=-(-n_chunks // wg), subgroup=sub if wg % max(sub, 1) == 0 else 0,
-                          w_texel=w_kind == "texel")
+                          w_texel=w_kind == "texel", ids=ids)
             return "mul_mat_chunked.comp.j2", params, w_kind, rows, tt
         rows = 2 if quantized else 4
         wg = 64
         lanes = wg // rows
-        params = dict(wg=wg, wtype=wt.dtype.name, xtype=xt.dtype.name, rows=rows, lanes=lanes, tt=tt,
-                      subgroup=sub if sub and lanes % sub == 0 else 0)
+        params = dict(wg=wg, wtype=wt.dtype.name, xtype=xtype, rows=rows, lanes=lanes, tt=tt,
+                      subgroup=sub if sub and lanes % sub == 0 else 0, ids=ids)
         return "mul_mat.comp.j2", params, "storage", rows, tt
 
     @staticmethod
@@ -574,6 +582,62 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
             per = max(1, min(xy_limit // y_row, (xy_limit - K * xt.dtype.block_bytes) // max(x_tok, 1) + 1))
             t_pieces = [(t0, min(T, t0 + per)) for t0 in range(0, T, per)]
         return n_pieces, t_pieces
+
+    def mul_mat_id(self, node: Node):
+        """The mul_mat kernels with ids: one batch per (token, slot) pair (ne3 tokens x ne2
+        slots), one token each, reading the pair's expert (_ids.glsl.j2); so only the selected
+        experts are read and a pair's row is computed as a one-token mul_mat is, whatever the
+        batch. All experts are bound at once (supports_node refuses a w over one binding)."""
+        x, w, ids = node.inputs
+        xt, wt, it = x.type, w.type, ids.type
+        T, n_used = it.shape
+        E, N, K = wt.shape
+        quantized = wt.dtype.is_quantized
+        if quantized and (self.places[w].offset % 2 or wt.strides[0] % 2 or wt.strides[1] % 2):
+            raise EmberError(f"vulkan: {self.describe(node)}: quantized rows at odd byte offsets")
+        template, params, w_kind, rows, _ = self._mul_mat_kernel(xt.dtype.name, 1, wt, ids=True)
+        wu = 1 if template == "mul_mat_chunked.comp.j2" else item_unit(wt.dtype)
+        xu = item_unit(xt.dtype)
+        x_sel = xt.strides[1] if xt.rank == 3 and xt.shape[1] > 1 else 0
+        xb, x_off = self.operand(x, what="x")
+        wb, w_off = self.operand(w, unit=wu, what="w", kind=w_kind)
+        yb, y_off = self.operand(node, what="result")
+        ib, i_off = self.operand(ids, what="ids")
+        sb, _ = self.bind(Place("status"), 4, 4, "status")
+        groups_n = -(-N // rows)
+        push = dict(K=K, N=N, T=1, ne2=n_used, ne3=T, r2=1, r3=1, x_off=x_off, x_t=0, x_k=xt.strides[-1] // xu,
+                    x_b2=x_sel // xu, x_b3=xt.strides[0] // xu, w_off=w_off, w_row=wt.strides[1] // wu,
+                    w_step=0 if quantized else wt.strides[2] // wu, w_b2=wt.strides[0] // wu, w_b3=0,
+                    y_off=y_off, y_n=N, n0=0, groups_n=groups_n, groups_t=1, E=E, i_off=i_off,
+                    i_tok=it.strides[0] // 4, i_sel=it.strides[1] // 4, status=self.index_status(node, E))
+        self.dispatch(node, template, params, [xb, wb, yb, ib, sb], _mul_mat_push(push, template, ids=True),
+                      groups_n * T * n_used, reads=[xb, wb, ib], writes=[yb])   # status: atomics
+
+    def top_k(self, node: Node):
+        x = node.inputs[0]
+        ne, xs = self._row_push("x", x.type)
+        xb, x_off = self.operand(x)
+        y, y_off = self.operand(node, what="result")
+        rows = ne[1] * ne[2] * ne[3]
+        push = dict(n=ne[0], rows=rows, ne1=ne[1], ne2=ne[2], x_off=x_off, **xs, y_off=y_off)
+        wg = 64
+        self.dispatch(node, "top_k.comp.j2", dict(wg=wg, k=node.attr("k")), [xb, y], push, -(-rows // wg),
+                      reads=[xb], writes=[y])
+
+    def take_along(self, node: Node):
+        x, idx = node.inputs
+        ne, i_s = self._row_push("i", idx.type)
+        _, x_s = self._row_push("x", x.type)
+        xb, x_off = self.operand(x)
+        ib, i_off = self.operand(idx)
+        y, y_off = self.operand(node, what="result")
+        sb, _ = self.bind(Place("status"), 4, 4, "status")
+        rows = ne[1] * ne[2] * ne[3]
+        push = dict(n=ne[0], rows=rows, ne1=ne[1], ne2=ne[2], E=x.shape[-1], x_off=x_off, **x_s, i_off=i_off,
+                    **i_s, y_off=y_off, status=self.index_status(node, x.shape[-1]))
+        wg = 64
+        self.dispatch(node, "take_along.comp.j2", dict(wg=wg), [xb, ib, y, sb], push, -(-rows * ne[0] // wg),
+                      reads=[xb, ib], writes=[y])   # status: atomics
 
     def get_rows(self, node: Node):
         table, idx = node.inputs
@@ -619,20 +683,38 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         code = self.index_status(node, R)
         push = dict(T=idx.shape[0], D=D, rows=R, i_off=i_off, i_s0=idx.type.strides[0] // 4, s_off=s_off,
                     s_s0=src.type.strides[0] // 4, s_s1=src.type.strides[1] // 4, y_off=y_off, status=code)
-        wg = 64
-        self.dispatch(node, "set_rows.comp.j2", dict(wg=wg, dtype=dst.dtype.name), [ib, sb, yb, stb], push,
-                      -(-D // wg), reads=[ib, sb, yb], writes=[yb])   # status: atomics
+        params = set_rows_params(dst.dtype, self.caps)
+        items = D
+        if dst.dtype.is_quantized:     # a quantized cache: an invocation (turbo: a group) per block
+            push.update(y_row=dst.dtype.row_bytes(D))
+            items = D // dst.dtype.block_size * (params["wg"] if is_turbo(dst.dtype.name) else 1)
+        self.dispatch(node, "set_rows.comp.j2", params, [ib, sb, yb, stb], push,
+                      -(-items // params["wg"]), reads=[ib, sb, yb], writes=[yb])   # status: atomics
+
+
+def set_rows_params(dt, caps: DeviceCaps) -> dict:
+    """The template parameters of a set_rows into dt: a quantized cache quantizes one block per
+    invocation (q8_0, q4_0) or per work group of 128 (turbo3, turbo4)."""
+    if not dt.is_quantized:
+        return dict(wg=64, dtype=dt.name, block=0)
+    return dict(wg=128 if is_turbo(dt.name) else 64, dtype=dt.name, block=dt.block_size,
+                block_bytes=dt.block_bytes, float64=caps.float64)
 
 
 MUL_MAT_PUSH = ("K", "N", "T", "ne2", "ne3", "r2", "r3", "x_off", "x_t", "x_k", "x_b2", "x_b3", "w_off",
                 "w_row", "w_step", "w_b2", "w_b3", "y_off", "y_n", "n0", "groups_n", "groups_t")
+MUL_MAT_ID_PUSH = ("E", "i_off", "i_tok", "i_sel", "status")     # with ids (_ids.glsl.j2)
 
 
-def _mul_mat_push(values: dict, template: str) -> dict:
-    """The push constants of a mul_mat piece in the order its shader declares them (the chunked
-    kernel walks contiguous rows: no w_step)."""
-    return {name: values[name] for name in MUL_MAT_PUSH
-            if not (name == "w_step" and template == "mul_mat_chunked.comp.j2")}
+def mul_mat_push_names(template: str, ids: bool) -> list[str]:
+    """The push constants of a mul_mat kernel in the order its shader declares them (the chunked
+    kernel walks contiguous rows: no w_step; with ids, the expert ids' fields last)."""
+    names = [n for n in MUL_MAT_PUSH if not (n == "w_step" and template == "mul_mat_chunked.comp.j2")]
+    return names + list(MUL_MAT_ID_PUSH if ids else ())
+
+
+def _mul_mat_push(values: dict, template: str, ids: bool) -> dict:
+    return {name: values[name] for name in mul_mat_push_names(template, ids)}
 
 
 def render_graph(graph: Graph, caps: DeviceCaps = DeviceCaps()) -> VulkanProgram:
@@ -699,20 +781,29 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
             kv_kind = "texel" if texel else "storage"
             add("attention.comp.j2", dict(wg=64, D=64, Dv=32, k_dtype=kv, v_dtype=kv, has_mask=mask is not None,
                                           mask_dtype=mask or "f32", softcap=True, causal=True, window=True,
-                                          kv_texel=texel), push,
+                                          kv_texel=texel, kv_quantized=KV_QUANTIZED), push,
                 ["storage", kv_kind, kv_kind] + ["storage"] * (2 if mask else 1))
-    mm_push = list(MUL_MAT_PUSH)
+    for k_dt, v_dt in (("q8_0", "turbo4"), ("turbo3", "q4_0")):   # quantized caches: every kind, turbo K and V
+        push = ["Tq", "Tk", "Hq", "group"] + [f"{p}_{s}" for p in "qkv" for s in ("off", "s0", "s1", "s2")]
+        add("attention.comp.j2", dict(wg=64, D=128, Dv=128, k_dtype=k_dt, v_dtype=v_dt, has_mask=False,
+                                      mask_dtype="f32", softcap=False, causal=True, window=False, kv_texel=False,
+                                      kv_quantized=KV_QUANTIZED), push + ["y_off", "scale", "softcap", "window"], 4)
     gr_push = ["T", "D", "rows", "row_lo", "row_hi", "i_off", "i_s0", "w_off", "w_row", "w_step", "y_off", "status"]
     for k, wtype in enumerate(MATMUL_WTYPES):
         rows = 4 if wtype in FLOAT_KINDS else 2
         sub = caps.subgroup_size if caps.subgroup_size and (64 // rows) % caps.subgroup_size == 0 else 0
         xtype = ("f32", "f16")[k % 2]
-        add("mul_mat.comp.j2", dict(wg=64, wtype=wtype, xtype=xtype, rows=rows, lanes=64 // rows, tt=4,
-                                    subgroup=sub), mm_push, 3)
-        texel = caps.texel_buffers and k % 2 == 0
-        add("mul_mat_chunked.comp.j2", dict(wg=64, wtype=wtype, xtype=xtype, tt=2, rows=16 if sub else 4, cpl=2,
-                                            subgroup=caps.subgroup_size, w_texel=texel),
-            [n for n in mm_push if n != "w_step"], ["storage", "texel" if texel else "storage", "storage"])
+        for ids in (False, True):     # mul_mat, and mul_mat_id (two more bindings: ids, status)
+            tt = 1 if ids else 4
+            add("mul_mat.comp.j2", dict(wg=64, wtype=wtype, xtype=xtype, rows=rows, lanes=64 // rows, tt=tt,
+                                        subgroup=sub, ids=ids), mul_mat_push_names("mul_mat.comp.j2", ids),
+                5 if ids else 3)
+            texel = caps.texel_buffers and k % 2 == 0
+            add("mul_mat_chunked.comp.j2", dict(wg=64, wtype=wtype, xtype=xtype, tt=1 if ids else 2,
+                                                rows=16 if sub else 4, cpl=2, subgroup=caps.subgroup_size,
+                                                w_texel=texel, ids=ids),
+                mul_mat_push_names("mul_mat_chunked.comp.j2", ids),
+                ["storage", "texel" if texel else "storage", "storage"] + ["storage"] * (2 if ids else 0))
         add("get_rows.comp.j2", dict(wg=64, wtype=wtype), gr_push, 4)
     add("ssm_conv.comp.j2", dict(wg=64), ["T", "C", "K", "x_off", "x_s0", "x_s1", "w_off", "w_s0", "w_s1",
                                           "y_off"], 3)
@@ -725,9 +816,13 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
         for name, rank in (("q", 3), ("k", 3), ("v", 3), ("g", 3 if kda else 2), ("beta", 2), ("s", 3)):
             gdn_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
         add("gated_delta_net.comp.j2", dict(wg=64, S_k=16, kda=kda), gdn_push + ["y_off", "scale"], 7)
-    for dt in FLOAT_KINDS:
-        add("set_rows.comp.j2", dict(wg=64, dtype=dt),
-            ["T", "D", "rows", "i_off", "i_s0", "s_off", "s_s0", "s_s1", "y_off", "status"], 4)
+    add("top_k.comp.j2", dict(wg=64, k=8), row_push + ["y_off"], 2)
+    add("take_along.comp.j2", dict(wg=64), ["n", "rows", "ne1", "ne2", "E", "x_off", "x_s0", "x_s1", "x_s2", "x_s3",
+                                            "i_off", "i_s0", "i_s1", "i_s2", "i_s3", "y_off", "status"], 4)
+    sr_push = ["T", "D", "rows", "i_off", "i_s0", "s_off", "s_s0", "s_s1", "y_off", "status"]
+    for dt in FLOAT_KINDS + KV_QUANTIZED:
+        quantized = dt in KV_QUANTIZED
+        add("set_rows.comp.j2", set_rows_params(dtypes.dtype(dt), caps), sr_push + (["y_row"] if quantized else []), 4)
     return out
 
 

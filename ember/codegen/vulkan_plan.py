@@ -38,6 +38,7 @@ class DeviceCaps:
     texel_buffers: bool = False      # R32_UINT uniform texel buffers (weights read through them)
     max_texel_bytes: int = 0         # 4 * maxTexelBufferElements
     texel_alignment: int = 16        # minTexelBufferOffsetAlignment
+    float64: bool = False            # shaderFloat64 (quantized-cache stores exact, ember.codegen.kv_quant)
 
     def to_json(self) -> dict:
         return asdict(self)

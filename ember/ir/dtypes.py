@@ -57,13 +57,24 @@ q4_0 = DType("q4_0", 32, 18, None)
 q5_0 = DType("q5_0", 32, 22, None)
 q4_k = DType("q4_k", 256, 144, None)
 q6_k = DType("q6_k", 256, 210, None)
+q4_1 = DType("q4_1", 32, 20, None)
+q5_1 = DType("q5_1", 32, 24, None)
+q2_k = DType("q2_k", 256, 84, None)
+q3_k = DType("q3_k", 256, 110, None)
+q5_k = DType("q5_k", 256, 176, None)
+iq4_nl = DType("iq4_nl", 32, 18, None)
+iq4_xs = DType("iq4_xs", 256, 136, None)
+mxfp4 = DType("mxfp4", 32, 17, None)
+nvfp4 = DType("nvfp4", 64, 36, None)  # four UE4M3 scales of 16 values each
 turbo3 = DType("turbo3", 128, 50, None)
 turbo4 = DType("turbo4", 128, 66, None)
 
 ALL: dict[str, DType] = {d.name: d for d in (f32, f16, bf16, i32, i8, q8_0, q4_0, q5_0, q4_k, q6_k,
-                                              turbo3, turbo4)}
+                                              q4_1, q5_1, q2_k, q3_k, q5_k, iq4_nl, iq4_xs, mxfp4,
+                                              nvfp4, turbo3, turbo4)}
 QUANTIZED = tuple(d for d in ALL.values() if d.is_quantized)
-WEIGHT_TYPES = (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k)
+WEIGHT_TYPES = (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k,
+                q4_1, q5_1, q2_k, q3_k, q5_k, iq4_nl, iq4_xs, mxfp4, nvfp4)
 # The types a KV cache may be stored in (f16 the default); the quantized ones quantize each row
 # written by set_rows and are read block by block by attention.
 KV_CACHE_TYPES = (f16, f32, q8_0, q4_0, turbo3, turbo4)

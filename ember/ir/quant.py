@@ -26,6 +26,8 @@ Supported kinds (``BLOCK_LAYOUTS[kind] == (values per block, bytes per block)``)
     ``ql: uint8[128]``, ``qh: uint8[64]``, ``scales: int8[16]``, ``d: fp16``;
     ``value = d * scales[j // 16] * (q - 32)`` with ``q`` a 6-bit value (low
     4 bits in ``ql``, high 2 bits in ``qh``; see ``_pack_q6_k``).
+``q4_1``, ``q5_1``, ``q2_k``, ``q3_k``, ``q5_k``, ``iq4_nl``, ``iq4_xs``, ``mxfp4``, ``nvfp4``
+    ggml's other weight formats; layouts and codecs in ember.ir.quant_formats.
 ``turbo3`` 128 values / 50 bytes, ``turbo4`` 128 values / 66 bytes
     TurboQuant KV-cache blocks (one attention head each): an fp16 corrected norm and
     Lloyd-Max indices of the rotated unit vector; layouts and constants in ember.ir.turbo.
@@ -49,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ember.ir import turbo
+from ember.ir import quant_formats, turbo
 
 __all__ = ["BLOCK_LAYOUTS", "quantize", "dequantize"]
 
@@ -61,6 +63,7 @@ BLOCK_LAYOUTS: dict[str, tuple[int, int]] = {
     "q6_k": (256, 210),
     "turbo3": (turbo.BLOCK, turbo.BLOCK_BYTES[3]),
     "turbo4": (turbo.BLOCK, turbo.BLOCK_BYTES[4]),
+    **quant_formats.LAYOUTS,
 }
 
 # Values processed per chunk (a multiple of every block size).  Keeps each
@@ -457,6 +460,7 @@ _QUANTIZERS = {
     "q6_k": _quantize_q6_k,
     "turbo3": turbo.quantize_turbo3,
     "turbo4": turbo.quantize_turbo4,
+    **quant_formats.QUANTIZERS,
 }
 
 # Byte offsets of the fp16 scale fields inside one block, per kind.
@@ -468,6 +472,7 @@ _F16_FIELDS = {
     "q6_k": (208,),
     "turbo3": (0,),
     "turbo4": (0,),
+    **quant_formats.F16_FIELDS,
 }
 
 _DEQUANTIZERS = {
@@ -478,6 +483,7 @@ _DEQUANTIZERS = {
     "q6_k": _dequantize_q6_k,
     "turbo3": turbo.dequantize_turbo3,
     "turbo4": turbo.dequantize_turbo4,
+    **quant_formats.DEQUANTIZERS,
 }
 
 

@@ -21,6 +21,13 @@ NumPy reference and the generated kernels cannot drift apart. The quantizer is w
 kernel can reproduce its bytes exactly: the norms are float64 sums of squares in index order,
 the rotation is a float32 butterfly in a fixed order, and ties go to the lower centroid.
 
+Head sizes: a turbo cache holds each attention head as whole 128-value blocks, so the head size
+must be a multiple of 128 (Gemma 3 270M: 256). Any other head size (test models use 64) is
+refused, not padded: the type of the cache viewed as heads (reshape, attention's type rule, a
+quantized tensor type) fails with one line naming the head size and the block size, before
+anything is compiled, on the reference and every backend alike. (q8_0 / q4_0 caches likewise
+need a multiple of their 32-value block.)
+
 Also here: the orthonormal Hadamard transform llama.cpp applies to Q/K/V when the cache is
 quantized (`fwht`, `hadamard_matrix`). Imports NumPy only.
 """

@@ -56,6 +56,10 @@ class TensorType:
             object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
             if len(self.strides) != len(self.shape):
                 raise ValueError(f"strides {self.strides} do not match shape {self.shape}")
+            # Kernels index base + i * stride with unsigned sizes: a negative stride reads
+            # below its buffer, so no type carries one.
+            if any(s < 0 for s in self.strides):
+                raise ValueError(f"negative stride in {self.strides}")
         if self.layout != ROW:
             why = get_layout(self.layout).problem(self.dtype, self.shape)
             if why:
@@ -95,6 +99,22 @@ class TensorType:
         last = sum((s - 1) * st for s, st in zip(self.shape[:-1], self.strides[:-1]))
         return last + self.dtype.row_bytes(self.shape[-1]) if self.dtype.is_quantized \
             else last + (self.shape[-1] - 1) * self.strides[-1] + self.dtype.block_bytes
+
+    @property
+    def byte_extent(self) -> tuple[int, int]:
+        """(lowest, one past the highest) byte offset this tensor touches from its base, for any
+        strides: a negative stride reaches below the base, which span_bytes cannot say."""
+        if self.numel == 0:
+            return 0, 0
+        if self.layout != ROW:
+            return 0, self.nbytes
+        lo = hi = 0
+        outer = self.shape[:-1] if self.dtype.is_quantized else self.shape
+        for size, stride in zip(outer, self.strides):
+            reach = (size - 1) * stride
+            lo, hi = lo + min(reach, 0), hi + max(reach, 0)
+        last = self.dtype.row_bytes(self.shape[-1]) if self.dtype.is_quantized else self.dtype.block_bytes
+        return lo, hi + last
 
     @property
     def is_contiguous(self) -> bool:

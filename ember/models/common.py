@@ -5,23 +5,35 @@ cache, gated FFNs and the output head.
 
 The step-graph contract, relied on by the generation runtime:
 
-    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None, states=StateLayout()) -> Graph
+    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None, cache=F16_CACHE, states=StateLayout()) -> Graph
     inputs   tokens i32[n_tokens], pos i32[n_tokens] (positions), slots i32[n_tokens] (the cache
              rows the new K/V rows go to), out_ids i32[n_outputs] (the rows that produce logits),
              mask f32[n_tokens, n_kv] (0 / -inf: causal + padding, built by the runtime),
              mask_swa f32[n_tokens, n_kv_swa] (only for models with sliding-window layers),
              slots_swa i32[n_tokens] (only when n_kv_swa < n_kv: the rows of the sliding-window
              layers' ring caches; otherwise those layers use slots and n_kv_swa = n_kv),
-             then k_cache.{il}, v_cache.{il} f16[n_kv, n_head_kv * head_dim] for each attention
-             layer il (n_kv_swa rows for a sliding-window layer), then, for a model with
+             then k_cache.{il} cache.k[n_kv, n_head_kv * head_dim_k], v_cache.{il}
+             cache.v[n_kv, n_head_kv * head_dim_v] for each attention layer il (n_kv_swa rows for
+             a sliding-window layer; cache: a KVCacheTypes, f16/f16 by default; a quantized type
+             is stored as whole blocks per row, ember.ir.dtypes), then, for a model with
              recurrent layers (HParams.recurrent_layers), state_src i32[1] and state_slots
-             i32[n_states] followed by the state planes conv_state.{il} f32[planes, (d_conv - 1)
-             * (d_inner + 2 * n_group * d_state)] and ssm_state.{il} f32[planes, n_ssm_head *
-             ssm_head_dim * d_state] of each recurrent layer il (Mamba-2), each group in layer order.
+             i32[n_states] followed by the state planes {kind}_state.{il} f32[planes, state size]
+             of each recurrent layer il (Model.state_kinds says which states, Model.state_shapes
+             their shapes), each group in layer order. A Mamba-2 layer has conv_state.{il}
+             [d_conv - 1, d_inner + 2 * n_group * d_state] and ssm_state.{il} [n_ssm_head,
+             ssm_head_dim, d_state]; a gated DeltaNet layer (qwen3next, qwen35, qwen35moe:
+             ssm_n_head v heads of S = d_state, d_inner = H_v * S, n_group q/k heads) a conv state
+             over q, k and v ([d_conv - 1, 2 H_k S + H_v S]) and ssm_state the delta rule's
+             [H_v, S_v, S_k] (gated_delta_net's layout); a short convolution (lfm2)
+             conv_state.{il} [l_cache - 1, n_embd] only (the last rows of B*x it saw). A layer can
+             have both a KV cache and a state (falcon-h1) or neither (nemotron_h's FFN-only layers).
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
              set_rows(cache, slots, rows) for every attention layer, then the state planes
              updated with set_rows(planes, state_slots, states), in the inputs' order.
-    Attention reads the updated caches with causal=False: the masks say everything.
+    Attention reads the updated caches with causal=False: the masks say everything. With a
+    q8_0 / q4_0 cache (and cache.rotation) the rows stored are the Walsh-Hadamard rotations of K
+    and V (llama.cpp's attn_rot; ember/models/kv_cache.py): Q is rotated with K, the attention
+    output rotated back, so the logits mean the same; turbo3/turbo4 rotate inside their blocks.
 
     Recurrent state (StateLayout): each recurrent layer keeps `planes` copies of each of its
     states, rows of a per-layer table that stays where it is (on a GPU backend, resident on the
@@ -30,15 +42,16 @@ The step-graph contract, relied on by the generation runtime:
     all_states (n_states = n_tokens, a speculative verify batch) the state after EVERY token, so
     the runtime can continue from any accepted prefix by pointing state_src at its plane (no
     copy, no second pass: ember.runtime.speculative); otherwise (n_states = 1) only the state
-    after the last token. StepGraph.recurrent_state / write_states do this for any recurrent
-    layer (Mamba-2's conv and SSM states here; a gated DeltaNet or short-convolution layer the
-    same way), so an architecture never handles planes itself. The runtime feeds a recurrent
-    layer the tokens of one sequence in order; positions, slots and masks mean nothing to it.
-    A model with no attention layer still takes every input above (unused), so the runtime
-    builds the same inputs for every model.
+    after the last token. StepGraph.recurrent_state / write_states do this for every recurrent
+    layer kind: a convolution's states (Mamba-2, gated DeltaNet, short convolution) are
+    overlapping windows of the rows it saw (write_conv_states, no kernel), the scans' come out
+    of ssm_scan / gated_delta_net with all_states, so an architecture never handles planes
+    itself. The runtime feeds a recurrent layer the tokens of one sequence in order; positions,
+    slots and masks mean nothing to it. A model with no attention layer still takes every input
+    above (unused), so the runtime builds the same inputs for every model.
 
 Weights are graph constants under their GGUF names, holding views of the memory-mapped file.
-Imports the IR and the GGUF reader only.
+Imports the IR, the GGUF reader and the cache types (kv_cache) only.
 """
 from __future__ import annotations
 
@@ -52,9 +65,9 @@ from ember.ir.builder import GraphBuilder
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.models.gguf_file import GGUFFile, ModelFileError
-from ember.models.hparams import HParams
+from ember.models.hparams import DELTA_NET_ARCHS, HParams
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 
-CACHE_DTYPE = dtypes.f16
 STATE_DTYPE = dtypes.f32     # recurrent state stays f32, as in llama.cpp
 
 
@@ -78,7 +91,7 @@ class Model:
     hparams: HParams
     file: GGUFFile
     tokenizer: Mapping[str, object]
-    step_builder: Callable[..., Graph]   # (model, n_tokens, n_kv, n_outputs, n_kv_swa[, states])
+    step_builder: Callable[..., Graph]   # (model, n_tokens, n_kv, n_outputs, n_kv_swa, cache[, states])
 
     @property
     def path(self):
@@ -107,46 +120,75 @@ class Model:
 
     @property
     def recurrent_layers(self) -> tuple[int, ...]:
-        """The layers with recurrent state (conv_state.{il}, ssm_state.{il}), in order."""
+        """The layers with recurrent state ({kind}_state.{il} for each of state_kinds), in order."""
         return self.hparams.recurrent_layer_ids
 
+    @property
+    def state_kinds(self) -> tuple[str, ...]:
+        """The states of each recurrent layer, in order: ("conv", "ssm") for Mamba-2 and gated
+        DeltaNet layers, ("conv",) for short convolutions (lfm2)."""
+        return self.hparams.state_kinds
+
+    def state_names(self) -> list[str]:
+        """Every recurrent state input of the step graph, in order: {kind}_state.{il}."""
+        return [f"{kind}_state.{il}" for il in self.recurrent_layers for kind in self.state_kinds]
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every recurrent state the step graph carries, by input name, with its shape (one
-        plane): conv_state.{il} and ssm_state.{il} for each Mamba-2 layer, in the contract's order."""
+        """Every recurrent state the step graph carries, by input name (state_names' order),
+        with its shape (one plane)."""
         return {f"{kind}_state.{il}": self.state_shape(kind)
-                for il in self.recurrent_layers for kind in ("conv", "ssm")}
+                for il in self.recurrent_layers for kind in self.state_kinds}
 
     def state_shape(self, which: str) -> tuple[int, ...]:
         """Shape of one recurrent layer's "conv" or "ssm" state (f32)."""
-        if which not in ("conv", "ssm"):
-            raise ValueError(f"state_shape: which must be 'conv' or 'ssm', got {which!r}")
+        if which not in self.state_kinds:
+            raise ValueError(f"state_shape: {self.arch}'s recurrent layers have states "
+                             f"{self.state_kinds}, not {which!r}")
         hp = self.hparams
         return hp.conv_state_shape if which == "conv" else hp.ssm_state_shape
 
     def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
-                   states: StateLayout = StateLayout()) -> Graph:
+                   cache: KVCacheTypes = F16_CACHE, states: StateLayout = StateLayout()) -> Graph:
         """The step graph; with n_kv_swa < n_kv (a model with sliding-window layers), those
-        layers keep a ring of n_kv_swa rows (the contract's slots_swa input); states: how a
-        model with recurrent layers keeps their state (StateLayout)."""
+        layers keep a ring of n_kv_swa rows (the contract's slots_swa input). cache: the KV
+        cache's types (a head size the types cannot hold is an EmberError, see check_cache);
+        states: how a model with recurrent layers keeps their state (StateLayout)."""
         if n_tokens < 1 or n_kv < 1:
             raise ValueError(f"build_step: need n_tokens >= 1 and n_kv >= 1, got {n_tokens}, {n_kv}")
         if not 0 <= n_outputs <= n_tokens:
             raise ValueError(f"build_step: n_outputs {n_outputs} must be in [0, {n_tokens}]")
         if n_kv_swa is not None and not n_tokens <= n_kv_swa <= n_kv:
             raise ValueError(f"build_step: n_kv_swa {n_kv_swa} must be in [n_tokens {n_tokens}, n_kv {n_kv}]")
+        self.check_cache(cache)
         if not self.recurrent_layers:
-            return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa)
+            return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
         if states.planes < 1 or (states.planes == 1 and states.n_states(n_tokens) > 1):
             raise ValueError(f"build_step: {states.n_states(n_tokens)} states per step need more than "
                              f"{states.planes} state plane(s)")
-        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, states)
+        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
+
+    def check_cache(self, cache: KVCacheTypes) -> None:
+        """EmberError (one line: the file, the head size, the type) when a quantized cache type
+        cannot hold this model's heads as whole blocks; nothing to check without attention."""
+        if self.attention_layers:
+            cache.check(self.hparams.head_dim_k, self.hparams.head_dim_v, str(self.path))
+
+    def cache_bytes_per_row(self, cache: KVCacheTypes) -> int:
+        """Bytes one token takes in one attention layer's K and V caches."""
+        hp = self.hparams
+        return cache.row_bytes(hp.n_embd_k_gqa, hp.n_embd_v_gqa)
 
     def __repr__(self) -> str:
         hp = self.hparams
         parts = [f"{hp.n_layer} layers", f"n_embd {hp.n_embd}"]
-        if self.recurrent_layers:
-            parts.append(f"{len(self.recurrent_layers)} Mamba-2 ({hp.ssm_n_head} heads of "
+        if self.recurrent_layers and hp.shortconv_l_cache:
+            parts.append(f"{len(self.recurrent_layers)} short convolutions (window {hp.shortconv_l_cache})")
+        elif self.recurrent_layers:
+            kind = "DeltaNet" if hp.arch in DELTA_NET_ARCHS else "Mamba-2"
+            parts.append(f"{len(self.recurrent_layers)} {kind} ({hp.ssm_n_head} heads of "
                          f"{hp.ssm_head_dim}, d_state {hp.ssm_d_state})")
+        if hp.n_expert:
+            parts.append(f"{hp.n_expert} experts ({hp.n_expert_used} used)")
         if self.attention_layers:
             parts.append(f"{hp.n_head}/{hp.n_head_kv} heads of {hp.head_dim_k}")
         return f"<Model {self.arch} {str(self.path)!r}: {', '.join(parts)}, vocab {hp.n_vocab}>"
@@ -157,11 +199,12 @@ class StepGraph:
     cache updates; `finish` adds the output head and returns the Graph."""
 
     def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
-                 states: StateLayout = StateLayout()):
+                 cache: KVCacheTypes = F16_CACHE, states: StateLayout = StateLayout()):
         self.model, self.hp, self.file = model, model.hparams, model.file
         self.states = states
         self.n_states = states.n_states(n_tokens)
         self.n_tokens, self.n_kv, self.n_outputs = n_tokens, n_kv, n_outputs
+        self.cache = cache
         # Sliding-window layers read a ring of n_kv_swa rows (slots_swa, mask_swa) when it is
         # shorter than the other layers' n_kv; otherwise they share slots with them.
         ring = self.hp.uses_swa and n_kv_swa is not None and n_kv_swa < n_kv
@@ -178,8 +221,8 @@ class StepGraph:
         self.v_cache: dict[int, Node] = {}
         for il in model.attention_layers:
             rows = self.cache_rows(il)
-            self.k_cache[il] = b.input(f"k_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "k"))
-            self.v_cache[il] = b.input(f"v_cache.{il}", CACHE_DTYPE, model.cache_shape(rows, "v"))
+            self.k_cache[il] = b.input(f"k_cache.{il}", cache.k, model.cache_shape(rows, "k"))
+            self.v_cache[il] = b.input(f"v_cache.{il}", cache.v, model.cache_shape(rows, "v"))
         self.k_updated: list[Node | None] = [None] * self.hp.n_layer
         self.v_updated: list[Node | None] = [None] * self.hp.n_layer
         # recurrent state: plane tables by name, the state each step starts from, the states written
@@ -191,8 +234,10 @@ class StepGraph:
             self.state_slots = b.input("state_slots", "i32", (self.n_states,))
         for name, shape in model.state_shapes().items():
             self.state_planes[name] = b.input(name, STATE_DTYPE, (states.planes, int(np.prod(shape))))
+        # the state each recurrent layer starts from, by kind (no ssm_state for a short convolution)
         self.conv_state = {il: self.recurrent_state(f"conv_state.{il}") for il in model.recurrent_layers}
-        self.ssm_state = {il: self.recurrent_state(f"ssm_state.{il}") for il in model.recurrent_layers}
+        self.ssm_state = {il: self.recurrent_state(f"ssm_state.{il}") for il in model.recurrent_layers
+                          if "ssm" in model.state_kinds}
 
     # ---- recurrent state (the contract's planes) ------------------------------------------
     def recurrent_state(self, name: str) -> Node:
@@ -211,6 +256,25 @@ class StepGraph:
         if states.shape != expected:
             raise ValueError(f"write_states: {name} states are {list(states.shape)}, expected {list(expected)}")
         self.state_written[name] = states
+
+    def write_conv_states(self, il: int, window: Node) -> None:
+        """Layer il's conv states from the convolution's window[K - 1 + T, C] (the state rows,
+        then the step's rows): the state after token t is rows t + 1 .. t + K - 1, so the
+        n_states states are overlapping row ranges of the window, one strided view (no copy
+        kernel: set_rows reads them straight from the window)."""
+        rows, C = window.shape
+        T = self.n_tokens
+        K1, n, F32 = rows - T, self.n_states, dtypes.f32.row_bytes(1)
+        self.write_states(f"conv_state.{il}", self.b.view(window, shape=(n, K1 * C), strides=(C * F32, F32),
+                                                          offset=(T - n + 1) * C * F32))
+
+    def write_scan_states(self, il: int, out: Node, n_outputs: int) -> None:
+        """Layer il's ssm states from a scan's flat result (ssm_scan, gated_delta_net with
+        all_states=self.states.all_states): n_outputs output elements, then the n_states states."""
+        F32 = dtypes.f32.row_bytes(1)
+        size = self.state_planes[f"ssm_state.{il}"].shape[1]
+        self.write_states(f"ssm_state.{il}", self.b.view(out, shape=(self.n_states, size),
+                                                         strides=(size * F32, F32), offset=n_outputs * F32))
 
     # ---- weights --------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -264,11 +328,17 @@ class StepGraph:
     def attention(self, il: int, q: Node, k: Node, v: Node, scale: float, softcap: float = 0.0,
                   swa: bool = False) -> Node:
         """Write this step's K/V rows into layer il's caches, attend over the updated caches,
-        and return the heads flattened: f32[n_tokens, n_head * head_dim_v]."""
+        and return the heads flattened: f32[n_tokens, n_head * head_dim_v]. A q8_0 / q4_0
+        cache rotates Q and K (V, and the output back) as llama.cpp does (ember.models.kv_cache)."""
         b, hp = self.b, self.hp
         if swa != hp.is_swa(il):
             raise ValueError(f"attention: layer {il} is {'' if hp.is_swa(il) else 'not '}a "
                              f"sliding-window layer, called with swa={swa}")
+        k_rot, v_rot = self.cache.k_rotation(hp.head_dim_k), self.cache.v_rotation(hp.head_dim_v)
+        if k_rot:
+            q, k = rotate(b, q, k_rot), rotate(b, k, k_rot)
+        if v_rot:
+            v = rotate(b, v, v_rot)
         rows = self.cache_rows(il)
         slots = self.slots_swa if swa else self.slots
         k_cache = b.set_rows(self.k_cache[il], slots, flatten_heads(b, k))
@@ -278,6 +348,8 @@ class StepGraph:
         values = b.reshape(v_cache, rows, hp.n_head_kv, hp.head_dim_v)
         mask = self.mask_swa if swa else self.mask
         out = b.attention(q, keys, values, mask, scale=scale, softcap=softcap, causal=False)
+        if v_rot:
+            out = b.hadamard(out, v_rot)
         return b.reshape(out, self.n_tokens, hp.n_head * hp.head_dim_v)
 
     def cache_rows(self, il: int) -> int:
@@ -290,14 +362,14 @@ class StepGraph:
         return self.b.get_rows(x, self.out_ids)
 
     def finish(self, h: Node, output_name: str = "output.weight", softcap: float = 0.0,
-               logit_scale: float = 0.0) -> Graph:
-        """Final norm and output matmul on h[n_outputs, n_embd] (already selected rows); the
-        output falls back to the tied token embedding; logits are divided by logit_scale when
-        it is set (granite). Returns the step graph."""
+               logit_scale: float = 0.0, output_norm: str = "output_norm.weight") -> Graph:
+        """Final norm (output_norm: its weight) and output matmul on h[n_outputs, n_embd]
+        (already selected rows); the output falls back to the tied token embedding; logits are
+        divided by logit_scale when it is set (granite). Returns the step graph."""
         b, hp = self.b, self.hp
         if h.shape[0] != self.n_outputs:
             raise ValueError(f"finish: h has {h.shape[0]} rows, expected n_outputs={self.n_outputs}")
-        h = self.rms_norm(h, "output_norm.weight")
+        h = self.rms_norm(h, output_norm)
         name = output_name if output_name in self.file else "token_embd.weight"
         logits = b.mul_mat(h, self.weight(name, hp.n_vocab, hp.n_embd))
         bias = self.vector("output.bias", hp.n_vocab, required=False)
@@ -317,6 +389,12 @@ class StepGraph:
         states = [b.set_rows(planes, self.state_slots, self.state_written[name])
                   for name, planes in self.state_planes.items()]
         return b.build(logits, *caches, *states)
+
+
+def rotate(b: GraphBuilder, x: Node, block: int) -> Node:
+    """x [T, H, D] times the orthonormal Hadamard matrix over blocks of D (a strided view, the
+    fused-QKV split, is made contiguous first)."""
+    return b.hadamard(x if x.type.is_contiguous else b.cont(x), block)
 
 
 def flatten_heads(b: GraphBuilder, x: Node) -> Node:

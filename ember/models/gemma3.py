@@ -20,11 +20,12 @@ import math
 
 from ember.ir.graph import Graph
 from ember.models.common import Model, StepGraph, build_qkv, embed_tokens
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa)
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
     b, hp = s.b, s.hp
     h = b.scale(embed_tokens(s), scale=math.sqrt(hp.n_embd))
     for il in range(hp.n_layer):

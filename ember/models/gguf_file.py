@@ -40,6 +40,15 @@ GGML_TO_EMBER: dict[GGMLQuantizationType, dtypes.DType] = {
     GGMLQuantizationType.Q5_0: dtypes.q5_0,
     GGMLQuantizationType.Q4_K: dtypes.q4_k,
     GGMLQuantizationType.Q6_K: dtypes.q6_k,
+    GGMLQuantizationType.Q4_1: dtypes.q4_1,
+    GGMLQuantizationType.Q5_1: dtypes.q5_1,
+    GGMLQuantizationType.Q2_K: dtypes.q2_k,
+    GGMLQuantizationType.Q3_K: dtypes.q3_k,
+    GGMLQuantizationType.Q5_K: dtypes.q5_k,
+    GGMLQuantizationType.IQ4_NL: dtypes.iq4_nl,
+    GGMLQuantizationType.IQ4_XS: dtypes.iq4_xs,
+    GGMLQuantizationType.MXFP4: dtypes.mxfp4,
+    GGMLQuantizationType.NVFP4: dtypes.nvfp4,
 }
 EMBER_TO_GGML = {v: k for k, v in GGML_TO_EMBER.items()}
 SUPPORTED_TYPE_NAMES = ", ".join(t.name for t in GGML_TO_EMBER)
@@ -126,6 +135,10 @@ class _Cursor:
             return self.string(what)
         if vtype == GGUFValueType.ARRAY:
             item_type = self.value_type(f"items of {what}")
+            if item_type == GGUFValueType.ARRAY:
+                # gguf.cpp refuses arrays of arrays (a 2000-deep nest once overflowed the stack)
+                raise ModelFileError(f"{self.path}: {what} is an array of arrays, which GGUF "
+                                     f"does not allow (at offset {self.pos - 4})")
             count = self.u64(f"length of {what}")
             if item_type in _NUMPY_OF:
                 dt = _NUMPY_OF[item_type]
@@ -182,6 +195,10 @@ class GGUFFile:
         metadata: dict[str, Any] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
+            if key in metadata:
+                # gguf.cpp refuses a repeated key; a reader keeping the last one would read
+                # another value than llama.cpp does
+                raise ModelFileError(f"{self.path}: metadata {key!r} appears twice")
             vtype = cur.value_type(f"metadata {key!r}")
             metadata[key] = cur.value(vtype, f"metadata {key!r}")
         self.metadata: Mapping[str, Any] = MappingProxyType(metadata)
@@ -198,16 +215,28 @@ class GGUFFile:
             offset = cur.u64(f"data offset of tensor {name!r}")
             raw_infos.append((name, ne, raw_type, offset))
 
-        self.alignment = int(metadata.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT))
-        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
-            raise ModelFileError(f"{self.path}: alignment {self.alignment} is not a power of two")
+        alignment = metadata.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+                or alignment & (alignment - 1):
+            raise ModelFileError(f"{self.path}: metadata {Keys.General.ALIGNMENT!r} = {alignment!r} "
+                                 "is not a power of two")
+        self.alignment = alignment
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
 
         infos: dict[str, TensorInfo] = {}
+        expected = 0
         for name, ne, raw_type, offset in raw_infos:
             if name in infos:
                 raise ModelFileError(f"{self.path}: tensor {name!r} appears twice")
-            infos[name] = self._tensor_info(name, ne, raw_type, offset)
+            info = self._tensor_info(name, ne, raw_type, offset)
+            # gguf.cpp: each tensor's data follows the previous one's, padded to the alignment;
+            # an offset elsewhere would overlap another tensor or leave bytes unread.
+            if offset != expected:
+                raise ModelFileError(f"{self.path}: tensor {name!r} data offset {offset} is not "
+                                     f"{expected}, where the previous tensor's data ends (padded "
+                                     f"to {self.alignment} bytes): overlapping or misplaced data")
+            expected += -(-info.nbytes // self.alignment) * self.alignment
+            infos[name] = info
         self.tensor_infos: Mapping[str, TensorInfo] = MappingProxyType(infos)
 
     def _tensor_info(self, name: str, ne: list[int], raw_type: int, offset: int) -> TensorInfo:
@@ -223,7 +252,14 @@ class GGUFFile:
         if ne and ne[0] % block:
             raise ModelFileError(f"{self.path}: tensor {name!r} ({gtype.name}) has rows of "
                                  f"{ne[0]} values, not a whole number of {block}-value blocks")
-        n = int(np.prod(ne, dtype=np.uint64)) if ne else 1
+        # Python integers: a uint64 product wraps ([256, 2**56] gave 0 bytes); gguf.cpp bounds
+        # each dimension and the element count by INT64_MAX.
+        n = 1
+        for d in ne:
+            n *= d
+        if any(d >= 2**63 for d in ne) or n >= 2**63:
+            raise ModelFileError(f"{self.path}: tensor {name!r} dimensions {list(reversed(ne))} "
+                                 "overflow a 64-bit element count")
         nbytes = n // block * block_bytes
         start = self.data_offset + offset
         if start % self.alignment:

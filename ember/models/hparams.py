@@ -27,10 +27,33 @@ DEFAULT_ROPE_BASE_SWA = 10000.0
 # The older name of rope.scaling.factor, still read by llama.cpp; gguf.constants no longer has it.
 ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
 
-# Architectures with Mamba-2 layers (llm_arch_is_recurrent / llm_arch_is_hybrid): in mamba2 every
-# layer is recurrent; in granitehybrid a layer is recurrent when its head_count_kv is 0.
+# Architectures with recurrent layers (llm_arch_is_recurrent / llm_arch_is_hybrid). mamba2: every
+# layer is Mamba-2. granitehybrid, nemotron_h, lfm2: head_count_kv is per layer, and a layer
+# without KV heads is recurrent (nemotron_h: unless its feed_forward_length is set, which makes it
+# an FFN-only layer; lfm2's recurrent layers are short convolutions). falcon-h1: every layer runs
+# attention and Mamba-2 side by side.
 RECURRENT_ARCHS = ("mamba2",)
-HYBRID_ARCHS = ("granitehybrid",)
+HYBRID_ARCHS = ("granitehybrid", "nemotron_h", "lfm2")
+PARALLEL_HYBRID_ARCHS = ("falcon-h1",)
+MAMBA2_ARCHS = ("mamba2", "granitehybrid", "nemotron_h", "falcon-h1")
+
+# Gated-DeltaNet hybrids (llama.cpp's qwen3next.cpp, qwen35.cpp, qwen35moe.cpp): DeltaNet layers
+# and gated full-attention layers; a layer is full attention every full_attention_interval
+# layers (default 4) unless {arch}.attention.recurrent_layers lists each layer. Their ssm.* keys
+# mean: state_size = the head size of q, k and v (S), group_count = q/k heads, time_step_rank =
+# v heads, inner_size = v heads * S. qwen3next and qwen35moe have a mixture of experts.
+DELTA_NET_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
+MOE_ARCHS = ("qwen3next", "qwen35moe")
+DEFAULT_FULL_ATTENTION_INTERVAL = 4
+RECURRENT_LAYERS_KEY = "{arch}.attention.recurrent_layers"
+# llama.cpp's LLAMA_MAX_LAYERS: a header asking for more is refused before anything is sized
+# per layer (block_count = 2**31 - 1 once built 16 GiB of per-layer tuples).
+MAX_LAYERS = 512
+# Multipliers (granite's embedding, residual and logit scales, an attention scale) must stay in
+# this range, else a logit divided by one overflows f32 (logit_scale = 1e-45 printed <unk>s).
+MAX_MULTIPLIER = 2.0 ** 20
+# A rotation angle p * freq_scale must stay an exact f32 integer over the training context.
+MAX_ROPE_POSITION = 2 ** 24
 
 
 @dataclass(frozen=True)
@@ -56,25 +79,43 @@ class HParams:
     swa_layers: tuple[bool, ...] = field(default=())
     attn_scale: float = 0.0         # 0: 1/sqrt(head_dim_k)
     final_logit_softcap: float = 0.0
-    use_rope: bool = True           # granitehybrid: rope.scaling.finetuned false means no rope
+    use_rope: bool = True           # granitehybrid: rope.scaling.finetuned false means no rope;
+                                    # nemotron_h attends without positions
     embedding_scale: float = 0.0    # granite multipliers; 0: not applied
     residual_scale: float = 0.0
     logit_scale: float = 0.0        # logits are divided by it
     # Mamba-2 layers: which layers are recurrent, and the ssm.* sizes (ssm_n_head is the GGUF's
     # ssm.time_step_rank, which Mamba-2 uses as its head count).
     recurrent_layers: tuple[bool, ...] = field(default=())
+    # Which layers have a KV cache; by default the layers that are not recurrent (falcon-h1's
+    # layers are both, nemotron_h's FFN-only layers neither).
+    attention_flags: tuple[bool, ...] = field(default=())
+    # lfm2's short convolution: its window (shortconv.l_cache); its recurrent layers carry only
+    # the last l_cache - 1 rows of B*x (conv state), no SSM state.
+    shortconv_l_cache: int = 0
     ssm_d_conv: int = 0
     ssm_d_inner: int = 0
     ssm_d_state: int = 0
     ssm_n_head: int = 0
     ssm_n_group: int = 0
+    # Mixture of experts (DELTA_NET_ARCHS with experts): experts, experts used per token, the
+    # width of one expert's FFN and of the shared expert, the factor on the selected weights
+    # (0: none).
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
+    expert_weights_scale: float = 0.0
+    rope_sections: tuple[int, ...] = field(default=())    # qwen35: the imrope sections (t, h, w, e)
 
     def __post_init__(self):
         if not self.swa_layers:
             object.__setattr__(self, "swa_layers", (False,) * self.n_layer)
         if not self.recurrent_layers:
             object.__setattr__(self, "recurrent_layers", (False,) * self.n_layer)
-        if not self.attn_scale:
+        if not self.attention_flags:
+            object.__setattr__(self, "attention_flags", tuple(not r for r in self.recurrent_layers))
+        if not self.attn_scale and self.head_dim_k > 0:   # else refused by the reader's check
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim_k))
 
     @property
@@ -96,10 +137,13 @@ class HParams:
     def is_recurrent(self, il: int) -> bool:
         return self.recurrent_layers[il]
 
+    def has_attention(self, il: int) -> bool:
+        return self.attention_flags[il]
+
     @property
     def attention_layers(self) -> tuple[int, ...]:
         """The layers with a KV cache, in order."""
-        return tuple(il for il in range(self.n_layer) if not self.recurrent_layers[il])
+        return tuple(il for il in range(self.n_layer) if self.attention_flags[il])
 
     @property
     def recurrent_layer_ids(self) -> tuple[int, ...]:
@@ -116,7 +160,15 @@ class HParams:
         return self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state
 
     @property
+    def state_kinds(self) -> tuple[str, ...]:
+        """The states of one recurrent layer, in the step graph's order: a short convolution
+        (lfm2) carries its conv state only, a Mamba-2 layer its conv and SSM state."""
+        return ("conv",) if self.shortconv_l_cache else ("conv", "ssm")
+
+    @property
     def conv_state_shape(self) -> tuple[int, int]:
+        if self.shortconv_l_cache:
+            return (self.shortconv_l_cache - 1, self.n_embd)
         return (self.ssm_d_conv - 1, self.ssm_conv_channels)
 
     @property
@@ -165,26 +217,28 @@ class _Reader:
               str: lambda v: isinstance(v, str),
               bool: lambda v: isinstance(v, (bool, np.bool_))}[kind](value)
         if not ok:
-            raise ModelFileError(f"{self.source}: metadata {key!r} = {value!r} is not a {kind.__name__}")
+            shown = f"an array of {len(value)}" if isinstance(value, (np.ndarray, list)) else repr(value)[:60]
+            raise ModelFileError(f"{self.source}: metadata {key!r} = {shown} is not a {kind.__name__}")
         return kind(value)
 
     def hparams(self) -> HParams:
         n_embd = self.get(Keys.LLM.EMBEDDING_LENGTH, int, required=True)
-        n_head = self.get(Keys.Attention.HEAD_COUNT, int, required=True)
+        n_layer = self.get(Keys.LLM.BLOCK_COUNT, int, required=True)
+        if not 0 < n_layer <= MAX_LAYERS:
+            raise ModelFileError(f"{self.source}: metadata {self.key(Keys.LLM.BLOCK_COUNT)!r} = {n_layer} "
+                                 f"is outside 1..{MAX_LAYERS} (llama.cpp's layer limit)")
+        layers = self.layer_kinds(n_layer)
+        n_head = layers.pop("n_head")
         head_dim_k = self.get(Keys.Attention.KEY_LENGTH, int, n_embd // max(n_head, 1))
         n_vocab = self.get(Keys.LLM.VOCAB_SIZE, int, None)
         if n_vocab is None:
-            n_vocab = len(self.meta.get(Keys.Tokenizer.LIST, ()))
-        n_layer = self.get(Keys.LLM.BLOCK_COUNT, int, required=True)
-        n_head_kv, recurrent = self.head_count_kv(n_head, n_layer)
+            tokens = self.meta.get(Keys.Tokenizer.LIST, ())
+            n_vocab = len(tokens) if isinstance(tokens, (list, np.ndarray)) else 0   # else: the tokenizer refuses it
         values = dict(
             arch=self.arch,
             n_layer=n_layer,
             n_embd=n_embd,
-            n_ff=self.get(Keys.LLM.FEED_FORWARD_LENGTH, int, 0),
             n_head=n_head,
-            n_head_kv=n_head_kv,
-            recurrent_layers=recurrent,
             head_dim_k=head_dim_k,
             head_dim_v=self.get(Keys.Attention.VALUE_LENGTH, int, n_embd // max(n_head, 1)),
             n_rot=self.get(Keys.Rope.DIMENSION_COUNT, int, head_dim_k),
@@ -192,37 +246,85 @@ class _Reader:
             n_vocab=n_vocab,
             rms_eps=self.get(Keys.Attention.LAYERNORM_RMS_EPS, float, required=True),
             rope_freq_base=self.get(Keys.Rope.FREQ_BASE, float, 10000.0),
+            **layers,
         )
         values.update(self.rope_scaling())
         if self.arch == "gemma3":
             values.update(self.gemma3(values))
-        if self.arch in RECURRENT_ARCHS + HYBRID_ARCHS:
+        if self.arch in MAMBA2_ARCHS:
             values.update(self.mamba2(values))
         if self.arch == "granitehybrid":
             values.update(self.granite())
+        if self.arch == "lfm2":
+            values.update(self.lfm2())
+        if self.arch == "nemotron_h":
+            values["use_rope"] = False          # llama.cpp: LLAMA_ROPE_TYPE_NONE
+        if self.arch in DELTA_NET_ARCHS:
+            values.update(self.mamba2(values))
+            values.update(self.delta_net(values))
         hp = HParams(**values)
         self.check(hp)
         return hp
 
-    def head_count_kv(self, n_head: int, n_layer: int) -> tuple[int, tuple[bool, ...]]:
-        """head_count_kv and, for a hybrid, which layers are recurrent: a hybrid's head_count_kv
-        is per layer and 0 for its recurrent layers (llama.cpp's granitehybrid); the attention
-        layers must agree on one value."""
-        key = self.key(Keys.Attention.HEAD_COUNT_KV)
-        per_layer = self.meta.get(key)
-        if self.arch not in HYBRID_ARCHS or not isinstance(per_layer, np.ndarray):
-            return self.get(Keys.Attention.HEAD_COUNT_KV, int, n_head), ()
-        if per_layer.size != n_layer:
-            raise ModelFileError(f"{self.source}: {key!r} has {per_layer.size} entries for "
-                                 f"{n_layer} layers")
-        kv = sorted({int(v) for v in per_layer} - {0})
-        if len(kv) > 1:
-            raise ModelFileError(f"{self.source}: {key!r} differs between attention layers "
-                                 f"({per_layer.tolist()}); ember supports uniform layers only")
-        return (kv[0] if kv else 0), tuple(bool(v == 0) for v in per_layer)
+    def layer_kinds(self, n_layer: int) -> dict:
+        """n_head, n_head_kv, n_ff and which layers are recurrent or attend. A hybrid's
+        head_count_kv (and nemotron_h's feed_forward_length, and possibly head_count) is per
+        layer: 0 KV heads mark a recurrent layer (llama.cpp's granitehybrid, lfm2); in nemotron_h
+        a layer with a feed_forward_length is an FFN-only layer, one without KV heads and FFN a
+        Mamba-2 layer, the others attention layers. The layers of one kind must agree on the
+        sizes (ember supports uniform layers only)."""
+        if self.arch not in HYBRID_ARCHS + PARALLEL_HYBRID_ARCHS:
+            n_head = self.get(Keys.Attention.HEAD_COUNT, int, required=True)
+            return dict(n_head=n_head, n_head_kv=self.get(Keys.Attention.HEAD_COUNT_KV, int, n_head),
+                        n_ff=self.get(Keys.LLM.FEED_FORWARD_LENGTH, int, 0))
+        heads = self.per_layer(Keys.Attention.HEAD_COUNT, n_layer, required=True)
+        n_head = self.shared(Keys.Attention.HEAD_COUNT, heads)
+        kv = self.per_layer(Keys.Attention.HEAD_COUNT_KV, n_layer, default=n_head)
+        ff = self.per_layer(Keys.LLM.FEED_FORWARD_LENGTH, n_layer, default=0)
+        if self.arch in PARALLEL_HYBRID_ARCHS:
+            recurrent, attention = (True,) * n_layer, (True,) * n_layer
+        elif self.arch == "nemotron_h":
+            recurrent = tuple(k == 0 and f == 0 for k, f in zip(kv, ff))
+            attention = tuple(k > 0 and f == 0 for k, f in zip(kv, ff))
+        else:
+            recurrent = tuple(k == 0 for k in kv)
+            attention = tuple(not r for r in recurrent)
+        return dict(n_head=n_head, n_head_kv=self.shared(Keys.Attention.HEAD_COUNT_KV, kv),
+                    n_ff=self.shared(Keys.LLM.FEED_FORWARD_LENGTH, ff),
+                    recurrent_layers=recurrent, attention_flags=attention)
+
+    def per_layer(self, template: str, n_layer: int, default: int = 0,
+                  required: bool = False) -> tuple[int, ...]:
+        """An int that may be one value per layer (llama.cpp's get_key_or_arr)."""
+        key = self.key(template)
+        value = self.meta.get(key)
+        if not isinstance(value, np.ndarray):
+            return (self.get(template, int, default, required),) * n_layer
+        if value.size != n_layer:
+            raise ModelFileError(f"{self.source}: {key!r} has {value.size} entries for {n_layer} layers")
+        if value.dtype.kind not in "iu":
+            raise ModelFileError(f"{self.source}: metadata {key!r} = {value.tolist()} is not a list of ints")
+        return tuple(int(v) for v in value)
+
+    def shared(self, template: str, values: tuple[int, ...]) -> int:
+        """The one non-zero value of a per-layer int (0 when every layer has 0)."""
+        nonzero = sorted(set(values) - {0})
+        if len(nonzero) > 1:
+            raise ModelFileError(f"{self.source}: {self.key(template)!r} differs between layers "
+                                 f"({list(values)}); ember supports uniform layers only")
+        return nonzero[0] if nonzero else 0
+
+    def lfm2(self) -> dict:
+        """llama_model_lfm2::load_arch_hparams (dense FFN, no sliding window)."""
+        key = self.key(Keys.Attention.SLIDING_WINDOW)
+        if self.get(Keys.Attention.SLIDING_WINDOW, int, 0) > 0:
+            raise ModelFileError(f"{self.source}: {key!r} is set; ember's lfm2 has no sliding-window "
+                                 "attention")
+        return dict(shortconv_l_cache=self.get(Keys.ShortConv.L_CACHE, int, required=True))
 
     def mamba2(self, values: dict) -> dict:
-        """llama_model_mamba2 / granite_hybrid load_arch_hparams: the ssm.* sizes."""
+        """load_arch_hparams of mamba2, granitehybrid, nemotron_h and falcon-h1 (and of the DeltaNet
+        hybrids, which reuse the keys): the ssm.* sizes."""
         out = dict(
             ssm_d_conv=self.get(Keys.SSM.CONV_KERNEL, int, required=True),
             ssm_d_inner=self.get(Keys.SSM.INNER_SIZE, int, required=True),
@@ -232,6 +334,40 @@ class _Reader:
         )
         if self.arch in RECURRENT_ARCHS:
             out["recurrent_layers"] = (True,) * values["n_layer"]
+        return out
+
+    def delta_net(self, values: dict) -> dict:
+        """llama_model_qwen3next / qwen35 / qwen35moe::load_arch_hparams: which layers are
+        recurrent, the expert sizes, the rope sections."""
+        n_layer = values["n_layer"]
+        key = self.key(RECURRENT_LAYERS_KEY)
+        listed = self.meta.get(key)
+        if isinstance(listed, np.ndarray):
+            if listed.size != n_layer:
+                raise ModelFileError(f"{self.source}: {key!r} has {listed.size} entries for {n_layer} layers")
+            recurrent = tuple(bool(v) for v in listed)
+        else:
+            interval = self.get(Keys.LLM.FULL_ATTENTION_INTERVAL, int, DEFAULT_FULL_ATTENTION_INTERVAL)
+            if interval <= 0:
+                raise ModelFileError(f"{self.source}: {self.key(Keys.LLM.FULL_ATTENTION_INTERVAL)!r} "
+                                     f"= {interval} must be positive")
+            recurrent = tuple((il + 1) % interval != 0 for il in range(n_layer))
+        out = dict(recurrent_layers=recurrent)
+        if self.arch in MOE_ARCHS:
+            n_used = self.get(Keys.LLM.EXPERT_USED_COUNT, int, required=True)
+            n_ff = values["n_ff"]
+            out.update(n_expert=self.get(Keys.LLM.EXPERT_COUNT, int, required=True),
+                       n_expert_used=n_used,
+                       n_ff_exp=self.get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, int, 0) or n_ff // max(n_used, 1),
+                       n_ff_shexp=self.get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, int, 0) or n_ff,
+                       expert_weights_scale=self.get(Keys.LLM.EXPERT_WEIGHTS_SCALE, float, 0.0))
+        if self.arch != "qwen3next":
+            key = self.key(Keys.Rope.DIMENSION_SECTIONS)
+            sections = self.meta.get(key)
+            if not isinstance(sections, np.ndarray) or sections.size < 4:
+                raise ModelFileError(f"{self.source}: required metadata {key!r} (4 rope sections) is "
+                                     f"missing or short: {sections!r}")
+            out["rope_sections"] = tuple(int(v) for v in sections[:4])
         return out
 
     def granite(self) -> dict:
@@ -247,6 +383,25 @@ class _Reader:
         if scale:
             out["attn_scale"] = scale
         return out
+
+    @staticmethod
+    def check_delta_net(hp: HParams) -> list[str]:
+        problems = []
+        if hp.recurrent_layer_ids and hp.ssm_d_inner != hp.ssm_n_head * hp.ssm_d_state:
+            problems.append(f"ssm inner size {hp.ssm_d_inner} must be the {hp.ssm_n_head} v heads "
+                            f"times the state size {hp.ssm_d_state} (q, k and v heads of one size)")
+        if hp.attention_layers and hp.head_dim_k != hp.head_dim_v:
+            problems.append(f"key length {hp.head_dim_k} and value length {hp.head_dim_v} must be equal")
+        if hp.arch in MOE_ARCHS:
+            if not 0 < hp.n_expert_used <= hp.n_expert:
+                problems.append(f"expert_used_count {hp.n_expert_used} must be in [1, expert_count "
+                                f"{hp.n_expert}]")
+            if hp.n_ff_exp <= 0 or hp.n_ff_shexp <= 0:
+                problems.append(f"expert FFN widths {hp.n_ff_exp} (routed), {hp.n_ff_shexp} (shared) "
+                                "must be positive")
+        if hp.rope_sections and hp.attention_layers and sum(hp.rope_sections) <= 0:
+            problems.append(f"rope sections {list(hp.rope_sections)} must not all be 0")
+        return problems
 
     def rope_scaling(self) -> dict:
         kind = self.get(Keys.Rope.SCALING_TYPE, str, "linear")
@@ -301,7 +456,10 @@ class _Reader:
             problems.append(f"head_count {hp.n_head} is not a multiple of head_count_kv {hp.n_head_kv}")
         if attention and (hp.n_rot % 2 or not 0 < hp.n_rot <= hp.head_dim_k):
             problems.append(f"rope dimension count {hp.n_rot} must be even and in (0, {hp.head_dim_k}]")
-        if hp.recurrent_layer_ids:
+        if hp.recurrent_layer_ids and hp.arch == "lfm2":
+            if hp.shortconv_l_cache < 2:
+                problems.append(f"shortconv.l_cache {hp.shortconv_l_cache} must be at least 2")
+        elif hp.recurrent_layer_ids:
             for name in ("ssm_d_conv", "ssm_d_inner", "ssm_d_state", "ssm_n_head", "ssm_n_group"):
                 if getattr(hp, name) <= 0:
                     problems.append(f"{name} = {getattr(hp, name)} must be positive")
@@ -311,5 +469,53 @@ class _Reader:
             if hp.ssm_n_group > 0 and hp.ssm_n_head % hp.ssm_n_group:
                 problems.append(f"ssm heads {hp.ssm_n_head} are not a multiple of the "
                                 f"{hp.ssm_n_group} groups")
+        if hp.arch in DELTA_NET_ARCHS:
+            problems += self.check_delta_net(hp)
+        problems += self.value_ranges(hp)
         if problems:
             raise ModelFileError(f"{self.source}: bad hyper-parameters: {'; '.join(problems)}")
+
+    @staticmethod
+    def value_ranges(hp: HParams) -> list[str]:
+        """Values outside their meaning, which would give NaN or infinite logits (or a C literal
+        `inf`) rather than an error: each named with the rule it breaks."""
+        problems = []
+
+        def finite(name: str, value: float) -> bool:
+            if not math.isfinite(value):
+                problems.append(f"{name} = {value} is not finite")
+            return math.isfinite(value)
+
+        if finite("rms_eps", hp.rms_eps) and not 0 < hp.rms_eps < 1:
+            problems.append(f"rms_eps = {hp.rms_eps} must be in (0, 1)")
+        for name in ("rope_freq_base", "rope_freq_base_swa"):
+            value = getattr(hp, name)
+            if finite(name, value) and value <= 1:
+                problems.append(f"{name} = {value} must be above 1 (rotation frequencies base^(-2i/n))")
+        for name in ("rope_freq_scale", "rope_freq_scale_swa"):
+            value = getattr(hp, name)
+            if finite(name, value) and not 0 < value * max(hp.n_ctx_train, 1) <= MAX_ROPE_POSITION:
+                problems.append(f"{name} = {value} (1 / rope scaling factor) must be positive and "
+                                f"keep positions up to the training context {hp.n_ctx_train} below "
+                                f"{MAX_ROPE_POSITION}")
+        for name in ("final_logit_softcap", "attn_scale", "embedding_scale", "residual_scale", "logit_scale"):
+            value = getattr(hp, name)
+            if finite(name, value) and value and not 1 / MAX_MULTIPLIER <= value <= MAX_MULTIPLIER:
+                problems.append(f"{name} = {value} must be 0 (unused) or in [2^-20, 2^20]")
+        for name in ("n_ctx_train", "n_vocab", "n_ff", "sliding_window"):
+            if getattr(hp, name) < 0:
+                problems.append(f"{name} = {getattr(hp, name)} is negative")
+        if hp.n_ctx_train == 0:
+            problems.append("n_ctx_train = 0 must be positive")
+        return problems
+
+
+def check_layer_tensors(hp: HParams, tensor_names, source: str) -> None:
+    """The layer count must be the one the file's blk.<i>.* tensors have: a header claiming
+    more layers than the file holds is refused before anything is built per layer."""
+    layers = {int(name.split(".")[1]) for name in tensor_names
+              if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    present = max(layers) + 1 if layers else 0
+    if present != hp.n_layer:
+        raise ModelFileError(f"{source}: block_count is {hp.n_layer} but the file holds tensors "
+                             f"for {present} layer(s) (blk.0 .. blk.{present - 1})")

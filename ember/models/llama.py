@@ -7,21 +7,22 @@ from __future__ import annotations
 
 from ember.ir.graph import Graph
 from ember.models.common import Model, StepGraph, build_qkv, embed_tokens
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None) -> Graph:
-    return build_decoder(model, n_tokens, n_kv, n_outputs, n_kv_swa, rope_mode="normal",
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE) -> Graph:
+    return build_decoder(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, rope_mode="normal",
                          rope_freq_factors=True, qk_norm=False)
 
 
 def build_decoder(model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None,
-                  *, rope_mode: str,
+                  cache: KVCacheTypes, *, rope_mode: str,
                   rope_freq_factors: bool, qk_norm: bool) -> Graph:
     """The llama-family decoder: h += attn(norm(h)); h += ffn(norm(h)); logits of the outputs.
 
     qk_norm applies an rms_norm with weight per head to q and k before rope (qwen3)."""
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa)
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
     b, hp = s.b, s.hp
     factors = s.vector("rope_freqs.weight", hp.n_rot // 2, required=False) if rope_freq_factors else None
     h = embed_tokens(s)

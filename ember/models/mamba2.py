@@ -10,7 +10,7 @@ when the file has no output.weight). The mixer:
   d_conv - 1 rows it saw): ssm_conv(concat(conv_state, xBC)), + ssm_conv1d.bias, silu;
 - the selective scan ssm_scan over ssm_state, with dt + ssm_dt.bias, A = ssm_a per head, B and C
   per group; y += x * ssm_d (the skip); y = silu(z) * y; an rms_norm over each group of
-  d_inner / n_group channels times ssm_norm; then ssm_out.
+  d_inner / n_group channels times ssm_norm (optional in falcon-h1 only); then ssm_out.
 The step writes both states after its last token, or after every token (a speculative verify
 batch), through StepGraph.write_states (the contract in ember/models/common.py): the conv states
 are overlapping windows of the rows the convolution saw, the SSM states come out of the scan.
@@ -22,14 +22,16 @@ import ember.ir.dtypes as dtypes
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.models.common import Model, StateLayout, StepGraph, embed_tokens
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.models.gguf_file import ModelFileError
 
 F32 = dtypes.f32.row_bytes(1)
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, states: StateLayout = StateLayout()) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, states)
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
+               states: StateLayout = StateLayout()) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     for il in range(hp.n_layer):
@@ -66,12 +68,9 @@ def mamba2_mixer(s: StepGraph, il: int, x: Node) -> Node:
     xbc = b.view(zxbcdt, shape=(T, C), strides=(row, F32), offset=d_inner * F32)
     dt = b.view(zxbcdt, shape=(T, H), strides=(row, F32), offset=(d_inner + C) * F32)
 
-    # causal convolution: the state rows, then this step's rows; the new state is the last K - 1
+    # causal convolution: the state rows, then this step's rows; a state is K - 1 rows of it
     window = b.concat(s.conv_state[il], xbc, axis=0)
-    # the state after token t is rows t+1 .. t+K-1 of the window: n_states overlapping rows
-    n = s.n_states
-    s.write_states(f"conv_state.{il}", b.view(window, shape=(n, (K - 1) * C), strides=(C * F32, F32),
-                                              offset=(T - n + 1) * C * F32))
+    s.write_conv_states(il, window)
     xbc = b.ssm_conv(window, f32_weight(s, p + "ssm_conv1d.weight", C, K))
     bias = s.vector(p + "ssm_conv1d.bias", C, required=hp.arch == "mamba2")
     if bias is not None:
@@ -86,11 +85,11 @@ def mamba2_mixer(s: StepGraph, il: int, x: Node) -> Node:
     A = b.reshape(f32_weight(s, p + "ssm_a", H, 1), H)
     out = b.ssm_scan(s.ssm_state[il], xs, dt, A, B, Cm, all_states=s.states.all_states)
     y = b.view(out, shape=(T, H, P), strides=(H * P * F32, P * F32, F32))
-    s.write_states(f"ssm_state.{il}", b.view(out, shape=(n, H * P * N), strides=(H * P * N * F32, F32),
-                                             offset=T * H * P * F32))
+    s.write_scan_states(il, out, T * H * P)
 
     y = b.add(y, b.mul(xs, f32_weight(s, p + "ssm_d", H, 1)))     # D skip, one per head
     y = b.swiglu(z, y)                                             # silu(z) * y
-    y = b.reshape(y, T, G, d_inner // G)                           # grouped rms norm
-    y = b.mul(b.rms_norm(y, eps=hp.rms_eps), f32_weight(s, p + "ssm_norm.weight", G, d_inner // G))
+    if hp.arch != "falcon-h1" or s.has(p + "ssm_norm.weight"):    # optional in falcon-h1 only
+        y = b.reshape(y, T, G, d_inner // G)                       # grouped rms norm
+        y = b.mul(b.rms_norm(y, eps=hp.rms_eps), f32_weight(s, p + "ssm_norm.weight", G, d_inner // G))
     return b.mul_mat(b.reshape(y, T, d_inner), s.weight(p + "ssm_out.weight", hp.n_embd, d_inner))

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
+
 from ember.errors import EmberError
 from ember.models.tokenizers.bpe import BPEModel, pre_tokenizer, unicode_to_byte
 from ember.models.gguf_file import open_gguf
@@ -59,6 +61,48 @@ def _as_str(token: object) -> str:
     return str(token)
 
 
+def _check_types(meta: Mapping[str, object], source: str) -> None:
+    """Each tokenizer.ggml.* key of the type llama.cpp reads it as (a list of strings, a numeric
+    array, an integer id, a flag), else an EmberError naming the file and the key: the wrong
+    type once escaped as a TypeError from deep inside the tokenizer."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    def numeric_array(kind: str):
+        def ok(v):
+            if isinstance(v, np.ndarray):
+                return v.ndim == 1 and v.dtype.kind in kind
+            numbers = (int, float) if "f" in kind else (int,)
+            return isinstance(v, list) and all(isinstance(x, numbers) and not isinstance(x, bool) for x in v)
+        return ok
+
+    rules = {
+        "tokenizer.ggml.model": ("a string", lambda v: isinstance(v, str)),
+        "tokenizer.ggml.pre": ("a string", lambda v: isinstance(v, str)),
+        "tokenizer.ggml.tokens": ("an array of strings",
+                                  lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+        "tokenizer.ggml.merges": ("an array of strings",
+                                  lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+        "tokenizer.ggml.scores": ("an array of numbers", numeric_array("fiu")),
+        "tokenizer.ggml.token_type": ("an array of integers", numeric_array("iu")),
+    }
+    for key, value in meta.items():
+        if key in rules:
+            what, ok = rules[key]
+        elif key.endswith("_token_id"):
+            what, ok = "an integer token id", is_int
+        elif key.startswith("tokenizer.ggml.add_"):
+            what, ok = "a bool", lambda v: isinstance(v, (bool, np.bool_))
+        else:
+            continue
+        if not ok(value):
+            shown = f"an array of {len(value)}" if isinstance(value, (list, np.ndarray)) else repr(value)[:60]
+            raise EmberError(f"{source}: metadata {key!r} must be {what}, not {shown}")
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is not None and not np.all(np.isfinite(np.asarray(scores, dtype=np.float64))):
+        raise EmberError(f"{source}: metadata 'tokenizer.ggml.scores' holds non-finite values")
+
+
 def _as_list(values: object, kind: type) -> list:
     if hasattr(values, "tolist"):  # NumPy arrays from the GGUF reader: one fast conversion
         return values.astype(kind).tolist()
@@ -68,16 +112,23 @@ def _as_list(values: object, kind: type) -> list:
 class Tokenizer:
     """Text <-> token ids for one vocabulary. Build with `from_gguf` or `from_metadata`."""
 
-    def __init__(self, meta: Mapping[str, object]):
+    def __init__(self, meta: Mapping[str, object], source: str = "<metadata>", n_vocab: int | None = None):
+        """source: the file the metadata comes from (named by every error); n_vocab: the
+        model's vocabulary size, which the token list must match."""
+        _check_types(meta, source)
         model = meta.get("tokenizer.ggml.model")
         if model not in ("llama", "gpt2"):
             raise EmberError(
-                f"tokenizer.ggml.model {model!r} is not supported (\"llama\" = SentencePiece, \"gpt2\" = BPE)"
+                f"{source}: tokenizer.ggml.model {model!r} is not supported (\"llama\" = SentencePiece, \"gpt2\" = BPE)"
             )
         self.kind = "spm" if model == "llama" else "bpe"
         tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None or len(tokens) == 0:
-            raise EmberError("GGUF metadata has no tokenizer.ggml.tokens")
+            raise EmberError(f"{source}: GGUF metadata has no tokenizer.ggml.tokens")
+        if n_vocab is not None and len(tokens) != n_vocab:
+            # a shorter list once failed with an IndexError mid-generation, text already printed
+            raise EmberError(f"{source}: tokenizer.ggml.tokens has {len(tokens)} tokens, the model's "
+                             f"vocabulary {n_vocab}")
         self.tokens: list[str] = [t if t.__class__ is str else _as_str(t) for t in tokens]
         n = len(self.tokens)
         scores = meta.get("tokenizer.ggml.scores")
@@ -85,13 +136,13 @@ class Tokenizer:
         types = meta.get("tokenizer.ggml.token_type")
         self.types: list[int] = _as_list(types, int) if types is not None else [NORMAL] * n
         if len(self.scores) < n or len(self.types) < n:
-            raise EmberError("tokenizer.ggml.scores / token_type are shorter than tokenizer.ggml.tokens")
+            raise EmberError(f"{source}: tokenizer.ggml.scores / token_type are shorter than tokenizer.ggml.tokens")
 
         self.piece_to_id: dict[str, int] = {}
         for i, text in enumerate(self.tokens):
             if text in self.piece_to_id:
                 first = self.piece_to_id[text]
-                raise EmberError(f"duplicate token {text!r} in the vocabulary: ids {first} and {i}")
+                raise EmberError(f"{source}: duplicate token {text!r} in the vocabulary: ids {first} and {i}")
             self.piece_to_id[text] = i
 
         self._control = {i for i, t in enumerate(self.types) if t == CONTROL}
@@ -110,12 +161,13 @@ class Tokenizer:
         self._pieces: dict[int, bytes] = {}
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, object]) -> "Tokenizer":
-        return cls(meta)
+    def from_metadata(cls, meta: Mapping[str, object], source: str = "<metadata>",
+                      n_vocab: int | None = None) -> "Tokenizer":
+        return cls(meta, source, n_vocab)
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> "Tokenizer":
-        return cls(open_gguf(path).metadata)
+        return cls(open_gguf(path).metadata, str(path))
 
     # -- metadata -----------------------------------------------------------------------------
 

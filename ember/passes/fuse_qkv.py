@@ -14,7 +14,10 @@ Each output element is computed exactly as before (same row of weights, same red
 K), so on batch-invariant kernels the results are bit-identical.
 
 Refused (graph unchanged): different inputs, different weight types or inner sizes, weights
-that are not constants, batched (3-D+) weights, a lone matmul.
+that are not constants, batched (3-D+) weights, a lone matmul. A matmul read through a `view`
+op stays out of the group: a view's byte strides were written for the matmul's own contiguous
+rows, and the fused row stride would change what it reads (Qwen3-Next's query + gate split;
+falcon-h1's Mamba-2 ssm_in beside Q/K/V).
 """
 from __future__ import annotations
 
@@ -48,6 +51,13 @@ def _const_bias(graph: Graph, mm: Node) -> tuple[Node, Node] | None:
     return users[0], bias
 
 
+def _read_through_view(graph: Graph, mm: Node) -> bool:
+    """Whether mm (or its bias addition) is read by a view op, whose strides assume mm's rows."""
+    users = list(graph.users.get(mm, ()))
+    users += [u2 for u in users if u.op == "add" for u2 in graph.users.get(u, ())]
+    return any(u.op == "view" for u in users)
+
+
 def find_groups(graph: Graph) -> list[list[Node]]:
     """Matmuls to fuse, each group in declared order, groups in order of their first member."""
     groups: dict[tuple, list[Node]] = {}
@@ -55,6 +65,8 @@ def find_groups(graph: Graph) -> list[list[Node]]:
         if node.op == "mul_mat" and _fusable(node):
             x, w = node.inputs
             if 0 in x.shape:    # no rows (a step with no outputs): nothing to gain, no view fits
+                continue
+            if _read_through_view(graph, node):
                 continue
             groups.setdefault((x, w.dtype, w.shape[-1]), []).append(node)
     # A weight used twice by one input is one projection (cse makes them one node anyway).

@@ -12,6 +12,9 @@ M % 4 == 0, M >= min_rows and K >= min_cols (small matrices gain nothing), its q
 image1d_buffer_t (max_texels uint32 texels), it is no graph output, and each user is a mul_mat
 reading it as the weight of activations of rank <= 2, or a get_rows reading it as the table.
 Anything else leaves that weight in the row layout (graph unchanged when no weight qualifies).
+So the stacked expert weights of mul_mat_id ([E, N, K]) stay in rows: the SoA layout holds one
+2-D matrix, and the OpenCL mul_mat_id kernel (mul_mat.cl.j2 with ids) reads row blocks, picking
+a few experts per token out of the stack; an SoA form of it would need a per-expert image.
 
 The packed copy of a weight's data is made once per source array and reused, so the step graphs
 of a model (decode, prompt) share one packed array, hence one device upload.
@@ -37,7 +40,8 @@ ADRENO_SOA = "adreno_soa"
 def adreno_kernel_reads(user: Node, k: int) -> bool:
     """Whether an Adreno OpenCL kernel reads operand k of user in the SoA layout: the GEMV and
     GEMM (mul_mat's weight, under activations of rank <= 2) and get_rows (its table). The op
-    table allows more (any mul_mat weight); this is what the kernels handle."""
+    table allows more (any mul_mat weight); this is what the kernels handle. No Adreno kernel
+    reads mul_mat_id's experts in SoA (see the module docstring)."""
     if user.op == "mul_mat":
         return k == 1 and user.inputs[0].type.rank <= 2
     return user.op == "get_rows" and k == 0

@@ -11,16 +11,55 @@ other planes), so the checkpoint is just the position, and restoring it is an in
 device. It stays valid while the session still holds that position (Session.holds: until
 state_planes - 1 newer states were written). With one plane (plain decoding), the next step
 rewrites it, so the checkpoint copies the state to the host.
+
+A KV cache is a host array of rows (`cache_array`): a scalar type (f16, f32) as itself, a block
+type (q8_0, q4_0, turbo3, turbo4) as each row's bytes, so saving, restoring and forking rows is
+the same row copy for every type; `kv_footprint` says what the caches take.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from ember.errors import EmberError
-from ember.runtime.session import Session
+from ember.ir.dtypes import DType
+
+if TYPE_CHECKING:
+    from ember.runtime.session import Session
+
+
+def cache_array(dt: DType, rows: int, width: int) -> np.ndarray:
+    """An empty KV cache of rows x width values of type dt: rows of dt.row_bytes(width) bytes for
+    a block type (zero bytes are an all-zero block in each: scale or norm 0), else dt's NumPy
+    type. A width that is not whole blocks is the caller's to refuse (Model.check_cache)."""
+    if dt.is_quantized:
+        return np.zeros((rows, dt.row_bytes(width)), np.uint8)
+    return np.zeros((rows, width), dt.numpy)
+
+
+@dataclass(frozen=True)
+class KVFootprint:
+    """What a session's KV caches take: bytes_per_token over every attention layer (K + V, as
+    llama.cpp counts a cell), and the bytes held for the session's context (a sliding-window
+    layer's ring stops at its rows)."""
+    layers: int
+    bytes_per_token: int
+    bytes_per_context: int
+    n_ctx: int
+
+    def describe(self, cache) -> str:
+        return (f"KV cache {cache}: {self.bytes_per_token} bytes per token ({self.layers} layers), "
+                f"{self.bytes_per_context / 2**20:.2f} MiB for a context of {self.n_ctx} "
+                f"({self.n_ctx * self.bytes_per_token / 2**20:.2f} MiB without sliding-window rings)")
+
+
+def kv_footprint(session: "Session") -> KVFootprint:
+    per_row = session.model.cache_bytes_per_row(session.cache)
+    layers = len(session.attention_layers)
+    held = sum(a.nbytes for a in session.k_cache + session.v_cache)
+    return KVFootprint(layers, layers * per_row, held, session.n_ctx)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import math
+
 import numpy as np
+
+from ember.errors import EmberError
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,25 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # 1.0 = off
     repeat_last_n: int = 64
     seed: int = 0
+
+    def __post_init__(self):
+        # Each value outside its meaning is refused, named by its llama.cpp flag: a repeat
+        # penalty of 0 once gave a NumPy warning and then a reduction error, top_p 2 nothing.
+        problems = []
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            problems.append(f"--temp {self.temperature}: must be finite and >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            problems.append(f"--top-k {self.top_k}: must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"--top-p {self.top_p}: must be in (0, 1] (1 = off)")
+        if not 0.0 <= self.min_p <= 1.0:
+            problems.append(f"--min-p {self.min_p}: must be in [0, 1] (0 = off)")
+        if not math.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            problems.append(f"--repeat-penalty {self.repeat_penalty}: must be finite and > 0 (1 = off)")
+        if self.repeat_last_n < 0:
+            problems.append(f"repeat_last_n {self.repeat_last_n}: must be >= 0")
+        if problems:
+            raise EmberError("; ".join(problems))
 
     @property
     def greedy(self) -> bool:
@@ -47,7 +70,10 @@ class Sampler:
         self.rng.bit_generator.state = state
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """The next token after history from its logits; NaN or infinite logits (a model whose
+        computation overflowed) are refused, never sampled (they printed <unk>s, exit 0)."""
         logits = np.asarray(logits, dtype=np.float32)
+        check_finite(logits, len(history))
         p = self.params
         if p.repeat_penalty != 1.0 and history:
             logits = apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
@@ -64,6 +90,16 @@ def draw(rng: np.random.Generator, probs: np.ndarray) -> int:
     cdf = np.cumsum(probs)
     cdf /= cdf[-1]
     return int(cdf.searchsorted(rng.random(), side="right"))
+
+
+def check_finite(logits: np.ndarray, position: int) -> None:
+    """Raise an EmberError naming the step whose logits hold NaN or infinity."""
+    finite = np.isfinite(logits)
+    if not finite.all():
+        bad = int(np.argmin(finite))
+        raise EmberError(f"the logits after {position} tokens are not finite (token {bad}: "
+                         f"{logits[bad]}, {int((~finite).sum())} of {logits.size}): the model's "
+                         f"computation overflowed; refusing to sample from them")
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:

@@ -6,18 +6,25 @@ masked; positions, cache slots and output rows are inputs. A step graph is built
 and compiled once per (n_tokens, n_kv, n_outputs) and reused through the plan cache (graph
 uids), so a decode step costs one lookup plus the kernels. Prompts run in micro-batches.
 
-Models with recurrent layers (mamba2, granitehybrid) also carry recurrent state: for each state
-(conv_state.{il}, ssm_state.{il}, f32) a table of `state_planes` planes that, like the KV caches,
-stays where it is (resident on a GPU backend's device; the step updates it in place). Which plane
-holds the state after which position is the session's bookkeeping (_held): a step starts from
-the current plane and writes its new state(s) into other planes, taken in turn from a ring, so
-the state after each recent position survives a few steps. `truncate(n)` to a position whose
-state is still held is then an index move: no copy, no bytes between host and device, no second
-pass. A speculative verify batch evaluated with keep_states=True writes the state after EVERY
-token (ember.models.common.StateLayout), so any accepted prefix can be kept; it needs
+Models with recurrent layers (Mamba-2: mamba2, granitehybrid, nemotron_h, falcon-h1; gated
+DeltaNet: qwen3next, qwen35, qwen35moe; short convolutions: lfm2) also carry recurrent state: for
+each state (conv_state.{il}, and ssm_state.{il} except for short convolutions; f32,
+Model.state_kinds) a table of `state_planes` planes that, like the KV caches, stays where it is
+(resident on a GPU backend's device; the step updates it in place). Which plane holds the state
+after which position is the session's bookkeeping (_held): a step starts from the current plane
+and writes its new state(s) into other planes, taken in turn from a ring, so the state after
+each recent position survives a few steps. `truncate(n)` to a position whose state is still
+held is then an index move: no copy, no bytes between host and device, no second pass. A
+speculative verify batch evaluated with keep_states=True writes the state after EVERY token
+(ember.models.common.StateLayout), so any accepted prefix can be kept; it needs
 `reserve_state_planes(tokens + 1)` first (one plane by default: plain decoding reads and
 rewrites it in place). `recurrent_state()` / `set_recurrent_state()` take and restore host
 snapshots (sequences, tests).
+
+The KV caches are stored in SessionOptions.cache's types (ember/models/kv_cache.py: f16 by
+default; q8_0, q4_0, turbo3, turbo4 as rows of whole blocks, bytes on the host). A head size the
+types cannot hold, or a backend without kernels for them, is refused when the session is made,
+in one line, before anything is compiled.
 """
 from __future__ import annotations
 
@@ -28,8 +35,11 @@ import numpy as np
 
 from ember.backends.base import Backend, Executable
 from ember.errors import EmberError
+from ember.ir.builder import GraphBuilder
 from ember.models.common import Model, StateLayout
+from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.passes import PassContext
+from ember.runtime.memory import cache_array
 from ember.runtime.plan_cache import UNKNOWN_UID, GraphVersion, PlanCache
 
 
@@ -50,6 +60,7 @@ class SessionOptions:
     swa_full: bool = False      # True: sliding-window layers keep the whole context (llama.cpp's
                                 # --swa-full); False: a ring of window + ubatch rows (rounded up
                                 # to kv_bucket), enough for any step's keys (swa_cache_rows)
+    cache: KVCacheTypes = F16_CACHE     # the KV cache's types (and the rotation of q8_0 / q4_0)
 
 
 def swa_cache_rows(hp, n_ctx: int, options: SessionOptions) -> int:
@@ -60,6 +71,29 @@ def swa_cache_rows(hp, n_ctx: int, options: SessionOptions) -> int:
         return n_ctx
     bucket = options.kv_bucket
     return min(n_ctx, -(-(hp.sliding_window + options.ubatch) // bucket) * bucket)
+
+
+def check_cache_support(supports_op, where: str, model: Model, cache: KVCacheTypes) -> None:
+    """EmberError (one line, naming where: a backend, a target) when supports_op(node) -> (ok,
+    why) refuses a cache write or an attention over a KV cache of these types at this model's
+    head sizes: asked before any step graph is built or compiled."""
+    if not cache.quantized or not model.attention_layers:
+        return
+    hp = model.hparams
+    b = GraphBuilder("kv_cache_probe")
+    slots = b.input("slots", "i32", (1,))
+    caches = []
+    for which, dt in (("k", cache.k), ("v", cache.v)):
+        width = hp.n_embd_k_gqa if which == "k" else hp.n_embd_v_gqa
+        stored = b.input(f"{which}_cache", dt, (1, width))
+        caches.append(b.set_rows(stored, slots, b.input(f"{which}_rows", "f32", (1, width))))
+    q = b.input("q", "f32", (1, hp.n_head, hp.head_dim_k))
+    keys = b.reshape(caches[0], 1, hp.n_head_kv, hp.head_dim_k)
+    values = b.reshape(caches[1], 1, hp.n_head_kv, hp.head_dim_v)
+    for node in (*caches, b.attention(q, keys, values, scale=1.0)):
+        ok, why = supports_op(node)
+        if not ok:
+            raise EmberError(f"{where}: a KV cache of {cache} is not supported: {why}")
 
 
 def token_bucket(T: int, ubatch: int) -> int:
@@ -185,6 +219,9 @@ class Session:
     def __init__(self, model: Model, backend: Backend, options: SessionOptions = SessionOptions()):
         backend.require_available()
         self.model, self.backend, self.options = model, backend, options
+        self.cache = options.cache
+        model.check_cache(self.cache)
+        check_cache_support(backend.supports_op, f"{backend.name} backend", model, self.cache)
         hp = model.hparams
         self.n_ctx = min(options.n_ctx, hp.n_ctx_train) if hp.n_ctx_train else options.n_ctx
         # KV caches of the attention layers (every layer of a transformer), in layer order
@@ -194,8 +231,8 @@ class Session:
         self.swa_rows = swa_cache_rows(hp, self.n_ctx, options)
         self.swa_pos = np.full(self.swa_rows if hp.uses_swa else 0, -1, np.int64)
         rows = [self.swa_rows if hp.is_swa(il) else self.n_ctx for il in self.attention_layers]
-        self.k_cache = [np.zeros(model.cache_shape(n, "k"), np.float16) for n in rows]
-        self.v_cache = [np.zeros(model.cache_shape(n, "v"), np.float16) for n in rows]
+        self.k_cache = [cache_array(self.cache.k, *model.cache_shape(n, "k")) for n in rows]
+        self.v_cache = [cache_array(self.cache.v, *model.cache_shape(n, "v")) for n in rows]
         # recurrent state planes (module doc): name -> f32[planes, state size]
         self.state_planes = 1
         self._planes: dict[str, np.ndarray] = {}
@@ -239,7 +276,7 @@ class Session:
 
     def build_step(self, T: int, n_kv: int, n_out: int):
         """The model's step graph for this session's caches (and recurrent state layout)."""
-        return self.model.build_step(T, n_kv, n_out, self.n_kv_swa(n_kv), self._layout)
+        return self.model.build_step(T, n_kv, n_out, self.n_kv_swa(n_kv), self.cache, self._layout)
 
     def _forget_from(self, n_past: int) -> None:
         self.swa_pos[self.swa_pos >= n_past] = -1
@@ -271,7 +308,7 @@ class Session:
 
     @property
     def is_recurrent(self) -> bool:
-        """Whether the model has recurrent (Mamba-2) layers."""
+        """Whether the model has recurrent (Mamba-2, gated DeltaNet or short-convolution) layers."""
         return bool(self._planes)
 
     @property
@@ -443,16 +480,17 @@ class Session:
         return T if self.n_past + T <= self.n_ctx else n
 
     def _plan(self, T: int, n_kv: int, n_out: int) -> _Step:
-        key = (T, n_kv, n_out) if self._layout == StateLayout() else (T, n_kv, n_out, self._layout)
-        if self.options.reuse and key in self._versions:
-            return self.plans.get(self._versions[key], self._compile, key=key)
+        shape = (T, n_kv, n_out) if self._layout == StateLayout() else (T, n_kv, n_out, self._layout)
+        key = (*shape, self.cache)     # the plan cache's key: what determines the step graph
+        if self.options.reuse and shape in self._versions:
+            return self.plans.get(self._versions[shape], self._compile, key=key)
         start = time.perf_counter()
         graph = self.build_step(T, n_kv, n_out)
         self.stats.graph_builds += 1
         if not self.options.reuse:
             return self._compile(graph, GraphVersion(graph, UNKNOWN_UID), start)
         version = GraphVersion.of(graph)
-        self._versions[key] = version
+        self._versions[shape] = version
         return self.plans.get(version, lambda g: self._compile(g, version, start), key=key)
 
     def _compile(self, graph, version=None, start=None) -> _Step:

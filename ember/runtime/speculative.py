@@ -53,7 +53,7 @@ import numpy as np
 from ember.errors import EmberError
 from ember.runtime.generate import Generation, TextStream
 from ember.runtime.memory import SequenceMemory
-from ember.runtime.sampling import Sampler, apply_repeat_penalty, candidate_probs
+from ember.runtime.sampling import Sampler, apply_repeat_penalty, candidate_probs, check_finite
 from ember.runtime.session import Session
 
 
@@ -287,7 +287,10 @@ class _Speculation:
                 break
             next_token = chosen
             if target.n_past >= target.n_ctx:
-                result.stop_reason = "context"
+                # the context is full, but its last logits chose one more token, which plain
+                # decoding emits too (identity at n_ctx)
+                if not self.emit(next_token):
+                    result.stop_reason = "context"
                 break
         # compiling new step shapes is not decoding time (the CLI reports it on its own)
         result.decode_seconds = time.perf_counter() - start - (self.compile_seconds() - compile_before)
@@ -309,6 +312,7 @@ class _Speculation:
         self.context = list(prompt_ids)
         logits = self.target.eval(prompt_ids)[-1]
         self.result.prompt_seconds = self.target.last_eval_seconds
+        check_finite(logits, len(self.context))
         return self.sampler.sample(logits, self.context) if self.sampling else int(np.argmax(logits))
 
     def emit(self, token: int) -> bool:
@@ -375,11 +379,13 @@ class _Speculation:
         while it is the argmax; sampling keeps it with the target's probability."""
         if self.sampling:
             return _sample_verify(self.sampler, rows, drafts, self.context)
-        choices = [int(np.argmax(r)) for r in rows]
         n_ok = 0
-        while n_ok < len(drafts) and drafts[n_ok] == choices[n_ok]:
+        while True:
+            check_finite(rows[n_ok], len(self.context) + n_ok)   # as plain decoding would
+            choice = int(np.argmax(rows[n_ok]))
+            if n_ok == len(drafts) or drafts[n_ok] != choice:
+                return n_ok, choice
             n_ok += 1
-        return n_ok, choices[n_ok]
 
 
 def _sample_verify(sampler: Sampler, rows: np.ndarray, drafts: list[int], context: list[int]) -> tuple[int, int]:
@@ -407,6 +413,7 @@ def _sample_verify(sampler: Sampler, rows: np.ndarray, drafts: list[int], contex
 def _distribution(logits: np.ndarray, history: list[int], params) -> tuple[np.ndarray, np.ndarray]:
     """The sampler's distribution for these logits (ember.runtime.sampling's chain)."""
     logits = np.asarray(logits, dtype=np.float32)
+    check_finite(logits, len(history))
     if params.repeat_penalty != 1.0 and history:
         logits = apply_repeat_penalty(logits, history[-params.repeat_last_n:], params.repeat_penalty)
     return candidate_probs(logits, params)

@@ -9,7 +9,7 @@ import pytest
 
 from ember.backends.cpu.backend import CpuBackend
 from ember.errors import EmberError
-from ember.models import load_model
+from ember.models import KVCacheTypes, load_model
 from ember import artifact
 from ember.artifact import ArtifactError, compile_artifact, load_artifact, read_manifest
 from ember.runtime.session import Session, SessionOptions
@@ -121,7 +121,7 @@ def test_truncated_manifest_is_refused(copy):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("format_version", 999, "artifact format version 999; this ember reads version 1"),
+    ("format_version", 999, f"artifact format version 999; this ember reads version {artifact.FORMAT_VERSION}"),
     ("ember_version", "0.0.0-old", "built by ember '0.0.0-old'"),
 ])
 def test_version_mismatch_is_refused(copy, key, value, message):
@@ -181,3 +181,97 @@ def test_gpu_artifact_files_need_checksums_too(copy):
                                       (copy / "steps" / "extra.json").write_text("{}")))
     with pytest.raises(ArtifactError, match="manifest.json: corrupt: steps/extra.json has no checksum"):
         read_manifest(copy)
+
+
+# ---- tampered manifests (issue 16): checksums detect corruption, not tampering ---------------
+def test_swapped_step_libraries_are_refused_before_loading(copy):
+    """Two steps' library entries swapped, every checksum still valid: the decode step once ran
+    the prompt step's library (heap corruption, SIGSEGV); the library's source mark refuses it."""
+    def swap(m):
+        a, b = m["steps"][0], m["steps"][1]
+        a["library"], b["library"] = b["library"], a["library"]
+    rewrite_manifest(copy, swap)
+    with pytest.raises(ArtifactError, match=r"t8_kv64_o1.so: the library was not built from the program"):
+        load_artifact(copy, threads=1)
+
+
+@pytest.mark.parametrize("path", ["/tmp/evil.so", "../outside.so", "steps/../../outside.so"],
+                         ids=["absolute", "dotdot", "nested-dotdot"])
+def test_paths_leaving_the_artifact_are_refused(copy, path):
+    outside = copy.parent / "outside.so"
+    shutil.copyfile(copy / "steps" / "t1_kv64_o1.so", outside)
+    digest = artifact.file_sha256(outside)
+
+    def edit(m):
+        m["steps"][0]["library"] = path
+        m["files"][path] = digest
+    rewrite_manifest(copy, edit)
+    with pytest.raises(ArtifactError, match=rf"refused: file path '{path}' does not stay inside the artifact"):
+        load_artifact(copy, threads=1)
+
+
+def test_a_link_leading_outside_the_artifact_is_refused(copy):
+    outside = copy.parent / "outside.so"
+    shutil.copyfile(copy / "steps" / "t1_kv64_o1.so", outside)
+    library = copy / "steps" / "t1_kv64_o1.so"
+    library.unlink()
+    library.symlink_to(outside)
+    with pytest.raises(ArtifactError, match="'steps/t1_kv64_o1.so' leads outside the artifact"):
+        load_artifact(copy, threads=1)
+
+
+def test_a_library_of_another_program_is_refused(copy, tmp_path):
+    """A library that is not ember's graph library at all (no entry point, no source mark) is
+    refused naming it, not an AttributeError."""
+    from ember.backends.cpu.compiler import CompileCache
+    stranger = CompileCache(tmp_path / "cc").build("int stranger(void) { return 1; }\n", ())
+    library = copy / "steps" / "t1_kv64_o1.so"
+    shutil.copyfile(stranger, library)
+    rewrite_manifest(copy, lambda m: m["files"].update({"steps/t1_kv64_o1.so": artifact.file_sha256(library)}))
+    with pytest.raises(ArtifactError, match="t1_kv64_o1.so: the library was not built from the program"):
+        load_artifact(copy, threads=1)
+
+
+# ---- KV cache types -----------------------------------------------------------------------------
+MIXED = KVCacheTypes.of("q8_0", "turbo4")      # a rotated q8_0 K, a turbo V
+
+
+@pytest.fixture(scope="module")
+def built_mixed(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifact-kvq") / "tiny-kvq.ember"
+    compile_artifact(load_model(tiny_model), CpuBackend(threads=1), out, n_ctx=N_CTX,
+                     prompt_tokens=PROMPT_TOKENS, cache=MIXED)
+    return out
+
+
+def test_manifest_records_the_cache_types(built, built_mixed):
+    assert read_manifest(built)["kv_cache"] == {"k": "f16", "v": "f16", "rotation": True}
+    assert read_manifest(built_mixed)["kv_cache"] == {"k": "q8_0", "v": "turbo4", "rotation": True}
+    graph = (built_mixed / "steps" / "t1_kv64_o1.ir").read_text()
+    assert "q8_0[64, 128]" in graph and "turbo4[64, 128]" in graph
+
+
+def test_a_quantized_cache_artifact_runs_the_sessions_bits(built_mixed, tiny_model):
+    _, session = load_artifact(built_mixed, threads=1, cache_request={"k": "q8_0", "v": None})
+    assert session.cache == MIXED
+    ours = session.eval(TOKENS[:9])
+    fresh = Session(load_model(tiny_model), CpuBackend(threads=1), SessionOptions(n_ctx=N_CTX, cache=MIXED))
+    fresh.eval(TOKENS[:PROMPT_TOKENS])
+    assert np.array_equal(ours, fresh.eval(TOKENS[PROMPT_TOKENS:9]))
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"k": "f16"}, "compiled with K cache type q8_0, not f16"),
+    ({"v": "turbo3"}, "compiled with V cache type turbo4, not turbo3"),
+    ({"rotation": False}, "compiled with cache rotation on, not off")], ids=["k", "v", "rotation"])
+def test_a_cache_request_other_than_the_artifacts_is_refused(built_mixed, request_, message):
+    with pytest.raises(ArtifactError) as e:
+        load_artifact(built_mixed, threads=1, cache_request=request_)
+    assert str(e.value) == f"{built_mixed}: the artifact was {message}; compile it again with the cache " \
+                           "settings you want"
+
+
+def test_a_manifest_without_cache_types_means_f16(copy):
+    rewrite_manifest(copy, lambda m: m.pop("kv_cache"))
+    _, session = load_artifact(copy, threads=1)
+    assert session.cache == KVCacheTypes()

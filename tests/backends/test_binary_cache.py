@@ -27,6 +27,7 @@ class CpuDriver:
         from ember.backends.cpu.compiler import BASE_FLAGS
         self.cache = make_backend("cpu", tmp_path).cache
         self.key = self.cache.key(C_SOURCE, BASE_FLAGS)
+        self.source = C_SOURCE
 
     def compile(self, broken=False):
         self.cache.build(C_SOURCE + ("int broken( {\n" if broken else ""))
@@ -38,6 +39,7 @@ class OpenCLDriver:
         self.cache = backend.cache
         self.program = backend.render(tiny_graph())
         self.key = self.cache.key(self.program.source, self.program.build_options)
+        self.source = self.program.source
 
     def compile(self, broken=False):
         program = self.program
@@ -53,6 +55,7 @@ class VulkanDriver:
         self.cache = type(backend.spirv_cache)(tmp_path / "spirv")
         self.shader = render_graph(tiny_graph(), backend.caps).shaders[0]
         self.key = self.cache.key(self.shader)
+        self.source = self.shader.source
 
     def compile(self, broken=False):
         shader = self.shader
@@ -79,7 +82,7 @@ def test_second_compile_is_a_hit(driver):
     assert counts(driver.cache) == (1, 0)
     driver.compile()
     assert counts(driver.cache) == (1, 1)
-    assert driver.cache.get(driver.key) is not None
+    assert driver.cache.get(driver.key, driver.source) is not None
 
 
 DAMAGE = {
@@ -96,10 +99,10 @@ def test_a_damaged_entry_is_rebuilt_not_trusted(driver, damage):
     path = driver.cache.path(driver.key)
     good = path.read_bytes()
     DAMAGE[damage](path)
-    assert driver.cache.get(driver.key) is None
+    assert driver.cache.get(driver.key, driver.source) is None
     driver.compile()
     assert counts(driver.cache) == (2, 0)
-    assert driver.cache.get(driver.key) is not None and len(path.read_bytes()) == len(good)
+    assert driver.cache.get(driver.key, driver.source) is not None and len(path.read_bytes()) == len(good)
 
 
 def test_a_failing_compile_leaves_no_file(driver):
@@ -132,7 +135,7 @@ class ToyCache(BinaryCache):
             if fail:
                 raise CompileError("toy compiler failed", "log")
             return source[::-1].encode()
-        return self.cached(self.key(source, options), compile_it)
+        return self.cached(self.key(source, options), source, compile_it)
 
 
 @pytest.mark.parametrize("part", ["source", "options", "identity", "format-version", "layout-version"])
@@ -163,17 +166,18 @@ def test_entry_and_checksum_on_disk(tmp_path):
     cache = ToyCache(tmp_path)
     path = cache.build("abc")
     assert path == tmp_path / cache.key("abc")[:2] / f"{cache.key('abc')}.bin"
-    assert path.read_bytes() == b"cba"
-    assert path.with_suffix(".sha256").read_text() == hashlib.sha256(b"cba").hexdigest()
+    stored = binary_cache.source_mark("abc") + b"\ncba"   # the source's mark, then the binary
+    assert path.read_bytes() == stored and cache.get(cache.key("abc"), "abc") == b"cba"
+    assert path.with_suffix(".sha256").read_text() == hashlib.sha256(stored).hexdigest()
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.stem + ".sha256"])
 
 
 def test_bytes_the_compiler_does_not_accept_are_rebuilt(tmp_path):
     cache = ToyCache(tmp_path)
     path = cache.build("abc")
-    cache.put(cache.key("abc"), b"REFUSED")      # a valid checksum of bytes that are not a binary
-    assert cache.get(cache.key("abc")) is None
-    assert cache.build("abc") == path and path.read_bytes() == b"cba"
+    cache.put(cache.key("abc"), b"REFUSED", "abc")  # a valid checksum of bytes that are not a binary
+    assert cache.get(cache.key("abc"), "abc") is None
+    assert cache.build("abc") == path and cache.get(cache.key("abc"), "abc") == b"cba"
     assert counts(cache) == (2, 0)
 
 
@@ -183,3 +187,36 @@ def test_a_failing_toy_compile_writes_nothing(tmp_path):
         cache.build("abc", fail=True)
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").rglob("*")) == []
     assert counts(cache) == (0, 0)
+
+
+# ---- entries whose bytes and checksum agree but are wrong (issue 16) -------------------------
+def test_an_entry_of_another_source_is_rebuilt_not_loaded(driver, tmp_path):
+    """Another program's entry copied, checksum and all, over this one's: before, the CPU and
+    Vulkan loaders crashed in the driver (SIGSEGV) and OpenCL aborted in PoCL; the source mark
+    refuses it, and the compile builds from source."""
+    driver.compile()
+    path = driver.cache.path(driver.key)
+    good = path.read_bytes()
+    other = type(driver)(tmp_path / "other")
+    other.source += "\n"          # another program: another mark (the key differs too)
+    if isinstance(driver, CpuDriver):
+        other_path = other.cache.build(other.source)
+    else:
+        other_path = other.cache.put(driver.key, driver.cache.get(driver.key, driver.source), other.source)
+    path.write_bytes(other_path.read_bytes())
+    path.with_suffix(".sha256").write_text(hashlib.sha256(other_path.read_bytes()).hexdigest())
+    assert driver.cache.get(driver.key, driver.source) is None
+    driver.compile()
+    assert counts(driver.cache) == (2, 0)
+    assert path.read_bytes() == good or driver.cache.get(driver.key, driver.source) is not None
+
+
+def test_a_toy_entry_copied_under_another_key_is_refused(tmp_path):
+    cache = ToyCache(tmp_path)
+    a, b = cache.build("aaa"), cache.path(cache.key("bbb"))
+    b.parent.mkdir(parents=True, exist_ok=True)
+    b.write_bytes(a.read_bytes())
+    b.with_suffix(".sha256").write_text(a.with_suffix(".sha256").read_text())
+    assert cache.get(cache.key("bbb"), "bbb") is None
+    cache.build("bbb")
+    assert cache.get(cache.key("bbb"), "bbb") == b"bbb"

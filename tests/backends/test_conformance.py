@@ -36,6 +36,14 @@ NMSE_BOUND.update({op: F32_MATH for op in OPS if op not in NMSE_BOUND})
 MUL_MAT_BOUND = {"f32": F32_MATH, "f16": F32_MATH, "bf16": F32_MATH, "q8_0": QUANT_MATMUL,
                  "q4_0": QUANT_MATMUL, "q5_0": QUANT_MATMUL, "q4_k": QUANT_MATMUL,
                  "q6_k": QUANT_MATMUL}
+# ggml's other weight formats (ember.ir.quant_formats): fewer cases each, the same bound
+MORE_WTYPES = ("q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4")
+MUL_MAT_BOUND.update({w: QUANT_MATMUL for w in MORE_WTYPES})
+
+
+def _row_len(wtype):
+    """A short row length that is a whole number of the format's blocks."""
+    return 256 if dtypes.dtype(wtype).block_size == 256 else 64
 
 
 # ---- cases -------------------------------------------------------------------------------------
@@ -462,6 +470,12 @@ for _wt in ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k"):
     _mm("batched-3d", _wt, (2, 3, _K), (2, 7, _K))
     _mm("batch-folds", _wt, (2, 3, _K), (7, _K))
     _mm("batch-permuted", _wt, (2, 5, _K), (7, _K), x="permuted")
+for _wt in MORE_WTYPES:
+    _K = _row_len(_wt)
+    _mm("gemv", _wt, (1, _K), (17, _K), scalar=True)
+    _mm("T17", _wt, (17, 2 * _K), (33, 2 * _K), scalar=True)
+    _mm("w-row-view", _wt, (3, _K), (9, _K), w_view="rows")
+    _mm("batched-3d", _wt, (2, 3, _K), (2, 7, _K))
 _mm("wide-4096", "f32", (2, 4096), (32, 4096))
 _mm("wide-4096", "q4_0", (2, 4096), (32, 4096))
 _mm("wide-4096", "q6_k", (1, 4096), (16, 4096))
@@ -498,6 +512,8 @@ for _dt in ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k"):
     _D = 256 if _dt in ("q4_k", "q6_k") else 64
     _get_rows("repeats", _dt, 20, _D, idx_values=[3, 0, 19, 3, 7], scalar=_dt in ("q4_k", "f16"))
     _get_rows("one", _dt, 1, _D, T=1)
+for _dt in MORE_WTYPES:
+    _get_rows("repeats", _dt, 20, _row_len(_dt), idx_values=[3, 0, 19, 3, 7], scalar=True)
 for _dt in ("f32", "f16", "bf16"):
     _get_rows("transposed", _dt, 17, 3, T=4, view="transposed")
     _get_rows("row-view", _dt, 17, 3, T=4, view="rows")
@@ -514,10 +530,10 @@ case("get_rows/f32-strided-idx", "get_rows")(_get_rows_idx_view)
 
 
 # mixture of experts: mul_mat_id (E = 7 experts, not a power of two), top_k, take_along
-def _mm_id(name, wtype, T, n_used, x="plain", x_rows=0, ids=None, E=7, N=5, scalar=False):
+def _mm_id(name, wtype, T, n_used, x="plain", x_rows=0, ids=None, E=7, N=5, K=None, scalar=False):
     """x "plain" [T, K], "transposed" / "view" (strided), or "per-expert" [T, n_used, K] (x_rows
     rows per token: 1 broadcasts); ids from `ids` values, else random in [0, E)."""
-    K = 256 if wtype in ("q4_k", "q6_k") else 64
+    K = K or _row_len(wtype)
     def build(s):
         if x == "transposed":
             xn = transposed(s, "x", (T, K))
@@ -538,11 +554,16 @@ for _wt in ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k"):
     _mm_id("T9-used3", _wt, 9, 3)
     _mm_id("T9-used3-repeats", _wt, 9, 3, ids=[2] * 20 + [6, 2, 0, 2, 5, 2, 2])   # one expert most often
     _mm_id("T9-used3-per-expert", _wt, 9, 3, x="per-expert", x_rows=3, scalar=_wt == "q8_0")
+for _wt in MORE_WTYPES:
+    _mm_id("T1-used1", _wt, 1, 1, scalar=_wt in ("q5_k", "nvfp4"))
+    _mm_id("T9-used3", _wt, 9, 3)
 _mm_id("T1-used3", "q4_0", 1, 3)
 _mm_id("T9-used1-transposed", "f32", 9, 1, x="transposed")
 _mm_id("T9-used3-view", "q8_0", 9, 3, x="view")
 _mm_id("T9-used3-x-broadcast", "f16", 9, 3, x="per-expert", x_rows=1)
 _mm_id("T5-used3-E3-wide", "q4_0", 5, 3, E=3, N=33)
+_mm_id("T9-used3-K72", "f32", 9, 3, K=72)     # rows not in whole 32-value chunks (nor 16)
+_mm_id("T9-used3-K72", "f16", 9, 3, K=72)
 
 
 def _ties(rng, shape):   # few distinct values: ties everywhere

@@ -24,6 +24,7 @@ from ember.codegen.opencl import TEMPLATES, layout_pass
 from ember.ir.interpreter import random_inputs
 from ember.ir.quant import quantize
 from ember.testing import nmse
+from moe_ffn import MoeShape, as_stored, build_moe_ffn, moe_weights, numpy_moe_ffn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_conformance import CASES, QUANT_MATMUL, check  # noqa: E402
@@ -148,6 +149,24 @@ def test_a_weight_also_read_another_way_keeps_its_blocks(adreno):
     assert exe.program.layouts == {} and "mul_mat.cl.j2" in templates_of(exe)
     assert exe.program.graph is graph      # refused: the graph is unchanged, the weight in rows
     run_and_compare(exe, graph, bound=1e-7)
+
+
+@pytest.mark.parametrize("wtype", ["q4_0"])
+def test_expert_weights_stay_in_rows_while_the_shared_expert_moves(adreno, wtype):
+    """A MoE FFN: the 2-D shared-expert weights go to the SoA layout, the stacked [E, N, K] expert
+    weights of mul_mat_id stay in rows (layout-adreno leaves them: no SoA kernel reads experts)
+    and run on mul_mat.cl.j2's ids variant; the result matches NumPy."""
+    shape = MoeShape(T=5)
+    weights = moe_weights(shape)
+    graph = build_moe_ffn(shape, weights, wtype)
+    exe = adreno.compile(graph)
+    consts = {n.name: n.type.layout for n in exe.program.graph.nodes if n.op == "const"}
+    assert {k for k, v in consts.items() if v == "adreno_soa"} == {"sh_gate", "sh_up", "sh_down"}
+    assert consts["gate"] == consts["up"] == consts["down"] == "row"
+    assert "mul_mat_soa_gemm.cl.j2" in templates_of(exe) and "mul_mat.cl.j2" in templates_of(exe)
+    x = np.random.default_rng(2).standard_normal((shape.T, shape.D)).astype(np.float32)
+    (got,) = exe.run({"x": x})
+    assert nmse(got, numpy_moe_ffn(shape, as_stored(weights, wtype), x)) <= QUANT_MATMUL
 
 
 # ---- the conformance groups the profile changes ------------------------------------------------

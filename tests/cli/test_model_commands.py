@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ember.artifact import FORMAT_VERSION
 from ember.models.tokenizer import Tokenizer
 
 from tiny_gguf import Spec, write_tiny_gguf
@@ -97,8 +98,11 @@ def test_perplexity_needs_two_contexts_of_text(tiny, tmp_path):
 
 
 def test_bench_prints_a_row_per_test_and_the_verbose_statistics(tiny):
-    out = ember("bench", tiny, "-p", 16, "-n", 4, "-r", 2, "-t", 1, "--verbose")
+    out = ember("bench", tiny, "-p", 16, "-n", 4, "-r", 2, "-t", 1, "--verbose", "-ctk", "q8_0", "-ctv", "turbo4")
     assert out.returncode == 0, out.stderr
+    # 2 layers of one 128-value head: K q8_0 4 x 34 bytes, V turbo4 66 bytes
+    assert re.search(r"KV cache K q8_0, V turbo4: 404 bytes per token \(2 layers\), [\d.]+ MiB for a "
+                     r"context of \d+", out.stdout)
     rows = [line for line in out.stdout.splitlines() if line.startswith("| gemma3")]
     assert [row.split("|")[4].strip() for row in rows] == ["pp16", "tg4"]
     for row in rows:
@@ -163,9 +167,11 @@ def damage_missing(folder: Path) -> str:
 
 
 def damage_version(folder: Path) -> str:
+    """An artifact of the version before (version 1 kept recurrent state as per-layer inputs)."""
     path = folder / "manifest.json"
-    path.write_text(path.read_text().replace('"format_version": 1,', '"format_version": 2,'))
-    return f"{path}: artifact format version 2; this ember reads version 1: compile the model again"
+    old = FORMAT_VERSION - 1
+    path.write_text(path.read_text().replace(f'"format_version": {FORMAT_VERSION},', f'"format_version": {old},'))
+    return f"{path}: artifact format version {old}; this ember reads version {FORMAT_VERSION}: compile the model again"
 
 
 @pytest.mark.parametrize("damage", [damage_corrupt, damage_missing, damage_version],
@@ -192,3 +198,52 @@ def test_run_checks_the_common_options_against_the_artifact(built):
     assert other.returncode == 1 and "the artifact runs on cpu, not vulkan" in other.stderr
     context = ember("run", built, "-p", "hello", "-n", 2, "-c", 128)
     assert context.returncode == 1 and "the artifact's context is 64 tokens" in context.stderr
+
+
+# ---- KV cache types ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Heads of 64: whole q8_0 / q4_0 blocks, not whole turbo blocks."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("llama") / "llama-f32.gguf", Spec("llama", "f32"))
+
+
+def test_an_unknown_cache_type_is_refused_with_the_choices(tiny):
+    out = ember("generate", tiny, "-p", "hi", "-ctv", "q5_0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "argument -ctv/--cache-type-v: invalid choice: 'q5_0' (choose from 'f16', 'f32', 'q8_0', " \
+           "'q4_0', 'turbo3', 'turbo4')" in out.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["perplexity", "-f", TEXT],
+                                     ["compile", "-o", "OUT"]], ids=["generate", "perplexity", "compile"])
+def test_a_head_size_the_cache_type_cannot_hold_is_one_line(tiny_llama, tmp_path, command):
+    args = [tmp_path / "art" if a == "OUT" else a for a in command]
+    out = ember(args[0], tiny_llama, *args[1:], "-ctk", "turbo4")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (f"ember: error: {tiny_llama}: K cache type turbo4 needs a "
+                                                   "head size that is a multiple of 128; this model's K "
+                                                   "head size is 64")
+    assert "compiling step graph" not in out.stderr and not (tmp_path / "art").exists()
+
+
+def test_run_refuses_cache_types_other_than_the_artifacts(built):
+    out = ember("run", built, "-p", "hello", "-n", 2, "-ctk", "q8_0")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"ember: error: {built}: the artifact was compiled with K cache type f16, not q8_0; compile it "
+        "again with the cache settings you want"]
+
+
+def test_a_gpu_backend_without_quantized_cache_kernels_says_so_in_one_line(tiny):
+    """Until the OpenCL/Vulkan kernels for quantized caches exist, the request is refused before
+    anything compiles; once they do, the run succeeds. Either way: no traceback."""
+    from ember.backends import get_backend
+    for name in ("opencl", "vulkan"):
+        if not get_backend(name).available()[0]:
+            continue
+        out = ember("generate", tiny, "-p", "hi", "-n", 2, "--backend", name, "-c", 64, "-ctk", "q8_0")
+        assert "Traceback" not in out.stderr
+        if out.returncode:
+            assert out.stderr.strip().splitlines()[-1].startswith(
+                f"ember: error: {name} backend: a KV cache of K q8_0, V f16 is not supported: ")
+            assert "compiling step graph" not in out.stderr

@@ -83,9 +83,8 @@ def test_every_generation_compiles_the_decode_step(model_graphs, generation, tmp
 
 # ---- every template ----------------------------------------------------------------------------
 def conformance_graphs():
-    """One graph holding every conformance case (every op, dtype and view kind) that the OpenCL
-    renderer declares it supports (it declares the mixture-of-experts ops and quantized KV caches
-    unsupported, for now)."""
+    """One graph holding every conformance case (every op, dtype and view kind, quantized KV
+    caches and the mixture-of-experts ops included) that the OpenCL renderer supports."""
     import sys
     sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
     from test_conformance import CASES, Scope, _reachable
@@ -120,6 +119,14 @@ def laid_out(graph, profile):
 def test_every_conformance_kernel_compiles_for_adreno(tmp_path):
     profile = adreno_profile("a7xx", **SMALL_SOA)
     program = render_graph(laid_out(conformance_graphs(), profile), profile)
+    # the quantized KV caches are in: set_rows into, and attention over, every cache type
+    cache_types = {(k.template, k.params["dtype" if "dtype" in k.params else "k_dtype"]) for k in program.kernels
+                   if k.template in ("set_rows.cl.j2", "attention.cl.j2")}
+    assert {(t, dt) for t in ("set_rows.cl.j2", "attention.cl.j2")
+            for dt in ("q8_0", "q4_0", "turbo3", "turbo4")} <= cache_types
+    ops = {n.op for n in program.graph.nodes}
+    assert {"mul_mat_id", "top_k", "take_along"} <= ops      # the mixture-of-experts kernels too
+    assert {"top_k.cl.j2", "take_along.cl.j2"} <= {k.template for k in program.kernels}
     assert_adreno_compiles(program, tmp_path)
 
 

@@ -15,9 +15,9 @@ from ember.codegen import opencl, opencl_plan
 from ember.codegen.opencl import compile_plan, layout_pass, render_graph, weight_layouts
 from ember.codegen.opencl_plan import (ADRENO_GENERATIONS, WeightLayout, adreno_generation, adreno_profile,
                                        generic_profile, relayout_weight)
-from ember.codegen.renderer import LOWERING, MOE_KINDS
+from ember.codegen.renderer import LOWERING
 from ember.errors import EmberError
-from ember.ir import GraphBuilder
+from ember.ir import GraphBuilder, dtypes
 from ember.passes import LayoutAdreno
 from ember.ir.quant import dequantize, quantize
 
@@ -76,7 +76,8 @@ def test_templates_are_strict_about_parameters():
 def test_every_template_is_used_by_some_op():
     used = {"eltwise", "copy", "rms_norm", "layer_norm", "sum_rows", "argmax", "softmax", "rope", "attention",
             "mul_mat", "get_rows", "set_rows", "ssm_conv", "ssm_scan", "gated_delta_net", "l2_norm",
-            "mul_mat_soa_gemv", "mul_mat_soa_gemm", "act_to_half_t", "get_rows_soa", "mul_mat_tiled"}
+            "mul_mat_soa_gemv", "mul_mat_soa_gemm", "act_to_half_t", "get_rows_soa", "mul_mat_tiled",
+            "top_k", "take_along"}
     on_disk = {p.name.removesuffix(".cl.j2") for p in opencl.TEMPLATE_DIR.glob("*.cl.j2")}
     assert on_disk == used
 
@@ -92,11 +93,35 @@ def test_every_op_of_the_table_is_supported_by_the_renderer():
         except Exception:      # an op without an example node yet: the renderer must still know it
             assert op in LOWERING or opdef.is_view, op
             continue
-        if LOWERING.get(op) in MOE_KINDS:
-            # a declared gap (the kernels are not written yet): refused by name, never a crash
-            assert opencl.supports_node(node) == (False, f"{op}: no OpenCL kernel yet"), op
-            continue
         assert opencl.supports_node(node) == (True, ""), op
+
+
+def experts_graph(T, wtype="q4_0", K=64):
+    b = GraphBuilder(f"experts{T}")
+    w = b.weight("w", np.random.default_rng(0).standard_normal((5, 8, K)), wtype)
+    return b.build(b.mul_mat_id(b.input("x", "f32", (T, K)), w, b.input("ids", "i32", (T, 3))))
+
+
+# Every weight type, and float rows of K % 16 != 0 (the scalar path of mul_mat.cl.j2).
+ID_CASES = [(d.name, 256 if d.block_size == 256 else 64) for d in dtypes.WEIGHT_TYPES] + \
+    [(d.name, 72) for d in dtypes.WEIGHT_TYPES if not d.is_quantized]
+
+
+@pytest.mark.parametrize("wtype, K", ID_CASES, ids=[f"{w}-K{k}" for w, k in ID_CASES])
+def test_mul_mat_id_runs_the_same_kernel_for_one_token_and_for_a_batch(wtype, K):
+    """mul_mat.cl.j2 with ids, one work item per (weight row, pair): the kernel text is the same
+    whatever the number of tokens, so a token's rows are the bits it gets alone."""
+    bodies = []
+    for T in (1, 9):
+        program = render_graph(experts_graph(T, wtype, K))
+        (k,) = program.kernels
+        assert k.params["vector"] == (K % 16 == 0)
+        (launch,) = program.launches
+        assert k.template == "mul_mat.cl.j2" and k.params["ids"] is True
+        assert launch.global_size == (8, 1, T * 3)
+        lines = program.source.splitlines()[k.first_line - 1:k.last_line]
+        bodies.append(lines[next(i for i, line in enumerate(lines) if line.startswith("__kernel")):])
+    assert bodies[0] == bodies[1]
 
 
 def test_launch_plan_is_json_and_names_every_buffer():
@@ -279,3 +304,18 @@ def test_soa_kernels_index_the_transposed_layout():
     assert "read_imageui(wq, (kb * 8 + w4) * 68 + rowc)" in text       # quants: [K/4][M]
     assert "EMBER_H_LOAD(kb * 68 + rowc, wd)" in text                    # scales: [K/32][M]
     assert re.search(r"qcom_reqd_sub_group_size|EMBER_REQD_SUBGROUP\(\"half\"\)", text)
+
+
+@pytest.mark.parametrize("value, kind, literal", [
+    (float("inf"), "float", "INFINITY"), (-float("inf"), "double", "(-INFINITY)"),
+    (float("nan"), "f32", "NAN"), (1e300, "f32", "INFINITY"), (0.5, "f32", "0.5f"),
+    (0.5, "float", "((float)0.5)"), (0.1, "double", "0.1"),
+], ids=["inf-float", "minus-inf-double", "nan-f32", "beyond-f32", "half-f32", "half-float", "tenth-double"])
+def test_every_float_is_a_c_literal(value, kind, literal):
+    """Issue 16: `inf` once reached generated C and OpenCL C; every renderer writes floats
+    through c_literal, which gives the NAN / INFINITY macros for non-finite values."""
+    from ember.codegen.opencl import cl_real
+    from ember.codegen.renderer import c_literal
+    assert c_literal(value, kind) == literal
+    if kind != "float":
+        assert cl_real(value, fp64=kind == "double") == literal

@@ -3,6 +3,7 @@
 plans, bindings split for big weights, the SPIR-V cache and compile errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -10,13 +11,12 @@ import jinja2
 import numpy as np
 import pytest
 
-from ember.codegen.renderer import LOWERING, MOE_KINDS
 
 from ember.backends.vulkan.compiler import SpirvCache, export_graph, validate_spirv
 from ember.codegen.vulkan import all_variants, kernel_templates, render_graph, render_shader, supports_node
 from ember.codegen.vulkan_plan import BASELINE_CAPS, PLAN_FORMAT, DeviceCaps
 from ember.errors import CompileError, EmberError
-from ember.ir import GraphBuilder
+from ember.ir import GraphBuilder, dtypes
 from ember.ir.examples import example_node
 from ember.ir.ops import OPS
 
@@ -54,10 +54,6 @@ def test_every_op_of_the_table_has_a_kernel():
         try:
             node = example_node(name)
         except Exception:   # noqa: BLE001 - ops without an example are covered by the conformance suite
-            continue
-        if LOWERING.get(name) in MOE_KINDS:
-            # a declared gap (the kernels are not written yet): refused by name, never a crash
-            assert supports_node(node, LAVAPIPE) == (False, f"{name}: no Vulkan kernel yet"), name
             continue
         assert supports_node(node, LAVAPIPE) == (True, ""), name
         assert supports_node(node, BASELINE_CAPS) == (True, ""), name
@@ -146,6 +142,54 @@ def test_operand_too_big_for_any_binding_is_unsupported():
     node = b.exp(x)
     ok, reason = supports_node(node, DeviceCaps("tiny", max_storage_range=1024))
     assert not ok and "maxStorageBufferRange" in reason
+
+
+def experts_graph(E=4, N=8, K=64, wtype="q8_0", T=3):
+    b = GraphBuilder("experts")
+    w = b.weight("w", np.random.default_rng(0).standard_normal((E, N, K)), wtype)
+    return b.build(b.mul_mat_id(b.input("x", "f32", (T, K)), w, b.input("ids", "i32", (T, 2))))
+
+
+# Every weight type in whole chunks of 32 (the chunked kernel), and float rows that are not (the
+# generic kernel).
+ID_CASES = [(d.name, 256 if d.block_size == 256 else 64) for d in dtypes.WEIGHT_TYPES] + \
+    [(d.name, 80) for d in dtypes.WEIGHT_TYPES if not d.is_quantized]
+
+
+@pytest.mark.parametrize("wtype, K", ID_CASES, ids=[f"{w}-K{k}" for w, k in ID_CASES])
+def test_mul_mat_id_runs_the_same_shader_for_one_token_and_for_a_batch(wtype, K):
+    """One token and a batch of 9 run the same shader with the same push constants but the
+    token count: a token's rows are the bits it gets alone."""
+    seen = []
+    for T in (1, 9):
+        program = render_graph(experts_graph(K=K, wtype=wtype, T=T), LAVAPIPE)
+        (d,) = program.dispatches
+        shader = program.shaders[d.shader]
+        push = dict(zip((n for n, _ in shader.push_fields), np.frombuffer(d.push, np.uint32)))
+        assert push.pop("ne3") == T
+        assert shader.template == ("mul_mat.comp.j2" if K % 32 else "mul_mat_chunked.comp.j2")
+        seen.append((shader.source, push))
+    assert seen[0] == seen[1]
+
+
+def test_experts_are_one_dispatch_of_the_mul_mat_kernel_with_ids():
+    program = render_graph(experts_graph(), LAVAPIPE)
+    (d,) = program.dispatches
+    shader = program.shaders[d.shader]
+    assert shader.template == "mul_mat_chunked.comp.j2" and dict(shader.params)["ids"] is True
+    assert d.bindings[1].kind == "texel" and len(d.bindings) == 5     # x, w, y, ids, status
+    assert d.groups == (-(-8 // dict(shader.params)["rows"]) * 3 * 2, 1, 1)   # row groups x pairs
+
+
+def test_experts_over_one_texel_binding_are_read_through_a_storage_binding():
+    caps = dataclasses.replace(LAVAPIPE, max_texel_bytes=1024)    # 4 x 8 rows of 68 bytes: more
+    (d,) = render_graph(experts_graph(), caps).dispatches
+    assert d.bindings[1].kind == "storage"
+
+
+def test_experts_over_one_storage_binding_are_unsupported():
+    ok, reason = supports_node(experts_graph().outputs[0], DeviceCaps("small", max_storage_range=1024))
+    assert not ok and "operand 1" in reason and "maxStorageBufferRange" in reason
 
 
 # ---- SPIR-V cache and errors -------------------------------------------------------------------

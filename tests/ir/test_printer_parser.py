@@ -219,7 +219,8 @@ def small_graphs(draw):
                 else b.weight(f"bias{step}", rng.standard_normal(x.shape[-1]))
             y = b.add(x, bias)
         elif choice == "norm":
-            y = b.op(draw(st.sampled_from(["rms_norm", "layer_norm"])), x, eps=draw(attr_floats))
+            y = b.op(draw(st.sampled_from(["rms_norm", "layer_norm"])), x,
+                     eps=draw(st.floats(min_value=0, allow_infinity=False, width=32)))  # eps >= 0: its rule
         elif choice == "softmax":
             y = b.softmax(x, scale=draw(attr_floats), softcap=draw(st.sampled_from([0.0, 30.0])))
         elif choice == "scale":

@@ -141,3 +141,64 @@ def _graph_without_walk(inputs, outputs) -> Graph:
     g.constants = MappingProxyType({})
     g._order = g._users = None
     return g
+
+
+def test_view_negative_stride_refused_with_node_named():
+    # issue 16: strides [-4096, 4] once passed (the span check used a negative span) and the
+    # compiled kernels read before the buffer.
+    x = input_node("x", "f32", (4, 1024))
+    t = TensorType(dtypes.f32, (4, 64))
+    bad = Node("view", (x,), {"shape": (4, 64), "strides": (-4096, 4), "offset": 0}, t)
+    verify_fails(Graph([x], [bad]), "%0 (view", "negative stride")
+    with pytest.raises(ValueError, match="negative stride"):
+        TensorType(dtypes.f32, (4, 64), (-4096, 4))
+
+
+def test_view_overlapping_strides_bounded_by_real_extent():
+    # Overlapping rows (stride 0: a broadcast) read inside the operand and are fine; a large
+    # offset with them is not.
+    x = input_node("x", "f32", (4,))
+    ok = make_node("view", [x], {"shape": (3, 4), "strides": (0, 4), "offset": 0})
+    verify(Graph([x], [ok]))
+    t = TensorType(dtypes.f32, (3, 2), (0, 4))
+    bad = Node("view", (x,), {"shape": (3, 2), "strides": (0, 4), "offset": 12}, t)
+    verify_fails(Graph([x], [bad]), "%0 (view", "bytes [12, 20) fall outside the operand's 16 bytes")
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ("shape=[4, 64], strides=[-4096, 4]", "negative stride"),
+    ("shape=[-4, 64], strides=[4096, 4]", "negative dimension"),
+], ids=["negative-stride", "negative-dimension"])
+def test_view_attribute_errors_carry_file_line_col(attrs, message):
+    from ember.errors import ParseError
+    text = f"graph g(%x: f32[4, 1024]) {{\n  %v = view(%x, offset=0, {attrs})\n  return %v\n}}\n"
+    with pytest.raises(ParseError) as e:
+        parse_ir(text, "bad.ir")
+    assert str(e.value).startswith("bad.ir:2:8: view:") and message in str(e.value)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ("n_dims=-2147483648", "n_dims -2147483648 must be even and in (0, head_dim 64]"),
+    ("freq_base=0.0", "freq_base 0.0 must be finite and positive"),
+    ("freq_scale=-inf", "freq_scale -inf must be finite and positive"),
+], ids=["n-dims-min", "freq-base-0", "freq-scale-inf"])
+def test_rope_attributes_outside_their_meaning(attrs, message):
+    from ember.errors import ParseError
+    text = (f"graph g(%x: f32[2, 4, 64], %p: i32[2]) {{\n  %r = rope(%x, %p, {attrs})\n  return %r\n}}\n")
+    with pytest.raises(ParseError, match=r"bad.ir:2:8: rope: " + message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        parse_ir(text, "bad.ir")
+
+
+def test_norm_eps_negative_is_refused():
+    x = input_node("x", "f32", (4, 8))
+    with pytest.raises(Exception, match="rms_norm: eps -1.0 must be finite and >= 0"):
+        make_node("rms_norm", [x], {"eps": -1.0})
+
+
+@pytest.mark.parametrize("offset, strides", [(257, (512, 4)), (256, (512, 1))], ids=["offset", "stride"])
+def test_view_splitting_an_element_is_refused(offset, strides):
+    # found by the IR fuzzer: OpenCL read such views wrongly (kernels address whole elements)
+    x = input_node("x", "f32", (8, 64))
+    with pytest.raises(Exception, match="must be multiples of the 4-byte f32 element"):
+        make_node("view", [x], {"shape": (4, 32), "strides": strides, "offset": offset})

@@ -152,13 +152,14 @@ def _write_single_tensor(path, data, raw_dtype=None, arch="llama"):
 
 
 def test_unsupported_tensor_type_names_tensor_and_supported_types(tmp_path):
-    q2_k = np.zeros((4, 84), dtype=np.uint8)            # one 256-value Q2_K block per row
-    path = _write_single_tensor(tmp_path / "q2k.gguf", q2_k, GGMLQuantizationType.Q2_K)
+    iq2_xs = np.zeros((4, 74), dtype=np.uint8)          # one 256-value IQ2_XS block per row
+    path = _write_single_tensor(tmp_path / "iq2xs.gguf", iq2_xs, GGMLQuantizationType.IQ2_XS)
     with pytest.raises(ModelFileError) as e:
         GGUFFile(path)
     message = str(e.value)
-    assert "'blk.0.ffn_up.weight'" in message and "Q2_K" in message
-    assert SUPPORTED_TYPE_NAMES in message and "Q4_K" in message
+    assert "'blk.0.ffn_up.weight'" in message and "IQ2_XS" in message
+    assert SUPPORTED_TYPE_NAMES in message and "Q4_K" in message and "Q5_K" in message
+    assert "MXFP4" in message and "NVFP4" in message
 
 
 def test_unknown_tensor_type_id(tmp_path):

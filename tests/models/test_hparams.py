@@ -179,7 +179,7 @@ def test_hybrid_layers_follow_head_count_kv():
 
 def test_hybrid_attention_layers_must_agree():
     bad = granite_metadata(**{"granitehybrid.attention.head_count_kv": np.array([0, 2, 4], np.uint32)})
-    with pytest.raises(ModelFileError, match="differs between attention layers"):
+    with pytest.raises(ModelFileError, match="differs between layers"):
         HParams.from_metadata(bad)
 
 
@@ -192,3 +192,49 @@ def test_bad_ssm_sizes_and_moe_are_refused():
         HParams.from_metadata(granite_metadata(**{"granitehybrid.ssm.inner_size": 500}))
     with pytest.raises(ModelFileError, match="mixture-of-experts"):
         HParams.from_metadata(granite_metadata(**{"granitehybrid.expert_count": 8}))
+
+
+# ---- gated-DeltaNet hybrids ----------------------------------------------------------------
+def qwen35moe_metadata(**extra):
+    a = "qwen35moe"
+    meta = {"general.architecture": a, f"{a}.block_count": 8, f"{a}.embedding_length": 256,
+            f"{a}.attention.head_count": 4, f"{a}.attention.head_count_kv": 2,
+            f"{a}.attention.key_length": 64, f"{a}.attention.value_length": 64,
+            f"{a}.context_length": 4096, f"{a}.attention.layer_norm_rms_epsilon": 1e-6,
+            f"{a}.rope.dimension_sections": np.array([11, 11, 10, 0], np.int32),
+            f"{a}.ssm.conv_kernel": 4, f"{a}.ssm.inner_size": 512, f"{a}.ssm.state_size": 128,
+            f"{a}.ssm.time_step_rank": 4, f"{a}.ssm.group_count": 2,
+            f"{a}.expert_count": 16, f"{a}.expert_used_count": 4,
+            f"{a}.expert_feed_forward_length": 64, f"{a}.expert_shared_feed_forward_length": 96}
+    meta.update({k.format(arch=a): v for k, v in extra.items()})
+    return meta
+
+
+def test_delta_net_layers_follow_full_attention_interval():
+    hp = HParams.from_metadata(qwen35moe_metadata())          # llama.cpp's default interval: 4
+    assert hp.recurrent_layers == (True, True, True, False) * 2
+    assert hp.conv_state_shape == (3, 2 * 2 * 128 + 512) and hp.ssm_state_shape == (4, 128, 128)
+    assert (hp.n_expert, hp.n_expert_used, hp.n_ff_exp, hp.n_ff_shexp) == (16, 4, 64, 96)
+    assert hp.rope_sections == (11, 11, 10, 0)
+    hp = HParams.from_metadata(qwen35moe_metadata(**{"{arch}.full_attention_interval": 2}))
+    assert hp.recurrent_layers == (True, False) * 4
+    listed = np.array([1, 0, 0, 1, 1, 1, 0, 1], np.int8)
+    hp = HParams.from_metadata(qwen35moe_metadata(**{"{arch}.attention.recurrent_layers": listed}))
+    assert hp.recurrent_layers == tuple(bool(v) for v in listed)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"{arch}.ssm.inner_size": 500}, r"ssm inner size 500 must be the 4 v heads times the state size 128"),
+    ({"{arch}.expert_used_count": 17}, r"expert_used_count 17 must be in \[1, expert_count 16\]"),
+    ({"{arch}.ssm.time_step_rank": 3}, r"ssm heads 3 are not a multiple of the 2 groups"),
+], ids=["state size", "experts used", "head split"])
+def test_bad_delta_net_hparams_are_refused(extra, message):
+    with pytest.raises(ModelFileError, match=message):
+        HParams.from_metadata(qwen35moe_metadata(**extra))
+
+
+def test_qwen35_needs_rope_sections():
+    meta = qwen35moe_metadata()
+    del meta["qwen35moe.rope.dimension_sections"]
+    with pytest.raises(ModelFileError, match="qwen35moe.rope.dimension_sections"):
+        HParams.from_metadata(meta)

@@ -8,6 +8,8 @@ from ember.models.gguf_file import ModelFileError
 
 from model_steps import ReferenceSession, nmse, reference_logits
 from tiny_gguf import ARCHS, CONFIGS, WEIGHT_TYPES, Spec, write_tiny_gguf
+from tiny_gguf_delta import DELTA_ARCHS
+from tiny_gguf_hybrid import HYBRID_ARCHS
 from tiny_gguf_ssm import SSM_ARCHS, SSM_CONFIGS, SsmSpec, write_ssm_gguf
 
 PROMPT = [1, 17, 260, 300, 42, 9]
@@ -19,7 +21,7 @@ TYPE_NMSE = {"f16": 1e-6, "bf16": 1e-4, "q8_0": 1e-3, "q6_k": 1e-2, "q5_0": 5e-2
 
 
 def test_registry():
-    assert sorted(ARCHITECTURES) == sorted(ARCHS + SSM_ARCHS)
+    assert sorted(ARCHITECTURES) == sorted(ARCHS + SSM_ARCHS + DELTA_ARCHS + HYBRID_ARCHS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -190,6 +190,19 @@ def test_fuse_qkv_fuses_gate_and_up_the_same_way():
   %2 = add(%0, %1)
   return %2
 }""",
+    # a projection read through a view whose strides assume its own rows (qwen3next's query
+    # and gate interleaved per head): with the fused row stride the view would read other columns
+    """graph g(%x: f32[2, 32]) {
+  %a = const "a" : f32[8, 32]
+  %b = const "b" : f32[4, 32]
+  %0 = mul_mat(%x, %a)
+  %1 = view(%0, offset=0, shape=[2, 2, 2], strides=[32, 16, 4])
+  %2 = mul_mat(%x, %b)
+  %3 = cont(%1)
+  %4 = reshape(%3, shape=[2, 4])
+  %5 = add(%4, %2)
+  return %5
+}""",
     # a lone projection
     """graph g(%x: f32[2, 32]) {
   %a = const "a" : f32[8, 32]
@@ -200,3 +213,16 @@ def test_fuse_qkv_fuses_gate_and_up_the_same_way():
 def test_fuse_qkv_leaves_alone(text):
     g = parse_ir(text)
     assert FUSE(g) is g
+
+
+@pytest.mark.parametrize("wtype", ["q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4"])
+def test_fuse_qkv_concatenates_blocks_of_every_weight_format(wtype):
+    """Rows are whole blocks in every format, so the fused weight is the members' bytes one
+    after the other and the reference result does not move a bit."""
+    text = BEFORE.replace("q8_0", wtype).replace(", 64]", ", 256]").replace("[5, 64]", "[5, 256]")
+    before = parse_ir(text)
+    after = DeadCodeElimination()(FUSE(before))
+    verify(after)
+    fused = after.constants["wq+wk+wv"]
+    np.testing.assert_array_equal(fused, np.concatenate([before.constants[n] for n in ("wq", "wk", "wv")]))
+    assert_allclose(run_reference(before, seed=0), run_reference(after, seed=0), rtol=0, atol=0)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from ember.ir import GraphBuilder
+from ember.ir.dtypes import dtype
+from ember.ir.layouts import get_layout
 from ember.ir.parser import parse_ir
 from ember.ir.printer import print_ir
 from ember.ir.verifier import verify
@@ -127,6 +129,13 @@ graph g(%x: f32[1, 64]) {
   return %0, %2
 }
 """, SMALL),
+    ("experts of mul_mat_id: 3-D, read as rows", """
+graph g(%x: f32[2, 64], %ids: i32[2, 2]) {
+  %w = const "w" : q8_0[4, 8, 64]
+  %0 = mul_mat_id(%x, %w, %ids)
+  return %0
+}
+""", SMALL),
     ("a graph output", """
 graph g(%x: f32[1, 64]) {
   %w = const "w" : q8_0[8, 64]
@@ -172,3 +181,17 @@ def test_ember_passes_output_with_layouts_round_trips(tmp_path):
     want = pipeline_for("opencl-adreno")(parse_ir(text))
     assert_structural_equal(printed, want)
     np.testing.assert_array_equal(printed.constants["w"], want.constants["w"])
+
+
+NEW_WTYPES = ("q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4")
+
+
+@pytest.mark.parametrize("wtype", NEW_WTYPES)
+def test_layout_adreno_leaves_the_other_weight_formats_in_rows(wtype):
+    """No Adreno SoA form for these (llama.cpp has none either): the layout names the type it
+    refuses, the pass leaves the weight in rows, and the OpenCL row kernels read it."""
+    K = 256 if dtype(wtype).block_size == 256 else 512
+    assert wtype in get_layout("adreno_soa").problem(dtype(wtype), (512, K))
+    before = parse_ir(one_consumer(wtype, shape=(512, K), x_shape=(1, K)))
+    assert LayoutAdreno(min_rows=4, min_cols=32)(before) is before
+    assert pipeline_for("opencl-adreno")(before).outputs[0].inputs[1].type.layout == "row"

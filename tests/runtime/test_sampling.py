@@ -52,8 +52,6 @@ def test_repeat_penalty_lowers_recent_tokens():
     assert Sampler(SamplingParams(temperature=0, repeat_penalty=2.0)).sample(logits, [0]) == 2
 
 
-
-
 def brute_force_top_k(logits: np.ndarray, k: int) -> list[int]:
     order = sorted(range(len(logits)), key=lambda i: (-float(logits[i]), i))
     return order[:k]
@@ -96,3 +94,21 @@ def test_draw_matches_numpy_choice_from_the_same_seed():
         probs /= probs.sum()
         ours, theirs = np.random.default_rng(size), np.random.default_rng(size)
         assert [draw(ours, probs) for _ in range(200)] == [int(theirs.choice(size, p=probs)) for _ in range(200)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_are_refused_naming_the_step(bad):
+    from ember.errors import EmberError
+    logits = np.zeros(16, np.float32)
+    logits[5] = bad
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.8)):
+        with pytest.raises(EmberError, match=r"logits after 3 tokens are not finite \(token 5"):
+            Sampler(params).sample(logits, [1, 2, 3])
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("nan")), ("top_k", -1), ("top_p", 0.0),
+                                          ("min_p", 1.5), ("repeat_penalty", 0.0)])
+def test_sampling_values_outside_their_meaning_are_refused(field, value):
+    from ember.errors import EmberError
+    with pytest.raises(EmberError, match="must be"):
+        SamplingParams(**{field: value})

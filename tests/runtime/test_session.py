@@ -157,3 +157,20 @@ def test_token_buckets():
     assert [token_bucket(t, 512) for t in (1, 2, 3, 5, 9, 33, 64, 65, 130, 500, 512)] == \
         [1, 2, 4, 8, 16, 64, 64, 128, 192, 512, 512]
     assert token_bucket(100, 96) == 100 and token_bucket(70, 100) == 100
+
+
+@pytest.mark.parametrize("spec", [Spec("llama", "q3_k_m"),
+                                  pytest.param(Spec("llama", "q5_k_m"), marks=pytest.mark.slow),
+                                  pytest.param(Spec("llama", "q2_k_m"), marks=pytest.mark.slow),
+                                  pytest.param(Spec("llama", "iq4_xs"), marks=pytest.mark.slow),
+                                  pytest.param(Spec("llama", "nvfp4"), marks=pytest.mark.slow),
+                                  pytest.param(Spec("llama", "mxfp4"), marks=pytest.mark.slow),
+                                  pytest.param(Spec("llama", "q5_1"), marks=pytest.mark.slow)], ids=str)
+def test_other_weight_formats_run_on_cpu_close_to_the_reference(tiny_files, cpu, spec):
+    """The CPU kernels of the other formats (and mixes of formats by tensor role) inside a whole
+    model: prompt and decode logits against the NumPy reference interpreter (the difference is
+    the kernels' 8-bit activations; measured ~1e-4, a wrong kernel gives ~1)."""
+    model = load_model(tiny_files[spec])
+    ours, _ = run(model, cpu, SessionOptions(n_ctx=64, kv_bucket=16), decode=0)
+    ref = ReferenceSession(model, 16).step(PROMPT)
+    assert nmse(ours, ref) < 1e-3

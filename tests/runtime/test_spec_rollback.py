@@ -2,7 +2,9 @@
 "states") next to the checkpoint-and-re-decode path ("redecode"): the state after a rollback is
 the state one-token decoding reaches, bit for bit; greedy output is identical to plain decoding
 for every draft source, rollback mode and backend; on a GPU backend the state never crosses to
-the host during the rounds."""
+the host during the rounds. Mamba-2 (mamba2, granitehybrid) on every backend; the gated-DeltaNet
+hybrids (qwen35moe, qwen35) and the short-convolution / parallel hybrids (lfm2, falcon-h1) on
+the CPU."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from ember.runtime.generate import generate
 from ember.runtime.sampling import Sampler, SamplingParams
 from ember.runtime.session import Session, SessionOptions
 from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
+from tiny_gguf_delta import DeltaSpec
+from tiny_gguf_hybrid import HybridSpec
 from tiny_gguf_ssm import SsmSpec
 
 OPTIONS = SessionOptions(n_ctx=96, kv_bucket=32)
@@ -211,3 +215,85 @@ def test_cli_spec_rollback_option(tiny_files, tmp_path, capsys, rollback):
     err = capsys.readouterr().err
     assert "speculative memory: recurrent state" in err and f"({rollback})" in err
     assert ("no re-decode" in err) == (rollback == "states")
+
+
+# ---- gated DeltaNet, short convolution, parallel attention + Mamba-2 (CPU) ---------------------
+@pytest.fixture(scope="module")
+def cpu(shared_cpu_cache):
+    return make_backend("cpu", shared_cpu_cache, threads=2)
+
+
+def test_delta_net_state_after_rollback_is_the_one_token_state(tiny_files, cpu):
+    """qwen35 (gated DeltaNet: a conv state over q, k, v and the delta rule's state): a verify
+    batch keeping every state, rolled back to a prefix, holds bit for bit the state of decoding
+    that prefix one token at a time, and goes on to the same logits."""
+    model = load_model(tiny_files[DeltaSpec("qwen35", "f32")])
+    target, step = Session(model, cpu, OPTIONS), Session(model, cpu, OPTIONS)
+    prompt, batch = prompt_ids(0), [17, 40, 41, 99]
+    target.reserve_state_planes(len(batch) + 1)
+    target.eval(prompt)
+    target.eval(batch, all_logits=True, keep_states=True)
+    step.eval(prompt)
+    one_at_a_time = []
+    for token in batch[:2]:
+        step.eval([token])
+        one_at_a_time.append(step.recurrent_state())
+    for j in (1, 0):                       # the longer prefix first, then the shorter
+        target.truncate(len(prompt) + j + 1)
+        kept = target.recurrent_state()
+        assert list(kept) == model.state_names() and any(n.startswith("ssm_state") for n in kept)
+        for name, expected in one_at_a_time[j].items():
+            np.testing.assert_array_equal(kept[name], expected, err_msg=f"{name}, prefix {j + 1}")
+    step.set_recurrent_state(one_at_a_time[0], len(prompt) + 1)
+    np.testing.assert_array_equal(target.eval([7]), step.eval([7]))
+
+
+def _hybrid(tiny_files, cpu, spec):
+    model = load_model(tiny_files[spec])
+    return Session(model, cpu, OPTIONS), Tokenizer.from_metadata(model.tokenizer)
+
+
+def test_short_convolution_every_acceptance_position(tiny_files, cpu):
+    """lfm2 (a conv state only) with a drafter wrong at each draft position in turn: the kept
+    conv windows give plain decoding's tokens, with no re-decode."""
+    target, tokenizer = _hybrid(tiny_files, cpu, HybridSpec("lfm2"))
+    prompt = prompt_ids(5)
+    expected = greedy(target, tokenizer, prompt)
+    drafter = WrongAt(expected, len(prompt))
+    got, stats = speculative_generate(target, drafter, tokenizer, prompt, N_PREDICT, draft_max=3,
+                                      ignore_eos=True, rollback="states")
+    assert got.tokens == expected
+    assert drafter.positions == {0, 1, 2} and stats.accepted < stats.drafted
+    assert stats.redecode_seconds == 0 and stats.state_bytes == 5 * target.state_bytes
+
+
+NEW_ARCHS = [DeltaSpec("qwen35moe", "f32"), HybridSpec("lfm2"), HybridSpec("falcon-h1")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", NEW_ARCHS, ids=lambda spec: spec.arch)
+@pytest.mark.parametrize("rollback", ["states", "redecode"])
+def test_new_arch_ngram_speculation_is_token_identical(tiny_files, cpu, spec, rollback):
+    target, tokenizer = _hybrid(tiny_files, cpu, spec)
+    prompt = prompt_ids(2)
+    expected = greedy(target, tokenizer, prompt)
+    got, stats = speculative_generate(target, NgramDraft(), tokenizer, prompt, N_PREDICT, draft_max=4,
+                                      ignore_eos=True, rollback=rollback)
+    assert got.tokens == expected and stats.drafted > 0
+    assert stats.rollback == rollback
+    if rollback == "states":
+        assert stats.redecode_seconds == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", NEW_ARCHS, ids=lambda spec: spec.arch)
+@pytest.mark.parametrize("rollback", ["states", "redecode"])
+def test_new_arch_every_acceptance_position(tiny_files, cpu, spec, rollback):
+    target, tokenizer = _hybrid(tiny_files, cpu, spec)
+    prompt = prompt_ids(6)
+    expected = greedy(target, tokenizer, prompt)
+    drafter = WrongAt(expected, len(prompt))
+    got, stats = speculative_generate(target, drafter, tokenizer, prompt, N_PREDICT, draft_max=4,
+                                      ignore_eos=True, rollback=rollback)
+    assert got.tokens == expected and drafter.positions == {0, 1, 2, 3}
+    assert (stats.redecode_seconds > 0) == (rollback == "redecode")

@@ -192,3 +192,43 @@ def test_speculative_sampling_runs_on_a_model_and_is_seeded(setup):
     (a, stats), (b, _) = runs
     assert a.tokens == b.tokens and len(a.tokens) == N_PREDICT     # same seed, same text
     assert stats.drafted > 0 and stats.accepted > 0
+
+
+# ---- gated-DeltaNet hybrids (qwen35moe: DeltaNet + gated attention + MoE) --------------------
+from tiny_gguf_delta import DeltaSpec  # noqa: E402
+
+
+# slow: each verify and re-decode shape compiles a step graph (~40 s for one case on 2 cores)
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, draft_max, seed", [
+    (DeltaSpec("qwen35moe", "q8_0"), 3, 2),
+    (DeltaSpec("qwen35moe", "f32"), 6, 2),
+    (DeltaSpec("qwen3next", "f32"), 3, 2),
+    (DeltaSpec("qwen35", "f32"), 2, 5),      # seed 2's text never repeats: nothing to draft
+], ids=str)
+def test_delta_net_speculation_is_token_identical(tiny_files, tmp_path_factory, spec, draft_max, seed):
+    backend = get_backend("cpu", threads=2, cache_dir=tmp_path_factory.mktemp(f"spec-{spec.arch}"))
+    model = load_model(tiny_files[spec])
+    target, tokenizer = Session(model, backend, OPTIONS), Tokenizer.from_metadata(model.tokenizer)
+    assert target.is_recurrent
+    prompt = repetitive_prompt(seed)
+    expected = greedy(target, tokenizer, prompt)
+    got, stats = speculative_generate(target, NgramDraft(), tokenizer, prompt, N_PREDICT,
+                                      draft_max=draft_max, ignore_eos=True)
+    assert got.tokens == expected
+    assert stats.drafted > 0
+
+
+@pytest.mark.parametrize("draft_max", [1, 8])
+def test_speculation_at_the_end_of_the_context_is_token_identical(setup, draft_max):
+    """Generating past n_ctx: speculation once stopped one token short of plain decoding, which
+    also emits the token the last position's logits choose (issue 16)."""
+    _, target, _, tokenizer = setup
+    prompt = repetitive_prompt(3)
+    n = OPTIONS.n_ctx                      # more than fits
+    expected = generate(target, tokenizer, prompt, n, Sampler(SamplingParams(temperature=0)), ignore_eos=True)
+    got, _ = speculative_generate(target, NgramDraft(), tokenizer, prompt, n, draft_max=draft_max,
+                                  ignore_eos=True)
+    assert expected.stop_reason == got.stop_reason == "context"
+    assert len(expected.tokens) == OPTIONS.n_ctx - PROMPT_LEN + 1
+    assert got.tokens == expected.tokens

@@ -1,24 +1,26 @@
 """Running step graphs with the reference interpreter the way the generation runtime does:
 cache slots, positions and the 0/-inf masks (causal + padding, and the sliding window), and the
-recurrent state of Mamba-2 layers (zeros at first, one plane read and rewritten each step)."""
+recurrent state of Mamba-2, gated DeltaNet and short-convolution layers (zeros at first, one plane
+read and rewritten each step); the KV caches in any of the cache types (ember.models.kv_cache)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ember.ir.interpreter import run_reference
-from ember.models import Model
+from ember.models import F16_CACHE, KVCacheTypes, Model
+from ember.runtime.memory import cache_array
 
 
 class ReferenceSession:
     """One sequence in a KV cache of n_kv rows; slot i holds position i."""
 
-    def __init__(self, model: Model, n_kv: int):
-        self.model, self.n_kv = model, n_kv
+    def __init__(self, model: Model, n_kv: int, cache: KVCacheTypes = F16_CACHE):
+        self.model, self.n_kv, self.cache = model, n_kv, cache
         self.slot_pos = np.full(n_kv, -1)          # position held by each cache row, -1: empty
         self.caches = {}                           # in the order of the graph's inputs and outputs
         for il in model.attention_layers:
-            self.caches[f"k_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "k"), np.float16)
-            self.caches[f"v_cache.{il}"] = np.zeros(model.cache_shape(n_kv, "v"), np.float16)
+            self.caches[f"k_cache.{il}"] = cache_array(cache.k, *model.cache_shape(n_kv, "k"))
+            self.caches[f"v_cache.{il}"] = cache_array(cache.v, *model.cache_shape(n_kv, "v"))
         for name, shape in model.state_shapes().items():     # one plane each
             self.caches[name] = np.zeros((1, int(np.prod(shape))), np.float32)
         self.state_inputs = {"state_src": np.zeros(1, np.int32), "state_slots": np.zeros(1, np.int32)} \
@@ -44,7 +46,7 @@ class ReferenceSession:
         out_ids = np.arange(len(tokens), dtype=np.int32) if out_ids is None \
             else np.asarray(out_ids, dtype=np.int32)
         self.slot_pos[slots] = pos          # the graph writes the cache before attending
-        graph = self.model.build_step(len(tokens), self.n_kv, len(out_ids))
+        graph = self.model.build_step(len(tokens), self.n_kv, len(out_ids), cache=self.cache)
         inputs = dict(tokens=tokens, pos=pos, slots=slots, out_ids=out_ids, **self.masks(pos),
                       **self.state_inputs, **self.caches)
         logits, *caches = run_reference(graph, inputs)

@@ -22,6 +22,16 @@ from gguf.constants import GGMLQuantizationType, TokenType
 from ember.ir import dtypes
 
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
+# ggml's other weight formats (ember.ir.quant_formats), written for llama files
+MORE_WEIGHT_TYPES = ("q4_1", "q5_1", "q2_k", "q3_k", "q5_k", "iq4_nl", "iq4_xs", "mxfp4", "nvfp4")
+# Files whose tensors take different types by role, like llama.cpp's Q4_K_M / Q5_K_M / Q3_K_M
+# (llama_tensor_get_type, simplified: every layer alike); "" is every other 2-D weight.
+MIXES = {
+    "q4_k_m": {"": "q4_k", "attn_v": "q6_k", "ffn_down": "q6_k", "output": "q6_k"},
+    "q5_k_m": {"": "q5_k", "attn_v": "q6_k", "ffn_down": "q6_k", "output": "q6_k"},
+    "q3_k_m": {"": "q3_k", "attn_v": "q5_k", "attn_output": "q4_k", "ffn_down": "q5_k", "output": "q6_k"},
+    "q2_k_m": {"": "q2_k", "attn_v": "q3_k", "ffn_down": "q3_k", "output": "q6_k", "token_embd": "q4_k"},
+}
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 N_VOCAB = 320
 
@@ -85,7 +95,7 @@ SPECS = tuple(Spec(a, t) for a in ARCHS for t in WEIGHT_TYPES) + (
     Spec("llama", "f32", fused_qkv=True),    # fused weight
     Spec("qwen2", "f32", fused_qkv=True),    # fused weight and fused bias
     Spec("llama", "q8_0", fused_qkv=True),
-)
+) + tuple(Spec("llama", t) for t in MORE_WEIGHT_TYPES + tuple(MIXES))
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -141,8 +151,18 @@ def fuse_qkv(weights: dict[str, np.ndarray], n_layer: int) -> dict[str, np.ndarr
     return out
 
 
-def stored(values: np.ndarray, weight_type: str) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """values in the file's storage form and GGUF type; only 2-D weights take weight_type."""
+def tensor_type(name: str, weight_type: str) -> str:
+    """The type tensor name takes in a file of weight_type (a type, or a mix of MIXES)."""
+    if weight_type not in MIXES:
+        return weight_type
+    role = name.removesuffix(".weight").split(".")[-1]
+    return MIXES[weight_type].get(role, MIXES[weight_type][""])
+
+
+def stored(values: np.ndarray, weight_type: str, name: str = "") -> tuple[np.ndarray, GGMLQuantizationType]:
+    """values in the file's storage form and GGUF type; only 2-D weights take weight_type (a
+    type, or a mix of MIXES resolved by the tensor's name)."""
+    weight_type = tensor_type(name, weight_type)
     if values.ndim == 1 or weight_type == "f32":
         return values.astype(np.float32), GGMLQuantizationType.F32
     dt = dtypes.dtype(weight_type)
@@ -271,7 +291,7 @@ def write_tensors(w: gguf.GGUFWriter, weights: dict[str, np.ndarray], weight_typ
                   keep_f32: frozenset = frozenset()):
     """Add the tensors (2-D ones in weight_type unless named in keep_f32), write the file, close."""
     for name, values in weights.items():
-        data, gtype = stored(values, "f32" if name in keep_f32 else weight_type)
+        data, gtype = stored(values, "f32" if name in keep_f32 else weight_type, name)
         if gtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             w.add_tensor(name, data)
         else:

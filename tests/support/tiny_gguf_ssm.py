@@ -90,16 +90,24 @@ SSM_SPECS = tuple(SsmSpec(a, t) for a in SSM_ARCHS for t in ("f32", "q8_0"))
 SMALL_SSM_TENSORS = ("ssm_conv1d.weight", "ssm_a", "ssm_d", "ssm_norm.weight")
 
 
+def random_matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+
+def random_norm(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+
 def make_ssm_weights(cfg: SsmConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
 
     def matrix(rows, cols):
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+        return random_matrix(rng, rows, cols)
 
     def norm(*shape):
-        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        return random_norm(rng, *shape)
 
-    E, H, G = cfg.n_embd, cfg.n_ssm_head, cfg.n_group
+    E = cfg.n_embd
     # embeddings of unit size after embedding_scale (else they drown the layers' residuals)
     embd_std = 1.0 / cfg.embedding_scale if cfg.embedding_scale else 1.0
     w = {"token_embd.weight": (embd_std * rng.standard_normal((cfg.n_vocab, E))).astype(np.float32),
@@ -116,22 +124,31 @@ def make_ssm_weights(cfg: SsmConfig) -> dict[str, np.ndarray]:
             w[p + "attn_v.weight"] = matrix(n_kv, E)
             w[p + "attn_output.weight"] = matrix(E, n_q)
         else:
-            d_in_proj = 2 * cfg.d_inner + 2 * G * cfg.d_state + H
-            dt = np.exp(rng.uniform(np.log(1e-2), np.log(1.0), H))
-            w[p + "ssm_in.weight"] = matrix(d_in_proj, E)
-            w[p + "ssm_conv1d.weight"] = (rng.standard_normal((cfg.conv_channels, cfg.d_conv))
-                                          / np.sqrt(cfg.d_conv)).astype(np.float32)
-            w[p + "ssm_conv1d.bias"] = (0.1 * rng.standard_normal(cfg.conv_channels)).astype(np.float32)
-            w[p + "ssm_dt.bias"] = (dt + np.log(-np.expm1(-dt))).astype(np.float32)   # softplus^-1
-            w[p + "ssm_a"] = -rng.uniform(1.0, 16.0, (H, 1)).astype(np.float32)
-            w[p + "ssm_d"] = norm(H, 1)
-            w[p + "ssm_norm.weight"] = norm(G, cfg.d_inner // G)
-            w[p + "ssm_out.weight"] = matrix(E, cfg.d_inner)
+            w.update(mamba2_weights(rng, p, cfg))
         if cfg.arch == "granitehybrid":
             w[p + "ffn_norm.weight"] = norm(E)
             w[p + "ffn_gate.weight"] = matrix(cfg.n_ff, E)
             w[p + "ffn_up.weight"] = matrix(cfg.n_ff, E)
             w[p + "ffn_down.weight"] = matrix(E, cfg.n_ff)
+    return w
+
+
+def mamba2_weights(rng: np.random.Generator, p: str, cfg, norm_weight: bool = True) -> dict[str, np.ndarray]:
+    """One Mamba-2 mixer's tensors under prefix p; cfg has n_embd, d_inner, d_state, n_ssm_head,
+    n_group, d_conv and conv_channels (SsmConfig and the hybrid configs of tiny_gguf_hybrid)."""
+    E, H, G = cfg.n_embd, cfg.n_ssm_head, cfg.n_group
+    d_in_proj = 2 * cfg.d_inner + 2 * G * cfg.d_state + H
+    dt = np.exp(rng.uniform(np.log(1e-2), np.log(1.0), H))
+    w = {p + "ssm_in.weight": random_matrix(rng, d_in_proj, E),
+         p + "ssm_conv1d.weight": (rng.standard_normal((cfg.conv_channels, cfg.d_conv))
+                                   / np.sqrt(cfg.d_conv)).astype(np.float32),
+         p + "ssm_conv1d.bias": (0.1 * rng.standard_normal(cfg.conv_channels)).astype(np.float32),
+         p + "ssm_dt.bias": (dt + np.log(-np.expm1(-dt))).astype(np.float32),   # softplus^-1
+         p + "ssm_a": -rng.uniform(1.0, 16.0, (H, 1)).astype(np.float32),
+         p + "ssm_d": random_norm(rng, H, 1)}
+    if norm_weight:
+        w[p + "ssm_norm.weight"] = random_norm(rng, G, cfg.d_inner // G)
+    w[p + "ssm_out.weight"] = random_matrix(rng, E, cfg.d_inner)
     return w
 
 

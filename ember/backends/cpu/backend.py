@@ -18,6 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from ember.backends.base import Backend, Executable, host_storage
+from ember.backends.binary_cache import carries_mark
 from ember.backends.cpu.compiler import ISA_FLAGS, CompileCache, find_compiler
 from ember.codegen.cpu import (ARENA_ALIGNMENT, ENTRY_POINT, CpuProgram, kernel_library_source, render_graph,
                                supports_node, tag_kernel_symbols)
@@ -79,16 +80,27 @@ class CpuBackend(Backend):
         self.require_supported(graph)
         program = render_graph(graph, profile=self.profile)
         tag = self._kernel_library()
-        library = self.cache.build(tag_kernel_symbols(program.source, tag), ISA_FLAGS[self.isa],
-                                   name=f"graph_{graph.name}")
-        return self.load_executable(graph, program, library, options.get("threads"))
+        source = tag_kernel_symbols(program.source, tag)
+        library = self.cache.build(source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}")
+        try:
+            return self.load_executable(graph, program, library, source, options.get("threads"))
+        except OSError:
+            # a damaged entry whose checksum and source mark still hold (dlopen refuses it):
+            # built again from source, as a damaged one is
+            library = self.cache.build(source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}", fresh=True)
+            return self.load_executable(graph, program, library, source, options.get("threads"))
 
-    def load_executable(self, graph: Graph, program: CpuProgram, library_path,
+    def load_executable(self, graph: Graph, program: CpuProgram, library_path, source: str,
                         threads: int | None = None) -> "CpuExecutable":
-        """The executable of a library already built from program's source (tagged for a kernel
-        library that is loaded): no rendering, no C compiler. The caller vouches that the
-        library was built from that source."""
-        executable = CpuExecutable(graph, program, ctypes.CDLL(str(library_path)), threads or self.threads)
+        """The executable of a library already built from source (program's source tagged for
+        a kernel library that is loaded): no rendering, no C compiler. The library must carry
+        source's mark (ember.backends.binary_cache.source_mark), checked before it is loaded:
+        a library of another program is refused, never run."""
+        check_library(library_path, source)
+        library = ctypes.CDLL(str(library_path))
+        if not hasattr(library, ENTRY_POINT):
+            raise EmberError(f"{library_path}: not an ember graph library (no {ENTRY_POINT})")
+        executable = CpuExecutable(graph, program, library, threads or self.threads)
         executable.library_path = Path(library_path)
         return executable
 
@@ -109,18 +121,36 @@ class CpuBackend(Backend):
         tag = "k" + self.cache.key(source, flags)[:12]
         if tag not in _LOADED_KERNEL_LIBRARIES:
             path = self.cache.build(tag_kernel_symbols(source, tag), flags, name="kernels")
-            load_kernel_library(tag, path)
+            try:
+                load_kernel_library(tag, path)
+            except OSError:     # refused by dlopen: built again (see compile)
+                load_kernel_library(tag, self.cache.build(tag_kernel_symbols(source, tag), flags,
+                                                          name="kernels", fresh=True))
         return tag
+
+
+def check_library(path, source: str) -> None:
+    """Refuse a shared library that was not built from source (it lacks source's mark)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise EmberError(f"{path}: cannot read the library: {e.strerror}") from None
+    if not carries_mark(data, source):
+        raise EmberError(f"{path}: the library was not built from the program it is loaded for "
+                         f"(its source mark differs): refusing to load it")
 
 
 # tag -> loaded kernel library; kept for the life of the process (graphs resolve into it)
 _LOADED_KERNEL_LIBRARIES: dict[str, ctypes.CDLL] = {}
 
 
-def load_kernel_library(tag: str, path) -> None:
+def load_kernel_library(tag: str, path, check: bool = False) -> None:
     """Load a kernel library built earlier (from the cache, or an artifact's copy) under its
-    symbol tag, unless one with that tag is loaded already."""
+    symbol tag, unless one with that tag is loaded already; check: first require that it was
+    built from this ember's kernel source under that tag (an artifact's copy)."""
     if tag not in _LOADED_KERNEL_LIBRARIES:
+        if check:
+            check_library(path, tag_kernel_symbols(kernel_library_source(), tag))
         _LOADED_KERNEL_LIBRARIES[tag] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
 

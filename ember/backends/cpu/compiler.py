@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ember.backends.binary_cache import BinaryCache
+from ember.backends.binary_cache import BinaryCache, source_mark
 from ember.errors import BackendUnavailable, CompileError
 from ember.files import default_cache_dir
 
@@ -53,6 +53,7 @@ class CompileCache(BinaryCache):
     """Shared libraries built from C source (BinaryCache: `hits`, `builds`, `directory`)."""
 
     suffix = ".so"
+    embeds_mark = True
 
     def __init__(self, directory: Path | str | None = None, cc: str | None = None):
         super().__init__(directory or default_cache_dir() / "cpu")
@@ -68,15 +69,18 @@ class CompileCache(BinaryCache):
     def key(self, source: str, flags=()) -> str:
         return super().key(source, " ".join(flags))
 
-    def build(self, source: str, flags=(), name: str = "kernel") -> Path:
-        """The path of a shared library built from source (from the cache when valid)."""
+    def build(self, source: str, flags=(), name: str = "kernel", fresh: bool = False) -> Path:
+        """The path of a shared library built from source (from the cache when valid; fresh:
+        built again whatever the cache holds, for an entry the dynamic loader refused)."""
         flags = tuple(BASE_FLAGS) + tuple(flags)
-        return self.cached(self.key(source, flags), lambda: self._compile(source, flags, name))
+        if fresh:
+            self.discard(self.key(source, flags))
+        return self.cached(self.key(source, flags), source, lambda: self._compile(source, flags, name))
 
     def _compile(self, source: str, flags: tuple, name: str) -> bytes:
         with tempfile.TemporaryDirectory(prefix="ember-cpu-build-") as tmp:
             src = Path(tmp) / f"{name}.c"
-            src.write_text(source)
+            src.write_text(source + marked_source_tail(source))
             out = Path(tmp) / "out.so"
             proc = subprocess.run([self.cc, *flags, str(src), "-o", str(out), "-lm"],
                                   capture_output=True, text=True)
@@ -84,6 +88,14 @@ class CompileCache(BinaryCache):
                 raise CompileError(f"cpu backend: {self.cc} failed to build {name} "
                                    f"(flags: {' '.join(flags)})", _numbered_log(proc.stderr, source))
             return out.read_bytes()
+
+
+def marked_source_tail(source: str) -> str:
+    """C that puts source's mark (ember.backends.binary_cache.source_mark) into the library as a
+    string constant: a loader finds it in the file's bytes before loading it."""
+    mark = source_mark(source).decode()
+    return (f'\n__attribute__((used, visibility("default"))) '
+            f'const char ember_source_mark[] = "{mark}";\n')
 
 
 def _numbered_log(stderr: str, source: str, limit: int = 60) -> str:

@@ -54,14 +54,14 @@ class ProgramCache(BinaryCache):
         import pyopencl as cl
         source, options = program.source, program.build_options
         key = self.key(source, options)
-        binary = self.get(key)
+        binary = self.get(key, source)
         if binary is not None:
             try:
                 raw = cl._cl._Program(self.context, [self.device], [binary])
                 _quiet_build(raw, options, self.device)
                 self.hits += 1
                 return cl.Program(raw)
-            except cl.Error:
+            except (cl.Error, RuntimeError, ValueError):
                 pass        # refused by the driver: rebuilt from source below
         raw = cl._cl._Program(self.context, source)   # the source build, without pyopencl's own cache
         try:
@@ -76,7 +76,7 @@ class ProgramCache(BinaryCache):
         self._keep_log(name, raw.get_build_info(self.device, cl.program_build_info.LOG) + printed)
         built = cl.Program(raw)
         self.builds += 1
-        self.put(key, built.get_info(cl.program_info.BINARIES)[0])
+        self.put(key, built.get_info(cl.program_info.BINARIES)[0], source)
         return built
 
 

@@ -144,7 +144,7 @@ class PlanExecutable(OpenCLExecutable):
                 raw = cl._cl._Program(self.backend.context, [device], [binary])
                 _quiet_build(raw, self.program.build_options, device)
                 return cl.Program(raw)
-            except cl.Error:
+            except (cl.Error, RuntimeError, ValueError):
                 pass        # another driver or version: built from source below
         return self.backend.cache.build(self.program, name=name)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import threading
 import time
 import weakref
@@ -43,7 +44,7 @@ REGION_ALIGNMENT = 256
 class VulkanBackend(ResidentSync, Backend):
     """options: device (index; default: the first GPU, else the CPU implementation),
     features ("device": what the device reports; "baseline": no 8/16-bit storage, no
-    subgroup arithmetic and no texel buffers, the fallbacks every Vulkan 1.1 device runs),
+    subgroup arithmetic, no texel buffers and no fp64, the fallbacks every Vulkan 1.1 device runs),
     cache_dir (SPIR-V and pipeline caches), glslc (the compiler's path), max_binding_bytes
     (bind at most this many bytes at once, below the device's limits: tests the splitting of
     big weights without big weights)."""
@@ -80,7 +81,7 @@ class VulkanBackend(ResidentSync, Backend):
         caps = self.device.caps
         if self.features == "baseline":
             caps = dataclasses.replace(caps, storage8=False, storage16=False, subgroup_size=0,
-                                       texel_buffers=False, max_texel_bytes=0)
+                                       texel_buffers=False, max_texel_bytes=0, float64=False)
         if self.max_binding_bytes:
             caps = dataclasses.replace(caps, max_storage_range=min(caps.max_storage_range, self.max_binding_bytes),
                                        max_texel_bytes=min(caps.max_texel_bytes, self.max_binding_bytes))
@@ -139,7 +140,8 @@ class VulkanBackend(ResidentSync, Backend):
         stored = dict(plan, shaders=[{k: v for k, v in s.items() if k not in exported} for s in plan["shaders"]],
                       regions=dict(plan["regions"], aux=[{k: v for k, v in a.items() if k != "file"}
                                                          for a in plan["regions"]["aux"]]))
-        if stored != program.launch_plan():
+        # compared as JSON stores it (a tuple-valued template parameter reads back as a list)
+        if stored != json.loads(json.dumps(program.launch_plan())):
             raise EmberError(f"vulkan: the launch plan does not match graph {graph.name!r} as rendered now")
         spirv = {}
         for s, entry in zip(program.shaders, plan["shaders"]):

@@ -78,7 +78,7 @@ class SpirvCache(BinaryCache):
     def compile(self, shaders: list[Shader]) -> list[bytes]:
         """The SPIR-V of each shader, from the cache or built."""
         keys = [self.key(s) for s in shaders]
-        blobs: list[bytes | None] = [self.get(k) for k in keys]
+        blobs: list[bytes | None] = [self.get(k, s.source) for k, s in zip(keys, shaders)]
         self.hits += sum(b is not None for b in blobs)
         missing = {k: s for k, s, b in zip(keys, shaders, blobs) if b is None}
         if missing:
@@ -112,7 +112,7 @@ class SpirvCache(BinaryCache):
                 raise CompileError("vulkan backend: glslc failed", "\n".join(failed))
             out = {key: Path(f"{src}.spv").read_bytes() for key, src in sources.items()}
         for key, blob in out.items():
-            self.put(key, blob)
+            self.put(key, blob, shaders[key].source)
         self.builds += len(out)
         return out
 

@@ -208,7 +208,8 @@ class Device:
 
     def _query_caps(self) -> DeviceCaps:
         """What the renderer may use: 8/16-bit storage (core in 1.2 / 1.1), subgroup arithmetic
-        in compute, uniform texel buffers of r32ui, and the limits it sizes bindings by."""
+        in compute, uniform texel buffers of r32ui, fp64 in shaders, and the limits it sizes bindings
+        by."""
         vk = self.vk
         f16 = vk.VkPhysicalDevice16BitStorageFeatures()
         f8 = vk.VkPhysicalDevice8BitStorageFeatures(pNext=f16)
@@ -216,6 +217,7 @@ class Device:
         vk.vkGetPhysicalDeviceFeatures2(self.physical, features2)
         storage16 = bool(f16.storageBuffer16BitAccess)
         storage8 = bool(f8.storageBuffer8BitAccess)
+        float64 = bool(features2.features.shaderFloat64)
         del features2, f8, f16
         sub = vk.VkPhysicalDeviceSubgroupProperties()
         props2 = vk.VkPhysicalDeviceProperties2(pNext=sub)
@@ -234,7 +236,7 @@ class Device:
             push_bytes=min(int(limits.maxPushConstantsSize), 128),
             max_group_count=min(int(limits.maxComputeWorkGroupCount[0]), int(limits.maxComputeWorkGroupCount[1])),
             texel_buffers=texel, max_texel_bytes=4 * int(limits.maxTexelBufferElements) if texel else 0,
-            texel_alignment=int(limits.minTexelBufferOffsetAlignment))
+            texel_alignment=int(limits.minTexelBufferOffsetAlignment), float64=float64)
 
     def _create_logical_device(self):
         """(device, its compute queue), with the storage features the caps say it has."""
@@ -247,11 +249,12 @@ class Device:
             extensions.append("VK_KHR_8bit_storage")
         queue_info = vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.queue_family, queueCount=1,
                                                 pQueuePriorities=[1.0])
+        core = vk.VkPhysicalDeviceFeatures(shaderFloat64=self.caps.float64)
         device_info = vk.VkDeviceCreateInfo(pNext=e8, queueCreateInfoCount=1, pQueueCreateInfos=[queue_info],
                                             enabledExtensionCount=len(extensions),
-                                            ppEnabledExtensionNames=extensions or None)
+                                            ppEnabledExtensionNames=extensions or None, pEnabledFeatures=core)
         handle = vk.vkCreateDevice(self.physical, device_info, None)
-        del device_info, queue_info, e8, e16
+        del device_info, queue_info, e8, e16, core
         return handle, vk.vkGetDeviceQueue(handle, self.queue_family, 0)
 
     def _create_command_pool(self):

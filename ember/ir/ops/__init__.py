@@ -127,7 +127,13 @@ def infer_type(op: str, input_types: list[TensorType], attrs: dict) -> tuple[Ten
     if why:
         raise ShapeError(why)
     full = opdef.normalize_attrs(attrs)
-    return opdef.infer(list(input_types), full), full
+    try:
+        return opdef.infer(list(input_types), full), full
+    except (ValueError, OverflowError) as e:
+        # A rule that builds a TensorType from attributes (a negative dimension in a view's
+        # shape, say) fails in the type's constructor: report it as the op's shape error, so
+        # the parser can add file:line:col and the verifier the node.
+        raise ShapeError(f"{op}: {e}") from None
 
 
 from ember.ir.ops import sources, elementwise, linalg, norm, rope, attention, views, indexing, ssm, moe, delta_net  # noqa: E402,F401

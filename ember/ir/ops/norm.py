@@ -11,6 +11,9 @@ def _norm_infer(name):
     def infer(ts, attrs):
         expect_dtype(name, "x", ts[0], FLOAT_ACT)
         require(ts[0].rank >= 1, f"{name}: x must be at least 1-D")
+        if "eps" in attrs:   # a negative or NaN eps gives NaN rows, not an error
+            require(attrs["eps"] >= 0 and attrs["eps"] < float("inf"),
+                    f"{name}: eps {attrs['eps']} must be finite and >= 0")
         return f32(ts[0].shape)
     return infer
 

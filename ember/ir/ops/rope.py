@@ -1,6 +1,8 @@
 """Rotary position embedding, ggml's normal (adjacent pairs) and neox (split halves) modes."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 import ember.ir.dtypes as dtypes
@@ -15,8 +17,13 @@ def _rope_infer(ts, attrs):
     require(x.rank == 3, f"rope: x must be [tokens, heads, head_dim], got {list(x.shape)}")
     require(pos.shape == (x.shape[0],), f"rope: pos {list(pos.shape)} must be [{x.shape[0]}] (one per token)")
     n_dims = attrs["n_dims"] or x.shape[2]
-    require(n_dims % 2 == 0 and n_dims <= x.shape[2],
-            f"rope: n_dims {n_dims} must be even and at most head_dim {x.shape[2]}")
+    require(n_dims % 2 == 0 and 0 < n_dims <= x.shape[2],
+            f"rope: n_dims {n_dims} must be even and in (0, head_dim {x.shape[2]}]")
+    # freq_base^(-2i/n) and pos * freq_scale must be finite numbers: a base of 0 once rendered
+    # `inf` into C and failed in the compiler
+    for name in ("freq_base", "freq_scale"):
+        require(math.isfinite(attrs[name]) and attrs[name] > 0,
+                f"rope: {name} {attrs[name]} must be finite and positive")
     if len(ts) > 2:
         expect_dtype("rope", "freq_factors", ts[2], FLOAT_ACT)
         require(ts[2].shape == (n_dims // 2,),

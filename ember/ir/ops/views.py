@@ -44,8 +44,19 @@ def _view_infer(ts, attrs):
     t = TensorType(x.dtype, shape, strides)
     if x.dtype.is_quantized:
         require(strides[-1] == x.dtype.block_bytes, f"view: a {x.dtype} view must keep its blocks contiguous")
-    require(offset + t.span_bytes <= x.span_bytes,
-            f"view: bytes [{offset}, {offset + t.span_bytes}) fall outside the operand's {x.span_bytes} bytes")
+    # Kernels index a view as base + offset + i * stride with unsigned sizes: a negative stride
+    # would read below the buffer, so it is refused, and the bound is the real byte extent.
+    require(all(s >= 0 for s in strides), f"view: negative stride in {list(strides)}")
+    # kernels address whole elements (GPU buffers are typed): byte offsets and strides that split
+    # one gave wrong values on OpenCL (found by the IR fuzzer)
+    unit = x.dtype.block_bytes
+    require(offset % unit == 0 and all(s % unit == 0 for s in strides),
+            f"view: offset {offset} and strides {list(strides)} must be multiples of the {unit}-byte "
+            f"{x.dtype} {'block' if x.dtype.is_quantized else 'element'}")
+    lo, hi = t.byte_extent
+    _, x_hi = x.byte_extent
+    require(offset + lo >= 0 and offset + hi <= x_hi,
+            f"view: bytes [{offset + lo}, {offset + hi}) fall outside the operand's {x_hi} bytes")
     return t
 
 
