@@ -17,10 +17,19 @@ Models:
   also driven by a synthetic oracle draft (OracleDraft) whose acceptance is set by hand.
 
 A last table gives the cost of one verify pass over T tokens relative to a decode step, which
-bounds what speculation can gain: speedup ~= tokens per pass / (cost of a pass of k+1 tokens).
+bounds what speculation can gain: speedup ~= tokens per pass / (cost of a pass of k+1 tokens);
+on a recurrent model also the pass that keeps the state after every token (rollback "states").
+
+- a random-weight qwen35moe (gated DeltaNet + gated attention layers, MoE FFNs), written the same
+  way through the test suite's DeltaNet writer (`--models qwen35moe`), with the oracle draft only.
+
+--rollback (the two random-weight hybrids): the oracle draft at the miss rates given, at each draft length,
+with `--spec-rollback redecode` and the default per-position-states rollback side by side; the
+table adds the share of a round spent re-decoding and selecting the kept state.
 
     python bench/speculative.py [--threads 2] [--reps 3] [--n-predict 128] [--draft-max 1,2,4,8]
-                                [--models default,hybrid] [--oracle-miss 0.05,0.2] [--no-draft-model]
+                                [--models default,hybrid,qwen35moe] [--oracle-miss 0.05,0.2] [--no-draft-model]
+                                [--rollback]
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "models"))     # the random-weight GGUF writers
+sys.path.insert(0, str(ROOT / "tests" / "support"))    # the random-weight GGUF writers
 
 from ember.backends import get_backend  # noqa: E402
 from ember.models import load_model  # noqa: E402
@@ -105,32 +114,48 @@ HYBRID_DRAFT = dict(arch="granitehybrid", seed=2025, n_layer=3, attention_layers
                     logit_scale=8.0)
 
 
+# The gated-DeltaNet hybrid target: qwen35moe with 6 DeltaNet layers and 2 gated attention layers
+# (full attention every 4th), n_embd 512, 16 experts of which 4 are used plus a shared expert, q8_0.
+QWEN35MOE = dict(arch="qwen35moe", seed=2026, n_layer=8, full_attention_interval=4, n_rot=32,
+                 rope_sections=(6, 5, 5, 0), n_embd=512, n_head=8, n_head_kv=2, head_dim=64,
+                 d_state=64, n_k_heads=4, n_v_heads=8, d_conv=4, n_expert=16, n_expert_used=4,
+                 n_ff_exp=256, n_ff_shexp=512)
+
+
 def write_hybrid(name: str, settings: dict, weight_type: str = "q8_0") -> Path:
-    """The random-weight hybrid GGUF, written once into the cache folder (fixed seed)."""
-    import tiny_gguf_ssm
-    from tiny_gguf_ssm import SsmConfig, SsmSpec, write_ssm_gguf
-    cfg = SsmConfig(**settings)
+    """The random-weight hybrid GGUF (granitehybrid through the test suite's Mamba-2 writer,
+    qwen35moe through its DeltaNet writer), written once into the cache folder (fixed seed)."""
+    if settings["arch"] == "qwen35moe":
+        import tiny_gguf_delta as writer
+        cfg, spec, configs = writer.DeltaConfig(**settings), writer.DeltaSpec, writer.DELTA_CONFIGS
+        write = writer.write_delta_gguf
+    else:
+        import tiny_gguf_ssm as writer
+        cfg, spec, configs = writer.SsmConfig(**settings), writer.SsmSpec, writer.SSM_CONFIGS
+        write = writer.write_ssm_gguf
     folder = Path(os.path.expanduser("~/.cache/ember/bench"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{weight_type}.gguf"
     if not path.exists():
-        # write_ssm_gguf reads its shapes from SSM_CONFIGS by architecture: point that entry at
-        # this config for the write only
-        saved = tiny_gguf_ssm.SSM_CONFIGS[cfg.arch]
-        tiny_gguf_ssm.SSM_CONFIGS[cfg.arch] = cfg
+        # the writers read their shapes from a table by architecture: point that entry at this
+        # config for the write only
+        saved = configs[cfg.arch]
+        configs[cfg.arch] = cfg
         try:
             tmp = path.with_suffix(".tmp")
-            write_ssm_gguf(tmp, SsmSpec(cfg.arch, weight_type))
+            write(tmp, spec(cfg.arch, weight_type))
             tmp.rename(path)
         finally:
-            tiny_gguf_ssm.SSM_CONFIGS[cfg.arch] = saved
+            configs[cfg.arch] = saved
     return path
 
 
 def new_session(model, backend) -> Session:
-    # Every verify length (1..k+1 rows), re-decode length and KV bucket is its own compiled step:
-    # room for all of them, and no eviction while other configurations take their turn.
-    return Session(model, backend, SessionOptions(n_ctx=N_CTX, plan_capacity=128))
+    # Every verify length (1..k+1 rows, with and without every state kept), re-decode length and
+    # KV bucket is its own compiled step: room for all of them (count and memory budget), and no
+    # eviction while other configurations take their turn (an evicted step recompiled inside a
+    # timed run would be counted as decoding).
+    return Session(model, backend, SessionOptions(n_ctx=N_CTX, plan_capacity=128, plan_budget_mb=8192))
 
 
 @dataclass
@@ -165,15 +190,17 @@ def verify_cost(target: Session, prompt: list[int], lengths: list[int], reps: in
     target.reset()
     target.eval(prompt)
     checkpoint = memory.checkpoint()
-    times: dict[int, list] = {T: [] for T in lengths}
+    kinds = [(T, keep) for T in lengths for keep in ((False, True) if target.is_recurrent and T > 1 else (False,))]
+    target.reserve_state_planes(max(lengths) + 1)
+    times: dict[tuple, list] = {kind: [] for kind in kinds}
     for rep in range(reps + 1):                 # the first round compiles, untimed
-        for T in lengths:
+        for T, keep in kinds:
             memory.restore(checkpoint)
             start = time.perf_counter()
-            target.eval(prompt[:T], all_logits=True)
+            target.eval(prompt[:T], all_logits=True, keep_states=keep)
             if rep:
-                times[T].append(time.perf_counter() - start)
-    return {T: statistics.median(v) for T, v in times.items()}
+                times[T, keep].append(time.perf_counter() - start)
+    return {kind: statistics.median(v) for kind, v in times.items()}
 
 
 @dataclass
@@ -181,6 +208,7 @@ class Config:
     label: str
     draft_max: int = 0                 # 0: no speculation
     draft: object = None               # answer (prompt + greedy output) -> a fresh draft source
+    rollback: str = "states"           # speculative_generate's rollback (recurrent models)
     tps: list = field(default_factory=list)
     stats: list = field(default_factory=list)
 
@@ -191,7 +219,7 @@ def run(config: Config, target: Session, tokenizer, prompt: list[int], n_predict
                      ignore_eos=True)
         return g, None
     return speculative_generate(target, config.draft(answer), tokenizer, prompt, n_predict,
-                                draft_max=config.draft_max, ignore_eos=True)
+                                draft_max=config.draft_max, ignore_eos=True, rollback=config.rollback)
 
 
 def measure(title: str, target: Session, tokenizer, configs: list[Config], n_predict: int,
@@ -222,8 +250,8 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
              f"greedy identity checked on every run.", "",
              "| decoding | t/s | best t/s | speedup (means) | speedup (paired median) | acceptance | "
              "tokens / verify pass | checkpoint + restore per round | share of round | "
-             "re-decode share of round |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "re-decode share of round | rollback (state selection) share of round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in configs:
         tps = config.tps
         cell = f"{statistics.mean(tps):.1f} ± {statistics.stdev(tps) if len(tps) > 1 else 0:.1f}"
@@ -239,13 +267,16 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
         round_s = sum(x.round_seconds for x in config.stats)
         state_s = sum(x.checkpoint_seconds + x.restore_seconds for x in config.stats)
         redecode_s = sum(x.redecode_seconds for x in config.stats)
-        if target.is_recurrent:
+        rollback_s = sum(x.rollback_seconds for x in config.stats)
+        if target.is_recurrent and s.rollback == "redecode":
             state = f"{1e6 * state_s / rounds:.0f} µs", f"{100 * state_s / round_s:.2f}%", \
-                f"{100 * redecode_s / round_s:.1f}%"
+                f"{100 * redecode_s / round_s:.1f}%", ""
+        elif target.is_recurrent:
+            state = "none", "", "0%", f"{100 * rollback_s / round_s:.3f}% ({1e6 * rollback_s / rounds:.0f} µs)"
         else:
-            state = ("none (KV truncate)", "", "")
+            state = ("none (KV truncate)", "", "", "")
         lines.append(f"| {config.label} | {cell} | {s.acceptance:.2f} ({s.accepted}/{s.drafted}) | "
-                     f"{s.tokens_per_pass:.2f} | {state[0]} | {state[1]} | {state[2]} |")
+                     f"{s.tokens_per_pass:.2f} | {' | '.join(state)} |")
 
     # What a verify pass costs: speculation gains only when tokens per pass outgrow it.
     lengths = sorted({1} | {c.draft_max + 1 for c in configs if c.draft_max})
@@ -254,8 +285,13 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
               "prompt, median:", "",
               "| T | " + " | ".join(str(T) for T in lengths) + " |",
               "|---|" + "---|" * len(lengths),
-              "| ms | " + " | ".join(f"{1e3 * cost[T]:.1f}" for T in lengths) + " |",
-              "| / decode step | " + " | ".join(f"{cost[T] / cost[1]:.2f}" for T in lengths) + " |"]
+              "| ms | " + " | ".join(f"{1e3 * cost[T, False]:.1f}" for T in lengths) + " |",
+              "| / decode step | " + " | ".join(f"{cost[T, False] / cost[1, False]:.2f}" for T in lengths) + " |"]
+    if target.is_recurrent:
+        lines += ["| ms, keeping every state | " + " | ".join(
+                      f"{1e3 * cost.get((T, True), cost[T, False]):.1f}" for T in lengths) + " |",
+                  "| keeping every state / plain | " + " | ".join(
+                      f"{cost.get((T, True), cost[T, False]) / cost[T, False]:.2f}" for T in lengths) + " |"]
     return lines
 
 
@@ -270,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-draft-model", action="store_true", help="skip `draft:` on the hybrid model")
     ap.add_argument("--oracle-miss", default="0.05,0.2", type=lambda v: [float(x) for x in v.split(",")],
                     help="miss rates of the synthetic oracle draft on the hybrid model")
+    ap.add_argument("--rollback", action="store_true",
+                    help="hybrid and qwen35moe models: oracle drafts with --spec-rollback redecode and states side by side "
+                         "(no n-gram or draft-model rows)")
     args = ap.parse_args(argv)
     backend = get_backend("cpu", threads=args.threads)
     lengths = [int(k) for k in args.draft_max.split(",")]
@@ -282,14 +321,27 @@ def main(argv=None) -> int:
         elif which == "hybrid":
             path = write_hybrid("granitehybrid-768x8", HYBRID)
             title = f"random-weight hybrid ({path.name}: 6 Mamba-2 + 2 attention layers, n_embd 768)"
+        elif which == "qwen35moe":
+            path = write_hybrid("qwen35moe-512x8", QWEN35MOE)
+            title = (f"random-weight qwen35moe ({path.name}: 6 gated DeltaNet + 2 gated attention "
+                     "layers, n_embd 512, 16 experts / 4 used + shared)")
         else:
             raise SystemExit(f"unknown model {which!r}")
         model = load_model(str(path))
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
         target = new_session(model, backend)
         configs = [Config("no speculation")]
+        recurrent = which in ("hybrid", "qwen35moe")
+        if recurrent and args.rollback:
+            n_vocab = model.hparams.n_vocab
+            configs += [Config(f"oracle (miss {miss}), draft-max {k}, {mode}", k,
+                               lambda answer, m=miss: OracleDraft(answer, m, n_vocab), mode)
+                        for miss in args.oracle_miss for k in lengths for mode in ("redecode", "states")]
+            out += ["", *measure(title + ", rollback side by side", target, tokenizer, configs,
+                                 args.n_predict, args.reps)]
+            continue
         configs += [Config(f"ngram, draft-max {k}", k, lambda answer: NgramDraft()) for k in lengths]
-        if which == "hybrid":
+        if recurrent:
             n_vocab = model.hparams.n_vocab
             for miss in args.oracle_miss:
                 configs.append(Config(f"oracle (miss {miss}), draft-max 4", 4,

@@ -370,6 +370,11 @@ def add_speculative_arguments(p) -> None:
                         "decoding, above it drafts are accepted by speculative sampling, which keeps the "
                         "sampling distribution")
     p.add_argument("--draft-max", type=int, default=8, help="draft tokens per verify pass (default 8)")
+    p.add_argument("--spec-rollback", choices=("states", "redecode"), default="states",
+                   help="how a model with recurrent layers drops rejected drafts: 'states' keeps the "
+                        "state after every verified position on the device and selects the accepted "
+                        "one (default); 'redecode' restores the state before the verify pass and "
+                        "decodes the accepted tokens again (llama.cpp's way)")
 
 
 def say(message: str) -> None:
@@ -634,8 +639,11 @@ def _speculative(args, llm, sampling, prompt: str):
     result, stats = speculative_generate(session, draft, llm.tokenizer, prompt, sampling.max_tokens,
                                          draft_max=args.draft_max, stops=sampling.stop,
                                          ignore_eos=sampling.ignore_eos, on_text=show,
-                                         sampler=sampling.sampler(), special=sampling.special)
+                                         sampler=sampling.sampler(), special=sampling.special,
+                                         rollback=args.spec_rollback)
     print(f"ember: {stats.summary()}", file=sys.stderr)
+    if args.verbose and stats.rollback:
+        print(f"ember: {stats.memory_summary()}", file=sys.stderr)
     return result
 
 

@@ -19,7 +19,10 @@ from ember.files import umask_mode
 from ember.target import TARGET_NAMES, get_target
 
 FORMAT = "ember-artifact"
-FORMAT_VERSION = 1
+# 2: recurrent state as planes (state_src, state_slots and f32[planes, size] tables in the step
+# graphs: ember.models.common.StateLayout); a version-1 recurrent artifact's steps take the old
+# per-layer state inputs, so version 1 is refused with "compile the model again".
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 # Keys of a step entry that name a file, or a list of files, of the artifact (which ones a step

@@ -40,7 +40,11 @@ def step_key(step: dict) -> tuple[int, int, int]:
 
 class ArtifactSession(Session):
     """A Session over an artifact's executables. A prompt runs as prompt steps, then single
-    tokens; every row's logits (all_logits) come from single-token steps."""
+    tokens; every row's logits (all_logits) come from single-token steps. Its steps were
+    compiled for one recurrent state plane, so a recurrent artifact speculates with
+    --spec-rollback redecode (host checkpoints) only."""
+
+    fixed_state_planes = True
 
     def __init__(self, model, backend, options: SessionOptions, steps: dict, prompt_tokens: int, folder: Path):
         super().__init__(model, backend, options)

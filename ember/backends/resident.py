@@ -28,9 +28,12 @@ from ember.errors import EmberError
 
 @dataclass
 class TransferStats:
-    """Bytes a backend moved between host and device (inputs, outputs, resident syncs)."""
+    """Bytes a backend moved between host and device (inputs, outputs, resident syncs); synced:
+    the part of them that resident arrays (KV caches, recurrent state planes) moved through
+    sync_to_host / sync_to_device, which a bound run never does on its own."""
     uploaded: int = 0
     downloaded: int = 0
+    synced: int = 0
 
     def snapshot(self) -> tuple[int, int]:
         return self.uploaded, self.downloaded
@@ -127,6 +130,7 @@ class ResidentStore(abc.ABC):
                     self._download(entry, root)
                     entry.device_newer = False
                 self.transfers.downloaded += entry.nbytes
+                self.transfers.synced += entry.nbytes
 
     def sync_to_device(self, arrays) -> None:
         """The host wrote arrays: upload each resident root whole (so bring it to the host with
@@ -139,6 +143,7 @@ class ResidentStore(abc.ABC):
                     self._upload(entry, root)
                     entry.device_newer = False
                 self.transfers.uploaded += entry.nbytes
+                self.transfers.synced += entry.nbytes
 
 
 def root_bytes(root: np.ndarray) -> np.ndarray:

@@ -509,7 +509,7 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
                         reads=self.reads_of(*node.inputs), writes=self.reads_of(node),
                         T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
                         xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
-                        bs=b.type.strides, cs=c.type.strides)
+                        bs=b.type.strides, cs=c.type.strides, all_states=node.attr("all_states"))
 
     def gated_delta_net(self, node: Node):
         self.add_kernel(node, "gated_delta_net.c.j2", [self.ptr(o) for o in node.inputs] + [self.ptr(node)],

@@ -481,7 +481,7 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         (H * P,), None,
                         T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
                         xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
-                        bs=b.type.strides, cs=c.type.strides)
+                        bs=b.type.strides, cs=c.type.strides, all_states=node.attr("all_states"))
 
     def gated_delta_net(self, node: Node):
         self.add_kernel(node, "gated_delta_net.cl.j2", [self.buf(o) for o in node.inputs] + [self.buf(node)],

@@ -182,12 +182,14 @@ def c_rope(node: Node, real: Callable[[float], str]) -> tuple[list[Node], dict]:
 
 def c_gated_delta_net(node: Node) -> dict:
     """The parameters of a gated_delta_net kernel: sizes, byte strides of every operand, whether
-    the decay is per key channel (kda) and the output scale as a float literal."""
+    the decay is per key channel (kda), the output scale as a float literal and whether the
+    state after every token is written (all_states)."""
     q, k, v, g, beta, state = node.inputs
     T, H_k, S_k = q.shape
     return dict(T=T, H_k=H_k, H_v=v.shape[1], S_k=S_k, S_v=v.shape[2], kda=g.type.rank == 3,
                 qs=q.type.strides, ks=k.type.strides, vs=v.type.strides, gs=g.type.strides,
-                bs=beta.type.strides, ss=state.type.strides, scale=c_float(node.attr("scale")))
+                bs=beta.type.strides, ss=state.type.strides, scale=c_float(node.attr("scale")),
+                all_states=node.attr("all_states"))
 
 
 def optional_operands(node: Node, n: int) -> tuple[list[Node], Node | None]:
@@ -335,11 +337,16 @@ class Renderer(abc.ABC):
 
     def in_place_input(self, node: Node) -> int | None:
         """The input whose buffer a set_rows output may share (a cache updated where it lies):
-        its dst is a graph input read by nothing else, of the same type. None otherwise."""
+        its dst is a graph input of the same type that nothing else reads, except nodes the
+        set_rows itself depends on (a recurrent state read with get_rows, then its new rows
+        written back): those run before it, so they read the old rows. None otherwise."""
         if node.op != "set_rows":
             return None
         dst = node.inputs[0]
-        if dst.op != "input" or self.graph.users[dst] != (node,) or dst.type != node.type:
+        if dst.op != "input" or dst.type != node.type:
+            return None
+        others = set(self.graph.users[dst]) - {node}
+        if others and not others <= _ancestors(node.inputs[1:]):
             return None
         index = self.graph.inputs.index(dst)
         return None if index in self.in_place.values() else index
@@ -449,3 +456,14 @@ class Renderer(abc.ABC):
     @abc.abstractmethod
     def take_along(self, node: Node):
         """Values of each row at per-row indices, with an index status check."""
+
+
+def _ancestors(nodes) -> set[Node]:
+    """Every node the given nodes depend on, themselves included."""
+    seen, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.inputs)
+    return seen

@@ -455,7 +455,8 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
     def ssm_scan(self, node: Node):
         state, x, dt, a, b, c = node.inputs
         H, P, N = state.shape
-        push = dict(H=H, P=P, T=x.shape[0], heads_per_group=H // b.shape[1])
+        push = dict(H=H, P=P, T=x.shape[0], heads_per_group=H // b.shape[1],
+                    all_states=int(node.attr("all_states")))
         bindings = self.strided_operands(push, s=state, x=x, dt=dt, a=a, b=b, c=c)
         y, y_off = self.operand(node, what="result")
         push["y_off"] = y_off
@@ -466,7 +467,7 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         q, k, v, g, beta, state = node.inputs
         T, H_k, S_k = q.shape
         H_v, S_v = v.shape[1:]
-        push = dict(T=T, H_k=H_k, H_v=H_v, S_v=S_v)
+        push = dict(T=T, H_k=H_k, H_v=H_v, S_v=S_v, all_states=int(node.attr("all_states")))
         bindings = self.strided_operands(push, q=q, k=k, v=v, g=g, beta=beta, s=state)
         y, y_off = self.operand(node, what="result")
         push.update(y_off=y_off, scale=float(node.attr("scale")))
@@ -808,12 +809,12 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
         add("get_rows.comp.j2", dict(wg=64, wtype=wtype), gr_push, 4)
     add("ssm_conv.comp.j2", dict(wg=64), ["T", "C", "K", "x_off", "x_s0", "x_s1", "w_off", "w_s0", "w_s1",
                                           "y_off"], 3)
-    scan_push = ["H", "P", "T", "heads_per_group"]
+    scan_push = ["H", "P", "T", "heads_per_group", "all_states"]
     for name, rank in (("s", 3), ("x", 3), ("dt", 2), ("a", 1), ("b", 3), ("c", 3)):
         scan_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
     add("ssm_scan.comp.j2", dict(wg=64, N=16), scan_push + ["y_off"], 7)
     for kda in (False, True):
-        gdn_push = ["T", "H_k", "H_v", "S_v"]
+        gdn_push = ["T", "H_k", "H_v", "S_v", "all_states"]
         for name, rank in (("q", 3), ("k", 3), ("v", 3), ("g", 3 if kda else 2), ("beta", 2), ("s", 3)):
             gdn_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
         add("gated_delta_net.comp.j2", dict(wg=64, S_k=16, kda=kda), gdn_push + ["y_off", "scale"], 7)

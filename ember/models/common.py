@@ -5,7 +5,7 @@ cache, gated FFNs and the output head.
 
 The step-graph contract, relied on by the generation runtime:
 
-    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None, cache=F16_CACHE) -> Graph
+    model.build_step(n_tokens, n_kv, n_outputs, n_kv_swa=None, cache=F16_CACHE, states=StateLayout()) -> Graph
     inputs   tokens i32[n_tokens], pos i32[n_tokens] (positions), slots i32[n_tokens] (the cache
              rows the new K/V rows go to), out_ids i32[n_outputs] (the rows that produce logits),
              mask f32[n_tokens, n_kv] (0 / -inf: causal + padding, built by the runtime),
@@ -15,28 +15,40 @@ The step-graph contract, relied on by the generation runtime:
              then k_cache.{il} cache.k[n_kv, n_head_kv * head_dim_k], v_cache.{il}
              cache.v[n_kv, n_head_kv * head_dim_v] for each attention layer il (n_kv_swa rows for
              a sliding-window layer; cache: a KVCacheTypes, f16/f16 by default; a quantized type
-             is stored as whole blocks per row, ember.ir.dtypes), then the state of each
-             recurrent layer il (HParams.recurrent_layers says which; Model.state_kinds which
-             states), each group in layer order. A Mamba-2 layer has conv_state.{il} f32[d_conv -
-             1, d_inner + 2 * n_group * d_state] and ssm_state.{il} f32[n_ssm_head, ssm_head_dim,
-             d_state]; a gated DeltaNet layer (qwen3next, qwen35, qwen35moe: ssm_n_head v heads of
-             S = d_state, d_inner = H_v * S, n_group q/k heads) a conv state over q, k and v
-             ([d_conv - 1, 2 H_k S + H_v S]) and ssm_state the delta rule's [H_v, S_v, S_k]
-             (gated_delta_net's layout); a short convolution (lfm2) conv_state.{il} f32[l_cache - 1,
-             n_embd] only (the last rows of B*x it saw). A layer can have both a KV cache and a
-             state (falcon-h1) or neither (nemotron_h's FFN-only layers).
+             is stored as whole blocks per row, ember.ir.dtypes), then, for a model with
+             recurrent layers (HParams.recurrent_layers), state_src i32[1] and state_slots
+             i32[n_states] followed by the state planes {kind}_state.{il} f32[planes, state size]
+             of each recurrent layer il (Model.state_kinds says which states, Model.state_shapes
+             their shapes), each group in layer order. A Mamba-2 layer has conv_state.{il}
+             [d_conv - 1, d_inner + 2 * n_group * d_state] and ssm_state.{il} [n_ssm_head,
+             ssm_head_dim, d_state]; a gated DeltaNet layer (qwen3next, qwen35, qwen35moe:
+             ssm_n_head v heads of S = d_state, d_inner = H_v * S, n_group q/k heads) a conv state
+             over q, k and v ([d_conv - 1, 2 H_k S + H_v S]) and ssm_state the delta rule's
+             [H_v, S_v, S_k] (gated_delta_net's layout); a short convolution (lfm2)
+             conv_state.{il} [l_cache - 1, n_embd] only (the last rows of B*x it saw). A layer can
+             have both a KV cache and a state (falcon-h1) or neither (nemotron_h's FFN-only layers).
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
-             set_rows(cache, slots, rows) for every attention layer, then the states after the
-             step's tokens for every recurrent layer, each group in layer order (the inputs'
-             order).
+             set_rows(cache, slots, rows) for every attention layer, then the state planes
+             updated with set_rows(planes, state_slots, states), in the inputs' order.
     Attention reads the updated caches with causal=False: the masks say everything. With a
     q8_0 / q4_0 cache (and cache.rotation) the rows stored are the Walsh-Hadamard rotations of K
     and V (llama.cpp's attn_rot; ember/models/kv_cache.py): Q is rotated with K, the attention
     output rotated back, so the logits mean the same; turbo3/turbo4 rotate inside their blocks.
-    A recurrent layer holds only the state after the last token it saw, so the runtime feeds it
-    the tokens of one sequence in order and replaces its state by the returned one after each
-    step; positions, slots and masks mean nothing to it. A model with no attention layer still
-    takes every input above (unused), so the runtime builds the same inputs for every model.
+
+    Recurrent state (StateLayout): each recurrent layer keeps `planes` copies of each of its
+    states, rows of a per-layer table that stays where it is (on a GPU backend, resident on the
+    device like the KV caches). A step reads the state it starts from out of plane state_src
+    (get_rows) and writes n_states states with set_rows into the planes state_slots names: with
+    all_states (n_states = n_tokens, a speculative verify batch) the state after EVERY token, so
+    the runtime can continue from any accepted prefix by pointing state_src at its plane (no
+    copy, no second pass: ember.runtime.speculative); otherwise (n_states = 1) only the state
+    after the last token. StepGraph.recurrent_state / write_states do this for every recurrent
+    layer kind: a convolution's states (Mamba-2, gated DeltaNet, short convolution) are
+    overlapping windows of the rows it saw (write_conv_states, no kernel), the scans' come out
+    of ssm_scan / gated_delta_net with all_states, so an architecture never handles planes
+    itself. The runtime feeds a recurrent layer the tokens of one sequence in order; positions,
+    slots and masks mean nothing to it. A model with no attention layer still takes every input
+    above (unused), so the runtime builds the same inputs for every model.
 
 Weights are graph constants under their GGUF names, holding views of the memory-mapped file.
 Imports the IR, the GGUF reader and the cache types (kv_cache) only.
@@ -59,6 +71,18 @@ from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 STATE_DTYPE = dtypes.f32     # recurrent state stays f32, as in llama.cpp
 
 
+@dataclass(frozen=True)
+class StateLayout:
+    """How a step graph keeps recurrent state (the contract above): `planes` copies of each
+    state per layer, and whether the step writes the state after every token (all_states) or
+    only after its last one."""
+    planes: int = 1
+    all_states: bool = False
+
+    def n_states(self, n_tokens: int) -> int:
+        return n_tokens if self.all_states else 1
+
+
 @dataclass(frozen=True, eq=False)
 class Model:
     """A loaded model: hyper-parameters, the file's tensors (mmap views), the tokenizer
@@ -67,7 +91,7 @@ class Model:
     hparams: HParams
     file: GGUFFile
     tokenizer: Mapping[str, object]
-    step_builder: Callable[..., Graph]   # (model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+    step_builder: Callable[..., Graph]   # (model, n_tokens, n_kv, n_outputs, n_kv_swa, cache[, states])
 
     @property
     def path(self):
@@ -101,13 +125,19 @@ class Model:
 
     @property
     def state_kinds(self) -> tuple[str, ...]:
-        """The states of each recurrent layer, in order: ("conv", "ssm") for Mamba-2 layers,
-        ("conv",) for short convolutions (lfm2)."""
+        """The states of each recurrent layer, in order: ("conv", "ssm") for Mamba-2 and gated
+        DeltaNet layers, ("conv",) for short convolutions (lfm2)."""
         return self.hparams.state_kinds
 
     def state_names(self) -> list[str]:
         """Every recurrent state input of the step graph, in order: {kind}_state.{il}."""
         return [f"{kind}_state.{il}" for il in self.recurrent_layers for kind in self.state_kinds]
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every recurrent state the step graph carries, by input name (state_names' order),
+        with its shape (one plane)."""
+        return {f"{kind}_state.{il}": self.state_shape(kind)
+                for il in self.recurrent_layers for kind in self.state_kinds}
 
     def state_shape(self, which: str) -> tuple[int, ...]:
         """Shape of one recurrent layer's "conv" or "ssm" state (f32)."""
@@ -118,10 +148,11 @@ class Model:
         return hp.conv_state_shape if which == "conv" else hp.ssm_state_shape
 
     def build_step(self, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
-                   cache: KVCacheTypes = F16_CACHE) -> Graph:
+                   cache: KVCacheTypes = F16_CACHE, states: StateLayout = StateLayout()) -> Graph:
         """The step graph; with n_kv_swa < n_kv (a model with sliding-window layers), those
         layers keep a ring of n_kv_swa rows (the contract's slots_swa input). cache: the KV
-        cache's types (a head size the types cannot hold is an EmberError, see check_cache)."""
+        cache's types (a head size the types cannot hold is an EmberError, see check_cache);
+        states: how a model with recurrent layers keeps their state (StateLayout)."""
         if n_tokens < 1 or n_kv < 1:
             raise ValueError(f"build_step: need n_tokens >= 1 and n_kv >= 1, got {n_tokens}, {n_kv}")
         if not 0 <= n_outputs <= n_tokens:
@@ -129,7 +160,12 @@ class Model:
         if n_kv_swa is not None and not n_tokens <= n_kv_swa <= n_kv:
             raise ValueError(f"build_step: n_kv_swa {n_kv_swa} must be in [n_tokens {n_tokens}, n_kv {n_kv}]")
         self.check_cache(cache)
-        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+        if not self.recurrent_layers:
+            return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+        if states.planes < 1 or (states.planes == 1 and states.n_states(n_tokens) > 1):
+            raise ValueError(f"build_step: {states.n_states(n_tokens)} states per step need more than "
+                             f"{states.planes} state plane(s)")
+        return self.step_builder(self, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
 
     def check_cache(self, cache: KVCacheTypes) -> None:
         """EmberError (one line: the file, the head size, the type) when a quantized cache type
@@ -163,8 +199,10 @@ class StepGraph:
     cache updates; `finish` adds the output head and returns the Graph."""
 
     def __init__(self, model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None = None,
-                 cache: KVCacheTypes = F16_CACHE):
+                 cache: KVCacheTypes = F16_CACHE, states: StateLayout = StateLayout()):
         self.model, self.hp, self.file = model, model.hparams, model.file
+        self.states = states
+        self.n_states = states.n_states(n_tokens)
         self.n_tokens, self.n_kv, self.n_outputs = n_tokens, n_kv, n_outputs
         self.cache = cache
         # Sliding-window layers read a ring of n_kv_swa rows (slots_swa, mask_swa) when it is
@@ -185,16 +223,58 @@ class StepGraph:
             rows = self.cache_rows(il)
             self.k_cache[il] = b.input(f"k_cache.{il}", cache.k, model.cache_shape(rows, "k"))
             self.v_cache[il] = b.input(f"v_cache.{il}", cache.v, model.cache_shape(rows, "v"))
-        self.conv_state: dict[int, Node] = {}
-        self.ssm_state: dict[int, Node] = {}
-        for il in model.recurrent_layers:
-            self.conv_state[il] = b.input(f"conv_state.{il}", STATE_DTYPE, model.state_shape("conv"))
-            if "ssm" in model.state_kinds:
-                self.ssm_state[il] = b.input(f"ssm_state.{il}", STATE_DTYPE, model.state_shape("ssm"))
         self.k_updated: list[Node | None] = [None] * self.hp.n_layer
         self.v_updated: list[Node | None] = [None] * self.hp.n_layer
-        self.conv_updated: list[Node | None] = [None] * self.hp.n_layer
-        self.ssm_updated: list[Node | None] = [None] * self.hp.n_layer
+        # recurrent state: plane tables by name, the state each step starts from, the states written
+        self.state_planes: dict[str, Node] = {}
+        self.state_read: dict[str, Node] = {}
+        self.state_written: dict[str, Node] = {}
+        if model.recurrent_layers:
+            self.state_src = b.input("state_src", "i32", (1,))
+            self.state_slots = b.input("state_slots", "i32", (self.n_states,))
+        for name, shape in model.state_shapes().items():
+            self.state_planes[name] = b.input(name, STATE_DTYPE, (states.planes, int(np.prod(shape))))
+        # the state each recurrent layer starts from, by kind (no ssm_state for a short convolution)
+        self.conv_state = {il: self.recurrent_state(f"conv_state.{il}") for il in model.recurrent_layers}
+        self.ssm_state = {il: self.recurrent_state(f"ssm_state.{il}") for il in model.recurrent_layers
+                          if "ssm" in model.state_kinds}
+
+    # ---- recurrent state (the contract's planes) ------------------------------------------
+    def recurrent_state(self, name: str) -> Node:
+        """The state `name` the step starts from (plane state_src), in its own shape."""
+        if name not in self.state_read:
+            shape = self.model.state_shapes()[name]
+            row = self.b.get_rows(self.state_planes[name], self.state_src)
+            self.state_read[name] = self.b.reshape(row, *shape)
+        return self.state_read[name]
+
+    def write_states(self, name: str, states: Node) -> None:
+        """Record the states the step leaves for `name`: states[n_states, state size], the state
+        after each token (all_states) or after the last one; finish writes them to the planes
+        state_slots names."""
+        expected = (self.n_states, self.state_planes[name].shape[1])
+        if states.shape != expected:
+            raise ValueError(f"write_states: {name} states are {list(states.shape)}, expected {list(expected)}")
+        self.state_written[name] = states
+
+    def write_conv_states(self, il: int, window: Node) -> None:
+        """Layer il's conv states from the convolution's window[K - 1 + T, C] (the state rows,
+        then the step's rows): the state after token t is rows t + 1 .. t + K - 1, so the
+        n_states states are overlapping row ranges of the window, one strided view (no copy
+        kernel: set_rows reads them straight from the window)."""
+        rows, C = window.shape
+        T = self.n_tokens
+        K1, n, F32 = rows - T, self.n_states, dtypes.f32.row_bytes(1)
+        self.write_states(f"conv_state.{il}", self.b.view(window, shape=(n, K1 * C), strides=(C * F32, F32),
+                                                          offset=(T - n + 1) * C * F32))
+
+    def write_scan_states(self, il: int, out: Node, n_outputs: int) -> None:
+        """Layer il's ssm states from a scan's flat result (ssm_scan, gated_delta_net with
+        all_states=self.states.all_states): n_outputs output elements, then the n_states states."""
+        F32 = dtypes.f32.row_bytes(1)
+        size = self.state_planes[f"ssm_state.{il}"].shape[1]
+        self.write_states(f"ssm_state.{il}", self.b.view(out, shape=(self.n_states, size),
+                                                         strides=(size * F32, F32), offset=n_outputs * F32))
 
     # ---- weights --------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -302,13 +382,12 @@ class StepGraph:
         missing = [il for il in self.k_cache if self.k_updated[il] is None]
         if missing:
             raise ValueError(f"finish: layers {missing} never wrote their KV cache")
-        states = [self.conv_updated[il] if kind == "conv" else self.ssm_updated[il]
-                  for il in self.conv_state for kind in self.model.state_kinds]
-        if any(st is None for st in states):
-            missing = [il for il in self.conv_state if self.conv_updated[il] is None
-                       or (il in self.ssm_state and self.ssm_updated[il] is None)]
-            raise ValueError(f"finish: layers {missing} never returned their recurrent state")
+        missing = [name for name in self.state_planes if name not in self.state_written]
+        if missing:
+            raise ValueError(f"finish: states {missing} were never written")
         caches = [c for il in self.k_cache for c in (self.k_updated[il], self.v_updated[il])]
+        states = [b.set_rows(planes, self.state_slots, self.state_written[name])
+                  for name, planes in self.state_planes.items()]
         return b.build(logits, *caches, *states)
 
 

@@ -15,8 +15,10 @@ With S the head size (ssm.state_size), H_k q/k heads (ssm.group_count), H_v v he
   head h % H_k (ggml's fused op, used by qwen35); qwen3next repeats each q/k head r times in a
   row (ggml_repeat_4d over a new axis: head h reads h // r), so its q and k are repeated first;
 - the gated rms norm: rms_norm(o) * ssm_norm [S] * silu(z), per v head; then ssm_out.
-The layer's new conv and DeltaNet states go to s.conv_updated / s.ssm_updated (the step-graph
-contract in ember/models/common.py; the DeltaNet state is [H_v, S, S] as the op keeps it).
+The layer writes its conv and DeltaNet states (after its last token, or after every token of a
+speculative verify batch: gated_delta_net with all_states) through StepGraph.write_conv_states /
+write_scan_states (the step-graph contract in ember/models/common.py; the DeltaNet state is
+[H_v, S, S] as the op keeps it).
 Imports the IR builder (through common and mamba2) only.
 """
 from __future__ import annotations
@@ -50,9 +52,9 @@ def delta_net_layer(s: StepGraph, il: int, x: Node, *, grouped_ba: bool, repeat_
     g = b.add(alpha, s.vector(p + "ssm_dt.bias", H_v))
     g = b.mul(b.softplus(g), f32_weight(s, p + "ssm_a", H_v))
 
-    # causal convolution: the state rows, then this step's rows; the new state is the last K - 1
+    # causal convolution: the state rows, then this step's rows; a state is K - 1 rows of it
     window = b.concat(s.conv_state[il], qkv, axis=0)
-    s.conv_updated[il] = b.view(window, shape=(K - 1, C), strides=(C * F32, F32), offset=T * C * F32)
+    s.write_conv_states(il, window)
     conv = b.silu(b.ssm_conv(window, f32_weight(s, p + "ssm_conv1d.weight", C, K)))
 
     q = b.view(conv, shape=(T, H_k, S), strides=(C * F32, S * F32, F32))
@@ -63,10 +65,10 @@ def delta_net_layer(s: StepGraph, il: int, x: Node, *, grouped_ba: bool, repeat_
     if repeat_heads and H_v != H_k:
         q, k = repeat_each_head(s, q, H_v // H_k), repeat_each_head(s, k, H_v // H_k)
 
-    out = b.gated_delta_net(q, k, v, g, beta, s.ssm_state[il], scale=1.0 / math.sqrt(S))
+    out = b.gated_delta_net(q, k, v, g, beta, s.ssm_state[il], scale=1.0 / math.sqrt(S),
+                            all_states=s.states.all_states)
     o = b.view(out, shape=(T, H_v, S), strides=(H_v * S * F32, S * F32, F32))
-    s.ssm_updated[il] = b.view(out, shape=(H_v, S, S), strides=(S * S * F32, S * F32, F32),
-                               offset=T * H_v * S * F32)
+    s.write_scan_states(il, out, T * H_v * S)
 
     o = b.mul(b.rms_norm(o, eps=hp.rms_eps), s.vector(p + "ssm_norm.weight", S))
     o = b.swiglu(b.reshape(z, T, H_v, S), o)                  # silu(z) * o

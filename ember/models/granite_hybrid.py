@@ -17,14 +17,15 @@ from __future__ import annotations
 
 from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.models.common import Model, StepGraph, build_qkv, embed_tokens
+from ember.models.common import Model, StateLayout, StepGraph, build_qkv, embed_tokens
 from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.models.mamba2 import mamba2_mixer
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
+               states: StateLayout = StateLayout()) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     if hp.embedding_scale:

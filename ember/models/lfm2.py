@@ -20,7 +20,7 @@ from __future__ import annotations
 import ember.ir.dtypes as dtypes
 from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.models.common import Model, StepGraph, build_qkv, embed_tokens
+from ember.models.common import Model, StateLayout, StepGraph, build_qkv, embed_tokens
 from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.models.mamba2 import f32_weight
 from ember.models.moe import MoeSpec, moe_ffn
@@ -30,8 +30,9 @@ OUTPUT_NORM = "token_embd_norm.weight"
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
+               states: StateLayout = StateLayout()) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     for il in range(hp.n_layer):
@@ -68,7 +69,7 @@ def attention_block(s: StepGraph, il: int, x: Node) -> Node:
 
 def shortconv_block(s: StepGraph, il: int, x: Node) -> Node:
     """Layer il's short convolution on x[T, n_embd] (already normed) -> f32[T, n_embd]; records
-    the layer's new conv state in s.conv_updated."""
+    the layer's new conv state(s) with s.write_conv_states."""
     b, hp = s.b, s.hp
     p = f"blk.{il}.shortconv."
     T, E, L = x.shape[0], hp.n_embd, hp.shortconv_l_cache
@@ -79,6 +80,6 @@ def shortconv_block(s: StepGraph, il: int, x: Node) -> Node:
         return b.view(bcx, shape=(T, E), strides=(row, F32), offset=i * E * F32)
 
     window = b.concat(s.conv_state[il], b.mul(chunk(0), chunk(2)), axis=0)    # state, then B*x
-    s.conv_updated[il] = b.view(window, shape=(L - 1, E), strides=(E * F32, F32), offset=T * E * F32)
+    s.write_conv_states(il, window)
     y = b.mul(chunk(1), b.ssm_conv(window, f32_weight(s, p + "conv.weight", E, L)))
     return b.mul_mat(y, s.weight(p + "out_proj.weight", E, E))

@@ -11,7 +11,9 @@ when the file has no output.weight). The mixer:
 - the selective scan ssm_scan over ssm_state, with dt + ssm_dt.bias, A = ssm_a per head, B and C
   per group; y += x * ssm_d (the skip); y = silu(z) * y; an rms_norm over each group of
   d_inner / n_group channels times ssm_norm (optional in falcon-h1 only); then ssm_out.
-The step returns both states after its last token (the contract in ember/models/common.py).
+The step writes both states after its last token, or after every token (a speculative verify
+batch), through StepGraph.write_states (the contract in ember/models/common.py): the conv states
+are overlapping windows of the rows the convolution saw, the SSM states come out of the scan.
 Imports the IR builder (through common) only.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import ember.ir.dtypes as dtypes
 from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.models.common import Model, StepGraph, embed_tokens
+from ember.models.common import Model, StateLayout, StepGraph, embed_tokens
 from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.models.gguf_file import ModelFileError
 
@@ -27,8 +29,9 @@ F32 = dtypes.f32.row_bytes(1)
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
+               states: StateLayout = StateLayout()) -> Graph:
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     for il in range(hp.n_layer):
@@ -51,7 +54,7 @@ def f32_weight(s: StepGraph, name: str, *shape: int) -> Node:
 
 def mamba2_mixer(s: StepGraph, il: int, x: Node) -> Node:
     """Layer il's Mamba-2 mixer on x[T, n_embd] (already normed) -> f32[T, n_embd]; records the
-    layer's new conv and SSM state in s.conv_updated / s.ssm_updated."""
+    layer's new conv and SSM states (s.n_states of each) with s.write_states."""
     b, hp = s.b, s.hp
     p = f"blk.{il}."
     T = x.shape[0]
@@ -65,9 +68,9 @@ def mamba2_mixer(s: StepGraph, il: int, x: Node) -> Node:
     xbc = b.view(zxbcdt, shape=(T, C), strides=(row, F32), offset=d_inner * F32)
     dt = b.view(zxbcdt, shape=(T, H), strides=(row, F32), offset=(d_inner + C) * F32)
 
-    # causal convolution: the state rows, then this step's rows; the new state is the last K - 1
+    # causal convolution: the state rows, then this step's rows; a state is K - 1 rows of it
     window = b.concat(s.conv_state[il], xbc, axis=0)
-    s.conv_updated[il] = b.view(window, shape=(K - 1, C), strides=(C * F32, F32), offset=T * C * F32)
+    s.write_conv_states(il, window)
     xbc = b.ssm_conv(window, f32_weight(s, p + "ssm_conv1d.weight", C, K))
     bias = s.vector(p + "ssm_conv1d.bias", C, required=hp.arch == "mamba2")
     if bias is not None:
@@ -80,10 +83,9 @@ def mamba2_mixer(s: StepGraph, il: int, x: Node) -> Node:
     Cm = b.view(xbc, shape=(T, G, N), strides=(C * F32, N * F32, F32), offset=(d_inner + G * N) * F32)
     dt = b.add(dt, s.vector(p + "ssm_dt.bias", H))
     A = b.reshape(f32_weight(s, p + "ssm_a", H, 1), H)
-    out = b.ssm_scan(s.ssm_state[il], xs, dt, A, B, Cm)
+    out = b.ssm_scan(s.ssm_state[il], xs, dt, A, B, Cm, all_states=s.states.all_states)
     y = b.view(out, shape=(T, H, P), strides=(H * P * F32, P * F32, F32))
-    s.ssm_updated[il] = b.view(out, shape=(H, P, N), strides=(P * N * F32, N * F32, F32),
-                               offset=T * H * P * F32)
+    s.write_scan_states(il, out, T * H * P)
 
     y = b.add(y, b.mul(xs, f32_weight(s, p + "ssm_d", H, 1)))     # D skip, one per head
     y = b.swiglu(z, y)                                             # silu(z) * y

@@ -23,7 +23,7 @@ import numpy as np
 import ember.ir.dtypes as dtypes
 from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.models.common import Model, StepGraph, embed_tokens
+from ember.models.common import Model, StateLayout, StepGraph, embed_tokens
 from ember.models.delta_net_layer import delta_net_layer
 from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.models.moe import MoeSpec, moe_ffn
@@ -35,15 +35,17 @@ FFN = Callable[[StepGraph, Node, int], Node]
 
 
 def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE) -> Graph:
-    return build_decoder(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, grouped_ba=True,
+               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
+               states: StateLayout = StateLayout()) -> Graph:
+    return build_decoder(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states, grouped_ba=True,
                          repeat_heads=True, ffn=lambda s, x, il: moe_ffn(s, x, il, QWEN3NEXT_MOE))
 
 
 def build_decoder(model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None,
-                  cache: KVCacheTypes, *, grouped_ba: bool, repeat_heads: bool, ffn: FFN) -> Graph:
+                  cache: KVCacheTypes, states: StateLayout, *, grouped_ba: bool, repeat_heads: bool,
+                  ffn: FFN) -> Graph:
     """The Qwen3-Next / Qwen3.5 decoder; ffn(s, x, il) is the layer's FFN on its normed input."""
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache)
+    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
     b, hp = s.b, s.hp
     h = embed_tokens(s)
     for il in range(hp.n_layer):

@@ -2,11 +2,15 @@
 
 Sequences can be added, removed, forked and switched; a tail can be truncated. Attention
 layers truncate by position (the rows past it are masked from then on). Recurrent layers keep
-only the state after the last token, so their tail can only be dropped by restoring a
-checkpoint: the recurrent state plus its position, of fixed size per model.
+only the state after a position, so their tail can only be dropped by going back to a state kept
+for that position: a checkpoint.
 
-A checkpoint costs no copy: a step never writes into the state arrays it was given (it returns
-new ones), so holding references keeps the state as it stood, in the backend's own memory.
+A checkpoint costs no copy when the session keeps two or more state planes (Session module doc):
+the plane holding the state at the checkpoint is not written by the next step (a step writes
+other planes), so the checkpoint is just the position, and restoring it is an index move on the
+device. It stays valid while the session still holds that position (Session.holds: until
+state_planes - 1 newer states were written). With one plane (plain decoding), the next step
+rewrites it, so the checkpoint copies the state to the host.
 
 A KV cache is a host array of rows (`cache_array`): a scalar type (f16, f32) as itself, a block
 type (q8_0, q4_0, turbo3, turbo4) as each row's bytes, so saving, restoring and forking rows is
@@ -61,11 +65,12 @@ def kv_footprint(session: "Session") -> KVFootprint:
 @dataclass(frozen=True)
 class Checkpoint:
     position: int
-    recurrent: Mapping[str, np.ndarray]
+    recurrent: Mapping[str, np.ndarray] | None = None   # a host copy; None: held on the device
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.recurrent.values())
+        """Bytes of state the checkpoint copied (0 when held in a plane)."""
+        return sum(a.nbytes for a in (self.recurrent or {}).values())
 
 
 @dataclass
@@ -85,17 +90,25 @@ class SequenceMemory:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.session.n_past, self.session.recurrent_state())
+        s = self.session
+        if s.is_recurrent and s.state_planes < 2:
+            return Checkpoint(s.n_past, s.recurrent_state())
+        return Checkpoint(s.n_past)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Back to the checkpoint: its recurrent state and position (KV rows past it masked)."""
-        if checkpoint.position > self.session.n_past:
+        s = self.session
+        if checkpoint.position > s.n_past:
             raise EmberError(f"restore: checkpoint at {checkpoint.position} is past the sequence "
-                             f"end {self.session.n_past}")
-        if self.session.is_recurrent:
-            self.session.set_recurrent_state(dict(checkpoint.recurrent), checkpoint.position)
+                             f"end {s.n_past}")
+        if checkpoint.recurrent is not None:
+            s.set_recurrent_state(dict(checkpoint.recurrent), checkpoint.position)
+        elif not s.holds(checkpoint.position):
+            raise EmberError(f"restore: the recurrent state at position {checkpoint.position} was "
+                             f"overwritten ({s.state_planes} state planes); restore it sooner or "
+                             "reserve more planes")
         else:
-            self.session.truncate(checkpoint.position)
+            s.truncate(checkpoint.position)
 
     def truncate(self, position: int, checkpoint: Checkpoint | None = None) -> None:
         """Drop the tail from position on. A recurrent model needs a checkpoint taken there."""

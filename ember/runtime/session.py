@@ -7,11 +7,19 @@ and compiled once per (n_tokens, n_kv, n_outputs) and reused through the plan ca
 uids), so a decode step costs one lookup plus the kernels. Prompts run in micro-batches.
 
 Models with recurrent layers (Mamba-2: mamba2, granitehybrid, nemotron_h, falcon-h1; gated
-DeltaNet: qwen3next, qwen35, qwen35moe; short convolutions: lfm2) also carry a recurrent state per
-layer (conv_state.{il}, and ssm_state.{il} except for short convolutions; f32,
-Model.state_kinds): zeros at reset, passed to each step and replaced by the
-step's returned state. It is the state after the last evaluated token only, so it cannot be
-truncated; `recurrent_state()` / `set_recurrent_state()` take and restore snapshots.
+DeltaNet: qwen3next, qwen35, qwen35moe; short convolutions: lfm2) also carry recurrent state: for
+each state (conv_state.{il}, and ssm_state.{il} except for short convolutions; f32,
+Model.state_kinds) a table of `state_planes` planes that, like the KV caches, stays where it is
+(resident on a GPU backend's device; the step updates it in place). Which plane holds the state
+after which position is the session's bookkeeping (_held): a step starts from the current plane
+and writes its new state(s) into other planes, taken in turn from a ring, so the state after
+each recent position survives a few steps. `truncate(n)` to a position whose state is still
+held is then an index move: no copy, no bytes between host and device, no second pass. A
+speculative verify batch evaluated with keep_states=True writes the state after EVERY token
+(ember.models.common.StateLayout), so any accepted prefix can be kept; it needs
+`reserve_state_planes(tokens + 1)` first (one plane by default: plain decoding reads and
+rewrites it in place). `recurrent_state()` / `set_recurrent_state()` take and restore host
+snapshots (sequences, tests).
 
 The KV caches are stored in SessionOptions.cache's types (ember/models/kv_cache.py: f16 by
 default; q8_0, q4_0, turbo3, turbo4 as rows of whole blocks, bytes on the host). A head size the
@@ -28,7 +36,7 @@ import numpy as np
 from ember.backends.base import Backend, Executable
 from ember.errors import EmberError
 from ember.ir.builder import GraphBuilder
-from ember.models.common import Model
+from ember.models.common import Model, StateLayout
 from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.passes import PassContext
 from ember.runtime.memory import cache_array
@@ -125,7 +133,8 @@ class _Feed:
     are then stale between steps, and the session's readers and writers of cache rows go
     through Session.caches_to_host / caches_from_host."""
 
-    def __init__(self, session: "Session", executable: Executable, T: int, n_kv: int, n_out: int):
+    def __init__(self, session: "Session", executable: Executable, T: int, n_kv: int, n_out: int,
+                 n_states: int = 1):
         hp = session.model.hparams
         self.kpos = np.arange(n_kv, dtype=np.int32)
         self.n_kv_swa = session.n_kv_swa(n_kv)
@@ -154,16 +163,23 @@ class _Feed:
                     self.targets[k] = view
                 else:
                     self.copies.append((k, view))
-        # Recurrent state: new arrays in and out every step (the session keeps snapshots).
+        # Recurrent state planes: updated in place like the caches (resident on a GPU device);
+        # state_src / state_slots say which plane the step reads and which it writes.
         first = 1 + 2 * len(session.attention_layers)
-        self.states = [(first + r, name) for r, name in enumerate(session._state)]
-        self.inputs.update(session._state)
-        self.fresh = (0,) + tuple(k for k, _ in self.states)
+        if session.is_recurrent:
+            self.inputs["state_src"] = np.zeros(1, np.int32)
+            self.inputs["state_slots"] = np.zeros(n_states, np.int32)
+        for r, (name, planes) in enumerate(session._planes.items()):
+            self.inputs[name] = planes
+            if first + r in in_place:
+                self.targets[first + r] = planes
+            else:
+                self.copies.append((first + r, planes))
         self._run = executable.bind(self.inputs, self.targets)
 
-    def run(self, state: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The step's outputs; logits and states in new arrays (a caller may keep old ones)."""
-        return self._run(fresh=self.fresh, inputs=state)
+    def run(self) -> list[np.ndarray]:
+        """The step's outputs; logits in a new array (a caller may keep old ones)."""
+        return self._run(fresh=(0,))
 
     def set(self, chunk: np.ndarray, n_past: int, n_out: int, swa_pos: np.ndarray) -> None:
         """Inputs for chunk at n_past, its last n_out rows giving logits; a chunk shorter than
@@ -197,6 +213,9 @@ class _Feed:
 
 
 class Session:
+    # whether the number of recurrent state planes is fixed (an artifact's compiled steps)
+    fixed_state_planes = False
+
     def __init__(self, model: Model, backend: Backend, options: SessionOptions = SessionOptions()):
         backend.require_available()
         self.model, self.backend, self.options = model, backend, options
@@ -214,8 +233,14 @@ class Session:
         rows = [self.swa_rows if hp.is_swa(il) else self.n_ctx for il in self.attention_layers]
         self.k_cache = [cache_array(self.cache.k, *model.cache_shape(n, "k")) for n in rows]
         self.v_cache = [cache_array(self.cache.v, *model.cache_shape(n, "v")) for n in rows]
-        self._state: dict[str, np.ndarray] = {}
-        self._zero_recurrent_state()
+        # recurrent state planes (module doc): name -> f32[planes, state size]
+        self.state_planes = 1
+        self._planes: dict[str, np.ndarray] = {}
+        self._plane = 0                   # the plane holding the state after n_past
+        self._held: dict[int, int] = {}   # position -> plane holding the state after it
+        self._ring = 0                    # the next plane a step writes (skipping the current one)
+        self._layout_epoch = 0            # bumped when the planes are reallocated: feeds rebind
+        self._allocate_planes(1)
         self.n_past = 0
         self.stats = SessionStats()
         self.last_eval_seconds = 0.0
@@ -227,6 +252,7 @@ class Session:
         # on_compile(message): told before each step graph is compiled (a cold start compiles
         # several, for seconds each: the CLI shows them on stderr)
         self.on_compile = None
+        self._layout = StateLayout()      # the recurrent state layout of the step being built
 
     # ---- public --------------------------------------------------------------------------
     def reset(self) -> None:
@@ -249,8 +275,8 @@ class Session:
         return min(n_kv, self.swa_rows)
 
     def build_step(self, T: int, n_kv: int, n_out: int):
-        """The model's step graph for this session's caches."""
-        return self.model.build_step(T, n_kv, n_out, self.n_kv_swa(n_kv), self.cache)
+        """The model's step graph for this session's caches (and recurrent state layout)."""
+        return self.model.build_step(T, n_kv, n_out, self.n_kv_swa(n_kv), self.cache, self._layout)
 
     def _forget_from(self, n_past: int) -> None:
         self.swa_pos[self.swa_pos >= n_past] = -1
@@ -258,61 +284,124 @@ class Session:
 
     def truncate(self, n_past: int) -> None:
         """Forget every position from n_past on (rows past n_past are masked from then on).
-        A model with recurrent layers can only be truncated to 0 (a reset) or to where it is:
-        restore a snapshot with set_recurrent_state(arrays, n_past) instead."""
+        A model with recurrent layers can be truncated to 0 (a reset), to where it is, or to a
+        position whose state a plane still holds (holds(n_past): a recent step wrote it);
+        otherwise restore a snapshot with set_recurrent_state(arrays, n_past)."""
         if not 0 <= n_past <= self.n_past:
             raise ValueError(f"truncate: {n_past} is outside [0, {self.n_past}]")
-        if self._state and n_past not in (0, self.n_past):
-            raise EmberError(f"truncate: {self.model.arch} has recurrent layers, whose state after "
-                             f"position {n_past} is gone; restore a snapshot with "
-                             "set_recurrent_state(arrays, n_past) instead")
+        if self.is_recurrent and n_past not in (0, self.n_past):
+            if n_past not in self._held:
+                raise EmberError(f"truncate: {self.model.arch} has recurrent layers, whose state after "
+                                 f"position {n_past} is gone; restore a snapshot with "
+                                 "set_recurrent_state(arrays, n_past) instead")
+            self._plane = self._held[n_past]
         if n_past == 0:
             self._zero_recurrent_state()
         self._forget_from(n_past)
+        # states after later positions belong to the forgotten tail (never to be restored)
+        self._held = {p: plane for p, plane in self._held.items() if p <= n_past}
+
+    def holds(self, n_past: int) -> bool:
+        """Whether truncate(n_past) is possible without a snapshot."""
+        return not self.is_recurrent or n_past in (0, self.n_past) or \
+            (n_past <= self.n_past and n_past in self._held)
 
     @property
     def is_recurrent(self) -> bool:
-        """Whether the model has recurrent (Mamba-2 or short-convolution) layers."""
-        return bool(self._state)
+        """Whether the model has recurrent (Mamba-2, gated DeltaNet or short-convolution) layers."""
+        return bool(self._planes)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one copy of the recurrent state (every layer, one plane)."""
+        return sum(planes[0].nbytes for planes in self._planes.values())
+
+    def reserve_state_planes(self, planes: int) -> None:
+        """Keep at least `planes` planes of recurrent state (a verify batch of T tokens with
+        keep_states needs T + 1). The current state stays; the steps compiled for fewer planes
+        are not used again (their shapes differ). Nothing for a transformer."""
+        if self.is_recurrent and planes > self.state_planes:
+            current = self.recurrent_state()
+            self.plans.clear()            # their feeds hold the old tables (on the device too)
+            self._allocate_planes(planes)
+            self._write_plane(0, current)
+            self._plane, self._held, self._ring = 0, {self.n_past: 0}, 1
 
     def recurrent_state(self) -> dict[str, np.ndarray]:
-        """The recurrent state after the last evaluated token: conv_state.{il} (and ssm_state.{il}
-        for Mamba-2) of every recurrent layer (empty for a transformer). The session never writes
-        into these arrays (each step replaces them), so the dict is a snapshot as it stands; with the
-        position (n_past) and the KV cache rows before it, it is all a checkpoint needs."""
-        return dict(self._state)
+        """A host copy of the recurrent state after the last evaluated token: conv_state.{il}
+        and ssm_state.{il} of every recurrent layer in their own shapes (empty for a
+        transformer). With the position (n_past) and the KV cache rows before it, it is all a
+        snapshot needs. On a GPU backend this reads the planes back from the device."""
+        self.backend.sync_to_host(list(self._planes.values()))
+        shapes = self.model.state_shapes()
+        return {name: planes[self._plane].reshape(shapes[name]).copy() for name, planes in self._planes.items()}
 
     def set_recurrent_state(self, arrays: dict[str, np.ndarray], n_past: int | None = None) -> None:
         """Replace the recurrent state by arrays (as recurrent_state() returns them: every name,
-        same shapes, f32; they are used as given, not copied, and never written into). With
-        n_past, also move the position there (the KV cache rows past it are masked from then
-        on), as restoring a checkpoint needs."""
-        if set(arrays) != set(self._state):
-            raise ValueError(f"set_recurrent_state: expected arrays {sorted(self._state)}, got {sorted(arrays)}")
-        checked = {}
-        for name, current in self._state.items():
+        same shapes, f32; copied into a plane). With n_past, also move the position there (the
+        KV cache rows past it are masked from then on), as restoring a checkpoint needs."""
+        shapes = self.model.state_shapes()
+        if set(arrays) != set(shapes):
+            raise ValueError(f"set_recurrent_state: expected arrays {sorted(shapes)}, got {sorted(arrays)}")
+        for name, shape in shapes.items():
             a = np.asarray(arrays[name])
-            if a.shape != current.shape or a.dtype != current.dtype:
+            if a.shape != shape or a.dtype != np.float32:
                 raise ValueError(f"set_recurrent_state: {name} is {a.dtype}{list(a.shape)}, expected "
-                                 f"{current.dtype}{list(current.shape)}")
-            checked[name] = np.ascontiguousarray(a)
+                                 f"float32{list(shape)}")
+        if n_past is not None and not 0 <= n_past <= self.n_ctx:
+            raise ValueError(f"set_recurrent_state: n_past {n_past} is outside [0, {self.n_ctx}]")
+        plane = self._next_planes(1)[0]
+        self._write_plane(plane, arrays)
         if n_past is not None:
-            if not 0 <= n_past <= self.n_ctx:
-                raise ValueError(f"set_recurrent_state: n_past {n_past} is outside [0, {self.n_ctx}]")
             if n_past < self.n_past:
                 self._forget_from(n_past)
             self.n_past = n_past
-        self._state = checked
+        self._plane, self._held = plane, {self.n_past: plane}
+
+    def _allocate_planes(self, planes: int) -> None:
+        self.state_planes = planes
+        self._planes = {name: np.zeros((planes, int(np.prod(shape))), np.float32)
+                        for name, shape in self.model.state_shapes().items()}
+        self._plane, self._held, self._ring = 0, {0: 0}, 0
+        self._layout_epoch += 1
+
+    def _write_plane(self, plane: int, arrays: dict[str, np.ndarray]) -> None:
+        """Host writes of one plane, sent to the device copies (whole, after bringing them back)."""
+        tables = list(self._planes.values())
+        self.backend.sync_to_host(tables)
+        for name, planes in self._planes.items():
+            planes[plane] = np.asarray(arrays[name], np.float32).reshape(-1)
+        self.backend.sync_to_device(tables)
 
     def _zero_recurrent_state(self) -> None:
-        self._state = {}
-        for il in self.model.recurrent_layers:
-            for kind in self.model.state_kinds:
-                self._state[f"{kind}_state.{il}"] = np.zeros(self.model.state_shape(kind), np.float32)
+        if self._planes:
+            self._write_plane(self._plane, {name: np.zeros(planes.shape[1], np.float32)
+                                            for name, planes in self._planes.items()})
+        self._held = {0: self._plane}
 
-    def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
+    def _next_planes(self, n: int) -> list[int]:
+        """n planes for a step's new states, in ring order, never the current plane (a state
+        the step starts from stays restorable) unless there is only one."""
+        if self.state_planes == 1:
+            if n > 1:
+                raise EmberError(f"{n} recurrent states per step need {n + 1} state planes; "
+                                 "call reserve_state_planes first")
+            return [0]
+        if n + 1 > self.state_planes:
+            raise EmberError(f"{n} recurrent states per step need {n + 1} state planes, the session "
+                             f"has {self.state_planes}; call reserve_state_planes first")
+        out = []
+        while len(out) < n:
+            plane, self._ring = self._ring, (self._ring + 1) % self.state_planes
+            if plane != self._plane:
+                out.append(plane)
+        return out
+
+    def eval(self, tokens, all_logits: bool = False, keep_states: bool = False) -> np.ndarray:
         """Run tokens after the current position. Returns logits f32[rows, n_vocab]: every
-        token's row when all_logits, else only the last token's."""
+        token's row when all_logits, else only the last token's. keep_states (a recurrent
+        model): keep the state after every token, so truncate can go back to any of them (the
+        tokens must fit one micro-batch, and state_planes must be more than their number)."""
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if tokens.size == 0:
             raise ValueError("eval: no tokens")
@@ -321,6 +410,10 @@ class Session:
         vocab = self.model.hparams.n_vocab
         if tokens.min() < 0 or tokens.max() >= vocab:
             raise EmberError(f"token id out of range [0, {vocab}): {int(tokens.max())}")
+        keep_states = keep_states and self.is_recurrent
+        if keep_states and tokens.size > self.options.ubatch:
+            raise EmberError(f"eval: keep_states needs at most ubatch {self.options.ubatch} tokens, "
+                             f"got {tokens.size}")
         start = time.perf_counter()
         compile_before = self.stats.compile_seconds
         pieces = []
@@ -328,7 +421,7 @@ class Session:
             chunk = tokens[begin:begin + self.options.ubatch]
             last = begin + chunk.size == tokens.size
             n_out = chunk.size if all_logits else (1 if last else 0)
-            logits = self._step(chunk, n_out)
+            logits = self._step(chunk, n_out, keep_states)
             if n_out:
                 pieces.append(logits)
         # compiling a new step graph is reported on its own, not as evaluation time
@@ -343,25 +436,36 @@ class Session:
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     # ---- one step ------------------------------------------------------------------------
-    def _step(self, chunk: np.ndarray, n_out: int) -> np.ndarray:
+    def _step(self, chunk: np.ndarray, n_out: int, keep_states: bool = False) -> np.ndarray:
         t0 = time.perf_counter()
         compile_before = self.stats.compile_seconds
         end = self.n_past + chunk.size
         T = self._rows(chunk.size, n_out)
         n_kv = min(self.n_ctx, -(-(self.n_past + T) // self.options.kv_bucket) * self.options.kv_bucket)
+        self._layout = StateLayout(self.state_planes, keep_states)
         step = self._plan(T, n_kv, n_out)
-        if step.feed is None:
-            step.feed = _Feed(self, step.executable, T, n_kv, n_out)
+        n_states = self._layout.n_states(T)
+        if step.feed is None or step.feed.epoch != self._layout_epoch:
+            step.feed = _Feed(self, step.executable, T, n_kv, n_out, n_states)
+            step.feed.epoch = self._layout_epoch
         feed = step.feed
         feed.set(chunk, self.n_past, n_out, self.swa_pos)
+        if self.is_recurrent:
+            written = self._next_planes(n_states)
+            feed.inputs["state_src"][0] = self._plane
+            feed.inputs["state_slots"][:] = written
         t1 = time.perf_counter()
-        outputs = feed.run(self._state)
+        outputs = feed.run()
         t2 = time.perf_counter()
         self.stats.run_seconds += t2 - t1
         for k, cache in feed.copies:
             cache[...] = outputs[k]
-        for k, name in feed.states:
-            self._state[name] = outputs[k]
+        if self.is_recurrent:
+            # the planes written now hold the states after these positions, no longer older ones
+            positions = range(self.n_past + 1, end + 1) if keep_states else (end,)
+            self._held = {p: plane for p, plane in self._held.items() if plane not in written}
+            self._held.update(zip(positions, written))
+            self._plane = written[-1]
         self._forget_from(end)          # the padding rows hold nothing
         self.stats.host_seconds += (t1 - t0) + (time.perf_counter() - t2) - (self.stats.compile_seconds - compile_before)
         return outputs[0]
@@ -376,7 +480,7 @@ class Session:
         return T if self.n_past + T <= self.n_ctx else n
 
     def _plan(self, T: int, n_kv: int, n_out: int) -> _Step:
-        shape = (T, n_kv, n_out)
+        shape = (T, n_kv, n_out) if self._layout == StateLayout() else (T, n_kv, n_out, self._layout)
         key = (*shape, self.cache)     # the plan cache's key: what determines the step graph
         if self.options.reuse and shape in self._versions:
             return self.plans.get(self._versions[shape], self._compile, key=key)

@@ -2,11 +2,36 @@
 
 Each round the target evaluates [last, d1..dk] in one batch and keeps the longest prefix of
 drafts that agrees with its own greedy choice, plus its own next token: 1 to k+1 tokens per
-target pass. The rejected tail of the KV cache is dropped (Session.truncate); a model with recurrent
-layers is checkpointed before verify and, on a partial acceptance, restored and the accepted
-tokens re-decoded (one extra target pass; llama.cpp's method). With greedy
-sampling the output is token-identical to decoding without speculation, because the CPU
-kernels are batch invariant: a verify row is computed exactly as a single-token decode would.
+target pass. The rejected tail of the KV cache is dropped (Session.truncate). With greedy
+sampling the output is token-identical to decoding without speculation, because the kernels
+are batch invariant: a verify row is computed exactly as a single-token decode would.
+
+Recurrent layers (Mamba-2's conv and SSM state; gated DeltaNet and short convolutions the same
+way) cannot drop a tail: their state after the accepted prefix must be had some other way.
+Two ways, chosen by `rollback`:
+- "states" (the default): the verify batch runs with keep_states, so every recurrent op writes
+  its state after EACH position into the session's state planes (ssm_scan / gated_delta_net
+  with all_states=True; the convolution's states are overlapping windows of the rows it saw,
+  no kernel at all). Keeping the accepted prefix is Session.truncate: the index of the plane
+  holding that position's state becomes the current one. No second pass, no copy, and on a GPU
+  backend nothing of the state leaves the device (the planes are resident like the KV caches).
+  Memory per sequence: k + 2 states (the one the round starts from and the k + 1 it writes),
+  shown by --verbose. Same for a recurrent draft model: it rewinds to the plane of the accepted
+  position instead of starting over.
+- "redecode" (llama.cpp's n-gram / draft-model path): a checkpoint before verify (the position
+  only: the state the round starts from stays in its plane, 2 planes per sequence), and on a
+  partial acceptance a restore and a second target pass over the accepted tokens.
+
+Why per-position states rather than one checkpoint plus the step's inputs replayed by a small
+kernel (vLLM's replay): the scan kernels already hold the whole state of their rows in registers
+at every token, so writing it out costs one store per state element per token and no new
+kernel; a replay would need the step inputs of every recurrent op kept (x, dt, B, C; q, k, v,
+g, beta) plus a replay kernel per op and backend, and a launch per layer at each partial round.
+Measured on a random-weight granitehybrid (bench/speculative.py --hybrid, BENCHMARKS.md): the
+all-states verify pass costs about the same as the plain one (the state stores are small next
+to the matmuls), and selecting the kept state is a dictionary lookup (microseconds), while the
+re-decode it replaces took 15-40% of a round. The price is memory: k + 1 extra states instead
+of one plus O(k) inputs, bounded by draft-max (8 by default).
 
 Draft sources: n-grams of the context (prompt lookup) and a smaller draft model with the same
 vocabulary.
@@ -85,37 +110,32 @@ class NgramDraft:
 
 class ModelDraft:
     """A smaller model with the same vocabulary, decoding greedily in its own session; its
-    cache is kept in step with the accepted sequence."""
+    cache is kept in step with the accepted sequence. A recurrent draft rewinds to the state
+    its session still holds for the accepted position (a plane written this or last round:
+    Session.truncate), and starts over only where none is held."""
 
     name = "draft-model"
 
     def __init__(self, session: Session):
         self.session = session
         self.synced: list[int] = []      # tokens the draft's cache holds, in order
-        # A recurrent draft (Mamba-2 layers) cannot truncate its tail: keep its state after
-        # each position it evaluates this round, by reference (a step never writes into the
-        # state arrays it was given), to rewind to where the accepted sequence leaves it.
-        self.states: dict[int, dict] = {}
+
+    def reserve(self, draft_max: int) -> None:
+        """Room for the states a round writes (the context's tail, then up to draft_max - 1
+        single tokens) plus the one it rewinds to."""
+        self.session.reserve_state_planes(draft_max + 2)
 
     def _rewind(self, n_past: int) -> int:
         """Move the draft back to n_past tokens; returns where it is (0 when a recurrent
         draft holds no state for n_past and must start over)."""
         s = self.session
-        if not s.is_recurrent or n_past in (0, s.n_past):
-            s.truncate(n_past)
-        elif n_past in self.states:
-            s.set_recurrent_state(self.states[n_past], n_past)
-        else:
-            s.truncate(0)
+        if not s.holds(n_past):
             n_past = 0
-        self.states = {}
+        s.truncate(n_past)
         return n_past
 
     def _eval(self, tokens: list[int]):
-        logits = self.session.eval(tokens)[-1]
-        if self.session.is_recurrent:
-            self.states[self.session.n_past] = self.session.recurrent_state()
-        return logits
+        return self.session.eval(tokens)[-1]
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         context = list(context)
@@ -141,16 +161,24 @@ class ModelDraft:
         pass
 
 
+ROLLBACKS = ("states", "redecode")
+
+
 @dataclass
 class SpecStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
     target_tokens: int = 0           # tokens evaluated by the target in verify batches
-    checkpoint_seconds: float = 0.0  # saving recurrent state before verify
-    restore_seconds: float = 0.0     # restoring it after a partial acceptance
+    checkpoint_seconds: float = 0.0  # saving recurrent state before verify (redecode)
+    restore_seconds: float = 0.0     # restoring it after a partial acceptance (redecode)
     redecode_seconds: float = 0.0    # then re-decoding the accepted tokens (a target pass, not state handling)
+    rollback_seconds: float = 0.0    # selecting the accepted prefix's state (states)
+    verify_seconds: float = 0.0      # the verify passes
     round_seconds: float = 0.0
+    rollback: str = ""               # "states" or "redecode"; "" for a model without recurrent state
+    state_bytes: int = 0             # recurrent state kept per sequence (every plane)
+    synced_bytes: int = 0            # host <-> device syncs of resident arrays (caches, states) during rounds
 
     @property
     def acceptance(self) -> float:
@@ -160,13 +188,27 @@ class SpecStats:
     def tokens_per_pass(self) -> float:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
+    def share(self, seconds: float) -> float:
+        return seconds / self.round_seconds if self.round_seconds else 0.0
+
     def summary(self) -> str:
-        share = (self.checkpoint_seconds + self.restore_seconds) / self.round_seconds if self.round_seconds else 0.0
-        return (f"speculative: {self.rounds} verify passes, acceptance {self.acceptance:.2f} "
-                f"({self.accepted}/{self.drafted}), {self.tokens_per_pass:.2f} tokens per pass; "
-                f"checkpoint {1e3 * self.checkpoint_seconds:.1f} ms + restore "
-                f"{1e3 * self.restore_seconds:.1f} ms ({100 * share:.1f}% of round time), re-decode "
-                f"{1e3 * self.redecode_seconds:.1f} ms")
+        text = (f"speculative: {self.rounds} verify passes, acceptance {self.acceptance:.2f} "
+                f"({self.accepted}/{self.drafted}), {self.tokens_per_pass:.2f} tokens per pass")
+        if self.rollback == "states":
+            text += (f"; rollback by per-position states: {1e3 * self.rollback_seconds:.2f} ms "
+                     f"({100 * self.share(self.rollback_seconds):.2f}% of round time), no re-decode")
+        elif self.rollback == "redecode":
+            state = self.checkpoint_seconds + self.restore_seconds
+            text += (f"; checkpoint {1e3 * self.checkpoint_seconds:.1f} ms + restore "
+                     f"{1e3 * self.restore_seconds:.1f} ms ({100 * self.share(state):.1f}% of round "
+                     f"time), re-decode {1e3 * self.redecode_seconds:.1f} ms "
+                     f"({100 * self.share(self.redecode_seconds):.1f}%)")
+        return text
+
+    def memory_summary(self) -> str:
+        """What --verbose adds: the recurrent state kept per sequence, and bytes synced."""
+        return (f"speculative memory: recurrent state {self.state_bytes / 2**20:.2f} MiB per sequence "
+                f"({self.rollback}); host <-> device syncs during rounds: {self.synced_bytes} bytes")
 
 
 def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt: str, n_predict: int,
@@ -174,12 +216,18 @@ def speculative_generate(target: Session, draft: DraftSource, tokenizer, prompt:
                          on_text: Callable[[str], None] | None = None,
                          parse_special: bool = True,
                          sampler: Sampler | None = None,
-                         special: bool = False) -> tuple[Generation, SpecStats]:
+                         special: bool = False,
+                         rollback: str = "states") -> tuple[Generation, SpecStats]:
     """Generation with speculation. Greedy (sampler None or greedy): token-identical to
-    greedy `generate`. Otherwise speculative sampling (module doc): the target's distribution."""
+    greedy `generate`. Otherwise speculative sampling (module doc): the target's distribution.
+    rollback: how recurrent state drops a rejected tail, "states" or "redecode" (module doc)."""
     if draft_max < 1:
         raise EmberError("--draft-max must be at least 1")
-    run = _Speculation(target, draft, tokenizer, n_predict, stops, ignore_eos, on_text, sampler, special)
+    if rollback not in ROLLBACKS:
+        raise EmberError(f"--spec-rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
+    run = _Speculation(target, draft, tokenizer, n_predict, stops, ignore_eos, on_text, sampler, special,
+                       rollback)
+    run.reserve(draft_max)
     # a prompt may be given as token ids (tests, benchmarks) or as text
     prompt_ids = list(prompt) if not isinstance(prompt, str) else \
         tokenizer.encode(prompt, add_special=True, parse_special=parse_special)
@@ -192,7 +240,7 @@ class _Speculation:
 
     def __init__(self, target: Session, draft: DraftSource, tokenizer, n_predict: int,
                  stops: Sequence[str], ignore_eos: bool, on_text, sampler: Sampler | None,
-                 special: bool = False):
+                 special: bool = False, rollback: str = "states"):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.n_predict, self.ignore_eos, self.on_text = n_predict, ignore_eos, on_text
         self.sampler, self.special = sampler, special
@@ -202,12 +250,30 @@ class _Speculation:
         self.memory = SequenceMemory(target)
         self.sessions = [target] + ([draft.session] if isinstance(draft, ModelDraft) else [])
         self.context: list[int] = []
+        self.rollback = rollback if target.is_recurrent else ""
+        self.stats.rollback = self.rollback
+
+    def reserve(self, draft_max: int) -> None:
+        """State planes for the rounds: the round's start plus a verify batch's k + 1 states
+        (states), or the start plus the one state a verify writes (redecode)."""
+        if self.rollback and self.target.fixed_state_planes:
+            if self.rollback == "states":
+                raise EmberError(f"{self.target.model.arch}: these compiled steps keep one recurrent "
+                                 "state plane, too few to keep a verify batch's states; use "
+                                 "--spec-rollback redecode")
+        elif self.rollback:
+            self.target.reserve_state_planes(draft_max + 2 if self.rollback == "states" else 2)
+            self.stats.state_bytes = self.target.state_planes * self.target.state_bytes
+        if isinstance(self.draft, ModelDraft):
+            self.draft.reserve(draft_max)
 
     def generate(self, prompt_ids: list[int], draft_max: int) -> tuple[Generation, SpecStats]:
         result, target = self.result, self.target
         next_token = self.prompt(prompt_ids)
         result.stop_reason = "length"
         compile_before = self.compile_seconds()
+        transfers = target.backend.transfers
+        synced_before = transfers.synced if transfers is not None else 0
         start = time.perf_counter()
         while not self.emit(next_token):
             self.context.append(next_token)
@@ -228,6 +294,8 @@ class _Speculation:
                 break
         # compiling new step shapes is not decoding time (the CLI reports it on its own)
         result.decode_seconds = time.perf_counter() - start - (self.compile_seconds() - compile_before)
+        if transfers is not None:
+            self.stats.synced_bytes = transfers.synced - synced_before
         tail = self.stream.finish()
         if tail and self.on_text:
             self.on_text(tail)
@@ -275,26 +343,30 @@ class _Speculation:
         with the target's memory holding exactly the accepted tokens afterwards."""
         target, stats = self.target, self.stats
         base = target.n_past
-        checkpoint = None
-        if target.is_recurrent and drafts:
-            t = time.perf_counter()
-            checkpoint = self.memory.checkpoint()     # references: no copy (see ember.runtime.memory)
-            stats.checkpoint_seconds += time.perf_counter() - t
         batch = [next_token] + drafts
-        rows = target.eval(batch, all_logits=True)
-        n_ok, chosen = self.accept(rows, drafts)
-        if checkpoint is not None and n_ok < len(drafts):
-            # Recurrent state cannot drop a tail: back to the checkpoint, then re-decode the
-            # accepted tokens (one extra target pass, as llama.cpp does).
+        redecode = self.rollback == "redecode" and drafts
+        checkpoint = None
+        if redecode:
             t = time.perf_counter()
+            checkpoint = self.memory.checkpoint()     # the position: its plane stays (ember.runtime.memory)
+            stats.checkpoint_seconds += time.perf_counter() - t
+        t = time.perf_counter()
+        rows = target.eval(batch, all_logits=True, keep_states=self.rollback == "states")
+        stats.verify_seconds += time.perf_counter() - t
+        n_ok, chosen = self.accept(rows, drafts)
+        t = time.perf_counter()
+        if redecode and n_ok < len(drafts):
+            # back to the checkpoint, then re-decode the accepted tokens (llama.cpp's way)
             self.memory.restore(checkpoint)
             t_redecode = time.perf_counter()
             stats.restore_seconds += t_redecode - t
             target.eval(batch[:1 + n_ok])
             stats.redecode_seconds += time.perf_counter() - t_redecode
         else:
-            # the cache keeps the last token and the accepted drafts; the rest is dropped
+            # the cache keeps the last token and the accepted drafts; the rest is dropped (a
+            # recurrent state moves to the plane holding the accepted position: Session.truncate)
             target.truncate(base + 1 + n_ok)
+            stats.rollback_seconds += time.perf_counter() - t
         stats.rounds += 1
         stats.drafted += len(drafts)
         stats.accepted += n_ok

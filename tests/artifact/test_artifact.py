@@ -121,7 +121,7 @@ def test_truncated_manifest_is_refused(copy):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("format_version", 999, "artifact format version 999; this ember reads version 1"),
+    ("format_version", 999, f"artifact format version 999; this ember reads version {artifact.FORMAT_VERSION}"),
     ("ember_version", "0.0.0-old", "built by ember '0.0.0-old'"),
 ])
 def test_version_mismatch_is_refused(copy, key, value, message):

@@ -18,7 +18,7 @@ import pytest
 from ember.backends import get_backend
 from ember.errors import BackendUnavailable
 from ember.models import load_model
-from ember.artifact import ArtifactError, compile_artifact, load_artifact, read_manifest
+from ember.artifact import FORMAT_VERSION, ArtifactError, compile_artifact, load_artifact, read_manifest
 from ember.runtime.session import Session, SessionOptions
 
 HERE = Path(__file__).resolve().parent
@@ -160,8 +160,8 @@ def test_corrupt_gpu_artifact_file_is_refused_naming_it(adreno_copy):
 
 def test_gpu_artifact_of_another_format_version_is_refused(adreno_copy):
     path = adreno_copy / "manifest.json"
-    path.write_text(path.read_text().replace('"format_version": 1,', '"format_version": 7,'))
-    with pytest.raises(ArtifactError, match=rf"^{path}: artifact format version 7; this ember reads version 1"):
+    path.write_text(path.read_text().replace(f'"format_version": {FORMAT_VERSION},', '"format_version": 7,'))
+    with pytest.raises(ArtifactError, match=rf"^{path}: artifact format version 7; this ember reads version {FORMAT_VERSION}"):
         load_artifact(adreno_copy)
 
 

@@ -356,7 +356,7 @@ def _ssm_decay(rng, shape):
     return -positive(rng, shape)
 
 
-def _ssm_scan_case(name, T, H, P, N, G, fused=False, scalar=False):
+def _ssm_scan_case(name, T, H, P, N, G, fused=False, scalar=False, all_states=False):
     def build(s):
         a = s.input("A", "f32", (H,), _ssm_decay)
         if fused:   # x, B, C out of one conv row and dt out of a wider projection; a permuted state
@@ -373,7 +373,7 @@ def _ssm_scan_case(name, T, H, P, N, G, fused=False, scalar=False):
             b, c = s.input("B", "f32", (T, G, N)), s.input("C", "f32", (T, G, N))
             dt = s.input("dt", "f32", (T, H), _ssm_dt)
             state = s.input("state", "f32", (H, P, N))
-        return [s.ssm_scan(state, x, dt, a, b, c)]
+        return [s.ssm_scan(state, x, dt, a, b, c, all_states=all_states)]
     case(f"ssm/scan-{name}", "ssm_scan", scalar=scalar)(build)
 
 
@@ -381,6 +381,10 @@ _ssm_scan_case("T3-H4-P3-N5-G2", 3, 4, 3, 5, 2, scalar=True)
 _ssm_scan_case("decode-H8-P16-N16", 1, 8, 16, 16, 1)
 _ssm_scan_case("T5-N128-G2", 5, 2, 4, 128, 2)
 _ssm_scan_case("fused-views", 4, 4, 8, 17, 2, fused=True, scalar=True)
+# the state after every token (a speculative verify batch keeps the accepted prefix's)
+_ssm_scan_case("all-states-T5-H4-P3-N16-G2", 5, 4, 3, 16, 2, scalar=True, all_states=True)
+_ssm_scan_case("all-states-fused-views", 3, 4, 8, 17, 2, fused=True, all_states=True)
+_ssm_scan_case("all-states-decode", 1, 8, 16, 16, 1, all_states=True)
 
 
 # gated delta net
@@ -418,7 +422,8 @@ def _gdn_operands(s: Scope, T, H_k, H_v, S_k, S_v, kda=False, fused=False):
     return q, k, v, g, beta
 
 
-def _gdn_case(name, T, H_k, H_v, S_k, S_v, kda=False, fused=False, state="plain", scalar=False):
+def _gdn_case(name, T, H_k, H_v, S_k, S_v, kda=False, fused=False, state="plain", scalar=False,
+              all_states=False):
     def build(s):
         q, k, v, g, beta = _gdn_operands(s, T, H_k, H_v, S_k, S_v, kda, fused)
         if state == "view":
@@ -427,7 +432,7 @@ def _gdn_case(name, T, H_k, H_v, S_k, S_v, kda=False, fused=False, state="plain"
             st = s.permute(s.input("state", "f32", (S_v, H_v, S_k)), 1, 0, 2)
         else:
             st = s.input("state", "f32", (H_v, S_v, S_k))
-        return [s.gated_delta_net(q, k, v, g, beta, st, scale=S_k ** -0.5)]
+        return [s.gated_delta_net(q, k, v, g, beta, st, scale=S_k ** -0.5, all_states=all_states)]
     case(f"gdn/{name}", "gated_delta_net", scalar=scalar)(build)
 
 
@@ -439,6 +444,9 @@ _gdn_case("kda-T6-S12", 6, 2, 4, 12, 12, kda=True, scalar=True)
 _gdn_case("kda-decode-fused", 1, 2, 4, 17, 9, kda=True, fused=True)
 _gdn_case("fused-views-state-view", 7, 2, 4, 24, 20, fused=True, state="view", scalar=True)
 _gdn_case("state-permuted-S128", 3, 1, 2, 128, 128, state="permuted")
+_gdn_case("all-states-T6-Hv2Hk", 6, 2, 4, 16, 16, scalar=True, all_states=True)
+_gdn_case("all-states-kda-fused-state-view", 4, 2, 4, 12, 10, kda=True, fused=True, state="view",
+          all_states=True)
 
 
 # mul_mat

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ember.artifact import FORMAT_VERSION
 from ember.models.tokenizer import Tokenizer
 
 from tiny_gguf import Spec, write_tiny_gguf
@@ -166,9 +167,11 @@ def damage_missing(folder: Path) -> str:
 
 
 def damage_version(folder: Path) -> str:
+    """An artifact of the version before (version 1 kept recurrent state as per-layer inputs)."""
     path = folder / "manifest.json"
-    path.write_text(path.read_text().replace('"format_version": 1,', '"format_version": 2,'))
-    return f"{path}: artifact format version 2; this ember reads version 1: compile the model again"
+    old = FORMAT_VERSION - 1
+    path.write_text(path.read_text().replace(f'"format_version": {FORMAT_VERSION},', f'"format_version": {old},'))
+    return f"{path}: artifact format version {old}; this ember reads version {FORMAT_VERSION}: compile the model again"
 
 
 @pytest.mark.parametrize("damage", [damage_corrupt, damage_missing, damage_version],

@@ -34,19 +34,22 @@ def test_step_contract(tiny_files, arch):
     caches = [f"{kind}_cache.{il}" for il in cfg.attention_layers for kind in "kv"]
     states = [f"{kind}_state.{il}" for il in cfg.recurrent_layers for kind in kinds]
     assert model.state_names() == states
-    assert [n.name for n in g.inputs] == ["tokens", "pos", "slots", "out_ids", "mask"] + caches + states
+    assert [n.name for n in g.inputs] == ["tokens", "pos", "slots", "out_ids", "mask"] + caches + \
+        ["state_src", "state_slots"] + states
     by_name = {n.name: n.type for n in g.inputs}
-    for il in cfg.recurrent_layers:
+    shapes = model.state_shapes()
+    for il in cfg.recurrent_layers:        # one plane of each state (StateLayout's default)
         if arch in SHORTCONV_ARCHS:
-            assert str(by_name[f"conv_state.{il}"]) == f"f32[{cfg.l_cache - 1}, {cfg.n_embd}]"
+            assert shapes[f"conv_state.{il}"] == (cfg.l_cache - 1, cfg.n_embd)
+            assert str(by_name[f"conv_state.{il}"]) == f"f32[1, {(cfg.l_cache - 1) * cfg.n_embd}]"
         else:
-            assert str(by_name[f"conv_state.{il}"]) == f"f32[{cfg.d_conv - 1}, {cfg.conv_channels}]"
-            assert str(by_name[f"ssm_state.{il}"]) == \
-                f"f32[{cfg.n_ssm_head}, {cfg.d_inner // cfg.n_ssm_head}, {cfg.d_state}]"
+            assert shapes[f"conv_state.{il}"] == (cfg.d_conv - 1, cfg.conv_channels)
+            assert shapes[f"ssm_state.{il}"] == (cfg.n_ssm_head, cfg.d_inner // cfg.n_ssm_head, cfg.d_state)
+            assert str(by_name[f"ssm_state.{il}"]) == f"f32[1, {cfg.d_inner * cfg.d_state}]"
     logits, *updated = g.outputs
     assert logits.shape == (2, model.n_vocab)
     assert [u.type for u in updated] == [by_name[n] for n in caches + states]
-    assert all(u.op == "set_rows" for u in updated[:len(caches)])
+    assert all(u.op == "set_rows" for u in updated)
 
 
 def test_layer_kinds_in_the_graphs(tiny_files):

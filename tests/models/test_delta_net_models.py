@@ -29,9 +29,11 @@ def test_step_contract_has_delta_net_state(tiny_files, arch):
     verify(g)
     by_name = {n.name: n.type for n in g.inputs}
     S, Hv = cfg.d_state, cfg.n_v_heads
-    for il in recurrent:
-        assert by_name[f"conv_state.{il}"].shape == (cfg.d_conv - 1, cfg.conv_channels)
-        assert by_name[f"ssm_state.{il}"].shape == (Hv, S, S)      # [H_v, S_v, S_k]
+    for il in recurrent:          # one plane of each state (StateLayout's default), flattened
+        assert model.state_shapes()[f"conv_state.{il}"] == (cfg.d_conv - 1, cfg.conv_channels)
+        assert model.state_shapes()[f"ssm_state.{il}"] == (Hv, S, S)      # [H_v, S_v, S_k]
+        assert by_name[f"conv_state.{il}"].shape == (1, (cfg.d_conv - 1) * cfg.conv_channels)
+        assert by_name[f"ssm_state.{il}"].shape == (1, Hv * S * S)
         assert by_name[f"ssm_state.{il}"].dtype is dtypes.f32
     logits, *rest = g.outputs
     assert logits.shape == (2, cfg.n_vocab)

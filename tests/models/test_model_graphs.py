@@ -162,17 +162,17 @@ def test_ssm_step_contract(tiny_files, arch):
     verify(g)
     caches = [f"{kind}_cache.{il}" for il in model.attention_layers for kind in "kv"]
     states = [f"{kind}_state.{il}" for il in model.recurrent_layers for kind in ("conv", "ssm")]
-    assert [n.name for n in g.inputs] == ["tokens", "pos", "slots", "out_ids", "mask"] + caches + states
+    assert [n.name for n in g.inputs] == ["tokens", "pos", "slots", "out_ids", "mask"] + caches + \
+        ["state_src", "state_slots"] + states
     by_name = {n.name: n.type for n in g.inputs}
     conv_channels = cfg.d_inner + 2 * cfg.n_group * cfg.d_state
-    for il in model.recurrent_layers:
-        assert str(by_name[f"conv_state.{il}"]) == f"f32[{cfg.d_conv - 1}, {conv_channels}]"
-        assert str(by_name[f"ssm_state.{il}"]) == \
-            f"f32[{cfg.n_ssm_head}, {cfg.d_inner // cfg.n_ssm_head}, {cfg.d_state}]"
+    for il in model.recurrent_layers:      # one plane of each state (StateLayout's default)
+        assert str(by_name[f"conv_state.{il}"]) == f"f32[1, {(cfg.d_conv - 1) * conv_channels}]"
+        assert str(by_name[f"ssm_state.{il}"]) == f"f32[1, {cfg.d_inner * cfg.d_state}]"
     logits, *updated = g.outputs
     assert logits.shape == (2, hp.n_vocab)
     assert [u.type for u in updated] == [by_name[n] for n in caches + states]
-    assert all(u.op == "set_rows" for u in updated[:len(caches)])
+    assert all(u.op == "set_rows" for u in updated)
 
 
 @pytest.mark.parametrize("arch", SSM_ARCHS)

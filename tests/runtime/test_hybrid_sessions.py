@@ -2,8 +2,8 @@
 micro-batches, or decoded token by token, gives the rows of the whole prompt bit for bit (the
 kernels are batch invariant; the state is carried between steps), matching the reference
 interpreter; the recurrent state snapshots and restores; greedy speculative decoding (n-gram and
-draft-model drafts, checkpoint and re-decode on partial acceptance) gives the tokens of plain
-decoding."""
+draft-model drafts, per-position states or checkpoint and re-decode on partial acceptance) gives
+the tokens of plain decoding."""
 import numpy as np
 import pytest
 
@@ -62,10 +62,12 @@ def repetitive_prompt(seed: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", HYBRID_ARCHS)
 @pytest.mark.parametrize("drafter", ["ngram", "model"])
-def test_speculation_is_token_identical(tiny_files, cpu, arch, drafter):
+@pytest.mark.parametrize("rollback", ["states", "redecode"])
+def test_speculation_is_token_identical(tiny_files, cpu, arch, drafter, rollback):
     """n-gram drafts (the tiny lfm2 settles on one token, so every draft is accepted there), and
     drafts from another of the three models (same vocabulary, other weights: rejected tails, so
-    the target restores its checkpoint and re-decodes, and the recurrent draft rewinds)."""
+    the target keeps the accepted prefix's state, or restores its checkpoint and re-decodes, and
+    the recurrent draft rewinds)."""
     model = load_model(tiny_files[HybridSpec(arch)])
     tokenizer = Tokenizer.from_metadata(model.tokenizer)
     options = SessionOptions(n_ctx=96, kv_bucket=32)
@@ -79,8 +81,9 @@ def test_speculation_is_token_identical(tiny_files, cpu, arch, drafter):
         other = HYBRID_ARCHS[(HYBRID_ARCHS.index(arch) + 1) % len(HYBRID_ARCHS)]
         draft, draft_max = ModelDraft(Session(load_model(tiny_files[HybridSpec(other)]), cpu, options)), 3
     got, stats = speculative_generate(target, draft, tokenizer, prompt, 24, draft_max=draft_max,
-                                      ignore_eos=True)
+                                      ignore_eos=True, rollback=rollback)
     assert got.tokens == expected
     assert stats.drafted > 0
     if drafter == "model":
-        assert stats.accepted < stats.drafted and stats.redecode_seconds > 0
+        assert stats.accepted < stats.drafted
+        assert (stats.redecode_seconds > 0) == (rollback == "redecode")

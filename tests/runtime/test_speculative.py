@@ -74,7 +74,7 @@ def test_speculation_identity_over_seeds(setup, seed, draft_max):
     assert got.tokens == expected
 
 
-# ---- recurrent models: checkpoint before verify, restore + re-decode on partial acceptance ----
+# ---- recurrent models: per-position states, or checkpoint + re-decode on partial acceptance ----
 from tiny_gguf_ssm import SsmSpec  # noqa: E402
 
 
@@ -92,11 +92,15 @@ def test_hybrid_speculation_is_token_identical(hybrid, draft_max):
     prompt = repetitive_prompt(2)
     expected = greedy(target, tokenizer, prompt)
     got, stats = speculative_generate(target, NgramDraft(), tokenizer, prompt, N_PREDICT,
-                                      draft_max=draft_max, ignore_eos=True)
+                                      draft_max=draft_max, ignore_eos=True, rollback="redecode")
     assert got.tokens == expected
     assert stats.drafted > 0
     # partial acceptances happened, so the restore path ran and was checked by the identity
     assert stats.accepted < stats.drafted and stats.redecode_seconds > 0
+    # the default rolls back by per-position states (tests/runtime/test_spec_rollback.py)
+    got, stats = speculative_generate(target, NgramDraft(), tokenizer, prompt, N_PREDICT,
+                                      draft_max=draft_max, ignore_eos=True)
+    assert got.tokens == expected and stats.rollback == "states" and stats.redecode_seconds == 0
 
 
 @pytest.mark.parametrize("draft_max", [2, 5])

@@ -1,7 +1,7 @@
 """Running step graphs with the reference interpreter the way the generation runtime does:
 cache slots, positions and the 0/-inf masks (causal + padding, and the sliding window), and the
-recurrent state of Mamba-2 and short-convolution layers (zeros at first, replaced by the returned
-state each step); the KV caches in any of the cache types (ember.models.kv_cache)."""
+recurrent state of Mamba-2, gated DeltaNet and short-convolution layers (zeros at first, one plane
+read and rewritten each step); the KV caches in any of the cache types (ember.models.kv_cache)."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,9 +21,10 @@ class ReferenceSession:
         for il in model.attention_layers:
             self.caches[f"k_cache.{il}"] = cache_array(cache.k, *model.cache_shape(n_kv, "k"))
             self.caches[f"v_cache.{il}"] = cache_array(cache.v, *model.cache_shape(n_kv, "v"))
-        for il in model.recurrent_layers:
-            for kind in model.state_kinds:
-                self.caches[f"{kind}_state.{il}"] = np.zeros(model.state_shape(kind), np.float32)
+        for name, shape in model.state_shapes().items():     # one plane each
+            self.caches[name] = np.zeros((1, int(np.prod(shape))), np.float32)
+        self.state_inputs = {"state_src": np.zeros(1, np.int32), "state_slots": np.zeros(1, np.int32)} \
+            if model.recurrent_layers else {}
 
     def masks(self, pos: np.ndarray) -> dict[str, np.ndarray]:
         keys = self.slot_pos[None, :]
@@ -47,7 +48,7 @@ class ReferenceSession:
         self.slot_pos[slots] = pos          # the graph writes the cache before attending
         graph = self.model.build_step(len(tokens), self.n_kv, len(out_ids), cache=self.cache)
         inputs = dict(tokens=tokens, pos=pos, slots=slots, out_ids=out_ids, **self.masks(pos),
-                      **self.caches)
+                      **self.state_inputs, **self.caches)
         logits, *caches = run_reference(graph, inputs)
         self.caches = dict(zip(self.caches, caches))
         return logits

@@ -18,6 +18,8 @@ Layout and conventions (those of ggml_compute_forward_gated_delta_net):
   [T, H_v, S_k] (KDA, scaling state[h, :, i] by exp(g[t, h, i])).
 - The output is scaled after the product with q (ggml applies 1/sqrt(S_v) there); ember takes
   the scale as an attribute.
+- all_states=True (speculative decoding, ember.runtime.speculative) returns the state after every
+  token: f32[T*H_v*S_v + T*H_v*S_v*S_k], o, then T states [T, H_v, S_v, S_k].
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def _gdn_infer(ts, attrs):
     require(beta.shape == (T, H_v), f"gated_delta_net: beta {list(beta.shape)} must be [{T}, {H_v}]")
     require(state.shape == (H_v, S_v, S_k),
             f"gated_delta_net: state {list(state.shape)} must be [{H_v}, {S_v}, {S_k}] (H_v, S_v, S_k)")
-    return f32((T * H_v * S_v + H_v * S_v * S_k,))
+    n_states = T if attrs["all_states"] else 1
+    return f32((T * H_v * S_v + n_states * H_v * S_v * S_k,))
 
 
 def _gdn_ref(xs, attrs):
@@ -60,6 +63,7 @@ def _gdn_ref(xs, attrs):
     kh = np.arange(H_v) % H_k                     # v head h reads q/k head h % H_k
     s = state.copy()
     o = np.zeros((T, H_v, S_v))
+    states = []
     for t in range(T):
         qt, kt = q[t][kh], k[t][kh]                                   # [H_v, S_k]
         decay = np.exp(g[t])                                          # [H_v] or [H_v, S_k]
@@ -67,15 +71,18 @@ def _gdn_ref(xs, attrs):
         delta = (v[t] - np.einsum("hji,hi->hj", s, kt)) * beta[t][:, None]   # [H_v, S_v]
         s = s + delta[:, :, None] * kt[:, None, :]
         o[t] = np.einsum("hji,hi->hj", s, qt) * attrs["scale"]
-    return np.concatenate([o.reshape(-1), s.reshape(-1)]).astype(np.float32)
+        states.append(s.reshape(-1))
+    kept = states if attrs["all_states"] else states[-1:]
+    return np.concatenate([o.reshape(-1)] + kept).astype(np.float32)
 
 
 register(OpDef("gated_delta_net", OPERANDS, _gdn_infer, _gdn_ref,
-               attrs={"scale": Attr("float")},
+               attrs={"scale": Attr("float"), "all_states": Attr("bool", False)},
                doc="The gated delta rule (ggml_gated_delta_net). For each token t in order and v "
                    "head h (q/k head h % H_k): S = S * exp(g[t, h]) (per key channel i when g is "
                    "[T, H_v, S_k]), delta = (v[t, h] - S k) * beta[t, h], S = S + delta outer k, "
                    "o[t, h] = (S q) * scale, with S = state[h] as [S_v, S_k]. Operands q, k [T, H_k, "
                    "S_k] (already L2-normalised), v [T, H_v, S_v], g [T, H_v] or [T, H_v, S_k] (log "
                    "decay), beta [T, H_v], state [H_v, S_v, S_k]. Result f32[T*H_v*S_v + "
-                   "H_v*S_v*S_k]: o as [T, H_v, S_v], then the final state as [H_v, S_v, S_k]."))
+                   "H_v*S_v*S_k]: o as [T, H_v, S_v], then the final state as [H_v, S_v, S_k]; with "
+                   "all_states, the state after each token as [T, H_v, S_v, S_k] instead."))

@@ -13,12 +13,17 @@ the work, so a step graph reads like llama.cpp's build_mamba2_layer:
 
 The conv bias and activation, dt's bias, the D skip connection and the gate stay separate
 elementwise ops, as in llama.cpp's graph.
+
+For speculative decoding, ssm_scan(..., all_states=True) returns the state after EVERY token
+(f32[T*H*P + T*H*P*N]: y, then T states [T, H, P, N]), so the runtime can keep the state after
+any accepted prefix of a verify batch without decoding it again (ember.runtime.speculative). The
+convolution needs nothing new: the state after token t is rows t+1 .. t+d_conv-1 of its window.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ember.ir.ops import OpDef, register
+from ember.ir.ops import Attr, OpDef, register
 from ember.ir.ops.rules import FLOAT_ACT, expect_dtype, f32, require
 
 # dt above this goes through softplus unchanged (ggml_compute_softplus_f32).
@@ -72,7 +77,8 @@ def _ssm_scan_infer(ts, attrs):
     G = b.shape[1]
     require(b.shape[0] == T and b.shape[2] == N and G > 0 and H % G == 0,
             f"ssm_scan: B {list(b.shape)} must be [{T}, G, {N}] with G dividing {H} heads")
-    return f32((T * H * P + H * P * N,))
+    n_states = T if attrs["all_states"] else 1
+    return f32((T * H * P + n_states * H * P * N,))
 
 
 def softplus_ggml(x: np.ndarray) -> np.ndarray:
@@ -86,19 +92,24 @@ def _ssm_scan_ref(xs, attrs):
     group = np.arange(H) // (H // G)               # head h reads B/C of group h / (H / G)
     state = s.copy()
     y = np.zeros((T, H, P))
+    states = []
     for t in range(T):
         dts = softplus_ggml(dt[t])                                       # [H]
         decay = np.exp(dts * a)                                          # [H]
         bt, ct = b[t][group], c[t][group]                                # [H, N]
         state = state * decay[:, None, None] + (x[t] * dts[:, None])[:, :, None] * bt[:, None, :]
         y[t] = np.einsum("hpn,hn->hp", state, ct)
-    return np.concatenate([y.reshape(-1), state.reshape(-1)]).astype(np.float32)
+        states.append(state.reshape(-1))
+    kept = states if attrs["all_states"] else states[-1:]
+    return np.concatenate([y.reshape(-1)] + kept).astype(np.float32)
 
 
 register(OpDef("ssm_scan", ("state", "x", "dt", "A", "B", "C"), _ssm_scan_infer, _ssm_scan_ref,
+               attrs={"all_states": Attr("bool", False)},
                doc="The Mamba-2 selective scan (ggml_ssm_scan with a scalar A per head). For each "
                    "token t in order, head h of H (group g = h / (H / G)): d = softplus(dt[t, h]) "
                    "(d = dt above 20), state[h] = state[h] * exp(d * A[h]) + (x[t, h] * d) outer "
                    "B[t, g], y[t, h] = state[h] . C[t, g]. Operands state[H, P, N], x[T, H, P], "
                    "dt[T, H] (its bias already added), A[H], B and C [T, G, N]. Result f32[T*H*P + "
-                   "H*P*N]: y as [T, H, P], then the final state as [H, P, N]."))
+                   "H*P*N]: y as [T, H, P], then the final state as [H, P, N]; with all_states, f32[T*H*P + "
+                   "T*H*P*N]: y, then the state after each token as [T, H, P, N]."))

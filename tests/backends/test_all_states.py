@@ -1,0 +1,84 @@
+"""The recurrent ops' all_states output on every backend, bit for bit: the state a T-token call
+writes after token t equals the state reached by feeding the tokens one at a time (each call's
+returned state carried into the next), on that backend. This is what lets a speculative verify
+batch keep any accepted prefix's state (ember.runtime.speculative)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ember.ir import GraphBuilder
+
+T = 5
+
+
+def _scan_graph(T: int, H: int, P: int, N: int, G: int, all_states: bool):
+    b = GraphBuilder(f"scan_T{T}")
+    state = b.input("state", "f32", (H, P, N))
+    x, dt = b.input("x", "f32", (T, H, P)), b.input("dt", "f32", (T, H))
+    a = b.input("A", "f32", (H,))
+    bm, cm = b.input("B", "f32", (T, G, N)), b.input("C", "f32", (T, G, N))
+    return b.build(b.ssm_scan(state, x, dt, a, bm, cm, all_states=all_states))
+
+
+def _gdn_graph(T: int, H_k: int, H_v: int, S_k: int, S_v: int, kda: bool, all_states: bool):
+    b = GraphBuilder(f"gdn_T{T}")
+    q, k = b.input("q", "f32", (T, H_k, S_k)), b.input("k", "f32", (T, H_k, S_k))
+    v = b.input("v", "f32", (T, H_v, S_v))
+    g = b.input("g", "f32", (T, H_v, S_k) if kda else (T, H_v))
+    beta = b.input("beta", "f32", (T, H_v))
+    state = b.input("state", "f32", (H_v, S_v, S_k))
+    return b.build(b.gated_delta_net(q, k, v, g, beta, state, scale=S_k ** -0.5, all_states=all_states))
+
+
+def _scan_inputs(rng, H, P, N, G):
+    return {"state": rng.standard_normal((H, P, N)).astype(np.float32),
+            "x": rng.standard_normal((T, H, P)).astype(np.float32),
+            "dt": rng.standard_normal((T, H)).astype(np.float32),
+            "A": -np.abs(rng.standard_normal(H)).astype(np.float32) - 0.5,
+            "B": rng.standard_normal((T, G, N)).astype(np.float32),
+            "C": rng.standard_normal((T, G, N)).astype(np.float32)}
+
+
+def _gdn_inputs(rng, H_k, H_v, S_k, S_v, kda):
+    def unit(shape):
+        x = rng.standard_normal(shape)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    return {"q": unit((T, H_k, S_k)), "k": unit((T, H_k, S_k)),
+            "v": rng.standard_normal((T, H_v, S_v)).astype(np.float32),
+            "g": -(0.5 * np.abs(rng.standard_normal((T, H_v, S_k) if kda else (T, H_v))) + 0.02).astype(np.float32),
+            "beta": rng.uniform(0.05, 1.0, (T, H_v)).astype(np.float32),
+            "state": (0.3 * rng.standard_normal((H_v, S_v, S_k))).astype(np.float32)}
+
+
+def _check(backend, build, inputs, n_out: int, state_shape):
+    """build(T, all_states) -> graph; inputs: T tokens' operands (token axis first, except the
+    state and the scan's per-head A)."""
+    size = int(np.prod(state_shape))
+    (flat,) = backend.compile(build(T, True)).run(inputs)
+    states = flat[T * n_out:].reshape(T, size)
+    (last,) = backend.compile(build(T, False)).run(inputs)
+    np.testing.assert_array_equal(last[T * n_out:], states[-1])     # the last one is the plain result
+    np.testing.assert_array_equal(last[:T * n_out], flat[:T * n_out])  # outputs unchanged
+    one = backend.compile(build(1, False))
+    state = inputs["state"]
+    for t in range(T):
+        step = {name: (value if name in ("state", "A") else value[t:t + 1]) for name, value in inputs.items()}
+        step["state"] = state
+        (out,) = one.run(step)
+        state = out[n_out:].reshape(state_shape)
+        np.testing.assert_array_equal(states[t], state.reshape(-1), err_msg=f"state after token {t}")
+
+
+def test_ssm_scan_all_states_are_the_one_token_states(backend):
+    H, P, N, G = 4, 8, 16, 2
+    inputs = _scan_inputs(np.random.default_rng(0), H, P, N, G)
+    _check(backend, lambda t, all_states: _scan_graph(t, H, P, N, G, all_states), inputs, H * P, (H, P, N))
+
+
+@pytest.mark.parametrize("kda", [False, True], ids=["per-head-decay", "per-channel-decay"])
+def test_gated_delta_net_all_states_are_the_one_token_states(backend, kda):
+    H_k, H_v, S_k, S_v = 2, 4, 16, 8
+    inputs = _gdn_inputs(np.random.default_rng(1), H_k, H_v, S_k, S_v, kda)
+    _check(backend, lambda t, all_states: _gdn_graph(t, H_k, H_v, S_k, S_v, kda, all_states), inputs,
+           H_v * S_v, (H_v, S_v, S_k))
