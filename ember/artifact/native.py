@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.artifact.format import ArtifactError
+from ember.artifact.format import FORMAT_VERSION, ArtifactError
 from ember.backends.base import host_storage
 from ember.backends.cpu.compiler import find_compiler
 
@@ -83,7 +83,8 @@ def build_runtime(out: Path, cc: str | None = None, flags: tuple[str, ...] = ())
     cross compiler; default the host's)."""
     compiler = cc or find_compiler()
     sources = [str(SOURCE_DIR / name) for name in SOURCES]
-    cmd = [compiler, *FLAGS, *flags, "-I", str(SOURCE_DIR), *sources, "-o", str(out), *LIBS]
+    version = f"-DEMBER_FORMAT_VERSION={FORMAT_VERSION}"      # the format this ember writes
+    cmd = [compiler, *FLAGS, version, *flags, "-I", str(SOURCE_DIR), *sources, "-o", str(out), *LIBS]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         first = (result.stderr.strip().splitlines() or ["(no output)"])[0]

@@ -26,7 +26,12 @@
 #include "sha256.h"
 
 #define FORMAT "ember-artifact"
-#define FORMAT_VERSION 1
+/* The artifact format this runtime reads: ember.artifact.format.FORMAT_VERSION, passed by
+ * build_runtime (ember/artifact/native.py) so the two never drift apart. */
+#ifndef EMBER_FORMAT_VERSION
+#error "build with -DEMBER_FORMAT_VERSION=<ember.artifact.format.FORMAT_VERSION>"
+#endif
+#define FORMAT_VERSION EMBER_FORMAT_VERSION
 #define ARENA_ALIGN 64
 
 typedef int (*graph_fn)(void **inputs, void **outputs, void **consts, uint8_t *arena, int n_threads);
