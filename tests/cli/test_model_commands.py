@@ -234,6 +234,7 @@ def test_run_refuses_cache_types_other_than_the_artifacts(built):
         "again with the cache settings you want"]
 
 
+@pytest.mark.slow     # two GPU generate runs; the quantized-cache kernels have their own tests
 def test_a_gpu_backend_without_quantized_cache_kernels_says_so_in_one_line(tiny):
     """Until the OpenCL/Vulkan kernels for quantized caches exist, the request is refused before
     anything compiles; once they do, the run succeeds. Either way: no traceback."""

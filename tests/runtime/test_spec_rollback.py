@@ -125,7 +125,7 @@ def test_truncate_refuses_a_position_whose_state_is_gone(tiny_files, backends):
 
 # ---- greedy identity ----------------------------------------------------------------------------
 @pytest.mark.parametrize("rollback", ["states", "redecode"])
-@pytest.mark.parametrize("draft_max", [1, 3, pytest.param(5, marks=pytest.mark.slow),
+@pytest.mark.parametrize("draft_max", [1, pytest.param(3, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow),
                                        pytest.param(8, marks=pytest.mark.slow)])
 def test_every_acceptance_position_is_token_identical(tiny_files, backends, rollback, draft_max):
     target, tokenizer = session(tiny_files, backends("cpu"))

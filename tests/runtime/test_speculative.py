@@ -85,7 +85,7 @@ def hybrid(tiny_files, tmp_path_factory):
     return Session(model, backend, OPTIONS), Tokenizer.from_metadata(model.tokenizer)
 
 
-@pytest.mark.parametrize("draft_max", [2, 6])
+@pytest.mark.parametrize("draft_max", [2, pytest.param(6, marks=pytest.mark.slow)])
 def test_hybrid_speculation_is_token_identical(hybrid, draft_max):
     target, tokenizer = hybrid
     assert target.is_recurrent
@@ -103,7 +103,7 @@ def test_hybrid_speculation_is_token_identical(hybrid, draft_max):
     assert got.tokens == expected and stats.rollback == "states" and stats.redecode_seconds == 0
 
 
-@pytest.mark.parametrize("draft_max", [2, 5])
+@pytest.mark.parametrize("draft_max", [2, pytest.param(5, marks=pytest.mark.slow)])
 def test_recurrent_draft_model_rewinds_by_state(hybrid, tiny_files, draft_max):
     # A draft with Mamba-2 layers cannot truncate its rejected tail; ModelDraft rewinds it to
     # the state it kept after that position (this raised EmberError in Session.truncate before).

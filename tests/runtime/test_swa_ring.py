@@ -67,7 +67,7 @@ def test_truncate_and_fork_with_a_wrapped_ring(gemma, cpu):
     np.testing.assert_array_equal(s.eval([50, 51, 52]), a)
 
 
-@pytest.mark.parametrize("draft_max", [3, 8])
+@pytest.mark.parametrize("draft_max", [pytest.param(3, marks=pytest.mark.slow), 8])   # suite time: one in the default run
 def test_speculation_is_token_identical_over_the_ring(gemma, cpu, draft_max):
     options = SessionOptions(n_ctx=64, ubatch=8, kv_bucket=4)     # ring of 12 rows
     session = Session(gemma, cpu, options)
