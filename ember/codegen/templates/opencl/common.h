@@ -57,9 +57,9 @@ inline void ember_dequant32_q5_0(__global const uchar *row, int c, float *out) {
     }
 }
 
-inline void ember_dequant32_q4_k(__global const uchar *row, int c, float *out) {
-    __global const uchar *b = row + (c / 8) * 144;
-    const int s = c % 8;                       /* sub-block of 32 values */
+/* q4_k / q5_k: sub-block s's scale d * scale and minimum dmin * min, from the block's two
+ * halves and its 12 bytes of 6-bit scales and minima (ggml's get_scale_min_k4). */
+inline void ember_k4_scale_min(__global const uchar *b, int s, float *ds, float *dm) {
     const float d = ember_half_at(b), dmin = ember_half_at(b + 2);
     __global const uchar *sc = b + 4;
     uint scale, minv;
@@ -70,7 +70,15 @@ inline void ember_dequant32_q4_k(__global const uchar *row, int c, float *out) {
         scale = (sc[s + 4] & 15) | ((sc[s - 4] >> 6) << 4);
         minv = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
     }
-    const float ds = d * (float)scale, dm = dmin * (float)minv;
+    *ds = d * (float)scale;
+    *dm = dmin * (float)minv;
+}
+
+inline void ember_dequant32_q4_k(__global const uchar *row, int c, float *out) {
+    __global const uchar *b = row + (c / 8) * 144;
+    const int s = c % 8;                       /* sub-block of 32 values */
+    float ds, dm;
+    ember_k4_scale_min(b, s, &ds, &dm);
     __global const uchar *qs = b + 16 + (s / 2) * 32;
     const int shift = (s % 2) * 4;
     for (int j = 0; j < 32; j++) out[j] = ds * (float)((qs[j] >> shift) & 15) - dm;
@@ -122,17 +130,8 @@ inline void ember_dequant32v_q5_0(__global const uchar *row, int c, float16 *w0,
 inline void ember_dequant32v_q4_k(__global const uchar *row, int c, float16 *w0, float16 *w1) {
     __global const uchar *b = row + (c / 8) * 144;
     const int s = c % 8;
-    const float d = ember_half_at(b), dmin = ember_half_at(b + 2);
-    __global const uchar *sc = b + 4;
-    uint scale, minv;
-    if (s < 4) {
-        scale = sc[s] & 63;
-        minv = sc[s + 4] & 63;
-    } else {
-        scale = (sc[s + 4] & 15) | ((sc[s - 4] >> 6) << 4);
-        minv = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
-    }
-    const float ds = d * (float)scale, dm = dmin * (float)minv;
+    float ds, dm;
+    ember_k4_scale_min(b, s, &ds, &dm);
     __global const uchar *qs = b + 16 + (s / 2) * 32;
     const uint shift = (s % 2) * 4;
     *w0 = ds * convert_float16((convert_uint16(vload16(0, qs)) >> shift) & 15u) - dm;
@@ -265,17 +264,8 @@ inline void ember_dequant32_q3_k(__global const uchar *row, int c, float *out) {
 inline void ember_dequant32_q5_k(__global const uchar *row, int c, float *out) {
     __global const uchar *b = row + (c / 8) * 176;
     const int s = c % 8;
-    const float d = ember_half_at(b), dmin = ember_half_at(b + 2);
-    __global const uchar *sc = b + 4;
-    uint scale, minv;
-    if (s < 4) {
-        scale = sc[s] & 63;
-        minv = sc[s + 4] & 63;
-    } else {
-        scale = (sc[s + 4] & 15) | ((sc[s - 4] >> 6) << 4);
-        minv = (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4);
-    }
-    const float ds = d * (float)scale, dm = dmin * (float)minv;
+    float ds, dm;
+    ember_k4_scale_min(b, s, &ds, &dm);
     __global const uchar *qs = b + 48 + (s / 2) * 32;
     const int shift = (s % 2) * 4;
     for (int l = 0; l < 32; l++) out[l] = ds * (float)(((qs[l] >> shift) & 15) | (((b[16 + l] >> s) & 1) << 4)) - dm;
