@@ -25,7 +25,7 @@ import numpy as np
 
 from ember.artifact.format import MANIFEST, ArtifactError, read_json
 from ember.backends.binary_cache import marked, unmarked
-from ember.artifact.session import artifact_session, open_model, step_key
+from ember.artifact.session import artifact_session, load_array, open_model, step_key
 from ember.errors import BackendUnavailable
 from ember.target import get_target
 
@@ -166,7 +166,7 @@ def load(folder: Path, manifest: dict, model_path=None, threads: int | None = No
                             f"device {info.name} lacks")
     backend = _opencl_backend_class()(device=info.index, profile=profile)
     model, data = open_model(folder, manifest, model_path)
-    relaid = {name: {part: np.load(folder / w[part], mmap_mode="r", allow_pickle=False) for part in ("q", "d")}
+    relaid = {name: {part: load_array(folder / w[part]) for part in ("q", "d")}
               for name, w in manifest["relaid_weights"].items()}
     same_device = (manifest.get("build_device") or {}).get("identity") == info.identity
     steps = {}

@@ -99,8 +99,18 @@ def open_model(folder: Path, manifest: dict, model_path=None):
     model = load_model(path)
     data = dict(model.file.tensors())
     for name, rel in manifest["constants"].items():
-        data[name] = np.load(folder / rel, mmap_mode="r", allow_pickle=False)
+        data[name] = load_array(folder / rel)
     return model, data
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A stored array, memory-mapped; a file that is not a plain .npy array (pickled objects,
+    a damaged header) is an ArtifactError naming it, never a NumPy traceback."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+        raise ArtifactError(f"{path}: corrupt: not a NumPy array file ({reason})") from None
 
 
 def step_graph(folder: Path, step: dict, data: dict):

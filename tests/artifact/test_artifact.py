@@ -232,6 +232,17 @@ def test_a_library_of_another_program_is_refused(copy, tmp_path):
         load_artifact(copy, threads=1)
 
 
+def test_a_constant_that_is_not_an_array_file_is_refused(copy):
+    """A stored constant replaced by a pickled object, its checksum fixed up (found by the fuzzer):
+    one line naming the file, not NumPy's ValueError."""
+    manifest = read_manifest(copy)
+    name, rel = next(iter(manifest["constants"].items()))     # the fused Q/K/V weights
+    np.save(copy / rel, np.array([{"not": "an array"}], dtype=object), allow_pickle=True)
+    rewrite_manifest(copy, lambda m: m["files"].update({rel: artifact.file_sha256(copy / rel)}))
+    with pytest.raises(ArtifactError, match=rf"{rel}: corrupt: not a NumPy array file"):
+        load_artifact(copy, threads=1)
+
+
 # ---- KV cache types -----------------------------------------------------------------------------
 MIXED = KVCacheTypes.of("q8_0", "turbo4")      # a rotated q8_0 K, a turbo V
 

@@ -8,6 +8,7 @@ import pytest
 from ember.ir import Graph, GraphBuilder, Node, VerifyError, dtypes, parse_ir, verify
 from ember.ir.builder import const_node, input_node, make_node
 from ember.ir.types import TensorType, tensor_type
+from ember.errors import ParseError
 
 X = input_node("x", "f32", (4,))
 Y = input_node("y", "f32", (3,))
@@ -202,3 +203,15 @@ def test_view_splitting_an_element_is_refused(offset, strides):
     x = input_node("x", "f32", (8, 64))
     with pytest.raises(Exception, match="must be multiples of the 4-byte f32 element"):
         make_node("view", [x], {"shape": (4, 32), "strides": strides, "offset": offset})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("op", ["softmax", "attention"])
+def test_a_softmax_scale_that_is_not_finite_is_refused_naming_it(op, value):
+    """scale=nan once compiled to NaN rows on the CPU and zero rows on OpenCL and Vulkan (found by
+    the fuzzer): the type rule refuses a scale or cap that is not a finite number."""
+    call = (f"softmax(%x, scale={value})" if op == "softmax"
+            else f"attention(%x, %x, %x, scale={value}, causal=true)")
+    text = f"graph g(%x: f32[4, 2, 64]) {{\n  %s = {call}\n  return %s\n}}\n"
+    with pytest.raises(ParseError, match=rf"bad.ir:2:8: {op}: attribute scale={value} is not a finite number"):
+        parse_ir(text, source="bad.ir")

@@ -29,13 +29,15 @@ BACKENDS = ["cpu", "opencl", "vulkan"]
 
 
 @pytest.fixture(scope="module")
-def backends(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("rollback-cache")
+def backends(tmp_path_factory, shared_cpu_cache):
+    gpu_cache = tmp_path_factory.mktemp("rollback-cache")
     made = {}
 
     def get(name):
         if name not in made:
-            made[name] = make_backend(name, cache, **({"threads": 2} if name == "cpu" else {}))
+            # the CPU graphs are test_speculative.py's hybrid ones: one compile for both modules
+            made[name] = (make_backend(name, shared_cpu_cache, threads=2) if name == "cpu"
+                          else make_backend(name, gpu_cache))
         return made[name]
     return get
 
@@ -124,7 +126,9 @@ def test_truncate_refuses_a_position_whose_state_is_gone(tiny_files, backends):
 
 
 # ---- greedy identity ----------------------------------------------------------------------------
-@pytest.mark.parametrize("rollback", ["states", "redecode"])
+# redecode (the older path) with the slow cases: the default run covers it through the CLI case and
+# the GPU transfer cases
+@pytest.mark.parametrize("rollback", ["states", pytest.param("redecode", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("draft_max", [1, pytest.param(3, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow),
                                        pytest.param(8, marks=pytest.mark.slow)])
 def test_every_acceptance_position_is_token_identical(tiny_files, backends, rollback, draft_max):
@@ -164,7 +168,7 @@ def _identity_case(tiny_files, backends, backend_name, arch, source, rollback, d
     return target, stats
 
 
-@pytest.mark.parametrize("rollback", ["states", "redecode"])
+@pytest.mark.parametrize("rollback", ["states", pytest.param("redecode", marks=pytest.mark.slow)])  # suite time
 def test_recurrent_draft_model_rolls_back_the_same_way(tiny_files, backends, rollback):
     _identity_case(tiny_files, backends, "cpu", "granitehybrid", "draft", rollback)
 

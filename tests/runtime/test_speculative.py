@@ -18,8 +18,8 @@ N_PREDICT = 24
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_files, tmp_path_factory):
-    backend = get_backend("cpu", threads=2, cache_dir=tmp_path_factory.mktemp("spec-cache"))
+def setup(tiny_files, shared_cpu_cache):
+    backend = get_backend("cpu", threads=2, cache_dir=shared_cpu_cache)
     target = load_model(tiny_files[Spec("llama", "f32")])
     draft = load_model(tiny_files[Spec("llama", "q4_0")])   # same vocabulary, cheaper weights
     tokenizer = Tokenizer.from_metadata(target.tokenizer)
@@ -79,13 +79,15 @@ from tiny_gguf_ssm import SsmSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def hybrid(tiny_files, tmp_path_factory):
-    backend = get_backend("cpu", threads=2, cache_dir=tmp_path_factory.mktemp("spec-ssm-cache"))
+def hybrid(tiny_files, shared_cpu_cache):
+    backend = get_backend("cpu", threads=2, cache_dir=shared_cpu_cache)   # test_spec_rollback's graphs
     model = load_model(tiny_files[SsmSpec("granitehybrid", "f32")])
     return Session(model, backend, OPTIONS), Tokenizer.from_metadata(model.tokenizer)
 
 
-@pytest.mark.parametrize("draft_max", [2, pytest.param(6, marks=pytest.mark.slow)])
+# slow: test_spec_rollback.py covers the hybrid targets at every acceptance position by default
+@pytest.mark.slow
+@pytest.mark.parametrize("draft_max", [2, 6])
 def test_hybrid_speculation_is_token_identical(hybrid, draft_max):
     target, tokenizer = hybrid
     assert target.is_recurrent
@@ -103,7 +105,9 @@ def test_hybrid_speculation_is_token_identical(hybrid, draft_max):
     assert got.tokens == expected and stats.rollback == "states" and stats.redecode_seconds == 0
 
 
-@pytest.mark.parametrize("draft_max", [2, pytest.param(5, marks=pytest.mark.slow)])
+# slow: test_spec_rollback.py's recurrent draft model case covers it by default
+@pytest.mark.slow
+@pytest.mark.parametrize("draft_max", [2, 5])
 def test_recurrent_draft_model_rewinds_by_state(hybrid, tiny_files, draft_max):
     # A draft with Mamba-2 layers cannot truncate its rejected tail; ModelDraft rewinds it to
     # the state it kept after that position (this raised EmberError in Session.truncate before).

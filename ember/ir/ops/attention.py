@@ -14,12 +14,13 @@ import numpy as np
 import ember.ir.dtypes as dtypes
 from ember.ir.ops import Attr, OpDef, register
 from ember.ir.ops.norm import softmax_reference
-from ember.ir.ops.rules import F32_OR_F16, FLOAT_ACT, expect_dtype, f32, require
+from ember.ir.ops.rules import F32_OR_F16, FLOAT_ACT, expect_dtype, f32, require, require_finite
 
 
 def _attention_infer(ts, attrs):
     q, k, v = ts[:3]
     expect_dtype("attention", "q", q, FLOAT_ACT)
+    require_finite("attention", attrs, "scale", "softcap")
     expect_dtype("attention", "k", k, KV_TYPES)
     expect_dtype("attention", "v", v, KV_TYPES)
     for what, t in (("k", k), ("v", v)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ember.ir.ops import Attr, OpDef, register
-from ember.ir.ops.rules import F32_OR_F16, FLOAT_ACT, broadcasts_to, expect_dtype, f32, require
+from ember.ir.ops.rules import F32_OR_F16, FLOAT_ACT, broadcasts_to, expect_dtype, f32, require, require_finite
 
 
 def _norm_infer(name):
@@ -71,6 +71,7 @@ register(OpDef("rms_norm_mul", ("x", "w"), _rms_norm_mul_infer, _rms_norm_mul,
 def _softmax_infer(ts, attrs):
     x = ts[0]
     expect_dtype("softmax", "x", x, FLOAT_ACT)
+    require_finite("softmax", attrs, "scale", "softcap")
     if len(ts) > 1:
         expect_dtype("softmax", "mask", ts[1], F32_OR_F16)
         require(broadcasts_to(ts[1].shape, x.shape),

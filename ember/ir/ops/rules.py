@@ -1,6 +1,8 @@
 """Small helpers shared by the shape/dtype rules of the op table."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 import ember.ir.dtypes as dtypes
@@ -14,6 +16,13 @@ F32_OR_F16 = (dtypes.f32, dtypes.f16)
 def require(cond: bool, message: str):
     if not cond:
         raise ShapeError(message)
+
+
+def require_finite(op: str, attrs: dict, *names: str):
+    """A scale or cap of NaN or infinity has no meaning, and the backends' kernels would each
+    turn it into something else (NaN rows on one, zero rows on another): refuse it."""
+    for name in names:
+        require(math.isfinite(attrs[name]), f"{op}: attribute {name}={attrs[name]!r} is not a finite number")
 
 
 def expect_dtype(op: str, what: str, t: TensorType, allowed):
