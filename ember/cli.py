@@ -172,7 +172,8 @@ def add_compile_command(sub) -> None:
                         "folder, which runs the artifact without Python (DIR/ember-run DIR -p PROMPT)")
     p.add_argument("--cpu-features", default=None, metavar="LIST",
                    help="target cpu-aarch64 only: target features beyond baseline NEON, comma-separated "
-                        "(dotprod, i8mm); recorded in the artifact, which then runs only on a CPU that has them")
+                        "(dotprod, i8mm; i8mm brings dotprod along); recorded in the artifact, which then runs "
+                        "only on a CPU that has them")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable)")
     p.set_defaults(func=cmd_compile)

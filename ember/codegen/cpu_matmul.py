@@ -30,8 +30,9 @@ chunk. Stack: up to 64 KiB per thread (packed f32 panels) or
 
 Numerics: the bits of y[t, n] depend only on row t of x and row n of w, never on T, on the other
 rows, on the tiling or on nth (GEMV and GEMM paths agree bit for bit). The path is chosen by the
-compiler's macros: AVX2+FMA+F16C, NEON on aarch64 (SDOT with +dotprod), else portable C; AVX2
-and portable differ in the last bits, NEON keeps the portable arithmetic and so its bits.
+compiler's macros: AVX2+FMA+F16C, NEON on aarch64 (SDOT with +dotprod; with +i8mm, SMMLA tiles
+of two activation rows by two weight rows for T > 1), else portable C; AVX2 and portable differ
+in the last bits, NEON keeps the portable arithmetic and so its bits.
 
 The sources expect common.h to be included first; each carries the shared helpers behind an
 include guard, so any number of them may be concatenated into one file (matmul_common_source()

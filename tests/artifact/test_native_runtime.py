@@ -176,20 +176,28 @@ def test_default_model_first_16_greedy_tokens(tmp_path):
 # ---- the aarch64 build of ember-run, under qemu-user (issue 15) --------------------------------
 @pytest.mark.slow
 def test_aarch64_native_runtime_under_qemu_gives_the_x86_greedy_text(built, tmp_path):
-    """`ember compile --target cpu-aarch64 --runtime`: the cross-built ember-run and NEON step
-    libraries, run under qemu-aarch64, give the greedy text of the x86 native runtime."""
-    from ember.backends.cpu.cross import AARCH64_SYSROOT, QEMU, Aarch64Backend, qemu_problem
+    """`ember compile --target cpu-aarch64 --cpu-features i8mm --runtime`: the cross-built
+    ember-run and NEON step libraries, run under qemu-aarch64, give the greedy text of the x86
+    native runtime; on an emulated CPU without the recorded features ember-run refuses the
+    artifact in one line before running anything."""
+    from ember.backends.cpu.cross import AARCH64_SYSROOT, QEMU, QEMU_CPU, Aarch64Backend, qemu_problem
     if qemu_problem() is not None:
         pytest.skip(f"aarch64 under qemu: {qemu_problem()}")
     artifact, model = built
     out = tmp_path / "tiny-aarch64.ember"
-    compile_artifact(load_model(model), Aarch64Backend(()), out, n_ctx=N_CTX, prompt_tokens=PROMPT_TOKENS,
+    compile_artifact(load_model(model), Aarch64Backend("i8mm"), out, n_ctx=N_CTX, prompt_tokens=PROMPT_TOKENS,
                      runtime=True)
-    assert json.loads((out / "manifest.json").read_text())["isa"] == "aarch64"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["isa"], manifest["features"]) == ("aarch64", ["dotprod", "i8mm"])
     args = ("-p", PROMPT, "-n", "24", "--temp", "0", "--ignore-eos", "-t", "1")
-    qemu = subprocess.run([QEMU, "-L", str(AARCH64_SYSROOT), str(out / "ember-run"), str(out), *args],
-                          capture_output=True, timeout=300, encoding="utf-8", errors="replace")
+
+    def under_qemu(cpu):
+        return subprocess.run([QEMU, "-cpu", cpu, "-L", str(AARCH64_SYSROOT), str(out / "ember-run"), str(out),
+                               *args], capture_output=True, timeout=300, encoding="utf-8", errors="replace")
+    qemu = under_qemu(QEMU_CPU)
     native = ember_run(artifact, *args)
     assert qemu.returncode == 0, qemu.stderr
     assert native.returncode == 0, native.stderr
     assert qemu.stdout == native.stdout and len(qemu.stdout) > 1
+    # Cortex-A72: Armv8.0, neither SDOT nor SMMLA
+    assert_one_line_failure(under_qemu("cortex-a72"), "target feature dotprod", "this CPU lacks")

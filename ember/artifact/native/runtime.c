@@ -22,6 +22,9 @@
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#endif
 
 #include "sha256.h"
 
@@ -240,6 +243,42 @@ static void host_cpu(char *out, size_t len) {
         break;
     }
     fclose(f);
+}
+
+/* Whether this CPU has a target feature of cpu-aarch64 (ember.backends.cpu.cross), from the
+ * kernel's hardware capabilities (the bits of Linux's asm/hwcap.h); never on another machine. */
+static int cpu_has(const char *feature) {
+#if defined(__aarch64__)
+    const unsigned long hwcap = getauxval(AT_HWCAP), hwcap2 = getauxval(AT_HWCAP2);
+    if (strcmp(feature, "dotprod") == 0) return (hwcap & (1UL << 20)) != 0;   /* HWCAP_ASIMDDP */
+    if (strcmp(feature, "i8mm") == 0) return (hwcap2 & (1UL << 13)) != 0;     /* HWCAP2_I8MM */
+#else
+    (void)feature;
+#endif
+    return 0;
+}
+
+/* The artifact's libraries use the instructions of its target features (SDOT, SMMLA): on a CPU
+ * without one they would stop with SIGILL in the middle of a run, so they are refused first. */
+static int check_features(ember_rt *rt, const char *path, const json_value *features) {
+    if (!features) return 0;
+    if (features->kind != JSON_ARRAY) {
+        ember_set_error(rt, "%s: corrupt: malformed manifest (features)", path);
+        return -1;
+    }
+    for (size_t i = 0; i < features->n; i++) {
+        const char *name = json_str(&features->items[i]);
+        if (!name) {
+            ember_set_error(rt, "%s: corrupt: malformed manifest (features)", path);
+            return -1;
+        }
+        if (!cpu_has(name)) {
+            ember_set_error(rt, "%s: built for the aarch64 target feature %s, which this CPU lacks: compile "
+                            "again with fewer --cpu-features", path, name);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 /* ---- constants ---------------------------------------------------------------------------- */
@@ -568,6 +607,7 @@ static int open_artifact(ember_rt *rt, const char *model_path, int verify) {
                         path, host ? host : "?", here);
         return -1;
     }
+    if (check_features(rt, path, json_get(m, "features")) != 0) return -1;
     const json_value *native = json_get(m, "native");
     if (!native) {
         ember_set_error(rt, "%s: no native block: the artifact comes from an older ember; compile it again", path);

@@ -4,7 +4,7 @@ qemu-user for tests.
 The C the CPU renderer writes is built by Debian's cross compiler (aarch64-linux-gnu-gcc, with
 libgomp for arm64) through the same CompileCache as native builds (the compiler's identity is
 part of the key). Target features: baseline NEON (-march=armv8-a), `dotprod` (SDOT/UDOT,
-Armv8.2) and `i8mm` (SMMLA, Armv8.6) on top; `portable` builds with -march=armv8-a+nosimd, so
+Armv8.2) and `i8mm` (SMMLA, Armv8.6; brings dotprod along) on top; `portable` builds with -march=armv8-a+nosimd, so
 the kernels take their portable C branches, the cross-ISA reference that must match the x86
 portable build ("scalar") bit for bit.
 
@@ -41,19 +41,25 @@ AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
 QEMU = "qemu-aarch64"
 # target feature -> the architecture level it needs (gcc's -march=<level>+<feature>)
 AARCH64_FEATURES = {"dotprod": "armv8.2-a", "i8mm": "armv8.6-a"}
+# features a feature brings along: i8mm builds at armv8.6-a, where dotprod is mandatory (from
+# Armv8.4) and gcc turns it on, so an i8mm build also uses SDOT, needs a CPU with both, and says so
+AARCH64_IMPLIED = {"i8mm": ("dotprod",)}
+# the CPU qemu-aarch64 emulates: every feature a build may use (dotprod, i8mm)
+QEMU_CPU = "max"
 INSTALL_HINT = ("install it with `apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross "
                 "libgomp1-arm64-cross qemu-user` (.ci/install does)")
 HARNESS = Path(__file__).with_name("harness.c")
 
 
 def parse_features(spec) -> tuple[str, ...]:
-    """Target features from "dotprod,i8mm" (or a sequence), in the order of AARCH64_FEATURES;
-    EmberError naming an unknown one."""
+    """Target features from "dotprod,i8mm" (or a sequence), with those they imply
+    (AARCH64_IMPLIED), in the order of AARCH64_FEATURES; EmberError naming an unknown one."""
     names = [f.strip().lstrip("+") for f in (spec.split(",") if isinstance(spec, str) else spec or ())]
     names = [f for f in names if f]
     for name in names:
         if name not in AARCH64_FEATURES:
             raise EmberError(f"cpu-aarch64: unknown target feature {name!r}; known: {', '.join(AARCH64_FEATURES)}")
+    names += [implied for name in names for implied in AARCH64_IMPLIED.get(name, ())]
     return tuple(f for f in AARCH64_FEATURES if f in names)
 
 
@@ -198,7 +204,7 @@ class QemuExecutable(Executable):
             lines += [f"out {Path(tmp) / f'out{k}.bin'} {r.nbytes}" for k, r in enumerate(results)]
             spec = Path(tmp) / "spec.txt"
             spec.write_text("\n".join(lines) + "\n")
-            proc = subprocess.run([QEMU, "-L", str(AARCH64_SYSROOT), str(_harness(self._cache.directory)),
+            proc = subprocess.run([QEMU, "-cpu", QEMU_CPU, "-L", str(AARCH64_SYSROOT), str(_harness(self._cache.directory)),
                                    str(self.kernels_path), str(self.library_path), str(spec)],
                                   capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "passive"})
             status = _status(proc.stdout)
