@@ -459,10 +459,11 @@ class _Reader:
         problems = []
         if hp.recurrent_layer_ids and hp.ssm_dt_rank <= 0:
             problems.append(f"ssm time_step_rank (dt rank) {hp.ssm_dt_rank} must be positive")
-        if hp.attention_layers and hp.n_head * hp.head_dim_v != hp.n_embd:
-            # llama.cpp's jamba loads Q and the output projection as n_embd x n_embd
-            problems.append(f"head_count {hp.n_head} times the head size {hp.head_dim_v} must be "
-                            f"n_embd {hp.n_embd}")
+        for what, size in (("key", hp.head_dim_k), ("value", hp.head_dim_v)):
+            if hp.attention_layers and hp.n_head * size != hp.n_embd:
+                # llama.cpp's jamba loads Q and the output projection as n_embd x n_embd
+                problems.append(f"head_count {hp.n_head} times the {what} length {size} must be "
+                                f"n_embd {hp.n_embd}")
         if hp.n_expert:
             problems += _Reader.check_experts(hp)
         return problems
