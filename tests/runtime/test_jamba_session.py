@@ -33,6 +33,9 @@ def model(tiny_files):
     return load_model(tiny_files[JambaSpec()])
 
 
+# slow, as every case here: a cold jamba step graph takes tens of seconds to compile on 2 cores
+# (the default suite checks the scan's per-state form on every backend in test_all_states)
+@pytest.mark.slow
 def test_decode_rows_and_micro_batches_equal_the_batched_prompt(model, cpu):
     session = Session(model, cpu, OPTIONS)
     whole = session.eval(PROMPT, all_logits=True)
@@ -45,6 +48,7 @@ def test_decode_rows_and_micro_batches_equal_the_batched_prompt(model, cpu):
     assert nmse(whole, ReferenceSession(model, OPTIONS.kv_bucket).step(PROMPT)) < 1e-9
 
 
+@pytest.mark.slow
 def test_state_after_rollback_is_the_one_token_state(model, cpu):
     """Verify 4 tokens keeping every state, roll back to each prefix: the conv and SSM states
     equal those of decoding the prefix one token at a time, bit for bit."""
