@@ -36,8 +36,9 @@ from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batche
 from ember.codegen.kv_quant import KV_QUANTIZED, Q_DOT_ROUNDED, c_hex, turbo_literals
 from ember.codegen.memory_plan import MemoryPlan
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_double, c_float,
-                                    c_gated_delta_net, c_get_rows, c_rope, c_row_op, c_softmax, c_take_along,
-                                    extent, hazard_barriers, lowering_problem, optional_operands)
+                                    c_gated_delta_net, c_get_rows, c_rope, c_row_op, c_softmax, c_ssm_scan,
+                                    c_take_along, extent, hazard_barriers, lowering_problem,
+                                    optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir import dtypes
@@ -503,13 +504,8 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
                         T=T, C=C, K=w.shape[1], xs=sx.type.strides, ws=w.type.strides)
 
     def ssm_scan(self, node: Node):
-        state, x, dt, a, b, c = node.inputs
-        H, P, N = state.shape
         self.add_kernel(node, "ssm_scan.c.j2", [self.ptr(o) for o in node.inputs] + [self.ptr(node)],
-                        reads=self.reads_of(*node.inputs), writes=self.reads_of(node),
-                        T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
-                        xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
-                        bs=b.type.strides, cs=c.type.strides, all_states=node.attr("all_states"))
+                        reads=self.reads_of(*node.inputs), writes=self.reads_of(node), **c_ssm_scan(node))
 
     def gated_delta_net(self, node: Node):
         self.add_kernel(node, "gated_delta_net.c.j2", [self.ptr(o) for o in node.inputs] + [self.ptr(node)],

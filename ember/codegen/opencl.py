@@ -50,7 +50,7 @@ from ember.codegen.opencl_plan import (SOA, BufferArg, ImageArg, KernelInfo, Lau
                                        StatusArg, WeightLayout, generic_profile, profile_by_name)
 from ember.codegen.renderer import (ARITHMETIC, ELEMENTWISE_OPS, Renderer, Templates, c_comment, c_float,
                                     c_gated_delta_net, c_get_rows, c_literal, c_rope, c_row_op, c_softmax,
-                                    c_take_along, lowering_problem, optional_operands)
+                                    c_ssm_scan, c_take_along, lowering_problem, optional_operands)
 from ember.codegen.values import Place
 from ember.errors import EmberError
 from ember.ir.graph import Graph
@@ -475,13 +475,9 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         T=T, C=C, K=w.shape[1], xs=sx.type.strides, ws=w.type.strides)
 
     def ssm_scan(self, node: Node):
-        state, x, dt, a, b, c = node.inputs
-        H, P, N = state.shape
+        H, P, _ = node.inputs[0].shape
         self.add_kernel(node, "ssm_scan.cl.j2", [self.buf(o) for o in node.inputs] + [self.buf(node)],
-                        (H * P,), None,
-                        T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides,
-                        xs=x.type.strides, dts=dt.type.strides, as_=a.type.strides,
-                        bs=b.type.strides, cs=c.type.strides, all_states=node.attr("all_states"))
+                        (H * P,), None, **c_ssm_scan(node))
 
     def gated_delta_net(self, node: Node):
         self.add_kernel(node, "gated_delta_net.cl.j2", [self.buf(o) for o in node.inputs] + [self.buf(node)],

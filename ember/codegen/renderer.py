@@ -192,6 +192,17 @@ def c_gated_delta_net(node: Node) -> dict:
                 all_states=node.attr("all_states"))
 
 
+def c_ssm_scan(node: Node) -> dict:
+    """The parameters of an ssm_scan kernel (C and OpenCL C): sizes, byte strides of every
+    operand, whether A holds one decay per head (Mamba-2) or per head and state entry (a_per_state,
+    Mamba-1), and whether the state after every token is written (all_states)."""
+    state, x, dt, a, b, c = node.inputs
+    H, P, N = state.shape
+    return dict(T=x.shape[0], H=H, P=P, N=N, G=b.shape[1], ss=state.type.strides, xs=x.type.strides,
+                dts=dt.type.strides, as_=a.type.strides, a_per_state=a.type.rank == 2,
+                bs=b.type.strides, cs=c.type.strides, all_states=node.attr("all_states"))
+
+
 def optional_operands(node: Node, n: int) -> tuple[list[Node], Node | None]:
     """(the n operands every such node has, then its optional last one or None): attention's
     q, k, v and mask, softmax's x and mask."""
@@ -426,7 +437,7 @@ class Renderer(abc.ABC):
 
     @abc.abstractmethod
     def ssm_scan(self, node: Node):
-        """The Mamba-2 selective scan."""
+        """The selective scan (A per head, Mamba-2, or per head and state entry, Mamba-1)."""
 
     @abc.abstractmethod
     def gated_delta_net(self, node: Node):

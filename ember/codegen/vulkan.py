@@ -460,8 +460,8 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         bindings = self.strided_operands(push, s=state, x=x, dt=dt, a=a, b=b, c=c)
         y, y_off = self.operand(node, what="result")
         push["y_off"] = y_off
-        self.dispatch(node, "ssm_scan.comp.j2", dict(wg=64, N=N), bindings + [y], push, -(-H * P // 64),
-                      reads=bindings, writes=[y])
+        self.dispatch(node, "ssm_scan.comp.j2", dict(wg=64, N=N, a_per_state=a.type.rank == 2), bindings + [y],
+                      push, -(-H * P // 64), reads=bindings, writes=[y])
 
     def gated_delta_net(self, node: Node):
         q, k, v, g, beta, state = node.inputs
@@ -809,10 +809,11 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
         add("get_rows.comp.j2", dict(wg=64, wtype=wtype), gr_push, 4)
     add("ssm_conv.comp.j2", dict(wg=64), ["T", "C", "K", "x_off", "x_s0", "x_s1", "w_off", "w_s0", "w_s1",
                                           "y_off"], 3)
-    scan_push = ["H", "P", "T", "heads_per_group", "all_states"]
-    for name, rank in (("s", 3), ("x", 3), ("dt", 2), ("a", 1), ("b", 3), ("c", 3)):
-        scan_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
-    add("ssm_scan.comp.j2", dict(wg=64, N=16), scan_push + ["y_off"], 7)
+    for a_per_state in (False, True):       # A per head (Mamba-2), per head and state entry (Mamba-1)
+        scan_push = ["H", "P", "T", "heads_per_group", "all_states"]
+        for name, rank in (("s", 3), ("x", 3), ("dt", 2), ("a", 2 if a_per_state else 1), ("b", 3), ("c", 3)):
+            scan_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
+        add("ssm_scan.comp.j2", dict(wg=64, N=16, a_per_state=a_per_state), scan_push + ["y_off"], 7)
     for kda in (False, True):
         gdn_push = ["T", "H_k", "H_v", "S_v", "all_states"]
         for name, rank in (("q", 3), ("k", 3), ("v", 3), ("g", 3 if kda else 2), ("beta", 2), ("s", 3)):

@@ -17,7 +17,7 @@ from typing import Callable
 from ember.ir.graph import Graph
 from ember.models import gemma3, granite_hybrid, llama, mamba2, qwen2, qwen3
 from ember.models import qwen3next, qwen35, qwen35moe
-from ember.models import falcon_h1, lfm2, nemotron_h
+from ember.models import falcon_h1, jamba, lfm2, nemotron_h
 from ember.models.common import Model, StepGraph, build_qkv  # noqa: F401
 from ember.models.gguf_file import GGUFFile, ModelFileError, open_gguf  # noqa: F401
 from ember.models.hparams import HParams, check_layer_tensors
@@ -38,6 +38,7 @@ ARCHITECTURES: dict[str, Callable[..., Graph]] = {
     "lfm2moe": lfm2.build_step,
     "nemotron_h": nemotron_h.build_step,
     "falcon-h1": falcon_h1.build_step,
+    "jamba": jamba.build_step,
 }
 
 

@@ -21,10 +21,12 @@ The step-graph contract, relied on by the generation runtime:
              of each recurrent layer il (Model.state_kinds says which states, Model.state_shapes
              their shapes), each group in layer order. A Mamba-2 layer has conv_state.{il}
              [d_conv - 1, d_inner + 2 * n_group * d_state] and ssm_state.{il} [n_ssm_head,
-             ssm_head_dim, d_state]; a gated DeltaNet layer (qwen3next, qwen35, qwen35moe:
-             ssm_n_head v heads of S = d_state, d_inner = H_v * S, n_group q/k heads) a conv state
-             over q, k and v ([d_conv - 1, 2 H_k S + H_v S]) and ssm_state the delta rule's
-             [H_v, S_v, S_k] (gated_delta_net's layout); a short convolution (lfm2)
+             ssm_head_dim, d_state], a Mamba-1 layer (jamba) conv_state.{il} [d_conv - 1,
+             d_inner] and ssm_state.{il} [d_inner, 1, d_state] (heads of one channel); a gated
+             DeltaNet layer (qwen3next, qwen35, qwen35moe: ssm_n_head v heads of S = d_state,
+             d_inner = H_v * S, n_group q/k heads) a conv state over q, k and v ([d_conv - 1,
+             2 H_k S + H_v S]) and ssm_state the delta rule's [H_v, S_v, S_k]
+             (gated_delta_net's layout); a short convolution (lfm2)
              conv_state.{il} [l_cache - 1, n_embd] only (the last rows of B*x it saw). A layer can
              have both a KV cache and a state (falcon-h1) or neither (nemotron_h's FFN-only layers).
     outputs  logits f32[n_outputs, n_vocab], then k_cache.{il}, v_cache.{il} updated with
@@ -183,6 +185,9 @@ class Model:
         parts = [f"{hp.n_layer} layers", f"n_embd {hp.n_embd}"]
         if self.recurrent_layers and hp.shortconv_l_cache:
             parts.append(f"{len(self.recurrent_layers)} short convolutions (window {hp.shortconv_l_cache})")
+        elif self.recurrent_layers and hp.is_mamba1:
+            parts.append(f"{len(self.recurrent_layers)} Mamba-1 (d_inner {hp.ssm_d_inner}, d_state "
+                         f"{hp.ssm_d_state}, dt rank {hp.ssm_dt_rank})")
         elif self.recurrent_layers:
             kind = "DeltaNet" if hp.arch in DELTA_NET_ARCHS else "Mamba-2"
             parts.append(f"{len(self.recurrent_layers)} {kind} ({hp.ssm_n_head} heads of "

@@ -28,15 +28,18 @@ DEFAULT_ROPE_BASE_SWA = 10000.0
 ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
 
 # Architectures with recurrent layers (llm_arch_is_recurrent / llm_arch_is_hybrid). mamba2: every
-# layer is Mamba-2. granitehybrid, nemotron_h, lfm2: head_count_kv is per layer, and a layer
+# layer is Mamba-2. granitehybrid, nemotron_h, lfm2, jamba: head_count_kv is per layer, and a layer
 # without KV heads is recurrent (nemotron_h: unless its feed_forward_length is set, which makes it
-# an FFN-only layer; lfm2's and lfm2moe's recurrent layers are short convolutions). falcon-h1: every
-# layer runs attention and Mamba-2 side by side.
+# an FFN-only layer; lfm2's and lfm2moe's recurrent layers are short convolutions, jamba's Mamba-1).
+# falcon-h1: every layer runs attention and Mamba-2 side by side.
 RECURRENT_ARCHS = ("mamba2",)
-HYBRID_ARCHS = ("granitehybrid", "nemotron_h", "lfm2", "lfm2moe")
+HYBRID_ARCHS = ("granitehybrid", "nemotron_h", "lfm2", "lfm2moe", "jamba")
 SHORTCONV_ARCHS = ("lfm2", "lfm2moe")
 PARALLEL_HYBRID_ARCHS = ("falcon-h1",)
 MAMBA2_ARCHS = ("mamba2", "granitehybrid", "nemotron_h", "falcon-h1")
+# Mamba-1 layers (llama.cpp's build_mamba_layer): ssm.time_step_rank is the rank of dt's low-rank
+# projection (dt_rank), not a head count; A is per channel and state entry; no groups.
+MAMBA1_ARCHS = ("jamba",)
 
 # Gated-DeltaNet hybrids (llama.cpp's qwen3next.cpp, qwen35.cpp, qwen35moe.cpp): DeltaNet layers
 # and gated full-attention layers; a layer is full attention every full_attention_interval
@@ -101,6 +104,10 @@ class HParams:
     ssm_d_state: int = 0
     ssm_n_head: int = 0
     ssm_n_group: int = 0
+    # Mamba-1 (MAMBA1_ARCHS): the rank of dt's projection; 0 for Mamba-2 and DeltaNet layers. A
+    # Mamba-1 layer is a scan over d_inner heads of one channel (ssm_n_head = d_inner, one group)
+    # whose convolution sees x alone (no B and C channels).
+    ssm_dt_rank: int = 0
     # Mixture of experts (MOE_ARCHS, lfm2moe): experts, experts used per token, the width of one
     # expert's FFN and of the shared expert (0: none), the factor on the selected weights (0:
     # none), the router's gating function, and the leading layers that keep a dense FFN (lfm2moe).
@@ -160,8 +167,15 @@ class HParams:
         return self.ssm_d_inner // self.ssm_n_head
 
     @property
+    def is_mamba1(self) -> bool:
+        return self.ssm_dt_rank > 0
+
+    @property
     def ssm_conv_channels(self) -> int:
-        """Channels of the causal convolution: x, B and C of every group."""
+        """Channels of the causal convolution: x, B and C of every group (Mamba-2, DeltaNet), x
+        alone (Mamba-1: B and C come after it, from ssm_x)."""
+        if self.is_mamba1:
+            return self.ssm_d_inner
         return self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state
 
     @property
@@ -269,6 +283,8 @@ class _Reader:
         if self.arch in DELTA_NET_ARCHS:
             values.update(self.mamba2(values))
             values.update(self.delta_net(values))
+        if self.arch in MAMBA1_ARCHS:
+            values.update(self.mamba1(values))
         hp = HParams(**values)
         self.check(hp)
         return hp
@@ -360,6 +376,20 @@ class _Reader:
             out["recurrent_layers"] = (True,) * values["n_layer"]
         return out
 
+    def mamba1(self, values: dict) -> dict:
+        """llama_model_jamba::load_arch_hparams: the ssm.* sizes (time_step_rank is dt's rank),
+        and the experts of the mixture-of-experts layers (those with a router tensor); jamba
+        reads no expert width (an expert is n_ff wide) and no weights scale."""
+        d_inner = self.get(Keys.SSM.INNER_SIZE, int, required=True)
+        return dict(ssm_d_conv=self.get(Keys.SSM.CONV_KERNEL, int, required=True),
+                    ssm_d_inner=d_inner,
+                    ssm_d_state=self.get(Keys.SSM.STATE_SIZE, int, required=True),
+                    ssm_dt_rank=self.get(Keys.SSM.TIME_STEP_RANK, int, required=True),
+                    ssm_n_head=d_inner, ssm_n_group=1,
+                    n_expert=self.get(Keys.LLM.EXPERT_COUNT, int, 0),
+                    n_expert_used=self.get(Keys.LLM.EXPERT_USED_COUNT, int, 0),
+                    n_ff_exp=values["n_ff"], use_rope=False)                  # "No RoPE :)" (llama.cpp's jamba graph)
+
     def delta_net(self, values: dict) -> dict:
         """llama_model_qwen3next / qwen35 / qwen35moe::load_arch_hparams: which layers are
         recurrent, the expert sizes, the rope sections."""
@@ -422,6 +452,20 @@ class _Reader:
                 problems.append(f"shared expert feed_forward_length {hp.n_ff_shexp} must be positive")
         if hp.rope_sections and hp.attention_layers and sum(hp.rope_sections) <= 0:
             problems.append(f"rope sections {list(hp.rope_sections)} must not all be 0")
+        return problems
+
+    @staticmethod
+    def check_jamba(hp: HParams) -> list[str]:
+        problems = []
+        if hp.recurrent_layer_ids and hp.ssm_dt_rank <= 0:
+            problems.append(f"ssm time_step_rank (dt rank) {hp.ssm_dt_rank} must be positive")
+        for what, size in (("key", hp.head_dim_k), ("value", hp.head_dim_v)):
+            if hp.attention_layers and hp.n_head * size != hp.n_embd:
+                # llama.cpp's jamba loads Q and the output projection as n_embd x n_embd
+                problems.append(f"head_count {hp.n_head} times the {what} length {size} must be "
+                                f"n_embd {hp.n_embd}")
+        if hp.n_expert:
+            problems += _Reader.check_experts(hp)
         return problems
 
     @staticmethod
@@ -502,6 +546,8 @@ class _Reader:
                                 f"{hp.ssm_n_group} groups")
         if hp.arch in DELTA_NET_ARCHS:
             problems += self.check_delta_net(hp)
+        if hp.arch in MAMBA1_ARCHS:
+            problems += self.check_jamba(hp)
         if hp.arch == "lfm2moe" and hp.n_layer_dense_lead < hp.n_layer:
             problems += self.check_experts(hp)
         problems += self.value_ranges(hp)

@@ -6,8 +6,9 @@ masked; positions, cache slots and output rows are inputs. A step graph is built
 and compiled once per (n_tokens, n_kv, n_outputs) and reused through the plan cache (graph
 uids), so a decode step costs one lookup plus the kernels. Prompts run in micro-batches.
 
-Models with recurrent layers (Mamba-2: mamba2, granitehybrid, nemotron_h, falcon-h1; gated
-DeltaNet: qwen3next, qwen35, qwen35moe; short convolutions: lfm2) also carry recurrent state: for
+Models with recurrent layers (Mamba-2: mamba2, granitehybrid, nemotron_h, falcon-h1; Mamba-1:
+jamba; gated DeltaNet: qwen3next, qwen35, qwen35moe; short convolutions: lfm2) also carry
+recurrent state: for
 each state (conv_state.{il}, and ssm_state.{il} except for short convolutions; f32,
 Model.state_kinds) a table of `state_planes` planes that, like the KV caches, stays where it is
 (resident on a GPU backend's device; the step updates it in place). Which plane holds the state
@@ -308,7 +309,7 @@ class Session:
 
     @property
     def is_recurrent(self) -> bool:
-        """Whether the model has recurrent (Mamba-2, gated DeltaNet or short-convolution) layers."""
+        """Whether the model has recurrent (Mamba-1/2, gated DeltaNet or short-convolution) layers."""
         return bool(self._planes)
 
     @property

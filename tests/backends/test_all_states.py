@@ -12,11 +12,11 @@ from ember.ir import GraphBuilder
 T = 5
 
 
-def _scan_graph(T: int, H: int, P: int, N: int, G: int, all_states: bool):
+def _scan_graph(T: int, H: int, P: int, N: int, G: int, all_states: bool, per_state: bool = False):
     b = GraphBuilder(f"scan_T{T}")
     state = b.input("state", "f32", (H, P, N))
     x, dt = b.input("x", "f32", (T, H, P)), b.input("dt", "f32", (T, H))
-    a = b.input("A", "f32", (H,))
+    a = b.input("A", "f32", (H, N) if per_state else (H,))
     bm, cm = b.input("B", "f32", (T, G, N)), b.input("C", "f32", (T, G, N))
     return b.build(b.ssm_scan(state, x, dt, a, bm, cm, all_states=all_states))
 
@@ -31,11 +31,11 @@ def _gdn_graph(T: int, H_k: int, H_v: int, S_k: int, S_v: int, kda: bool, all_st
     return b.build(b.gated_delta_net(q, k, v, g, beta, state, scale=S_k ** -0.5, all_states=all_states))
 
 
-def _scan_inputs(rng, H, P, N, G):
+def _scan_inputs(rng, H, P, N, G, per_state=False):
     return {"state": rng.standard_normal((H, P, N)).astype(np.float32),
             "x": rng.standard_normal((T, H, P)).astype(np.float32),
             "dt": rng.standard_normal((T, H)).astype(np.float32),
-            "A": -np.abs(rng.standard_normal(H)).astype(np.float32) - 0.5,
+            "A": -np.abs(rng.standard_normal((H, N) if per_state else H)).astype(np.float32) - 0.5,
             "B": rng.standard_normal((T, G, N)).astype(np.float32),
             "C": rng.standard_normal((T, G, N)).astype(np.float32)}
 
@@ -70,10 +70,13 @@ def _check(backend, build, inputs, n_out: int, state_shape):
         np.testing.assert_array_equal(states[t], state.reshape(-1), err_msg=f"state after token {t}")
 
 
-def test_ssm_scan_all_states_are_the_one_token_states(backend):
-    H, P, N, G = 4, 8, 16, 2
-    inputs = _scan_inputs(np.random.default_rng(0), H, P, N, G)
-    _check(backend, lambda t, all_states: _scan_graph(t, H, P, N, G, all_states), inputs, H * P, (H, P, N))
+@pytest.mark.parametrize("per_state", [False, True], ids=["mamba2-decay-per-head", "mamba1-decay-per-state"])
+def test_ssm_scan_all_states_are_the_one_token_states(backend, per_state):
+    # Mamba-1 (jamba): 37 heads of one channel, one group, 13 state entries each with its decay
+    H, P, N, G = (37, 1, 13, 1) if per_state else (4, 8, 16, 2)
+    inputs = _scan_inputs(np.random.default_rng(0), H, P, N, G, per_state)
+    _check(backend, lambda t, all_states: _scan_graph(t, H, P, N, G, all_states, per_state), inputs, H * P,
+           (H, P, N))
 
 
 @pytest.mark.parametrize("kda", [False, True], ids=["per-head-decay", "per-channel-decay"])

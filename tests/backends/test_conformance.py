@@ -356,9 +356,16 @@ def _ssm_decay(rng, shape):
     return -positive(rng, shape)
 
 
-def _ssm_scan_case(name, T, H, P, N, G, fused=False, scalar=False, all_states=False):
+def _ssm_scan_case(name, T, H, P, N, G, fused=False, scalar=False, all_states=False, per_state=False):
+    """per_state: A [H, N] (Mamba-1: a decay per head and state entry), else A [H] (Mamba-2); with
+    fused, the per-state A is a transposed view (its state axis strided)."""
     def build(s):
-        a = s.input("A", "f32", (H,), _ssm_decay)
+        if per_state and fused:
+            a = s.transpose(s.input("A", "f32", (N, H), _ssm_decay))
+        elif per_state:
+            a = s.input("A", "f32", (H, N), _ssm_decay)
+        else:
+            a = s.input("A", "f32", (H,), _ssm_decay)
         if fused:   # x, B, C out of one conv row and dt out of a wider projection; a permuted state
             row = H * P + 2 * G * N
             xbc = s.input("xBC", "f32", (T, row))
@@ -385,6 +392,13 @@ _ssm_scan_case("fused-views", 4, 4, 8, 17, 2, fused=True, scalar=True)
 _ssm_scan_case("all-states-T5-H4-P3-N16-G2", 5, 4, 3, 16, 2, scalar=True, all_states=True)
 _ssm_scan_case("all-states-fused-views", 3, 4, 8, 17, 2, fused=True, all_states=True)
 _ssm_scan_case("all-states-decode", 1, 8, 16, 16, 1, all_states=True)
+# Mamba-1 (jamba): heads of one channel, one group, A per channel and state entry
+_ssm_scan_case("mamba1-T3-H37-N13", 3, 37, 1, 13, 1, scalar=True, per_state=True)
+_ssm_scan_case("mamba1-decode-H64-N16", 1, 64, 1, 16, 1, per_state=True)
+_ssm_scan_case("mamba1-fused-views", 4, 20, 1, 13, 1, fused=True, scalar=True, per_state=True)
+_ssm_scan_case("mamba1-P3-G2", 3, 4, 3, 5, 2, per_state=True)
+_ssm_scan_case("mamba1-all-states-T5", 5, 37, 1, 13, 1, all_states=True, per_state=True)
+_ssm_scan_case("mamba1-all-states-fused-views", 3, 20, 1, 13, 1, fused=True, all_states=True, per_state=True)
 
 
 # gated delta net

@@ -1,7 +1,8 @@
 """The hybrids on OpenCL (PoCL) and Vulkan (lavapipe) against the CPU backend: lfm2, nemotron_h
 and falcon-h1 (the f32 tiny_gguf_hybrid files) and the gated-DeltaNet hybrids qwen3next, qwen35
 and qwen35moe (the f32 tiny_gguf_delta files: DeltaNet state, MoE through mul_mat_id/top_k, gated
-attention with partial rope and qwen35moe's unturned imrope pairs). The logits of a prompt and of
+attention with partial rope and qwen35moe's unturned imrope pairs), and jamba (Mamba-1 layers:
+the scan with a decay per channel and state entry). The logits of a prompt and of
 greedy decode steps, with the short-convolution, Mamba-2 and DeltaNet states carried on the device
 path; and, on the device, the prompt decoded one token at a time equals the prompt in one batch
 bit for bit (batch-invariant kernels: speculation's identity rests on it). Each backend skips
@@ -22,6 +23,7 @@ from ember.testing import nmse
 
 from tiny_gguf_delta import DELTA_ARCHS, DeltaSpec
 from tiny_gguf_hybrid import HYBRID_ARCHS, HybridSpec
+from tiny_gguf_jamba import JambaSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")    # pyopencl's build-log notes
 
@@ -39,7 +41,8 @@ def greedy_rows(session: Session) -> list[np.ndarray]:
     return rows
 
 
-SPECS = {arch: HybridSpec(arch) for arch in HYBRID_ARCHS} | {arch: DeltaSpec(arch) for arch in DELTA_ARCHS}
+SPECS = {arch: HybridSpec(arch) for arch in HYBRID_ARCHS} | {arch: DeltaSpec(arch) for arch in DELTA_ARCHS} | \
+    {"jamba": JambaSpec()}
 DEFAULT = {("vulkan", "lfm2"), ("vulkan", "qwen35moe")}
 CASES = [pytest.param(name, arch, marks=() if (name, arch) in DEFAULT else pytest.mark.slow,
                       id=f"{name}-{arch}")

@@ -3,8 +3,8 @@
 the state one-token decoding reaches, bit for bit; greedy output is identical to plain decoding
 for every draft source, rollback mode and backend; on a GPU backend the state never crosses to
 the host during the rounds. Mamba-2 (mamba2, granitehybrid) on every backend; the gated-DeltaNet
-hybrids (qwen35moe, qwen35) and the short-convolution / parallel hybrids (lfm2, falcon-h1) on
-the CPU."""
+hybrids (qwen35moe, qwen35), the short-convolution / parallel hybrids (lfm2, falcon-h1) and jamba
+(Mamba-1) on the CPU."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from ember.runtime.session import Session, SessionOptions
 from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
 from tiny_gguf_delta import DeltaSpec
 from tiny_gguf_hybrid import HybridSpec
+from tiny_gguf_jamba import JambaSpec
 from tiny_gguf_ssm import SsmSpec
 
 OPTIONS = SessionOptions(n_ctx=96, kv_bucket=32)
@@ -271,7 +272,7 @@ def test_short_convolution_every_acceptance_position(tiny_files, cpu):
     assert stats.redecode_seconds == 0 and stats.state_bytes == 5 * target.state_bytes
 
 
-NEW_ARCHS = [DeltaSpec("qwen35moe", "f32"), HybridSpec("lfm2"), HybridSpec("falcon-h1")]
+NEW_ARCHS = [DeltaSpec("qwen35moe", "f32"), HybridSpec("lfm2"), HybridSpec("falcon-h1"), JambaSpec()]
 
 
 @pytest.mark.slow

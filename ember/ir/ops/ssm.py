@@ -1,4 +1,5 @@
-"""State-space (Mamba-2) ops with carried recurrent state, after ggml's ssm_conv and ssm_scan.
+"""State-space (Mamba-1 and Mamba-2) ops with carried recurrent state, after ggml's ssm_conv and
+ssm_scan.
 
 A recurrent layer carries two states from one step to the next: the last d_conv - 1 rows that
 entered its causal convolution, and the SSM state of every head. Both ops keep ggml's split of
@@ -13,6 +14,11 @@ the work, so a step graph reads like llama.cpp's build_mamba2_layer:
 
 The conv bias and activation, dt's bias, the D skip connection and the gate stay separate
 elementwise ops, as in llama.cpp's graph.
+
+The decay A comes in ggml's two forms: one scalar per head, A[H] (Mamba-2), or one value per
+channel and state entry, A[H, N] (Mamba-1, as in Jamba: llama.cpp's build_mamba_layer runs the
+same ggml_ssm_scan with heads of one channel, P = 1, one group, and ssm_a of d_inner x d_state),
+where the state row (h, p) decays entry n by exp(d * A[h, n]).
 
 For speculative decoding, ssm_scan(..., all_states=True) returns the state after EVERY token
 (f32[T*H*P + T*H*P*N]: y, then T states [T, H, P, N]), so the runtime can keep the state after
@@ -66,13 +72,16 @@ def _ssm_scan_infer(ts, attrs):
     s, x, dt, a, b, c = ts
     for name, t in zip(("state", "x", "dt", "A", "B", "C"), ts):
         expect_dtype("ssm_scan", name, t, FLOAT_ACT)
-    require(s.rank == 3 and x.rank == 3 and dt.rank == 2 and a.rank == 1 and b.rank == 3,
-            "ssm_scan: state must be [H, P, N], x [T, H, P], dt [T, H], A [H], B and C [T, G, N]")
+    require(s.rank == 3 and x.rank == 3 and dt.rank == 2 and a.rank in (1, 2) and b.rank == 3,
+            "ssm_scan: state must be [H, P, N], x [T, H, P], dt [T, H], A [H] or [H, N], B and C "
+            "[T, G, N]")
     H, P, N = s.shape
     T = x.shape[0]
     require(x.shape[1:] == (H, P), f"ssm_scan: x {list(x.shape)} must be [T, {H}, {P}] (state {list(s.shape)})")
     require(dt.shape == (T, H), f"ssm_scan: dt {list(dt.shape)} must be [{T}, {H}]")
-    require(a.shape == (H,), f"ssm_scan: A {list(a.shape)} must be [{H}] (one decay per head)")
+    require(a.shape in ((H,), (H, N)),
+            f"ssm_scan: A {list(a.shape)} must be [{H}] (one decay per head, Mamba-2) or [{H}, {N}] "
+            "(one per head and state entry, Mamba-1)")
     require(b.shape == c.shape, f"ssm_scan: B {list(b.shape)} and C {list(c.shape)} differ in shape")
     G = b.shape[1]
     require(b.shape[0] == T and b.shape[2] == N and G > 0 and H % G == 0,
@@ -95,9 +104,10 @@ def _ssm_scan_ref(xs, attrs):
     states = []
     for t in range(T):
         dts = softplus_ggml(dt[t])                                       # [H]
-        decay = np.exp(dts * a)                                          # [H]
+        # [H, 1] per head (Mamba-2) or [H, N] per head and state entry (Mamba-1)
+        decay = np.exp(dts[:, None] * (a[:, None] if a.ndim == 1 else a))
         bt, ct = b[t][group], c[t][group]                                # [H, N]
-        state = state * decay[:, None, None] + (x[t] * dts[:, None])[:, :, None] * bt[:, None, :]
+        state = state * decay[:, None, :] + (x[t] * dts[:, None])[:, :, None] * bt[:, None, :]
         y[t] = np.einsum("hpn,hn->hp", state, ct)
         states.append(state.reshape(-1))
     kept = states if attrs["all_states"] else states[-1:]
@@ -106,10 +116,11 @@ def _ssm_scan_ref(xs, attrs):
 
 register(OpDef("ssm_scan", ("state", "x", "dt", "A", "B", "C"), _ssm_scan_infer, _ssm_scan_ref,
                attrs={"all_states": Attr("bool", False)},
-               doc="The Mamba-2 selective scan (ggml_ssm_scan with a scalar A per head). For each "
-                   "token t in order, head h of H (group g = h / (H / G)): d = softplus(dt[t, h]) "
-                   "(d = dt above 20), state[h] = state[h] * exp(d * A[h]) + (x[t, h] * d) outer "
-                   "B[t, g], y[t, h] = state[h] . C[t, g]. Operands state[H, P, N], x[T, H, P], "
-                   "dt[T, H] (its bias already added), A[H], B and C [T, G, N]. Result f32[T*H*P + "
+               doc="The selective scan (ggml_ssm_scan). For each token t in order, head h of H "
+                   "(group g = h / (H / G)): d = softplus(dt[t, h]) (d = dt above 20), state[h] = "
+                   "state[h] * exp(d * A[h]) + (x[t, h] * d) outer B[t, g], y[t, h] = state[h] . "
+                   "C[t, g]; A is [H] (Mamba-2: one decay per head) or [H, N] (Mamba-1: entry n of "
+                   "every row of state[h] decays by exp(d * A[h, n])). Operands state[H, P, N], "
+                   "x[T, H, P], dt[T, H] (its bias already added), A, B and C [T, G, N]. Result f32[T*H*P + "
                    "H*P*N]: y as [T, H, P], then the final state as [H, P, N]; with all_states, f32[T*H*P + "
                    "T*H*P*N]: y, then the state after each token as [T, H, P, N]."))
