@@ -40,6 +40,11 @@ ROPE_BASE, ROPE_BASE_SWA = 1e6, 1e4
 RMS_EPS = 1e-6
 SOFTCAP = 30.0
 N_CTX = 4096
+# gemma4 does not scale its queries: with unit QK-norm weights a head's logits would have a spread
+# of sqrt(head size) and every softmax would be nearly one-hot, so that an 8-bit rounding of the
+# activations (llama.cpp's quantized matmuls) flips which key wins. Learned norms keep the logits
+# moderate; these weights (about 0.3) give logits of spread ~2-3.
+QK_NORM = 0.3
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def make_gemma4_weights() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(SEED)
     n_layer, E, n_pl = len(SWA), N_EMBD, N_EMBD_PER_LAYER
     first_shared = n_layer - SHARED_KV_LAYERS
-    w = {"token_embd.weight": rng.standard_normal((N_VOCAB, E)).astype(np.float32),
+    w = {"token_embd.weight": (rng.standard_normal((N_VOCAB, E)) / np.sqrt(E)).astype(np.float32),
          "output_norm.weight": random_norm(rng, E),
          "rope_freqs.weight": rope_factors(),
          "per_layer_token_embd.weight": (0.5 * rng.standard_normal((N_VOCAB, n_layer * n_pl))).astype(np.float32),
@@ -78,10 +83,10 @@ def make_gemma4_weights() -> dict[str, np.ndarray]:
         p, D, F = f"blk.{il}.", HEAD_SWA if SWA[il] else HEAD_FULL, FF_WIDTHS[il]
         w[p + "attn_norm.weight"] = random_norm(rng, E)
         w[p + "attn_q.weight"] = random_matrix(rng, N_HEAD * D, E)
-        w[p + "attn_q_norm.weight"] = random_norm(rng, D)
+        w[p + "attn_q_norm.weight"] = QK_NORM * random_norm(rng, D)
         if il < first_shared:
             w[p + "attn_k.weight"] = random_matrix(rng, N_HEAD_KV * D, E)
-            w[p + "attn_k_norm.weight"] = random_norm(rng, D)
+            w[p + "attn_k_norm.weight"] = QK_NORM * random_norm(rng, D)
             if il not in NO_V_LAYERS:
                 w[p + "attn_v.weight"] = random_matrix(rng, N_HEAD_KV * D, E)
         w[p + "attn_output.weight"] = random_matrix(rng, E, N_HEAD * D)
