@@ -6,7 +6,8 @@ blocks llama.cpp would write (up to float summation order).
 - q5_k (256 values: 8 sub-blocks of 32, 5-bit codes, 6-bit scales and mins): per sub-block,
   make_qkx2_quants fits x ~= scale * L - min (L in 0..31, min >= 0) weighting each value by
   rms(sub-block) + |x|: a min/max start, then 16 candidate steps (nmax - 0.5 + 0.1 i) / range,
-  each refitted by weighted least squares of scale and min, keeping the least weighted error.
+  each refitted by weighted least squares of scale and min, keeping the least weighted error
+  (the range is taken from the best fit so far, so the candidates depend on the order).
   The sub-block scales and mins are then rounded to 6 bits of fp16 super-block steps (the
   largest / 63) and the codes recomputed against the stored values.
 - q6_k (256 values: 16 sub-blocks of 16, 6-bit codes, int8 scales): per sub-block,
@@ -38,6 +39,12 @@ def _div(a, b) -> np.ndarray:
     return out
 
 
+def _sum(a: np.ndarray) -> np.ndarray:
+    """Row sums accumulated left to right in float32, as ggml's loops add (NumPy's pairwise
+    sum rounds differently and can flip a near-tie between two candidate scales)."""
+    return np.cumsum(a, axis=1, dtype=np.float32)[:, -1]
+
+
 def _recip(x: np.ndarray) -> np.ndarray:
     return _div(np.float32(1), x)
 
@@ -55,24 +62,23 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     f32 = np.float32
     lo = np.minimum(x.min(axis=1), f32(0))
     hi = x.max(axis=1)
-    sum_w = w.sum(axis=1)
-    sum_x = (w * x).sum(axis=1)
-    span = hi - lo
-    flat = span == 0
-    span = np.where(flat, f32(1), span)
-    centred = x - lo[:, None]
+    sum_w = _sum(w)
+    sum_x = _sum(w * x)
+    flat = hi == lo
+    lo = np.where(flat, hi - f32(1), lo)         # any range: these rows are zeroed at the end
 
-    def codes(iscale):
-        return np.clip(np.rint(iscale[:, None] * centred), 0, nmax)
+    def codes(iscale, lo):
+        return np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
 
-    iscale = f32(nmax) / span
+    iscale = _div(f32(nmax), hi - lo)
     scale = _recip(iscale)
-    L = codes(iscale)
-    best = (w * np.square(scale[:, None] * L + lo[:, None] - x)).sum(axis=1)
+    L = codes(iscale, lo)
+    best = _sum(w * np.square(scale[:, None] * L + lo[:, None] - x))
     for step in range(nstep + 1):
-        La = codes((f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / span)
+        # ggml moves min (and with it the range) to each better fit as the search goes on
+        La = codes(_div(f32(rmin) + f32(rdelta) * f32(step) + f32(nmax), hi - lo), lo)
         wl = w * La
-        sum_l, sum_l2, sum_xl = wl.sum(axis=1), (wl * La).sum(axis=1), (wl * x).sum(axis=1)
+        sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * La), _sum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         D = np.where(ok, D, f32(0))
@@ -81,7 +87,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         clamp = this_min > 0
         this_min = np.where(clamp, f32(0), this_min)
         this_scale = np.where(clamp, _div(sum_xl, sum_l2), this_scale)
-        err = (w * np.square(this_scale[:, None] * La + this_min[:, None] - x)).sum(axis=1)
+        err = _sum(w * np.square(this_scale[:, None] * La + this_min[:, None] - x))
         better = ok & (err < best)
         L = np.where(better[:, None], La, L)
         best = np.where(better, err, best)
@@ -89,7 +95,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         lo = np.where(better, this_min, lo)
     scale = np.where(flat, f32(0), scale)
     L = np.where(flat[:, None], f32(0), L)
-    return scale.astype(f32), (-lo).astype(f32), L.astype(np.uint8)
+    return scale.astype(f32), np.where(flat, -np.minimum(hi, f32(0)), -lo).astype(f32), L.astype(np.uint8)
 
 
 def quantize_q5_k(x: np.ndarray) -> np.ndarray:
@@ -97,7 +103,7 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
     f32 = np.float32
     n = x.shape[0]
     xs = x.reshape(n * 8, 32)
-    av = np.sqrt((xs * xs).sum(axis=1) / f32(32))
+    av = np.sqrt(_sum(xs * xs) / f32(32))
     weights = av[:, None] + np.abs(xs)
     scales, mins, L = make_qkx2_quants(xs, weights, 31, -0.5, 0.1, 15)
     scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
@@ -134,8 +140,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
     def fit(iscale):
         l = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
-        wl = w * l
-        return l, (wl * x).sum(axis=1), (wl * l).sum(axis=1)
+        return l, _sum(w * x * l), _sum(w * l * l)         # ggml's w*x[i]*l, w*l*l
 
     l, sumlx, suml2 = fit(f32(-nmax) / peak)
     scale = _div(sumlx, suml2)

@@ -12,11 +12,12 @@ from ember.ir.quant_formats import _quantize_q5_k as naive_q5_k
 
 KINDS = ["q5_k", "q6_k"]
 NBYTES = {"q5_k": 176, "q6_k": 210}
-# Round-trip NMSE on standard-normal data (64 x 4096): measured q5_k 1.14e-3 (naive min/max
-# grid 1.5e-3), q6_k 3.1e-4 (naive max-abs 4.1e-4)
-NMSE_BOUND = {"q5_k": 1.25e-3, "q6_k": 3.3e-4}
-# the search's error must be this much below the naive quantizer's
-GAIN = 0.9
+# Round-trip NMSE on standard-normal data (64 x 4096): measured q5_k 1.31e-3 (the naive min/max
+# grid 1.46e-3), q6_k 3.15e-4 (naive max-abs 3.55e-4); the blocks are llama.cpp's own, byte for
+# byte (test_blocks_are_llama_cpps; measured on 3 x 1024 blocks), so these are ggml's errors too.
+NMSE_BOUND = {"q5_k": 1.4e-3, "q6_k": 3.3e-4}
+# the search's error must be at least this much below the naive quantizer's (measured 0.90, 0.89)
+GAIN = 0.93
 
 
 def nmse(x, y):
@@ -109,8 +110,8 @@ def ggml_quantize(lib, x: np.ndarray, kind: str) -> np.ndarray:
 @pytest.mark.peer
 @pytest.mark.parametrize("kind", KINDS)
 def test_blocks_are_llama_cpps(kind):
-    """The same bytes as ggml's quantize_row_*_ref for nearly every block: NumPy sums in a
-    different order than C, which can flip a near-tie between two candidate scales."""
+    """The same bytes as ggml's quantize_row_*_ref, every block (the sums are accumulated in C's
+    order and with its products, so no near-tie between two candidate scales flips)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from llama_cpp import _ggml
     lib = ctypes.CDLL(str(_ggml.libggml_base_path / "libggml-base.so"))
@@ -118,7 +119,7 @@ def test_blocks_are_llama_cpps(kind):
     ours = quantize_ggml(x, kind).reshape(-1, NBYTES[kind])
     theirs = ggml_quantize(lib, x, kind).reshape(-1, NBYTES[kind])
     same = np.mean(np.all(ours == theirs, axis=1))
-    assert same > 0.95, f"{kind}: {same:.1%} of blocks identical"
+    assert same == 1.0, f"{kind}: {same:.1%} of blocks identical"
     err_ours = nmse(x, dequantize(ours, kind).reshape(x.shape))
     err_theirs = nmse(x, dequantize(theirs, kind).reshape(x.shape))
     assert err_ours == pytest.approx(err_theirs, rel=0.01)
