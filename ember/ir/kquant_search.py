@@ -1,7 +1,8 @@
 """ggml's own k-quant quantizers for q5_k and q6_k, vectorised over blocks in NumPy: the
 iterative scale searches of ggml-quants.c that llama-quantize runs without an importance
 matrix (quantize_row_q5_K_ref, quantize_row_q6_K_ref), so a model requantized here holds the
-blocks llama.cpp would write (up to float summation order).
+blocks llama.cpp would write: the same bytes (tests/ir/test_kquant_search.py compares them with
+ggml_quantize_chunk), since every sum is accumulated in C's order with C's products.
 
 - q5_k (256 values: 8 sub-blocks of 32, 5-bit codes, 6-bit scales and mins): per sub-block,
   make_qkx2_quants fits x ~= scale * L - min (L in 0..31, min >= 0) weighting each value by
