@@ -59,6 +59,7 @@ def test_graph_prompt_decode_and_greedy_text_match_llama_cpp(llama_cpp, tiny_fil
         assert_greedy_text_matches(model, ours, their_tokens, their_text)
 
 
+@pytest.mark.slow        # compiling the CPU step graphs takes a minute on 2 cores
 def test_cpu_prompt_decode_and_greedy_text_match_llama_cpp(llama_cpp, tiny_files, cpu):
     """The compiled CPU session: the sliding-window layers keep a ring of rows (the prompt and
     decode pass the window of 5), the shared layers read the ring and the cache of others."""
