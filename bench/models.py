@@ -9,9 +9,12 @@ step graphs there); each cell is the mean +- sample std of tokens/s. Same thread
 Each engine lives in its own subprocess (so each peak RSS, VmHWM, is its own), and the two take
 turns repetition by repetition, so load from other processes on the machine falls on both alike.
 
-    python bench/models.py [--model GGUF] [--threads 2] [--reps 5] [--markdown]
+    python bench/models.py [--model GGUF] [--threads 2] [--reps 5] [--markdown] [--requant q5_k_m]
 
---markdown writes the table as Markdown to stdout (for BENCHMARKS.md).
+--markdown writes the table as Markdown to stdout (for BENCHMARKS.md). --requant MIX first
+requantizes the model into llama.cpp's Q5_K_M (or Q4_K_M) mix with ember.tools.requant (ggml's
+k-quant searches; written once next to the model as <name>.ember-<mix>.gguf) and measures that
+file: both engines run the same requantized file.
 """
 from __future__ import annotations
 
@@ -179,6 +182,19 @@ def measure(args) -> tuple[dict, dict]:
     return results, info
 
 
+def requantized(model: Path, mix: str) -> Path:
+    """model requantized into mix, written once next to it (the write is atomic)."""
+    from ember.tools.requant import requantize
+    out = model.with_name(f"{model.stem}.ember-{mix}.gguf")
+    if not out.exists():
+        tmp = out.with_name(f".{out.name}.pid{os.getpid()}")
+        start = time.perf_counter()
+        requantize(model, tmp, mix)
+        os.replace(tmp, out)
+        print(f"requantized {model.name} into {mix} in {time.perf_counter() - start:.0f} s: {out}", file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: ember's default model)")
@@ -190,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=0,
                         help="tokens in the cache before each timed run, decoded untimed (llama-bench's -d)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--requant", choices=("q4_k_m", "q5_k_m"),
+                        help="measure the model requantized into this llama.cpp mix (ember.tools.requant)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)      # a worker's K,V cache types
     parser.add_argument("--tests", default="pp,tg", help=argparse.SUPPRESS)
@@ -203,6 +221,8 @@ def main(argv=None) -> int:
                       cache, args.tests)
     if args.reps < 2:
         parser.error("--reps must be at least 2 (the table shows a sample std)")
+    if args.requant:
+        args.model = str(requantized(Path(args.model), args.requant))
 
     load_before = os.getloadavg()[0]
     start = time.perf_counter()

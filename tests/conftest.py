@@ -14,12 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 from tiny_gguf import Spec, write_tiny_gguf
 from tiny_gguf_delta import DeltaSpec, write_delta_gguf
+from tiny_gguf_gemma4 import Gemma4Spec, write_gemma4_gguf
 from tiny_gguf_hybrid import HybridSpec, write_hybrid_gguf
 from tiny_gguf_jamba import JambaSpec, write_jamba_gguf
 from tiny_gguf_ssm import SsmSpec, write_ssm_gguf
 
 WRITERS = {SsmSpec: write_ssm_gguf, DeltaSpec: write_delta_gguf, HybridSpec: write_hybrid_gguf,
-           JambaSpec: write_jamba_gguf}
+           JambaSpec: write_jamba_gguf, Gemma4Spec: write_gemma4_gguf}
 
 
 class TinyFiles:
@@ -28,7 +29,7 @@ class TinyFiles:
     def __init__(self, folder: Path):
         self.folder, self.paths = folder, {}
 
-    def __getitem__(self, spec: Spec | SsmSpec | DeltaSpec | HybridSpec | JambaSpec) -> Path:
+    def __getitem__(self, spec: Spec | SsmSpec | DeltaSpec | HybridSpec | JambaSpec | Gemma4Spec) -> Path:
         if spec not in self.paths:
             write = WRITERS.get(type(spec), write_tiny_gguf)
             self.paths[spec] = write(self.folder / spec.filename, spec)

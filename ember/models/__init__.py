@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Callable
 
 from ember.ir.graph import Graph
-from ember.models import gemma3, granite_hybrid, llama, mamba2, qwen2, qwen3
+from ember.models import gemma3, gemma4, granite_hybrid, llama, mamba2, qwen2, qwen3
 from ember.models import qwen3next, qwen35, qwen35moe
 from ember.models import falcon_h1, jamba, lfm2, nemotron_h
 from ember.models.common import Model, StepGraph, build_qkv  # noqa: F401
@@ -29,6 +29,7 @@ ARCHITECTURES: dict[str, Callable[..., Graph]] = {
     "qwen2": qwen2.build_step,
     "qwen3": qwen3.build_step,
     "gemma3": gemma3.build_step,
+    "gemma4": gemma4.build_step,
     "mamba2": mamba2.build_step,
     "granitehybrid": granite_hybrid.build_step,
     "qwen3next": qwen3next.build_step,

@@ -111,8 +111,12 @@ class Model:
     def uses_swa(self) -> bool:
         return self.hparams.uses_swa
 
-    def cache_shape(self, n_kv: int, which: str = "k") -> tuple[int, int]:
+    def cache_shape(self, n_kv: int, which: str = "k", il: int | None = None) -> tuple[int, int]:
+        """Shape of an attention layer's K or V cache of n_kv rows: layer il's (a gemma4
+        sliding-window layer's heads differ in size), or, without il, a global layer's."""
         hp = self.hparams
+        if il is not None:
+            return (n_kv, hp.kv_width(il, which))
         return (n_kv, hp.n_embd_k_gqa if which == "k" else hp.n_embd_v_gqa)
 
     @property
@@ -172,13 +176,19 @@ class Model:
     def check_cache(self, cache: KVCacheTypes) -> None:
         """EmberError (one line: the file, the head size, the type) when a quantized cache type
         cannot hold this model's heads as whole blocks; nothing to check without attention."""
-        if self.attention_layers:
-            cache.check(self.hparams.head_dim_k, self.hparams.head_dim_v, str(self.path))
+        hp = self.hparams
+        for head_dims in sorted({(hp.head_dim(il, "k"), hp.head_dim(il, "v")) for il in self.attention_layers}):
+            cache.check(*head_dims, str(self.path))
 
     def cache_bytes_per_row(self, cache: KVCacheTypes) -> int:
         """Bytes one token takes in one attention layer's K and V caches."""
         hp = self.hparams
         return cache.row_bytes(hp.n_embd_k_gqa, hp.n_embd_v_gqa)
+
+    def cache_bytes_per_token(self, cache: KVCacheTypes) -> int:
+        """Bytes one token takes in the K and V caches of every attention layer."""
+        hp = self.hparams
+        return sum(cache.row_bytes(hp.kv_width(il, "k"), hp.kv_width(il, "v")) for il in self.attention_layers)
 
     def __repr__(self) -> str:
         hp = self.hparams
@@ -226,8 +236,8 @@ class StepGraph:
         self.v_cache: dict[int, Node] = {}
         for il in model.attention_layers:
             rows = self.cache_rows(il)
-            self.k_cache[il] = b.input(f"k_cache.{il}", cache.k, model.cache_shape(rows, "k"))
-            self.v_cache[il] = b.input(f"v_cache.{il}", cache.v, model.cache_shape(rows, "v"))
+            self.k_cache[il] = b.input(f"k_cache.{il}", cache.k, model.cache_shape(rows, "k", il))
+            self.v_cache[il] = b.input(f"v_cache.{il}", cache.v, model.cache_shape(rows, "v", il))
         self.k_updated: list[Node | None] = [None] * self.hp.n_layer
         self.v_updated: list[Node | None] = [None] * self.hp.n_layer
         # recurrent state: plane tables by name, the state each step starts from, the states written
@@ -325,37 +335,48 @@ class StepGraph:
 
     def ffn(self, x: Node, il: int, gate_op: str) -> Node:
         """The parallel gated FFN: down(act(gate(x)) * up(x)); gate_op is swiglu or geglu."""
-        p, n_ff = f"blk.{il}.", self.hp.n_ff
+        p, n_ff = f"blk.{il}.", self.hp.ff_width(il)
         gate = self.linear(x, p + "ffn_gate", n_ff)
         up = self.linear(x, p + "ffn_up", n_ff)
         return self.linear(self.b.op(gate_op, gate, up), p + "ffn_down", self.hp.n_embd)
 
-    def attention(self, il: int, q: Node, k: Node, v: Node, scale: float, softcap: float = 0.0,
-                  swa: bool = False) -> Node:
+    def attention(self, il: int, q: Node, k: Node | None, v: Node | None, scale: float,
+                  softcap: float = 0.0, swa: bool = False) -> Node:
         """Write this step's K/V rows into layer il's caches, attend over the updated caches,
         and return the heads flattened: f32[n_tokens, n_head * head_dim_v]. A q8_0 / q4_0
-        cache rotates Q and K (V, and the output back) as llama.cpp does (ember.models.kv_cache)."""
+        cache rotates Q and K (V, and the output back) as llama.cpp does (ember.models.kv_cache).
+        A layer that shares an earlier layer's cache (HParams.kv_source, gemma4) passes no k
+        and v: it attends over that layer's cache as this step updated it."""
         b, hp = self.b, self.hp
         if swa != hp.is_swa(il):
             raise ValueError(f"attention: layer {il} is {'' if hp.is_swa(il) else 'not '}a "
                              f"sliding-window layer, called with swa={swa}")
-        k_rot, v_rot = self.cache.k_rotation(hp.head_dim_k), self.cache.v_rotation(hp.head_dim_v)
+        src = hp.kv_source(il)
+        if (src == il) != (k is not None and v is not None):
+            raise ValueError(f"attention: layer {il} reads the cache of layer {src}: it takes "
+                             f"{'k and v' if src == il else 'no k and v'}")
+        head_k, head_v = hp.head_dim(il, "k"), hp.head_dim(il, "v")
+        k_rot, v_rot = self.cache.k_rotation(head_k), self.cache.v_rotation(head_v)
         if k_rot:
-            q, k = rotate(b, q, k_rot), rotate(b, k, k_rot)
-        if v_rot:
-            v = rotate(b, v, v_rot)
+            q = rotate(b, q, k_rot)
+        if src == il:
+            if k_rot:
+                k = rotate(b, k, k_rot)
+            if v_rot:
+                v = rotate(b, v, v_rot)
+            slots = self.slots_swa if swa else self.slots
+            self.k_updated[il] = b.set_rows(self.k_cache[il], slots, flatten_heads(b, k))
+            self.v_updated[il] = b.set_rows(self.v_cache[il], slots, flatten_heads(b, v))
+        elif self.k_updated[src] is None:
+            raise ValueError(f"attention: layer {il} reads layer {src}'s cache before it is written")
         rows = self.cache_rows(il)
-        slots = self.slots_swa if swa else self.slots
-        k_cache = b.set_rows(self.k_cache[il], slots, flatten_heads(b, k))
-        v_cache = b.set_rows(self.v_cache[il], slots, flatten_heads(b, v))
-        self.k_updated[il], self.v_updated[il] = k_cache, v_cache
-        keys = b.reshape(k_cache, rows, hp.n_head_kv, hp.head_dim_k)
-        values = b.reshape(v_cache, rows, hp.n_head_kv, hp.head_dim_v)
+        keys = b.reshape(self.k_updated[src], rows, hp.n_head_kv, head_k)
+        values = b.reshape(self.v_updated[src], rows, hp.n_head_kv, head_v)
         mask = self.mask_swa if swa else self.mask
         out = b.attention(q, keys, values, mask, scale=scale, softcap=softcap, causal=False)
         if v_rot:
             out = b.hadamard(out, v_rot)
-        return b.reshape(out, self.n_tokens, hp.n_head * hp.head_dim_v)
+        return b.reshape(out, self.n_tokens, hp.n_head * head_v)
 
     def cache_rows(self, il: int) -> int:
         """The rows of layer il's KV cache in this step: n_kv_swa for a sliding-window layer."""

@@ -27,6 +27,11 @@ DEFAULT_ROPE_BASE_SWA = 10000.0
 # The older name of rope.scaling.factor, still read by llama.cpp; gguf.constants no longer has it.
 ROPE_SCALE_LINEAR = "{arch}.rope.scale_linear"
 
+# gemma4 (llama.cpp's models/gemma4.cpp): sliding-window layers with their own head size and
+# rotated dimensions, the last shared_kv_layers layers reading the KV cache of an earlier layer,
+# per-layer FFN widths and per-layer token embeddings; queries are not scaled (attn scale 1).
+GEMMA4_ARCHS = ("gemma4",)
+
 # Architectures with recurrent layers (llm_arch_is_recurrent / llm_arch_is_hybrid). mamba2: every
 # layer is Mamba-2. granitehybrid, nemotron_h, lfm2, jamba: head_count_kv is per layer, and a layer
 # without KV heads is recurrent (nemotron_h: unless its feed_forward_length is set, which makes it
@@ -119,6 +124,16 @@ class HParams:
     expert_gating: str = "softmax"
     n_layer_dense_lead: int = 0
     rope_sections: tuple[int, ...] = field(default=())    # qwen35: the imrope sections (t, h, w, e)
+    # gemma4: the sliding-window layers' head sizes and rotated dimensions (0: the same as the
+    # other layers'), each layer's FFN width (empty: n_ff everywhere), the layer whose KV cache
+    # each layer reads (empty: its own; llama.cpp's n_layer_kv_from_start and layer reuse), and
+    # the width of the per-layer token embeddings (0: none).
+    head_dim_k_swa: int = 0
+    head_dim_v_swa: int = 0
+    n_rot_swa: int = 0
+    ff_widths: tuple[int, ...] = field(default=())
+    kv_sources: tuple[int, ...] = field(default=())
+    n_embd_per_layer: int = 0
 
     def __post_init__(self):
         if not self.swa_layers:
@@ -129,6 +144,11 @@ class HParams:
             object.__setattr__(self, "attention_flags", tuple(not r for r in self.recurrent_layers))
         if not self.attn_scale and self.head_dim_k > 0:   # else refused by the reader's check
             object.__setattr__(self, "attn_scale", 1.0 / math.sqrt(self.head_dim_k))
+        defaults = dict(head_dim_k_swa=self.head_dim_k, head_dim_v_swa=self.head_dim_v, n_rot_swa=self.n_rot,
+                        ff_widths=(self.n_ff,) * self.n_layer, kv_sources=tuple(range(self.n_layer)))
+        for name, value in defaults.items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, value)
 
     @property
     def n_embd_k_gqa(self) -> int:
@@ -138,6 +158,27 @@ class HParams:
     @property
     def n_embd_v_gqa(self) -> int:
         return self.n_head_kv * self.head_dim_v
+
+    def head_dim(self, il: int, which: str = "k") -> int:
+        """Layer il's head size of K ("k") or V ("v"): a sliding-window layer's may differ."""
+        if self.is_swa(il):
+            return self.head_dim_k_swa if which == "k" else self.head_dim_v_swa
+        return self.head_dim_k if which == "k" else self.head_dim_v
+
+    def kv_width(self, il: int, which: str = "k") -> int:
+        """Width of one row of layer il's K or V cache: all KV heads of one token."""
+        return self.n_head_kv * self.head_dim(il, which)
+
+    def rot_dims(self, il: int) -> int:
+        """Rotated dimensions of each head of layer il (from the front)."""
+        return self.n_rot_swa if self.is_swa(il) else self.n_rot
+
+    def ff_width(self, il: int) -> int:
+        return self.ff_widths[il]
+
+    def kv_source(self, il: int) -> int:
+        """The layer whose KV cache layer il attends over (il itself unless it shares one)."""
+        return self.kv_sources[il]
 
     @property
     def uses_swa(self) -> bool:
@@ -270,6 +311,8 @@ class _Reader:
         values.update(self.rope_scaling())
         if self.arch == "gemma3":
             values.update(self.gemma3(values))
+        if self.arch in GEMMA4_ARCHS:
+            values.update(self.gemma4(values))
         if self.arch in MAMBA2_ARCHS:
             values.update(self.mamba2(values))
         if self.arch == "granitehybrid":
@@ -296,6 +339,11 @@ class _Reader:
         a layer with a feed_forward_length is an FFN-only layer, one without KV heads and FFN a
         Mamba-2 layer, the others attention layers. The layers of one kind must agree on the
         sizes (ember supports uniform layers only)."""
+        if self.arch in GEMMA4_ARCHS:      # llama.cpp's n_ff(il): the width may differ by layer
+            n_head = self.get(Keys.Attention.HEAD_COUNT, int, required=True)
+            ff = self.per_layer(Keys.LLM.FEED_FORWARD_LENGTH, n_layer, required=True)
+            return dict(n_head=n_head, n_head_kv=self.get(Keys.Attention.HEAD_COUNT_KV, int, n_head),
+                        n_ff=max(ff), ff_widths=ff)
         if self.arch not in HYBRID_ARCHS + PARALLEL_HYBRID_ARCHS:
             n_head = self.get(Keys.Attention.HEAD_COUNT, int, required=True)
             return dict(n_head=n_head, n_head_kv=self.get(Keys.Attention.HEAD_COUNT_KV, int, n_head),
@@ -469,6 +517,21 @@ class _Reader:
         return problems
 
     @staticmethod
+    def check_gemma4(hp: HParams) -> list[str]:
+        problems = []
+        if hp.head_dim_k != hp.head_dim_v or hp.head_dim_k_swa != hp.head_dim_v_swa:
+            problems.append(f"key and value lengths must be equal (llama.cpp's Gemma 4 check): "
+                            f"{hp.head_dim_k}/{hp.head_dim_v}, sliding-window {hp.head_dim_k_swa}/{hp.head_dim_v_swa}")
+        if hp.uses_swa and (hp.n_rot_swa % 2 or not 0 < hp.n_rot_swa <= hp.head_dim_k_swa):
+            problems.append(f"sliding-window rope dimension count {hp.n_rot_swa} must be even and in "
+                            f"(0, {hp.head_dim_k_swa}]")
+        if any(w <= 0 for w in hp.ff_widths):
+            problems.append(f"feed_forward_length {list(hp.ff_widths)} must be positive in every layer")
+        if hp.n_embd_per_layer < 0:
+            problems.append(f"embedding_length_per_layer_input {hp.n_embd_per_layer} is negative")
+        return problems
+
+    @staticmethod
     def check_experts(hp: HParams) -> list[str]:
         problems = []
         if not 0 < hp.n_expert_used <= hp.n_expert:
@@ -504,6 +567,43 @@ class _Reader:
             out["swa_layers"] = self.swa_pattern(n_layer, GEMMA3_SWA_PERIOD)
             out["rope_freq_base_swa"] = self.get(Keys.Rope.FREQ_BASE_SWA, float, DEFAULT_ROPE_BASE_SWA)
         return out
+
+    def gemma4(self, values: dict) -> dict:
+        """llama_model_gemma4::load_arch_hparams (the dense models: a mixture of experts is
+        refused by the tensor check). The sliding window and its per-layer pattern are required;
+        the last shared_kv_layers layers read the cache of the last earlier layer of their kind
+        (llama.cpp's reuse callback: n_layer_kv_from_start - 2 for a sliding-window layer, - 1
+        for a global one), which must be of that kind."""
+        n_layer = values["n_layer"]
+        window = self.get(Keys.Attention.SLIDING_WINDOW, int, required=True)
+        swa = self.swa_pattern(n_layer, 0) if self.key(Keys.Attention.SLIDING_WINDOW_PATTERN) in self.meta \
+            else None
+        if swa is None:
+            raise ModelFileError(f"{self.source}: required metadata "
+                                 f"{self.key(Keys.Attention.SLIDING_WINDOW_PATTERN)!r} is missing")
+        shared = self.get(Keys.Attention.SHARED_KV_LAYERS, int, 0)
+        first_shared = n_layer - shared
+        if shared and not 2 <= first_shared < n_layer:
+            raise ModelFileError(f"{self.source}: {self.key(Keys.Attention.SHARED_KV_LAYERS)!r} = {shared} "
+                                 f"must leave at least 2 of the {n_layer} layers with their own KV cache")
+        sources = list(range(n_layer))
+        for il in range(first_shared, n_layer):
+            src = first_shared - (2 if swa[il] else 1)
+            if swa[src] != swa[il]:
+                raise ModelFileError(f"{self.source}: layer {il} shares the KV cache of layer {src}, "
+                                     "which is not of its kind (sliding-window or global)")
+            sources[il] = src
+        head_k = values["head_dim_k"]
+        head_k_swa = self.get(Keys.Attention.KEY_LENGTH_SWA, int, required=True)
+        return dict(sliding_window=window, swa_layers=swa, attn_scale=1.0,
+                    head_dim_k_swa=head_k_swa,
+                    head_dim_v_swa=self.get(Keys.Attention.VALUE_LENGTH_SWA, int, required=True),
+                    n_rot_swa=self.get(Keys.Rope.DIMENSION_COUNT_SWA, int, values.get("n_rot", head_k)),
+                    rope_freq_base_swa=self.get(Keys.Rope.FREQ_BASE_SWA, float, DEFAULT_ROPE_BASE_SWA),
+                    final_logit_softcap=self.get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, float, 0.0),
+                    n_embd_per_layer=self.get(Keys.LLM.EMBD_LENGTH_PER_LAYER_INP, int, 0),
+                    kv_sources=tuple(sources),
+                    attention_flags=tuple(il < first_shared for il in range(n_layer)))
 
     def swa_pattern(self, n_layer: int, period: int) -> tuple[bool, ...]:
         """llama_model_base::load_swa_pattern: a per-layer bool array, or a period n where layer
@@ -548,6 +648,8 @@ class _Reader:
             problems += self.check_delta_net(hp)
         if hp.arch in MAMBA1_ARCHS:
             problems += self.check_jamba(hp)
+        if hp.arch in GEMMA4_ARCHS:
+            problems += self.check_gemma4(hp)
         if hp.arch == "lfm2moe" and hp.n_layer_dense_lead < hp.n_layer:
             problems += self.check_experts(hp)
         problems += self.value_ranges(hp)

@@ -56,10 +56,10 @@ class KVFootprint:
 
 
 def kv_footprint(session: "Session") -> KVFootprint:
-    per_row = session.model.cache_bytes_per_row(session.cache)
+    per_token = session.model.cache_bytes_per_token(session.cache)
     layers = len(session.attention_layers)
     held = sum(a.nbytes for a in session.k_cache + session.v_cache)
-    return KVFootprint(layers, layers * per_row, held, session.n_ctx)
+    return KVFootprint(layers, per_token, held, session.n_ctx)
 
 
 @dataclass(frozen=True)

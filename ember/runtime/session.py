@@ -231,9 +231,9 @@ class Session:
         # holds (-1: none; empty for a model without sliding-window layers)
         self.swa_rows = swa_cache_rows(hp, self.n_ctx, options)
         self.swa_pos = np.full(self.swa_rows if hp.uses_swa else 0, -1, np.int64)
-        rows = [self.swa_rows if hp.is_swa(il) else self.n_ctx for il in self.attention_layers]
-        self.k_cache = [cache_array(self.cache.k, *model.cache_shape(n, "k")) for n in rows]
-        self.v_cache = [cache_array(self.cache.v, *model.cache_shape(n, "v")) for n in rows]
+        rows = {il: self.swa_rows if hp.is_swa(il) else self.n_ctx for il in self.attention_layers}
+        self.k_cache = [cache_array(self.cache.k, *model.cache_shape(n, "k", il)) for il, n in rows.items()]
+        self.v_cache = [cache_array(self.cache.v, *model.cache_shape(n, "v", il)) for il, n in rows.items()]
         # recurrent state planes (module doc): name -> f32[planes, state size]
         self.state_planes = 1
         self._planes: dict[str, np.ndarray] = {}

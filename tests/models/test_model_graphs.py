@@ -21,7 +21,7 @@ TYPE_NMSE = {"f16": 1e-6, "bf16": 1e-4, "q8_0": 1e-3, "q6_k": 1e-2, "q5_0": 5e-2
 
 
 def test_registry():
-    assert sorted(ARCHITECTURES) == sorted(ARCHS + SSM_ARCHS + DELTA_ARCHS + HYBRID_ARCHS + ("jamba",))
+    assert sorted(ARCHITECTURES) == sorted(ARCHS + SSM_ARCHS + DELTA_ARCHS + HYBRID_ARCHS + ("jamba", "gemma4"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -19,8 +19,8 @@ class ReferenceSession:
         self.slot_pos = np.full(n_kv, -1)          # position held by each cache row, -1: empty
         self.caches = {}                           # in the order of the graph's inputs and outputs
         for il in model.attention_layers:
-            self.caches[f"k_cache.{il}"] = cache_array(cache.k, *model.cache_shape(n_kv, "k"))
-            self.caches[f"v_cache.{il}"] = cache_array(cache.v, *model.cache_shape(n_kv, "v"))
+            self.caches[f"k_cache.{il}"] = cache_array(cache.k, *model.cache_shape(n_kv, "k", il))
+            self.caches[f"v_cache.{il}"] = cache_array(cache.v, *model.cache_shape(n_kv, "v", il))
         for name, shape in model.state_shapes().items():     # one plane each
             self.caches[name] = np.zeros((1, int(np.prod(shape))), np.float32)
         self.state_inputs = {"state_src": np.zeros(1, np.int32), "state_slots": np.zeros(1, np.int32)} \
