@@ -3,7 +3,8 @@ building that C code (ember/artifact/native/*.c) into the artifact's `ember-run`
 
 A cpu artifact's step entry carries `abi` (step_abi): the order, types and storage shapes of the
 inputs and outputs of its library's entry point, which outputs update an input in place, the
-constants (by name: a GGUF tensor or one of the artifact's .npy files, with their byte sizes)
+constants (by name: a GGUF tensor or one of the artifact's .npy files, with their byte sizes;
+an IR literal's bytes in hex)
 and the arena size. The manifest's `native` block (native_fields) holds what the runtime needs
 of the model beyond the GGUF: the sliding window, and the tokenizer's flags and special-token
 ids as ember.models.tokenizer derives them, and for byte-level BPE the pre-tokenizer as the
@@ -43,18 +44,20 @@ LIBS = ("-ldl", "-lm", "-lpthread")
 def step_abi(program) -> dict:
     """How a CpuProgram's entry point is called: inputs [name, numpy dtype, storage shape],
     outputs [numpy dtype, storage shape, index of the input it updates in place or -1],
-    constants [name, bytes], arena bytes."""
+    constants [name, bytes] (a literal: [None, bytes, its bytes in hex]), arena bytes."""
     graph = program.graph
     in_place = program.in_place or {}
     inputs = [[n.name, *_storage(n.type)] for n in graph.inputs]
     outputs = [[*_storage(n.type), in_place.get(k, -1)] for k, n in enumerate(graph.outputs)]
     consts = []
     for node in program.constants:
+        data = np.asarray(graph.constant_data(node))
         if node.attr("value") is not None:
-            # a literal's bytes live in the IR text only; none of today's models makes one
-            raise ArtifactError(f"compile: step {graph.name!r}: literal constant {node.name!r} cannot "
-                                "be stored for the native runtime")
-        consts.append([node.name, int(np.asarray(graph.constant_data(node)).nbytes)])
+            # a literal (a few values: rope frequency factors) lives in the IR text only, which
+            # the runtime does not parse: its bytes come along in the abi
+            consts.append([None, int(data.nbytes), np.ascontiguousarray(data).tobytes().hex()])
+        else:
+            consts.append([node.name, int(data.nbytes)])
     return {"inputs": inputs, "outputs": outputs, "consts": consts, "arena": int(program.plan.peak_bytes)}
 
 

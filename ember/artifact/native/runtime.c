@@ -52,6 +52,7 @@ typedef struct {
     graph_fn run;
     int n_in, n_outputs, n_consts;
     void **in, **out, **consts;
+    uint8_t *literal;       /* per constant: 1 when its bytes came from the manifest (ours to free) */
     enum role *roles;
     int *cache_of;          /* per input: its table (IN_TABLE), else -1 */
     int *copy_to;           /* per output: the table it is copied into after a run, else -1 */
@@ -503,6 +504,21 @@ static int load_outputs(ember_rt *rt, step *s, const json_value *outputs, int in
     return 0;
 }
 
+/* the bytes hex spells (exactly bytes of them), in a buffer of their own; NULL when malformed */
+static void *literal_bytes(const char *hex, size_t bytes) {
+    if (!hex || strlen(hex) != 2 * bytes) return NULL;
+    uint8_t *out = malloc(bytes ? bytes : 1);
+    for (size_t i = 0; out && i < bytes; i++) {
+        unsigned byte;
+        if (sscanf(hex + 2 * i, "%2x", &byte) != 1) {
+            free(out);
+            return NULL;
+        }
+        out[i] = (uint8_t)byte;
+    }
+    return out;
+}
+
 static int load_step(ember_rt *rt, const json_value *entry, int index, size_t *arena_bytes) {
     step *s = &rt->steps[index];
     const json_value *abi = json_get(entry, "abi");
@@ -531,12 +547,14 @@ static int load_step(ember_rt *rt, const json_value *entry, int index, size_t *a
     s->in = calloc(inputs->n + 1, sizeof(void *));
     s->out = calloc(outputs->n + 1, sizeof(void *));
     s->consts = calloc(consts->n + 1, sizeof(void *));
+    s->literal = calloc(consts->n + 1, 1);
     s->roles = calloc(inputs->n + 1, sizeof(enum role));
     s->cache_of = calloc(inputs->n + 1, sizeof(int));
     s->copy_to = calloc(outputs->n + 1, sizeof(int));
     s->out_bytes = calloc(outputs->n + 1, sizeof(size_t));
     int *tables = malloc((inputs->n + 1) * sizeof *tables), n_tables = 0;
-    if (!s->in || !s->out || !s->consts || !s->roles || !s->cache_of || !s->copy_to || !s->out_bytes || !tables) {
+    if (!s->in || !s->out || !s->consts || !s->literal || !s->roles || !s->cache_of || !s->copy_to || !s->out_bytes
+        || !tables) {
         free(tables);
         ember_set_error(rt, "out of memory");
         return -1;
@@ -547,9 +565,17 @@ static int load_step(ember_rt *rt, const json_value *entry, int index, size_t *a
     if (status != 0) return -1;
     for (size_t j = 0; j < consts->n; j++) {
         const json_value *c = &consts->items[j];
-        if (c->kind != JSON_ARRAY || c->n != 2 || !json_str(&c->items[0]) || !json_is_int(&c->items[1]))
+        if (c->kind != JSON_ARRAY || (c->n != 2 && c->n != 3) || !json_is_int(&c->items[1]))
             MALFORMED("constant");
-        s->consts[j] = (void *)constant(rt, json_str(&c->items[0]), (size_t)c->items[1].number);
+        size_t bytes = (size_t)c->items[1].number;
+        if (c->n == 3) {        /* a literal of the IR: [null, bytes, its bytes in hex] */
+            s->consts[j] = literal_bytes(json_str(&c->items[2]), bytes);
+            s->literal[j] = 1;
+            if (!s->consts[j]) MALFORMED("literal constant");
+            continue;
+        }
+        if (!json_str(&c->items[0])) MALFORMED("constant");
+        s->consts[j] = (void *)constant(rt, json_str(&c->items[0]), bytes);
         if (!s->consts[j]) return -1;
     }
     char path[PATH_MAX];
@@ -763,7 +789,10 @@ void ember_close(ember_rt *rt) {
             if (s->roles[j] != IN_TABLE) free(s->in[j]);
         for (int k = 1; s->out && k < s->n_outputs; k++)
             if (s->copy_to[k] >= 0) free(s->out[k]);
-        free(s->in); free(s->out); free(s->consts); free(s->roles); free(s->cache_of); free(s->copy_to);
+        for (int j = 0; s->literal && j < s->n_consts; j++)
+            if (s->literal[j]) free(s->consts[j]);
+        free(s->in); free(s->out); free(s->consts); free(s->literal); free(s->roles); free(s->cache_of);
+        free(s->copy_to);
         free(s->out_bytes);
         /* the libraries stay loaded: libgomp's threads may still run their code at exit */
     }
