@@ -2,7 +2,8 @@
 /* The runtime proper: opening and checking an artifact, its constants and step libraries, the
  * KV caches, and evaluating batches as ember's ArtifactSession does (ember/artifact/session.py
  * over ember/runtime/session.py's _Feed): a batch runs as prompt steps of the artifact's prompt
- * size while that many tokens remain, then single tokens; each step's KV length is the context
+ * size while that many tokens remain, then single tokens (a transformer's rest of a prompt: one
+ * padded prompt step, the same logits for less work); each step's KV length is the context
  * used so far rounded up to the KV bucket; its inputs are the tokens, their positions, the cache
  * rows they write (their positions), the row whose logits come out (the last), the causal mask
  * and, for sliding-window layers (which keep the whole context in an artifact), the window's.
@@ -72,6 +73,7 @@ struct ember_rt {
     char dir[PATH_MAX];
     json_value *manifest;
     int n_ctx, prompt_tokens, kv_bucket, n_vocab, window, n_threads, n_past;
+    int recurrent;          /* some table is a recurrent state */
     uint8_t *gguf_map;
     size_t gguf_size;
     gguf_file gguf;
@@ -416,6 +418,7 @@ static int table_index(ember_rt *rt, const char *name, size_t rows, size_t row_b
     rt->cache_rows[rt->n_caches] = rows;
     rt->cache_row_bytes[rt->n_caches] = row_bytes;
     rt->cache_is_state[rt->n_caches] = (uint8_t)is_state;
+    rt->recurrent |= is_state;
     return rt->n_caches++;
 }
 
@@ -824,9 +827,17 @@ static step *find_step(ember_rt *rt, int T, int n_kv) {
 }
 
 /* One step of T tokens at n_past (as ember.runtime.session._Feed.set, with no padding). */
-static int run_step(ember_rt *rt, const int32_t *tokens, int T) {
+/* the KV rows a step of T rows at n_past reads: the context so far rounded up to the bucket */
+static int kv_rows(const ember_rt *rt, int T) {
     long long rounded = ((long long)rt->n_past + T + rt->kv_bucket - 1) / rt->kv_bucket * rt->kv_bucket;
-    int n_kv = rounded < rt->n_ctx ? (int)rounded : rt->n_ctx;
+    return rounded < rt->n_ctx ? (int)rounded : rt->n_ctx;
+}
+
+/* One step of T rows at n_past for the n <= T tokens given (as ember.runtime.session._Feed.set):
+ * rows past n are padding (the last token again) whose K/V rows lie past the context and are
+ * masked until real tokens overwrite them; the logits are the last real token's. */
+static int run_step(ember_rt *rt, const int32_t *tokens, int n, int T) {
+    int n_kv = kv_rows(rt, T);
     step *s = find_step(rt, T, n_kv);
     if (!s) {
         ember_set_error(rt, "%s: no compiled step for %d tokens over %d KV rows", rt->dir, T, n_kv);
@@ -835,12 +846,14 @@ static int run_step(ember_rt *rt, const int32_t *tokens, int T) {
     for (int i = 0; i < s->n_in; i++) {
         void *p = s->in[i];
         switch (s->roles[i]) {
-        case IN_TOKENS: memcpy(p, tokens, (size_t)T * sizeof(int32_t)); break;
+        case IN_TOKENS:
+            for (int t = 0; t < T; t++) ((int32_t *)p)[t] = tokens[t < n ? t : n - 1];
+            break;
         case IN_POS:
         case IN_SLOTS:
             for (int t = 0; t < T; t++) ((int32_t *)p)[t] = rt->n_past + t;
             break;
-        case IN_OUT_IDS: ((int32_t *)p)[0] = T - 1; break;
+        case IN_OUT_IDS: ((int32_t *)p)[0] = n - 1; break;
         case IN_MASK:
         case IN_MASK_SWA: {
             /* row t sees keys 0..pos; a sliding-window row only the last `window` of them */
@@ -867,7 +880,7 @@ static int run_step(ember_rt *rt, const int32_t *tokens, int T) {
     }
     for (int k = 1; k < s->n_outputs; k++)
         if (s->copy_to[k] >= 0) memcpy(rt->caches[s->copy_to[k]], s->out[k], s->out_bytes[k]);
-    rt->n_past += T;
+    rt->n_past += n;
     return 0;
 }
 
@@ -887,8 +900,18 @@ int ember_eval(ember_rt *rt, const int32_t *tokens, int n, const float **logits)
             return -1;
         }
     for (int i = 0; i < n;) {
-        int take = n - i >= rt->prompt_tokens && n > 1 ? rt->prompt_tokens : 1;
-        if (run_step(rt, tokens + i, take) != 0) return -1;
+        int left = n - i, P = rt->prompt_tokens;
+        int take = left >= P && n > 1 ? P : 1, rows = take;
+        /* The rest of a prompt after its whole prompt steps runs as one prompt step padded to P
+         * rows rather than token by token (each token's step computing logits that are thrown
+         * away): the kernels are batch invariant, so the logits are the same bits. Not through
+         * recurrent state, which padding would run on. */
+        if (take == 1 && left > 1 && P > left && !rt->recurrent && rt->n_past + P <= rt->n_ctx
+            && find_step(rt, P, kv_rows(rt, P))) {
+            take = left;
+            rows = P;
+        }
+        if (run_step(rt, tokens + i, take, rows) != 0) return -1;
         i += take;
     }
     *logits = rt->logits;
