@@ -17,6 +17,11 @@ enum { NORMAL = 1, UNKNOWN = 2, CONTROL = 3, USER_DEFINED = 4, UNUSED = 5, BYTE 
 
 static const char SPACE_MARK[] = "\xe2\x96\x81";   /* U+2581, SentencePiece's visible space */
 
+typedef struct {
+    uint32_t hash;              /* the piece's, so that most probes need not look at its text */
+    int32_t id;                 /* -1: empty */
+} slot;
+
 struct tokenizer {
     int n;
     const char **text;
@@ -24,7 +29,7 @@ struct tokenizer {
     float *score;
     int32_t *type;
     uint8_t *control, *eog;
-    int32_t *table;             /* open addressing: piece -> id */
+    slot *table;                /* open addressing: piece -> id */
     uint32_t mask;
     int32_t *special;           /* longest text first */
     int n_special;
@@ -42,11 +47,46 @@ static uint32_t hash(const char *s, size_t n) {
 }
 
 int tokenizer_lookup(const tokenizer *t, const char *s, size_t n) {
-    for (uint32_t i = hash(s, n) & t->mask;; i = (i + 1) & t->mask) {
-        int32_t id = t->table[i];
-        if (id < 0) return -1;
-        if (t->len[id] == n && memcmp(t->text[id], s, n) == 0) return id;
+    uint32_t h = hash(s, n);
+    for (uint32_t i = h & t->mask;; i = (i + 1) & t->mask) {
+        const slot *e = &t->table[i];
+        if (e->id < 0) return -1;
+        if (e->hash == h && t->len[e->id] == n && memcmp(t->text[e->id], s, n) == 0) return e->id;
     }
+}
+
+/* The table of the pieces, refusing a piece listed twice. The hashes come first and each slot
+ * is fetched a few pieces ahead: a 262k vocabulary's table is megabytes of random accesses, and
+ * waiting on each miss in turn cost most of the time an artifact took to open. */
+static int index_pieces(tokenizer *t, char *err, size_t err_len) {
+    uint32_t *hashes = malloc((size_t)t->n * sizeof *hashes);
+    if (!hashes) {
+        snprintf(err, err_len, "out of memory");
+        return -1;
+    }
+    for (int i = 0; i < t->n; i++) hashes[i] = hash(t->text[i], t->len[i]);
+    memset(t->table, 0xff, ((size_t)t->mask + 1) * sizeof *t->table);
+    for (int i = 0; i < t->n; i++) {
+#if defined(__GNUC__)
+        if (i + 16 < t->n) __builtin_prefetch(&t->table[hashes[i + 16] & t->mask], 1);
+#endif
+        uint32_t h = hashes[i];
+        for (uint32_t k = h & t->mask;; k = (k + 1) & t->mask) {
+            slot *e = &t->table[k];
+            if (e->id < 0) {
+                *e = (slot){h, i};
+                break;
+            }
+            if (e->hash == h && t->len[e->id] == t->len[i] && memcmp(t->text[e->id], t->text[i], t->len[i]) == 0) {
+                snprintf(err, err_len, "duplicate token %.*s in the vocabulary: ids %d and %d", (int)t->len[i],
+                         t->text[i], e->id, i);
+                free(hashes);
+                return -1;
+            }
+        }
+    }
+    free(hashes);
+    return 0;
 }
 
 static int int_of(const json_value *block, const char *key, int fallback) {
@@ -105,7 +145,6 @@ tokenizer *tokenizer_new(const gguf_file *g, const json_value *block, int n_voca
     if (!t->text || !t->len || !t->score || !t->type || !t->control || !t->eog || !t->table || !t->special
         || !t->pieces || !t->piece_len)
         goto oom;
-    memset(t->table, 0xff, (size_t)slots * sizeof *t->table);
     const uint8_t *p = g->tokens.first;       /* bounds checked by gguf_parse */
     for (int i = 0; i < n; i++) {
         uint64_t len;
@@ -117,19 +156,11 @@ tokenizer *tokenizer_new(const gguf_file *g, const json_value *block, int n_voca
         else t->score[i] = 0.0f;
         if (g->token_types) memcpy(&t->type[i], (const uint8_t *)g->token_types + 4 * (size_t)i, 4);
         else t->type[i] = NORMAL;
-        uint32_t h = hash(t->text[i], t->len[i]) & t->mask;
-        for (;; h = (h + 1) & t->mask) {
-            int32_t id = t->table[h];
-            if (id < 0) break;
-            if (t->len[id] == t->len[i] && memcmp(t->text[id], t->text[i], t->len[i]) == 0) {
-                snprintf(err, err_len, "duplicate token %.*s in the vocabulary: ids %d and %d", (int)t->len[i],
-                         t->text[i], id, i);
-                tokenizer_free(t);
-                return NULL;
-            }
-        }
-        t->table[h] = i;
         t->control[i] = t->type[i] == CONTROL;
+    }
+    if (index_pieces(t, err, err_len) != 0) {
+        tokenizer_free(t);
+        return NULL;
     }
     const json_value *extra = json_get(block, "extra_control"), *eog = json_get(block, "eog");
     for (size_t i = 0; extra && extra->kind == JSON_ARRAY && i < extra->n; i++)
