@@ -1,13 +1,14 @@
 """Cold start of a cpu artifact to the first token, the native runtime against Python's
 `ember run`, side by side in one run (the default model unless --model; x86-64).
 
-    python bench/native_runtime.py [--artifact DIR] [--runs 5] [-t 2] [--model GGUF]
+    python bench/native_runtime.py [--artifact DIR] [--runs 5] [-t 2] [--model GGUF] [--baseline-runtime EXE]
 
 Compiles the artifact with --runtime into DIR when it holds none (n_ctx 256, prompt steps of 32),
 then, interleaved per run so the machine's load hits each alike: `ember-run` as it starts by
 default (files unchanged since they last matched their checksums are not hashed again: the
 record in DIR/.ember-run-verified), `ember-run --verify-artifact` (every file hashed, as every
-start did before the record), and `ember run` (Python). Each is timed from process start to the
+start did before the record), `ember run` (Python), and with --baseline-runtime another build of
+ember-run on the same folder (e.g. one built from an earlier commit's ember/artifact/native). Each is timed from process start to the
 first byte on stdout (-n 1: the first token, or the newline after an empty one); the model file
 is in the page cache after the first run, so "cold" is the process, not the disk. Prints a
 Markdown table (medians, min-max) with the load average before and after.
@@ -41,8 +42,10 @@ def first_byte_seconds(cmd: list[str]) -> tuple[float, str]:
 
 
 def open_seconds(stderr: str) -> str:
-    m = re.search(r"checked in ([\d.]+) s: (\d+) files hashed", stderr)
-    return f"{m.group(1)} s, {m.group(2)} hashed" if m else "?"
+    m = re.search(r"checked in ([\d.]+) s(: (\d+) files hashed)?", stderr)
+    if not m:
+        return "?"
+    return f"{m.group(1)} s, {m.group(3)} hashed" if m.group(3) else f"{m.group(1)} s"
 
 
 def compile_artifact(model: Path, out: Path, threads: int) -> None:
@@ -57,6 +60,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="a GGUF (default: the default model)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--baseline-runtime", type=Path, help="another ember-run to time on the same artifact")
     args = parser.parse_args()
     if not (args.artifact / "ember-run").is_file():
         if args.model is None:
@@ -71,6 +75,8 @@ def main() -> int:
                                                                      "--verify-artifact"],
         "Python `ember run`": [sys.executable, "-m", "ember.cli", "run", art, *run_args],
     }
+    if args.baseline_runtime:
+        commands[f"baseline `{args.baseline_runtime.name}`"] = [str(args.baseline_runtime), art, *run_args]
     first_byte_seconds(commands["native `ember-run` (record of verified files)"])    # writes the record
     load_before = os.getloadavg()
     times = {name: [] for name in commands}
@@ -89,7 +95,7 @@ def main() -> int:
     for name, values in times.items():
         med = statistics.median(values)
         print(f"| {name} | {med:.3f} s ({min(values):.3f}-{max(values):.3f}) | {anchor / med:.1f}x | "
-              f"{opens[name][-1] if 'ember-run' in name else '-'} |")
+              f"{opens[name][-1] if 'Python' not in name else '-'} |")
     return 0
 
 
