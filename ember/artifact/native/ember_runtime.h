@@ -4,10 +4,14 @@
  * calling convention of its library: inputs, outputs, constants, arena), the step libraries
  * (steps/<shape>.so, each exporting ember_graph_run), kernels.so they link against, derived
  * constants (constants/NNN.npy) and the path and sha256 of the GGUF whose tensors are the other
- * constants. The runtime checks the manifest and the files, memory-maps the GGUF (weights are
- * never copied), owns the KV caches and the arena, and evaluates batches the way ember's Python
- * ArtifactSession does (ember/artifact/session.py): prompt steps of the artifact's prompt size,
- * then single tokens, with the same positions, cache slots and masks, so logits agree bit for bit.
+ * constants. The runtime checks the manifest and the files (those unchanged since they last
+ * matched are not hashed again: verified.c), memory-maps the GGUF (weights are never copied), owns
+ * the KV caches, the recurrent state planes and the arena, and evaluates batches the way ember's
+ * Python ArtifactSession does (ember/artifact/session.py): prompt steps of the artifact's prompt
+ * size, then single tokens (a transformer's shorter rest of a prompt as one padded prompt step,
+ * which batch-invariant kernels make the same), with the same positions, cache slots, masks and
+ * state planes, so logits agree bit for bit. The tokenizer (SentencePiece or byte-level BPE) is
+ * ember's, in C.
  *
  * Every function that can fail returns a negative value (or NULL) and leaves one line saying why
  * in ember_error(rt) (ember_open: in err). Plain C11 + POSIX (mmap, dlopen): the same sources
