@@ -654,67 +654,9 @@ static int int_field(ember_rt *rt, const json_value *obj, const char *key, int l
     return 0;
 }
 
-static int open_checked(ember_rt *rt, const char *model_path, int verify, verified **v) {
-    char path[PATH_MAX], err[256];
-    snprintf(path, sizeof path, "%s/manifest.json", rt->dir);
-    struct stat st;
-    if (stat(rt->dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        ember_set_error(rt, "%s: no such artifact folder", rt->dir);
-        return -1;
-    }
-    size_t len;
-    char *text = read_text(rt, path, &len);
-    if (!text) {
-        ember_set_error(rt, "%s: missing: %s is not an ember artifact, or an incomplete one", path, rt->dir);
-        return -1;
-    }
-    rt->manifest = json_parse(text, len, err, sizeof err);
-    *v = verified_read(rt->dir, text, len);
-    free(text);
-    if (!rt->manifest) {
-        ember_set_error(rt, "%s: corrupt: not valid JSON (%s)", path, err);
-        return -1;
-    }
+/* kernels.so, then every step's library, buffers and constants, and the arena */
+static int load_libraries(ember_rt *rt, const char *path) {
     const json_value *m = rt->manifest;
-    const char *format = json_str(json_get(m, "format")), *target = json_str(json_get(m, "target"));
-    if (!format || strcmp(format, FORMAT) != 0) {
-        ember_set_error(rt, "%s: not an ember artifact manifest", path);
-        return -1;
-    }
-    const json_value *version = json_get(m, "format_version");
-    if (!json_is_int(version) || version->number != FORMAT_VERSION) {
-        ember_set_error(rt, "%s: artifact format version is not %d, the one this runtime reads: compile the model "
-                        "again", path, FORMAT_VERSION);
-        return -1;
-    }
-    if (!target || strncmp(target, "cpu", 3) != 0) {
-        ember_set_error(rt, "%s: target %s: the native runtime runs cpu artifacts only", path, target ? target : "?");
-        return -1;
-    }
-    const char *isa = json_str(json_get(m, "isa")), *host = json_str(json_get(m, "host"));
-    char here[512];
-    host_cpu(here, sizeof here);
-    if (isa && strcmp(isa, "native") == 0 && (!host || strcmp(host, here) != 0)) {
-        ember_set_error(rt, "%s: built with -march=native for '%s'; this host is '%s': compile the model again here",
-                        path, host ? host : "?", here);
-        return -1;
-    }
-    const json_value *native = json_get(m, "native");
-    if (!native) {
-        ember_set_error(rt, "%s: no native block: the artifact comes from an older ember; compile it again", path);
-        return -1;
-    }
-    if (int_field(rt, m, "n_ctx", 1, &rt->n_ctx) || int_field(rt, m, "prompt_tokens", 1, &rt->prompt_tokens)
-        || int_field(rt, m, "kv_bucket", 1, &rt->kv_bucket) || int_field(rt, native, "n_vocab", 1, &rt->n_vocab)
-        || int_field(rt, native, "sliding_window", 0, &rt->window))
-        return -1;
-    if (check_files(rt, json_get(m, "files"), *v, verify & EMBER_VERIFY_ARTIFACT) != 0) return -1;
-    if (open_model(rt, model_path, verify, *v) != 0) return -1;
-    rt->tok = tokenizer_new(&rt->gguf, json_get(native, "tokenizer"), rt->n_vocab, err, sizeof err);
-    if (!rt->tok) {
-        ember_set_error(rt, "%s: tokenizer: %s", path, err);
-        return -1;
-    }
     const json_value *library = json_get(m, "kernel_library");
     const char *kernels = json_str(json_get(library, "file"));
     if (!kernels || !listed(json_get(m, "files"), kernels)) {
@@ -750,6 +692,77 @@ static int open_checked(ember_rt *rt, const char *model_path, int verify, verifi
         return -1;
     }
     return 0;
+}
+
+/* The manifest is one this runtime reads: an ember artifact of its format version, for a cpu
+ * target, built for this CPU when built with -march=native, with a native block. */
+static int check_manifest(ember_rt *rt, const char *path) {
+    const json_value *m = rt->manifest;
+    const char *format = json_str(json_get(m, "format")), *target = json_str(json_get(m, "target"));
+    if (!format || strcmp(format, FORMAT) != 0) {
+        ember_set_error(rt, "%s: not an ember artifact manifest", path);
+        return -1;
+    }
+    const json_value *version = json_get(m, "format_version");
+    if (!json_is_int(version) || version->number != FORMAT_VERSION) {
+        ember_set_error(rt, "%s: artifact format version is not %d, the one this runtime reads: compile the model "
+                        "again", path, FORMAT_VERSION);
+        return -1;
+    }
+    if (!target || strncmp(target, "cpu", 3) != 0) {
+        ember_set_error(rt, "%s: target %s: the native runtime runs cpu artifacts only", path, target ? target : "?");
+        return -1;
+    }
+    const char *isa = json_str(json_get(m, "isa")), *host = json_str(json_get(m, "host"));
+    char here[512];
+    host_cpu(here, sizeof here);
+    if (isa && strcmp(isa, "native") == 0 && (!host || strcmp(host, here) != 0)) {
+        ember_set_error(rt, "%s: built with -march=native for '%s'; this host is '%s': compile the model again here",
+                        path, host ? host : "?", here);
+        return -1;
+    }
+    if (!json_get(m, "native")) {
+        ember_set_error(rt, "%s: no native block: the artifact comes from an older ember; compile it again", path);
+        return -1;
+    }
+    return 0;
+}
+
+static int open_checked(ember_rt *rt, const char *model_path, int verify, verified **v) {
+    char path[PATH_MAX], err[256];
+    snprintf(path, sizeof path, "%s/manifest.json", rt->dir);
+    struct stat st;
+    if (stat(rt->dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        ember_set_error(rt, "%s: no such artifact folder", rt->dir);
+        return -1;
+    }
+    size_t len;
+    char *text = read_text(rt, path, &len);
+    if (!text) {
+        ember_set_error(rt, "%s: missing: %s is not an ember artifact, or an incomplete one", path, rt->dir);
+        return -1;
+    }
+    rt->manifest = json_parse(text, len, err, sizeof err);
+    *v = verified_read(rt->dir, text, len);
+    free(text);
+    if (!rt->manifest) {
+        ember_set_error(rt, "%s: corrupt: not valid JSON (%s)", path, err);
+        return -1;
+    }
+    const json_value *m = rt->manifest, *native = json_get(m, "native");
+    if (check_manifest(rt, path) != 0) return -1;
+    if (int_field(rt, m, "n_ctx", 1, &rt->n_ctx) || int_field(rt, m, "prompt_tokens", 1, &rt->prompt_tokens)
+        || int_field(rt, m, "kv_bucket", 1, &rt->kv_bucket) || int_field(rt, native, "n_vocab", 1, &rt->n_vocab)
+        || int_field(rt, native, "sliding_window", 0, &rt->window))
+        return -1;
+    if (check_files(rt, json_get(m, "files"), *v, verify & EMBER_VERIFY_ARTIFACT) != 0) return -1;
+    if (open_model(rt, model_path, verify, *v) != 0) return -1;
+    rt->tok = tokenizer_new(&rt->gguf, json_get(native, "tokenizer"), rt->n_vocab, err, sizeof err);
+    if (!rt->tok) {
+        ember_set_error(rt, "%s: tokenizer: %s", path, err);
+        return -1;
+    }
+    return load_libraries(rt, path);
 }
 
 /* open_checked, then the record of verified files updated with what it hashed and found whole
