@@ -21,6 +21,7 @@
 #define _GNU_SOURCE
 #include "internal.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,8 +109,17 @@ verified *verified_read(const char *dir, const char *manifest_text, size_t manif
     if (!v) return NULL;
     snprintf(v->path, sizeof v->path, "%s/%s", dir, RECORD);
     digest(manifest_text, manifest_len, v->manifest);
-    FILE *f = fopen(v->path, "rb");
-    if (!f) return v;
+    int fd = open(v->path, O_RDONLY | O_NONBLOCK);    /* whatever is there: a fifo must not block */
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        if (fd >= 0) close(fd);
+        return v;
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        return v;
+    }
     char *text = malloc(1 << 20);
     size_t len = text ? fread(text, 1, (1 << 20) - 1, f) : 0;
     fclose(f);
