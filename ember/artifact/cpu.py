@@ -5,6 +5,8 @@
     DIR/steps/<shape>.so       the library built from that source
     DIR/ember-run              with option runtime: the native runtime (ember.artifact.native),
                                which runs the artifact without Python
+    DIR/.ember-run-verified    written by ember-run: the files it found to match their checksums,
+                               as they were then on disk (ember/artifact/native/verified.c)
 
 Loading renders each stored graph again (no passes, no compiler; ~0.1 s) and requires the
 stored source byte for byte, so a library only ever runs with the program it was built from.

@@ -1,12 +1,16 @@
 """The native runtime (ember/artifact/native): `ember-run` built into a cpu artifact by
 `compile_artifact(..., runtime=True)` runs it without Python, giving the greedy text of
-`ember run`, the token ids of ember's tokenizer, and one line and exit status 1 for a damaged
-artifact or the wrong model, never a crash."""
+`ember run` (transformers, and models with recurrent layers whose state it carries between
+steps), the token ids of ember's tokenizer (SentencePiece and byte-level BPE), and one line and
+exit status 1 for a damaged artifact or the wrong model, never a crash. A start hashes only the
+files changed since they last matched their checksums."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,18 +21,14 @@ from ember.models import load_model
 from ember.models.tokenizer import Tokenizer
 
 from tiny_gguf import Spec, write_tiny_gguf
+from tiny_gguf_delta import DeltaSpec, write_delta_gguf
+from tiny_gguf_hybrid import HybridSpec, write_hybrid_gguf
+from tiny_gguf_ssm import SsmSpec, write_ssm_gguf
+from tokenizer_texts import BPE_TEXTS, HARD_TEXTS
 
 N_CTX, PROMPT_TOKENS = 64, 8
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Hello world, this is a prompt of more than eight tokens"
-
-HARD_TEXTS = [
-    "", " ", "  ", "a", "Hello", " Hello", "Hello  world", "tab\tand\nnewline\r\n", "    four spaces",
-    "trailing   ", "héllo wörld", "日本語のテキスト", "emoji 🙂🚀 and ZWJ 👩‍👩‍👧", "ﬁ ligature, Ω, ß, ǅ",
-    "<start_of_turn>user\nhi<end_of_turn>", "<bos><bos>", "a<unk>b", "<0x41> is not a byte token",
-    "mixed 123 456.789 -0", "\u2581visible space mark", "x" * 300, "ab " * 400 + "end",
-    "😀" * 50, "the quick brown fox " * 100,
-]
 
 
 def ember_run(artifact: Path, *args, runtime: Path | None = None) -> subprocess.CompletedProcess:
@@ -52,15 +52,33 @@ def assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) ->
         assert word in lines[0], lines[0]
 
 
+def compiled(model: Path) -> Path:
+    """The artifact, with its ember-run, of a GGUF beside it."""
+    out = model.with_suffix(".ember")
+    compile_artifact(load_model(model), CpuBackend(threads=1), out, n_ctx=N_CTX, prompt_tokens=PROMPT_TOKENS,
+                     runtime=True)
+    return out
+
+
 @pytest.fixture(scope="module", params=["gemma3", "llama"])
 def built(request, tmp_path_factory) -> tuple[Path, Path]:
     """(artifact with its ember-run, GGUF) of a tiny f32 model."""
     folder = tmp_path_factory.mktemp(f"native-{request.param}")
     model = write_tiny_gguf(folder / f"{request.param}-f32.gguf", Spec(request.param, "f32"))
-    out = folder / "tiny.ember"
-    compile_artifact(load_model(model), CpuBackend(threads=1), out, n_ctx=N_CTX, prompt_tokens=PROMPT_TOKENS,
-                     runtime=True)
-    return out, model
+    return compiled(model), model
+
+
+@pytest.fixture(scope="module")
+def recurrent(tmp_path_factory) -> tuple[Path, Path]:
+    """(artifact, GGUF) of the tiny qwen35: gated DeltaNet layers (a conv and a delta-rule state
+    each) beside an attention layer, and a byte-level BPE vocabulary (qwen2 pre-tokenizer)."""
+    return recurrent_artifact(tmp_path_factory.mktemp("native-qwen35"), DeltaSpec("qwen35", "f32"))
+
+
+def recurrent_artifact(folder: Path, spec) -> tuple[Path, Path]:
+    write = {DeltaSpec: write_delta_gguf, HybridSpec: write_hybrid_gguf, SsmSpec: write_ssm_gguf}[type(spec)]
+    model = write(folder / spec.filename, spec)
+    return compiled(model), model
 
 
 @pytest.fixture
@@ -77,6 +95,42 @@ def test_greedy_text_is_the_python_runs_up_to_a_full_context(built):
     assert native.returncode == 0, native.stderr
     assert native.stdout == python.stdout and len(native.stdout) > 1
     assert "cold start to the first token" in native.stderr and "stop: context" in native.stderr
+
+
+def test_recurrent_greedy_text_is_the_python_runs_up_to_a_full_context(recurrent):
+    # the DeltaNet layers' conv and delta-rule states carried through two prompt steps of 8 and
+    # single tokens until the context (64) is full, as ember's ArtifactSession carries them
+    assert_same_greedy_text(recurrent[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [SsmSpec("mamba2"), SsmSpec("granitehybrid"), HybridSpec("lfm2"),
+                                  HybridSpec("nemotron_h"), HybridSpec("falcon-h1"), HybridSpec("lfm2moe"),
+                                  DeltaSpec("qwen3next"), DeltaSpec("qwen35moe")], ids=str)
+def test_every_recurrent_kind_gives_the_python_runs_greedy_text(spec, tmp_path):
+    assert_same_greedy_text(recurrent_artifact(tmp_path, spec)[0])
+
+
+def assert_same_greedy_text(artifact: Path) -> None:
+    args = ("-p", PROMPT, "-n", "200", "--temp", "0", "--ignore-eos", "-t", "2")
+    native, python = ember_run(artifact, *args), python_run(artifact, *args)
+    assert python.returncode == 0, python.stderr
+    assert native.returncode == 0, native.stderr
+    assert native.stdout == python.stdout and len(native.stdout) > 1
+    assert "stop: context" in native.stderr
+
+
+def test_bpe_token_ids_are_ember_tokenizes(recurrent):
+    artifact, model = recurrent
+    assert_token_ids(artifact, Tokenizer.from_gguf(model), HARD_TEXTS + BPE_TEXTS)
+
+
+def assert_token_ids(artifact: Path, tokenizer: Tokenizer, texts: list[str]) -> None:
+    for text in texts:
+        result = ember_run(artifact, "--tokenize", "-p", text)
+        assert result.returncode == 0, result.stderr
+        ids = [int(i) for i in result.stdout.split()]
+        assert ids == tokenizer.encode(text, add_special=True, parse_special=True), text
 
 
 def test_token_ids_are_ember_tokenizes(built):
@@ -96,6 +150,33 @@ def test_seeded_sampling_repeats_and_differs_by_seed(built):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout
     assert runs[0].stdout != runs[2].stdout
+
+
+def hashed(result: subprocess.CompletedProcess) -> tuple[int, int]:
+    """(files hashed, files unchanged since verified) of ember-run's cold-start line."""
+    m = re.search(r"(\d+) files hashed, (\d+) unchanged since verified", result.stderr)
+    assert m, result.stderr
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_a_start_hashes_only_files_changed_since_they_matched(recurrent, tmp_path):
+    copy = Path(shutil.copytree(recurrent[0], tmp_path / "copy", symlinks=True))
+    (copy / ".ember-run-verified").unlink(missing_ok=True)     # copied from runs of the original
+    time.sleep(2.1)         # a file hashed within 2 s of its last change is not recorded (racy)
+    args = ("-p", "hi", "-n", "1", "--temp", "0", "--ignore-eos")
+    first = ember_run(copy, *args)
+    n_files = len(json.loads((copy / "manifest.json").read_text())["files"]) + 1     # and the model's header
+    assert hashed(first) == (n_files, 0), first.stderr      # copied: new inodes, all hashed
+    assert hashed(ember_run(copy, *args)) == (0, n_files)
+    assert hashed(ember_run(copy, *args, "--verify-artifact")) == (n_files, 0)
+    # a byte changed in place, the mtime put back: the ctime still tells
+    library = next((copy / "steps").glob("*.so"))
+    stat = library.stat()
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+    os.utime(library, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert_one_line_failure(ember_run(copy, *args), "checksum mismatch", library.name)
 
 
 def test_a_tampered_library_is_one_line(copy):

@@ -1,13 +1,17 @@
 /* ember-run: generate text with an artifact, without Python.
  *
  *     ember-run ARTIFACT -p PROMPT [-n N] [--temp T] [--top-k K] [--top-p P] [--min-p M]
- *               [--seed S] [-t THREADS] [--model GGUF] [--verify-model] [--ignore-eos] [--special]
+ *               [--seed S] [-t THREADS] [--model GGUF] [--verify-model] [--verify-artifact]
+ *               [--ignore-eos] [--special]
  *     ember-run ARTIFACT --tokenize -p TEXT      (the prompt's token ids, one line; nothing run)
  *
  * The same loop as `ember run` (ember/runtime/generate.py): the prompt with BOS and special-token
  * text parsed, then up to N tokens, stopping at an end-of-generation token or a full context;
  * the text streams on stdout, a newline after it; the cold start (process start to the first
- * token printed) and the speeds on stderr. Any failure: one line on stderr, exit status 1. */
+ * token printed, with the time ember_open took and the files it hashed) and the speeds on stderr.
+ * --verify-model: also the whole GGUF's sha256; --verify-artifact: hash every artifact file again
+ * (by default a file unchanged since it last matched is not hashed: verified.c says why that is
+ * safe). Any failure: one line on stderr, exit status 1. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -30,7 +34,8 @@ static int fail(const char *message) {
 
 static void usage(FILE *out) {
     fprintf(out, "usage: ember-run ARTIFACT -p PROMPT [-n N] [--temp T] [--top-k K] [--top-p P] [--min-p M]\n"
-                 "                 [--seed S] [-t THREADS] [--model GGUF] [--verify-model] [--ignore-eos] [--special]\n"
+                 "                 [--seed S] [-t THREADS] [--model GGUF] [--verify-model] [--verify-artifact]\n"
+                 "                 [--ignore-eos] [--special]\n"
                  "       ember-run ARTIFACT --tokenize -p TEXT\n");
 }
 
@@ -57,7 +62,8 @@ int main(int argc, char **argv) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
-        else if (!strcmp(a, "--verify-model")) { verify = 1; continue; }
+        else if (!strcmp(a, "--verify-model")) { verify |= EMBER_VERIFY_MODEL; continue; }
+        else if (!strcmp(a, "--verify-artifact")) { verify |= EMBER_VERIFY_ARTIFACT; continue; }
         else if (!strcmp(a, "--ignore-eos")) { ignore_eos = 1; continue; }
         else if (!strcmp(a, "--special")) { special = 1; continue; }
         else if (!strcmp(a, "--tokenize")) { tokenize_only = 1; continue; }
@@ -128,9 +134,12 @@ int main(int argc, char **argv) {
         fflush(stdout);
         generated++;
         if (i == 0) {
+            int hashed, unchanged;
             first = now() - start;
+            ember_open_checks(rt, &hashed, &unchanged);
             fprintf(stderr, "ember-run: cold start to the first token: %.3f s (artifact opened and checked in "
-                            "%.3f s)\n", first, ember_open_seconds(rt));
+                            "%.3f s: %d files hashed, %d unchanged since verified)\n", first, ember_open_seconds(rt),
+                    hashed, unchanged);
         }
         if (i + 1 == (long)n_predict) break;
         if (ember_n_past(rt) >= ember_n_ctx(rt)) { stop = "context"; break; }

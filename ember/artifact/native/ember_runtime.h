@@ -4,10 +4,14 @@
  * calling convention of its library: inputs, outputs, constants, arena), the step libraries
  * (steps/<shape>.so, each exporting ember_graph_run), kernels.so they link against, derived
  * constants (constants/NNN.npy) and the path and sha256 of the GGUF whose tensors are the other
- * constants. The runtime checks the manifest and the files, memory-maps the GGUF (weights are
- * never copied), owns the KV caches and the arena, and evaluates batches the way ember's Python
- * ArtifactSession does (ember/artifact/session.py): prompt steps of the artifact's prompt size,
- * then single tokens, with the same positions, cache slots and masks, so logits agree bit for bit.
+ * constants. The runtime checks the manifest and the files (those unchanged since they last
+ * matched are not hashed again: verified.c), memory-maps the GGUF (weights are never copied), owns
+ * the KV caches, the recurrent state planes and the arena, and evaluates batches the way ember's
+ * Python ArtifactSession does (ember/artifact/session.py): prompt steps of the artifact's prompt
+ * size, then single tokens (a transformer's shorter rest of a prompt as one padded prompt step,
+ * which batch-invariant kernels make the same), with the same positions, cache slots, masks and
+ * state planes, so logits agree bit for bit. The tokenizer (SentencePiece or byte-level BPE) is
+ * ember's, in C.
  *
  * Every function that can fail returns a negative value (or NULL) and leaves one line saying why
  * in ember_error(rt) (ember_open: in err). Plain C11 + POSIX (mmap, dlopen): the same sources
@@ -20,11 +24,19 @@
 
 typedef struct ember_rt ember_rt;
 
+/* What ember_open checks beyond its default: every artifact file's sha256 and the GGUF's
+ * header's are checked, except files the record of verified files (ARTIFACT/.ember-run-verified)
+ * shows unchanged since they last matched; the GGUF's size always. */
+enum {
+    EMBER_VERIFY_MODEL = 1,       /* also the whole GGUF's sha256 */
+    EMBER_VERIFY_ARTIFACT = 2,    /* hash every file again, whatever the record says */
+};
+
 /* Open the artifact in dir. model_path: the GGUF (NULL: the manifest's path); n_threads: CPU
- * threads (<= 0: all online CPUs); verify_model: also check the GGUF's sha256 (its size and the
- * sha256 of its header, which names every tensor with its type, shape and offset, are always
- * checked). NULL on failure, the reason in err (one line). */
-ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int verify_model,
+ * threads (<= 0: all online CPUs); verify: EMBER_VERIFY_* flags (0: the default checks; the
+ * header names every tensor with its type, shape and offset). NULL on failure, the reason in err
+ * (one line). */
+ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int verify,
                      char *err, size_t err_len);
 void ember_close(ember_rt *rt);
 const char *ember_error(const ember_rt *rt);
@@ -61,7 +73,10 @@ void ember_rng_seed(ember_rng *rng, uint64_t seed);
 /* The next token from n logits; -1 (and the reason in ember_error) for non-finite logits. */
 int32_t ember_sample(ember_rt *rt, const float *logits, int n, const ember_sampling *p, ember_rng *rng);
 
-/* cold-start figures: seconds spent in ember_open checking checksums, loading libraries */
+/* cold-start figures: seconds spent in ember_open checking checksums, loading libraries; the
+ * files it hashed and those it found unchanged since they last matched (the model's header counts
+ * as one file) */
 double ember_open_seconds(const ember_rt *rt);
+void ember_open_checks(const ember_rt *rt, int *hashed, int *unchanged);
 
 #endif

@@ -106,7 +106,8 @@ int gguf_parse(gguf_file *g, const uint8_t *base, size_t size, char *err, size_t
         uint32_t type = u32(&c);
         if (c.failed) break;
         if (type == T_ARRAY && (key_is(key, klen, "tokenizer.ggml.tokens") || key_is(key, klen, "tokenizer.ggml.scores")
-                                || key_is(key, klen, "tokenizer.ggml.token_type"))) {
+                                || key_is(key, klen, "tokenizer.ggml.token_type")
+                                || key_is(key, klen, "tokenizer.ggml.merges"))) {
             const uint8_t *save = c.p;
             uint32_t item = u32(&c);
             uint64_t n = u64(&c);
@@ -115,6 +116,9 @@ int gguf_parse(gguf_file *g, const uint8_t *base, size_t size, char *err, size_t
             if (key_is(key, klen, "tokenizer.ggml.tokens") && item == T_STRING) {
                 g->tokens.n = n;
                 g->tokens.first = first;
+            } else if (key_is(key, klen, "tokenizer.ggml.merges") && item == T_STRING) {
+                g->merges.n = n;
+                g->merges.first = first;
             } else if (key_is(key, klen, "tokenizer.ggml.scores") && item == T_F32) {
                 g->scores = (const float *)first;
                 g->n_scores = n;
@@ -163,6 +167,7 @@ int gguf_parse(gguf_file *g, const uint8_t *base, size_t size, char *err, size_t
         return -1;
     }
     uint64_t data_start = ((uint64_t)(c.p - base) + alignment - 1) / alignment * alignment;
+    if (data_start > size && !g->n_tensors) data_start = size;     /* a vocabulary-only file may end unpadded */
     if (data_start > size) {
         gguf_release(g);
         snprintf(err, err_len, "truncated GGUF (no data section)");

@@ -1,5 +1,5 @@
 /* Reading a GGUF file in place: the header, the metadata the runtime needs (the tokenizer's
- * vocabulary) and the tensor table, all bounds-checked against the mapped file. */
+ * vocabulary and BPE merges) and the tensor table, all bounds-checked against the mapped file. */
 #ifndef EMBER_GGUF_H
 #define EMBER_GGUF_H
 
@@ -27,6 +27,7 @@ typedef struct {
     uint64_t n_tensors;
     gguf_tensor *tensors;
     gguf_strings tokens;    /* tokenizer.ggml.tokens (n == 0: none) */
+    gguf_strings merges;    /* tokenizer.ggml.merges (n == 0: none), BPE vocabularies */
     const float *scores;    /* tokenizer.ggml.scores (NULL: none), f32 */
     uint64_t n_scores;
     const int32_t *token_types;     /* tokenizer.ggml.token_type (NULL: none), i32 */

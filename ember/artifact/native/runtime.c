@@ -2,10 +2,18 @@
 /* The runtime proper: opening and checking an artifact, its constants and step libraries, the
  * KV caches, and evaluating batches as ember's ArtifactSession does (ember/artifact/session.py
  * over ember/runtime/session.py's _Feed): a batch runs as prompt steps of the artifact's prompt
- * size while that many tokens remain, then single tokens; each step's KV length is the context
+ * size while that many tokens remain, then single tokens (a transformer's rest of a prompt: one
+ * padded prompt step, the same logits for less work); each step's KV length is the context
  * used so far rounded up to the KV bucket; its inputs are the tokens, their positions, the cache
  * rows they write (their positions), the row whose logits come out (the last), the causal mask
- * and, for sliding-window layers (which keep the whole context in an artifact), the window's. */
+ * and, for sliding-window layers (which keep the whole context in an artifact), the window's.
+ * A model with recurrent layers also carries its state: per recurrent layer and state kind a
+ * table of planes (f32[planes, size]; an artifact's steps have one plane) that every step reads
+ * (plane state_src) and rewrites (plane state_slots[0]) like the KV caches, zero at the start:
+ * the tokens of a prompt run through it in order, as in Python's session.
+ *
+ * Opening checks every artifact file against its sha256 unless the record of verified files
+ * (verified.c) shows it unchanged since it last matched. */
 #include "internal.h"
 
 #include <dlfcn.h>
@@ -39,7 +47,8 @@
 
 typedef int (*graph_fn)(void **inputs, void **outputs, void **consts, uint8_t *arena, int n_threads);
 
-enum role { IN_TOKENS, IN_POS, IN_SLOTS, IN_OUT_IDS, IN_MASK, IN_MASK_SWA, IN_CACHE };
+/* IN_TABLE: a KV cache (its first n_kv rows) or a recurrent state's planes (all of them) */
+enum role { IN_TOKENS, IN_POS, IN_SLOTS, IN_OUT_IDS, IN_MASK, IN_MASK_SWA, IN_STATE_SRC, IN_STATE_SLOTS, IN_TABLE };
 
 typedef struct {
     int n_tokens, n_kv, n_out;
@@ -47,9 +56,10 @@ typedef struct {
     graph_fn run;
     int n_in, n_outputs, n_consts;
     void **in, **out, **consts;
+    uint8_t *literal;       /* per constant: 1 when its bytes came from the manifest (ours to free) */
     enum role *roles;
-    int *cache_of;          /* per input: its cache (IN_CACHE), else -1 */
-    int *copy_to;           /* per output: the cache it is copied into after a run, else -1 */
+    int *cache_of;          /* per input: its table (IN_TABLE), else -1 */
+    int *copy_to;           /* per output: the table it is copied into after a run, else -1 */
     size_t *out_bytes;
 } step;
 
@@ -66,6 +76,7 @@ struct ember_rt {
     char dir[PATH_MAX];
     json_value *manifest;
     int n_ctx, prompt_tokens, kv_bucket, n_vocab, window, n_threads, n_past;
+    int recurrent;          /* some table is a recurrent state */
     uint8_t *gguf_map;
     size_t gguf_size;
     gguf_file gguf;
@@ -74,14 +85,16 @@ struct ember_rt {
     void *kernels;
     step *steps;
     int n_steps;
-    char **cache_names;
+    char **cache_names;     /* the tables: KV caches (n_ctx rows) and recurrent states (planes) */
     uint8_t **caches;
-    size_t *cache_row_bytes;
+    size_t *cache_rows, *cache_row_bytes;
+    uint8_t *cache_is_state;
     int n_caches;
     uint8_t *arena;
     float *logits;
     tokenizer *tok;
     double open_seconds;
+    int files_hashed, files_unchanged;      /* artifact files and model header, at open */
     int *order;             /* sampling scratch: n_vocab ids */
     double *probs;
 };
@@ -97,8 +110,18 @@ const char *ember_error(const ember_rt *rt) { return rt->err; }
 int ember_n_vocab(const ember_rt *rt) { return rt->n_vocab; }
 int ember_n_ctx(const ember_rt *rt) { return rt->n_ctx; }
 int ember_n_past(const ember_rt *rt) { return rt->n_past; }
-void ember_reset(ember_rt *rt) { rt->n_past = 0; }
 double ember_open_seconds(const ember_rt *rt) { return rt->open_seconds; }
+
+void ember_open_checks(const ember_rt *rt, int *hashed, int *unchanged) {
+    *hashed = rt->files_hashed;
+    *unchanged = rt->files_unchanged;
+}
+
+void ember_reset(ember_rt *rt) {
+    rt->n_past = 0;
+    for (int i = 0; i < rt->n_caches; i++)      /* a recurrent state starts from zero (Session.reset) */
+        if (rt->cache_is_state[i]) memset(rt->caches[i], 0, rt->cache_rows[i] * rt->cache_row_bytes[i]);
+}
 
 static double now(void) {
     struct timespec ts;
@@ -191,13 +214,50 @@ static int inside(ember_rt *rt, const char *rel, char *out) {
     return 0;
 }
 
-static int check_files(ember_rt *rt, const json_value *files) {
+/* Whether the file at path (key in the record) has sha256 digest: hashed unless the record
+ * shows it unchanged since it last matched (force: hashed anyway); only the first `prefix`
+ * bytes when prefix > 0 (the model's header). 1: it matches, 0: it does not, -1: unreadable. */
+static int matches(ember_rt *rt, verified *v, const char *key, const char *path, const char *digest, size_t prefix,
+                   int force) {
+    int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        if (fd >= 0) close(fd);
+        ember_set_error(rt, "%s: missing or not a regular file: the artifact is incomplete", path);
+        return -1;
+    }
+    if (!force && verified_unchanged(v, key, &st)) {
+        close(fd);
+        rt->files_unchanged++;
+        return 1;
+    }
+    size_t size = (size_t)st.st_size, n = prefix ? prefix : size;
+    char hex[65];
+    if (n > size) {
+        close(fd);
+        return 0;
+    }
+    void *map = n ? mmap(NULL, n, PROT_READ, MAP_PRIVATE, fd, 0) : NULL;
+    close(fd);
+    if (map == MAP_FAILED) {
+        ember_set_error(rt, "%s: cannot map: %s", path, strerror(errno));
+        return -1;
+    }
+    sha256_of(map, n, hex);
+    if (map) munmap(map, n);
+    rt->files_hashed++;
+    if (strcmp(hex, digest) != 0) return 0;
+    verified_note(v, key, &st);
+    return 1;
+}
+
+static int check_files(ember_rt *rt, const json_value *files, verified *v, int force) {
     if (!files || files->kind != JSON_OBJECT) {
         ember_set_error(rt, "%s/manifest.json: corrupt: malformed manifest (no files)", rt->dir);
         return -1;
     }
     for (size_t i = 0; i < files->n; i++) {
-        char path[PATH_MAX], hex[65];
+        char path[PATH_MAX];
         const char *digest = json_str(&files->items[i]);
         if (inside(rt, files->keys[i], path) != 0) return -1;
         if (!digest) {
@@ -205,12 +265,9 @@ static int check_files(ember_rt *rt, const json_value *files) {
                             files->keys[i]);
             return -1;
         }
-        size_t size;
-        uint8_t *map = map_file(rt, path, &size);
-        if (!map) return -1;
-        sha256_of(map, size, hex);
-        munmap(map, size);
-        if (strcmp(hex, digest) != 0) {
+        int ok = matches(rt, v, files->keys[i], path, digest, 0, force);
+        if (ok < 0) return -1;
+        if (!ok) {
             ember_set_error(rt, "%s: checksum mismatch: the artifact is corrupt", path);
             return -1;
         }
@@ -368,25 +425,141 @@ static size_t storage_bytes(const json_value *dtype, const json_value *shape, si
     return total;
 }
 
-static int cache_index(ember_rt *rt, const char *name, size_t row_bytes) {
+/* The table (KV cache or recurrent state planes) of this name, made zero on first sight: rows
+ * rows of row_bytes; -1 when a step before saw it with another shape. */
+static int table_index(ember_rt *rt, const char *name, size_t rows, size_t row_bytes, int is_state) {
     for (int i = 0; i < rt->n_caches; i++)
         if (strcmp(rt->cache_names[i], name) == 0)
-            return rt->cache_row_bytes[i] == row_bytes ? i : -1;
+            return rt->cache_row_bytes[i] == row_bytes && rt->cache_rows[i] == rows ? i : -1;
     int n = rt->n_caches + 1;
-    rt->cache_names = realloc(rt->cache_names, (size_t)n * sizeof(char *));
-    rt->caches = realloc(rt->caches, (size_t)n * sizeof(uint8_t *));
-    rt->cache_row_bytes = realloc(rt->cache_row_bytes, (size_t)n * sizeof(size_t));
-    if (!rt->cache_names || !rt->caches || !rt->cache_row_bytes) return -1;
-    rt->cache_names[rt->n_caches] = strdup(name);
+    char **names = realloc(rt->cache_names, (size_t)n * sizeof *names);
+    if (names) rt->cache_names = names;
+    uint8_t **tables = realloc(rt->caches, (size_t)n * sizeof *tables);
+    if (tables) rt->caches = tables;
+    size_t *all_rows = realloc(rt->cache_rows, (size_t)n * sizeof *all_rows);
+    if (all_rows) rt->cache_rows = all_rows;
+    size_t *all_row_bytes = realloc(rt->cache_row_bytes, (size_t)n * sizeof *all_row_bytes);
+    if (all_row_bytes) rt->cache_row_bytes = all_row_bytes;
+    uint8_t *states = realloc(rt->cache_is_state, (size_t)n);
+    if (states) rt->cache_is_state = states;
+    if (!names || !tables || !all_rows || !all_row_bytes || !states) return -1;
+    /* zero bytes are an empty cache of every type (ember.runtime.memory.cache_array) and the
+     * state a recurrent layer starts from */
+    uint8_t *data = calloc(rows, row_bytes);
+    char *copy = strdup(name);
+    if (!data || !copy) {
+        free(data);
+        free(copy);
+        return -1;
+    }
+    rt->cache_names[rt->n_caches] = copy;
+    rt->caches[rt->n_caches] = data;
+    rt->cache_rows[rt->n_caches] = rows;
     rt->cache_row_bytes[rt->n_caches] = row_bytes;
-    /* zero bytes are an empty cache of every type (ember.runtime.memory.cache_array) */
-    rt->caches[rt->n_caches] = calloc((size_t)rt->n_ctx, row_bytes);
-    if (!rt->caches[rt->n_caches]) return -1;
+    rt->cache_is_state[rt->n_caches] = (uint8_t)is_state;
+    rt->recurrent |= is_state;
     return rt->n_caches++;
 }
 
 #define MALFORMED(what) do { ember_set_error(rt, "%s/manifest.json: corrupt: malformed manifest (step %d: %s)", \
                                              rt->dir, index, what); return -1; } while (0)
+
+/* "{kind}_state.{il}": a recurrent state's planes (ember.models.common.Model.state_names) */
+static int is_state_name(const char *name) {
+    const char *dot = strstr(name, "_state.");
+    return dot && dot > name && dot[7];
+}
+
+/* The step's inputs: their roles and buffers; tables[] gets the inputs that are tables, in order
+ * (the step's outputs after the logits are their new contents, in that order). */
+static int load_inputs(ember_rt *rt, step *s, const json_value *inputs, int index, int *tables, int *n_tables) {
+    static const char *names[] = {"tokens", "pos", "slots", "out_ids", "mask", "mask_swa", "state_src", "state_slots"};
+    *n_tables = 0;
+    for (size_t i = 0; i < inputs->n; i++) {
+        const json_value *in = &inputs->items[i];
+        if (in->kind != JSON_ARRAY || in->n != 3 || !json_str(&in->items[0])) MALFORMED("input");
+        const char *name = json_str(&in->items[0]);
+        size_t rows, row_bytes, bytes = storage_bytes(&in->items[1], &in->items[2], &rows, &row_bytes);
+        if (!bytes) MALFORMED("input type");
+        s->cache_of[i] = -1;
+        int role = -1;
+        for (int r = 0; r < (int)(sizeof names / sizeof names[0]); r++)
+            if (strcmp(name, names[r]) == 0) role = r;
+        int kv = strncmp(name, "k_cache.", 8) == 0 || strncmp(name, "v_cache.", 8) == 0;
+        if (role < 0 && (kv || is_state_name(name))) {
+            /* a KV cache: n_ctx rows, the step sees its first n_kv; a state: all its planes */
+            if (kv && rows != (size_t)s->n_kv) MALFORMED("cache rows");
+            int t = table_index(rt, name, kv ? (size_t)rt->n_ctx : rows, row_bytes, !kv);
+            if (t < 0) MALFORMED("cache or state type");
+            s->roles[i] = IN_TABLE;
+            s->cache_of[i] = t;
+            s->in[i] = rt->caches[t];
+            tables[(*n_tables)++] = (int)i;
+            continue;
+        }
+        if (role < 0) {
+            ember_set_error(rt, "%s/manifest.json: step %d: input '%s' is not supported by the native runtime "
+                            "(a sliding-window ring?)", rt->dir, index, name);
+            return -1;
+        }
+        /* one state plane is read and one written: a step of an artifact keeps no per-token states */
+        size_t want = (role == IN_MASK || role == IN_MASK_SWA) ? (size_t)s->n_tokens * (size_t)s->n_kv * 4
+                      : role == IN_OUT_IDS || role == IN_STATE_SRC || role == IN_STATE_SLOTS ? 4
+                      : (size_t)s->n_tokens * 4;
+        if (bytes != want) MALFORMED("input shape");
+        s->roles[i] = (enum role)role;
+        s->in[i] = calloc(1, bytes);
+        if (!s->in[i]) { ember_set_error(rt, "out of memory"); return -1; }
+    }
+    return 0;
+}
+
+/* The step's outputs: the logits, then each table's new contents, written in place or copied */
+static int load_outputs(ember_rt *rt, step *s, const json_value *outputs, int index, const int *tables,
+                        int n_tables) {
+    if ((size_t)n_tables != outputs->n - 1) MALFORMED("outputs and caches");
+    for (size_t k = 0; k < outputs->n; k++) {
+        const json_value *out = &outputs->items[k];
+        if (out->kind != JSON_ARRAY || out->n != 3 || !json_is_int(&out->items[2])) MALFORMED("output");
+        size_t rows, row_bytes, bytes = storage_bytes(&out->items[0], &out->items[1], &rows, &row_bytes);
+        int in_place = (int)out->items[2].number;
+        s->copy_to[k] = -1;
+        s->out_bytes[k] = bytes;
+        if (!bytes) MALFORMED("output type");
+        if (k == 0) {
+            if (bytes != (size_t)rt->n_vocab * 4) MALFORMED("logits shape");
+            s->out[0] = rt->logits;
+            continue;
+        }
+        int input = tables[k - 1], t = s->cache_of[input];
+        size_t seen = rt->cache_is_state[t] ? rt->cache_rows[t] : (size_t)s->n_kv;     /* rows the step sees */
+        if (bytes != seen * rt->cache_row_bytes[t]) MALFORMED("cache or state output shape");
+        if (in_place >= 0) {
+            if (in_place != input) MALFORMED("in-place output");
+            s->out[k] = s->in[input];
+        } else {
+            s->copy_to[k] = t;
+            s->out[k] = malloc(bytes);
+            if (!s->out[k]) { ember_set_error(rt, "out of memory"); return -1; }
+        }
+    }
+    return 0;
+}
+
+/* the bytes hex spells (exactly bytes of them), in a buffer of their own; NULL when malformed */
+static void *literal_bytes(const char *hex, size_t bytes) {
+    if (!hex || strlen(hex) != 2 * bytes) return NULL;
+    uint8_t *out = malloc(bytes ? bytes : 1);
+    for (size_t i = 0; out && i < bytes; i++) {
+        unsigned byte;
+        if (sscanf(hex + 2 * i, "%2x", &byte) != 1) {
+            free(out);
+            return NULL;
+        }
+        out[i] = (uint8_t)byte;
+    }
+    return out;
+}
 
 static int load_step(ember_rt *rt, const json_value *entry, int index, size_t *arena_bytes) {
     step *s = &rt->steps[index];
@@ -416,81 +589,35 @@ static int load_step(ember_rt *rt, const json_value *entry, int index, size_t *a
     s->in = calloc(inputs->n + 1, sizeof(void *));
     s->out = calloc(outputs->n + 1, sizeof(void *));
     s->consts = calloc(consts->n + 1, sizeof(void *));
+    s->literal = calloc(consts->n + 1, 1);
     s->roles = calloc(inputs->n + 1, sizeof(enum role));
     s->cache_of = calloc(inputs->n + 1, sizeof(int));
     s->copy_to = calloc(outputs->n + 1, sizeof(int));
     s->out_bytes = calloc(outputs->n + 1, sizeof(size_t));
-    if (!s->in || !s->out || !s->consts || !s->roles || !s->cache_of || !s->copy_to || !s->out_bytes) {
+    int *tables = malloc((inputs->n + 1) * sizeof *tables), n_tables = 0;
+    if (!s->in || !s->out || !s->consts || !s->literal || !s->roles || !s->cache_of || !s->copy_to || !s->out_bytes
+        || !tables) {
+        free(tables);
         ember_set_error(rt, "out of memory");
         return -1;
     }
-    static const char *names[] = {"tokens", "pos", "slots", "out_ids", "mask", "mask_swa"};
-    int caches_seen = 0;
-    int first_cache_input[512];
-    for (size_t i = 0; i < inputs->n; i++) {
-        const json_value *in = &inputs->items[i];
-        if (in->kind != JSON_ARRAY || in->n != 3 || !json_str(&in->items[0])) MALFORMED("input");
-        const char *name = json_str(&in->items[0]);
-        size_t rows, row_bytes, bytes = storage_bytes(&in->items[1], &in->items[2], &rows, &row_bytes);
-        if (!bytes) MALFORMED("input type");
-        s->cache_of[i] = -1;
-        int role = -1;
-        for (int r = 0; r < 6; r++)
-            if (strcmp(name, names[r]) == 0) role = r;
-        if (role < 0 && (strncmp(name, "k_cache.", 8) == 0 || strncmp(name, "v_cache.", 8) == 0)) {
-            if (rows != (size_t)s->n_kv) MALFORMED("cache rows");
-            int c = cache_index(rt, name, row_bytes);
-            if (c < 0) MALFORMED("cache type");
-            s->roles[i] = IN_CACHE;
-            s->cache_of[i] = c;
-            s->in[i] = rt->caches[c];        /* its first n_kv rows */
-            if (caches_seen < 512) first_cache_input[caches_seen] = (int)i;
-            caches_seen++;
-            continue;
-        }
-        if (role < 0) {
-            ember_set_error(rt, "%s/manifest.json: step %d: input '%s' is not supported by the native runtime "
-                            "(recurrent state, or a sliding-window ring)", rt->dir, index, name);
-            return -1;
-        }
-        size_t want = (role == IN_MASK || role == IN_MASK_SWA) ? (size_t)s->n_tokens * (size_t)s->n_kv * 4
-                      : role == IN_OUT_IDS ? 4 : (size_t)s->n_tokens * 4;
-        if (bytes != want) MALFORMED("input shape");
-        s->roles[i] = (enum role)role;
-        s->in[i] = calloc(1, bytes);
-        if (!s->in[i]) { ember_set_error(rt, "out of memory"); return -1; }
-    }
-    for (size_t k = 0; k < outputs->n; k++) {
-        const json_value *out = &outputs->items[k];
-        if (out->kind != JSON_ARRAY || out->n != 3 || !json_is_int(&out->items[2])) MALFORMED("output");
-        size_t rows, row_bytes, bytes = storage_bytes(&out->items[0], &out->items[1], &rows, &row_bytes);
-        int in_place = (int)out->items[2].number;
-        s->copy_to[k] = -1;
-        s->out_bytes[k] = bytes;
-        if (!bytes) MALFORMED("output type");
-        if (k == 0) {
-            if (bytes != (size_t)rt->n_vocab * 4) MALFORMED("logits shape");
-            s->out[0] = rt->logits;
-            continue;
-        }
-        if (k - 1 >= (size_t)caches_seen || k - 1 >= 512) MALFORMED("outputs past the caches");
-        int input = first_cache_input[k - 1];
-        if (bytes != (size_t)s->n_kv * rt->cache_row_bytes[s->cache_of[input]]) MALFORMED("cache output shape");
-        if (in_place >= 0) {
-            if (in_place != input) MALFORMED("in-place output");
-            s->out[k] = s->in[input];
-        } else {
-            s->copy_to[k] = s->cache_of[input];
-            s->out[k] = malloc(bytes);
-            if (!s->out[k]) { ember_set_error(rt, "out of memory"); return -1; }
-        }
-    }
-    if ((size_t)caches_seen != outputs->n - 1) MALFORMED("outputs and caches");
+    int status = load_inputs(rt, s, inputs, index, tables, &n_tables);
+    if (status == 0) status = load_outputs(rt, s, outputs, index, tables, n_tables);
+    free(tables);
+    if (status != 0) return -1;
     for (size_t j = 0; j < consts->n; j++) {
         const json_value *c = &consts->items[j];
-        if (c->kind != JSON_ARRAY || c->n != 2 || !json_str(&c->items[0]) || !json_is_int(&c->items[1]))
+        if (c->kind != JSON_ARRAY || (c->n != 2 && c->n != 3) || !json_is_int(&c->items[1]))
             MALFORMED("constant");
-        s->consts[j] = (void *)constant(rt, json_str(&c->items[0]), (size_t)c->items[1].number);
+        size_t bytes = (size_t)c->items[1].number;
+        if (c->n == 3) {        /* a literal of the IR: [null, bytes, its bytes in hex] */
+            s->consts[j] = literal_bytes(json_str(&c->items[2]), bytes);
+            s->literal[j] = 1;
+            if (!s->consts[j]) MALFORMED("literal constant");
+            continue;
+        }
+        if (!json_str(&c->items[0])) MALFORMED("constant");
+        s->consts[j] = (void *)constant(rt, json_str(&c->items[0]), bytes);
         if (!s->consts[j]) return -1;
     }
     char path[PATH_MAX];
@@ -512,7 +639,7 @@ static int load_step(ember_rt *rt, const json_value *entry, int index, size_t *a
 
 /* ---- open / close ------------------------------------------------------------------------- */
 
-static int open_model(ember_rt *rt, const char *model_path, int verify) {
+static int open_model(ember_rt *rt, const char *model_path, int verify, verified *v) {
     const json_value *model = json_get(rt->manifest, "model");
     const char *path = model_path ? model_path : json_str(json_get(model, "path"));
     const char *file = json_str(json_get(model, "file")), *digest = json_str(json_get(model, "sha256"));
@@ -536,12 +663,15 @@ static int open_model(ember_rt *rt, const char *model_path, int verify) {
         ember_set_error(rt, "%s: %s", path, err);
         return -1;
     }
-    char hex[65];
+    char hex[65], real[PATH_MAX];
     if (!bad && header_digest) {
-        sha256_of(rt->gguf_map, rt->gguf.header_bytes, hex);
-        bad = strcmp(hex, header_digest) != 0;
+        /* the record's key: the model's absolute path (no artifact path is absolute) */
+        int ok = matches(rt, v, realpath(path, real) ? real : path, path, header_digest, rt->gguf.header_bytes,
+                         verify & EMBER_VERIFY_ARTIFACT);
+        if (ok < 0) return -1;
+        bad = !ok;
     }
-    if (!bad && verify) {
+    if (!bad && (verify & EMBER_VERIFY_MODEL)) {
         sha256_of(rt->gguf_map, rt->gguf_size, hex);
         bad = strcmp(hex, digest) != 0;
     }
@@ -563,73 +693,9 @@ static int int_field(ember_rt *rt, const json_value *obj, const char *key, int l
     return 0;
 }
 
-static int open_artifact(ember_rt *rt, const char *model_path, int verify) {
-    char path[PATH_MAX], err[256];
-    snprintf(path, sizeof path, "%s/manifest.json", rt->dir);
-    struct stat st;
-    if (stat(rt->dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        ember_set_error(rt, "%s: no such artifact folder", rt->dir);
-        return -1;
-    }
-    size_t len;
-    char *text = read_text(rt, path, &len);
-    if (!text) {
-        ember_set_error(rt, "%s: missing: %s is not an ember artifact, or an incomplete one", path, rt->dir);
-        return -1;
-    }
-    rt->manifest = json_parse(text, len, err, sizeof err);
-    free(text);
-    if (!rt->manifest) {
-        ember_set_error(rt, "%s: corrupt: not valid JSON (%s)", path, err);
-        return -1;
-    }
+/* kernels.so, then every step's library, buffers and constants, and the arena */
+static int load_libraries(ember_rt *rt, const char *path) {
     const json_value *m = rt->manifest;
-    const char *format = json_str(json_get(m, "format")), *target = json_str(json_get(m, "target"));
-    if (!format || strcmp(format, FORMAT) != 0) {
-        ember_set_error(rt, "%s: not an ember artifact manifest", path);
-        return -1;
-    }
-    const json_value *version = json_get(m, "format_version");
-    if (!json_is_int(version) || version->number != FORMAT_VERSION) {
-        ember_set_error(rt, "%s: artifact format version is not %d, the one this runtime reads: compile the model "
-                        "again", path, FORMAT_VERSION);
-        return -1;
-    }
-    if (!target || strncmp(target, "cpu", 3) != 0) {
-        ember_set_error(rt, "%s: target %s: the native runtime runs cpu artifacts only", path, target ? target : "?");
-        return -1;
-    }
-    const char *isa = json_str(json_get(m, "isa")), *host = json_str(json_get(m, "host"));
-    char here[512];
-    host_cpu(here, sizeof here);
-    if (isa && strcmp(isa, "native") == 0 && (!host || strcmp(host, here) != 0)) {
-        ember_set_error(rt, "%s: built with -march=native for '%s'; this host is '%s': compile the model again here",
-                        path, host ? host : "?", here);
-        return -1;
-    }
-    if (check_features(rt, path, json_get(m, "features")) != 0) return -1;
-    const json_value *native = json_get(m, "native");
-    if (!native) {
-        ember_set_error(rt, "%s: no native block: the artifact comes from an older ember; compile it again", path);
-        return -1;
-    }
-    const json_value *recurrent = json_get(native, "recurrent");
-    if (recurrent && recurrent->kind == JSON_BOOL && recurrent->number) {
-        ember_set_error(rt, "%s: %s has recurrent layers, which the native runtime does not run yet", path,
-                        json_str(json_get(native, "arch")) ? json_str(json_get(native, "arch")) : "the model");
-        return -1;
-    }
-    if (int_field(rt, m, "n_ctx", 1, &rt->n_ctx) || int_field(rt, m, "prompt_tokens", 1, &rt->prompt_tokens)
-        || int_field(rt, m, "kv_bucket", 1, &rt->kv_bucket) || int_field(rt, native, "n_vocab", 1, &rt->n_vocab)
-        || int_field(rt, native, "sliding_window", 0, &rt->window))
-        return -1;
-    if (check_files(rt, json_get(m, "files")) != 0) return -1;
-    if (open_model(rt, model_path, verify) != 0) return -1;
-    rt->tok = tokenizer_new(&rt->gguf, json_get(native, "tokenizer"), rt->n_vocab, err, sizeof err);
-    if (!rt->tok) {
-        ember_set_error(rt, "%s: tokenizer: %s", path, err);
-        return -1;
-    }
     const json_value *library = json_get(m, "kernel_library");
     const char *kernels = json_str(json_get(library, "file"));
     if (!kernels || !listed(json_get(m, "files"), kernels)) {
@@ -667,7 +733,89 @@ static int open_artifact(ember_rt *rt, const char *model_path, int verify) {
     return 0;
 }
 
-ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int verify_model, char *err,
+/* The manifest is one this runtime reads: an ember artifact of its format version, for a cpu
+ * target, built for this CPU when built with -march=native, with a native block. */
+static int check_manifest(ember_rt *rt, const char *path) {
+    const json_value *m = rt->manifest;
+    const char *format = json_str(json_get(m, "format")), *target = json_str(json_get(m, "target"));
+    if (!format || strcmp(format, FORMAT) != 0) {
+        ember_set_error(rt, "%s: not an ember artifact manifest", path);
+        return -1;
+    }
+    const json_value *version = json_get(m, "format_version");
+    if (!json_is_int(version) || version->number != FORMAT_VERSION) {
+        ember_set_error(rt, "%s: artifact format version is not %d, the one this runtime reads: compile the model "
+                        "again", path, FORMAT_VERSION);
+        return -1;
+    }
+    if (!target || strncmp(target, "cpu", 3) != 0) {
+        ember_set_error(rt, "%s: target %s: the native runtime runs cpu artifacts only", path, target ? target : "?");
+        return -1;
+    }
+    const char *isa = json_str(json_get(m, "isa")), *host = json_str(json_get(m, "host"));
+    char here[512];
+    host_cpu(here, sizeof here);
+    if (isa && strcmp(isa, "native") == 0 && (!host || strcmp(host, here) != 0)) {
+        ember_set_error(rt, "%s: built with -march=native for '%s'; this host is '%s': compile the model again here",
+                        path, host ? host : "?", here);
+        return -1;
+    }
+    if (check_features(rt, path, json_get(m, "features")) != 0) return -1;
+    if (!json_get(m, "native")) {
+        ember_set_error(rt, "%s: no native block: the artifact comes from an older ember; compile it again", path);
+        return -1;
+    }
+    return 0;
+}
+
+static int open_checked(ember_rt *rt, const char *model_path, int verify, verified **v) {
+    char path[PATH_MAX], err[256];
+    snprintf(path, sizeof path, "%s/manifest.json", rt->dir);
+    struct stat st;
+    if (stat(rt->dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        ember_set_error(rt, "%s: no such artifact folder", rt->dir);
+        return -1;
+    }
+    size_t len;
+    char *text = read_text(rt, path, &len);
+    if (!text) {
+        ember_set_error(rt, "%s: missing: %s is not an ember artifact, or an incomplete one", path, rt->dir);
+        return -1;
+    }
+    rt->manifest = json_parse(text, len, err, sizeof err);
+    *v = verified_read(rt->dir, text, len);
+    free(text);
+    if (!rt->manifest) {
+        ember_set_error(rt, "%s: corrupt: not valid JSON (%s)", path, err);
+        return -1;
+    }
+    const json_value *m = rt->manifest, *native = json_get(m, "native");
+    if (check_manifest(rt, path) != 0) return -1;
+    if (int_field(rt, m, "n_ctx", 1, &rt->n_ctx) || int_field(rt, m, "prompt_tokens", 1, &rt->prompt_tokens)
+        || int_field(rt, m, "kv_bucket", 1, &rt->kv_bucket) || int_field(rt, native, "n_vocab", 1, &rt->n_vocab)
+        || int_field(rt, native, "sliding_window", 0, &rt->window))
+        return -1;
+    if (check_files(rt, json_get(m, "files"), *v, verify & EMBER_VERIFY_ARTIFACT) != 0) return -1;
+    if (open_model(rt, model_path, verify, *v) != 0) return -1;
+    rt->tok = tokenizer_new(&rt->gguf, json_get(native, "tokenizer"), rt->n_vocab, err, sizeof err);
+    if (!rt->tok) {
+        ember_set_error(rt, "%s: tokenizer: %s", path, err);
+        return -1;
+    }
+    return load_libraries(rt, path);
+}
+
+/* open_checked, then the record of verified files updated with what it hashed and found whole
+ * (also when a later check failed: what matched, matched) */
+static int open_artifact(ember_rt *rt, const char *model_path, int verify) {
+    verified *v = NULL;
+    int status = open_checked(rt, model_path, verify, &v);
+    verified_write(v);
+    verified_free(v);
+    return status;
+}
+
+ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int verify, char *err,
                      size_t err_len) {
     double start = now();
     ember_rt *rt = calloc(1, sizeof *rt);
@@ -680,7 +828,7 @@ ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int
     while (n > 1 && rt->dir[n - 1] == '/') rt->dir[--n] = 0;
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     rt->n_threads = n_threads > 0 ? n_threads : (cpus > 0 ? (int)cpus : 1);
-    if (open_artifact(rt, model_path, verify_model) != 0) {
+    if (open_artifact(rt, model_path, verify) != 0) {
         snprintf(err, err_len, "%s", rt->err);
         ember_close(rt);
         return NULL;
@@ -694,10 +842,13 @@ void ember_close(ember_rt *rt) {
     for (int i = 0; i < rt->n_steps; i++) {
         step *s = &rt->steps[i];
         for (int j = 0; s->in && j < s->n_in; j++)
-            if (s->roles[j] != IN_CACHE) free(s->in[j]);
+            if (s->roles[j] != IN_TABLE) free(s->in[j]);
         for (int k = 1; s->out && k < s->n_outputs; k++)
             if (s->copy_to[k] >= 0) free(s->out[k]);
-        free(s->in); free(s->out); free(s->consts); free(s->roles); free(s->cache_of); free(s->copy_to);
+        for (int j = 0; s->literal && j < s->n_consts; j++)
+            if (s->literal[j]) free(s->consts[j]);
+        free(s->in); free(s->out); free(s->consts); free(s->literal); free(s->roles); free(s->cache_of);
+        free(s->copy_to);
         free(s->out_bytes);
         /* the libraries stay loaded: libgomp's threads may still run their code at exit */
     }
@@ -706,7 +857,7 @@ void ember_close(ember_rt *rt) {
         free(rt->caches[i]);
         free(rt->cache_names[i]);
     }
-    free(rt->caches); free(rt->cache_names); free(rt->cache_row_bytes);
+    free(rt->caches); free(rt->cache_names); free(rt->cache_rows); free(rt->cache_row_bytes); free(rt->cache_is_state);
     for (int i = 0; i < rt->n_npy; i++) {
         munmap(rt->npy[i].map, rt->npy[i].map_size);
         free(rt->npy[i].name);
@@ -729,9 +880,17 @@ static step *find_step(ember_rt *rt, int T, int n_kv) {
 }
 
 /* One step of T tokens at n_past (as ember.runtime.session._Feed.set, with no padding). */
-static int run_step(ember_rt *rt, const int32_t *tokens, int T) {
+/* the KV rows a step of T rows at n_past reads: the context so far rounded up to the bucket */
+static int kv_rows(const ember_rt *rt, int T) {
     long long rounded = ((long long)rt->n_past + T + rt->kv_bucket - 1) / rt->kv_bucket * rt->kv_bucket;
-    int n_kv = rounded < rt->n_ctx ? (int)rounded : rt->n_ctx;
+    return rounded < rt->n_ctx ? (int)rounded : rt->n_ctx;
+}
+
+/* One step of T rows at n_past for the n <= T tokens given (as ember.runtime.session._Feed.set):
+ * rows past n are padding (the last token again) whose K/V rows lie past the context and are
+ * masked until real tokens overwrite them; the logits are the last real token's. */
+static int run_step(ember_rt *rt, const int32_t *tokens, int n, int T) {
+    int n_kv = kv_rows(rt, T);
     step *s = find_step(rt, T, n_kv);
     if (!s) {
         ember_set_error(rt, "%s: no compiled step for %d tokens over %d KV rows", rt->dir, T, n_kv);
@@ -740,12 +899,14 @@ static int run_step(ember_rt *rt, const int32_t *tokens, int T) {
     for (int i = 0; i < s->n_in; i++) {
         void *p = s->in[i];
         switch (s->roles[i]) {
-        case IN_TOKENS: memcpy(p, tokens, (size_t)T * sizeof(int32_t)); break;
+        case IN_TOKENS:
+            for (int t = 0; t < T; t++) ((int32_t *)p)[t] = tokens[t < n ? t : n - 1];
+            break;
         case IN_POS:
         case IN_SLOTS:
             for (int t = 0; t < T; t++) ((int32_t *)p)[t] = rt->n_past + t;
             break;
-        case IN_OUT_IDS: ((int32_t *)p)[0] = T - 1; break;
+        case IN_OUT_IDS: ((int32_t *)p)[0] = n - 1; break;
         case IN_MASK:
         case IN_MASK_SWA: {
             /* row t sees keys 0..pos; a sliding-window row only the last `window` of them */
@@ -760,7 +921,9 @@ static int run_step(ember_rt *rt, const int32_t *tokens, int T) {
             }
             break;
         }
-        case IN_CACHE: break;
+        case IN_STATE_SRC:          /* the one plane: read from and written to */
+        case IN_STATE_SLOTS: ((int32_t *)p)[0] = 0; break;
+        case IN_TABLE: break;
         }
     }
     int status = s->run(s->in, s->out, s->consts, rt->arena, rt->n_threads);
@@ -770,7 +933,7 @@ static int run_step(ember_rt *rt, const int32_t *tokens, int T) {
     }
     for (int k = 1; k < s->n_outputs; k++)
         if (s->copy_to[k] >= 0) memcpy(rt->caches[s->copy_to[k]], s->out[k], s->out_bytes[k]);
-    rt->n_past += T;
+    rt->n_past += n;
     return 0;
 }
 
@@ -790,8 +953,18 @@ int ember_eval(ember_rt *rt, const int32_t *tokens, int n, const float **logits)
             return -1;
         }
     for (int i = 0; i < n;) {
-        int take = n - i >= rt->prompt_tokens && n > 1 ? rt->prompt_tokens : 1;
-        if (run_step(rt, tokens + i, take) != 0) return -1;
+        int left = n - i, P = rt->prompt_tokens;
+        int take = left >= P && n > 1 ? P : 1, rows = take;
+        /* The rest of a prompt after its whole prompt steps runs as one prompt step padded to P
+         * rows rather than token by token (each token's step computing logits that are thrown
+         * away): the kernels are batch invariant, so the logits are the same bits. Not through
+         * recurrent state, which padding would run on. */
+        if (take == 1 && left > 1 && P > left && !rt->recurrent && rt->n_past + P <= rt->n_ctx
+            && find_step(rt, P, kv_rows(rt, P))) {
+            take = left;
+            rows = P;
+        }
+        if (run_step(rt, tokens + i, take, rows) != 0) return -1;
         i += take;
     }
     *logits = rt->logits;

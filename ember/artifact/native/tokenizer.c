@@ -1,11 +1,11 @@
 /* The tokenizer in C, giving the ids ember.models.tokenizer gives (and llama.cpp's
  * llama-vocab.cpp): special-token texts cut out first, longest first (control texts only when
- * parse_special); then SentencePiece-style merging of each remaining fragment (the highest
- * scoring adjacent pair whose concatenation is a piece merges first, the leftmost on ties; a
- * symbol left that is no piece falls back to its <0xXX> byte tokens). The vocabulary, scores
- * and token types come from the memory-mapped GGUF; the flags and special ids that
- * ember.models.tokenizer derives from the metadata come from the manifest's native.tokenizer.
- * Byte-level BPE (gpt2) is not here yet: such an artifact is refused when opened. */
+ * parse_special); then each remaining fragment by the vocabulary's algorithm: SentencePiece-style
+ * merging (here: the highest scoring adjacent pair whose concatenation is a piece merges first,
+ * the leftmost on ties; a symbol left that is no piece falls back to its <0xXX> byte tokens), or
+ * byte-level BPE (bpe.c). The vocabulary, scores, token types and merges come from the
+ * memory-mapped GGUF; the flags, special ids and BPE pre-tokenizer that ember.models.tokenizer
+ * derives from the metadata come from the manifest's native.tokenizer. */
 #define _GNU_SOURCE
 #include "internal.h"
 
@@ -17,6 +17,11 @@ enum { NORMAL = 1, UNKNOWN = 2, CONTROL = 3, USER_DEFINED = 4, UNUSED = 5, BYTE 
 
 static const char SPACE_MARK[] = "\xe2\x96\x81";   /* U+2581, SentencePiece's visible space */
 
+typedef struct {
+    uint32_t hash;              /* the piece's, so that most probes need not look at its text */
+    int32_t id;                 /* -1: empty */
+} slot;
+
 struct tokenizer {
     int n;
     const char **text;
@@ -24,12 +29,13 @@ struct tokenizer {
     float *score;
     int32_t *type;
     uint8_t *control, *eog;
-    int32_t *table;             /* open addressing: piece -> id */
+    slot *table;                /* open addressing: piece -> id */
     uint32_t mask;
     int32_t *special;           /* longest text first */
     int n_special;
     int32_t byte_ids[256];
     int bos, eos, unk, add_bos, add_eos, add_space_prefix;
+    bpe *bpe;                   /* byte-level BPE; NULL: SentencePiece */
     char **pieces;              /* decoded pieces, made on first use */
     size_t *piece_len;
 };
@@ -40,12 +46,47 @@ static uint32_t hash(const char *s, size_t n) {
     return h;
 }
 
-static int lookup(const tokenizer *t, const char *s, size_t n) {
-    for (uint32_t i = hash(s, n) & t->mask;; i = (i + 1) & t->mask) {
-        int32_t id = t->table[i];
-        if (id < 0) return -1;
-        if (t->len[id] == n && memcmp(t->text[id], s, n) == 0) return id;
+int tokenizer_lookup(const tokenizer *t, const char *s, size_t n) {
+    uint32_t h = hash(s, n);
+    for (uint32_t i = h & t->mask;; i = (i + 1) & t->mask) {
+        const slot *e = &t->table[i];
+        if (e->id < 0) return -1;
+        if (e->hash == h && t->len[e->id] == n && memcmp(t->text[e->id], s, n) == 0) return e->id;
     }
+}
+
+/* The table of the pieces, refusing a piece listed twice. The hashes come first and each slot
+ * is fetched a few pieces ahead: a 262k vocabulary's table is megabytes of random accesses, and
+ * waiting on each miss in turn cost most of the time an artifact took to open. */
+static int index_pieces(tokenizer *t, char *err, size_t err_len) {
+    uint32_t *hashes = malloc((size_t)t->n * sizeof *hashes);
+    if (!hashes) {
+        snprintf(err, err_len, "out of memory");
+        return -1;
+    }
+    for (int i = 0; i < t->n; i++) hashes[i] = hash(t->text[i], t->len[i]);
+    memset(t->table, 0xff, ((size_t)t->mask + 1) * sizeof *t->table);
+    for (int i = 0; i < t->n; i++) {
+#if defined(__GNUC__)
+        if (i + 16 < t->n) __builtin_prefetch(&t->table[hashes[i + 16] & t->mask], 1);
+#endif
+        uint32_t h = hashes[i];
+        for (uint32_t k = h & t->mask;; k = (k + 1) & t->mask) {
+            slot *e = &t->table[k];
+            if (e->id < 0) {
+                *e = (slot){h, i};
+                break;
+            }
+            if (e->hash == h && t->len[e->id] == t->len[i] && memcmp(t->text[e->id], t->text[i], t->len[i]) == 0) {
+                snprintf(err, err_len, "duplicate token %.*s in the vocabulary: ids %d and %d", (int)t->len[i],
+                         t->text[i], e->id, i);
+                free(hashes);
+                return -1;
+            }
+        }
+    }
+    free(hashes);
+    return 0;
 }
 
 static int int_of(const json_value *block, const char *key, int fallback) {
@@ -71,8 +112,9 @@ tokenizer *tokenizer_new(const gguf_file *g, const json_value *block, int n_voca
         snprintf(err, err_len, "the manifest has no native.tokenizer block");
         return NULL;
     }
-    if (strcmp(kind, "spm") != 0) {
-        snprintf(err, err_len, "a %s tokenizer: the native runtime has only SentencePiece (spm) so far", kind);
+    if (strcmp(kind, "spm") != 0 && strcmp(kind, "bpe") != 0) {
+        snprintf(err, err_len, "a %s tokenizer: the native runtime has SentencePiece (spm) and byte-level BPE (bpe)",
+                 kind);
         return NULL;
     }
     if (g->tokens.n != (uint64_t)n_vocab) {
@@ -103,7 +145,6 @@ tokenizer *tokenizer_new(const gguf_file *g, const json_value *block, int n_voca
     if (!t->text || !t->len || !t->score || !t->type || !t->control || !t->eog || !t->table || !t->special
         || !t->pieces || !t->piece_len)
         goto oom;
-    memset(t->table, 0xff, (size_t)slots * sizeof *t->table);
     const uint8_t *p = g->tokens.first;       /* bounds checked by gguf_parse */
     for (int i = 0; i < n; i++) {
         uint64_t len;
@@ -115,19 +156,11 @@ tokenizer *tokenizer_new(const gguf_file *g, const json_value *block, int n_voca
         else t->score[i] = 0.0f;
         if (g->token_types) memcpy(&t->type[i], (const uint8_t *)g->token_types + 4 * (size_t)i, 4);
         else t->type[i] = NORMAL;
-        uint32_t h = hash(t->text[i], t->len[i]) & t->mask;
-        for (;; h = (h + 1) & t->mask) {
-            int32_t id = t->table[h];
-            if (id < 0) break;
-            if (t->len[id] == t->len[i] && memcmp(t->text[id], t->text[i], t->len[i]) == 0) {
-                snprintf(err, err_len, "duplicate token %.*s in the vocabulary: ids %d and %d", (int)t->len[i],
-                         t->text[i], id, i);
-                tokenizer_free(t);
-                return NULL;
-            }
-        }
-        t->table[h] = i;
         t->control[i] = t->type[i] == CONTROL;
+    }
+    if (index_pieces(t, err, err_len) != 0) {
+        tokenizer_free(t);
+        return NULL;
     }
     const json_value *extra = json_get(block, "extra_control"), *eog = json_get(block, "eog");
     for (size_t i = 0; extra && extra->kind == JSON_ARRAY && i < extra->n; i++)
@@ -154,12 +187,19 @@ tokenizer *tokenizer_new(const gguf_file *g, const json_value *block, int n_voca
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof name, "<0x%02X>", b);
-        int id = lookup(t, name, 6);
+        int id = tokenizer_lookup(t, name, 6);
         if (id < 0 && b < 0x80) {
             char c = (char)b;
-            id = lookup(t, &c, 1);
+            id = tokenizer_lookup(t, &c, 1);
         }
         t->byte_ids[b] = id >= 0 ? id : t->unk;
+    }
+    if (strcmp(kind, "bpe") == 0) {
+        t->bpe = bpe_new(&g->merges, block, err, err_len);
+        if (!t->bpe) {
+            tokenizer_free(t);
+            return NULL;
+        }
     }
     return t;
 oom:
@@ -173,6 +213,7 @@ void tokenizer_free(tokenizer *t) {
     for (int i = 0; t->pieces && i < t->n; i++) free(t->pieces[i]);
     free(t->text); free(t->len); free(t->score); free(t->type); free(t->control); free(t->eog);
     free(t->table); free(t->special); free(t->pieces); free(t->piece_len);
+    bpe_free(t->bpe);
     free(t);
 }
 
@@ -180,31 +221,20 @@ int tokenizer_is_eog(const tokenizer *t, int32_t id) {
     return id >= 0 && id < t->n && t->eog[id];
 }
 
-/* ---- SentencePiece merging ---------------------------------------------------------------- */
+/* ---- the heap of merge candidates (SentencePiece here, BPE in bpe.c) ------------------------- */
 
-typedef struct {
-    float score;
-    int left, right;
-    size_t size;
-} pair;
-
-/* the heap's order: higher score first, then the leftmost pair (Python's tuples compare so) */
-static int before(const pair *a, const pair *b) {
-    if (a->score != b->score) return a->score > b->score;
+/* the heap's order: the lowest key first, then the leftmost pair (Python's tuples compare so) */
+static int before(const merge_pair *a, const merge_pair *b) {
+    if (a->key != b->key) return a->key < b->key;
     if (a->left != b->left) return a->left < b->left;
     if (a->right != b->right) return a->right < b->right;
     return a->size < b->size;
 }
 
-typedef struct {
-    pair *items;
-    size_t n, cap;
-} heap;
-
-static int heap_push(heap *h, pair p) {
+int merge_heap_push(merge_heap *h, merge_pair p) {
     if (h->n == h->cap) {
         size_t cap = h->cap ? 2 * h->cap : 64;
-        pair *items = realloc(h->items, cap * sizeof *items);
+        merge_pair *items = realloc(h->items, cap * sizeof *items);
         if (!items) return -1;
         h->items = items;
         h->cap = cap;
@@ -218,8 +248,8 @@ static int heap_push(heap *h, pair p) {
     return 0;
 }
 
-static pair heap_pop(heap *h) {
-    pair top = h->items[0], last = h->items[--h->n];
+merge_pair merge_heap_pop(merge_heap *h) {
+    merge_pair top = h->items[0], last = h->items[--h->n];
     size_t i = 0;
     for (;;) {
         size_t c = 2 * i + 1;
@@ -233,6 +263,8 @@ static pair heap_pop(heap *h) {
     return top;
 }
 
+/* ---- SentencePiece merging ---------------------------------------------------------------- */
+
 /* bytes of the UTF-8 character at s (1 for a byte that starts no valid sequence) */
 static size_t char_len(const uint8_t *s, size_t left) {
     size_t n = s[0] < 0x80 ? 1 : (s[0] >> 5) == 6 ? 2 : (s[0] >> 4) == 14 ? 3 : (s[0] >> 3) == 30 ? 4 : 1;
@@ -242,21 +274,11 @@ static size_t char_len(const uint8_t *s, size_t left) {
     return n;
 }
 
-typedef struct {
-    int32_t *ids;
-    int n, cap;
-} out_ids;
-
-static void emit(out_ids *o, int32_t id) {
-    if (o->n < o->cap) o->ids[o->n] = id;
-    o->n++;
-}
-
 static int spm(tokenizer *t, const char *text, size_t len, out_ids *o) {
     if (!len) return 0;
     size_t *start = malloc(len * sizeof *start), *size = malloc(len * sizeof *size);
     int *prev = malloc(len * sizeof *prev), *next = malloc(len * sizeof *next);
-    heap h = {0};
+    merge_heap h = {0};
     int status = -1, n = 0;
     if (!start || !size || !prev || !next) goto done;
     for (size_t i = 0; i < len; n++) {
@@ -270,12 +292,13 @@ static int spm(tokenizer *t, const char *text, size_t len, out_ids *o) {
     }
 #define TRY_PAIR(l, r) do { \
         if ((l) >= 0 && (r) >= 0) { \
-            int id_ = lookup(t, text + start[l], size[l] + size[r]); \
-            if (id_ >= 0 && heap_push(&h, (pair){t->score[id_], (l), (r), size[l] + size[r]}) != 0) goto done; \
+            int id_ = tokenizer_lookup(t, text + start[l], size[l] + size[r]); \
+            if (id_ >= 0 && merge_heap_push(&h, (merge_pair){-(double)t->score[id_], (l), (r), size[l] + size[r]}) != 0) \
+                goto done; \
         } } while (0)
     for (int i = 1; i < n; i++) TRY_PAIR(i - 1, i);
     while (h.n) {
-        pair p = heap_pop(&h);
+        merge_pair p = merge_heap_pop(&h);
         /* symbols only grow rightwards: a stale pair shows as an emptied side or a new size */
         if (!size[p.left] || !size[p.right] || size[p.left] + size[p.right] != p.size) continue;
         size[p.left] += size[p.right];
@@ -287,7 +310,7 @@ static int spm(tokenizer *t, const char *text, size_t len, out_ids *o) {
     }
 #undef TRY_PAIR
     for (int i = 0; i != -1 && n; i = next[i]) {
-        int id = lookup(t, text + start[i], size[i]);
+        int id = tokenizer_lookup(t, text + start[i], size[i]);
         if (id >= 0) {
             emit(o, id);
             continue;
@@ -356,6 +379,10 @@ int tokenizer_encode(tokenizer *t, const char *text, size_t len, int add_special
             prev_special = 1;
             continue;
         }
+        if (t->bpe) {
+            if (bpe_encode(t->bpe, t, text + frags[f].start, frags[f].len, &o) != 0) goto done;
+            continue;
+        }
         size_t n = 0;
         if (t->add_space_prefix && prev_special) {
             memcpy(buf, SPACE_MARK, 3);
@@ -387,6 +414,20 @@ static int hex_digit(char c) {
     return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
 }
 
+/* SentencePiece's visible spaces back to spaces (out: at least len bytes) */
+static size_t spm_piece(const char *text, size_t len, char *out) {
+    size_t n = 0;
+    for (size_t i = 0; i < len;) {
+        if (len - i >= 3 && memcmp(text + i, SPACE_MARK, 3) == 0) {
+            out[n++] = ' ';
+            i += 3;
+        } else {
+            out[n++] = text[i++];
+        }
+    }
+    return n;
+}
+
 const char *tokenizer_piece(tokenizer *t, int32_t id, int skip_special, size_t *len) {
     int kind = t->type[id];
     *len = 0;
@@ -407,17 +448,8 @@ const char *tokenizer_piece(tokenizer *t, int32_t id, int skip_special, size_t *
     if (!t->pieces[id]) {
         char *piece = malloc(t->len[id] + 1);
         if (!piece) return "";
-        size_t n = 0;
-        for (size_t i = 0; i < t->len[id];) {
-            if (t->len[id] - i >= 3 && memcmp(t->text[id] + i, SPACE_MARK, 3) == 0) {
-                piece[n++] = ' ';
-                i += 3;
-            } else {
-                piece[n++] = t->text[id][i++];
-            }
-        }
         t->pieces[id] = piece;
-        t->piece_len[id] = n;
+        t->piece_len[id] = t->bpe ? bpe_piece(t->text[id], t->len[id], piece) : spm_piece(t->text[id], t->len[id], piece);
     }
     *len = t->piece_len[id];
     return t->pieces[id];
