@@ -86,17 +86,18 @@ _DECODED = {"q4_1": {"has_min": True, "two_scales": False, "signed_codes": False
 # q8_0 reads fastest one row at a time and q5_0 (bound by its bit unpacking) gains from 4 rows
 # at once; tall GEMM tiles share the weights' decoding among 8 activation rows; decoded codes
 # need no sharing, and 4 x 2 keeps the accumulators in registers. The 32-value formats read
-# through a decoder (matmul/codes32.c.j2) run 4 weight rows per GEMV tile: a row's f32 chain
-# (one or two dependent fmas per 32 values) is latency-bound alone, four chains overlap; the
-# fused 256-value ones (matmul/codes256.c.j2) have enough integer work per super-block to hide
-# their chain, and one row at a time keeps every operand in registers.
+# through a decoder (matmul/codes32.c.j2) run 2 weight rows per GEMV tile: a row's f32 chain
+# (one or two dependent fmas per 32 values) is latency-bound alone, two chains overlap (four
+# run out of registers); the fused 256-value ones (matmul/codes256.c.j2) have enough integer
+# work per super-block to hide their chain, and one row at a time keeps every operand in
+# registers (measured on Zen 3: two rows were no faster).
 _TILES = {
     "q8_0": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": False},
     "q4_0": {"gemv_c": 4, "gemv_loop": True, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": True},
     "q5_0": {"gemv_c": 4, "gemv_loop": True, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": True},
     "q4_k": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 1, "gemm_tb": 32, "gemm_decode": False},
     "q6_k": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 1, "gemm_tb": 32, "gemm_decode": False},
-    **{w: {"gemv_c": 4 if _ACTIVATIONS[w] == "q32" else 1, "gemv_loop": False, "gemv_pf": "row",
+    **{w: {"gemv_c": 2 if _ACTIVATIONS[w] == "q32" else 1, "gemv_loop": False, "gemv_pf": "row",
            "gemv_pf_groups": 0, "gemm_r": 4,
            "gemm_c": 2 if _ACTIVATIONS[w] == "q32" else 1, "gemm_tb": 32, "gemm_decode": False}
        for w in _DECODED},
