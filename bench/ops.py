@@ -7,9 +7,13 @@ Prints one table, measured in one run (median of several repetitions after a war
     over a buffer larger than the L3 cache) compiled in the same run;
   * prompt-sized (T=512) quantized GEMM GFLOP/s, for scale.
 
-    python bench/ops.py [--threads 2] [--reps 7] [--rounds 1] [--markdown]
+    python bench/ops.py [--threads 2] [--reps 7] [--rounds 1] [--markdown] [--gemv-only]
+                        [--cpu-time]
 
---markdown writes the table as Markdown to stdout (for BENCHMARKS.md).
+--markdown writes the table as Markdown to stdout (for BENCHMARKS.md); --gemv-only measures the
+read bandwidth and the GEMV rows alone; --cpu-time times by the process's CPU seconds (all
+threads together) instead of the wall clock, so that on a machine shared with other jobs the
+rates are those of the cores while they run this process (the GEMV and the stream kernel alike).
 
 Notes: OPENBLAS_CORETYPE (and OPENBLAS_L2_SIZE) may be set on some machines and slow NumPy's
 sgemm; run once with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/ops.py` to
@@ -80,13 +84,18 @@ I64 = ctypes.c_int64
 PTR = ctypes.c_void_p
 
 
+# The clock of median_time: wall seconds, or with --cpu-time the CPU seconds of the whole process
+# (all threads), which leave out the time the OS gives the cores to other processes.
+CLOCK = {"fn": time.perf_counter}
+
+
 def median_time(fn, reps: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK["fn"]()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK["fn"]() - t0)
     return statistics.median(times)
 
 
@@ -156,9 +165,16 @@ GEMV_CASES = tuple((wtype, N, K) for wtype in GEMV_TYPES
 GEMM_CASES = tuple((wtype, 512, 4096, 4096) for wtype in ("q8_0", "q4_0", "q4_k"))
 
 
-def measure_round(b: Bench) -> dict:
-    """One pass over every case; throughputs keyed by case."""
+def measure_round(b: Bench, gemv_only: bool = False) -> dict:
+    """One pass over every case (the bandwidth and GEMV cases alone with gemv_only);
+    throughputs keyed by case."""
     out = {}
+    if gemv_only:
+        out["bandwidth"] = b.read_bandwidth()
+        for wtype, N, K in GEMV_CASES:
+            seconds, nbytes = b.matmul_seconds(wtype, 1, N, K)
+            out[(wtype, 1, N, K)] = nbytes / seconds / 1e9
+        return out
     # NumPy first, then a pause: OpenBLAS's idle threads spin for a while after each call and
     # would steal the cores from ember's OpenMP team.
     for T, N, K in F32_SIZES:
@@ -175,13 +191,14 @@ def measure_round(b: Bench) -> dict:
     return out
 
 
-def measure(threads: int, reps: int, rounds: int = 1) -> list[tuple[str, str, str, str]]:
+def measure(threads: int, reps: int, rounds: int = 1,
+            gemv_only: bool = False) -> list[tuple[str, str, str, str]]:
     """The table rows; with rounds > 1 each number is the best of the rounds' medians."""
     b = Bench(threads, reps)
-    results = [measure_round(b) for _ in range(rounds)]
+    results = [measure_round(b, gemv_only) for _ in range(rounds)]
     best = {key: max(r[key] for r in results) for key in results[0]}
     rows = []
-    for T, N, K in F32_SIZES:
+    for T, N, K in () if gemv_only else F32_SIZES:
         ours, theirs = best[("f32", T, N, K)], best[("numpy", T, N, K)]
         rows.append((f"f32 matmul T={T} N={N} K={K}", f"{ours:.1f} GFLOP/s",
                      f"numpy {theirs:.1f} GFLOP/s", f"{ours / theirs:.2f}x"))
@@ -191,7 +208,7 @@ def measure(threads: int, reps: int, rounds: int = 1) -> list[tuple[str, str, st
         gbs = best[(wtype, 1, N, K)]
         rows.append((f"{wtype} GEMV T=1 N={N} K={K}", f"{gbs:.1f} GB/s",
                      f"read {bandwidth:.1f} GB/s", f"{gbs / bandwidth:.2f}x"))
-    for wtype, T, N, K in GEMM_CASES:
+    for wtype, T, N, K in () if gemv_only else GEMM_CASES:
         rows.append((f"{wtype} GEMM T={T} N={N} K={K}", f"{best[(wtype, T, N, K)]:.1f} GFLOP/s",
                      "", ""))
     return rows
@@ -204,14 +221,22 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="passes over the table; each number is the best round's median")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--gemv-only", action="store_true",
+                        help="only the read bandwidth and the GEMV rows")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by the process's CPU seconds (all threads) instead of the wall "
+                             "clock: on a loaded machine, rates per busy core")
     args = parser.parse_args(argv)
+    if args.cpu_time:
+        CLOCK["fn"] = time.process_time
     load_before = os.getloadavg()[0]
-    rows = measure(args.threads, args.reps, args.rounds)
+    rows = measure(args.threads, args.reps, args.rounds, args.gemv_only)
     load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     header = ("case", "ember", "reference", "ratio")
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
                     if k in os.environ) or "OPENBLAS_CORETYPE unset"
     rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
+    rounds += ", CPU time" if args.cpu_time else ""
     title = (f"ember CPU matmul, {args.threads} threads, median of {args.reps}{rounds} "
              f"({env}; {load})")
     if args.markdown:

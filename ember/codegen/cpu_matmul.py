@@ -67,12 +67,17 @@ _ACTIVATIONS = {"q8_0": "q32", "q4_0": "q32", "q5_0": "q32", "q4_k": "q256", "q6
                 "q2_k": "q256", "q3_k": "q256", "q5_k": "q256", "iq4_xs": "q256"}
 # The formats read through a block decoder into int8 codes (matmul/codes32.c.j2 for 32-value
 # blocks, matmul/codes256.c.j2 for 256-value super-blocks): whether a value has an additive
-# min term, and whether a 32-value block carries two scales (nvfp4's 16-value sub-blocks).
-_DECODED = {"q4_1": {"has_min": True, "two_scales": False}, "q5_1": {"has_min": True, "two_scales": False},
-            "iq4_nl": {"has_min": False, "two_scales": False}, "mxfp4": {"has_min": False, "two_scales": False},
-            "nvfp4": {"has_min": False, "two_scales": True},
-            "q2_k": {"has_min": True}, "q3_k": {"has_min": False}, "q5_k": {"has_min": True},
-            "iq4_xs": {"has_min": False}}
+# min term, whether a 32-value block carries two scales (nvfp4's 16-value sub-blocks), whether
+# the 32-value codes are signed (maddubs then needs the sign moved onto x), and the offset a
+# 256-value format's AVX2 decoder adds to its codes to make them unsigned (q3_k: -4..3 -> 0..7,
+# taken back through the activations' 16-value sums; 0: codes used as they are).
+_DECODED = {"q4_1": {"has_min": True, "two_scales": False, "signed_codes": False},
+            "q5_1": {"has_min": True, "two_scales": False, "signed_codes": False},
+            "iq4_nl": {"has_min": False, "two_scales": False, "signed_codes": True},
+            "mxfp4": {"has_min": False, "two_scales": False, "signed_codes": True},
+            "nvfp4": {"has_min": False, "two_scales": True, "signed_codes": True},
+            "q2_k": {"has_min": True, "code_offset": 0}, "q3_k": {"has_min": False, "code_offset": 4},
+            "q5_k": {"has_min": True, "code_offset": 0}, "iq4_xs": {"has_min": False, "code_offset": 0}}
 # Tile shapes of the AVX2 path (performance only: results do not depend on them): gemv_c weight
 # rows per T=1 tile (with gemv_loop, through the GEMV loop ember_mm_<wtype>_gemv of q8_0, q4_0,
 # q5_0, which prefetches gemv_pf "group": the rows gemv_pf_groups groups ahead, or "row": each
@@ -81,14 +86,20 @@ _DECODED = {"q4_1": {"has_min": True, "two_scales": False}, "q5_1": {"has_min": 
 # Chosen by measurement on AVX2 (Zen 4): a decode step streams every weight from DRAM, where
 # q8_0 reads fastest one row at a time and q5_0 (bound by its bit unpacking) gains from 4 rows
 # at once; tall GEMM tiles share the weights' decoding among 8 activation rows; decoded codes
-# need no sharing, and 4 x 2 keeps the accumulators in registers.
+# need no sharing, and 4 x 2 keeps the accumulators in registers. The 32-value formats read
+# through a decoder (matmul/codes32.c.j2) run 2 weight rows per GEMV tile: a row's f32 chain
+# (one or two dependent fmas per 32 values) is latency-bound alone, two chains overlap (four
+# run out of registers); the fused 256-value ones (matmul/codes256.c.j2) have enough integer
+# work per super-block to hide their chain, and one row at a time keeps every operand in
+# registers (measured on Zen 3: two rows were no faster).
 _TILES = {
     "q8_0": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": False},
     "q4_0": {"gemv_c": 4, "gemv_loop": True, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": True},
     "q5_0": {"gemv_c": 4, "gemv_loop": True, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": True},
     "q4_k": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 1, "gemm_tb": 32, "gemm_decode": False},
     "q6_k": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 1, "gemm_tb": 32, "gemm_decode": False},
-    **{w: {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 4,
+    **{w: {"gemv_c": 2 if _ACTIVATIONS[w] == "q32" else 1, "gemv_loop": False, "gemv_pf": "row",
+           "gemv_pf_groups": 0, "gemm_r": 4,
            "gemm_c": 2 if _ACTIVATIONS[w] == "q32" else 1, "gemm_tb": 32, "gemm_decode": False}
        for w in _DECODED},
 }
