@@ -2,7 +2,8 @@
 
 Every figure is a new process, timed from its start to the first byte of generated text on its
 stdout (interpreter start, imports, model load, compiling or finding the step graph, the prompt,
-the first token):
+the first token), with the CPU time it and the compilers it ran used until its exit (which,
+unlike the wall clock, other processes on a shared machine barely change):
 
 - ember cold: `ember generate -p PROMPT -n 1 --temp 0` in a fresh cache folder
   ($XDG_CACHE_HOME pointed at an empty folder whose models/ links to the cached default model,
@@ -11,10 +12,10 @@ the first token):
 - llama.cpp: llama-cpp-python's `Llama(model)` and a completion of 1 token, at the same thread
   count and context (llama.cpp compiles nothing: each of its runs is the same).
 
-The three take turns within each repetition, so each repetition's figures saw about the same
+The runs take turns within each repetition, so each repetition's figures saw about the same
 load; the table shows the median of the repetitions and the ratios to llama.cpp.
 
-    python bench/cold_start.py [--model M] [--threads 2] [--reps 3] [--ctx 2048]
+    python bench/cold_start.py [--model M] [--threads 2] [--reps 3] [--ctx 2048] [--before TREE]
 """
 from __future__ import annotations
 
@@ -42,17 +43,24 @@ sys.stdout.flush()
 """
 
 
-def first_output_seconds(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """(seconds to the first byte on stdout, seconds to the exit, stdout) of a new process."""
+def first_output_seconds(cmd: list[str], env: dict) -> tuple[float, float, float, str]:
+    """(seconds to the first byte on stdout, seconds to the exit, CPU seconds of the process
+    and the compilers it ran (user + system), stdout) of a new process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = proc.stdout.read(1)
-    to_first = time.perf_counter() - start
-    rest, err = proc.communicate()
-    total = time.perf_counter() - start
-    if proc.returncode != 0 or not first:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return to_first, total, (first + rest).decode(errors="replace")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err)
+        out = os.read(proc.stdout.fileno(), 1)      # unbuffered: the first byte as it comes
+        to_first = time.perf_counter() - start
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            out += chunk
+        # wait4: the child's usage includes the children it waited for (the C compilers)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        total = time.perf_counter() - start
+        if proc.returncode != 0 or not out:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
+    return to_first, total, usage.ru_utime + usage.ru_stime, out.decode(errors="replace")
 
 
 def fresh_cache_home(base: str | None) -> Path:
@@ -80,43 +88,57 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tmp", default=None, help="where the fresh cache folders go (default: the system's)")
     ap.add_argument("--no-llama", action="store_true", help="ember only")
+    ap.add_argument("--before", default=None, metavar="TREE",
+                    help="also time the ember of another checkout (e.g. the main branch's), same reps")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from ember.models.default_model import default_model_path
     model = args.model or str(default_model_path())
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    trees = {"ember": env}
+    if args.before:
+        trees["ember before"] = dict(os.environ, PYTHONPATH=str(Path(args.before).resolve()) + os.pathsep +
+                                     os.environ.get("PYTHONPATH", ""))
     load_start = open("/proc/loadavg").read().split()[:3]
-    runs: dict[str, list[float]] = {"ember cold": [], "ember warm": [], "llama.cpp": []}
+    runs: dict[str, list[float]] = {f"{tree} {kind}": [] for tree in trees for kind in ("cold", "warm")}
+    runs["llama.cpp"] = []
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
     texts = set()
     for rep in range(args.reps):
-        home = fresh_cache_home(args.tmp)
-        try:
-            run_env = dict(env, XDG_CACHE_HOME=str(home))
-            for name in ("ember cold", "ember warm"):
-                first, total, text = first_output_seconds(ember_command(args.model, args.threads, args.ctx), run_env)
-                runs[name].append(first)
-                texts.add(text.strip())
-                print(f"rep {rep}: {name}: first token {first:.2f} s, exit {total:.2f} s, {text.strip()!r}",
-                      file=sys.stderr)
-        finally:
-            shutil.rmtree(home, ignore_errors=True)
+        for tree, tree_env in trees.items():
+            home = fresh_cache_home(args.tmp)
+            try:
+                run_env = dict(tree_env, XDG_CACHE_HOME=str(home))
+                for name in (f"{tree} cold", f"{tree} warm"):
+                    first, total, cpu, text = first_output_seconds(
+                        ember_command(args.model, args.threads, args.ctx), run_env)
+                    runs[name].append(first)
+                    cpus[name].append(cpu)
+                    texts.add(text.strip())
+                    print(f"rep {rep}: {name}: first token {first:.2f} s, exit {total:.2f} s, CPU {cpu:.2f} s, "
+                          f"{text.strip()!r}", file=sys.stderr)
+            finally:
+                shutil.rmtree(home, ignore_errors=True)
         if not args.no_llama:
-            first, total, text = first_output_seconds(
+            first, total, cpu, text = first_output_seconds(
                 [sys.executable, "-c", LLAMA_SCRIPT, model, str(args.ctx), str(args.threads), PROMPT], env)
             runs["llama.cpp"].append(first)
-            print(f"rep {rep}: llama.cpp: first token {first:.2f} s, exit {total:.2f} s, {text.strip()!r}",
-                  file=sys.stderr)
+            cpus["llama.cpp"].append(cpu)
+            print(f"rep {rep}: llama.cpp: first token {first:.2f} s, exit {total:.2f} s, CPU {cpu:.2f} s, "
+                  f"{text.strip()!r}", file=sys.stderr)
     load_end = open("/proc/loadavg").read().split()[:3]
     llama = statistics.median(runs["llama.cpp"]) if runs["llama.cpp"] else None
     print(f"Start-up to the first token, {Path(model).name}, {args.threads} threads, n_ctx {args.ctx}, "
           f"prompt {PROMPT!r}, -n 1 --temp 0; median of {args.reps} reps (each a new process):\n")
-    print("| run | seconds to first token (median) | all reps | / llama.cpp |\n|---|---:|---|---:|")
+    print("| run | seconds to first token (median) | all reps | / llama.cpp | CPU seconds to exit "
+          "(median, with the compilers) |\n|---|---:|---|---:|---:|")
     for name, values in runs.items():
         if not values:
             continue
         median = statistics.median(values)
         ratio = f"{median / llama:.2f}" if llama else "-"
-        print(f"| {name} | {median:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {ratio} |")
+        print(f"| {name} | {median:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {ratio} | "
+              f"{statistics.median(cpus[name]):.2f} |")
     print(f"\nember's text: {sorted(texts)}; load average (1, 5, 15 min) at start {' '.join(load_start)}, "
           f"at end {' '.join(load_end)}")
     return 0
