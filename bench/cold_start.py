@@ -43,12 +43,12 @@ sys.stdout.flush()
 """
 
 
-def first_output_seconds(cmd: list[str], env: dict) -> tuple[float, float, float, str]:
+def first_output_seconds(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, float, float, str]:
     """(seconds to the first byte on stdout, seconds to the exit, CPU seconds of the process
     and the compilers it ran (user + system), stdout) of a new process."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, cwd=cwd)
         out = os.read(proc.stdout.fileno(), 1)      # unbuffered: the first byte as it comes
         to_first = time.perf_counter() - start
         while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -95,23 +95,25 @@ def main(argv=None) -> int:
     from ember.models.default_model import default_model_path
     model = args.model or str(default_model_path())
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    trees = {"ember": env}
+    # `python -m` puts its working folder first on sys.path: each tree runs from its own root
+    trees = {"ember": (env, str(REPO))}
     if args.before:
-        trees["ember before"] = dict(os.environ, PYTHONPATH=str(Path(args.before).resolve()) + os.pathsep +
-                                     os.environ.get("PYTHONPATH", ""))
+        before = str(Path(args.before).resolve())
+        trees["ember before"] = (dict(os.environ, PYTHONPATH=before + os.pathsep + os.environ.get("PYTHONPATH", "")),
+                                 before)
     load_start = open("/proc/loadavg").read().split()[:3]
     runs: dict[str, list[float]] = {f"{tree} {kind}": [] for tree in trees for kind in ("cold", "warm")}
     runs["llama.cpp"] = []
     cpus: dict[str, list[float]] = {name: [] for name in runs}
     texts = set()
     for rep in range(args.reps):
-        for tree, tree_env in trees.items():
+        for tree, (tree_env, root) in trees.items():
             home = fresh_cache_home(args.tmp)
             try:
                 run_env = dict(tree_env, XDG_CACHE_HOME=str(home))
                 for name in (f"{tree} cold", f"{tree} warm"):
                     first, total, cpu, text = first_output_seconds(
-                        ember_command(args.model, args.threads, args.ctx), run_env)
+                        ember_command(args.model, args.threads, args.ctx), run_env, root)
                     runs[name].append(first)
                     cpus[name].append(cpu)
                     texts.add(text.strip())
