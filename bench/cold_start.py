@@ -2,8 +2,9 @@
 
 Every figure is a new process, timed from its start to the first byte of generated text on its
 stdout (interpreter start, imports, model load, compiling or finding the step graph, the prompt,
-the first token), with the CPU time it and the compilers it ran used until its exit (which,
-unlike the wall clock, other processes on a shared machine barely change):
+the first token), with the CPU time it and the compilers it waited for used by then and by its
+exit (which, unlike the wall clock, other processes on a shared machine barely change; a cold
+ember run builds its -O3 libraries after its first token and waits for them before exiting):
 
 - ember cold: `ember generate -p PROMPT -n 1 --temp 0` in a fresh cache folder
   ($XDG_CACHE_HOME pointed at an empty folder whose models/ links to the cached default model,
@@ -43,14 +44,16 @@ sys.stdout.flush()
 """
 
 
-def first_output_seconds(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, float, float, str]:
+def first_output_seconds(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, float, float, float, str]:
     """(seconds to the first byte on stdout, seconds to the exit, CPU seconds of the process
-    and the compilers it ran (user + system), stdout) of a new process."""
+    and the compilers it waited for by its first byte, the same by its exit (user + system),
+    stdout) of a new process."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, cwd=cwd)
         out = os.read(proc.stdout.fileno(), 1)      # unbuffered: the first byte as it comes
         to_first = time.perf_counter() - start
+        cpu_first = process_cpu_seconds(proc.pid)
         while chunk := os.read(proc.stdout.fileno(), 65536):
             out += chunk
         # wait4: the child's usage includes the children it waited for (the C compilers)
@@ -60,7 +63,16 @@ def first_output_seconds(cmd: list[str], env: dict, cwd: str | None = None) -> t
         if proc.returncode != 0 or not out:
             err.seek(0)
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
-    return to_first, total, usage.ru_utime + usage.ru_stime, out.decode(errors="replace")
+    return to_first, total, cpu_first, usage.ru_utime + usage.ru_stime, out.decode(errors="replace")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process and of the children it has waited for
+    (the compilers that built what it needed so far), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
 def fresh_cache_home(base: str | None) -> Path:
@@ -105,6 +117,8 @@ def main(argv=None) -> int:
     runs: dict[str, list[float]] = {f"{tree} {kind}": [] for tree in trees for kind in ("cold", "warm")}
     runs["llama.cpp"] = []
     cpus: dict[str, list[float]] = {name: [] for name in runs}
+    cpus_first: dict[str, list[float]] = {name: [] for name in runs}
+    exits: dict[str, list[float]] = {name: [] for name in runs}
     texts = set()
     for rep in range(args.reps):
         for tree, (tree_env, root) in trees.items():
@@ -112,34 +126,39 @@ def main(argv=None) -> int:
             try:
                 run_env = dict(tree_env, XDG_CACHE_HOME=str(home))
                 for name in (f"{tree} cold", f"{tree} warm"):
-                    first, total, cpu, text = first_output_seconds(
+                    first, total, cpu_first, cpu, text = first_output_seconds(
                         ember_command(args.model, args.threads, args.ctx), run_env, root)
                     runs[name].append(first)
+                    cpus_first[name].append(cpu_first)
                     cpus[name].append(cpu)
+                    exits[name].append(total)
                     texts.add(text.strip())
-                    print(f"rep {rep}: {name}: first token {first:.2f} s, exit {total:.2f} s, CPU {cpu:.2f} s, "
-                          f"{text.strip()!r}", file=sys.stderr)
+                    print(f"rep {rep}: {name}: first token {first:.2f} s (CPU {cpu_first:.2f} s), exit {total:.2f} s "
+                          f"(CPU {cpu:.2f} s), {text.strip()!r}", file=sys.stderr)
             finally:
                 shutil.rmtree(home, ignore_errors=True)
         if not args.no_llama:
-            first, total, cpu, text = first_output_seconds(
+            first, total, cpu_first, cpu, text = first_output_seconds(
                 [sys.executable, "-c", LLAMA_SCRIPT, model, str(args.ctx), str(args.threads), PROMPT], env)
             runs["llama.cpp"].append(first)
+            cpus_first["llama.cpp"].append(cpu_first)
             cpus["llama.cpp"].append(cpu)
-            print(f"rep {rep}: llama.cpp: first token {first:.2f} s, exit {total:.2f} s, CPU {cpu:.2f} s, "
-                  f"{text.strip()!r}", file=sys.stderr)
+            exits["llama.cpp"].append(total)
+            print(f"rep {rep}: llama.cpp: first token {first:.2f} s (CPU {cpu_first:.2f} s), exit {total:.2f} s "
+                  f"(CPU {cpu:.2f} s), {text.strip()!r}", file=sys.stderr)
     load_end = open("/proc/loadavg").read().split()[:3]
     llama = statistics.median(runs["llama.cpp"]) if runs["llama.cpp"] else None
     print(f"Start-up to the first token, {Path(model).name}, {args.threads} threads, n_ctx {args.ctx}, "
           f"prompt {PROMPT!r}, -n 1 --temp 0; median of {args.reps} reps (each a new process):\n")
-    print("| run | seconds to first token (median) | all reps | / llama.cpp | CPU seconds to exit "
-          "(median, with the compilers) |\n|---|---:|---|---:|---:|")
+    print("| run | first token, s (median) | all reps | / llama.cpp | CPU s by the first token | exit, s | "
+          "CPU s by the exit |\n|---|---:|---|---:|---:|---:|---:|")
     for name, values in runs.items():
         if not values:
             continue
         median = statistics.median(values)
         ratio = f"{median / llama:.2f}" if llama else "-"
         print(f"| {name} | {median:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {ratio} | "
+              f"{statistics.median(cpus_first[name]):.2f} | {statistics.median(exits[name]):.2f} | "
               f"{statistics.median(cpus[name]):.2f} |")
     print(f"\nember's text: {sorted(texts)}; load average (1, 5, 15 min) at start {' '.join(load_start)}, "
           f"at end {' '.join(load_end)}")

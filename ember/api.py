@@ -57,7 +57,8 @@ def load(model: str | Path | None = None, backend: str = "cpu", threads: int | N
     types (an ember.models.KVCacheTypes, e.g. KVCacheTypes.of("q8_0", "turbo4"); default f16);
     quick_start (cpu): a step graph the compile cache lacks first runs built at a lower
     optimisation level (seconds sooner, the same bits) while the full build is made in the
-    background (ember.backends.cpu.backend); False: wait for the full build (benchmarks)."""
+    background (ember.backends.cpu.backend; the process waits for it at exit, so the next start
+    finds it cached); False: wait for the full build (benchmarks)."""
     from ember.backends import get_backend
     from ember.models import load_model
     from ember.models.default_model import default_model_path

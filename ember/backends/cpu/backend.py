@@ -7,11 +7,13 @@ checks the inputs, allocates the outputs and calls ember_graph_run with the GIL 
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import shutil
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Mapping
 
@@ -192,6 +194,18 @@ class CpuBackend(Backend):
 KERNEL_LIBRARY_FORMS = ("per-type", "whole")
 
 
+# Full-tier builds under way (CpuExecutable.upgrade_in_background). A process waits for them
+# before it exits, after its work is done: stopped, they would leave only the quick tier cached,
+# and every later short run (a CLI generate) would run -O1 code and start them again.
+_UPGRADES: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_upgrades() -> None:
+    for thread in list(_UPGRADES):
+        thread.join()
+
+
 def load_kernel_library(tag: str, path, check: bool = False) -> None:
     """Load a kernel library of every weight type built earlier (from the cache, or an
     artifact's copy) under its symbol tag, unless one with that tag is loaded already; check:
@@ -226,7 +240,8 @@ class CpuExecutable(Executable):
     def upgrade_in_background(self, build) -> None:
         """Run build() -> (library, path) of the same program at the full tier in a thread of
         its own, and switch to that library once it is there (between two runs: a run holds
-        the lock). If the build fails, this library stays (upgrade_error says why)."""
+        the lock). If the build fails, this library stays (upgrade_error says why). The process
+        waits for the build before it exits (_finish_upgrades), so the next one finds it."""
         def work():
             try:
                 library, path = build()
@@ -237,6 +252,7 @@ class CpuExecutable(Executable):
             with self._lock:
                 self._library, self._entry, self.library_path, self.tier = library, entry, path, "full"
         self.upgrade = threading.Thread(target=work, name=f"ember-upgrade-{self.graph.name}", daemon=True)
+        _UPGRADES.add(self.upgrade)
         self.upgrade.start()
 
     @staticmethod

@@ -128,8 +128,9 @@ class CompileCache(BinaryCache):
             return out.read_bytes()
 
 
-# The compiler processes running now: a build in the background (the full tier of a graph
-# already running at the quick one) must not outlive the process that wanted it.
+# The compiler processes running now: none outlives the process that wanted it (a process
+# waits for its background builds at exit, ember.backends.cpu.backend; one interrupted there
+# stops them).
 _RUNNING: set[subprocess.Popen] = set()
 _RUNNING_LOCK = threading.Lock()
 
