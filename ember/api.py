@@ -47,14 +47,18 @@ class SamplingArgs:
 def load(model: str | Path | None = None, backend: str = "cpu", threads: int | None = None,
          n_ctx: int | None = None, swa_full: bool = False, disable: Sequence[str] = (),
          on_compile: Callable[[str], None] | None = None, verbose: bool = False,
-         default_n_ctx: int = 2048, cache=None) -> "Model":
+         default_n_ctx: int = 2048, cache=None, quick_start: bool = True) -> "Model":
     """Open a GGUF model (default: Gemma 3 270M Q4_K_M, fetched into the cache on first use) on
     a backend (cpu, opencl, vulkan). threads: CPU threads (cpu only; default all cores); n_ctx:
     the context in tokens (default: default_n_ctx, or the model's training context when that is
     smaller; more than the training context is refused); disable: compiler passes to
     skip; on_compile(message) is told before each step graph is compiled; verbose: the OpenCL
     compiler's build logs go to stderr (otherwise they are kept, not shown); cache: the KV cache
-    types (an ember.models.KVCacheTypes, e.g. KVCacheTypes.of("q8_0", "turbo4"); default f16)."""
+    types (an ember.models.KVCacheTypes, e.g. KVCacheTypes.of("q8_0", "turbo4"); default f16);
+    quick_start (cpu): a step graph the compile cache lacks first runs built at a lower
+    optimisation level (seconds sooner, the same bits) while the full build is made in the
+    background (ember.backends.cpu.backend; the process waits for it at exit, so the next start
+    finds it cached); False: wait for the full build (benchmarks)."""
     from ember.backends import get_backend
     from ember.models import load_model
     from ember.models.default_model import default_model_path
@@ -72,6 +76,8 @@ def load(model: str | Path | None = None, backend: str = "cpu", threads: int | N
     elif n_ctx > n_train > 0:
         raise EmberError(f"n_ctx {n_ctx} exceeds the training context of {path} ({n_train} tokens)")
     options = {"threads": threads} if threads and backend == "cpu" else {}
+    if backend == "cpu":
+        options["tiered"] = quick_start
     if verbose and backend == "opencl":
         options["verbose"] = True
     session = Session(loaded, get_backend(backend, **options),

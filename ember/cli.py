@@ -395,14 +395,15 @@ def check_pass_names(names) -> None:
             raise EmberError(f"unknown pass {name!r}; passes: {', '.join(known_pass_names())}")
 
 
-def open_model(args):
-    """The ember.api.Model for the model/backend arguments, with progress on stderr."""
+def open_model(args, quick_start: bool = True):
+    """The ember.api.Model for the model/backend arguments, with progress on stderr
+    (quick_start: ember.api.load's)."""
     from ember.api import load
     path = model_path(args)
     llm = load(path, backend=args.backend, threads=args.threads, n_ctx=args.ctx_size,
                default_n_ctx=getattr(args, "ctx_default", 2048), swa_full=args.swa_full,
                disable=args.disable, on_compile=None if args.quiet else say, verbose=args.verbose,
-               cache=cache_types(args))
+               cache=cache_types(args), quick_start=quick_start)
     args.ctx_size = llm.session.n_ctx        # the default resolved against the training context
     print(f"ember: loaded {path} ({llm.model.arch}, {llm.model.hparams.n_layer} layers) in "
           f"{llm.load_seconds:.1f} s; backend {args.backend}; KV cache {llm.session.cache}",
@@ -507,7 +508,7 @@ def cmd_bench(args) -> int:
     from ember.tools.bench import bench_session, bench_table
     if args.n_prompt < 0 or args.n_gen < 0 or args.n_depth < 0 or args.repetitions < 1:
         raise EmberError("-p, -n and -d must be >= 0 and -r >= 1")
-    llm = open_model(args)
+    llm = open_model(args, quick_start=False)     # timed runs at the full build only
     session, tokenizer = llm.session, llm.tokenizer
     if args.n_depth + max(args.n_prompt, args.n_gen) > session.n_ctx:
         raise EmberError(f"-d plus -p/-n exceed the context of {session.n_ctx} tokens; raise -c")

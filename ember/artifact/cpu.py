@@ -61,7 +61,8 @@ class Writer:
                 "kernel_library": {"file": "kernels.so", "tag": self.tag}}
 
     def step(self, tmp: Path, name: str, graph) -> tuple[dict, int, object, set]:
-        executable = self.backend.compile(graph)
+        # linked against the one library of every weight type the artifact carries
+        executable = self.backend.compile(graph, kernel_library="whole")
         program = executable.program
         (tmp / f"{name}.c").write_text(tag_kernel_symbols(program.source, self.tag))
         shutil.copyfile(executable.library_path, tmp / f"{name}.so")

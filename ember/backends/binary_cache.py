@@ -286,11 +286,18 @@ class BinaryCache(abc.ABC):
         for path in (self.path(key).with_suffix(".sha256"), self.path(key)):
             path.unlink(missing_ok=True)
 
+    def valid_path(self, key: str, source: str) -> Path | None:
+        """The path of key's entry when it is valid (a hit), else None."""
+        if self.get(key, source) is None:
+            return None
+        self.hits += 1
+        return self.path(key)
+
     def cached(self, key: str, source: str, build: Callable[[], bytes]) -> Path:
         """The path of key's entry, made by build() when missing or not valid."""
-        if self.get(key, source) is not None:
-            self.hits += 1
-            return self.path(key)
+        found = self.valid_path(key, source)
+        if found is not None:
+            return found
         path = self.put(key, build(), source)
         self.builds += 1
         return path

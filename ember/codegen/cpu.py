@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ember.codegen.indexing import (broadcast_strides, bytes_type, matmul_batches, matmul_operands, offset_expr,
@@ -373,8 +375,9 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
         pointers = [(f"in_{i}", "inputs", i) for i in range(len(self.graph.inputs))]
         pointers += [(f"out_{k}", "outputs", k) for k in range(len(self.graph.outputs))]
         pointers += [(f"const_{j}", "consts", j) for j in range(len(self.constants))]
-        # The matmul kernels live in a separate library built once per ISA (kernel_library_source);
-        # a graph only declares the ones it calls, so compiling a graph stays cheap.
+        # The matmul kernels live in libraries built once per ISA (kernel_library_source, one per
+        # weight type or one of them all); a graph only declares the ones it calls, so compiling
+        # a graph stays cheap.
         library = [matmul_prototypes(w) for w in self.wtypes]
         source = TEMPLATES.render(
             "graph.c.j2", graph_name=self.graph.name.replace("*/", "* /"), n_kernels=len(self.kernels),
@@ -596,19 +599,45 @@ def matmul_prototypes(wtype: str) -> str:
             f"int64_t ember_mm_chunk_rows_of(int64_t T, int64_t N, int64_t w_row);\n")
 
 
-def kernel_library_source() -> str:
-    """The C source of the library every graph links against: all matmul and dequantization
-    kernels, for every weight type."""
+def kernel_library_source(wtypes=None) -> str:
+    """The C source of a library graphs link against: the matmul and dequantization kernels of
+    wtypes (default: every weight type, the library an artifact carries; a JIT-compiled graph
+    links against one library per weight type it uses, kernel_library_wtypes)."""
     mm = _matmul()
     parts = [TEMPLATES.static_file("common.h"), TEMPLATES.static_file("helpers.h"), mm.matmul_common_source()]
-    parts += [mm.matmul_source(w) for w in mm.MATMUL_WTYPES]
+    parts += [mm.matmul_source(w) for w in (mm.MATMUL_WTYPES if wtypes is None else wtypes)]
     return "\n".join(parts)
 
 
-def tag_kernel_symbols(source: str, tag: str) -> str:
+# The names a kernel library exports, as a graph calls them (matmul_prototypes); the tag goes
+# after the prefix.
+_LIBRARY_SYMBOL = re.compile(r"\b(ember_mm_|ember_dequant_row_)(\w+)")
+# exported by every kernel library alike (matmul/common.c.j2), whatever its weight types
+SHARED_LIBRARY_SYMBOLS = frozenset({"ember_mm_chunk_rows_of"})
+
+
+def tag_kernel_symbols(source: str, tag: str | Mapping[str, str]) -> str:
     """Give the library's exported names a tag (a hash of the library), so libraries built for
-    different ISAs or versions can be loaded into one process side by side."""
-    return source.replace("ember_mm_", f"ember_mm_{tag}_").replace("ember_dequant_row_", f"ember_dequant_row_{tag}_")
+    different ISAs or versions can be loaded into one process side by side. tag: one tag for
+    every name (a library's own source, or a graph linked against one library of every weight
+    type), or a weight type -> tag map (a graph linked against one library per weight type:
+    each name gets its weight type's tag; ember_mm_chunk_rows_of, which every library defines
+    alike, the first type's)."""
+    if isinstance(tag, str):
+        return source.replace("ember_mm_", f"ember_mm_{tag}_").replace("ember_dequant_row_", f"ember_dequant_row_{tag}_")
+    if not tag:
+        return source
+    default = tag[min(tag)]
+    # the longest weight type first: a name's type is the longest one it starts with
+    wtypes = sorted(tag, key=len, reverse=True)
+
+    def tagged(m: re.Match) -> str:
+        prefix, rest = m.groups()
+        owner = next((w for w in wtypes if rest == w or rest.startswith(w + "_")), None)
+        if owner is None and m.group(0) not in SHARED_LIBRARY_SYMBOLS:
+            raise EmberError(f"cpu: {m.group(0)}: no kernel library of its weight type is linked")
+        return f"{prefix}{default if owner is None else tag[owner]}_{rest}"
+    return _LIBRARY_SYMBOL.sub(tagged, source)
 
 
 def render_graph(graph: Graph, profile: str | None = None) -> CpuProgram:

@@ -39,7 +39,8 @@ include guard, so any number of them may be concatenated into one file (matmul_c
 is that guarded block alone, for a caller that wants it placed explicitly).
 matmul_scratch_bytes is authoritative; ember_mm_<wtype>_scratch returns the same number.
 
-Imports only jinja2 and the dtype table; compiling and running is the backend's business.
+Imports jinja2, the dtype table and the template bytecode cache (ember.codegen.renderer); compiling
+and running is the backend's business.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ import functools
 
 import jinja2
 
+from ember.codegen.renderer import template_bytecode_cache
 from ember.ir.dtypes import dtype
 
 MATMUL_WTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k",
@@ -113,6 +115,7 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
+        bytecode_cache=template_bytecode_cache(),
     )
 
 

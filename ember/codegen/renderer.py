@@ -10,7 +10,8 @@ differences: literals, element-wise tables, launch geometry, arguments, template
 Ops reach their lowering through one table, LOWERING (op -> kind); a dialect implements one
 method per kind, and its supports_node reads the same table. Nothing is discovered by name.
 
-Imports jinja2, ember.ir, ember.errors and the codegen helpers (values, indexing, memory_plan).
+Imports jinja2, ember.ir, ember.errors, ember.files (the template bytecode cache's folder) and the
+codegen helpers (values, indexing, memory_plan).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ember.codegen.indexing import RowLoop, broadcast_strides, row_loop
 from ember.codegen.memory_plan import is_view, plan_memory
 from ember.codegen.values import Place, describe_node, place_values
 from ember.errors import EmberError
+from ember.files import default_cache_dir
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.ir.ops import OPS
@@ -76,7 +78,8 @@ class Templates:
     def environment(self) -> jinja2.Environment:
         return jinja2.Environment(loader=jinja2.FileSystemLoader(str(self.folder)),
                                   undefined=jinja2.StrictUndefined, trim_blocks=True,
-                                  lstrip_blocks=True, keep_trailing_newline=True)
+                                  lstrip_blocks=True, keep_trailing_newline=True,
+                                  bytecode_cache=template_bytecode_cache())
 
     def render(self, template: str, **params) -> str:
         return self.environment.get_template(template).render(**params)
@@ -88,6 +91,20 @@ class Templates:
 
     def names(self, pattern: str) -> list[str]:
         return sorted(p.name for p in self.folder.glob(pattern))
+
+
+@functools.lru_cache(maxsize=None)
+def template_bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Where jinja2 keeps the templates it compiled to Python code (ember's cache folder,
+    templates/), so a process renders without compiling them again (~0.2 s of a warm start).
+    An entry holds the sha1 of its template's source and the Python version, and is compiled
+    again when either differs. None (compile each time) when the folder cannot be made."""
+    folder = default_cache_dir() / "templates"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return jinja2.FileSystemBytecodeCache(str(folder))
 
 
 # ---- C-family literals and comments (C and OpenCL C) ------------------------------------------

@@ -62,6 +62,7 @@ _SCALARS: dict[GGUFValueType, str] = {   # struct format, little endian
     GGUFValueType.BOOL: "<?",
 }
 _NUMPY_OF = {t: np.dtype(f) for t, f in _SCALARS.items()}
+_U64 = struct.Struct("<Q")
 
 
 class ModelFileError(EmberError):
@@ -122,6 +123,28 @@ class _Cursor:
         # Token texts may hold partial UTF-8 sequences; surrogateescape keeps their bytes.
         return raw.decode("utf-8", errors="surrogateescape")
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """count strings, as `string` reads them one by one (same checks, same messages), in
+        one tight loop: a vocabulary has 262,144 of them, and the messages' text is made only
+        for a file that is truncated."""
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = _U64.unpack_from
+        out = []
+        append = out.append
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of {what}[{i}]")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > size:
+                self.pos = pos
+                self.need(n, f"{what}[{i}]")
+            append(buf[pos:pos + n].decode("utf-8", errors="surrogateescape"))
+            pos += n
+        self.pos = pos
+        return out
+
     def value_type(self, what: str) -> GGUFValueType:
         raw = self.u32(f"type of {what}")
         try:
@@ -148,6 +171,8 @@ class _Cursor:
                 return arr
             if count > self.size - self.pos:   # every item takes at least one byte
                 self.need(count, what)
+            if item_type == GGUFValueType.STRING:
+                return self.strings(count, what)
             return [self.value(item_type, f"{what}[{i}]") for i in range(count)]
         return self.scalar(vtype, what)
 

@@ -10,8 +10,9 @@ import pytest
 
 from ember.backends import BACKEND_NAMES, available_backends, get_backend
 from ember.backends.cpu.backend import CpuBackend
+from ember.backends.cpu.libraries import is_loaded
 from ember.backends.cpu.compiler import ISA_FLAGS
-from ember.codegen.cpu import render_graph
+from ember.codegen.cpu import render_graph, tag_kernel_symbols
 from ember.errors import BackendUnavailable, EmberError
 from ember.ir import GraphBuilder, run_reference
 from ember.ir.interpreter import random_inputs
@@ -56,7 +57,6 @@ def mixed_graph():
 
 # ---- compile cache -----------------------------------------------------------------------------
 def test_second_compile_hits_the_cache(fresh_cpu):
-    fresh_cpu.kernel_library()   # built into this cache unless an earlier test loaded it already
     before = (fresh_cpu.cache.builds, fresh_cpu.cache.hits)
     graph = small_graph("hit")
     fresh_cpu.compile(graph)
@@ -68,7 +68,6 @@ def test_second_compile_hits_the_cache(fresh_cpu):
 
 
 def test_corrupted_cache_entry_is_rebuilt_not_loaded(fresh_cpu):
-    fresh_cpu.kernel_library()   # built into this cache unless an earlier test loaded it already
     before = (fresh_cpu.cache.builds, fresh_cpu.cache.hits)
     graph = small_graph("corrupt")
     library = fresh_cpu.cache.build(render_graph(graph).source, ISA_FLAGS[fresh_cpu.isa])
@@ -83,12 +82,11 @@ def test_corrupted_cache_entry_is_rebuilt_not_loaded(fresh_cpu):
 def test_an_entry_evicted_between_lookup_and_load_is_built_again(fresh_cpu, monkeypatch):
     """Another process may evict an entry from the size-limited cache after this one found it:
     the library is built again, not reported missing."""
-    fresh_cpu.kernel_library()
     build = fresh_cpu.cache.build
     evicted = []
 
-    def build_then_evict(source, flags, name="lib", fresh=False):
-        path = build(source, flags, name=name, fresh=fresh)
+    def build_then_evict(source, flags, name="lib", fresh=False, **options):
+        path = build(source, flags, name=name, fresh=fresh, **options)
         if not evicted:
             evicted.append(path)
             path.unlink()
@@ -99,6 +97,52 @@ def test_an_entry_evicted_between_lookup_and_load_is_built_again(fresh_cpu, monk
     assert evicted and exe.library_path.exists()
     inputs = random_inputs(graph)
     assert nmse(exe.run(inputs)[0], run_reference(graph, inputs)[0]) < 1e-7
+
+
+# ---- kernel libraries --------------------------------------------------------------------------
+def test_a_graph_links_one_kernel_library_per_weight_type_it_uses(fresh_cpu):
+    """A cold compile builds the graph's library and the missing libraries of its weight types
+    (q4_0, f16) together, and no other type's."""
+    graph = mixed_graph()
+    tags = {w: fresh_cpu._type_library(w).tag for w in ("q4_0", "f16")}
+    missing = [t for t in tags.values() if not is_loaded(t)]
+    exe = fresh_cpu.compile(graph)
+    assert fresh_cpu.cache.builds == 1 + len(missing)
+    assert all(is_loaded(t) for t in tags.values())
+    inputs = random_inputs(graph, seed=2)
+    for got, want in zip(exe.run(inputs), run_reference(graph, inputs)):
+        assert nmse(got, want) < 1e-3
+    with pytest.raises(EmberError, match="kernel_library"):
+        fresh_cpu.compile(graph, kernel_library="some")
+
+
+def test_a_tiered_backend_runs_the_quick_tier_until_the_full_one_is_built(tmp_path):
+    """A cold compile gives the quick tier at once and builds the full one in the background;
+    both compute the same bits; another backend on that cache then gets the full tier at once."""
+    graph = mixed_graph()
+    inputs = random_inputs(graph, seed=3)
+    exe = CpuBackend(threads=2, cache_dir=tmp_path, tiered=True).compile(graph)
+    assert exe.tier == "quick"
+    quick = exe.run(inputs)
+    exe.upgrade.join()
+    assert exe.upgrade_error is None and exe.tier == "full"
+    for a, b in zip(quick, exe.run(inputs)):
+        np.testing.assert_array_equal(a, b)
+    again = CpuBackend(threads=2, cache_dir=tmp_path, tiered=True).compile(graph)
+    assert again.tier == "full" and again.upgrade is None
+
+
+def test_kernel_names_take_their_weight_types_tags():
+    source = render_graph(mixed_graph()).source
+    tagged = tag_kernel_symbols(source, {"q4_0": "kAAA", "f16": "kBBB"})
+    names = set(re.findall(r"\b(?:ember_mm|ember_dequant_row)_\w+", tagged))
+    assert "ember_mm_kAAA_q4_0" in names and "ember_mm_kBBB_f16" in names
+    assert "ember_mm_kBBB_chunk_rows_of" in names          # the first type's (f16 < q4_0)
+    assert all(n.split("_")[2 if n.startswith("ember_mm") else 3] in ("kAAA", "kBBB") for n in names)
+    assert tag_kernel_symbols(source, "kCCC") == source.replace("ember_mm_", "ember_mm_kCCC_") \
+        .replace("ember_dequant_row_", "ember_dequant_row_kCCC_")
+    with pytest.raises(EmberError, match="ember_mm_q4_0"):
+        tag_kernel_symbols(source, {"f16": "kBBB"})
 
 
 def test_missing_compiler_is_backend_unavailable(tmp_path):

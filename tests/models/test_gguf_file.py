@@ -141,6 +141,37 @@ def test_truncated_header(tiny_files, tmp_path):
         GGUFFile(path)
 
 
+def _string_items(texts):
+    return b"".join(struct.pack("<Q", len(t)) + t for t in texts)
+
+
+@pytest.mark.parametrize("cut", [None, 3, 8, 9, 13, 40], ids=lambda c: f"cut-{c}")
+def test_string_arrays_read_in_one_loop_as_item_by_item(cut):
+    """A vocabulary's strings are read in one tight loop (Cursor.strings); the same strings, the
+    same end position, and on a truncated file the same message as reading them one by one."""
+    from pathlib import Path
+    from gguf.constants import GGUFValueType
+    from ember.models.gguf_file import _Cursor
+    texts = [b"a", b"", "h\u00e9llo".encode(), b"\xe2\x96", b"<0x0A>"] + [b"t%d" % i for i in range(20)]
+    raw = _string_items(texts)
+    raw = raw if cut is None else raw[:cut]
+
+    def read(fast):
+        cursor = _Cursor(raw, len(raw), Path("m.gguf"))
+        try:
+            items = cursor.strings(len(texts), "metadata 'v'") if fast else \
+                [cursor.value(GGUFValueType.STRING, f"metadata 'v'[{i}]") for i in range(len(texts))]
+            return items, cursor.pos
+        except ModelFileError as e:
+            return str(e), cursor.pos
+    fast, slow = read(True), read(False)
+    assert fast == slow
+    if cut is None:
+        assert [t.encode("utf-8", "surrogateescape") for t in fast[0]] == texts
+    else:
+        assert "truncated header" in fast[0]
+
+
 def _write_single_tensor(path, data, raw_dtype=None, arch="llama"):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_tensor("blk.0.ffn_up.weight", data, raw_dtype=raw_dtype)

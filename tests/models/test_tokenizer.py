@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import re
 import string
 import time
 from pathlib import Path
@@ -242,6 +243,14 @@ def test_spm_space_prefix_flag():
     without = Tokenizer.from_metadata(spm_metadata(add_space_prefix=False))
     assert with_prefix.tokens[with_prefix.encode("the", add_special=False)[0]].startswith("\u2581")
     assert not without.tokens[without.encode("the", add_special=False)[0]].startswith("\u2581")
+
+
+def test_a_duplicate_token_is_named_with_both_ids():
+    meta = spm_metadata()
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    tokens[300] = tokens[7]
+    with pytest.raises(EmberError, match=re.escape(f"duplicate token {tokens[7]!r} in the vocabulary: ids 7 and 300")):
+        Tokenizer.from_metadata({**meta, "tokenizer.ggml.tokens": tokens}, "v.gguf")
 
 
 def test_spm_empty_text():

@@ -7,19 +7,22 @@ checks the inputs, allocates the outputs and calls ember_graph_run with the GIL 
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import shutil
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from ember.backends.base import Backend, Executable, host_storage
-from ember.backends.binary_cache import carries_mark
 from ember.backends.cpu.compiler import ISA_FLAGS, CompileCache, find_compiler
+from ember.backends.cpu.libraries import (KernelLibrary, LibraryGone, build_together, check_library, ensure_loaded,
+                                          is_ready, load_library, loaded_path)
 from ember.codegen.cpu import (ARENA_ALIGNMENT, ENTRY_POINT, CpuProgram, kernel_library_source, render_graph,
                                supports_node, tag_kernel_symbols)
 from ember.errors import BackendUnavailable, EmberError
@@ -38,7 +41,7 @@ class CpuBackend(Backend):
     features: tuple[str, ...] = ()
 
     def __init__(self, threads: int | None = None, isa: str = "native", cache_dir=None,
-                 cc: str | None = None, profile: str | None = None):
+                 cc: str | None = None, profile: str | None = None, tiered: bool = False):
         if isa not in ISA_FLAGS:
             raise EmberError(f"cpu backend: unknown isa {isa!r}; known: {', '.join(ISA_FLAGS)}")
         if threads is not None and threads < 1:
@@ -50,6 +53,9 @@ class CpuBackend(Backend):
         # "wall" or "cpu": time every kernel call with that clock (CpuExecutable.profile)
         self.profile = profile
         self._cache: CompileCache | None = None
+        self._type_libraries: dict[tuple[str, str, str], KernelLibrary] = {}
+        # JIT graphs first run at the quick tier when their full build is not cached (compile)
+        self.tiered = tiered
 
     def __repr__(self) -> str:
         return f"<CpuBackend threads={self.threads} isa={self.isa}>"
@@ -75,24 +81,84 @@ class CpuBackend(Backend):
         return supports_node(node)
 
     def compile(self, graph: Graph, **options) -> "CpuExecutable":
-        """options: threads (overrides the backend's)."""
-        unknown = set(options) - {"threads"}
+        """options: threads (overrides the backend's); kernel_library: "per-type" (default: the
+        graph links against one kernel library per weight type it uses, each built once per ISA
+        and cached, the missing ones while the graph's own library is built) or "whole" (one
+        library of every weight type, kernel_library(): what an artifact carries).
+
+        A tiered backend, when the cache lacks the graph's full build, returns an executable of
+        the quick tier (ember.backends.cpu.compiler.QUICK_OPT: built in a fraction of the time)
+        at once and builds the full tier in the background; the executable switches to it
+        between two runs. Both tiers compute the same bits."""
+        unknown = set(options) - {"threads", "kernel_library"}
         if unknown:
             raise EmberError(f"cpu backend: unknown compile options {sorted(unknown)}")
+        linking = options.get("kernel_library", "per-type")
+        if linking not in KERNEL_LIBRARY_FORMS:
+            raise EmberError(f"cpu backend: kernel_library must be one of {KERNEL_LIBRARY_FORMS}, got {linking!r}")
         self.require_available()
         self.require_supported(graph)
         program = render_graph(graph, profile=self.profile)
-        tag = self._kernel_library()
-        source = tag_kernel_symbols(program.source, tag)
-        library = self.cache.build(source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}")
+        name, threads = f"graph_{graph.name}", options.get("threads")
+        if linking == "whole":
+            source = tag_kernel_symbols(program.source, self._kernel_library())
+            return self._executable(graph, program, name, (source, ()), "full", threads)
+        full = self._linked(program, {w: self._type_library(w) for w in program.matmul_wtypes})
+        if self.tiered and self.profile is None and not self._cached(*full):
+            # the quick graph links the full kernel libraries already there, else quick ones
+            flags = ISA_FLAGS[self.isa]
+            kernels = {w: lib if is_ready(self.cache, lib, flags) else self._type_library(w, "quick")
+                       for w, lib in zip(program.matmul_wtypes, full[1])}
+            executable = self._executable(graph, program, name, self._linked(program, kernels), "quick", threads)
+            executable.upgrade_in_background(lambda: self._full_library(name, *full))
+            return executable
+        return self._executable(graph, program, name, full, "full", threads)
+
+    @staticmethod
+    def _linked(program: CpuProgram, kernels: dict[str, KernelLibrary]) -> tuple[str, tuple[KernelLibrary, ...]]:
+        """(graph source tagged for them, the kernel libraries of its weight types)."""
+        source = tag_kernel_symbols(program.source, {w: lib.tag for w, lib in kernels.items()})
+        return source, tuple(kernels.values())
+
+    def _cached(self, source: str, libraries) -> bool:
+        """Whether the graph library of source (full tier) and its kernel libraries need no
+        compiling."""
+        flags = ISA_FLAGS[self.isa]
+        return (all(is_ready(self.cache, lib, flags) for lib in libraries)
+                and self.cache.lookup(source, flags) is not None)
+
+    def _executable(self, graph: Graph, program: CpuProgram, name: str, linked, tier: str,
+                    threads: int | None) -> "CpuExecutable":
+        source, libraries = linked
+        flags = ISA_FLAGS[self.isa]
+        library = build_together(self.cache, source, name, libraries, flags, tier)
         try:
-            return self.load_executable(graph, program, library, source, options.get("threads"))
+            executable = self.load_executable(graph, program, library, source, threads)
         except (OSError, LibraryGone):
             # a damaged entry whose checksum and source mark still hold (dlopen refuses it), or
             # one another process evicted from the size-limited cache since the lookup: built
             # again from source
-            library = self.cache.build(source, ISA_FLAGS[self.isa], name=f"graph_{graph.name}", fresh=True)
-            return self.load_executable(graph, program, library, source, options.get("threads"))
+            library = self.cache.build(source, flags, name=name, fresh=True, tier=tier)
+            executable = self.load_executable(graph, program, library, source, threads)
+        executable.tier = tier
+        return executable
+
+    def _full_library(self, name: str, source: str, libraries) -> tuple[ctypes.CDLL, Path]:
+        """The full tier's graph library (built, with its kernel libraries, at the lowest
+        priority: the quick tier runs meanwhile), checked and loaded."""
+        path = build_together(self.cache.background(), source, name, libraries, ISA_FLAGS[self.isa], "full")
+        check_library(path, source)
+        return ctypes.CDLL(str(path)), Path(path)
+
+    def _type_library(self, wtype: str, tier: str = "full") -> KernelLibrary:
+        """The kernel library of one weight type at a tier (its tag tells the tiers apart)."""
+        key = (self.isa, wtype, tier)
+        if key not in self._type_libraries:
+            source = kernel_library_source((wtype,))
+            flags = ISA_FLAGS[self.isa] if tier == "full" else self.cache.all_flags(ISA_FLAGS[self.isa], tier=tier)
+            tag = "k" + self.cache.key(source, flags)[:12]
+            self._type_libraries[key] = KernelLibrary(tag, tag_kernel_symbols(source, tag), tier)
+        return self._type_libraries[key]
 
     def load_executable(self, graph: Graph, program: CpuProgram, library_path, source: str,
                         threads: int | None = None) -> "CpuExecutable":
@@ -109,64 +175,50 @@ class CpuBackend(Backend):
         return executable
 
     def kernel_library(self) -> tuple[str, Path]:
-        """(symbol tag, path) of the matmul kernel library graphs link against; built (once,
-        cached) and loaded."""
+        """(symbol tag, path) of the matmul kernel library of every weight type, which graphs
+        compiled with kernel_library="whole" link against (an artifact's); built (once, cached)
+        and loaded."""
         tag = self._kernel_library()
-        return tag, Path(_LOADED_KERNEL_LIBRARIES[tag]._name)
+        return tag, loaded_path(tag)
 
     def _kernel_library(self) -> str:
-        """Build (once, cached) and load the matmul kernel library; returns its symbol tag.
-
-        It is loaded with RTLD_GLOBAL so graph libraries resolve its functions; the tag (from
-        the library's cache key) keeps libraries of different ISAs apart in one process.
-        """
+        """Build (once, cached) and load the kernel library of every weight type; its tag."""
         flags = ISA_FLAGS[self.isa]
         source = kernel_library_source()
         tag = "k" + self.cache.key(source, flags)[:12]
-        if tag not in _LOADED_KERNEL_LIBRARIES:
-            path = self.cache.build(tag_kernel_symbols(source, tag), flags, name="kernels")
-            try:
-                load_kernel_library(tag, path)
-            except OSError:     # refused by dlopen: built again (see compile)
-                load_kernel_library(tag, self.cache.build(tag_kernel_symbols(source, tag), flags,
-                                                          name="kernels", fresh=True))
+        ensure_loaded(self.cache, KernelLibrary(tag, tag_kernel_symbols(source, tag)), flags)
         return tag
 
 
-class LibraryGone(EmberError):
-    """The library file is not there (any more)."""
+# How a JIT-compiled graph links its matmul kernels (CpuBackend.compile's kernel_library).
+KERNEL_LIBRARY_FORMS = ("per-type", "whole")
 
 
-def check_library(path, source: str) -> None:
-    """Refuse a shared library that was not built from source (it lacks source's mark)."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise LibraryGone(f"{path}: cannot read the library: it is gone") from None
-    except OSError as e:
-        raise EmberError(f"{path}: cannot read the library: {e.strerror}") from None
-    if not carries_mark(data, source):
-        raise EmberError(f"{path}: the library was not built from the program it is loaded for "
-                         f"(its source mark differs): refusing to load it")
+# Full-tier builds under way (CpuExecutable.upgrade_in_background). A process waits for them
+# before it exits, after its work is done: stopped, they would leave only the quick tier cached,
+# and every later short run (a CLI generate) would run -O1 code and start them again.
+_UPGRADES: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
 
 
-# tag -> loaded kernel library; kept for the life of the process (graphs resolve into it)
-_LOADED_KERNEL_LIBRARIES: dict[str, ctypes.CDLL] = {}
+@atexit.register
+def _finish_upgrades() -> None:
+    for thread in list(_UPGRADES):
+        thread.join()
 
 
 def load_kernel_library(tag: str, path, check: bool = False) -> None:
-    """Load a kernel library built earlier (from the cache, or an artifact's copy) under its
-    symbol tag, unless one with that tag is loaded already; check: first require that it was
-    built from this ember's kernel source under that tag (an artifact's copy)."""
-    if tag not in _LOADED_KERNEL_LIBRARIES:
-        if check:
-            check_library(path, tag_kernel_symbols(kernel_library_source(), tag))
-        _LOADED_KERNEL_LIBRARIES[tag] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    """Load a kernel library of every weight type built earlier (from the cache, or an
+    artifact's copy) under its symbol tag, unless one with that tag is loaded already; check:
+    first require that it was built from this ember's kernel source under that tag."""
+    load_library(tag, path, tag_kernel_symbols(kernel_library_source(), tag) if check else None)
 
 
 class CpuExecutable(Executable):
     library_path: Path | None = None   # the shared library it runs (set by the backend)
     backend_name = "cpu"
+    tier = "full"                      # the optimisation tier of that library (compiler.TIERS)
+    upgrade: threading.Thread | None = None     # building the full tier (upgrade_in_background)
+    upgrade_error: Exception | None = None      # why that build failed (the quick tier stays)
 
     def __init__(self, graph: Graph, program: CpuProgram, library: ctypes.CDLL, threads: int):
         self.graph = graph
@@ -175,10 +227,7 @@ class CpuExecutable(Executable):
         self.planned_peak_bytes = program.plan.peak_bytes
         self.status_messages = program.status_messages
         self._library = library   # keeps the code loaded while this executable lives
-        self._entry = getattr(library, ENTRY_POINT)
-        self._entry.restype = ctypes.c_int
-        self._entry.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_void_p, ctypes.c_int]
+        self._entry = self._entry_of(library)
         self._lock = threading.Lock()   # one run at a time: the arena is shared
         self._declare_signature(program.graph.inputs,
                                 [host_storage(TensorType(n.dtype, n.shape)) for n in program.graph.outputs])
@@ -187,6 +236,31 @@ class CpuExecutable(Executable):
         self._consts = _pointer_array(self._constants)
         self._arena_storage, self._arena = _aligned(program.plan.peak_bytes, ARENA_ALIGNMENT)
         self.in_place_outputs = {k: self._inputs[i].name for k, i in (program.in_place or {}).items()}
+
+    def upgrade_in_background(self, build) -> None:
+        """Run build() -> (library, path) of the same program at the full tier in a thread of
+        its own, and switch to that library once it is there (between two runs: a run holds
+        the lock). If the build fails, this library stays (upgrade_error says why). The process
+        waits for the build before it exits (_finish_upgrades), so the next one finds it."""
+        def work():
+            try:
+                library, path = build()
+                entry = self._entry_of(library)
+            except Exception as e:      # noqa: BLE001: kept for the caller; the quick tier runs on
+                self.upgrade_error = e
+                return
+            with self._lock:
+                self._library, self._entry, self.library_path, self.tier = library, entry, path, "full"
+        self.upgrade = threading.Thread(target=work, name=f"ember-upgrade-{self.graph.name}", daemon=True)
+        _UPGRADES.add(self.upgrade)
+        self.upgrade.start()
+
+    @staticmethod
+    def _entry_of(library: ctypes.CDLL):
+        entry = getattr(library, ENTRY_POINT)
+        entry.restype = ctypes.c_int
+        entry.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        return entry
 
     def __repr__(self) -> str:
         return (f"<CpuExecutable {self.graph.name!r}: {self.program.n_kernels} kernels, "

@@ -128,10 +128,14 @@ class Aarch64Backend(CpuBackend):
         return tag, self.cache.build(tag_kernel_symbols(source, tag), self.flags, name="kernels")
 
     def compile(self, graph: Graph, **options) -> "QemuExecutable":
-        """options: threads (overrides the backend's)."""
-        unknown = set(options) - {"threads"}
+        """options: threads (overrides the backend's); kernel_library: "whole", the only form
+        here (the graph links against kernel_library(), as an artifact's do)."""
+        unknown = set(options) - {"threads", "kernel_library"}
         if unknown:
             raise EmberError(f"cpu-aarch64 backend: unknown compile options {sorted(unknown)}")
+        if options.get("kernel_library", "whole") != "whole":
+            raise EmberError("cpu-aarch64 backend: graphs link against the whole kernel library "
+                             f"(kernel_library='whole'), not {options['kernel_library']!r}")
         self.require_available()
         self.require_supported(graph)
         program = render_graph(graph)
