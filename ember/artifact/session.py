@@ -97,6 +97,12 @@ class ArtifactSession(Session):
                                 "plane, too few to keep a verify batch's states: compile it with --spec, "
                                 "or use --spec-rollback redecode")
 
+    def reserve_state_planes(self, planes: int) -> None:
+        """The compiled steps take the planes they were compiled for: more is a one-line error."""
+        if self.is_recurrent and planes > self.state_planes:
+            raise ArtifactError(f"{self.folder}: its steps keep {self.state_planes} recurrent state "
+                                f"plane(s), not {planes}: compile it with --spec --draft-max {max(1, planes - 2)}")
+
     def verify_rows(self, n: int) -> int | None:
         """The tokens of the verify step a batch of n tokens runs in (padded up to them) at the
         current position, or None (no verify steps, n too many, or the padding would pass the

@@ -22,6 +22,7 @@ from ember.models.tokenizer import Tokenizer
 from ember.runtime.generate import generate
 from ember.runtime.sampling import Sampler, SamplingParams
 from ember.runtime.speculative import NgramDraft, speculative_generate
+from devices import make_backend
 from tiny_gguf import Spec
 from tiny_gguf_ssm import SsmSpec
 
@@ -190,3 +191,22 @@ def test_native_runtime_runs_a_spec_artifact_without_its_verify_steps(built):
     assert native.stdout == python.stdout and len(native.stdout.strip()) > 0
     manifest = json.loads((art / "manifest.json").read_text())
     assert any(s["n_outputs"] > 1 for s in manifest["steps"])
+
+
+@pytest.mark.parametrize("target,backend", [("opencl-generic", "opencl"), ("vulkan", "vulkan")])
+def test_gpu_spec_artifact_of_a_recurrent_model_is_token_identical(tiny_files, tmp_path, target, backend):
+    """The same on a GPU target (PoCL, lavapipe): the verify steps keep every state on the device,
+    nothing of it crosses to the host during the rounds."""
+    make_backend(backend, tmp_path / "cache")          # skips where the device is missing
+    out = tmp_path / "art"
+    compile_artifact(load_model(tiny_files[MODELS["recurrent"]]), target, out, n_ctx=32, kv_bucket=32,
+                     prompt_tokens=PROMPT_TOKENS, draft_max=2, cache_dir=tmp_path / "cache")
+    model, session = load_artifact(out)
+    tokenizer = Tokenizer.from_metadata(model.tokenizer)
+    prompt = prompt_ids()
+    expected = greedy(session, tokenizer, prompt, 12)
+    got, stats = speculative_generate(session, WrongAt(expected.tokens, len(prompt)), tokenizer, prompt, 12,
+                                      draft_max=2, ignore_eos=True)
+    assert got.tokens == expected.tokens
+    assert stats.accepted > 0 and stats.rollback == "states" and stats.redecode_seconds == 0
+    assert stats.synced_bytes == 0
