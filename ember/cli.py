@@ -214,6 +214,8 @@ def add_run_command(sub) -> None:
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="not settable here: the passes ran in `ember compile --disable`")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--verbose", action="store_true",
+                   help="with --spec: also the recurrent state speculation keeps and the bytes synced")
     add_cache_type_arguments(p, default=None)
     add_generation_arguments(p)
     p.set_defaults(func=cmd_run)

@@ -625,6 +625,10 @@ static int open_artifact(ember_rt *rt, const char *model_path, int verify) {
         int index = rt->n_steps++;        /* counted first: ember_close frees a half-loaded step */
         if (load_step(rt, &steps->items[i], index, &arena) != 0) return -1;
     }
+    if (rt->n_steps == 0) {
+        ember_set_error(rt, "%s: corrupt: malformed manifest (no step with one output row)", path);
+        return -1;
+    }
     if (posix_memalign((void **)&rt->arena, ARENA_ALIGN, arena ? arena : ARENA_ALIGN) != 0) {
         ember_set_error(rt, "out of memory (arena of %zu bytes)", arena);
         return -1;
