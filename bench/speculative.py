@@ -27,9 +27,15 @@ on a recurrent model also the pass that keeps the state after every token (rollb
 with `--spec-rollback redecode` and the default per-position-states rollback side by side; the
 table adds the share of a round spent re-decoding and selecting the kept state.
 
+--artifact: the target is an artifact (`ember compile --spec --draft-max <largest draft length>`,
+the context the task needs rounded up to a KV bucket) loaded as `ember run` loads it, so
+"no speculation" and the speculative rows run the same compiled steps: plain decoding of the
+artifact against speculation through its verify steps. The artifact is compiled once into
+~/.cache/ember/bench/artifacts/ (again when this ember no longer reads it); no draft-model rows.
+
     python bench/speculative.py [--threads 2] [--reps 3] [--n-predict 128] [--draft-max 1,2,4,8]
                                 [--models default,hybrid,qwen35moe] [--oracle-miss 0.05,0.2] [--no-draft-model]
-                                [--rollback]
+                                [--rollback] [--artifact]
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "support"))    # the random-weight GGUF writers
 
+from ember.artifact import ArtifactError, compile_artifact, load_artifact  # noqa: E402
 from ember.backends import get_backend  # noqa: E402
 from ember.models import load_model  # noqa: E402
 from ember.models.default_model import default_model_path  # noqa: E402
@@ -156,6 +163,30 @@ def new_session(model, backend) -> Session:
     # eviction while other configurations take their turn (an evicted step recompiled inside a
     # timed run would be counted as decoding).
     return Session(model, backend, SessionOptions(n_ctx=N_CTX, plan_capacity=128, plan_budget_mb=8192))
+
+
+def artifact_target(path: Path, backend, draft_max: int, n_ctx: int, threads: int):
+    """The ArtifactSession of path compiled for speculation with draft_max (compiled into the
+    cache folder the first time, or when this ember no longer reads the one there)."""
+    folder = Path(os.path.expanduser("~/.cache/ember/bench/artifacts")) / f"{Path(path).stem}-ctx{n_ctx}-spec{draft_max}"
+    try:
+        _, session = load_artifact(folder, threads=threads)
+    except ArtifactError as e:
+        print(f"compiling the artifact {folder} ({e})", file=sys.stderr)
+        start = time.perf_counter()
+        manifest = compile_artifact(load_model(str(path)), backend, folder, n_ctx=n_ctx, draft_max=draft_max,
+                                    progress=lambda message: print(message, file=sys.stderr))
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        print(f"compiled {len(manifest['steps'])} steps ({size / 2**20:.1f} MiB) in "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+        _, session = load_artifact(folder, threads=threads)
+    return session
+
+
+def artifact_context(tokenizer, n_predict: int, draft_max: int) -> int:
+    """The prompt, the generated tokens and a verify batch's padding, in whole KV buckets."""
+    n_prompt = len(tokenizer.encode(PROMPT, add_special=True, parse_special=True))
+    return -(-(n_prompt + n_predict + draft_max + 1) // 256) * 256
 
 
 @dataclass
@@ -306,6 +337,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-draft-model", action="store_true", help="skip `draft:` on the hybrid model")
     ap.add_argument("--oracle-miss", default="0.05,0.2", type=lambda v: [float(x) for x in v.split(",")],
                     help="miss rates of the synthetic oracle draft on the hybrid model")
+    ap.add_argument("--artifact", action="store_true",
+                    help="the target is an artifact compiled with --spec (plain decoding of it against speculation "
+                         "through its verify steps); no draft-model rows")
     ap.add_argument("--rollback", action="store_true",
                     help="hybrid and qwen35moe models: oracle drafts with --spec-rollback redecode and states side by side "
                          "(no n-gram or draft-model rows)")
@@ -329,7 +363,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown model {which!r}")
         model = load_model(str(path))
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
-        target = new_session(model, backend)
+        if args.artifact:
+            k = max(lengths)
+            target = artifact_target(path, backend, k, artifact_context(tokenizer, args.n_predict, k), args.threads)
+            title = f"artifact (`ember compile --spec --draft-max {k}`, context {target.n_ctx}) of the {title}"
+        else:
+            target = new_session(model, backend)
         configs = [Config("no speculation")]
         recurrent = which in ("hybrid", "qwen35moe")
         if recurrent and args.rollback:
@@ -346,7 +385,7 @@ def main(argv=None) -> int:
             for miss in args.oracle_miss:
                 configs.append(Config(f"oracle (miss {miss}), draft-max 4", 4,
                                       lambda answer, m=miss: OracleDraft(answer, m, n_vocab)))
-        if which == "hybrid" and not args.no_draft_model:
+        if which == "hybrid" and not args.no_draft_model and not args.artifact:
             draft_path = write_hybrid("granitehybrid-256x3", HYBRID_DRAFT)
             draft_session = new_session(load_model(str(draft_path)), backend)
             configs.append(Config(f"draft:{draft_path.name}, draft-max 2", 2,

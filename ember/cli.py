@@ -35,6 +35,9 @@ def main(argv=None) -> int:
         return 130
 
 
+DEFAULT_DRAFT_MAX = 8
+
+
 def check_arguments(args) -> None:
     """Refuse values outside their meaning before any work, each naming its flag: -t 0 (leave
     -t out for all cores), a context or count below 1, sampling values (SamplingParams)."""
@@ -46,8 +49,9 @@ def check_arguments(args) -> None:
         raise EmberError(f"-c {ctx}: the context must be at least 1 token")
     if getattr(args, "n_predict", 0) < 0:
         raise EmberError(f"-n {args.n_predict}: must be >= 0")
-    if getattr(args, "draft_max", 1) < 1:
-        raise EmberError(f"--draft-max {args.draft_max}: must be at least 1")
+    draft_max = getattr(args, "draft_max", None)
+    if draft_max is not None and draft_max < 1:
+        raise EmberError(f"--draft-max {draft_max}: must be at least 1")
     if hasattr(args, "temp"):
         from ember.runtime.sampling import SamplingParams
         SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -151,7 +155,8 @@ def add_compile_command(sub) -> None:
                        description="Compile the model's step graphs for a target and write them into an "
                                    "artifact folder that `ember run` loads without ember's compiler. "
                                    "Steps: for each KV bucket of the context, the decode step and one "
-                                   "prompt step (--prompt-tokens). The GGUF stays where it is (its path "
+                                   "prompt step (--prompt-tokens); with --spec also the verify steps of "
+                                   "speculative decoding. The GGUF stays where it is (its path "
                                    "and sha256 are recorded). Targets: " +
                                    "; ".join(f"{t.name}: {t.summary}" for t in TARGETS) + ".")
     add_model_path_argument(p)
@@ -174,6 +179,15 @@ def add_compile_command(sub) -> None:
                    help="target cpu-aarch64 only: target features beyond baseline NEON, comma-separated "
                         "(dotprod, i8mm; i8mm brings dotprod along); recorded in the artifact, which then runs "
                         "only on a CPU that has them")
+    p.add_argument("--spec", action="store_true",
+                   help="also compile the verify steps of speculative decoding (`ember run --spec`): per KV "
+                        "bucket, steps of 1 + d tokens with a logits row each, d = 1, 2, 4, ... up to "
+                        "--draft-max (a shorter batch is padded); a model with recurrent layers keeps "
+                        "draft-max + 2 state planes in every step and the state after every verified "
+                        "token (--spec-rollback states). Without it an artifact verifies drafts one token "
+                        "at a time")
+    p.add_argument("--draft-max", type=int, default=None,
+                   help="with --spec (implied): the most draft tokens per verify pass (default 8)")
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="skip this compiler pass (repeatable)")
     p.set_defaults(func=cmd_compile)
@@ -201,6 +215,8 @@ def add_run_command(sub) -> None:
     p.add_argument("--disable", action="append", default=[], metavar="PASS",
                    help="not settable here: the passes ran in `ember compile --disable`")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--verbose", action="store_true",
+                   help="with --spec: also the recurrent state speculation keeps and the bytes synced")
     add_cache_type_arguments(p, default=None)
     add_generation_arguments(p)
     p.set_defaults(func=cmd_run)
@@ -370,7 +386,9 @@ def add_speculative_arguments(p) -> None:
                         "GGUF with the same vocabulary); at --temp 0 the output is identical to plain "
                         "decoding, above it drafts are accepted by speculative sampling, which keeps the "
                         "sampling distribution")
-    p.add_argument("--draft-max", type=int, default=8, help="draft tokens per verify pass (default 8)")
+    p.add_argument("--draft-max", type=int, default=None,
+                   help="draft tokens per verify pass (default 8; `ember run`: at most the artifact's "
+                        "`ember compile --draft-max`, which is its default)")
     p.add_argument("--spec-rollback", choices=("states", "redecode"), default="states",
                    help="how a model with recurrent layers drops rejected drafts: 'states' keeps the "
                         "state after every verified position on the device and selects the accepted "
@@ -558,11 +576,13 @@ def cmd_compile(args) -> int:
         target_options["features"] = args.cpu_features
     if args.runtime:
         target_options["runtime"] = True
+    draft_max = (args.draft_max or DEFAULT_DRAFT_MAX) if args.spec or args.draft_max else 0
     manifest = compile_artifact(model, target, args.output, n_ctx=args.ctx_size,
                                 prompt_tokens=args.prompt_tokens, disabled_passes=frozenset(args.disable),
-                                progress=progress, cache=cache, **target_options)
+                                progress=progress, cache=cache, draft_max=draft_max, **target_options)
     shapes = ", ".join(f"{s['n_tokens']}x{s['n_kv']}" for s in manifest["steps"])
-    print(f"ember: wrote {args.output}: {len(manifest['steps'])} steps (tokens x KV rows: {shapes}), "
+    spec = f", verify steps for --draft-max {draft_max}" if draft_max else ""
+    print(f"ember: wrote {args.output}: {len(manifest['steps'])} steps (tokens x KV rows: {shapes}{spec}), "
           f"context {manifest['n_ctx']}, {len(manifest['files'])} files, in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
@@ -619,10 +639,20 @@ def cmd_chat(args) -> int:
 
 
 def _speculative(args, llm, sampling, prompt: str):
+    from ember.artifact import ArtifactSession
     from ember.models import load_model
     from ember.runtime.session import Session
     from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
     session = llm.session
+    draft_max = args.draft_max or DEFAULT_DRAFT_MAX
+    if isinstance(session, ArtifactSession):
+        draft_max = args.draft_max or session.draft_max or DEFAULT_DRAFT_MAX
+        if args.spec.startswith("draft:"):
+            raise EmberError(f"run: --spec {args.spec}: a draft model would be compiled, which `ember run` "
+                             "never does; use --spec ngram, or `ember generate --spec draft:...`")
+        if not session.draft_max and not args.quiet:
+            say(f"{session.folder} was compiled without --spec: drafts are verified one token at a time "
+                "(no faster than plain decoding); `ember compile --spec` adds verify steps")
     if args.spec == "ngram":
         draft = NgramDraft()
     elif args.spec.startswith("draft:"):
@@ -639,7 +669,7 @@ def _speculative(args, llm, sampling, prompt: str):
     else:
         raise EmberError(f"unknown --spec {args.spec!r}; use 'ngram' or 'draft:DRAFT_MODEL'")
     result, stats = speculative_generate(session, draft, llm.tokenizer, prompt, sampling.max_tokens,
-                                         draft_max=args.draft_max, stops=sampling.stop,
+                                         draft_max=draft_max, stops=sampling.stop,
                                          ignore_eos=sampling.ignore_eos, on_text=show,
                                          sampler=sampling.sampler(), special=sampling.special,
                                          rollback=args.spec_rollback)

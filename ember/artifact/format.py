@@ -22,7 +22,11 @@ FORMAT = "ember-artifact"
 # 2: recurrent state as planes (state_src, state_slots and f32[planes, size] tables in the step
 # graphs: ember.models.common.StateLayout); a version-1 recurrent artifact's steps take the old
 # per-layer state inputs, so version 1 is refused with "compile the model again".
-FORMAT_VERSION = 2
+# 3: speculation: the manifest's optional `spec` block (draft_max, verify_tokens, state_planes)
+# and verify steps with a logits row per token (n_outputs = n_tokens; a recurrent model's keep
+# the state after every token, and all its steps take state_planes planes), which a version-2
+# reader would take for plain steps over one plane.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 # Keys of a step entry that name a file, or a list of files, of the artifact (which ones a step

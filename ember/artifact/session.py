@@ -10,6 +10,7 @@ from ember.artifact.format import ArtifactError, file_sha256
 from ember.errors import EmberError
 from ember.ir.parser import parse_ir
 from ember.models import load_model
+from ember.models.common import StateLayout
 from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.runtime.session import Session, SessionOptions, _Step
 
@@ -19,14 +20,38 @@ def kv_buckets(n_ctx: int, kv_bucket: int) -> list[int]:
     return sorted({min(n_ctx, b) for b in range(kv_bucket, n_ctx + kv_bucket, kv_bucket)})
 
 
-def step_shapes(n_ctx: int, kv_bucket: int, prompt_tokens: int) -> list[tuple[int, int, int]]:
-    """(n_tokens, n_kv, n_outputs) of every step compiled into an artifact."""
+def verify_tokens(draft_max: int) -> list[int]:
+    """Tokens of the verify steps an artifact compiled for speculation with up to draft_max
+    drafts holds: 1 + d for d = 1, 2, 4, ... below draft_max, and 1 + draft_max. A verify batch
+    runs in the smallest that fits, padded (as token_bucket pads a session's prompt steps), so
+    a short batch computes at most about twice its rows, and the steps per KV bucket grow with
+    log2(draft_max) rather than draft_max (8: 2, 3, 5 and 9 tokens)."""
+    sizes, d = {1 + draft_max}, 1
+    while d < draft_max:
+        sizes.add(1 + d)
+        d *= 2
+    return sorted(sizes)
+
+
+def step_shapes(n_ctx: int, kv_bucket: int, prompt_tokens: int,
+                draft_max: int = 0) -> list[tuple[int, int, int]]:
+    """(n_tokens, n_kv, n_outputs) of every step compiled into an artifact: per KV bucket the
+    decode step, a prompt step and, with draft_max (compiled for speculation), the verify steps,
+    which give logits for every row."""
     shapes = []
     for n_kv in kv_buckets(n_ctx, kv_bucket):
         shapes.append((1, n_kv, 1))
         if 1 < prompt_tokens <= n_kv:
             shapes.append((prompt_tokens, n_kv, 1))
+        shapes += [(T, n_kv, T) for T in (verify_tokens(draft_max) if draft_max else ()) if T <= n_kv]
     return shapes
+
+
+def step_states(shape: tuple[int, int, int], state_planes: int) -> StateLayout:
+    """How a step of an artifact keeps recurrent state: state_planes planes in every step (the
+    manifest's, 1 without speculation); a verify step (several output rows) writes the state
+    after every token, so a speculative round keeps any accepted prefix by an index move."""
+    return StateLayout(state_planes, all_states=shape[2] > 1)
 
 
 def shape_name(shape: tuple[int, int, int]) -> str:
@@ -40,33 +65,71 @@ def step_key(step: dict) -> tuple[int, int, int]:
 
 class ArtifactSession(Session):
     """A Session over an artifact's executables. A prompt runs as prompt steps, then single
-    tokens; every row's logits (all_logits) come from single-token steps. Its steps were
-    compiled for one recurrent state plane, so a recurrent artifact speculates with
+    tokens. Every row's logits (all_logits: a speculative verify batch) come from a verify step
+    when the artifact was compiled for speculation (the manifest's `spec`: draft_max, the
+    verify steps' tokens, the recurrent state planes every step keeps), else from single-token
+    steps. A recurrent artifact without verify steps has one state plane, so it speculates with
     --spec-rollback redecode (host checkpoints) only."""
 
-    fixed_state_planes = True
-
-    def __init__(self, model, backend, options: SessionOptions, steps: dict, prompt_tokens: int, folder: Path):
+    def __init__(self, model, backend, options: SessionOptions, steps: dict, prompt_tokens: int, folder: Path,
+                 spec: dict | None = None):
         super().__init__(model, backend, options)
         # the session's own step records (no graph version: the plan cache is not used)
         self._prebuilt = {key: _Step(None, exe) for key, exe in steps.items()}
         self.shapes = sorted(steps)      # (n_tokens, n_kv, n_outputs) of each compiled step
         self.prompt_tokens = prompt_tokens
         self.folder = folder
+        spec = spec or {}
+        self.draft_max = int(spec.get("draft_max", 0))        # 0: compiled without --spec
+        self.verify_tokens = sorted(int(t) for t in spec.get("verify_tokens", ()))
+        planes = int(spec.get("state_planes", 1))
+        if self.is_recurrent and planes > 1:
+            self._allocate_planes(planes)          # the planes every compiled step takes
 
-    def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
+    def prepare_speculation(self, draft_max: int, rollback: str) -> None:
+        """Refuse, in one line, speculation the compiled steps cannot run."""
+        if self.draft_max and draft_max > self.draft_max:
+            raise ArtifactError(f"{self.folder}: compiled for speculation with --draft-max {self.draft_max} "
+                                f"at most, not {draft_max}: pass a smaller --draft-max, or compile it "
+                                f"again with --spec --draft-max {draft_max}")
+        if self.is_recurrent and rollback == "states" and not self.draft_max:
+            raise ArtifactError(f"{self.folder}: compiled without --spec, its steps keep one recurrent state "
+                                "plane, too few to keep a verify batch's states: compile it with --spec, "
+                                "or use --spec-rollback redecode")
+
+    def reserve_state_planes(self, planes: int) -> None:
+        """The compiled steps take the planes they were compiled for: more is a one-line error."""
+        if self.is_recurrent and planes > self.state_planes:
+            raise ArtifactError(f"{self.folder}: its steps keep {self.state_planes} recurrent state "
+                                f"plane(s), not {planes}: compile it with --spec --draft-max {max(1, planes - 2)}")
+
+    def verify_rows(self, n: int) -> int | None:
+        """The tokens of the verify step a batch of n tokens runs in (padded up to them) at the
+        current position, or None (no verify steps, n too many, or the padding would pass the
+        context: then single-token steps)."""
+        for T in self.verify_tokens:
+            if T >= n and self.n_past + T <= self.n_ctx:
+                return T
+        return None
+
+    def eval(self, tokens, all_logits: bool = False, keep_states: bool = False) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if tokens.size <= 1:
-            return super().eval(tokens, all_logits)
+            return super().eval(tokens, all_logits, keep_states)
         if self.n_past + tokens.size > self.n_ctx:
             raise EmberError(f"context full: {self.n_past} + {tokens.size} tokens > n_ctx {self.n_ctx} "
                              f"(the artifact {self.folder} was compiled for {self.n_ctx})")
+        if all_logits and self.verify_rows(tokens.size):
+            # one verify step; a recurrent model's verify steps keep the state after every token
+            return super().eval(tokens, all_logits=True, keep_states=self.is_recurrent)
         s = self.stats
         before = (s.prompt_tokens, s.prompt_seconds, s.decode_tokens, s.decode_seconds)
         seconds, rows, i = 0.0, [], 0
         while i < tokens.size:
-            take = self.prompt_tokens if not all_logits and tokens.size - i >= self.prompt_tokens else 1
-            rows.append(super().eval(tokens[i:i + take], all_logits))
+            # a prompt step keeps one state: states kept per token come from single-token steps
+            whole = not all_logits and not keep_states and tokens.size - i >= self.prompt_tokens
+            take = self.prompt_tokens if whole else 1
+            rows.append(super().eval(tokens[i:i + take], all_logits, keep_states))
             seconds += self.last_eval_seconds
             i += take
         # the pieces count as one prompt evaluation, not as decode steps
@@ -76,8 +139,17 @@ class ArtifactSession(Session):
         self.last_eval_seconds = seconds
         return np.concatenate(rows) if all_logits else rows[-1]
 
+    def _shape(self, n: int, n_out: int) -> tuple[int, int]:
+        if n_out > 1:
+            T = self.verify_rows(n)
+            if T is not None:
+                return T, T
+        return n, n_out
+
     def _plan(self, T: int, n_kv: int, n_out: int):
         step = self._prebuilt.get((T, n_kv, n_out))     # the artifact has one cache type
+        if step is not None and self.is_recurrent and T > 1 and self._layout.all_states != (n_out > 1):
+            step = None                  # its states are kept otherwise (step_states)
         if step is None:
             shapes = ", ".join(shape_name(k) for k in self.shapes)
             raise ArtifactError(f"{self.folder}: no compiled step for {T} tokens over {n_kv} KV rows "
@@ -155,4 +227,5 @@ def artifact_session(folder: Path, manifest: dict, model, backend, steps: dict) 
     options = SessionOptions(n_ctx=manifest["n_ctx"], kv_bucket=manifest["kv_bucket"],
                              disabled_passes=frozenset(manifest["disabled_passes"]),
                              pad_tokens=False, swa_full=True, cache=cache_types(manifest))
-    return ArtifactSession(model, backend, options, steps, manifest["prompt_tokens"], folder)
+    return ArtifactSession(model, backend, options, steps, manifest["prompt_tokens"], folder,
+                           manifest.get("spec"))

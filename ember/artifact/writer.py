@@ -14,7 +14,7 @@ import numpy as np
 from ember.artifact.format import (FORMAT, FORMAT_VERSION, MANIFEST, ArtifactError, ember_version,
                                    file_sha256, new_folder, replace_folder, target_module)
 from ember.artifact.native import native_fields
-from ember.artifact.session import shape_name, step_shapes
+from ember.artifact.session import shape_name, step_shapes, step_states, verify_tokens
 from ember.ir.printer import print_ir
 from ember.models.kv_cache import F16_CACHE, KVCacheTypes
 from ember.passes import PassContext, pipeline_for
@@ -28,16 +28,19 @@ DEFAULT_PROMPT_TOKENS = 32
 def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
                      prompt_tokens: int = DEFAULT_PROMPT_TOKENS, kv_bucket: int = 256,
                      disabled_passes=frozenset(), progress=None, cache: KVCacheTypes = F16_CACHE,
-                     **target_options) -> dict:
+                     draft_max: int = 0, **target_options) -> dict:
     """Compile model's steps into out_dir (replacing an artifact there); returns the manifest.
     backend: a target name of ember.target.TARGETS, or a CpuBackend for target cpu (the other
     targets make their own backend; target_options go to the target's writer, see
     ember/artifact/<target>.py). progress(message), when given, hears about each step. cache:
     the KV cache's types, recorded in the manifest (a head size they cannot hold, or a target
-    without kernels for them, is an error before anything is compiled)."""
+    without kernels for them, is an error before anything is compiled). draft_max > 0: also
+    the verify steps of speculation with up to draft_max drafts (spec_fields)."""
     target = backend if isinstance(backend, str) else backend.name
     if target not in TARGET_NAMES:
         raise ArtifactError(f"compile: target {target!r} is not supported; targets: {', '.join(TARGET_NAMES)}")
+    if draft_max < 0:
+        raise ArtifactError(f"compile: --draft-max {draft_max}: must be at least 1")
     model.check_cache(cache)
     writer = target_module(target).writer(target, None if isinstance(backend, str) else backend,
                                           progress=progress, **target_options)
@@ -45,7 +48,8 @@ def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
     out = Path(out_dir)
     hp = model.hparams
     n_ctx = min(n_ctx, hp.n_ctx_train) if hp.n_ctx_train else n_ctx
-    shapes = step_shapes(n_ctx, kv_bucket, prompt_tokens)
+    shapes = step_shapes(n_ctx, kv_bucket, prompt_tokens, draft_max)
+    spec = spec_fields(model, draft_max)
     pipeline = pipeline_for(target, layout=writer.layout)
     tmp = new_folder(out)
     try:
@@ -56,7 +60,8 @@ def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
         for shape in shapes:
             start = time.perf_counter()
             with PassContext(disabled=frozenset(disabled_passes)):
-                optimized = pipeline(model.build_step(*shape, cache=cache))
+                states = step_states(shape, spec["state_planes"] if spec else 1)
+                optimized = pipeline(model.build_step(*shape, cache=cache, states=states))
             name = f"steps/{shape_name(shape)}"
             # graph: the step as the target compiled it (the renderer may have dropped dead nodes);
             # stored_as: constants the target keeps in a form of its own (Adreno SoA weights),
@@ -72,6 +77,8 @@ def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
         fields.update(writer.finish(tmp))
         if writer.native:
             fields["native"] = native_fields(model)
+        if spec:
+            fields["spec"] = spec
         manifest = _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_passes,
                              cache, steps, constants, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -80,6 +87,17 @@ def compile_artifact(model, backend, out_dir, n_ctx: int = DEFAULT_CTX,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def spec_fields(model, draft_max: int) -> dict:
+    """The manifest's `spec` block of an artifact compiled for speculation ({} without):
+    draft_max, the verify steps' tokens, and the recurrent state planes every step keeps (a
+    verify batch's draft_max + 1 states plus the one the round starts from, as
+    Session.prepare_speculation reserves; 1 for a transformer)."""
+    if not draft_max:
+        return {}
+    planes = draft_max + 2 if model.recurrent_layers else 1
+    return {"draft_max": draft_max, "verify_tokens": verify_tokens(draft_max), "state_planes": planes}
 
 
 def _manifest(target, fields, model, n_ctx, kv_bucket, prompt_tokens, disabled_passes, cache,

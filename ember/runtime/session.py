@@ -185,13 +185,17 @@ class _Feed:
     def set(self, chunk: np.ndarray, n_past: int, n_out: int, swa_pos: np.ndarray) -> None:
         """Inputs for chunk at n_past, its last n_out rows giving logits; a chunk shorter than
         the graph's rows is padded (its last token again, at the next positions: rows no real
-        query sees, that later tokens overwrite). swa_pos (the position each sliding-window
+        query sees, that later tokens overwrite; their recurrent states, if kept, are never
+        held). swa_pos (the position each sliding-window
         ring row holds, -1: none) is updated with the rows this step writes."""
         T, n = self.inputs["tokens"].size, chunk.size
         pos = self.inputs["pos"]
         self.inputs["tokens"][:n] = chunk
         self.inputs["tokens"][n:] = chunk[-1]
-        self.inputs["out_ids"][:] = np.arange(n - n_out, n, dtype=np.int32)
+        # the graph's output rows start at the first of the n_out wanted; a padded step with a
+        # row for every token (an artifact's verify step, Session._shape) has more of them
+        out_ids = self.inputs["out_ids"]
+        out_ids[:] = np.arange(n - n_out, n - n_out + out_ids.size, dtype=np.int32)
         pos[:] = np.arange(n_past, n_past + T, dtype=np.int32)
         self.inputs["slots"][:] = pos
         if self.window:
@@ -214,9 +218,6 @@ class _Feed:
 
 
 class Session:
-    # whether the number of recurrent state planes is fixed (an artifact's compiled steps)
-    fixed_state_planes = False
-
     def __init__(self, model: Model, backend: Backend, options: SessionOptions = SessionOptions()):
         backend.require_available()
         self.model, self.backend, self.options = model, backend, options
@@ -327,6 +328,15 @@ class Session:
             self._allocate_planes(planes)
             self._write_plane(0, current)
             self._plane, self._held, self._ring = 0, {self.n_past: 0}, 1
+
+    def prepare_speculation(self, draft_max: int, rollback: str) -> None:
+        """Make room for speculative rounds of up to draft_max drafts (ember.runtime.speculative):
+        the recurrent state planes its rollback needs, the round's start plus a verify batch's
+        draft_max + 1 states ("states") or the start plus the one state a verify writes
+        ("redecode"); nothing for a transformer (rollback ""). An artifact's session, whose steps
+        are fixed, checks instead that it holds what the rounds need."""
+        if rollback:
+            self.reserve_state_planes(draft_max + 2 if rollback == "states" else 2)
 
     def recurrent_state(self) -> dict[str, np.ndarray]:
         """A host copy of the recurrent state after the last evaluated token: conv_state.{il}
@@ -441,13 +451,16 @@ class Session:
         t0 = time.perf_counter()
         compile_before = self.stats.compile_seconds
         end = self.n_past + chunk.size
-        T = self._rows(chunk.size, n_out)
+        T, rows_out = self._shape(chunk.size, n_out)
         n_kv = min(self.n_ctx, -(-(self.n_past + T) // self.options.kv_bucket) * self.options.kv_bucket)
+        if self.is_recurrent and T > chunk.size and not keep_states:
+            # the one state written would be the one after the padding
+            raise EmberError(f"{self.model.arch}: a padded step of a recurrent model must keep its states")
         self._layout = StateLayout(self.state_planes, keep_states)
-        step = self._plan(T, n_kv, n_out)
+        step = self._plan(T, n_kv, rows_out)
         n_states = self._layout.n_states(T)
         if step.feed is None or step.feed.epoch != self._layout_epoch:
-            step.feed = _Feed(self, step.executable, T, n_kv, n_out, n_states)
+            step.feed = _Feed(self, step.executable, T, n_kv, rows_out, n_states)
             step.feed.epoch = self._layout_epoch
         feed = step.feed
         feed.set(chunk, self.n_past, n_out, self.swa_pos)
@@ -466,10 +479,17 @@ class Session:
             positions = range(self.n_past + 1, end + 1) if keep_states else (end,)
             self._held = {p: plane for p, plane in self._held.items() if plane not in written}
             self._held.update(zip(positions, written))
-            self._plane = written[-1]
+            # the state after the last real token (padding rows, kept or not, come after it)
+            self._plane = written[len(positions) - 1]
         self._forget_from(end)          # the padding rows hold nothing
         self.stats.host_seconds += (t1 - t0) + (time.perf_counter() - t2) - (self.stats.compile_seconds - compile_before)
-        return outputs[0]
+        return outputs[0] if rows_out == n_out else outputs[0][:n_out]
+
+    def _shape(self, n: int, n_out: int) -> tuple[int, int]:
+        """(rows, output rows) of the step graph that runs n tokens with logits for their last
+        n_out: padded rows (_rows) with the outputs asked for. An artifact's session pads a
+        verify batch to its compiled verify steps, which give logits for every row."""
+        return self._rows(n, n_out), n_out
 
     def _rows(self, n: int, n_out: int) -> int:
         """The step graph's rows for n tokens (token_bucket when padding applies). A step with

@@ -254,15 +254,11 @@ class _Speculation:
         self.stats.rollback = self.rollback
 
     def reserve(self, draft_max: int) -> None:
-        """State planes for the rounds: the round's start plus a verify batch's k + 1 states
-        (states), or the start plus the one state a verify writes (redecode)."""
-        if self.rollback and self.target.fixed_state_planes:
-            if self.rollback == "states":
-                raise EmberError(f"{self.target.model.arch}: these compiled steps keep one recurrent "
-                                 "state plane, too few to keep a verify batch's states; use "
-                                 "--spec-rollback redecode")
-        elif self.rollback:
-            self.target.reserve_state_planes(draft_max + 2 if self.rollback == "states" else 2)
+        """State planes for the rounds (Session.prepare_speculation; an artifact's session
+        checks that its compiled steps hold them, and that its verify steps take draft_max + 1
+        tokens)."""
+        self.target.prepare_speculation(draft_max, self.rollback)
+        if self.rollback:
             self.stats.state_bytes = self.target.state_planes * self.target.state_bytes
         if isinstance(self.draft, ModelDraft):
             self.draft.reserve(draft_max)

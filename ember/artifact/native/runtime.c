@@ -722,10 +722,19 @@ static int load_libraries(ember_rt *rt, const char *path) {
         ember_set_error(rt, "out of memory");
         return -1;
     }
-    rt->n_steps = (int)steps->n;
     size_t arena = 0;
-    for (int i = 0; i < rt->n_steps; i++)
-        if (load_step(rt, &steps->items[i], i, &arena) != 0) return -1;
+    for (size_t i = 0; i < steps->n; i++) {
+        /* a verify step (a logits row per token: compiled with --spec) serves speculation,
+         * which this runtime does not do: it is left unloaded */
+        const json_value *n_out = json_get(&steps->items[i], "n_outputs");
+        if (json_is_int(n_out) && n_out->number > 1) continue;
+        int index = rt->n_steps++;        /* counted first: ember_close frees a half-loaded step */
+        if (load_step(rt, &steps->items[i], index, &arena) != 0) return -1;
+    }
+    if (rt->n_steps == 0) {
+        ember_set_error(rt, "%s: corrupt: malformed manifest (no step with one output row)", path);
+        return -1;
+    }
     if (posix_memalign((void **)&rt->arena, ARENA_ALIGN, arena ? arena : ARENA_ALIGN) != 0) {
         ember_set_error(rt, "out of memory (arena of %zu bytes)", arena);
         return -1;
