@@ -21,9 +21,9 @@
 typedef struct ember_rt ember_rt;
 
 /* Open the artifact in dir. model_path: the GGUF (NULL: the manifest's path); n_threads: CPU
- * threads (<= 0: all online CPUs); verify_model: also check the GGUF's sha256 (its size and the
- * sha256 of its header, which names every tensor with its type, shape and offset, are always
- * checked). NULL on failure, the reason in err (one line). */
+ * threads (<= 0: one per CPU this process may run on); verify_model: also check the GGUF's
+ * sha256 (its size and the sha256 of its header, which names every tensor with its type, shape
+ * and offset, are always checked). NULL on failure, the reason in err (one line). */
 ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int verify_model,
                      char *err, size_t err_len);
 void ember_close(ember_rt *rt);
