@@ -19,7 +19,8 @@ workers: one process per engine and cache type, taking turns repetition by repet
 from elsewhere falls on all alike): ember with f16, q8_0 and turbo4 caches, llama.cpp with f16
 and q8_0 (flash attention on for both).
 
-    python bench/kv_cache.py [--model GGUF] [--text FILE] [--ctx 512,2048] [--threads 2] [--markdown]
+    python bench/kv_cache.py [--model GGUF] [--text FILE] [--ctx 512,2048] [--tokens N] [--configs K/V,...]
+                             [--threads 2] [--markdown]
     python bench/kv_cache.py --speed [--depths 0,4096] [--n-gen 32] [--reps 3] [--markdown]
 """
 from __future__ import annotations
@@ -205,7 +206,8 @@ def measure(args, model_path, tokens, bos, ctx) -> list[tuple]:
     rows = []
     for engine in args.engines.split(","):
         run, configs = (ember_run, EMBER_CONFIGS) if engine == "ember" else (llama_run, LLAMA_CONFIGS)
-        configs = [c for c in configs if c[2] or not args.no_rotation_off]
+        configs = [c for c in configs if (c[2] or not args.no_rotation_off)
+                   and (not args.configs or f"{c[0]}/{c[1]}" in args.configs.split(","))]
         with tempfile.TemporaryDirectory(prefix="kv-cache-bench-") as folder:
             reference = None
 
@@ -267,6 +269,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default="ember,llama.cpp")
     parser.add_argument("--no-rotation-off", action="store_true", help="leave out the q8_0/q4_0 rows without rotation")
+    parser.add_argument("--configs", help="only these K/V pairs, e.g. f16/f16,q8_0/q8_0 (f16/f16 first: the reference)")
+    parser.add_argument("--tokens", type=int, default=0, help="use only the text's first N tokens (0: all)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--speed", action="store_true", help="decode t/s per cache type instead of perplexity")
     parser.add_argument("--depths", default="0,4096", help="--speed: cache depths (llama-bench's -d)")
@@ -281,6 +285,8 @@ def main() -> int:
         return speed(args)
     tokenizer = Tokenizer.from_gguf(model_path)
     tokens = tokenizer.encode(Path(args.text).read_text(), add_special=True)
+    if args.tokens:
+        tokens = tokens[:args.tokens]
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     load_before, start = os.getloadavg()[0], time.perf_counter()
     for ctx in [int(c) for c in args.ctx.split(",")]:
