@@ -3,19 +3,24 @@
 Both engines run llama-perplexity's method through the same code (ember.tools.perplexity: the
 same chunks, BOS first, the second half of each chunk scored, the same NLL arithmetic), so only
 the engines and their caches differ. Besides PPL, each row gives the change against the same
-engine's f16 cache and the mean KL divergence from it over the scored tokens.
+engine's f16 cache and, for ember, against llama.cpp with the same cache types; the mean KL
+divergence of each scored token's distribution from the same engine's f16 cache; and the
+teacher-forced top-1 agreement with it (the share of scored positions whose most likely next
+token is the f16 cache's). The f16 run's log-probabilities wait in a file for the comparisons
+(thousands of rows of a 262,144-token vocabulary are gigabytes).
 
 ember's cache types: f16, q8_0, q4_0 (Walsh-Hadamard rotated as llama.cpp rotates them, and
 with --no-cache-rotation's setting), the mixed q8_0-K + turbo4-V, turbo4, turbo3. llama.cpp's:
 f16, q8_0, q4_0 (flash attention on, needed for a quantized V cache), with its rotation and with
-LLAMA_ATTN_ROT_DISABLE=1.
+LLAMA_ATTN_ROT_DISABLE=1. --no-rotation-off leaves out the rows without rotation.
 
 --speed measures decode instead (llama-bench's tg at depths 0 and 4096, by bench/models.py's
 workers: one process per engine and cache type, taking turns repetition by repetition so load
 from elsewhere falls on all alike): ember with f16, q8_0 and turbo4 caches, llama.cpp with f16
 and q8_0 (flash attention on for both).
 
-    python bench/kv_cache.py [--model GGUF] [--text FILE] [--ctx 512] [--threads 2] [--markdown]
+    python bench/kv_cache.py [--model GGUF] [--text FILE] [--ctx 512,2048] [--tokens N] [--configs K/V,...]
+                             [--threads 2] [--markdown]
     python bench/kv_cache.py --speed [--depths 0,4096] [--n-gen 32] [--reps 3] [--markdown]
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,22 +46,7 @@ LLAMA_CONFIGS = [("f16", "f16", True), ("q8_0", "q8_0", True), ("q8_0", "q8_0", 
                  ("q4_0", "q4_0", True), ("q4_0", "q4_0", False)]
 SPEED_CONFIGS = [("ember", "f16"), ("ember", "q8_0"), ("ember", "turbo4"), ("llama.cpp", "f16"),
                  ("llama.cpp", "q8_0")]      # (engine, K and V cache type)
-
-
-class Recorder:
-    """Wraps eval_chunk: keeps the logits of every scored row (for the KL divergence)."""
-
-    def __init__(self, eval_chunk):
-        self.eval_chunk, self.rows = eval_chunk, []
-
-    def __call__(self, chunk, first):
-        logits = self.eval_chunk(chunk, first)
-        self.rows.append(np.asarray(logits[:-1], np.float32))
-        return logits
-
-    @property
-    def logits(self) -> np.ndarray:
-        return np.concatenate(self.rows)
+ROWS_PER_BLOCK = 32     # softmax rows at a time: bounds the float64 temporaries (~70 MB each)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -64,43 +55,90 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
-def mean_kl(base: np.ndarray, other: np.ndarray) -> float:
-    """Mean over rows of KL(base || other) of the softmaxes, in nats."""
-    total = 0.0
-    for i in range(0, base.shape[0], 64):
-        p, q = log_softmax(base[i:i + 64]), log_softmax(other[i:i + 64])
-        total += float((np.exp(p) * (p - q)).sum())
-    return total / base.shape[0]
+class Reference:
+    """The log-probabilities (float32, in a file) and top-1 tokens of every scored row of one
+    engine's f16 run, in the order perplexity() scores them."""
+
+    def __init__(self, folder: Path, rows: int, n_vocab: int):
+        self.logp = np.lib.format.open_memmap(folder / "reference.npy", mode="w+", dtype=np.float32,
+                                              shape=(rows, n_vocab))
+        self.top = np.empty(rows, np.int64)
 
 
-def ember_run(model_path, tokens, bos, ctx, threads, k, v, rotation):
+class Scorer:
+    """Wraps eval_chunk. The reference run (record) writes each scored row into the Reference;
+    any other run adds up, row by row, its KL divergence from the reference's row,
+    KL(p_f16 || p_this) in nats, and whether both rank the same token first."""
+
+    def __init__(self, eval_chunk, reference: Reference, record: bool):
+        self.eval_chunk, self.reference, self.record = eval_chunk, reference, record
+        self.rows = self.agree = 0
+        self.kl_sum = 0.0
+
+    def __call__(self, chunk, first):
+        logits = self.eval_chunk(chunk, first)
+        scored = logits[:-1]            # the last position predicts nothing (chunk_nll)
+        for begin in range(0, scored.shape[0], ROWS_PER_BLOCK):
+            logq = log_softmax(np.asarray(scored[begin:begin + ROWS_PER_BLOCK], np.float32))
+            at = slice(self.rows, self.rows + logq.shape[0])
+            top = logq.argmax(axis=1)
+            if self.record:
+                self.reference.logp[at] = logq
+                self.reference.top[at] = top
+            else:
+                logp = self.reference.logp[at].astype(np.float64)
+                self.kl_sum += float((np.exp(logp) * (logp - logq)).sum())
+            self.agree += int((top == self.reference.top[at]).sum())
+            self.rows += logq.shape[0]
+        return logits
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl_sum / self.rows
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.agree / self.rows
+
+
+def ember_run(model_path, tokens, bos, ctx, threads, k, v, rotation, scorer_for):
     from ember.backends import get_backend
     from ember.models import KVCacheTypes, load_model
     from ember.runtime.session import Session, SessionOptions
     from ember.tools.perplexity import session_chunk_evaluator
     session = Session(load_model(model_path), get_backend("cpu", threads=threads),
                       SessionOptions(n_ctx=ctx, cache=KVCacheTypes.of(k, v, rotation)))
-    recorder = Recorder(session_chunk_evaluator(session))
-    return perplexity(recorder, tokens, ctx, bos), recorder.logits
+    scorer = scorer_for(session_chunk_evaluator(session), session.model.hparams.n_vocab)
+    return perplexity(scorer, tokens, ctx, bos), scorer
 
 
-def llama_run(model_path, tokens, bos, ctx, threads, k, v, rotation):
+def llama_run(model_path, tokens, bos, ctx, threads, k, v, rotation, scorer_for):
     import llama_cpp
     ids = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
     # read when the context (its KV cache) is made
     os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
     if not rotation:
         os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
                           n_threads=threads, n_threads_batch=threads, flash_attn=True,
                           type_k=ids[k], type_v=ids[v], verbose=False)
+    n_vocab = llm.n_vocab()
     try:
         def eval_chunk(chunk, first):
-            llm.reset()
-            llm.eval(chunk)
-            return np.array(llm.scores[first:len(chunk)], dtype=np.float32)
-        recorder = Recorder(eval_chunk)
-        return perplexity(recorder, tokens, ctx, bos), recorder.logits
+            # one batch, logits only for the scored half (logits_all would keep n_ctx rows)
+            llm._ctx.kv_cache_clear()
+            batch = llm._batch.batch
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i >= first
+            llm._ctx.decode(llm._batch)
+            rows = len(chunk) - first
+            # a view of llama.cpp's output buffer: read before the next decode
+            return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(rows * n_vocab,)).reshape(rows, n_vocab)
+        scorer = scorer_for(eval_chunk, n_vocab)
+        return perplexity(scorer, tokens, ctx, bos), scorer
     finally:
         llm.close()
         os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
@@ -158,13 +196,81 @@ def speed(args) -> int:
     return 0
 
 
+def scored_rows(n_tokens: int, ctx: int) -> int:
+    """The rows perplexity() scores: the second half of each whole chunk but its last position."""
+    return n_tokens // ctx * (ctx - ctx // 2 - 1)
+
+
+def measure(args, model_path, tokens, bos, ctx) -> list[tuple]:
+    """(engine, k, v, rotation, Perplexity, Scorer) for every configuration at one context."""
+    rows = []
+    for engine in args.engines.split(","):
+        run, configs = (ember_run, EMBER_CONFIGS) if engine == "ember" else (llama_run, LLAMA_CONFIGS)
+        configs = [c for c in configs if (c[2] or not args.no_rotation_off)
+                   and (not args.configs or f"{c[0]}/{c[1]}" in args.configs.split(","))]
+        with tempfile.TemporaryDirectory(prefix="kv-cache-bench-") as folder:
+            reference = None
+
+            def scorer_for(eval_chunk, n_vocab):
+                nonlocal reference
+                record = reference is None          # the first configuration is f16: the reference
+                if record:
+                    reference = Reference(Path(folder), scored_rows(len(tokens), ctx), n_vocab)
+                return Scorer(eval_chunk, reference, record)
+
+            for k, v, rotation in configs:
+                start = time.perf_counter()
+                result, scorer = run(model_path, tokens, bos, ctx, args.threads, k, v, rotation, scorer_for)
+                scorer.reference = None         # the file goes with the folder
+                rows.append((engine, k, v, rotation, result, scorer))
+                print(f"ctx {ctx} {engine} K {k} V {v} rotation {rotation}: {result.final_line()} "
+                      f"KL {scorer.mean_kl:.5f} top-1 {100 * scorer.top1_agreement:.2f}% "
+                      f"({time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f})",
+                      file=sys.stderr, flush=True)
+            reference = None
+    return rows
+
+
+def print_table(rows, ctx, args, model_path) -> None:
+    base = {engine: result.ppl for engine, k, v, _, result, _ in rows if k == v == "f16"}
+    llama = {(k, v, rot): result.ppl for engine, k, v, rot, result, _ in rows if engine == "llama.cpp"}
+    first = rows[0][4]
+    title = (f"{Path(model_path).name}, {Path(args.text).name} ({first.n_chunks * ctx} of its tokens), "
+             f"ctx {ctx}: {first.n_chunks} chunks, {first.n_scored} tokens scored, CPU, {args.threads} threads")
+    header = ["engine", "K", "V", "rotation", "PPL", "vs own f16", "vs llama.cpp", "mean KL vs own f16",
+              "top-1 = own f16"]
+    lines = []
+    for engine, k, v, rotation, result, scorer in rows:
+        rot = "-" if not any(t in ("q8_0", "q4_0") for t in (k, v)) else ("on" if rotation else "off")
+        peer = llama.get((k, v, rotation)) if engine == "ember" else None
+        lines.append([engine, k, v, rot, f"{result.ppl:.4f} ± {result.error:.4f}",
+                      f"{100 * (result.ppl / base[engine] - 1):+.2f}%",
+                      f"{100 * (result.ppl / peer - 1):+.2f}%" if peer else "",
+                      f"{scorer.mean_kl:.5f}", f"{100 * scorer.top1_agreement:.2f}%"])
+    if args.markdown:
+        print(f"**{title}**\n")
+        print("| " + " | ".join(header) + " |")
+        print("|---|---|---|---|" + "---:|" * (len(header) - 4))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        print()
+    else:
+        print(title)
+        widths = [max(len(r[i]) for r in lines + [header]) for i in range(len(header))]
+        for line in [header] + lines:
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="GGUF (default: the default model, Gemma 3 270M Q4_K_M)")
     parser.add_argument("--text", default=str(ROOT / "tests" / "data" / "ppl_text.txt"))
-    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--ctx", default="512", help="contexts, comma-separated (e.g. 512,2048)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default="ember,llama.cpp")
+    parser.add_argument("--no-rotation-off", action="store_true", help="leave out the q8_0/q4_0 rows without rotation")
+    parser.add_argument("--configs", help="only these K/V pairs, e.g. f16/f16,q8_0/q8_0 (f16/f16 first: the reference)")
+    parser.add_argument("--tokens", type=int, default=0, help="use only the text's first N tokens (0: all)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--speed", action="store_true", help="decode t/s per cache type instead of perplexity")
     parser.add_argument("--depths", default="0,4096", help="--speed: cache depths (llama-bench's -d)")
@@ -179,34 +285,13 @@ def main() -> int:
         return speed(args)
     tokenizer = Tokenizer.from_gguf(model_path)
     tokens = tokenizer.encode(Path(args.text).read_text(), add_special=True)
+    if args.tokens:
+        tokens = tokens[:args.tokens]
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    rows = []
-    for engine in args.engines.split(","):
-        run, configs = (ember_run, EMBER_CONFIGS) if engine == "ember" else (llama_run, LLAMA_CONFIGS)
-        base = None
-        for k, v, rotation in configs:
-            start = time.perf_counter()
-            result, logits = run(model_path, tokens, bos, args.ctx, args.threads, k, v, rotation)
-            if base is None:
-                base = (result, logits)
-            rows.append((engine, k, v, rotation, result, result.ppl / base[0].ppl - 1,
-                         mean_kl(base[1], logits)))
-            print(f"{engine} K {k} V {v} rotation {rotation}: {result.final_line()} "
-                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    scored = rows[0][4].n_scored
-    if args.markdown:
-        print(f"{Path(model_path).name}, ctx {args.ctx}, {rows[0][4].n_chunks} chunks, {scored} tokens "
-              f"scored, CPU, {args.threads} threads\n")
-        print("| engine | K | V | rotation | PPL | vs own f16 | mean KL vs own f16 |")
-        print("|---|---|---|---|---|---|---|")
-    for engine, k, v, rotation, result, change, kl in rows:
-        rot = "-" if not any(t in ("q8_0", "q4_0") for t in (k, v)) else ("on" if rotation else "off")
-        if args.markdown:
-            print(f"| {engine} | {k} | {v} | {rot} | {result.ppl:.4f} ± {result.error:.4f} | "
-                  f"{100 * change:+.2f}% | {kl:.5f} |")
-        else:
-            print(f"{engine:9} K {k:6} V {v:6} rot {rot:3}  PPL {result.ppl:.4f} +/- {result.error:.4f}  "
-                  f"{100 * change:+.2f}%  KL {kl:.5f}")
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    for ctx in [int(c) for c in args.ctx.split(",")]:
+        print_table(measure(args, model_path, tokens, bos, ctx), ctx, args, model_path)
+    print(f"(load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; {time.perf_counter() - start:.0f} s)")
     return 0
 
 

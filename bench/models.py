@@ -9,7 +9,13 @@ step graphs there); each cell is the mean +- sample std of tokens/s. Same thread
 Each engine lives in its own subprocess (so each peak RSS, VmHWM, is its own), and the two take
 turns repetition by repetition, so load from other processes on the machine falls on both alike.
 
-    python bench/models.py [--model GGUF] [--threads 2] [--reps 5] [--markdown] [--requant q5_k_m]
+--llama-bench PATH adds llama.cpp's own llama-bench binary as a third column (an anchor without
+Python: build it from the llama.cpp commit llama-cpp-python vendors, see BENCHMARKS.md). It runs
+once per repetition and test (`-r 1`, after its own warm-up) in the same turns, with the
+Python engine's settings: same threads, batch and micro-batch 512, flash attention off.
+
+    python bench/models.py [--model GGUF] [--threads 2] [--reps 5] [--llama-bench PATH] [--markdown]
+                           [--requant q5_k_m]
 
 --markdown writes the table as Markdown to stdout (for BENCHMARKS.md). --requant MIX first
 requantizes the model into llama.cpp's Q5_K_M (or Q4_K_M) mix with ember.tools.requant (ggml's
@@ -128,6 +134,28 @@ def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen
     return 1
 
 
+class LlamaBench:
+    """llama.cpp's llama-bench binary, one test and one repetition per call (JSON output)."""
+
+    def __init__(self, path: str, args):
+        self.path, self.args = path, args
+        self.info: dict = {}
+
+    def run(self, test: str) -> float:
+        """Seconds for one pp (n_prompt tokens) or tg (n_gen tokens) run."""
+        a = self.args
+        n_prompt, n_gen = (a.n_prompt, 0) if test == "pp" else (0, a.n_gen)
+        command = [self.path, "-m", a.model, "-p", str(n_prompt), "-n", str(n_gen), "-d", str(a.depth),
+                   "-r", "1", "-t", str(a.threads), "-b", "512", "-ub", "512", "-fa", "off", "-o", "json"]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"llama-bench exited with status {proc.returncode}: {tail[0]}")
+        record = json.loads(proc.stdout)[0]
+        self.info = {k: record.get(k) for k in ("build_commit", "build_number", "cpu_info", "n_threads")}
+        return (n_prompt or n_gen) / record["avg_ts"]
+
+
 # ---- the driver --------------------------------------------------------------------------------
 class Worker:
     """One engine in its own process; cache (K, V types) and tests as worker() takes them."""
@@ -166,12 +194,20 @@ def measure(args) -> tuple[dict, dict]:
         ready = w.read()
         info[engine] = {"ready_seconds": ready["ready"], "compile_seconds_at_ready": ready.get("compile_seconds")}
         workers.append(w)
+    bench = LlamaBench(args.llama_bench, args) if args.llama_bench else None
+    if bench:
+        results["llama-bench"] = [BenchResult(r.test, r.n_tokens) for r in results["ember"]]
     try:
         for k, test in enumerate(("pp", "tg")):
             for rep in range(args.reps):
                 order = workers if rep % 2 == 0 else workers[::-1]
                 for w in order:
                     results[w.engine][k].seconds.append(w.ask(test)["seconds"])
+                if bench:
+                    time.sleep(PAUSE_S)
+                    results["llama-bench"][k].seconds.append(bench.run(test))
+        if bench:
+            info["llama-bench"] = bench.info
         for w in workers:
             info[w.engine].update(w.ask("quit"))
             w.proc.wait(timeout=60)
@@ -205,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--depth", type=int, default=0,
                         help="tokens in the cache before each timed run, decoded untimed (llama-bench's -d)")
+    parser.add_argument("--llama-bench", metavar="PATH",
+                        help="also run llama.cpp's llama-bench binary at PATH (a third column)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--requant", choices=("q4_k_m", "q5_k_m"),
                         help="measure the model requantized into this llama.cpp mix (ember.tools.requant)")
@@ -228,25 +266,32 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results, info = measure(args)
     load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
-    ours, theirs = results["ember"], results["llama.cpp"]
+    anchors = [e for e in ("llama.cpp", "llama-bench") if e in results]
     rows = []
-    for a, b in zip(ours, theirs):
-        rows.append((f"{a.test} t/s", a.cell(), b.cell(), f"{a.mean / b.mean:.2f}"))
+    for k, ours in enumerate(results["ember"]):
+        theirs = [results[e][k] for e in anchors]
+        rows.append((f"{ours.test} t/s", ours.cell(), *(t.cell() for t in theirs),
+                     *(f"{ours.mean / t.mean:.2f}" for t in theirs)))
     rss = [info[e]["peak_rss_kib"] / 1024 for e in ENGINES]
-    rows.append(("peak RSS MiB", f"{rss[0]:.0f}", f"{rss[1]:.0f}", f"{rss[0] / rss[1]:.2f}"))
-    header = ("", "ember", "llama.cpp", "ember / llama.cpp")
+    rows.append(("peak RSS MiB", f"{rss[0]:.0f}", f"{rss[1]:.0f}", *([""] * (len(anchors) - 1)),
+                 f"{rss[0] / rss[1]:.2f}", *([""] * (len(anchors) - 1))))
+    header = ("", "ember", *anchors, *(f"ember / {e}" for e in anchors))
     n_ctx = context_size(args.n_prompt, args.n_gen, args.depth)
     title = (f"{Path(args.model).name}, {args.threads} threads, n_ctx {n_ctx}, mean ± std of "
              f"{args.reps} reps ({load}; {time.perf_counter() - start:.0f} s)")
     notes = (f"ember: warm-up with compiling {info['ember']['ready_seconds']:.1f} s "
              f"(compile {info['ember']['compile_seconds']:.1f} s, {info['ember']['graphs']} graphs); "
              f"llama-cpp-python {info['llama.cpp']['version']} ({info['llama.cpp']['system']})")
+    if "llama-bench" in info:
+        lb = info["llama-bench"]
+        notes += (f"\nllama-bench: build {lb['build_commit']} ({lb['build_number']}), {lb['cpu_info']}, "
+                  f"{lb['n_threads']} threads, n_ctx = its test's tokens")
     if info["ember"]["compile_seconds"] != info["ember"]["compile_seconds_at_ready"]:
         notes += "\nWARNING: ember compiled during timed runs; its numbers include compiling"
     if args.markdown:
         print(f"**{title}**\n")
         print("| " + " | ".join(header) + " |")
-        print("|---|---:|---:|---:|")
+        print("|---|" + "---:|" * (len(header) - 1))
         for row in rows:
             print("| " + " | ".join(row) + " |")
         print(f"\n{notes}")

@@ -33,7 +33,7 @@ enum {
 };
 
 /* Open the artifact in dir. model_path: the GGUF (NULL: the manifest's path); n_threads: CPU
- * threads (<= 0: all online CPUs); verify: EMBER_VERIFY_* flags (0: the default checks; the
+ * threads (<= 0: one per CPU this process may run on); verify: EMBER_VERIFY_* flags (0: the default checks; the
  * header names every tensor with its type, shape and offset). NULL on failure, the reason in err
  * (one line). */
 ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int verify,

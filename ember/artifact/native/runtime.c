@@ -21,6 +21,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -824,6 +825,17 @@ static int open_artifact(ember_rt *rt, const char *model_path, int verify) {
     return status;
 }
 
+/* One thread per CPU this process may run on (its affinity mask: a container's or taskset's
+ * limit), else per online CPU. */
+static int default_threads(void) {
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    return cpus > 0 ? (int)cpus : 1;
+}
+
 ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int verify, char *err,
                      size_t err_len) {
     double start = now();
@@ -835,8 +847,7 @@ ember_rt *ember_open(const char *dir, const char *model_path, int n_threads, int
     snprintf(rt->dir, sizeof rt->dir, "%s", dir);
     size_t n = strlen(rt->dir);
     while (n > 1 && rt->dir[n - 1] == '/') rt->dir[--n] = 0;
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    rt->n_threads = n_threads > 0 ? n_threads : (cpus > 0 ? (int)cpus : 1);
+    rt->n_threads = n_threads > 0 ? n_threads : default_threads();
     if (open_artifact(rt, model_path, verify) != 0) {
         snprintf(err, err_len, "%s", rt->err);
         ember_close(rt);

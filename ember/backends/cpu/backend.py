@@ -31,6 +31,15 @@ from ember.ir.node import Node
 from ember.ir.types import TensorType
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's limit,
+    which os.cpu_count() ignores), one thread each."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):      # no affinity call on this OS
+        return os.cpu_count() or 1
+
+
 class CpuBackend(Backend):
     """Compiles graphs to shared libraries (`compile`), or loads libraries built earlier, e.g. an
     artifact's (`load_kernel_library`, then `load_executable`)."""
@@ -46,7 +55,7 @@ class CpuBackend(Backend):
             raise EmberError(f"cpu backend: unknown isa {isa!r}; known: {', '.join(ISA_FLAGS)}")
         if threads is not None and threads < 1:
             raise EmberError(f"cpu backend: threads must be at least 1, got {threads}")
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or default_threads()
         self.isa = isa
         self.cache_dir = cache_dir
         self.cc = cc

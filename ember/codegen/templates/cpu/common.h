@@ -104,35 +104,82 @@ EMBER_INLINE void ember_split(int64_t n, int ith, int nth, int64_t *begin, int64
 }
 
 /* The team barrier (instead of `#pragma omp barrier`): a generation count. The last thread to
- * arrive starts the next generation; the others spin a little (a wait in a busy graph is
- * short), then yield the core between looks: on a machine shared with other busy processes a
- * teammate may be waiting for this very core, and spinning would keep it out. Zero-initialized
- * before the team starts; on its own cache line. */
+ * arrive starts the next generation. The others spin a while (a wait in a busy graph is
+ * short), then sleep on a futex until the last arrival wakes them. Sleeping is what keeps a
+ * team fast beside another busy process: a waiter that spins, or yields in a loop, keeps its
+ * core while the teammate it waits for sits queued behind that process on the other core (and
+ * a yielded waiter queued behind it wakes only when its slice ends); a sleeper leaves its core
+ * to the scheduler and is woken the moment the last one arrives.
+ * How long to spin adapts (ember_barrier_spins, one per library): a wait that ended in sleep
+ * halves it, one that ended while spinning lengthens it by 1/16. On a quiet machine waits are
+ * short and it stays long (no wake-up costs); when teammates are often held up it falls to
+ * EMBER_BARRIER_SPINS_MIN, so a waiter gives its core back almost at once.
+ * `sleepers` lets the last arrival skip the wake-up call when nobody sleeps (the usual case).
+ * Zero-initialized before the team starts; on its own cache line. Elsewhere than Linux the
+ * waiters yield in a loop instead of sleeping. Who waits how never changes a result. */
 typedef struct {
     int arrived;
     int generation;
-    char pad[56];
+    int sleepers;
+    char pad[52];
 } ember_barrier;
 
-#define EMBER_BARRIER_SPINS 1000
+#define EMBER_BARRIER_SPINS_MAX 4096   /* pause instructions: ~50-250 us */
+#define EMBER_BARRIER_SPINS_MIN 64
+static int ember_barrier_spins = EMBER_BARRIER_SPINS_MAX;
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+EMBER_INLINE void ember_futex_wait(int *addr, int expected) {
+    syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+EMBER_INLINE void ember_futex_wake_all(int *addr) {
+    syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+}
+#endif
+
+EMBER_INLINE void ember_cpu_relax(void) {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 static inline void ember_barrier_wait(ember_barrier *b, int nth) {
     if (nth <= 1) return;
     const int gen = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == nth) {
         __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->generation, gen + 1, __ATOMIC_RELEASE);
+        /* sequentially consistent with the sleepers' count below: either a sleeper sees the new
+         * generation before it sleeps, or this thread sees it counted and wakes it */
+        __atomic_store_n(&b->generation, gen + 1, __ATOMIC_SEQ_CST);
+#if defined(__linux__)
+        if (__atomic_load_n(&b->sleepers, __ATOMIC_SEQ_CST) > 0) ember_futex_wake_all(&b->generation);
+#endif
         return;
     }
-    for (int spins = 0; __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == gen; spins++) {
-        if (spins < EMBER_BARRIER_SPINS) {
-#if defined(__x86_64__) || defined(_M_X64)
-            _mm_pause();
-#endif
-        } else {
-            sched_yield();
+    const int limit = __atomic_load_n(&ember_barrier_spins, __ATOMIC_RELAXED);
+    for (int spins = 0; spins < limit; spins++) {
+        if (__atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) != gen) {
+            if (limit < EMBER_BARRIER_SPINS_MAX)
+                __atomic_store_n(&ember_barrier_spins, EMBER_MIN(EMBER_BARRIER_SPINS_MAX, limit + limit / 16 + 1),
+                                 __ATOMIC_RELAXED);
+            return;
         }
+        ember_cpu_relax();
     }
+    __atomic_store_n(&ember_barrier_spins, EMBER_MAX(EMBER_BARRIER_SPINS_MIN, limit / 2), __ATOMIC_RELAXED);
+#if defined(__linux__)
+    __atomic_add_fetch(&b->sleepers, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&b->generation, __ATOMIC_SEQ_CST) == gen)
+        ember_futex_wait(&b->generation, gen);     /* returns at once if it already moved on */
+    __atomic_sub_fetch(&b->sleepers, 1, __ATOMIC_RELAXED);
+#else
+    while (__atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == gen) sched_yield();
+#endif
 }
 
 /* ---- work sharing ------------------------------------------------------------------------
