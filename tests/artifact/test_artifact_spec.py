@@ -45,7 +45,10 @@ class Build:
 
 # By default one KV bucket and draft-max 2 (4 steps: a cold CPU step takes a second or two to
 # compile); slow: two buckets, so verify batches also cross a bucket, and draft-max 3.
-BUILDS = [pytest.param(Build(kind, 32, 32, 2), id=f"{kind}-k2") for kind in MODELS] + \
+# (the transformer's by default too, under slow: suite time; its verify steps are the recurrent
+# model's without the state planes)
+BUILDS = [pytest.param(Build(kind, 32, 32, 2), id=f"{kind}-k2",
+                       marks=pytest.mark.slow if kind == "transformer" else ()) for kind in MODELS] + \
     [pytest.param(Build(kind, 64, 32, 3), id=f"{kind}-k3-2buckets", marks=pytest.mark.slow) for kind in MODELS]
 
 

@@ -169,7 +169,8 @@ def _identity_case(tiny_files, backends, backend_name, arch, source, rollback, d
     return target, stats
 
 
-@pytest.mark.parametrize("rollback", ["states", pytest.param("redecode", marks=pytest.mark.slow)])  # suite time
+@pytest.mark.slow      # suite time: a second model's steps to compile
+@pytest.mark.parametrize("rollback", ["states", "redecode"])
 def test_recurrent_draft_model_rolls_back_the_same_way(tiny_files, backends, rollback):
     _identity_case(tiny_files, backends, "cpu", "granitehybrid", "draft", rollback)
 
@@ -258,6 +259,7 @@ def _hybrid(tiny_files, cpu, spec):
     return Session(model, cpu, OPTIONS), Tokenizer.from_metadata(model.tokenizer)
 
 
+@pytest.mark.slow      # suite time: the default run rolls back Mamba-2 and gated DeltaNet states above
 def test_short_convolution_every_acceptance_position(tiny_files, cpu):
     """lfm2 (a conv state only) with a drafter wrong at each draft position in turn: the kept
     conv windows give plain decoding's tokens, with no re-decode."""

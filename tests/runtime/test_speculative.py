@@ -223,7 +223,7 @@ def test_delta_net_speculation_is_token_identical(tiny_files, tmp_path_factory, 
     assert stats.drafted > 0
 
 
-@pytest.mark.parametrize("draft_max", [1, 8])
+@pytest.mark.parametrize("draft_max", [1, pytest.param(8, marks=pytest.mark.slow)])   # suite time
 def test_speculation_at_the_end_of_the_context_is_token_identical(setup, draft_max):
     """Generating past n_ctx: speculation once stopped one token short of plain decoding, which
     also emits the token the last position's logits choose (issue 16)."""

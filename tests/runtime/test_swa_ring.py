@@ -46,6 +46,9 @@ def test_ring_has_window_plus_ubatch_rows(gemma, cpu):
     assert Session(gemma, cpu, FULL).swa_rows == 64
 
 
+# slow (suite time): the ring against the reference also runs by default in
+# test_kv_cache_session.py, and truncate/fork over a wrapped ring below
+@pytest.mark.slow
 def test_ring_matches_full_cache_and_reference(gemma, cpu):
     tokens = PROMPT + [int(t) for t in np.random.default_rng(3).integers(3, 200, 19)]   # wraps 3 times
     ring = teacher_forced(Session(gemma, cpu, RING), tokens)
@@ -69,7 +72,8 @@ def test_truncate_and_fork_with_a_wrapped_ring(gemma, cpu):
     np.testing.assert_array_equal(s.eval([50, 51, 52]), a)
 
 
-@pytest.mark.parametrize("draft_max", [pytest.param(3, marks=pytest.mark.slow), 8])   # suite time: one in the default run
+@pytest.mark.slow      # suite time; test_kv_cache_session.py speculates over a ring by default
+@pytest.mark.parametrize("draft_max", [3, 8])
 def test_speculation_is_token_identical_over_the_ring(gemma, cpu, draft_max):
     options = SessionOptions(n_ctx=64, ubatch=8, kv_bucket=16)    # ring of 3 + 8 -> 16 rows: wraps
     session = Session(gemma, cpu, options)
