@@ -1,5 +1,5 @@
 """TurboQuant KV-cache formats (turbo3, turbo4) and the Walsh-Hadamard rotations a quantized
-cache uses (REFERENCE.md §5; arXiv 2504.19874).
+cache uses (Zandieh et al., "TurboQuant", arXiv 2504.19874).
 
 One block is one attention head of 128 values. Quantizing keeps the norm n = |x| and rotates
 the unit vector u = x / n by R = D2 (H / sqrt(128)) D1 (H the Sylvester Hadamard matrix, D1 and

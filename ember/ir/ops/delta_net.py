@@ -1,5 +1,5 @@
 """The gated delta rule with carried state, after ggml's gated_delta_net (Qwen3-Next, Qwen3.5,
-Kimi linear attention; REFERENCE.md section 9).
+Kimi linear attention; Yang et al., "Gated Delta Networks", arXiv 2412.06464).
 
 One op for one token and for T tokens: the recurrence over tokens runs inside the kernel, so a
 decode step and a prompt row are the same computation. Like ssm_scan, the result is one flat
