@@ -282,3 +282,25 @@ def test_aarch64_native_runtime_under_qemu_gives_the_x86_greedy_text(built, tmp_
     assert qemu.stdout == native.stdout and len(qemu.stdout) > 1
     # Cortex-A72: Armv8.0, neither SDOT nor SMMLA
     assert_one_line_failure(under_qemu("cortex-a72"), "target feature dotprod", "this CPU lacks")
+
+
+@pytest.mark.slow
+def test_default_model_under_qemu_gives_the_x86_first_16_greedy_tokens(tmp_path):
+    """The default model cross-built for aarch64 (baseline NEON) with its ember-run, run under
+    qemu-aarch64, generates the x86 native runtime's first 16 greedy tokens (about a minute: two
+    compiles and 25 emulated steps)."""
+    from ember.backends.cpu.cross import AARCH64_SYSROOT, QEMU, QEMU_CPU, Aarch64Backend, qemu_problem
+    from ember.models.default_model import default_model_path
+    if qemu_problem() is not None:
+        pytest.skip(f"aarch64 under qemu: {qemu_problem()}")
+    model = load_model(default_model_path())
+    arm, x86 = tmp_path / "aarch64.ember", tmp_path / "x86.ember"
+    compile_artifact(model, Aarch64Backend(), arm, n_ctx=256, prompt_tokens=32, runtime=True)
+    compile_artifact(model, CpuBackend(), x86, n_ctx=256, prompt_tokens=32, runtime=True)
+    args = ("-p", "The capital of France is a city that", "-n", "16", "--temp", "0", "--ignore-eos", "-t", "2")
+    emulated = subprocess.run([QEMU, "-cpu", QEMU_CPU, "-L", str(AARCH64_SYSROOT), str(arm / "ember-run"), str(arm),
+                               *args], capture_output=True, timeout=900, encoding="utf-8", errors="replace")
+    native = ember_run(x86, *args)
+    assert emulated.returncode == 0 and native.returncode == 0, emulated.stderr + native.stderr
+    assert "generated 16 tokens" in emulated.stderr
+    assert emulated.stdout == native.stdout and len(native.stdout.strip()) > 0
