@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ember.tools.perplexity import perplexity  # noqa: E402
+from bench.tables import print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBER_CONFIGS = [("f16", "f16", True), ("q8_0", "q8_0", True), ("q8_0", "q8_0", False),
@@ -182,17 +183,7 @@ def speed(args) -> int:
                     [f"{r.mean / b.mean:.2f}" for r, b in zip(results, base)])
     title = (f"{Path(args.model).name}, CPU, {args.threads} threads, n_ctx {context_size(0, args.n_gen, max(depths))}, "
              f"mean ± std of {args.reps} reps ({load}; {time.perf_counter() - start:.0f} s)")
-    if args.markdown:
-        print(f"**{title}**\n")
-        print("| " + " | ".join(header) + " |")
-        print("|---|---|" + "---:|" * (len(header) - 2))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        print(title)
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        for row in [header] + rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print_table(title, header, rows, args.markdown, text_columns=2)
     return 0
 
 
@@ -231,7 +222,7 @@ def measure(args, model_path, tokens, bos, ctx) -> list[tuple]:
     return rows
 
 
-def print_table(rows, ctx, args, model_path) -> None:
+def print_perplexity_table(rows, ctx, args, model_path) -> None:
     base = {engine: result.ppl for engine, k, v, _, result, _ in rows if k == v == "f16"}
     llama = {(k, v, rot): result.ppl for engine, k, v, rot, result, _ in rows if engine == "llama.cpp"}
     first = rows[0][4]
@@ -247,18 +238,9 @@ def print_table(rows, ctx, args, model_path) -> None:
                       f"{100 * (result.ppl / base[engine] - 1):+.2f}%",
                       f"{100 * (result.ppl / peer - 1):+.2f}%" if peer else "",
                       f"{scorer.mean_kl:.5f}", f"{100 * scorer.top1_agreement:.2f}%"])
+    print_table(title, header, lines, args.markdown, text_columns=4)
     if args.markdown:
-        print(f"**{title}**\n")
-        print("| " + " | ".join(header) + " |")
-        print("|---|---|---|---|" + "---:|" * (len(header) - 4))
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
         print()
-    else:
-        print(title)
-        widths = [max(len(r[i]) for r in lines + [header]) for i in range(len(header))]
-        for line in [header] + lines:
-            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
 
 
 def main() -> int:
@@ -290,7 +272,7 @@ def main() -> int:
     bos = tokenizer.bos_id if tokenizer.add_bos else None
     load_before, start = os.getloadavg()[0], time.perf_counter()
     for ctx in [int(c) for c in args.ctx.split(",")]:
-        print_table(measure(args, model_path, tokens, bos, ctx), ctx, args, model_path)
+        print_perplexity_table(measure(args, model_path, tokens, bos, ctx), ctx, args, model_path)
     print(f"(load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; {time.perf_counter() - start:.0f} s)")
     return 0
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ember.tools.bench import BenchResult, decode_run, prompt_run, random_tokens, test_name  # noqa: E402
+from bench.tables import print_table  # noqa: E402
 
 ENGINES = ("ember", "llama.cpp")
 N_CTX = 1024
@@ -288,19 +289,8 @@ def main(argv=None) -> int:
                   f"{lb['n_threads']} threads, n_ctx = its test's tokens")
     if info["ember"]["compile_seconds"] != info["ember"]["compile_seconds_at_ready"]:
         notes += "\nWARNING: ember compiled during timed runs; its numbers include compiling"
-    if args.markdown:
-        print(f"**{title}**\n")
-        print("| " + " | ".join(header) + " |")
-        print("|---|" + "---:|" * (len(header) - 1))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        print(f"\n{notes}")
-    else:
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        print(title)
-        for row in [header] + rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-        print(notes)
+    print_table(title, header, rows, args.markdown)
+    print(f"\n{notes}" if args.markdown else notes)
     return 0
 
 

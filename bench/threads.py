@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.models import Worker  # noqa: E402
 from ember.tools.bench import BenchResult, test_name  # noqa: E402
+from bench.tables import print_table  # noqa: E402
 
 ENGINES = ("ember", "llama.cpp")
 THREADS = (1, 2)
@@ -119,17 +120,7 @@ def main(argv=None) -> int:
     title = (f"{Path(args.model).name}, CPU, tg{args.n_gen}, mean ± std of {args.reps} reps, busy = one "
              f"spinning process beside it (load average {min(loads):.1f}-{max(loads):.1f} over the run; "
              f"{os.cpu_count()} CPUs; {time.perf_counter() - start:.0f} s)")
-    if args.markdown:
-        print(f"**{title}**\n")
-        print("| " + " | ".join(header) + " |")
-        print("|---|---:|" + "---:|" * (len(header) - 2))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        print(title)
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        for row in [header] + rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print_table(title, header, rows, args.markdown)
     return 0
 
 
