@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ember.artifact.format import MANIFEST, ArtifactError, host_cpu
 from ember.artifact.native import RUNTIME_FILE, build_runtime, step_abi
+from ember.artifact.probe import probe_libraries
 from ember.artifact.session import artifact_session, open_model, step_graph, step_key
 from ember.backends.cpu.backend import CpuBackend, load_kernel_library
 from ember.codegen.cpu import render_graph, tag_kernel_symbols
@@ -145,6 +146,7 @@ def load(folder: Path, manifest: dict, model_path=None, threads: int | None = No
     backend = _PrebuiltCpuBackend(threads=threads, isa="native" if manifest["isa"].startswith("aarch64")
                                   else manifest["isa"])
     library = manifest["kernel_library"]
+    probe_libraries(folder / library["file"], [folder / step["library"] for step in manifest["steps"]])
     try:
         load_kernel_library(library["tag"], folder / library["file"], check=True)
     except EmberError as e:

@@ -232,6 +232,36 @@ def test_a_library_of_another_program_is_refused(copy, tmp_path):
         load_artifact(copy, threads=1)
 
 
+def shift_first_version_need(library: Path) -> None:
+    """Point the library's first version-needed entry (ELF .gnu.version_r) at another name: glibc's
+    loader then fails an assertion and ends the process (status 127) instead of failing dlopen.
+    One flipped byte did this in the artifact fuzzer."""
+    import struct
+    data = bytearray(library.read_bytes())
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    for i in range(shnum):
+        sh_type, = struct.unpack_from("<I", data, shoff + i * shentsize + 4)
+        if sh_type == 0x6FFFFFFE:                                   # SHT_GNU_verneed
+            offset, = struct.unpack_from("<Q", data, shoff + i * shentsize + 0x18)
+            vn_file, = struct.unpack_from("<I", data, offset + 4)
+            struct.pack_into("<I", data, offset + 4, vn_file + 1)  # "libc.so.6" -> "ibc.so.6"
+            library.write_bytes(bytes(data))
+            return
+    raise AssertionError(f"{library}: no version-needed section")
+
+
+def test_a_library_the_dynamic_loader_dies_on_is_refused_naming_it(copy):
+    """A step library edited so that ld.so aborts the process while loading it (checksum fixed
+    up): a one-line ArtifactError naming the file; this process lives on."""
+    library = copy / "steps" / "t1_kv64_o1.so"
+    shift_first_version_need(library)
+    rewrite_manifest(copy, lambda m: m["files"].update({"steps/t1_kv64_o1.so": artifact.file_sha256(library)}))
+    with pytest.raises(ArtifactError, match=r"t1_kv64_o1.so: cannot be loaded: the dynamic loader fails on it "
+                                            r"\(exit status 127"):
+        load_artifact(copy, threads=1)
+
+
 def test_a_constant_that_is_not_an_array_file_is_refused(copy):
     """A stored constant replaced by a pickled object, its checksum fixed up (found by the fuzzer):
     one line naming the file, not NumPy's ValueError."""
