@@ -239,7 +239,13 @@ def tamper_artifact(src: Path, dst: Path, seed: int) -> str:
         else:
             data = bytearray((dst / rng.choice(files)).read_bytes())
         target.write_bytes(bytes(data))
-        m["files"][rel] = hashlib.sha256(bytes(data)).hexdigest()
+        # Machine code edited with its checksum fixed up is code the tamperer chose (it may do
+        # anything, crash included: checksums detect corruption, not tampering, and the README
+        # says what a deployment signs), so flipped bits in a library stay a corruption the
+        # checksum must catch. Libraries replaced whole, checksum fixed, are still tried: the
+        # source mark and the loader probe must refuse them.
+        if not (kind == "flip" and rel.endswith(".so")):
+            m["files"][rel] = hashlib.sha256(bytes(data)).hexdigest()
         kind += f" {rel}"
     elif kind == "field":
         field = rng.choice(["n_ctx", "steps", "constants", "target", "model", "kernel_library", "files"])
