@@ -17,32 +17,14 @@ from __future__ import annotations
 
 from gguf.constants import Keys
 
-from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.models.common import Model, StateLayout, StepGraph, build_qkv, embed_tokens
+from ember.models.common import StepGraph, build_qkv
 from ember.models.gguf_file import ModelFileError
-from ember.models.kv_cache import F16_CACHE, KVCacheTypes
+from ember.models.hybrid_layers import HybridStack, MixerByKind
 from ember.models.mamba1 import mamba1_mixer
 from ember.models.moe import MoeSpec, moe_ffn
 
 JAMBA_MOE = MoeSpec(gating="softmax", norm_weights=False, shared_expert=False)
-
-
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
-               states: StateLayout = StateLayout()) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
-    b, hp = s.b, s.hp
-    h = embed_tokens(s)
-    for il in range(hp.n_layer):
-        p = f"blk.{il}."
-        x = s.rms_norm(h, p + "attn_norm.weight")
-        cur = mamba1_mixer(s, il, x) if hp.is_recurrent(il) else attention(s, il, x)
-        if il == hp.n_layer - 1:
-            cur, h = s.select_outputs(cur), s.select_outputs(h)
-        h = b.add(cur, h)
-        h = b.add(feed_forward(s, il, s.rms_norm(h, p + "ffn_norm.weight")), h)
-    return s.finish(h)
 
 
 def attention(s: StepGraph, il: int, x: Node) -> Node:
@@ -61,3 +43,7 @@ def feed_forward(s: StepGraph, il: int, x: Node) -> Node:
         raise ModelFileError(f"{s.file.path}: tensor {router!r} routes layer {il} to experts, but "
                              f"metadata {Keys.LLM.EXPERT_COUNT.format(arch=s.hp.arch)!r} is missing or 0")
     return moe_ffn(s, x, il, JAMBA_MOE)
+
+
+JAMBA = HybridStack(mixer=MixerByKind(recurrent=mamba1_mixer, attention=attention), ffn=feed_forward)
+build_step = JAMBA.build_step

@@ -13,15 +13,15 @@ shared expert; ember/models/moe.py).
   ssm_conv as Mamba-2's, without bias or activation); C gates the result; shortconv.out_proj.
 - The final norm is `token_embd_norm.weight` (llama.cpp's LLM_TENSOR_OUTPUT_NORM_LFM2); the output
   head falls back to the tied token embedding.
-Imports the IR builder (through common) and the MoE FFN only.
+Imports the IR builder (through common and hybrid_layers) and the MoE FFN only.
 """
 from __future__ import annotations
 
 import ember.ir.dtypes as dtypes
 from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.models.common import Model, StateLayout, StepGraph, build_qkv, embed_tokens
-from ember.models.kv_cache import F16_CACHE, KVCacheTypes
+from ember.models.common import Model, StepGraph, build_qkv
+from ember.models.hybrid_layers import HybridStack, MixerByKind, rope_qk
 from ember.models.mamba2 import f32_weight
 from ember.models.moe import MoeSpec, moe_ffn
 
@@ -29,25 +29,23 @@ F32 = dtypes.f32.row_bytes(1)
 OUTPUT_NORM = "token_embd_norm.weight"
 
 
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
-               states: StateLayout = StateLayout()) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
-    b, hp = s.b, s.hp
-    h = embed_tokens(s)
-    for il in range(hp.n_layer):
-        p = f"blk.{il}."
-        x = s.rms_norm(h, p + "attn_norm.weight")
-        cur = shortconv_block(s, il, x) if hp.is_recurrent(il) else attention_block(s, il, x)
-        if il == hp.n_layer - 1:
-            cur, h = s.select_outputs(cur), s.select_outputs(h)
-        h = b.add(h, cur)
-        x = s.rms_norm(h, p + "ffn_norm.weight")
-        if hp.n_expert and il >= hp.n_layer_dense_lead:
-            h = b.add(h, moe_ffn(s, x, il, moe_spec(model)))
-        else:
-            h = b.add(h, s.ffn(x, il, "swiglu"))
+def add_after_residual(s: StepGraph, h: Node, branch: Node) -> Node:
+    """h + branch with h as the first operand: the order lfm2's graph has always had (the sum is
+    the same; the IR text, and so every compiled artifact's key, keeps it)."""
+    return s.b.add(h, branch)
+
+
+def output_head(s: StepGraph, h: Node) -> Graph:
+    """The output head after lfm2's final norm, token_embd_norm."""
     return s.finish(h, output_norm=OUTPUT_NORM)
+
+
+def feed_forward(s: StepGraph, il: int, x: Node) -> Node:
+    """lfm2moe's experts past its n_layer_dense_lead leading layers, else a dense SwiGLU FFN."""
+    hp = s.hp
+    if hp.n_expert and il >= hp.n_layer_dense_lead:
+        return moe_ffn(s, x, il, moe_spec(s.model))
+    return s.ffn(x, il, "swiglu")
 
 
 def moe_spec(model: Model) -> MoeSpec:
@@ -57,13 +55,12 @@ def moe_spec(model: Model) -> MoeSpec:
 
 
 def attention_block(s: StepGraph, il: int, x: Node) -> Node:
-    b, hp = s.b, s.hp
+    hp = s.hp
     p = f"blk.{il}."
     q, k, v = build_qkv(s, il, x)
     q = s.rms_norm(q, p + "attn_q_norm.weight")
     k = s.rms_norm(k, p + "attn_k_norm.weight")
-    rope = dict(n_dims=hp.n_rot, mode="neox", freq_base=hp.rope_freq_base, freq_scale=hp.rope_freq_scale)
-    q, k = b.rope(q, s.pos, None, **rope), b.rope(k, s.pos, None, **rope)
+    q, k = rope_qk(s, q, k, "neox")
     return s.linear(s.attention(il, q, k, v, scale=hp.attn_scale), p + "attn_output", hp.n_embd)
 
 
@@ -83,3 +80,8 @@ def shortconv_block(s: StepGraph, il: int, x: Node) -> Node:
     s.write_conv_states(il, window)
     y = b.mul(chunk(1), b.ssm_conv(window, f32_weight(s, p + "conv.weight", E, L)))
     return b.mul_mat(y, s.weight(p + "out_proj.weight", E, E))
+
+
+LFM2 = HybridStack(mixer=MixerByKind(recurrent=shortconv_block, attention=attention_block), ffn=feed_forward,
+                   residual=add_after_residual, head=output_head)
+build_step = LFM2.build_step

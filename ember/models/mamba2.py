@@ -14,32 +14,17 @@ when the file has no output.weight). The mixer:
 The step writes both states after its last token, or after every token (a speculative verify
 batch), through StepGraph.write_states (the contract in ember/models/common.py): the conv states
 are overlapping windows of the rows the convolution saw, the SSM states come out of the scan.
-Imports the IR builder (through common) only.
+Imports the IR builder (through common and hybrid_layers) only.
 """
 from __future__ import annotations
 
 import ember.ir.dtypes as dtypes
-from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.models.common import Model, StateLayout, StepGraph, embed_tokens
-from ember.models.kv_cache import F16_CACHE, KVCacheTypes
+from ember.models.common import StepGraph
 from ember.models.gguf_file import ModelFileError
+from ember.models.hybrid_layers import HybridStack
 
 F32 = dtypes.f32.row_bytes(1)
-
-
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
-               states: StateLayout = StateLayout()) -> Graph:
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
-    b, hp = s.b, s.hp
-    h = embed_tokens(s)
-    for il in range(hp.n_layer):
-        cur = mamba2_mixer(s, il, s.rms_norm(h, f"blk.{il}.attn_norm.weight"))
-        if il == hp.n_layer - 1:
-            cur, h = s.select_outputs(cur), s.select_outputs(h)
-        h = b.add(cur, h)
-    return s.finish(h)
 
 
 def f32_weight(s: StepGraph, name: str, *shape: int) -> Node:
@@ -93,3 +78,7 @@ def mamba2_mixer(s: StepGraph, il: int, x: Node) -> Node:
         y = b.reshape(y, T, G, d_inner // G)                       # grouped rms norm
         y = b.mul(b.rms_norm(y, eps=hp.rms_eps), f32_weight(s, p + "ssm_norm.weight", G, d_inner // G))
     return b.mul_mat(b.reshape(y, T, d_inner), s.weight(p + "ssm_out.weight", hp.n_embd, d_inner))
+
+
+MAMBA2 = HybridStack(mixer=mamba2_mixer)     # the mixer is the whole layer: no FFN
+build_step = MAMBA2.build_step

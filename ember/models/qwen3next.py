@@ -1,5 +1,5 @@
-"""qwen3next (Qwen3-Next) as a step graph, after llama.cpp's models/qwen3next.cpp; its decoder
-`build_decoder` also serves qwen35 and qwen35moe (ember/models/qwen35.py, qwen35moe.py).
+"""qwen3next (Qwen3-Next) as a step graph, after llama.cpp's models/qwen3next.cpp; its layer stack
+`decoder` also serves qwen35 and qwen35moe (ember/models/qwen35.py, qwen35moe.py).
 
 Each layer: h += mixer(rms_norm(h, attn_norm)); h += ffn(rms_norm(h, post_attention_norm)).
 The mixer is a gated DeltaNet (ember/models/delta_net_layer.py) in the recurrent layers
@@ -12,54 +12,36 @@ the others:
 - the attention output times sigmoid(gate), then attn_output.
 qwen3next's FFN is a mixture of experts with a gated shared expert (ember/models/moe.py), its
 DeltaNet takes beta/alpha from one ssm_ba tensor and repeats q/k heads in a row.
-Imports the IR builder (through common and the layer modules) only.
+Imports the IR builder (through common, hybrid_layers and the layer modules) only.
 """
 from __future__ import annotations
 
-from typing import Callable
+from functools import partial
 
 import numpy as np
 
 import ember.ir.dtypes as dtypes
-from ember.ir.graph import Graph
 from ember.ir.node import Node
-from ember.models.common import Model, StateLayout, StepGraph, embed_tokens
+from ember.models.common import StepGraph
 from ember.models.delta_net_layer import delta_net_layer
-from ember.models.kv_cache import F16_CACHE, KVCacheTypes
+from ember.models.hybrid_layers import HybridStack, LayerPiece, MixerByKind, rope_qk
 from ember.models.moe import MoeSpec, moe_ffn
 
 F32 = dtypes.f32.row_bytes(1)
 QWEN3NEXT_MOE = MoeSpec(gating="softmax", norm_weights=True, shared_expert=True, shared_gate=True)
 
-FFN = Callable[[StepGraph, Node, int], Node]
+
+def decoder(*, grouped_ba: bool, repeat_heads: bool, ffn: LayerPiece) -> HybridStack:
+    """The Qwen3-Next / Qwen3.5 layer stack: the DeltaNet's beta/alpha and head options
+    (delta_net_layer), ffn the layer's FFN; the FFN's pre-norm is post_attention_norm."""
+    delta_net = partial(delta_net_layer, grouped_ba=grouped_ba, repeat_heads=repeat_heads)
+    return HybridStack(mixer=MixerByKind(recurrent=delta_net, attention=gated_attention), ffn=ffn,
+                       ffn_norm="post_attention_norm.weight")
 
 
-def build_step(model: Model, n_tokens: int, n_kv: int, n_outputs: int,
-               n_kv_swa: int | None = None, cache: KVCacheTypes = F16_CACHE,
-               states: StateLayout = StateLayout()) -> Graph:
-    return build_decoder(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states, grouped_ba=True,
-                         repeat_heads=True, ffn=lambda s, x, il: moe_ffn(s, x, il, QWEN3NEXT_MOE))
-
-
-def build_decoder(model: Model, n_tokens: int, n_kv: int, n_outputs: int, n_kv_swa: int | None,
-                  cache: KVCacheTypes, states: StateLayout, *, grouped_ba: bool, repeat_heads: bool,
-                  ffn: FFN) -> Graph:
-    """The Qwen3-Next / Qwen3.5 decoder; ffn(s, x, il) is the layer's FFN on its normed input."""
-    s = StepGraph(model, n_tokens, n_kv, n_outputs, n_kv_swa, cache, states)
-    b, hp = s.b, s.hp
-    h = embed_tokens(s)
-    for il in range(hp.n_layer):
-        p = f"blk.{il}."
-        x = s.rms_norm(h, p + "attn_norm.weight")
-        if hp.is_recurrent(il):
-            cur = delta_net_layer(s, il, x, grouped_ba=grouped_ba, repeat_heads=repeat_heads)
-        else:
-            cur = gated_attention(s, il, x)
-        if il == hp.n_layer - 1:
-            cur, h = s.select_outputs(cur), s.select_outputs(h)
-        h = b.add(cur, h)
-        h = b.add(ffn(s, s.rms_norm(h, p + "post_attention_norm.weight"), il), h)
-    return s.finish(h)
+def experts(s: StepGraph, il: int, x: Node) -> Node:
+    """Layer il's mixture of experts with its gated shared expert (QWEN3NEXT_MOE)."""
+    return moe_ffn(s, x, il, QWEN3NEXT_MOE)
 
 
 def gated_attention(s: StepGraph, il: int, x: Node) -> Node:
@@ -78,8 +60,7 @@ def gated_attention(s: StepGraph, il: int, x: Node) -> Node:
     k = s.rms_norm(k, p + "attn_k_norm.weight")
     factors = imrope_factors(hp.rope_sections, hp.n_rot)
     factors = b.literal(factors) if factors is not None else None
-    rope = dict(n_dims=hp.n_rot, mode="neox", freq_base=hp.rope_freq_base, freq_scale=hp.rope_freq_scale)
-    q, k = b.rope(q, s.pos, factors, **rope), b.rope(k, s.pos, factors, **rope)
+    q, k = rope_qk(s, q, k, "neox", factors)
     attn = s.attention(il, q, k, v, scale=hp.attn_scale)                       # [T, H * hd]
     attn = b.mul(attn, b.sigmoid(b.reshape(b.cont(gate), T, H * hd)))
     return b.mul_mat(attn, s.weight(p + "attn_output.weight", D, H * hd))
@@ -102,3 +83,7 @@ def imrope_factors(sections: tuple[int, ...], n_rot: int) -> np.ndarray | None:
     if all(turning):
         return None
     return np.where(turning, 1.0, np.inf).astype(np.float32)
+
+
+QWEN3NEXT = decoder(grouped_ba=True, repeat_heads=True, ffn=experts)
+build_step = QWEN3NEXT.build_step
