@@ -49,6 +49,7 @@ def attention_layer(s: StepGraph, il: int, x: Node) -> Node:
     return s.linear(s.attention(il, q, k, v, scale=hp.attn_scale), f"blk.{il}.attn_output", hp.n_embd)
 
 
-GRANITE_HYBRID = HybridStack(mixer=MixerByKind(recurrent=mamba2_mixer, attention=attention_layer), ffn=swiglu_ffn,
-                             residual=add_scaled_branch, embed=scaled_embeddings, head=scaled_logits)
+GRANITE_HYBRID = HybridStack(mixer=MixerByKind(recurrent=mamba2_mixer, attention=attention_layer),
+                             ffn=swiglu_ffn, residual=add_scaled_branch, embed=scaled_embeddings,
+                             head=scaled_logits)
 build_step = GRANITE_HYBRID.build_step

@@ -31,5 +31,6 @@ def relu_squared_ffn(s: StepGraph, il: int, x: Node) -> Node:
 
 
 # each layer is one block (no FFN after it): Mamba-2, attention, or the FFN alone
-NEMOTRON_H = HybridStack(mixer=MixerByKind(recurrent=mamba2_mixer, attention=attention, ffn_only=relu_squared_ffn))
+NEMOTRON_H = HybridStack(mixer=MixerByKind(recurrent=mamba2_mixer, attention=attention,
+                                           ffn_only=relu_squared_ffn))
 build_step = NEMOTRON_H.build_step

@@ -1,6 +1,6 @@
 """Tiny random-weight GGUF files of every supported architecture and weight type, for tests.
 
-    python tests/models/tiny_gguf.py OUTDIR    # every file of SPECS (ember installed, or PYTHONPATH=.)
+    python tests/support/tiny_gguf.py OUTDIR    # every file of SPECS (ember installed, or PYTHONPATH=.)
 
 Each file is a legal model llama.cpp loads: 2 layers, n_embd 256, n_ff 512 (every K a multiple of
 256, so every quant type fits), a 320-token vocabulary with real tokenizer metadata (SentencePiece
@@ -20,6 +20,8 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType, TokenType
 
 from ember.ir import dtypes
+
+from tiny_gguf_common import add_head_sizes, edited, open_spec_writer, qkv_weights, swiglu_weights
 
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k")
 # ggml's other weight formats (ember.ir.quant_formats), written for llama files
@@ -119,9 +121,7 @@ def make_weights(cfg: Config) -> dict[str, np.ndarray]:
     for il in range(cfg.n_layer):
         p = f"blk.{il}."
         w[p + "attn_norm.weight"] = norm(cfg.n_embd)
-        w[p + "attn_q.weight"] = matrix(n_q, cfg.n_embd)
-        w[p + "attn_k.weight"] = matrix(n_kv, cfg.n_embd)
-        w[p + "attn_v.weight"] = matrix(n_kv, cfg.n_embd)
+        w.update(qkv_weights(rng, p, cfg.n_embd, n_q, n_kv))
         if cfg.qkv_bias:
             for name, n in (("q", n_q), ("k", n_kv), ("v", n_kv)):
                 w[p + f"attn_{name}.bias"] = (0.1 * rng.standard_normal(n)).astype(np.float32)
@@ -130,9 +130,7 @@ def make_weights(cfg: Config) -> dict[str, np.ndarray]:
             w[p + "attn_k_norm.weight"] = norm(cfg.head_dim)
         w[p + "attn_output.weight"] = matrix(cfg.n_embd, n_q)
         w[p + "ffn_norm.weight"] = norm(cfg.n_embd)
-        w[p + "ffn_gate.weight"] = matrix(cfg.n_ff, cfg.n_embd)
-        w[p + "ffn_up.weight"] = matrix(cfg.n_ff, cfg.n_embd)
-        w[p + "ffn_down.weight"] = matrix(cfg.n_embd, cfg.n_ff)
+        w.update(swiglu_weights(rng, p, cfg.n_embd, cfg.n_ff))
         if cfg.arch == "gemma3":
             w[p + "post_attention_norm.weight"] = norm(cfg.n_embd)
             w[p + "post_ffw_norm.weight"] = norm(cfg.n_embd)
@@ -239,21 +237,13 @@ def write_tiny_gguf(path: str | Path, spec: Spec, edit=None, vocab_edit=None, ch
     weights = make_weights(cfg)
     if spec.fused_qkv:
         weights = fuse_qkv(weights, cfg.n_layer)
-    if edit is not None:
-        weights = edit(dict(weights))
+    weights = edited(weights, edit)
 
-    w = gguf.GGUFWriter(str(path), cfg.arch)
-    w.add_name(f"tiny-{cfg.arch}-{spec.weight_type}")
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
+    w = open_spec_writer(path, spec)
     w.add_feed_forward_length(cfg.n_ff)
     w.add_head_count(cfg.n_head)
     w.add_head_count_kv(cfg.n_head_kv)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_base)
+    add_head_sizes(w, cfg.head_dim, cfg.head_dim, cfg.rope_base)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     if cfg.sliding_window:
         w.add_sliding_window(cfg.sliding_window)
@@ -320,6 +310,6 @@ def write_all(folder: str | Path, specs=SPECS) -> dict[Spec, Path]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python tests/models/tiny_gguf.py OUTDIR")
+        sys.exit("usage: python tests/support/tiny_gguf.py OUTDIR")
     for spec, p in write_all(sys.argv[1]).items():
         print(p)

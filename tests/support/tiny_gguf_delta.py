@@ -14,15 +14,15 @@ keeps them, and so does everything else. The decay is drawn so some heads rememb
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from tiny_gguf import N_VOCAB, add_tensor, bpe_vocab, finish, write_vocab
+from tiny_gguf_common import (TinySpec, add_head_sizes, add_ssm_sizes, edited, expert_weights, open_writer,
+                              qkv_weights, swiglu_weights, write_all_main)
 
 DELTA_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
 
@@ -76,21 +76,10 @@ DELTA_CONFIGS = {
 }
 
 
-@dataclass(frozen=True)
-class DeltaSpec:
-    arch: str
-    weight_type: str = "f32"
-
+class DeltaSpec(TinySpec):
     @property
     def config(self) -> DeltaConfig:
         return DELTA_CONFIGS[self.arch]
-
-    @property
-    def filename(self) -> str:
-        return f"{self.arch}-{self.weight_type}.gguf"
-
-    def __str__(self) -> str:
-        return self.filename
 
 
 DELTA_SPECS = tuple(DeltaSpec(a, t) for a in DELTA_ARCHS for t in ("f32", "q8_0"))
@@ -135,26 +124,19 @@ def delta_weights(cfg: DeltaConfig) -> Iterator[tuple[str, np.ndarray]]:
             yield p + "ssm_out.weight", matrix(E, Hv * S)
         else:
             hd = cfg.head_dim
-            yield p + "attn_q.weight", matrix(2 * cfg.n_head * hd, E)
-            yield p + "attn_k.weight", matrix(cfg.n_head_kv * hd, E)
-            yield p + "attn_v.weight", matrix(cfg.n_head_kv * hd, E)
+            # attn_q holds a query and a gate per head
+            yield from qkv_weights(rng, p, E, 2 * cfg.n_head * hd, cfg.n_head_kv * hd).items()
             yield p + "attn_q_norm.weight", norm(hd)
             yield p + "attn_k_norm.weight", norm(hd)
             yield p + "attn_output.weight", matrix(E, cfg.n_head * hd)
         if cfg.moe:
             X, F, Fs = cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
             yield p + "ffn_gate_inp.weight", matrix(X, E)
-            yield p + "ffn_gate_exps.weight", matrix(X, F, E)
-            yield p + "ffn_up_exps.weight", matrix(X, F, E)
-            yield p + "ffn_down_exps.weight", matrix(X, E, F)
+            yield from expert_weights(rng, p, E, X, F).items()
             yield p + "ffn_gate_inp_shexp.weight", matrix(E)
-            yield p + "ffn_gate_shexp.weight", matrix(Fs, E)
-            yield p + "ffn_up_shexp.weight", matrix(Fs, E)
-            yield p + "ffn_down_shexp.weight", matrix(E, Fs)
+            yield from swiglu_weights(rng, p, E, Fs, suffix="_shexp").items()
         else:
-            yield p + "ffn_gate.weight", matrix(cfg.n_ff, E)
-            yield p + "ffn_up.weight", matrix(cfg.n_ff, E)
-            yield p + "ffn_down.weight", matrix(E, cfg.n_ff)
+            yield from swiglu_weights(rng, p, E, cfg.n_ff).items()
 
 
 def quantized(cfg: DeltaConfig, name: str, values: np.ndarray) -> bool:
@@ -170,9 +152,7 @@ def write_delta_gguf(path: str | Path, spec: DeltaSpec, edit=None) -> Path:
     """Write spec's file; edit, when given, maps the weights dict to the one written (tests of
     broken files use it to drop or reshape tensors)."""
     cfg = spec.config
-    weights = make_delta_weights(cfg)
-    if edit is not None:
-        weights = edit(dict(weights))
+    weights = edited(make_delta_weights(cfg), edit)
     return write_delta_model(path, cfg, weights.items(), spec.weight_type,
                              f"tiny-{cfg.arch}-{spec.weight_type}")
 
@@ -184,26 +164,15 @@ def write_delta_model(path: str | Path, cfg: DeltaConfig, weights: Iterable[tupl
     stored form is kept); the tensors for which quantize(cfg, name, values) holds are stored in
     weight_type, the rest in F32."""
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), cfg.arch)
-    w.add_name(name)
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
+    w = open_writer(path, cfg.arch, name, cfg.n_ctx, cfg.n_embd, cfg.n_layer)
     w.add_feed_forward_length(cfg.n_ff)
     w.add_head_count(cfg.n_head)
     w.add_head_count_kv(cfg.n_head_kv)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.n_rot)
-    w.add_rope_freq_base(cfg.rope_base)
+    add_head_sizes(w, cfg.head_dim, cfg.n_rot, cfg.rope_base)
     if cfg.rope_sections:
         w.add_rope_dimension_sections(list(cfg.rope_sections))
     w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_ssm_conv_kernel(cfg.d_conv)
-    w.add_ssm_inner_size(cfg.n_v_heads * cfg.d_state)
-    w.add_ssm_state_size(cfg.d_state)
-    w.add_ssm_time_step_rank(cfg.n_v_heads)
-    w.add_ssm_group_count(cfg.n_k_heads)
+    add_ssm_sizes(w, cfg.d_conv, cfg.n_v_heads * cfg.d_state, cfg.d_state, cfg.n_v_heads, cfg.n_k_heads)
     w.add_full_attention_interval(cfg.full_attention_interval)
     if cfg.moe:
         w.add_expert_count(cfg.n_expert)
@@ -218,9 +187,4 @@ def write_delta_model(path: str | Path, cfg: DeltaConfig, weights: Iterable[tupl
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/support/tiny_gguf_delta.py OUTDIR")
-    folder = Path(sys.argv[1])
-    folder.mkdir(parents=True, exist_ok=True)
-    for spec in DELTA_SPECS:
-        print(write_delta_gguf(folder / spec.filename, spec))
+    write_all_main("tests/support/tiny_gguf_delta.py", DELTA_SPECS, write_delta_gguf)

@@ -16,15 +16,13 @@ rope factors and output scales stay F32.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from tiny_gguf import N_VOCAB, spm_vocab, write_tensors, write_vocab
-from tiny_gguf_ssm import random_matrix, random_norm
+from tiny_gguf_common import edited, open_writer, random_matrix, random_norm, swiglu_weights, write_all_main
 
 SEED = 41
 N_EMBD = 192
@@ -92,9 +90,7 @@ def make_gemma4_weights() -> dict[str, np.ndarray]:
         w[p + "attn_output.weight"] = random_matrix(rng, E, N_HEAD * D)
         w[p + "post_attention_norm.weight"] = random_norm(rng, E)
         w[p + "ffn_norm.weight"] = random_norm(rng, E)
-        w[p + "ffn_gate.weight"] = random_matrix(rng, F, E)
-        w[p + "ffn_up.weight"] = random_matrix(rng, F, E)
-        w[p + "ffn_down.weight"] = random_matrix(rng, E, F)
+        w.update(swiglu_weights(rng, p, E, F))
         w[p + "post_ffw_norm.weight"] = random_norm(rng, E)
         w[p + "inp_gate.weight"] = random_matrix(rng, n_pl, E)
         w[p + "proj.weight"] = random_matrix(rng, E, n_pl)
@@ -108,14 +104,8 @@ def write_gemma4_gguf(path: str | Path, spec: Gemma4Spec, edit=None,
     """Write spec's file; edit maps the weights dict to the one written (tests of broken files
     use it, and another shared_kv_layers)."""
     path = Path(path)
-    weights = make_gemma4_weights()
-    if edit is not None:
-        weights = edit(dict(weights))
-    w = gguf.GGUFWriter(str(path), "gemma4")
-    w.add_name(f"tiny-gemma4-{spec.weight_type}")
-    w.add_context_length(N_CTX)
-    w.add_embedding_length(N_EMBD)
-    w.add_block_count(len(SWA))
+    weights = edited(make_gemma4_weights(), edit)
+    w = open_writer(path, "gemma4", f"tiny-gemma4-{spec.weight_type}", N_CTX, N_EMBD, len(SWA))
     w.add_feed_forward_length(list(FF_WIDTHS))
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD_KV)
@@ -139,9 +129,4 @@ def write_gemma4_gguf(path: str | Path, spec: Gemma4Spec, edit=None,
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/support/tiny_gguf_gemma4.py OUTDIR")
-    folder = Path(sys.argv[1])
-    folder.mkdir(parents=True, exist_ok=True)
-    for spec in GEMMA4_SPECS:
-        print(write_gemma4_gguf(folder / spec.filename, spec))
+    write_all_main("tests/support/tiny_gguf_gemma4.py", GEMMA4_SPECS, write_gemma4_gguf)

@@ -24,7 +24,6 @@ stay F32 as llama.cpp's quantizer keeps them, and so does lfm2moe's router.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,10 @@ import gguf
 import numpy as np
 
 from tiny_gguf import N_VOCAB, spm_vocab, write_tensors, write_vocab
-from tiny_gguf_ssm import SMALL_SSM_TENSORS, mamba2_weights, random_matrix, random_norm
+from tiny_gguf_common import (TinySpec, add_head_sizes, add_ssm_sizes, edited, expert_weights,
+                              open_spec_writer, qkv_weights, random_matrix, random_norm, small_tensors,
+                              swiglu_weights, write_all_main)
+from tiny_gguf_ssm import SMALL_SSM_TENSORS, mamba2_weights
 
 HYBRID_ARCHS = ("lfm2", "nemotron_h", "falcon-h1", "lfm2moe")
 SHORTCONV_ARCHS = ("lfm2", "lfm2moe")
@@ -98,29 +100,14 @@ HYBRID_CONFIGS = {
 }
 
 
-@dataclass(frozen=True)
-class HybridSpec:
-    arch: str
-    weight_type: str = "f32"
-
+class HybridSpec(TinySpec):
     @property
     def config(self) -> HybridConfig:
         return HYBRID_CONFIGS[self.arch]
 
-    @property
-    def filename(self) -> str:
-        return f"{self.arch}-{self.weight_type}.gguf"
-
-    def __str__(self) -> str:
-        return self.filename
-
 
 HYBRID_SPECS = tuple(HybridSpec(a, t) for a in HYBRID_ARCHS for t in ("f32", "q8_0"))
 SMALL_TENSORS = SMALL_SSM_TENSORS + ("shortconv.conv.weight", "ffn_gate_inp.weight", "exp_probs_b.bias")
-
-
-def experts(rng: np.random.Generator, n_expert: int, rows: int, cols: int) -> np.ndarray:
-    return (rng.standard_normal((n_expert, rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
 
 def make_hybrid_weights(cfg: HybridConfig) -> dict[str, np.ndarray]:
@@ -135,9 +122,7 @@ def make_hybrid_weights(cfg: HybridConfig) -> dict[str, np.ndarray]:
         p = f"blk.{il}."
         w[p + "attn_norm.weight"] = random_norm(rng, E)
         if kind in "AP":
-            w[p + "attn_q.weight"] = random_matrix(rng, n_q, E)
-            w[p + "attn_k.weight"] = random_matrix(rng, n_kv, E)
-            w[p + "attn_v.weight"] = random_matrix(rng, n_kv, E)
+            w.update(qkv_weights(rng, p, E, n_q, n_kv))
             if cfg.arch in SHORTCONV_ARCHS:
                 w[p + "attn_q_norm.weight"] = random_norm(rng, D)
                 w[p + "attn_k_norm.weight"] = random_norm(rng, D)
@@ -157,15 +142,11 @@ def make_hybrid_weights(cfg: HybridConfig) -> dict[str, np.ndarray]:
             w[p + "ffn_norm.weight"] = random_norm(rng, E)
             w[p + "ffn_gate_inp.weight"] = random_matrix(rng, X, E)
             w[p + "exp_probs_b.bias"] = (0.3 * rng.standard_normal(X)).astype(np.float32)
-            w[p + "ffn_gate_exps.weight"] = experts(rng, X, F, E)
-            w[p + "ffn_up_exps.weight"] = experts(rng, X, F, E)
-            w[p + "ffn_down_exps.weight"] = experts(rng, X, E, F)
+            w.update(expert_weights(rng, p, E, X, F))
         elif cfg.arch != "nemotron_h":     # a SwiGLU FFN after every block
             # falcon-h1's FFN norm has no ".weight" (llama.cpp loads it as tn(FFN_NORM, i))
             w[p + ("ffn_norm" if cfg.arch == "falcon-h1" else "ffn_norm.weight")] = random_norm(rng, E)
-            w[p + "ffn_gate.weight"] = random_matrix(rng, cfg.n_ff, E)
-            w[p + "ffn_up.weight"] = random_matrix(rng, cfg.n_ff, E)
-            w[p + "ffn_down.weight"] = random_matrix(rng, E, cfg.n_ff)
+            w.update(swiglu_weights(rng, p, E, cfg.n_ff))
     return w
 
 
@@ -173,20 +154,11 @@ def write_hybrid_gguf(path: str | Path, spec: HybridSpec, edit=None) -> Path:
     """Write spec's file; edit, when given, maps the weights dict to the one written."""
     cfg = spec.config
     path = Path(path)
-    weights = make_hybrid_weights(cfg)
-    if edit is not None:
-        weights = edit(dict(weights))
-    w = gguf.GGUFWriter(str(path), cfg.arch)
-    w.add_name(f"tiny-{cfg.arch}-{spec.weight_type}")
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
+    weights = edited(make_hybrid_weights(cfg), edit)
+    w = open_spec_writer(path, spec)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_head_count(cfg.n_head)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_base)
+    add_head_sizes(w, cfg.head_dim, cfg.head_dim, cfg.rope_base)
     if cfg.arch == "falcon-h1":
         w.add_head_count_kv(cfg.n_head_kv)
     else:                                    # per layer: 0 marks a layer without attention
@@ -199,11 +171,7 @@ def write_hybrid_gguf(path: str | Path, spec: HybridSpec, edit=None) -> Path:
     if cfg.arch in SHORTCONV_ARCHS:
         w.add_shortconv_l_cache(cfg.l_cache)
     else:
-        w.add_ssm_conv_kernel(cfg.d_conv)
-        w.add_ssm_inner_size(cfg.d_inner)
-        w.add_ssm_state_size(cfg.d_state)
-        w.add_ssm_time_step_rank(cfg.n_ssm_head)
-        w.add_ssm_group_count(cfg.n_group)
+        add_ssm_sizes(w, cfg.d_conv, cfg.d_inner, cfg.d_state, cfg.n_ssm_head, cfg.n_group)
     if cfg.n_expert:
         w.add_expert_count(cfg.n_expert)
         w.add_expert_used_count(cfg.n_expert_used)
@@ -211,15 +179,9 @@ def write_hybrid_gguf(path: str | Path, spec: HybridSpec, edit=None) -> Path:
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_leading_dense_block_count(cfg.n_dense_lead)
     write_vocab(w, spm_vocab(cfg.n_vocab))
-    keep = frozenset(n for n in weights if n.split(".", 2)[-1] in SMALL_TENSORS)
-    write_tensors(w, weights, spec.weight_type, keep_f32=keep)
+    write_tensors(w, weights, spec.weight_type, keep_f32=small_tensors(weights, SMALL_TENSORS))
     return path
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/support/tiny_gguf_hybrid.py OUTDIR")
-    folder = Path(sys.argv[1])
-    folder.mkdir(parents=True, exist_ok=True)
-    for spec in HYBRID_SPECS:
-        print(write_hybrid_gguf(folder / spec.filename, spec))
+    write_all_main("tests/support/tiny_gguf_hybrid.py", HYBRID_SPECS, write_hybrid_gguf)

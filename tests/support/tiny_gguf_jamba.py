@@ -16,16 +16,14 @@ quantizer keeps them.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from tiny_gguf import N_VOCAB, spm_vocab, write_tensors, write_vocab
-from tiny_gguf_hybrid import experts
-from tiny_gguf_ssm import random_matrix, random_norm
+from tiny_gguf_common import (add_ssm_sizes, edited, expert_weights, open_spec_writer, qkv_weights,
+                              random_matrix, random_norm, small_tensors, swiglu_weights, write_all_main)
 
 
 @dataclass(frozen=True)
@@ -117,9 +115,7 @@ def make_jamba_weights(cfg: JambaConfig) -> dict[str, np.ndarray]:
         p = f"blk.{il}."
         w[p + "attn_norm.weight"] = random_norm(rng, E)
         if kind == "A":
-            w[p + "attn_q.weight"] = random_matrix(rng, cfg.n_head * HD, E)
-            w[p + "attn_k.weight"] = random_matrix(rng, cfg.n_head_kv * HD, E)
-            w[p + "attn_v.weight"] = random_matrix(rng, cfg.n_head_kv * HD, E)
+            w.update(qkv_weights(rng, p, E, cfg.n_head * HD, cfg.n_head_kv * HD))
             w[p + "attn_output.weight"] = random_matrix(rng, E, E)
         else:
             w.update(mamba1_weights(rng, p, cfg))
@@ -127,13 +123,9 @@ def make_jamba_weights(cfg: JambaConfig) -> dict[str, np.ndarray]:
         if il in cfg.moe_layers:
             X, F = cfg.n_expert, cfg.n_ff
             w[p + "ffn_gate_inp.weight"] = random_matrix(rng, X, E)
-            w[p + "ffn_gate_exps.weight"] = experts(rng, X, F, E)
-            w[p + "ffn_up_exps.weight"] = experts(rng, X, F, E)
-            w[p + "ffn_down_exps.weight"] = experts(rng, X, E, F)
+            w.update(expert_weights(rng, p, E, X, F))
         else:
-            w[p + "ffn_gate.weight"] = random_matrix(rng, cfg.n_ff, E)
-            w[p + "ffn_up.weight"] = random_matrix(rng, cfg.n_ff, E)
-            w[p + "ffn_down.weight"] = random_matrix(rng, E, cfg.n_ff)
+            w.update(swiglu_weights(rng, p, E, cfg.n_ff))
     return w
 
 
@@ -142,37 +134,22 @@ def write_jamba_gguf(path: str | Path, spec: JambaSpec, edit=None, metadata=None
     when given, is called with the writer after the standard keys (to add or override some)."""
     cfg = spec.config
     path = Path(path)
-    weights = make_jamba_weights(cfg)
-    if edit is not None:
-        weights = edit(dict(weights))
-    w = gguf.GGUFWriter(str(path), "jamba")
-    w.add_name(f"tiny-jamba-{spec.weight_type}")
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
+    weights = edited(make_jamba_weights(cfg), edit)
+    w = open_spec_writer(path, spec)
     w.add_feed_forward_length(cfg.n_ff)
     w.add_head_count(cfg.n_head)
     # per layer, as convert_hf_to_gguf's JambaModel writes it: 0 marks a Mamba layer
     w.add_head_count_kv([cfg.n_head_kv if kind == "A" else 0 for kind in cfg.layers])
-    w.add_ssm_conv_kernel(cfg.d_conv)
-    w.add_ssm_inner_size(cfg.d_inner)
-    w.add_ssm_state_size(cfg.d_state)
-    w.add_ssm_time_step_rank(cfg.dt_rank)
+    add_ssm_sizes(w, cfg.d_conv, cfg.d_inner, cfg.d_state, cfg.dt_rank)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_expert_count(cfg.n_expert)
     w.add_expert_used_count(cfg.n_expert_used)
     if metadata is not None:
         metadata(w)
     write_vocab(w, spm_vocab(cfg.n_vocab))
-    keep = frozenset(n for n in weights if n.split(".", 2)[-1] in SMALL_TENSORS)
-    write_tensors(w, weights, spec.weight_type, keep_f32=keep)
+    write_tensors(w, weights, spec.weight_type, keep_f32=small_tensors(weights, SMALL_TENSORS))
     return path
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/support/tiny_gguf_jamba.py OUTDIR")
-    folder = Path(sys.argv[1])
-    folder.mkdir(parents=True, exist_ok=True)
-    for spec in JAMBA_SPECS:
-        print(write_jamba_gguf(folder / spec.filename, spec))
+    write_all_main("tests/support/tiny_gguf_jamba.py", JAMBA_SPECS, write_jamba_gguf)

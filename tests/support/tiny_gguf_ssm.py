@@ -1,6 +1,6 @@
 """Tiny random-weight GGUF files of the architectures with Mamba-2 layers, for tests.
 
-    python tests/models/tiny_gguf_ssm.py OUTDIR    # every file of SSM_SPECS
+    python tests/support/tiny_gguf_ssm.py OUTDIR    # every file of SSM_SPECS
 
 - mamba2: 2 recurrent layers, tied output (as the released Mamba-2 models).
 - granitehybrid: 3 layers, recurrent / attention / recurrent (head_count_kv [0, 2, 0]), a SwiGLU
@@ -16,14 +16,14 @@ them.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from tiny_gguf import N_VOCAB, spm_vocab, write_tensors, write_vocab
+from tiny_gguf_common import (TinySpec, add_ssm_sizes, edited, open_spec_writer, qkv_weights, random_matrix,
+                              random_norm, small_tensors, swiglu_weights, write_all_main)
 
 SSM_ARCHS = ("mamba2", "granitehybrid")
 
@@ -69,33 +69,14 @@ SSM_CONFIGS = {
 }
 
 
-@dataclass(frozen=True)
-class SsmSpec:
-    arch: str
-    weight_type: str = "f32"
-
+class SsmSpec(TinySpec):
     @property
     def config(self) -> SsmConfig:
         return SSM_CONFIGS[self.arch]
 
-    @property
-    def filename(self) -> str:
-        return f"{self.arch}-{self.weight_type}.gguf"
-
-    def __str__(self) -> str:
-        return self.filename
-
 
 SSM_SPECS = tuple(SsmSpec(a, t) for a in SSM_ARCHS for t in ("f32", "q8_0"))
 SMALL_SSM_TENSORS = ("ssm_conv1d.weight", "ssm_a", "ssm_d", "ssm_norm.weight")
-
-
-def random_matrix(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
-    return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
-
-
-def random_norm(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
 
 
 def make_ssm_weights(cfg: SsmConfig) -> dict[str, np.ndarray]:
@@ -119,17 +100,13 @@ def make_ssm_weights(cfg: SsmConfig) -> dict[str, np.ndarray]:
         w[p + "attn_norm.weight"] = norm(E)
         if il in cfg.attention_layers:
             n_q, n_kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-            w[p + "attn_q.weight"] = matrix(n_q, E)
-            w[p + "attn_k.weight"] = matrix(n_kv, E)
-            w[p + "attn_v.weight"] = matrix(n_kv, E)
+            w.update(qkv_weights(rng, p, E, n_q, n_kv))
             w[p + "attn_output.weight"] = matrix(E, n_q)
         else:
             w.update(mamba2_weights(rng, p, cfg))
         if cfg.arch == "granitehybrid":
             w[p + "ffn_norm.weight"] = norm(E)
-            w[p + "ffn_gate.weight"] = matrix(cfg.n_ff, E)
-            w[p + "ffn_up.weight"] = matrix(cfg.n_ff, E)
-            w[p + "ffn_down.weight"] = matrix(E, cfg.n_ff)
+            w.update(swiglu_weights(rng, p, E, cfg.n_ff))
     return w
 
 
@@ -156,19 +133,9 @@ def write_ssm_gguf(path: str | Path, spec: SsmSpec, edit=None) -> Path:
     """Write spec's file; edit, when given, maps the weights dict to the one written."""
     cfg = spec.config
     path = Path(path)
-    weights = make_ssm_weights(cfg)
-    if edit is not None:
-        weights = edit(dict(weights))
-    w = gguf.GGUFWriter(str(path), cfg.arch)
-    w.add_name(f"tiny-{cfg.arch}-{spec.weight_type}")
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_ssm_conv_kernel(cfg.d_conv)
-    w.add_ssm_inner_size(cfg.d_inner)
-    w.add_ssm_state_size(cfg.d_state)
-    w.add_ssm_time_step_rank(cfg.n_ssm_head)
-    w.add_ssm_group_count(cfg.n_group)
+    weights = edited(make_ssm_weights(cfg), edit)
+    w = open_spec_writer(path, spec)
+    add_ssm_sizes(w, cfg.d_conv, cfg.d_inner, cfg.d_state, cfg.n_ssm_head, cfg.n_group)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     if cfg.arch == "mamba2":                       # as convert_hf_to_gguf writes them
         w.add_feed_forward_length(0)
@@ -184,15 +151,9 @@ def write_ssm_gguf(path: str | Path, spec: SsmSpec, edit=None) -> Path:
         w.add_attention_scale(cfg.attention_scale)
         w.add_logit_scale(cfg.logit_scale)
     write_vocab(w, spm_vocab(cfg.n_vocab))
-    keep = frozenset(n for n in weights if n.split(".", 2)[-1] in SMALL_SSM_TENSORS)
-    write_tensors(w, weights, spec.weight_type, keep_f32=keep)
+    write_tensors(w, weights, spec.weight_type, keep_f32=small_tensors(weights, SMALL_SSM_TENSORS))
     return path
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/models/tiny_gguf_ssm.py OUTDIR")
-    folder = Path(sys.argv[1])
-    folder.mkdir(parents=True, exist_ok=True)
-    for spec in SSM_SPECS:
-        print(write_ssm_gguf(folder / spec.filename, spec))
+    write_all_main("tests/support/tiny_gguf_ssm.py", SSM_SPECS, write_ssm_gguf)
