@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import gguf
 import numpy as np
@@ -48,27 +48,31 @@ def random_experts(rng: np.random.Generator, n_expert: int, rows: int, cols: int
     return (rng.standard_normal((n_expert, rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
 
-def qkv_weights(rng: np.random.Generator, p: str, n_embd: int, n_q: int, n_kv: int) -> dict[str, np.ndarray]:
+# The tensor groups below are drawn lazily, one (name, values) pair at a time: a writer's dict
+# takes them with update(), and tiny_gguf_delta's generator (which never holds a large config's
+# weights at once) with `yield from`.
+Weights = Iterator[tuple[str, np.ndarray]]
+
+
+def qkv_weights(rng: np.random.Generator, p: str, n_embd: int, n_q: int, n_kv: int) -> Weights:
     """Separate Q, K and V projections of layer prefix p, n_q and n_kv rows."""
-    return {p + "attn_q.weight": random_matrix(rng, n_q, n_embd),
-            p + "attn_k.weight": random_matrix(rng, n_kv, n_embd),
-            p + "attn_v.weight": random_matrix(rng, n_kv, n_embd)}
+    yield p + "attn_q.weight", random_matrix(rng, n_q, n_embd)
+    yield p + "attn_k.weight", random_matrix(rng, n_kv, n_embd)
+    yield p + "attn_v.weight", random_matrix(rng, n_kv, n_embd)
 
 
-def swiglu_weights(rng: np.random.Generator, p: str, n_embd: int, n_ff: int,
-                   suffix: str = "") -> dict[str, np.ndarray]:
+def swiglu_weights(rng: np.random.Generator, p: str, n_embd: int, n_ff: int, suffix: str = "") -> Weights:
     """A SwiGLU FFN's gate, up and down matrices of layer prefix p (suffix "_shexp": a shared expert)."""
-    return {f"{p}ffn_gate{suffix}.weight": random_matrix(rng, n_ff, n_embd),
-            f"{p}ffn_up{suffix}.weight": random_matrix(rng, n_ff, n_embd),
-            f"{p}ffn_down{suffix}.weight": random_matrix(rng, n_embd, n_ff)}
+    yield f"{p}ffn_gate{suffix}.weight", random_matrix(rng, n_ff, n_embd)
+    yield f"{p}ffn_up{suffix}.weight", random_matrix(rng, n_ff, n_embd)
+    yield f"{p}ffn_down{suffix}.weight", random_matrix(rng, n_embd, n_ff)
 
 
-def expert_weights(rng: np.random.Generator, p: str, n_embd: int, n_expert: int,
-                   n_ff: int) -> dict[str, np.ndarray]:
+def expert_weights(rng: np.random.Generator, p: str, n_embd: int, n_expert: int, n_ff: int) -> Weights:
     """The routed experts' stacked gate, up and down matrices of layer prefix p (no router)."""
-    return {p + "ffn_gate_exps.weight": random_experts(rng, n_expert, n_ff, n_embd),
-            p + "ffn_up_exps.weight": random_experts(rng, n_expert, n_ff, n_embd),
-            p + "ffn_down_exps.weight": random_experts(rng, n_expert, n_embd, n_ff)}
+    yield p + "ffn_gate_exps.weight", random_experts(rng, n_expert, n_ff, n_embd)
+    yield p + "ffn_up_exps.weight", random_experts(rng, n_expert, n_ff, n_embd)
+    yield p + "ffn_down_exps.weight", random_experts(rng, n_expert, n_embd, n_ff)
 
 
 def edited(weights: dict[str, np.ndarray], edit: Callable | None) -> dict[str, np.ndarray]:

@@ -125,18 +125,18 @@ def delta_weights(cfg: DeltaConfig) -> Iterator[tuple[str, np.ndarray]]:
         else:
             hd = cfg.head_dim
             # attn_q holds a query and a gate per head
-            yield from qkv_weights(rng, p, E, 2 * cfg.n_head * hd, cfg.n_head_kv * hd).items()
+            yield from qkv_weights(rng, p, E, 2 * cfg.n_head * hd, cfg.n_head_kv * hd)
             yield p + "attn_q_norm.weight", norm(hd)
             yield p + "attn_k_norm.weight", norm(hd)
             yield p + "attn_output.weight", matrix(E, cfg.n_head * hd)
         if cfg.moe:
             X, F, Fs = cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_shexp
             yield p + "ffn_gate_inp.weight", matrix(X, E)
-            yield from expert_weights(rng, p, E, X, F).items()
+            yield from expert_weights(rng, p, E, X, F)
             yield p + "ffn_gate_inp_shexp.weight", matrix(E)
-            yield from swiglu_weights(rng, p, E, Fs, suffix="_shexp").items()
+            yield from swiglu_weights(rng, p, E, Fs, suffix="_shexp")
         else:
-            yield from swiglu_weights(rng, p, E, cfg.n_ff).items()
+            yield from swiglu_weights(rng, p, E, cfg.n_ff)
 
 
 def quantized(cfg: DeltaConfig, name: str, values: np.ndarray) -> bool:
