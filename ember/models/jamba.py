@@ -11,7 +11,7 @@ FFN that is dense or a mixture of experts:
 - A layer's FFN is a mixture of experts when the file has its router ffn_gate_inp (llama.cpp
   decides the same way): softmax over the experts, the top expert_used_count, their weights not
   renormalised, each expert a SwiGLU FFN of feed_forward_length; no shared expert.
-Imports the IR builder (through common, mamba1 and moe) only.
+Imports the IR builder (through common, hybrid_layers, mamba1 and moe) only.
 """
 from __future__ import annotations
 
