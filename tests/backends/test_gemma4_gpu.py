@@ -15,7 +15,8 @@ activations of its nvfp4 matmuls to 8 bits, the GPUs multiply f32 activations (m
 differ across a rounding step, which moves that value a whole step (measured 2e-13 where none
 moved; 1.4e-5 on Vulkan's fourth decode step over the q8_0-K + turbo4-V cache, where one did).
 Cold, PoCL compiles every kernel of two step graphs per case for one to two minutes, lavapipe
-for ten seconds: only Vulkan on the f32 file runs by default."""
+for ten seconds: only Vulkan on the f32 file runs by default. Greedy speculation over the mixed
+quantized cache on Vulkan gives greedy decoding's tokens (slow)."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,11 @@ import pytest
 from devices import make_backend
 from ember.backends import get_backend
 from ember.models import KVCacheTypes, load_model
+from ember.models.tokenizer import Tokenizer
+from ember.runtime.generate import generate
+from ember.runtime.sampling import Sampler, SamplingParams
 from ember.runtime.session import Session, SessionOptions
+from ember.runtime.speculative import NgramDraft, speculative_generate
 from ember.testing import nmse
 
 from tiny_gguf_gemma4 import Gemma4Spec
@@ -95,3 +100,21 @@ def test_gpu_over_a_quantized_cache_matches_the_cpu_backend(tiny_files, backend_
     types, spec = CACHES[cache]
     options = SessionOptions(**{**OPTIONS.__dict__, "cache": KVCacheTypes.of(*types)})
     assert_matches_the_cpu(load_model(tiny_files[spec]), gpu, cpu, options, CACHE_BOUND, True)
+
+
+@pytest.mark.slow
+def test_greedy_speculation_over_a_quantized_cache_on_vulkan(tiny_files, backend_cache):
+    """Verify steps of several tokens and their rejected tails truncated from the q8_0 / turbo4
+    caches (the sliding-window ring's and the global layers') give greedy decoding's tokens."""
+    gpu = make_backend("vulkan", backend_cache)
+    types, spec = CACHES["q8_0-turbo4"]
+    model = load_model(tiny_files[spec])
+    session = Session(model, gpu, SessionOptions(n_ctx=32, ubatch=4, kv_bucket=16, cache=KVCacheTypes.of(*types)))
+    tokenizer = Tokenizer.from_metadata(model.tokenizer)
+    prompt = [1] + [17, 42, 99, 5] * 3 + [17, 42, 99]
+    expected = generate(session, tokenizer, prompt, 14, Sampler(SamplingParams(temperature=0)),
+                        ignore_eos=True).tokens
+    session.reset()
+    got, stats = speculative_generate(session, NgramDraft(), tokenizer, prompt, 14, draft_max=3,
+                                      ignore_eos=True)
+    assert got.tokens == expected and stats.drafted > 0
