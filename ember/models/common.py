@@ -175,10 +175,19 @@ class Model:
 
     def check_cache(self, cache: KVCacheTypes) -> None:
         """EmberError (one line: the file, the head size, the type) when a quantized cache type
-        cannot hold this model's heads as whole blocks; nothing to check without attention."""
-        hp = self.hparams
-        for head_dims in sorted({(hp.head_dim(il, "k"), hp.head_dim(il, "v")) for il in self.attention_layers}):
-            cache.check(*head_dims, str(self.path))
+        cannot hold this model's heads as whole blocks; where head sizes differ by layer
+        (gemma4), it names the first layer of the size at fault. Nothing to check without
+        attention."""
+        heads = self.head_dims_by_layer()
+        for head_dims, il in heads.items():
+            cache.check(*head_dims, str(self.path), il if len(heads) > 1 else None)
+
+    def head_dims_by_layer(self) -> dict[tuple[int, int], int]:
+        """Each (K, V) head size of the attention layers, with the first layer that has it."""
+        hp, first = self.hparams, {}
+        for il in self.attention_layers:
+            first.setdefault((hp.head_dim(il, "k"), hp.head_dim(il, "v")), il)
+        return first
 
     def cache_bytes_per_row(self, cache: KVCacheTypes) -> int:
         """Bytes one token takes in one attention layer's K and V caches."""

@@ -68,13 +68,15 @@ class KVCacheTypes:
         ok = self.rotation and self.v in ROTATED_TYPES and head_dim % V_ROTATION == 0
         return V_ROTATION if ok else 0
 
-    def check(self, head_dim_k: int, head_dim_v: int, where: str) -> None:
+    def check(self, head_dim_k: int, head_dim_v: int, where: str, layer: int | None = None) -> None:
         """A quantized cache holds each head as whole blocks: an EmberError naming where (the
-        model file), the head size and the type when it does not."""
+        model file), the head size and the type when it does not, and the layer whose heads
+        these are when the model's head sizes differ by layer (gemma4)."""
+        whose = "this model's" if layer is None else f"layer {layer}'s"
         for which, dt, n in (("K", self.k, head_dim_k), ("V", self.v, head_dim_v)):
             if dt.is_quantized and n % dt.block_size:
                 raise EmberError(f"{where}: {which} cache type {dt} needs a head size that is a "
-                                 f"multiple of {dt.block_size}; this model's {which} head size is {n}")
+                                 f"multiple of {dt.block_size}; {whose} {which} head size is {n}")
 
     def row_bytes(self, width_k: int, width_v: int) -> int:
         """Bytes of one cache row (one token) of a layer: K and V, width_k / width_v values."""

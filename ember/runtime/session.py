@@ -76,25 +76,27 @@ def swa_cache_rows(hp, n_ctx: int, options: SessionOptions) -> int:
 
 def check_cache_support(supports_op, where: str, model: Model, cache: KVCacheTypes) -> None:
     """EmberError (one line, naming where: a backend, a target) when supports_op(node) -> (ok,
-    why) refuses a cache write or an attention over a KV cache of these types at this model's
-    head sizes: asked before any step graph is built or compiled."""
+    why) refuses a cache write or an attention over a KV cache of these types at any of this
+    model's head sizes (gemma4's differ by layer): asked before any step graph is built or
+    compiled."""
     if not cache.quantized or not model.attention_layers:
         return
     hp = model.hparams
-    b = GraphBuilder("kv_cache_probe")
-    slots = b.input("slots", "i32", (1,))
-    caches = []
-    for which, dt in (("k", cache.k), ("v", cache.v)):
-        width = hp.n_embd_k_gqa if which == "k" else hp.n_embd_v_gqa
-        stored = b.input(f"{which}_cache", dt, (1, width))
-        caches.append(b.set_rows(stored, slots, b.input(f"{which}_rows", "f32", (1, width))))
-    q = b.input("q", "f32", (1, hp.n_head, hp.head_dim_k))
-    keys = b.reshape(caches[0], 1, hp.n_head_kv, hp.head_dim_k)
-    values = b.reshape(caches[1], 1, hp.n_head_kv, hp.head_dim_v)
-    for node in (*caches, b.attention(q, keys, values, scale=1.0)):
-        ok, why = supports_op(node)
-        if not ok:
-            raise EmberError(f"{where}: a KV cache of {cache} is not supported: {why}")
+    for head_k, head_v in model.head_dims_by_layer():
+        b = GraphBuilder("kv_cache_probe")
+        slots = b.input("slots", "i32", (1,))
+        caches = []
+        for which, dt, head in (("k", cache.k, head_k), ("v", cache.v, head_v)):
+            width = hp.n_head_kv * head
+            stored = b.input(f"{which}_cache", dt, (1, width))
+            caches.append(b.set_rows(stored, slots, b.input(f"{which}_rows", "f32", (1, width))))
+        q = b.input("q", "f32", (1, hp.n_head, head_k))
+        keys = b.reshape(caches[0], 1, hp.n_head_kv, head_k)
+        values = b.reshape(caches[1], 1, hp.n_head_kv, head_v)
+        for node in (*caches, b.attention(q, keys, values, scale=1.0)):
+            ok, why = supports_op(node)
+            if not ok:
+                raise EmberError(f"{where}: a KV cache of {cache} is not supported: {why}")
 
 
 def token_bucket(T: int, ubatch: int) -> int:

@@ -99,6 +99,7 @@ class Case:
     build: Callable[[Scope], list[Node]]
     bound: float | None = None
     scalar: bool = False      # also run on the portable-ISA CPU build
+    slow: bool = False        # compiles for tens of seconds: run with the slow tests only
 
     @property
     def group(self) -> str:
@@ -128,9 +129,9 @@ def transposed(s: Scope, name: str, shape: tuple, dt="f32", fill=normal) -> Node
 CASES: list[Case] = []
 
 
-def case(id: str, op: str, bound=None, scalar=False):
+def case(id: str, op: str, bound=None, scalar=False, slow=False):
     def register(build):
-        CASES.append(Case(id, op, build, bound, scalar))
+        CASES.append(Case(id, op, build, bound, scalar, slow))
         return build
     return register
 
@@ -295,7 +296,7 @@ _attention_case("head-256", 2, 33, 2, 1, 256, 256, scale=0.0625, causal=True, kv
 KV_QUANTIZED = [d.name for d in dtypes.KV_QUANTIZED]
 
 
-def _kv_cache_case(name, kv, Tq, rows, Hq, Hkv, D, slots, window=0, k_type=None):
+def _kv_cache_case(name, kv, Tq, rows, Hq, Hkv, D, slots, window=0, k_type=None, slow=False):
     def build(s):
         k_dt, v_dt = k_type or kv, kv
         q = s.input("q", "f32", (Tq, Hq, D))
@@ -307,7 +308,8 @@ def _kv_cache_case(name, kv, Tq, rows, Hq, Hkv, D, slots, window=0, k_type=None)
             caches.append(s.set_rows(cache, written, new))
         keys, values = (s.reshape(c, rows, Hkv, D) for c in caches)
         return caches + [s.attention(q, keys, values, scale=D ** -0.5, causal=True, window=window)]
-    case(f"attention_kv/{kv}-{name}" + (f"-k-{k_type}" if k_type else ""), "attention", scalar=name == "decode")(build)
+    case(f"attention_kv/{kv}-{name}" + (f"-k-{k_type}" if k_type else ""), "attention", scalar=name == "decode",
+         slow=slow)(build)
 
 
 for _kv in KV_QUANTIZED:
@@ -316,6 +318,12 @@ for _kv in KV_QUANTIZED:
     _kv_cache_case("prompt-gqa", _kv, 5, 21, 6, 2, _D, [16, 17, 18, 19, 20])
     _kv_cache_case("prompt-window-mqa", _kv, 3, 17, 2, 1, _D, [14, 15, 16], window=6)
 _kv_cache_case("decode", "turbo4", 1, 33, 4, 2, 128, [32], k_type="q8_0")   # the safe setting
+# gemma4 E2B's head sizes (8 query heads on one KV head): 256 in the sliding-window layers, 512 in
+# the global ones, i.e. heads of two and four turbo blocks and of 8 and 16 q8_0 / q4_0 blocks
+# (slow: the CPU compiles such a case for ~30 s on 2 loaded cores, PoCL a turbo one for minutes)
+_kv_cache_case("swa-head-256-mqa", "turbo3", 3, 17, 8, 1, 256, [14, 15, 16], window=6, slow=True)
+_kv_cache_case("global-head-512-mqa", "turbo4", 2, 19, 8, 1, 512, [17, 18], k_type="q8_0", slow=True)
+_kv_cache_case("global-head-512-mqa", "q4_0", 2, 19, 8, 1, 512, [17, 18], slow=True)
 
 
 # state-space ops (Mamba-2)
@@ -771,7 +779,11 @@ def check(backend, c: Case, scalar_only: bool = False):
             np.testing.assert_array_equal(g, e, err_msg=f"output {i} ({node.type})")
 
 
-@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def _params(cases):
+    return [pytest.param(c, id=c.id, marks=pytest.mark.slow if c.slow else ()) for c in cases]
+
+
+@pytest.mark.parametrize("c", _params(CASES))
 def test_op(backend, c):
     check(backend, c)
 
@@ -779,7 +791,7 @@ def test_op(backend, c):
 SCALAR_CASES = [c for c in CASES if c.scalar]
 
 
-@pytest.mark.parametrize("c", SCALAR_CASES, ids=[c.id for c in SCALAR_CASES])
+@pytest.mark.parametrize("c", _params(SCALAR_CASES))
 def test_op_scalar_isa(scalar_cpu, c):
     check(scalar_cpu, c, scalar_only=True)
 

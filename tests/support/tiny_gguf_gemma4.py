@@ -12,7 +12,8 @@ of layers 1 and 2 (shared_kv_layers 2), layer 2 without attn_v (V is its K proje
 widths 320, 320, 320, 448, 448 (the shared layers wider, as E2B's), per-layer embeddings of
 64, a learned output scale per layer, soft-capped logits of the tied embedding, the 320-token
 SentencePiece-style vocabulary of tiny_gguf. The 2-D weights take the file's weight type; norms,
-rope factors and output scales stay F32.
+rope factors and output scales stay F32. Gemma4Spec(head_swa=128) doubles both head sizes (128 and
+256, as E2B's 256 and 512 are, whole blocks of the 128-value turbo3/turbo4 KV cache types).
 """
 from __future__ import annotations
 
@@ -48,10 +49,19 @@ QK_NORM = 0.3
 @dataclass(frozen=True)
 class Gemma4Spec:
     weight_type: str = "f32"
+    head_swa: int = HEAD_SWA        # the sliding-window layers' head size; the global layers' is twice it
+
+    @property
+    def head_full(self) -> int:
+        return 2 * self.head_swa
+
+    def head_dim(self, il: int) -> int:
+        return self.head_swa if SWA[il] else self.head_full
 
     @property
     def filename(self) -> str:
-        return f"gemma4-{self.weight_type}.gguf"
+        heads = "" if self.head_swa == HEAD_SWA else f"-h{self.head_swa}"
+        return f"gemma4-{self.weight_type}{heads}.gguf"
 
     def __str__(self) -> str:
         return self.filename
@@ -60,25 +70,25 @@ class Gemma4Spec:
 GEMMA4_SPECS = tuple(Gemma4Spec(t) for t in ("f32", "q8_0", "nvfp4"))
 
 
-def rope_factors() -> np.ndarray:
+def rope_factors(head_full: int = HEAD_FULL) -> np.ndarray:
     """One factor per rotated pair of a global head: the first half rotate (factors 1 .. 2), the
     second half do not (a huge factor, llama.cpp's rendering of partial rotary)."""
-    half = HEAD_FULL // 4
+    half = head_full // 4
     return np.concatenate([np.linspace(1.0, 2.0, half), np.full(half, 1e30)]).astype(np.float32)
 
 
-def make_gemma4_weights() -> dict[str, np.ndarray]:
+def make_gemma4_weights(spec: Gemma4Spec = Gemma4Spec()) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(SEED)
     n_layer, E, n_pl = len(SWA), N_EMBD, N_EMBD_PER_LAYER
     first_shared = n_layer - SHARED_KV_LAYERS
     w = {"token_embd.weight": (rng.standard_normal((N_VOCAB, E)) / np.sqrt(E)).astype(np.float32),
          "output_norm.weight": random_norm(rng, E),
-         "rope_freqs.weight": rope_factors(),
+         "rope_freqs.weight": rope_factors(spec.head_full),
          "per_layer_token_embd.weight": (0.5 * rng.standard_normal((N_VOCAB, n_layer * n_pl))).astype(np.float32),
          "per_layer_model_proj.weight": random_matrix(rng, n_layer * n_pl, E),
          "per_layer_proj_norm.weight": random_norm(rng, n_pl)}
     for il in range(n_layer):
-        p, D, F = f"blk.{il}.", HEAD_SWA if SWA[il] else HEAD_FULL, FF_WIDTHS[il]
+        p, D, F = f"blk.{il}.", spec.head_dim(il), FF_WIDTHS[il]
         w[p + "attn_norm.weight"] = random_norm(rng, E)
         w[p + "attn_q.weight"] = random_matrix(rng, N_HEAD * D, E)
         w[p + "attn_q_norm.weight"] = QK_NORM * random_norm(rng, D)
@@ -104,17 +114,17 @@ def write_gemma4_gguf(path: str | Path, spec: Gemma4Spec, edit=None,
     """Write spec's file; edit maps the weights dict to the one written (tests of broken files
     use it, and another shared_kv_layers)."""
     path = Path(path)
-    weights = edited(make_gemma4_weights(), edit)
-    w = open_writer(path, "gemma4", f"tiny-gemma4-{spec.weight_type}", N_CTX, N_EMBD, len(SWA))
+    weights = edited(make_gemma4_weights(spec), edit)
+    w = open_writer(path, "gemma4", f"tiny-{spec.filename.removesuffix('.gguf')}", N_CTX, N_EMBD, len(SWA))
     w.add_feed_forward_length(list(FF_WIDTHS))
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD_KV)
-    w.add_key_length(HEAD_FULL)
-    w.add_value_length(HEAD_FULL)
-    w.add_key_length_swa(HEAD_SWA)
-    w.add_value_length_swa(HEAD_SWA)
-    w.add_rope_dimension_count(HEAD_FULL)
-    w.add_rope_dimension_count_swa(HEAD_SWA)
+    w.add_key_length(spec.head_full)
+    w.add_value_length(spec.head_full)
+    w.add_key_length_swa(spec.head_swa)
+    w.add_value_length_swa(spec.head_swa)
+    w.add_rope_dimension_count(spec.head_full)
+    w.add_rope_dimension_count_swa(spec.head_swa)
     w.add_rope_freq_base(ROPE_BASE)
     w.add_rope_freq_base_swa(ROPE_BASE_SWA)
     w.add_layer_norm_rms_eps(RMS_EPS)
