@@ -47,6 +47,8 @@ from ember.tools.bench import BenchResult, decode_run, prompt_run, random_tokens
 from bench.tables import print_table  # noqa: E402
 
 ENGINES = ("ember", "llama.cpp")
+# a worker may also run ember with its thread count pinned (no team governor: bench/threads.py)
+WORKER_ENGINES = ENGINES + ("ember-pinned",)
 N_CTX = 1024
 PAUSE_S = 0.1        # lets the other engine's OpenMP threads go idle before a timed run
 REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print there too)
@@ -54,7 +56,8 @@ REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print
 
 # ---- workers -----------------------------------------------------------------------------------
 class EmberEngine:
-    def __init__(self, model_path: str, threads: int, n_ctx: int, cache: tuple[str, str] | None = None):
+    def __init__(self, model_path: str, threads: int, n_ctx: int, cache: tuple[str, str] | None = None,
+                 adapt_threads: bool = True):
         from ember.backends import get_backend
         from ember.models import KVCacheTypes, load_model
         from ember.models.tokenizer import Tokenizer
@@ -62,7 +65,7 @@ class EmberEngine:
         model = load_model(model_path)
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
         options = SessionOptions(n_ctx=n_ctx, cache=KVCacheTypes.of(*cache) if cache else KVCacheTypes())
-        self.session = Session(model, get_backend("cpu", threads=threads), options)
+        self.session = Session(model, get_backend("cpu", threads=threads, adapt_threads=adapt_threads), options)
         self.n_vocab = model.hparams.n_vocab
         self.bos = tokenizer.bos_id if tokenizer.add_bos else None
         self.reset, self.decode = self.session.reset, self.session.eval
@@ -142,8 +145,11 @@ def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen
         sys.stdout.flush()
 
     start = time.perf_counter()
-    engine = (EmberEngine if engine_name == "ember" else LlamaCppEngine)(
-        model_path, threads, context_size(n_prompt, n_gen, depth), cache)
+    n_ctx = context_size(n_prompt, n_gen, depth)
+    if engine_name == "llama.cpp":
+        engine = LlamaCppEngine(model_path, threads, n_ctx, cache)
+    else:
+        engine = EmberEngine(model_path, threads, n_ctx, cache, adapt_threads=engine_name == "ember")
     rng = np.random.default_rng(seed)
 
     def tokens(n: int, bos: bool = True) -> list[int]:
@@ -302,7 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--requant", choices=("q4_k_m", "q5_k_m"),
                         help="measure the model requantized into this llama.cpp mix (ember.tools.requant)")
-    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKER_ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)      # a worker's K,V cache types
     parser.add_argument("--tests", default="pp,tg", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
