@@ -147,8 +147,9 @@ def test_governor_keeps_the_team_when_it_is_fastest(lib):
 def test_governor_drops_a_thread_held_back_by_another_process(lib):
     sizes = governor_sizes(lib, 2, 2000, before=[1.0, 1.3])     # 2 threads slower than 1
     assert sizes[:1] == [2]
-    # settled on one thread; probes with two now and then (6 runs in 102)
-    assert sizes[200:].count(1) / 1800 > 0.9
+    # settled on one thread, probing two for 6 runs in every 30 (below the count asked for the
+    # probes do not back off: nothing else would tell when the other process is gone)
+    assert sizes[200:].count(1) / 1800 > 0.78
 
 
 def test_governor_follows_contention_that_comes_and_goes(lib):
@@ -156,7 +157,7 @@ def test_governor_follows_contention_that_comes_and_goes(lib):
     sizes = governor_sizes(lib, 2, 6000, before=quiet, after=busy, change_at=3000,
                            spins_after=64)       # the barrier's waits end in sleep from then on
     # the sleeping waits shorten the wait for the next probe: one thread soon after the change
-    assert sizes[3100:].count(1) / 2900 > 0.9
+    assert sizes[3100:].count(1) / 2900 > 0.78
     # and two again soon after the other process is gone (one thread less backs off, one more
     # keeps probing often)
     back = governor_sizes(lib, 2, 6000, before=busy, after=quiet, change_at=3000)
@@ -167,7 +168,7 @@ def test_governor_moves_one_thread_at_a_time_and_never_above_the_request(lib):
     # 4 threads asked for, 3 fastest (one core taken): it settles at 3, never tries 5
     sizes = governor_sizes(lib, 4, 3000, before=[2.0, 1.4, 1.0, 1.2])
     assert max(sizes) == 4 and min(sizes) >= 2
-    assert sizes[1000:].count(3) / 2000 > 0.9
+    assert sizes[1000:].count(3) / 2000 > 0.78
 
 
 def test_governor_is_off_for_a_negative_thread_count(lib):

@@ -235,13 +235,14 @@ static inline int64_t ember_work_next(ember_work_iter *it, int nth) {
  * governor: it runs with the team size that was fastest lately, and now and then times
  * EMBER_TEAM_WINDOW runs of a neighbouring size (one thread less, or back up one, towards the
  * n asked for) against the EMBER_TEAM_WINDOW runs just before; it moves when the probe was at
- * least EMBER_TEAM_GAIN faster. Probes start EMBER_TEAM_PERIOD_MIN runs apart and the gap
- * doubles each time staying put wins, up to EMBER_TEAM_PERIOD_MAX with the n asked for (a
- * probe with fewer threads is costly on a quiet machine: it backs off until such probes cost
- * almost nothing) but only to 4 x EMBER_TEAM_PERIOD_MIN below it (a probe with one thread more
- * costs little under contention, and finds soon that the other process is gone); it falls
- * back to the shortest gap when the barrier's waits start ending in sleep (ember_barrier_spins
- * drops: a teammate is being held up). The team size never
+ * least EMBER_TEAM_GAIN faster. With the n asked for, probes start EMBER_TEAM_PERIOD_MIN runs
+ * apart and the gap doubles each time staying put wins, up to EMBER_TEAM_PERIOD_MAX (a probe
+ * with fewer threads is costly on a quiet machine: it backs off until such probes cost almost
+ * nothing), and falls back to the shortest when the barrier's waits start ending in sleep
+ * (ember_barrier_spins drops: a teammate is being held up). Below n the gap stays
+ * EMBER_TEAM_PERIOD_MIN: a probe with one thread more costs little under contention, and
+ * nothing else would tell that the other process is gone (a smaller team's own runs do not
+ * slow down beside it). The team size never
  * changes a result (every kernel is thread-count invariant). One run at a time may consult it:
  * a run that finds it taken uses n threads and records nothing. n_threads < 0 asks for exactly
  * -n_threads threads (no governor): profiles and thread-count tests. */
@@ -304,8 +305,8 @@ static inline void ember_team_end(double seconds) {
             g->size = g->probe;
             g->period = EMBER_TEAM_PERIOD_MIN;
         } else {
-            g->period = EMBER_MIN(2 * g->period, g->size == g->asked ? EMBER_TEAM_PERIOD_MAX
-                                                                     : 4 * EMBER_TEAM_PERIOD_MIN);
+            g->period = g->size == g->asked ? EMBER_MIN(2 * g->period, EMBER_TEAM_PERIOD_MAX)
+                                            : EMBER_TEAM_PERIOD_MIN;
         }
         g->probe = g->runs = g->n_ref = g->n_trial = 0;
         g->ref = g->trial = 0.0;
