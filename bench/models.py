@@ -21,6 +21,13 @@ Python engine's settings: same threads, batch and micro-batch 512, flash attenti
 requantizes the model into llama.cpp's Q5_K_M (or Q4_K_M) mix with ember.tools.requant (ggml's
 k-quant searches; written once next to the model as <name>.ember-<mix>.gguf) and measures that
 file: both engines run the same requantized file.
+
+Decode against the memory (issue 18, "decode >= 90% of the stream-read bandwidth"): the tg rows
+are followed by the GB/s each engine's decode reads (decode_step_bytes: the weights a step
+touches, i.e. every tensor once, the tied output head in full and one embedding row, plus the
+K and V cache rows the step attends to at its depth, in the session's cache types) and its
+fraction of the read bandwidth of bench/ops.py's C stream kernel, measured by this process
+between the tg repetitions (same thread count), so both come from the same run and load.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ from ember.tools.bench import BenchResult, decode_run, prompt_run, random_tokens
 from bench.tables import print_table  # noqa: E402
 
 ENGINES = ("ember", "llama.cpp")
+# a worker may also run ember with its thread count pinned (no team governor: bench/threads.py)
+WORKER_ENGINES = ENGINES + ("ember-pinned",)
 N_CTX = 1024
 PAUSE_S = 0.1        # lets the other engine's OpenMP threads go idle before a timed run
 REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print there too)
@@ -47,7 +56,8 @@ REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print
 
 # ---- workers -----------------------------------------------------------------------------------
 class EmberEngine:
-    def __init__(self, model_path: str, threads: int, n_ctx: int, cache: tuple[str, str] | None = None):
+    def __init__(self, model_path: str, threads: int, n_ctx: int, cache: tuple[str, str] | None = None,
+                 adapt_threads: bool = True):
         from ember.backends import get_backend
         from ember.models import KVCacheTypes, load_model
         from ember.models.tokenizer import Tokenizer
@@ -55,7 +65,7 @@ class EmberEngine:
         model = load_model(model_path)
         tokenizer = Tokenizer.from_metadata(model.tokenizer)
         options = SessionOptions(n_ctx=n_ctx, cache=KVCacheTypes.of(*cache) if cache else KVCacheTypes())
-        self.session = Session(model, get_backend("cpu", threads=threads), options)
+        self.session = Session(model, get_backend("cpu", threads=threads, adapt_threads=adapt_threads), options)
         self.n_vocab = model.hparams.n_vocab
         self.bos = tokenizer.bos_id if tokenizer.add_bos else None
         self.reset, self.decode = self.session.reset, self.session.eval
@@ -97,6 +107,30 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def decode_step_bytes(model_path: str, depth: int, n_gen: int, cache: tuple[str, str] | None = None) -> dict:
+    """Bytes one decode step of a tg run reads, averaged over its n_gen steps after `depth`
+    tokens: {"weights", "kv", "total"}. Weights: every tensor of the file once, except the token
+    embedding, of which a step reads one row, or all of it when it is also the output head
+    (no output.weight). KV: for each attention layer, the K and V rows of the keys the step
+    attends to (position + 1, at most the window on a sliding-window layer), in the cache types
+    (default: ember's, f16). For a mixture of experts this counts every expert (an upper bound)."""
+    from ember.models import KVCacheTypes, load_model
+    model = load_model(model_path)
+    hp, infos = model.hparams, model.file.tensor_infos
+    embd = infos["token_embd.weight"]
+    weights = sum(info.nbytes for name, info in infos.items() if name != "token_embd.weight")
+    weights += embd.nbytes if "output.weight" not in infos else embd.nbytes // embd.shape[0]
+    types = KVCacheTypes.of(*cache) if cache else KVCacheTypes()
+    kv = 0
+    for il in model.attention_layers:
+        row = types.row_bytes(hp.kv_width(il, "k"), hp.kv_width(il, "v"))
+        for pos in range(depth, depth + n_gen):
+            keys = pos + 1
+            kv += row * (min(keys, hp.sliding_window) if hp.is_swa(il) else keys)
+    kv /= n_gen
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
 def context_size(n_prompt: int, n_gen: int, depth: int) -> int:
     """N_CTX, or more when the depth needs it (a multiple of 256)."""
     return max(N_CTX, -(-(depth + max(n_prompt, n_gen)) // 256) * 256)
@@ -111,8 +145,11 @@ def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen
         sys.stdout.flush()
 
     start = time.perf_counter()
-    engine = (EmberEngine if engine_name == "ember" else LlamaCppEngine)(
-        model_path, threads, context_size(n_prompt, n_gen, depth), cache)
+    n_ctx = context_size(n_prompt, n_gen, depth)
+    if engine_name == "llama.cpp":
+        engine = LlamaCppEngine(model_path, threads, n_ctx, cache)
+    else:
+        engine = EmberEngine(model_path, threads, n_ctx, cache, adapt_threads=engine_name == "ember")
     rng = np.random.default_rng(seed)
 
     def tokens(n: int, bos: bool = True) -> list[int]:
@@ -184,7 +221,10 @@ class Worker:
 
 
 def measure(args) -> tuple[dict, dict]:
-    """{engine: [BenchResult pp, BenchResult tg]}, {engine: worker info}"""
+    """{engine: [BenchResult pp, BenchResult tg]}, {engine: worker info}; info["stream"] holds
+    the read bandwidths (GB/s) measured after each tg repetition."""
+    from bench.ops import StreamRead
+    stream = StreamRead(args.threads, reps=3)
     results = {e: [BenchResult(test_name("pp", args.n_prompt, args.depth), args.n_prompt),
                    BenchResult(test_name("tg", args.n_gen, args.depth), args.n_gen)] for e in ENGINES}
     info = {}
@@ -195,6 +235,7 @@ def measure(args) -> tuple[dict, dict]:
         ready = w.read()
         info[engine] = {"ready_seconds": ready["ready"], "compile_seconds_at_ready": ready.get("compile_seconds")}
         workers.append(w)
+    info["stream"] = []
     bench = LlamaBench(args.llama_bench, args) if args.llama_bench else None
     if bench:
         results["llama-bench"] = [BenchResult(r.test, r.n_tokens) for r in results["ember"]]
@@ -207,6 +248,9 @@ def measure(args) -> tuple[dict, dict]:
                 if bench:
                     time.sleep(PAUSE_S)
                     results["llama-bench"][k].seconds.append(bench.run(test))
+                if test == "tg":
+                    time.sleep(PAUSE_S)
+                    info["stream"].append(stream.gb_per_s())
         if bench:
             info["llama-bench"] = bench.info
         for w in workers:
@@ -232,6 +276,23 @@ def requantized(model: Path, mix: str) -> Path:
     return out
 
 
+def bandwidth_rows(results: dict, anchors: list[str], stream: list[float], step: dict) -> list[tuple]:
+    """Decode GB/s (tg tokens/s times the bytes a step reads) and its fraction of the stream
+    read bandwidth measured in the same run, per engine, then the step's bytes and the stream."""
+    tg = {e: results[e][1] for e in ("ember", *anchors)}
+    read = float(np.mean(stream))
+    gbs = {e: r.mean * step["total"] / 1e9 for e, r in tg.items()}
+    rows = [(f"{tg['ember'].test} decode GB/s", *(f"{gbs[e]:.1f}" for e in tg),
+             *(f"{gbs['ember'] / gbs[e]:.2f}" for e in anchors)),
+            ("decode / stream read", *(f"{gbs[e] / read:.0%}" for e in tg), *([""] * len(anchors))),
+            (f"stream read GB/s ({len(stream)} runs)",
+             f"{read:.1f} ± {float(np.std(stream, ddof=1)) if len(stream) > 1 else 0.0:.1f}",
+             *([""] * (2 * len(anchors)))),
+            ("MB read per decode step", f"{step['total'] / 1e6:.1f} (weights {step['weights'] / 1e6:.1f}, "
+             f"KV {step['kv'] / 1e6:.1f})", *([""] * (2 * len(anchors))))]
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: ember's default model)")
@@ -247,7 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--requant", choices=("q4_k_m", "q5_k_m"),
                         help="measure the model requantized into this llama.cpp mix (ember.tools.requant)")
-    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKER_ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)      # a worker's K,V cache types
     parser.add_argument("--tests", default="pp,tg", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -273,6 +334,7 @@ def main(argv=None) -> int:
         theirs = [results[e][k] for e in anchors]
         rows.append((f"{ours.test} t/s", ours.cell(), *(t.cell() for t in theirs),
                      *(f"{ours.mean / t.mean:.2f}" for t in theirs)))
+    rows += bandwidth_rows(results, anchors, info["stream"], decode_step_bytes(args.model, args.depth, args.n_gen))
     rss = [info[e]["peak_rss_kib"] / 1024 for e in ENGINES]
     rows.append(("peak RSS MiB", f"{rss[0]:.0f}", f"{rss[1]:.0f}", *([""] * (len(anchors) - 1)),
                  f"{rss[0] / rss[1]:.2f}", *([""] * (len(anchors) - 1))))

@@ -115,15 +115,31 @@ def random_weights(wtype: str, N: int, K: int, rng) -> np.ndarray:
     return raw.reshape(N, K // dt.block_size * dt.block_bytes)
 
 
+class StreamRead:
+    """The machine's read bandwidth: STREAM_SOURCE compiled (cached) with ember's native flags,
+    run by `threads` OpenMP threads over a buffer larger than the L3 cache (median of `reps`
+    after a warm-up). bench/models.py measures it beside decode as well."""
+
+    def __init__(self, threads: int, reps: int, nbytes: int = 512 << 20):
+        self.threads, self.reps, self.nbytes = threads, reps, nbytes
+        cache = CompileCache(Path(tempfile.gettempdir()) / "ember-bench-cache")
+        self.lib = ctypes.CDLL(str(cache.build(STREAM_SOURCE, ISA_FLAGS["native"], "bench_stream")))
+        self.lib.ember_bench_stream.argtypes = [PTR, I64, ctypes.c_int]
+        self.lib.ember_bench_stream.restype = ctypes.c_float
+
+    def gb_per_s(self) -> float:
+        a = np.ones(self.nbytes // 4, np.float32)    # allocated per call: 512 MiB held only while measured
+        seconds = median_time(lambda: self.lib.ember_bench_stream(a.ctypes.data, a.size, self.threads), self.reps)
+        return self.nbytes / seconds / 1e9
+
+
 class Bench:
     def __init__(self, threads: int, reps: int):
         self.threads, self.reps = threads, reps
         cache = CompileCache(Path(tempfile.gettempdir()) / "ember-bench-cache")
         flags = ISA_FLAGS["native"]
         self.lib = ctypes.CDLL(str(cache.build(standalone_source(), flags, "bench_matmul")))
-        self.stream_lib = ctypes.CDLL(str(cache.build(STREAM_SOURCE, flags, "bench_stream")))
-        self.stream_lib.ember_bench_stream.argtypes = [PTR, I64, ctypes.c_int]
-        self.stream_lib.ember_bench_stream.restype = ctypes.c_float
+        self.stream = StreamRead(threads, reps)
         self.rng = np.random.default_rng(0)
         self.weights = {}
 
@@ -150,11 +166,8 @@ class Bench:
         out = np.empty((T, N), np.float32)
         return 2 * T * N * K / median_time(lambda: np.matmul(x, w.T, out=out), self.reps) / 1e9
 
-    def read_bandwidth(self, nbytes=512 << 20):
-        a = np.ones(nbytes // 4, np.float32)
-        seconds = median_time(lambda: self.stream_lib.ember_bench_stream(a.ctypes.data, a.size,
-                                                                         self.threads), self.reps)
-        return nbytes / seconds / 1e9
+    def read_bandwidth(self) -> float:
+        return self.stream.gb_per_s()
 
 
 F32_SIZES = ((1024, 1024, 1024), (512, 4096, 4096))

@@ -10,7 +10,13 @@ thread count, cache cleared before each run, one untimed warm-up) for ember and 
 workers take turns run by run, so load from elsewhere falls on all alike. The target: with
 the busy process, 2 threads never slower than 0.9x of 1 thread.
 
-    python bench/threads.py [--model GGUF] [--n-gen 64] [--reps 3] [--markdown]
+ember's CPU backend lets each step graph's team governor (common.h) run fewer threads than asked
+when fewer have been faster lately; "ember-pinned" is ember with the thread count pinned
+(CpuBackend(adapt_threads=False)), what the barrier alone gives. --engines picks the engines
+(on a loaded machine llama.cpp's 2-thread decode beside the spinner can take minutes per run).
+
+    python bench/threads.py [--model GGUF] [--n-gen 64] [--reps 3] [--engines ember,ember-pinned,llama.cpp]
+                            [--markdown]
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from bench.models import Worker  # noqa: E402
 from ember.tools.bench import BenchResult, test_name  # noqa: E402
 from bench.tables import print_table  # noqa: E402
 
-ENGINES = ("ember", "llama.cpp")
+ENGINES = ("ember", "ember-pinned", "llama.cpp")
 THREADS = (1, 2)
 CONDITIONS = ("alone", "busy")
 SPINNER = "while True:\n    pass\n"
@@ -52,7 +58,7 @@ def start_workers(args) -> list[tuple[str, int, Worker]]:
     """(engine, threads, worker) for every engine and thread count, started one at a time (no
     warm-up, which for ember includes compiling, overlaps another)."""
     workers = []
-    for engine in ENGINES:
+    for engine in args.engines:
         for threads in THREADS:
             wargs = argparse.Namespace(model=args.model, threads=threads, n_prompt=0, n_gen=args.n_gen,
                                        seed=0, depth=0)
@@ -65,7 +71,7 @@ def start_workers(args) -> list[tuple[str, int, Worker]]:
 def measure(args) -> tuple[dict, list[float]]:
     """{(engine, threads, condition): BenchResult}, and the 1-minute load averages seen."""
     results = {(e, t, c): BenchResult(test_name("tg", args.n_gen, 0), args.n_gen)
-               for e in ENGINES for t in THREADS for c in CONDITIONS}
+               for e in args.engines for t in THREADS for c in CONDITIONS}
     loads = [os.getloadavg()[0]]
     workers = start_workers(args)
     try:
@@ -88,10 +94,10 @@ def measure(args) -> tuple[dict, list[float]]:
     return results, loads
 
 
-def table(results) -> tuple[list[str], list[list[str]]]:
+def table(results, engines) -> tuple[list[str], list[list[str]]]:
     header = ["engine", "threads"] + [f"t/s {c}" for c in CONDITIONS] + [f"2 thr / 1 thr {c}" for c in CONDITIONS]
     rows = []
-    for engine in ENGINES:
+    for engine in engines:
         for threads in THREADS:
             row = [engine, str(threads)] + [results[(engine, threads, c)].cell() for c in CONDITIONS]
             if threads == 2:
@@ -107,8 +113,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="GGUF file (default: ember's default model)")
     parser.add_argument("--n-gen", type=int, default=64, help="decoded tokens per timed run")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per engine, thread count and condition")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help=f"comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
+    args.engines = tuple(args.engines.split(","))
+    if set(args.engines) - set(ENGINES):
+        parser.error(f"--engines: unknown {', '.join(sorted(set(args.engines) - set(ENGINES)))}")
     if args.reps < 2:
         parser.error("--reps must be at least 2 (the table shows a sample std)")
     if args.model is None:
@@ -116,7 +127,7 @@ def main(argv=None) -> int:
         args.model = str(default_model_path())
     start = time.perf_counter()
     results, loads = measure(args)
-    header, rows = table(results)
+    header, rows = table(results, args.engines)
     title = (f"{Path(args.model).name}, CPU, tg{args.n_gen}, mean ± std of {args.reps} reps, busy = one "
              f"spinning process beside it (load average {min(loads):.1f}-{max(loads):.1f} over the run; "
              f"{os.cpu_count()} CPUs; {time.perf_counter() - start:.0f} s)")

@@ -8,7 +8,9 @@ when the second touches bytes the kernels since the last barrier wrote (or write
 touched). Kernels of tiny work (one token's norms, ropes, cache rows) run on thread 0 alone, and
 two of those in a row need no barrier. The heavy kernels (matmul, attention) share their work in
 chunks claimed from a counter, so a thread the OS holds back delays the others little. There is no
-Python between ops and no thread spawn per op.
+Python between ops and no thread spawn per op. n_threads is the most threads a run may use: a
+governor in each library (common.h) runs fewer when fewer have been faster lately (another busy
+process on the machine); a negative n_threads asks for exactly -n_threads.
 
 Each kernel is rendered from templates/cpu/<template>.c.j2 with the node's shapes, byte strides
 and attributes baked in as constants (a compiled graph serves one set of shapes), and starts with

@@ -50,7 +50,8 @@ class CpuBackend(Backend):
     features: tuple[str, ...] = ()
 
     def __init__(self, threads: int | None = None, isa: str = "native", cache_dir=None,
-                 cc: str | None = None, profile: str | None = None, tiered: bool = False):
+                 cc: str | None = None, profile: str | None = None, tiered: bool = False,
+                 adapt_threads: bool = True):
         if isa not in ISA_FLAGS:
             raise EmberError(f"cpu backend: unknown isa {isa!r}; known: {', '.join(ISA_FLAGS)}")
         if threads is not None and threads < 1:
@@ -65,6 +66,9 @@ class CpuBackend(Backend):
         self._type_libraries: dict[tuple[str, str, str], KernelLibrary] = {}
         # JIT graphs first run at the quick tier when their full build is not cached (compile)
         self.tiered = tiered
+        # up to `threads`, as many as run fastest lately (common.h's team governor: fewer when
+        # another process holds a core); False: always exactly `threads`
+        self.adapt_threads = adapt_threads
 
     def __repr__(self) -> str:
         return f"<CpuBackend threads={self.threads} isa={self.isa}>"
@@ -179,7 +183,7 @@ class CpuBackend(Backend):
         library = ctypes.CDLL(str(library_path))
         if not hasattr(library, ENTRY_POINT):
             raise EmberError(f"{library_path}: not an ember graph library (no {ENTRY_POINT})")
-        executable = CpuExecutable(graph, program, library, threads or self.threads)
+        executable = CpuExecutable(graph, program, library, threads or self.threads, self.adapt_threads)
         executable.library_path = Path(library_path)
         return executable
 
@@ -229,10 +233,14 @@ class CpuExecutable(Executable):
     upgrade: threading.Thread | None = None     # building the full tier (upgrade_in_background)
     upgrade_error: Exception | None = None      # why that build failed (the quick tier stays)
 
-    def __init__(self, graph: Graph, program: CpuProgram, library: ctypes.CDLL, threads: int):
+    def __init__(self, graph: Graph, program: CpuProgram, library: ctypes.CDLL, threads: int,
+                 adapt_threads: bool = True):
         self.graph = graph
         self.program = program
         self.threads = threads
+        # ember_graph_run's n_threads: at most `threads` (the library's governor picks), or, when
+        # negative, exactly that many (a profile keeps one row per thread it was asked for)
+        self._team = threads if adapt_threads and not program.profile_labels else -threads
         self.planned_peak_bytes = program.plan.peak_bytes
         self.status_messages = program.status_messages
         self._library = library   # keeps the code loaded while this executable lives
@@ -343,7 +351,7 @@ class CpuRun:
             self.outputs[k] = self._unshared(k)
             self._out_ptrs[k] = self.outputs[k].ctypes.data
         with exe._lock:
-            status = exe._entry(self._in_ptrs, self._out_ptrs, exe._consts, exe._arena, exe.threads)
+            status = exe._entry(self._in_ptrs, self._out_ptrs, exe._consts, exe._arena, exe._team)
         exe._check_status(status)
         return list(self.outputs)
 

@@ -228,3 +228,88 @@ static inline int64_t ember_work_next(ember_work_iter *it, int nth) {
     }
     return -1;
 }
+
+/* ---- the team's size under contention ------------------------------------------------------
+ * A team of n threads beside another busy process can be slower than a smaller team: every
+ * barrier waits for the thread the OS holds back (issue 18). Each graph library keeps one
+ * governor: it runs with the team size that was fastest lately, and now and then times
+ * EMBER_TEAM_WINDOW runs of a neighbouring size (one thread less, or back up one, towards the
+ * n asked for) against the EMBER_TEAM_WINDOW runs just before; it moves when the probe was at
+ * least EMBER_TEAM_GAIN faster. With the n asked for, probes start EMBER_TEAM_PERIOD_MIN runs
+ * apart and the gap doubles each time staying put wins, up to EMBER_TEAM_PERIOD_MAX (a probe
+ * with fewer threads is costly on a quiet machine: it backs off until such probes cost almost
+ * nothing), and falls back to the shortest when the barrier's waits start ending in sleep
+ * (ember_barrier_spins drops: a teammate is being held up). Below n the gap stays
+ * EMBER_TEAM_PERIOD_MIN: a probe with one thread more costs little under contention, and
+ * nothing else would tell that the other process is gone (a smaller team's own runs do not
+ * slow down beside it). The team size never
+ * changes a result (every kernel is thread-count invariant). One run at a time may consult it:
+ * a run that finds it taken uses n threads and records nothing. n_threads < 0 asks for exactly
+ * -n_threads threads (no governor): profiles and thread-count tests. */
+#include <time.h>
+#define EMBER_TEAM_WINDOW 6
+#define EMBER_TEAM_PERIOD_MIN 24
+#define EMBER_TEAM_PERIOD_MAX 768
+#define EMBER_TEAM_GAIN 0.93           /* a probe's mean time must be below this x the reference */
+#define EMBER_TEAM_CONTENDED (EMBER_BARRIER_SPINS_MAX / 8)
+
+typedef struct {
+    int asked, size, probe, runs, period, next_down, contended, busy;
+    double ref, trial;                 /* seconds summed over the reference and probe windows */
+    int n_ref, n_trial;
+} ember_team_governor;
+static ember_team_governor ember_team __attribute__((unused));
+
+static inline double ember_team_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* The team size for the next run of up to n threads; *governed: whether ember_team_end must
+ * hear how long it took. */
+static inline int ember_team_begin(int n, int *governed) {
+    *governed = 0;
+    if (n < 0) return -n;
+    if (n <= 1 || __atomic_exchange_n(&ember_team.busy, 1, __ATOMIC_ACQUIRE)) return n < 1 ? 1 : n;
+    ember_team_governor *g = &ember_team;
+    *governed = 1;
+    if (g->asked != n) {               /* first run, or another n asked for: start over at n */
+        memset(g, 0, sizeof *g);
+        g->busy = 1;
+        g->asked = g->size = n;
+        g->period = EMBER_TEAM_PERIOD_MIN;
+        g->next_down = 1;
+    }
+    const int contended = __atomic_load_n(&ember_barrier_spins, __ATOMIC_RELAXED) < EMBER_TEAM_CONTENDED;
+    if (contended && !g->contended && g->size > 1) g->period = EMBER_TEAM_PERIOD_MIN;
+    g->contended = contended;
+    if (!g->probe && g->runs >= g->period) {
+        const int down = g->size > 1 && (g->size == n || g->next_down);
+        g->probe = down ? g->size - 1 : g->size + 1;
+        g->next_down = !down;
+    }
+    return g->probe ? g->probe : g->size;
+}
+
+static inline void ember_team_end(double seconds) {
+    ember_team_governor *g = &ember_team;
+    if (!g->probe) {
+        g->runs++;
+        if (g->runs > g->period - EMBER_TEAM_WINDOW) {   /* the runs just before a probe */
+            g->ref += seconds;
+            g->n_ref++;
+        }
+    } else if (g->trial += seconds, ++g->n_trial == EMBER_TEAM_WINDOW) {
+        if (g->n_ref > 0 && g->trial / g->n_trial < EMBER_TEAM_GAIN * g->ref / g->n_ref) {
+            g->size = g->probe;
+            g->period = EMBER_TEAM_PERIOD_MIN;
+        } else {
+            g->period = g->size == g->asked ? EMBER_MIN(2 * g->period, EMBER_TEAM_PERIOD_MAX)
+                                            : EMBER_TEAM_PERIOD_MIN;
+        }
+        g->probe = g->runs = g->n_ref = g->n_trial = 0;
+        g->ref = g->trial = 0.0;
+    }
+    __atomic_store_n(&g->busy, 0, __ATOMIC_RELEASE);
+}

@@ -203,17 +203,19 @@ EMBER_INLINE ember_f32x8 ember_silu8(ember_f32x8 x) {
 }
 
 /* ---- attention pieces (templates/cpu/attention.c.j2) -------------------------------------- */
-/* out[r * os + c] = dot(q_r, k_c) for R query rows (R <= 4) and C key rows (C <= 2), each dot
- * in one fixed order whatever R and C: an 8-lane fma chain over the first D - D % 8 values,
- * ember_hsum8, then the rest one fmaf at a time. */
+/* out[r * os + c] = dot(q_r, k_c) for R query rows (R <= 4) and C key rows (C <= 4, R * C <= 8),
+ * each dot in one fixed order whatever R and C: an 8-lane fma chain over the first D - D % 8
+ * values, ember_hsum8, then the rest one fmaf at a time. R * C chains run side by side: with
+ * fewer than 8 the multiply-adds wait on each other (4-cycle latency, 2 per cycle), so callers
+ * with one or two rows take 4 keys at a time. */
 EMBER_INLINE void ember_att_dots(const int R, const int C, const float *q, int64_t qs,
                                  const float *k, int64_t ks, int64_t D, float *out, int64_t os) {
-    ember_f32x8 acc[4][2];
+    ember_f32x8 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = ember_splat8(0.0f);
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
-        ember_f32x8 kv[2];
+        ember_f32x8 kv[4];
         for (int c = 0; c < C; c++) kv[c] = ember_load8(k + c * ks + d);
         for (int r = 0; r < R; r++) {
             const ember_f32x8 qv = ember_load8(q + r * qs + d);
@@ -229,10 +231,27 @@ EMBER_INLINE void ember_att_dots(const int R, const int C, const float *q, int64
 }
 
 /* acc_r[d] = fma(w_r[j], v_j[d], acc_r[d]) for j = 0 .. nk-1 in order, for R rows (R <= 4):
- * every value sees the same sequence whatever R. */
+ * every value sees the same sequence whatever R and however many values go side by side (one
+ * or two rows take 32 at a time, so 8 independent chains hide the multiply-add latency). */
 EMBER_INLINE void ember_att_values(const int R, const float *w, int64_t ws, const float *v, int64_t vs,
                                    int64_t nk, float *acc, int64_t as, int64_t Dv) {
     int64_t d = 0;
+    if (R <= 2)
+        for (; d + 32 <= Dv; d += 32) {
+            ember_f32x8 a[2][4];
+            for (int r = 0; r < R; r++)
+                for (int h = 0; h < 4; h++) a[r][h] = ember_load8(acc + r * as + d + 8 * h);
+            for (int64_t j = 0; j < nk; j++) {
+                ember_f32x8 vj[4];
+                for (int h = 0; h < 4; h++) vj[h] = ember_load8(v + j * vs + d + 8 * h);
+                for (int r = 0; r < R; r++) {
+                    const ember_f32x8 wr = ember_splat8(w[r * ws + j]);
+                    for (int h = 0; h < 4; h++) a[r][h] = ember_fma8(wr, vj[h], a[r][h]);
+                }
+            }
+            for (int r = 0; r < R; r++)
+                for (int h = 0; h < 4; h++) ember_store8(acc + r * as + d + 8 * h, a[r][h]);
+        }
     for (; d + 16 <= Dv; d += 16) {
         ember_f32x8 a[4][2];
         for (int r = 0; r < R; r++) {
