@@ -8,12 +8,13 @@ Prints one table, measured in one run (median of several repetitions after a war
   * prompt-sized (T=512) quantized GEMM GFLOP/s, for scale.
 
     python bench/ops.py [--threads 2] [--reps 7] [--rounds 1] [--markdown] [--gemv-only]
-                        [--cpu-time]
+                        [--cpu-time] [--types q5_k,q3_k,...]
 
 --markdown writes the table as Markdown to stdout (for BENCHMARKS.md); --gemv-only measures the
 read bandwidth and the GEMV rows alone; --cpu-time times by the process's CPU seconds (all
 threads together) instead of the wall clock, so that on a machine shared with other jobs the
-rates are those of the cores while they run this process (the GEMV and the stream kernel alike).
+rates are those of the cores while they run this process (the GEMV and the stream kernel alike);
+--types keeps the GEMV rows of the listed weight types only (an A/B comparison of a few kernels).
 
 Notes: OPENBLAS_CORETYPE (and OPENBLAS_L2_SIZE) may be set on some machines and slow NumPy's
 sgemm; run once with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/ops.py` to
@@ -165,13 +166,13 @@ GEMV_CASES = tuple((wtype, N, K) for wtype in GEMV_TYPES
 GEMM_CASES = tuple((wtype, 512, 4096, 4096) for wtype in ("q8_0", "q4_0", "q4_k"))
 
 
-def measure_round(b: Bench, gemv_only: bool = False) -> dict:
+def measure_round(b: Bench, gemv_only: bool = False, gemv_cases=GEMV_CASES) -> dict:
     """One pass over every case (the bandwidth and GEMV cases alone with gemv_only);
     throughputs keyed by case."""
     out = {}
     if gemv_only:
         out["bandwidth"] = b.read_bandwidth()
-        for wtype, N, K in GEMV_CASES:
+        for wtype, N, K in gemv_cases:
             seconds, nbytes = b.matmul_seconds(wtype, 1, N, K)
             out[(wtype, 1, N, K)] = nbytes / seconds / 1e9
         return out
@@ -183,7 +184,7 @@ def measure_round(b: Bench, gemv_only: bool = False) -> dict:
     for T, N, K in F32_SIZES:
         out[("f32", T, N, K)] = 2 * T * N * K / b.matmul_seconds("f32", T, N, K)[0] / 1e9
     out["bandwidth"] = b.read_bandwidth()
-    for wtype, N, K in GEMV_CASES:
+    for wtype, N, K in gemv_cases:
         seconds, nbytes = b.matmul_seconds(wtype, 1, N, K)
         out[(wtype, 1, N, K)] = nbytes / seconds / 1e9
     for wtype, T, N, K in GEMM_CASES:
@@ -191,11 +192,12 @@ def measure_round(b: Bench, gemv_only: bool = False) -> dict:
     return out
 
 
-def measure(threads: int, reps: int, rounds: int = 1,
-            gemv_only: bool = False) -> list[tuple[str, str, str, str]]:
+def measure(threads: int, reps: int, rounds: int = 1, gemv_only: bool = False,
+            types: tuple[str, ...] = GEMV_TYPES) -> list[tuple[str, str, str, str]]:
     """The table rows; with rounds > 1 each number is the best of the rounds' medians."""
     b = Bench(threads, reps)
-    results = [measure_round(b, gemv_only) for _ in range(rounds)]
+    gemv_cases = tuple(case for case in GEMV_CASES if case[0] in types)
+    results = [measure_round(b, gemv_only, gemv_cases) for _ in range(rounds)]
     best = {key: max(r[key] for r in results) for key in results[0]}
     rows = []
     for T, N, K in () if gemv_only else F32_SIZES:
@@ -204,7 +206,7 @@ def measure(threads: int, reps: int, rounds: int = 1,
                      f"numpy {theirs:.1f} GFLOP/s", f"{ours / theirs:.2f}x"))
     bandwidth = best["bandwidth"]
     rows.append(("read bandwidth (C stream, 512 MiB)", f"{bandwidth:.1f} GB/s", "", ""))
-    for wtype, N, K in GEMV_CASES:
+    for wtype, N, K in gemv_cases:
         gbs = best[(wtype, 1, N, K)]
         rows.append((f"{wtype} GEMV T=1 N={N} K={K}", f"{gbs:.1f} GB/s",
                      f"read {bandwidth:.1f} GB/s", f"{gbs / bandwidth:.2f}x"))
@@ -226,11 +228,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-time", action="store_true",
                         help="time by the process's CPU seconds (all threads) instead of the wall "
                              "clock: on a loaded machine, rates per busy core")
+    parser.add_argument("--types", default=",".join(GEMV_TYPES),
+                        help="comma-separated weight types of the GEMV rows (default: all)")
     args = parser.parse_args(argv)
+    types = tuple(t for t in args.types.split(",") if t)
+    unknown = [t for t in types if t not in GEMV_TYPES]
+    if unknown:
+        parser.error(f"--types: no GEMV case for {', '.join(unknown)}; known: {', '.join(GEMV_TYPES)}")
     if args.cpu_time:
         CLOCK["fn"] = time.process_time
     load_before = os.getloadavg()[0]
-    rows = measure(args.threads, args.reps, args.rounds, args.gemv_only)
+    rows = measure(args.threads, args.reps, args.rounds, args.gemv_only, types)
     load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     header = ("case", "ember", "reference", "ratio")
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
