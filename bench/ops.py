@@ -8,12 +8,17 @@ Prints one table, measured in one run (median of several repetitions after a war
   * prompt-sized (T=512) quantized GEMM GFLOP/s, for scale.
 
     python bench/ops.py [--threads 2] [--reps 7] [--rounds 1] [--markdown] [--gemv-only]
-                        [--cpu-time]
+                        [--cpu-time] [--types q5_k,q3_k,...] [--hot]
 
 --markdown writes the table as Markdown to stdout (for BENCHMARKS.md); --gemv-only measures the
 read bandwidth and the GEMV rows alone; --cpu-time times by the process's CPU seconds (all
 threads together) instead of the wall clock, so that on a machine shared with other jobs the
-rates are those of the cores while they run this process (the GEMV and the stream kernel alike).
+rates are those of the cores while they run this process (the GEMV and the stream kernel alike);
+--types keeps the GEMV rows of the listed weight types only (an A/B comparison of a few kernels);
+--hot times the GEMV on weights that stay in a 512 KiB L2 cache (128 x 4096 and 512 x 768, or
+512 x 640 for 32-value blocks; each timing repeats the call to about 20 MB of weights), so the
+rates are the kernels' compute rates, the memory left out: the figure to compare two versions of
+a kernel on a loaded machine, where the DRAM bandwidth moves with the other jobs.
 
 Notes: OPENBLAS_CORETYPE (and OPENBLAS_L2_SIZE) may be set on some machines and slow NumPy's
 sgemm; run once with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/ops.py` to
@@ -151,14 +156,20 @@ class Bench:
                 y.ctypes.data, y.strides[0], scratch.ctypes.data)
         return lambda: fn(*args)
 
-    def matmul_seconds(self, wtype, T, N, K):
+    def matmul_seconds(self, wtype, T, N, K, repeat=1):
+        """Median seconds of one call (timed over repeat calls in a row), and the weight bytes."""
         if (wtype, N, K) not in self.weights:
             self.weights[(wtype, N, K)] = random_weights(wtype, N, K, self.rng)
         w = self.weights[(wtype, N, K)]
         x = self.rng.standard_normal((T, K), dtype=np.float32)
         y = np.empty((T, N), np.float32)
         scratch = aligned(max(64, matmul_scratch_bytes(wtype, T, K)))
-        return median_time(self.run(wtype, x, w, y, scratch, K), self.reps), w.nbytes
+        call = self.run(wtype, x, w, y, scratch, K)
+
+        def calls():
+            for _ in range(repeat):
+                call()
+        return median_time(calls, self.reps) / repeat, w.nbytes
 
     def numpy_gflops(self, T, N, K):
         x = self.rng.standard_normal((T, K), dtype=np.float32)
@@ -175,18 +186,30 @@ GEMV_TYPES = ("q8_0", "q4_0", "q4_k", "q5_k", "q3_k", "q2_k", "iq4_xs", "q4_1", 
               "mxfp4", "nvfp4")
 GEMV_CASES = tuple((wtype, N, K) for wtype in GEMV_TYPES
                    for N, K in ((4096, 4096), (262144, 768 if dtype(wtype).block_size == 256 else 640)))
+HOT_CASES = tuple((wtype, N, K) for wtype in GEMV_TYPES
+                  for N, K in ((128, 4096), (512, 768 if dtype(wtype).block_size == 256 else 640)))
+HOT_BYTES = 20_000_000  # weight bytes per timing of a --hot case
 GEMM_CASES = tuple((wtype, 512, 4096, 4096) for wtype in ("q8_0", "q4_0", "q4_k"))
 
 
-def measure_round(b: Bench, gemv_only: bool = False) -> dict:
+def gemv_rates(b: Bench, gemv_cases, hot: bool) -> dict:
+    """GB/s of weights read by each GEMV case (hot: the call repeated over ~HOT_BYTES)."""
+    out = {}
+    for wtype, N, K in gemv_cases:
+        repeat = max(1, HOT_BYTES // (N * K)) if hot else 1
+        seconds, nbytes = b.matmul_seconds(wtype, 1, N, K, repeat)
+        out[(wtype, 1, N, K)] = nbytes / seconds / 1e9
+    return out
+
+
+def measure_round(b: Bench, gemv_only: bool = False, gemv_cases=GEMV_CASES,
+                  hot: bool = False) -> dict:
     """One pass over every case (the bandwidth and GEMV cases alone with gemv_only);
     throughputs keyed by case."""
     out = {}
     if gemv_only:
         out["bandwidth"] = b.read_bandwidth()
-        for wtype, N, K in GEMV_CASES:
-            seconds, nbytes = b.matmul_seconds(wtype, 1, N, K)
-            out[(wtype, 1, N, K)] = nbytes / seconds / 1e9
+        out.update(gemv_rates(b, gemv_cases, hot))
         return out
     # NumPy first, then a pause: OpenBLAS's idle threads spin for a while after each call and
     # would steal the cores from ember's OpenMP team.
@@ -196,19 +219,18 @@ def measure_round(b: Bench, gemv_only: bool = False) -> dict:
     for T, N, K in F32_SIZES:
         out[("f32", T, N, K)] = 2 * T * N * K / b.matmul_seconds("f32", T, N, K)[0] / 1e9
     out["bandwidth"] = b.read_bandwidth()
-    for wtype, N, K in GEMV_CASES:
-        seconds, nbytes = b.matmul_seconds(wtype, 1, N, K)
-        out[(wtype, 1, N, K)] = nbytes / seconds / 1e9
+    out.update(gemv_rates(b, gemv_cases, hot))
     for wtype, T, N, K in GEMM_CASES:
         out[(wtype, T, N, K)] = 2 * T * N * K / b.matmul_seconds(wtype, T, N, K)[0] / 1e9
     return out
 
 
-def measure(threads: int, reps: int, rounds: int = 1,
-            gemv_only: bool = False) -> list[tuple[str, str, str, str]]:
+def measure(threads: int, reps: int, rounds: int = 1, gemv_only: bool = False,
+            types: tuple[str, ...] = GEMV_TYPES, hot: bool = False) -> list[tuple[str, str, str, str]]:
     """The table rows; with rounds > 1 each number is the best of the rounds' medians."""
     b = Bench(threads, reps)
-    results = [measure_round(b, gemv_only) for _ in range(rounds)]
+    gemv_cases = tuple(case for case in (HOT_CASES if hot else GEMV_CASES) if case[0] in types)
+    results = [measure_round(b, gemv_only, gemv_cases, hot) for _ in range(rounds)]
     best = {key: max(r[key] for r in results) for key in results[0]}
     rows = []
     for T, N, K in () if gemv_only else F32_SIZES:
@@ -217,8 +239,11 @@ def measure(threads: int, reps: int, rounds: int = 1,
                      f"numpy {theirs:.1f} GFLOP/s", f"{ours / theirs:.2f}x"))
     bandwidth = best["bandwidth"]
     rows.append(("read bandwidth (C stream, 512 MiB)", f"{bandwidth:.1f} GB/s", "", ""))
-    for wtype, N, K in GEMV_CASES:
+    for wtype, N, K in gemv_cases:
         gbs = best[(wtype, 1, N, K)]
+        if hot:  # a compute rate: no memory to compare it with
+            rows.append((f"{wtype} GEMV T=1 N={N} K={K} (L2-hot)", f"{gbs:.1f} GB/s", "", ""))
+            continue
         rows.append((f"{wtype} GEMV T=1 N={N} K={K}", f"{gbs:.1f} GB/s",
                      f"read {bandwidth:.1f} GB/s", f"{gbs / bandwidth:.2f}x"))
     for wtype, T, N, K in () if gemv_only else GEMM_CASES:
@@ -239,17 +264,26 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-time", action="store_true",
                         help="time by the process's CPU seconds (all threads) instead of the wall "
                              "clock: on a loaded machine, rates per busy core")
+    parser.add_argument("--types", default=",".join(GEMV_TYPES),
+                        help="comma-separated weight types of the GEMV rows (default: all)")
+    parser.add_argument("--hot", action="store_true",
+                        help="GEMV on weights that stay in L2: the kernels' compute rates")
     args = parser.parse_args(argv)
+    types = tuple(t for t in args.types.split(",") if t)
+    unknown = [t for t in types if t not in GEMV_TYPES]
+    if unknown:
+        parser.error(f"--types: no GEMV case for {', '.join(unknown)}; known: {', '.join(GEMV_TYPES)}")
     if args.cpu_time:
         CLOCK["fn"] = time.process_time
     load_before = os.getloadavg()[0]
-    rows = measure(args.threads, args.reps, args.rounds, args.gemv_only)
+    rows = measure(args.threads, args.reps, args.rounds, args.gemv_only, types, args.hot)
     load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     header = ("case", "ember", "reference", "ratio")
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
                     if k in os.environ) or "OPENBLAS_CORETYPE unset"
     rounds = f", best of {args.rounds} rounds" if args.rounds > 1 else ""
     rounds += ", CPU time" if args.cpu_time else ""
+    rounds += ", weights L2-hot" if args.hot else ""
     title = (f"ember CPU matmul, {args.threads} threads, median of {args.reps}{rounds} "
              f"({env}; {load})")
     if args.markdown:

@@ -93,7 +93,9 @@ _DECODED = {"q4_1": {"has_min": True, "two_scales": False, "signed_codes": False
 # (one or two dependent fmas per 32 values) is latency-bound alone, two chains overlap (four
 # run out of registers); the fused 256-value ones (matmul/codes256.c.j2) have enough integer
 # work per super-block to hide their chain, and one row at a time keeps every operand in
-# registers (measured on Zen 3: two rows were no faster).
+# registers (measured on Zen 3: two or four rows were slower). Their AVX2 GEMV, and q4_k's and
+# q6_k's (matmul/gemv_rows.c.j2), takes the rows one at a time and reduces 8 rows' lanes
+# together, so gemv_c only shapes the tile it falls back to.
 _TILES = {
     "q8_0": {"gemv_c": 1, "gemv_loop": False, "gemv_pf": "row", "gemv_pf_groups": 0, "gemm_r": 8, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": False},
     "q4_0": {"gemv_c": 4, "gemv_loop": True, "gemv_pf": "group", "gemv_pf_groups": 2, "gemm_r": 4, "gemm_c": 2, "gemm_tb": 32, "gemm_decode": True},
