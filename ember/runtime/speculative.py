@@ -275,10 +275,11 @@ class _Speculation:
             self.context.append(next_token)
             room = min(draft_max, self.n_predict - len(result.tokens), target.n_ctx - target.n_past - 1)
             drafts = self.draft.propose(self.context, room) if room > 0 else []
-            round_start = time.perf_counter()
+            round_start, compiled = time.perf_counter(), self.compile_seconds()
             n_ok, chosen = self.verify(next_token, drafts)
             stop = self.emit_accepted(drafts[:n_ok])
-            self.stats.round_seconds += time.perf_counter() - round_start
+            # a step shape compiled inside the round is not the round's cost (as decode_seconds)
+            self.stats.round_seconds += time.perf_counter() - round_start - (self.compile_seconds() - compiled)
             if stop:
                 break
             next_token = chosen
@@ -346,18 +347,16 @@ class _Speculation:
             t = time.perf_counter()
             checkpoint = self.memory.checkpoint()     # the position: its plane stays (ember.runtime.memory)
             stats.checkpoint_seconds += time.perf_counter() - t
-        t = time.perf_counter()
         rows = target.eval(batch, all_logits=True, keep_states=self.rollback == "states")
-        stats.verify_seconds += time.perf_counter() - t
+        stats.verify_seconds += target.last_eval_seconds      # without compiling a new shape
         n_ok, chosen = self.accept(rows, drafts)
         t = time.perf_counter()
         if redecode and n_ok < len(drafts):
             # back to the checkpoint, then re-decode the accepted tokens (llama.cpp's way)
             self.memory.restore(checkpoint)
-            t_redecode = time.perf_counter()
-            stats.restore_seconds += t_redecode - t
+            stats.restore_seconds += time.perf_counter() - t
             target.eval(batch[:1 + n_ok])
-            stats.redecode_seconds += time.perf_counter() - t_redecode
+            stats.redecode_seconds += target.last_eval_seconds
         else:
             # the cache keeps the last token and the accepted drafts; the rest is dropped (a
             # recurrent state moves to the plane holding the accepted position: Session.truncate)
