@@ -27,11 +27,16 @@ kernel (vLLM's replay): the scan kernels already hold the whole state of their r
 at every token, so writing it out costs one store per state element per token and no new
 kernel; a replay would need the step inputs of every recurrent op kept (x, dt, B, C; q, k, v,
 g, beta) plus a replay kernel per op and backend, and a launch per layer at each partial round.
-Measured on a random-weight granitehybrid (bench/speculative.py --hybrid, BENCHMARKS.md): the
-all-states verify pass costs about the same as the plain one (the state stores are small next
-to the matmuls), and selecting the kept state is a dictionary lookup (microseconds), while the
-re-decode it replaces took 15-40% of a round. The price is memory: k + 1 extra states instead
-of one plus O(k) inputs, bounded by draft-max (8 by default).
+Measured per kernel (bench/speculative.py, BENCHMARKS.md "Where a round's time goes"): on the
+CPU the all_states scan writes each state straight into its plane (the step's set_rows is fused
+into it, ember.codegen.cpu), so keeping every state of a 9-token verify of the random-weight
+granitehybrid costs the stores alone, ~2 ms of CPU time over a 21.6 ms pass (~10%; it was
+~17% while the states went through the arena and a set_rows copy), and selecting the kept state
+is a dictionary lookup (microseconds), while the re-decode it replaces is 20-45% of a round. A
+replay would still write one state and re-run the accepted tokens' scan (~0.1 ms per token for
+the 6 layers), so it could save at most about half of those ~2 ms: not worth a kernel per op and
+backend yet. The price is memory: k + 1 extra states instead of one plus O(k) inputs, bounded by
+draft-max (8 by default).
 
 Draft sources: n-grams of the context (prompt lookup) and a smaller draft model with the same
 vocabulary.
