@@ -25,7 +25,11 @@ on a recurrent model also the pass that keeps the state after every token (rollb
 
 --rollback (the two random-weight hybrids): the oracle draft at the miss rates given, at each draft length,
 with `--spec-rollback redecode` and the default per-position-states rollback side by side; the
-table adds the share of a round spent re-decoding and selecting the kept state.
+table adds the share of a round spent re-decoding and selecting the kept state, and for each
+states row its t/s over the redecode row's of the same repetition (paired median).
+--acceptance 0.6,0.8 instead of --oracle-miss: for each draft length, the miss rate whose
+acceptance comes closest to each target (the oracle's drafts are fixed by position, so the
+acceptance of a miss rate is known before running: oracle_acceptance); the runs check it.
 
 --artifact: the target is an artifact (`ember compile --spec --draft-max <largest draft length>`,
 the context the task needs rounded up to a KV bucket) loaded as `ember run` loads it, so
@@ -34,8 +38,8 @@ artifact against speculation through its verify steps. The artifact is compiled 
 ~/.cache/ember/bench/artifacts/ (again when this ember no longer reads it); no draft-model rows.
 
     python bench/speculative.py [--threads 2] [--reps 3] [--n-predict 128] [--draft-max 1,2,4,8]
-                                [--models default,hybrid,qwen35moe] [--oracle-miss 0.05,0.2] [--no-draft-model]
-                                [--rollback] [--artifact]
+                                [--models default,hybrid,qwen35moe] [--oracle-miss 0.05,0.2 | --acceptance 0.6,0.8]
+                                [--no-draft-model] [--rollback] [--artifact]
 """
 from __future__ import annotations
 
@@ -214,6 +218,28 @@ class OracleDraft:
         pass
 
 
+def oracle_acceptance(n_prompt: int, n_predict: int, miss: float, draft_max: int) -> float:
+    """The acceptance OracleDraft(miss) gets over n_predict tokens after an n_prompt-token prompt:
+    its drafts are right except at the positions its fixed coin marks, so the rounds of
+    speculative_generate can be replayed without the model (first token from the prompt, then
+    drafts of min(draft_max, tokens left) accepted up to the first miss, plus the target's own)."""
+    produced, context, drafted, accepted = 1, n_prompt + 1, 0, 0
+    while produced < n_predict:
+        room = min(draft_max, n_predict - produced)
+        n_ok = 0
+        while n_ok < room and random.Random(context + n_ok).random() >= miss:
+            n_ok += 1
+        drafted, accepted = drafted + room, accepted + n_ok
+        produced, context = produced + n_ok + 1, context + n_ok + 1
+    return accepted / drafted if drafted else 0.0
+
+
+def miss_for_acceptance(n_prompt: int, n_predict: int, draft_max: int, target: float) -> float:
+    """The miss rate (a multiple of 0.005) whose oracle acceptance is closest to target."""
+    grid = [round(0.005 * i, 3) for i in range(1, 121)]
+    return min(grid, key=lambda m: (abs(oracle_acceptance(n_prompt, n_predict, m, draft_max) - target), m))
+
+
 def verify_cost(target: Session, prompt: list[int], lengths: list[int], reps: int) -> dict[int, float]:
     """Median seconds of one target pass over T tokens with logits for every row (a verify
     batch), right after the prompt, T taking turns; T=1 is a plain decode step."""
@@ -240,6 +266,8 @@ class Config:
     draft_max: int = 0                 # 0: no speculation
     draft: object = None               # answer (prompt + greedy output) -> a fresh draft source
     rollback: str = "states"           # speculative_generate's rollback (recurrent models)
+    partner: "Config | None" = None    # a states row's redecode row (same drafts): paired ratio
+    expected_acceptance: float | None = None   # oracle rows: oracle_acceptance, checked on every run
     tps: list = field(default_factory=list)
     stats: list = field(default_factory=list)
 
@@ -268,6 +296,9 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
             g, stats = run(config, target, tokenizer, prompt, n_predict, prompt + expected)
             # greedy identity: speculation must not change a single token
             assert g.tokens == expected, f"{title} {config.label}: output differs from plain decoding"
+            if config.expected_acceptance is not None:
+                assert abs(stats.acceptance - config.expected_acceptance) < 1e-9, \
+                    f"{config.label}: acceptance {stats.acceptance:.3f}, oracle_acceptance said {config.expected_acceptance:.3f}"
             config.tps.append(g.decode_tps)
             if stats is not None:
                 config.stats.append(stats)
@@ -277,12 +308,14 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
           f"same {len(expected)} tokens as plain decoding", file=sys.stderr)
 
     base = statistics.mean(configs[0].tps)
+    paired_rows = any(c.partner for c in configs)
     lines = [f"{title}: prompt {len(prompt)} tokens, {n_predict} generated, {reps} reps, "
              f"greedy identity checked on every run.", "",
              "| decoding | t/s | best t/s | speedup (means) | speedup (paired median) | acceptance | "
              "tokens / verify pass | checkpoint + restore per round | share of round | "
-             "re-decode share of round | rollback (state selection) share of round |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "re-decode share of round | rollback (state selection) share of round |"
+             + (" states / redecode (paired median) |" if paired_rows else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if paired_rows else "")]
     for config in configs:
         tps = config.tps
         cell = f"{statistics.mean(tps):.1f} ± {statistics.stdev(tps) if len(tps) > 1 else 0:.1f}"
@@ -306,8 +339,13 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
             state = "none", "", "0%", f"{100 * rollback_s / round_s:.3f}% ({1e6 * rollback_s / rounds:.0f} µs)"
         else:
             state = ("none (KV truncate)", "", "", "")
+        versus = ""
+        if config.partner:
+            versus = f" {statistics.median(x / y for x, y in zip(tps, config.partner.tps)):.2f}x |"
+        elif paired_rows:
+            versus = " |"
         lines.append(f"| {config.label} | {cell} | {s.acceptance:.2f} ({s.accepted}/{s.drafted}) | "
-                     f"{s.tokens_per_pass:.2f} | {' | '.join(state)} |")
+                     f"{s.tokens_per_pass:.2f} | {' | '.join(state)} |{versus}")
 
     # What a verify pass costs: speculation gains only when tokens per pass outgrow it.
     lengths = sorted({1} | {c.draft_max + 1 for c in configs if c.draft_max})
@@ -326,6 +364,29 @@ def measure(title: str, target: Session, tokenizer, configs: list[Config], n_pre
     return lines
 
 
+def rollback_configs(model, tokenizer, lengths: list[int], args) -> list[Config]:
+    """redecode and states rows of the oracle draft, side by side, for each miss rate (given, or
+    chosen per draft length for each --acceptance) and draft length."""
+    n_vocab = model.hparams.n_vocab
+    n_prompt = len(tokenizer.encode(PROMPT, add_special=True, parse_special=True))
+    configs = []
+    for i in range(len(args.acceptance or args.oracle_miss)):
+        for k in lengths:
+            if args.acceptance:
+                miss = miss_for_acceptance(n_prompt, args.n_predict, k, args.acceptance[i])
+                label = f"oracle (miss {miss}, acceptance ~{args.acceptance[i]}), draft-max {k}"
+            else:
+                miss = args.oracle_miss[i]
+                label = f"oracle (miss {miss}), draft-max {k}"
+            expected = oracle_acceptance(n_prompt, args.n_predict, miss, k)
+            redecode = Config(f"{label}, redecode", k, lambda answer, m=miss: OracleDraft(answer, m, n_vocab),
+                              "redecode", expected_acceptance=expected)
+            states = Config(f"{label}, states", k, lambda answer, m=miss: OracleDraft(answer, m, n_vocab),
+                            "states", partner=redecode, expected_acceptance=expected)
+            configs += [redecode, states]
+    return configs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -337,6 +398,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-draft-model", action="store_true", help="skip `draft:` on the hybrid model")
     ap.add_argument("--oracle-miss", default="0.05,0.2", type=lambda v: [float(x) for x in v.split(",")],
                     help="miss rates of the synthetic oracle draft on the hybrid model")
+    ap.add_argument("--acceptance", default=None, type=lambda v: [float(x) for x in v.split(",")],
+                    help="--rollback: oracle miss rates chosen per draft length for these acceptances "
+                         "(instead of --oracle-miss)")
     ap.add_argument("--artifact", action="store_true",
                     help="the target is an artifact compiled with --spec (plain decoding of it against speculation "
                          "through its verify steps); no draft-model rows")
@@ -372,10 +436,11 @@ def main(argv=None) -> int:
         configs = [Config("no speculation")]
         recurrent = which in ("hybrid", "qwen35moe")
         if recurrent and args.rollback:
-            n_vocab = model.hparams.n_vocab
-            configs += [Config(f"oracle (miss {miss}), draft-max {k}, {mode}", k,
-                               lambda answer, m=miss: OracleDraft(answer, m, n_vocab), mode)
-                        for miss in args.oracle_miss for k in lengths for mode in ("redecode", "states")]
+            configs += rollback_configs(model, tokenizer, lengths, args)
+            if not args.artifact:
+                # every plane the rounds use, before anything compiles: growing the planes later
+                # drops the compiled steps, and a repetition would recompile them
+                target.reserve_state_planes(max(lengths) + 2)
             out += ["", *measure(title + ", rollback side by side", target, tokenizer, configs,
                                  args.n_predict, args.reps)]
             continue

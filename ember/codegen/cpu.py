@@ -334,6 +334,7 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
         self.wtypes: dict[str, None] = {}
         self.kv_quant = False                # whether a kernel reads or writes a quantized cache
         self.n_counters = 0                  # work counters (ember_next) handed out so far
+        self.fused_stores: set[Node] = set() # set_rows whose rows a scan kernel writes itself
 
     def order(self, graph: Graph) -> Graph:
         return cluster_matmuls(graph)
@@ -509,13 +510,55 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
                         T=T, C=C, K=w.shape[1], xs=sx.type.strides, ws=w.type.strides)
 
     def ssm_scan(self, node: Node):
-        self.add_kernel(node, "ssm_scan.c.j2", [self.ptr(o) for o in node.inputs] + [self.ptr(node)],
-                        reads=self.reads_of(*node.inputs), writes=self.reads_of(node), **c_ssm_scan(node))
+        T, H, P = node.inputs[1].shape
+        self.scan_kernel(node, "ssm_scan.c.j2", c_ssm_scan(node), T * H * P)
 
     def gated_delta_net(self, node: Node):
-        self.add_kernel(node, "gated_delta_net.c.j2", [self.ptr(o) for o in node.inputs] + [self.ptr(node)],
-                        reads=self.reads_of(*node.inputs), writes=self.reads_of(node),
-                        **c_gated_delta_net(node))
+        T, H_v, S_v = node.inputs[2].shape
+        self.scan_kernel(node, "gated_delta_net.c.j2", c_gated_delta_net(node), T * H_v * S_v)
+
+    def scan_kernel(self, node: Node, template: str, params: dict, n_outputs: int):
+        """A recurrent scan (ssm_scan, gated_delta_net). With all_states, when its states only go
+        to the planes of a table updated in place (the step graph's set_rows(planes, state_slots,
+        states)), the scan writes each state straight into its plane and that set_rows becomes no
+        kernel: a 9-token verify of a 6-layer Mamba-2 hybrid kept ~21 MB of states in the arena
+        and then copied them, 10% of the pass (BENCHMARKS.md)."""
+        args = [self.ptr(o) for o in node.inputs] + [self.ptr(node)]
+        reads, writes = self.reads_of(*node.inputs), self.reads_of(node)
+        store = self.fused_state_store(node, n_outputs)
+        planes = dict(planes=0, plane_bytes=0, idx_step=0)
+        if store is not None:
+            table, idx, _ = store.inputs
+            self.fused_stores.add(store)
+            args += [self.ptr(idx), self.ptr(table), self.ptr(store), "&status",
+                     str(self.index_status(store, table.shape[0]))]
+            reads += self.reads_of(table, idx)
+            writes += self.reads_of(store)
+            planes = dict(planes=table.shape[0], plane_bytes=table.type.strides[0], idx_step=idx.type.strides[0])
+        self.add_kernel(node, template, args, reads=reads, writes=writes, **params, **planes)
+
+    def fused_state_store(self, node: Node, n_outputs: int) -> Node | None:
+        """The set_rows a scan's kernel may do itself: it writes the all_states states (the
+        contiguous f32 rows after the n_outputs outputs, one view nothing else reads) into an f32
+        table it updates in place; every other reader of the scan reads only the outputs."""
+        if not node.attr("all_states") or node in self.graph.outputs:
+            return None
+        start = n_outputs * 4
+        store = None
+        for user in self.graph.users[node]:
+            if user.op != "view" or user in self.graph.outputs:
+                return None
+            lo, hi = user.type.byte_extent
+            offset = user.attr("offset")
+            sinks = self.graph.users[user]
+            if (offset == start and store is None and user.type.is_contiguous and len(sinks) == 1
+                    and sinks[0].op == "set_rows" and sinks[0].inputs[2] is user and sinks[0] in self.in_place_nodes
+                    and sinks[0].dtype.name == "f32" and sinks[0].inputs[0].type.is_contiguous
+                    and user.shape[1] == sinks[0].shape[1]):
+                store = sinks[0]
+            elif offset + hi > start:
+                return None
+        return store
 
     # ---- matmul and rows of tables -------------------------------------------------------
     def mul_mat(self, node: Node):
@@ -569,6 +612,8 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
                         reads=self.reads_of(x, idx), writes=self.reads_of(node), **c_take_along(node))
 
     def set_rows(self, node: Node):
+        if node in self.fused_stores:      # the scan before it wrote the rows (scan_kernel)
+            return
         dst, idx, src = node.inputs
         R, D = dst.shape
         self.kv_quant |= dst.dtype.is_quantized

@@ -27,11 +27,16 @@ kernel (vLLM's replay): the scan kernels already hold the whole state of their r
 at every token, so writing it out costs one store per state element per token and no new
 kernel; a replay would need the step inputs of every recurrent op kept (x, dt, B, C; q, k, v,
 g, beta) plus a replay kernel per op and backend, and a launch per layer at each partial round.
-Measured on a random-weight granitehybrid (bench/speculative.py --hybrid, BENCHMARKS.md): the
-all-states verify pass costs about the same as the plain one (the state stores are small next
-to the matmuls), and selecting the kept state is a dictionary lookup (microseconds), while the
-re-decode it replaces took 15-40% of a round. The price is memory: k + 1 extra states instead
-of one plus O(k) inputs, bounded by draft-max (8 by default).
+Measured per kernel (bench/speculative.py, BENCHMARKS.md "Where a round's time goes"): on the
+CPU the all_states scan writes each state straight into its plane (the step's set_rows is fused
+into it, ember.codegen.cpu), so keeping every state of a 9-token verify of the random-weight
+granitehybrid costs the stores alone, ~2 ms of CPU time over a 21.6 ms pass (~10%; it was
+~17% while the states went through the arena and a set_rows copy), and selecting the kept state
+is a dictionary lookup (microseconds), while the re-decode it replaces is 20-45% of a round. A
+replay would still write one state and re-run the accepted tokens' scan (~0.1 ms per token for
+the 6 layers), so it could save at most about half of those ~2 ms: not worth a kernel per op and
+backend yet. The price is memory: k + 1 extra states instead of one plus O(k) inputs, bounded by
+draft-max (8 by default).
 
 Draft sources: n-grams of the context (prompt lookup) and a smaller draft model with the same
 vocabulary.
@@ -275,10 +280,11 @@ class _Speculation:
             self.context.append(next_token)
             room = min(draft_max, self.n_predict - len(result.tokens), target.n_ctx - target.n_past - 1)
             drafts = self.draft.propose(self.context, room) if room > 0 else []
-            round_start = time.perf_counter()
+            round_start, compiled = time.perf_counter(), self.compile_seconds()
             n_ok, chosen = self.verify(next_token, drafts)
             stop = self.emit_accepted(drafts[:n_ok])
-            self.stats.round_seconds += time.perf_counter() - round_start
+            # a step shape compiled inside the round is not the round's cost (as decode_seconds)
+            self.stats.round_seconds += time.perf_counter() - round_start - (self.compile_seconds() - compiled)
             if stop:
                 break
             next_token = chosen
@@ -346,18 +352,16 @@ class _Speculation:
             t = time.perf_counter()
             checkpoint = self.memory.checkpoint()     # the position: its plane stays (ember.runtime.memory)
             stats.checkpoint_seconds += time.perf_counter() - t
-        t = time.perf_counter()
         rows = target.eval(batch, all_logits=True, keep_states=self.rollback == "states")
-        stats.verify_seconds += time.perf_counter() - t
+        stats.verify_seconds += target.last_eval_seconds      # without compiling a new shape
         n_ok, chosen = self.accept(rows, drafts)
         t = time.perf_counter()
         if redecode and n_ok < len(drafts):
             # back to the checkpoint, then re-decode the accepted tokens (llama.cpp's way)
             self.memory.restore(checkpoint)
-            t_redecode = time.perf_counter()
-            stats.restore_seconds += t_redecode - t
+            stats.restore_seconds += time.perf_counter() - t
             target.eval(batch[:1 + n_ok])
-            stats.redecode_seconds += time.perf_counter() - t_redecode
+            stats.redecode_seconds += target.last_eval_seconds
         else:
             # the cache keeps the last token and the accepted drafts; the rest is dropped (a
             # recurrent state moves to the plane holding the accepted position: Session.truncate)

@@ -85,3 +85,57 @@ def test_gated_delta_net_all_states_are_the_one_token_states(backend, kda):
     inputs = _gdn_inputs(np.random.default_rng(1), H_k, H_v, S_k, S_v, kda)
     _check(backend, lambda t, all_states: _gdn_graph(t, H_k, H_v, S_k, S_v, kda, all_states), inputs,
            H_v * S_v, (H_v, S_v, S_k))
+
+
+def _planes_graph(T: int, H: int, P: int, N: int, G: int, R: int, delta: bool):
+    """A step graph's recurrent layer: the state read from plane src of a table, the scan with
+    all_states, its states written back with set_rows(planes, slots, states) (the contract of
+    ember.models.common), its outputs read on through a copy."""
+    b = GraphBuilder("scan_planes")
+    planes = b.input("planes", "f32", (R, H * P * N))
+    src, slots = b.input("src", "i32", (1,)), b.input("slots", "i32", (T,))
+    state = b.reshape(b.get_rows(planes, src), H, P, N)
+    if delta:       # H = H_v, P = S_v, N = S_k, G = H_k
+        q, k = b.input("q", "f32", (T, G, N)), b.input("k", "f32", (T, G, N))
+        v, g, beta = b.input("v", "f32", (T, H, P)), b.input("g", "f32", (T, H)), b.input("beta", "f32", (T, H))
+        out = b.gated_delta_net(q, k, v, g, beta, state, scale=N ** -0.5, all_states=True)
+    else:
+        x, dt, a = b.input("x", "f32", (T, H, P)), b.input("dt", "f32", (T, H)), b.input("A", "f32", (H,))
+        bm, cm = b.input("B", "f32", (T, G, N)), b.input("C", "f32", (T, G, N))
+        out = b.ssm_scan(state, x, dt, a, bm, cm, all_states=True)
+    y = b.view(out, shape=(T, H, P), strides=(H * P * 4, P * 4, 4))
+    states = b.view(out, shape=(T, H * P * N), strides=(H * P * N * 4, 4), offset=T * H * P * 4)
+    return b.build(b.cont(y), b.set_rows(planes, slots, states))
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["ssm_scan", "gated_delta_net"])
+def test_all_states_written_into_their_planes(backend, delta):
+    # what a verify step does: every state lands in the plane state_slots names (a repeated slot
+    # keeps the later token's), the other planes stay; on the CPU the scan writes them itself
+    # (CpuRenderer.scan_kernel), into the table bound in place or into a separate output
+    H, P, N, G, R = 4, 8, 16, 2, 6
+    rng = np.random.default_rng(2)
+    if delta:
+        inputs = _gdn_inputs(rng, G, H, N, P, kda=False)
+        plain = _gdn_graph(T, G, H, N, P, False, True)
+    else:
+        inputs = _scan_inputs(rng, H, P, N, G)
+        plain = _scan_graph(T, H, P, N, G, True)
+    (flat,) = backend.compile(plain).run(inputs)
+    states = flat[T * H * P:].reshape(T, -1)
+    table = rng.standard_normal((R, H * P * N)).astype(np.float32)
+    table[2] = inputs["state"].reshape(-1)
+    slots = np.array([3, 1, 4, 1, 0], np.int32)
+    expected = table.copy()
+    expected[slots] = states            # NumPy keeps the last of a repeated index too
+    fused = {**{k: v for k, v in inputs.items() if k != "state"}, "planes": table,
+             "src": np.array([2], np.int32), "slots": slots}
+    executable = backend.compile(_planes_graph(T, H, P, N, G, R, delta))
+    y, planes = executable.run(fused)
+    np.testing.assert_array_equal(y.reshape(-1), flat[:T * H * P])
+    np.testing.assert_array_equal(planes, expected)
+    if backend.name == "cpu":
+        assert "_set_rows(" not in executable.source     # the scan stored the states itself
+        in_place = table.copy()
+        executable.run({**fused, "planes": in_place}, {1: in_place})
+        np.testing.assert_array_equal(in_place, expected)
