@@ -490,9 +490,10 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         if n_first == 1:            # a size-1 axis: its stride is never used, the sequence's is
             first = seq
         elif seq != n_first * first:
-            raise self.error(node, f"gated_delta_net: an operand {list(o.shape)} with strides {list(o.type.strides)} "
-                                   f"does not lay its sequences out one after another (a sequence "
-                                   f"stride of {n_first} x {first} bytes); copy it contiguous first")
+            raise self.error(node, f"gated_delta_net: an operand {list(o.shape)} with strides "
+                                   f"{list(o.type.strides)} does not lay its sequences out one after "
+                                   f"another (a sequence stride of {n_first} x {first} bytes); copy it "
+                                   f"contiguous first")
         return (first, *rest)
 
     # ---- matmul and rows of tables -----------------------------------------------------------
