@@ -486,6 +486,8 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
         if not d.seq_axis:
             return o.type.strides
         seq, first, *rest = o.type.strides
+        if d.N == 1:                # one sequence: its stride is never used
+            return (first, *rest)
         n_first = o.shape[1]
         if n_first == 1:            # a size-1 axis: its stride is never used, the sequence's is
             first = seq
