@@ -514,10 +514,12 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
         self.scan_kernel(node, "ssm_scan.c.j2", c_ssm_scan(node), T * H * P)
 
     def gated_delta_net(self, node: Node):
-        T, H_v, S_v = node.inputs[2].shape
-        self.scan_kernel(node, "gated_delta_net.c.j2", c_gated_delta_net(node), T * H_v * S_v)
+        params = c_gated_delta_net(node)
+        # the planes of a step graph's state table hold one sequence's states
+        self.scan_kernel(node, "gated_delta_net.c.j2", params, params["N"] * params["T"] * params["H_v"] * params["S_v"],
+                         fusable=params["N"] == 1)
 
-    def scan_kernel(self, node: Node, template: str, params: dict, n_outputs: int):
+    def scan_kernel(self, node: Node, template: str, params: dict, n_outputs: int, fusable: bool = True):
         """A recurrent scan (ssm_scan, gated_delta_net). With all_states, when its states only go
         to the planes of a table updated in place (the step graph's set_rows(planes, state_slots,
         states)), the scan writes each state straight into its plane and that set_rows becomes no
@@ -525,7 +527,7 @@ class CpuRenderer(Renderer, dialect="cpu", templates=TEMPLATES, arena_alignment=
         and then copied them, 10% of the pass (BENCHMARKS.md)."""
         args = [self.ptr(o) for o in node.inputs] + [self.ptr(node)]
         reads, writes = self.reads_of(*node.inputs), self.reads_of(node)
-        store = self.fused_state_store(node, n_outputs)
+        store = self.fused_state_store(node, n_outputs) if fusable else None
         planes = dict(planes=0, plane_bytes=0, idx_step=0)
         if store is not None:
             table, idx, _ = store.inputs

@@ -480,8 +480,9 @@ class OpenCLRenderer(Renderer, dialect="opencl", templates=TEMPLATES, arena_alig
                         (H * P,), None, **c_ssm_scan(node))
 
     def gated_delta_net(self, node: Node):
+        params = c_gated_delta_net(node)
         self.add_kernel(node, "gated_delta_net.cl.j2", [self.buf(o) for o in node.inputs] + [self.buf(node)],
-                        (node.inputs[2].shape[1] * node.inputs[2].shape[2],), None, **c_gated_delta_net(node))
+                        (params["N"] * params["H_v"] * params["S_v"],), None, **params)
 
 
 @functools.lru_cache(maxsize=None)

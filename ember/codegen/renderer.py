@@ -33,6 +33,7 @@ from ember.files import default_cache_dir
 from ember.ir.graph import Graph
 from ember.ir.node import Node
 from ember.ir.ops import OPS
+from ember.ir.ops.delta_net import gdn_dims
 from ember.ir.ops.elementwise import BINARY, GATED, UNARY
 from ember.ir.printer import value_names
 from ember.ir.types import TensorType
@@ -198,15 +199,20 @@ def c_rope(node: Node, real: Callable[[float], str]) -> tuple[list[Node], dict]:
 
 
 def c_gated_delta_net(node: Node) -> dict:
-    """The parameters of a gated_delta_net kernel: sizes, byte strides of every operand, whether
-    the decay is per key channel (kda), the output scale as a float literal and whether the
-    state after every token is written (all_states)."""
+    """The parameters of a gated_delta_net kernel: sizes (N sequences, 1 without a sequence
+    axis), byte strides of every operand within a sequence (qs, ks, ...) and from one sequence to
+    the next (qn, kn, ...; 0 without a sequence axis), whether the decay is per key channel (kda),
+    the output scale as a float literal and whether the state after every token is written
+    (all_states)."""
     q, k, v, g, beta, state = node.inputs
-    T, H_k, S_k = q.shape
-    return dict(T=T, H_k=H_k, H_v=v.shape[1], S_k=S_k, S_v=v.shape[2], kda=g.type.rank == 3,
-                qs=q.type.strides, ks=k.type.strides, vs=v.type.strides, gs=g.type.strides,
-                bs=beta.type.strides, ss=state.type.strides, scale=c_float(node.attr("scale")),
-                all_states=node.attr("all_states"))
+    d = gdn_dims(q, v, g, state)
+    lead = 1 if d.seq_axis else 0
+    params = dict(N=d.N, T=d.T, H_k=d.H_k, H_v=d.H_v, S_k=d.S_k, S_v=d.S_v, kda=d.kda,
+                  scale=c_float(node.attr("scale")), all_states=node.attr("all_states"))
+    for name, o in zip(("q", "k", "v", "g", "b", "s"), node.inputs):
+        params[f"{name}s"] = o.type.strides[lead:]
+        params[f"{name}n"] = o.type.strides[0] if lead else 0
+    return params
 
 
 def c_ssm_scan(node: Node) -> dict:

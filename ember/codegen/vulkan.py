@@ -47,6 +47,7 @@ from ember.ir import dtypes
 from ember.ir.graph import Graph
 from ember.ir.layouts import unsupported_layout
 from ember.ir.node import Node
+from ember.ir.ops.delta_net import GdnDims, gdn_dims
 from ember.ir.ops.elementwise import BINARY, GATED
 from ember.ir.printer import value_names
 from ember.ir.types import TensorType
@@ -465,14 +466,37 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
 
     def gated_delta_net(self, node: Node):
         q, k, v, g, beta, state = node.inputs
-        T, H_k, S_k = q.shape
-        H_v, S_v = v.shape[1:]
-        push = dict(T=T, H_k=H_k, H_v=H_v, S_v=S_v, all_states=int(node.attr("all_states")))
-        bindings = self.strided_operands(push, q=q, k=k, v=v, g=g, beta=beta, s=state)
+        d = gdn_dims(q, v, g, state)
+        push = dict(N=d.N, T=d.T, H_k=d.H_k, H_v=d.H_v, S_v=d.S_v, all_states=int(node.attr("all_states")))
+        bindings = []
+        for name, o in dict(q=q, k=k, v=v, g=g, beta=beta, s=state).items():
+            binding, off = self.operand(o)
+            bindings.append(binding)
+            push[f"{name}_off"] = off
+            push.update({f"{name}_s{i}": st // 4 for i, st in enumerate(self.gdn_strides(node, o, d))})
         y, y_off = self.operand(node, what="result")
         push.update(y_off=y_off, scale=float(node.attr("scale")))
-        self.dispatch(node, "gated_delta_net.comp.j2", dict(wg=64, S_k=S_k, kda=g.type.rank == 3), bindings + [y],
-                      push, -(-H_v * S_v // 64), reads=bindings, writes=[y])
+        self.dispatch(node, "gated_delta_net.comp.j2", dict(wg=64, S_k=d.S_k, kda=d.kda), bindings + [y],
+                      push, -(-d.N * d.H_v * d.S_v // 64), reads=bindings, writes=[y])
+
+    def gdn_strides(self, node: Node, o: Node, d: GdnDims) -> tuple[int, ...]:
+        """o's byte strides within a sequence, the first (tokens; heads for the state) standing
+        for the merged (sequence, first) axis: the push block has no room for sequence strides
+        (128 bytes), so a sequence must start where the previous one's first axis would go on."""
+        if not d.seq_axis:
+            return o.type.strides
+        seq, first, *rest = o.type.strides
+        if d.N == 1:                # one sequence: its stride is never used
+            return (first, *rest)
+        n_first = o.shape[1]
+        if n_first == 1:            # a size-1 axis: its stride is never used, the sequence's is
+            first = seq
+        elif seq != n_first * first:
+            raise self.error(node, f"gated_delta_net: an operand {list(o.shape)} with strides "
+                                   f"{list(o.type.strides)} does not lay its sequences out one after "
+                                   f"another (a sequence stride of {n_first} x {first} bytes); copy it "
+                                   f"contiguous first")
+        return (first, *rest)
 
     # ---- matmul and rows of tables -----------------------------------------------------------
     def mul_mat(self, node: Node):
@@ -815,7 +839,7 @@ def all_variants(caps: DeviceCaps) -> list[Shader]:
             scan_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
         add("ssm_scan.comp.j2", dict(wg=64, N=16, a_per_state=a_per_state), scan_push + ["y_off"], 7)
     for kda in (False, True):
-        gdn_push = ["T", "H_k", "H_v", "S_v", "all_states"]
+        gdn_push = ["N", "T", "H_k", "H_v", "S_v", "all_states"]
         for name, rank in (("q", 3), ("k", 3), ("v", 3), ("g", 3 if kda else 2), ("beta", 2), ("s", 3)):
             gdn_push += [f"{name}_off"] + [f"{name}_s{i}" for i in range(rank)]
         add("gated_delta_net.comp.j2", dict(wg=64, S_k=16, kda=kda), gdn_push + ["y_off", "scale"], 7)

@@ -458,6 +458,21 @@ def _gdn_case(name, T, H_k, H_v, S_k, S_v, kda=False, fused=False, state="plain"
     case(f"gdn/{name}", "gated_delta_net", scalar=scalar)(build)
 
 
+def _gdn_sequences_case(name, N, T, H_k, H_v, S_k, S_v, kda=False, all_states=False):
+    """N sequences in one call (ggml's n_seqs): every operand with a leading sequence axis."""
+    def build(s):
+        q, k = (s.input(x, "f32", (N, T, H_k, S_k), _unit_heads) for x in ("q", "k"))
+        v = s.input("v", "f32", (N, T, H_v, S_v))
+        g = s.input("g", "f32", (N, T, H_v, S_k) if kda else (N, T, H_v), _log_decay)
+        beta = s.input("beta", "f32", (N, T, H_v), _unit_interval)
+        st = s.input("state", "f32", (N, H_v, S_v, S_k), lambda rng, shape: 0.3 * normal(rng, shape))
+        return [s.gated_delta_net(q, k, v, g, beta, st, scale=S_k ** -0.5, all_states=all_states)]
+    case(f"gdn/{name}", "gated_delta_net")(build)
+
+
+_gdn_sequences_case("seqs3-decode-grouped", 3, 1, 2, 4, 16, 16)
+_gdn_sequences_case("seqs2-T5-odd-kda-all-states", 2, 5, 3, 6, 13, 7, kda=True, all_states=True)
+
 _gdn_case("decode-H4-S16", 1, 4, 4, 16, 16, scalar=True)
 _gdn_case("prompt-T9-S32", 9, 2, 2, 32, 32)
 _gdn_case("grouped-T5-Hv2Hk", 5, 2, 4, 16, 16, scalar=True)

@@ -3,6 +3,9 @@ the same bits as T calls of one token, each carrying the state the last one retu
 step must equal a prompt row: speculative decoding depends on it). Each backend's kernel walks
 the tokens of one state row in order with the state in f32 between tokens, and its per-token
 arithmetic does not depend on T, so the identity is exact on cpu, opencl and vulkan alike.
+Several sequences in one call (ggml's n_seqs): each sequence's part of the result equals, bit for
+bit, the call of that sequence alone (its tokens touch its own state only), for decode steps and
+prompt rows, with a state the sequences do not share the layout of.
 The values themselves are checked against the reference by the conformance suite."""
 from __future__ import annotations
 
@@ -72,3 +75,43 @@ def test_cpu_result_does_not_depend_on_the_thread_count(backend_cache):
     one, many = (make_backend("cpu", backend_cache, threads=n).compile(graph).run(inputs) for n in (1, 2))
     for a, b in zip(one, many):
         np.testing.assert_array_equal(a, b)
+
+
+def _sequences_graph(N, T, H_k, H_v, S_k, S_v, kda, all_states):
+    """Outputs: one call over N sequences, then N calls of one sequence each, whose operands are
+    the N-sequence operands' slices (views: the same bytes, no copy)."""
+    b = GraphBuilder("gdn_sequences")
+    q, k = b.input("q", "f32", (N, T, H_k, S_k)), b.input("k", "f32", (N, T, H_k, S_k))
+    v = b.input("v", "f32", (N, T, H_v, S_v))
+    g = b.input("g", "f32", (N, T, H_v, S_k) if kda else (N, T, H_v))
+    beta, state = b.input("beta", "f32", (N, T, H_v)), b.input("state", "f32", (N, H_v, S_v, S_k))
+    scale = S_k ** -0.5
+    operands = (q, k, v, g, beta, state)
+    outputs = [b.gated_delta_net(*operands, scale=scale, all_states=all_states)]
+    for n in range(N):
+        alone = (b.view(x, shape=x.shape[1:], strides=x.type.strides[1:], offset=n * x.type.strides[0])
+                 for x in operands)
+        outputs.append(b.gated_delta_net(*alone, scale=scale, all_states=all_states))
+    return b.build(outputs)
+
+
+SEQUENCES = {"decode-3seqs": (3, 1, 2, 4, 16, 16, False, False),
+             "prompt-2seqs-odd": (2, 5, 3, 6, 13, 7, False, False),
+             "kda-all-states-3seqs": (3, 4, 2, 4, 12, 12, True, True)}
+
+
+@pytest.mark.parametrize("shape", SEQUENCES.values(), ids=SEQUENCES.keys())
+def test_each_sequence_equals_its_call_alone_bit_for_bit(backend, shape):
+    N, T, H_k, H_v, S_k, S_v, kda, all_states = shape
+    graph = _sequences_graph(*shape)
+    inputs = _inputs(graph, seed=2)
+    together, *alone = backend.compile(graph).run(inputs)
+    rows, states = T * H_v * S_v, (T if all_states else 1) * H_v * S_v * S_k
+    assert together.size == N * (rows + states)
+    for n, one in enumerate(alone):
+        np.testing.assert_array_equal(together[n * rows:(n + 1) * rows], one[:rows])
+        np.testing.assert_array_equal(together[N * rows + n * states:N * rows + (n + 1) * states], one[rows:])
+    # each sequence starts from its own state: swapping two sequences' states changes their rows
+    swapped = dict(inputs, state=inputs["state"][::-1].copy())
+    other = backend.compile(graph).run(swapped)[0]
+    assert np.any(other[:rows] != together[:rows])

@@ -1,10 +1,14 @@
-"""Greedy speculation on OpenCL (PoCL) and Vulkan (lavapipe) for the hybrids lfm2 (short
-convolutions), nemotron_h (Mamba-2) and qwen35moe (gated DeltaNet, MoE): n-gram drafts, and a
-draft model of another architecture (the same 320-token vocabulary, other weights: rejected
-tails, and a recurrent draft that rewinds), with the default per-position-states rollback, give
-exactly the tokens of plain greedy decoding on the same backend (ember.runtime.speculative); the
-n-gram rounds move no byte of state or cache between host and device. Slow: PoCL compiles every
-kernel of each step graph cold (minutes per model); each backend skips where missing."""
+"""Greedy speculation on OpenCL (PoCL) and Vulkan (lavapipe) for every hybrid of the seed's model
+class: the short-convolution hybrids lfm2 and lfm2moe (MoE), the Mamba-2 hybrids nemotron_h and
+falcon-h1 (parallel attention + SSM), jamba (Mamba-1, MoE) and the gated-DeltaNet hybrids
+qwen35, qwen3next and qwen35moe (MoE). n-gram drafts, and a draft model of another architecture
+(the same 320-token vocabulary, other weights: rejected tails, and a recurrent draft that
+rewinds), give exactly the tokens of plain greedy decoding on the same backend
+(ember.runtime.speculative), with the default per-position-states rollback and with the
+checkpoint-and-re-decode one (`--spec-rollback redecode`); the n-gram rounds with the default
+rollback move no byte of state or cache between host and device. Slow: PoCL compiles every
+kernel of each step graph cold (minutes per model); each backend skips where missing. Run one
+arch at a time (-k ARCH) on a loaded machine."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,34 +23,45 @@ from ember.runtime.session import Session, SessionOptions
 from ember.runtime.speculative import ModelDraft, NgramDraft, speculative_generate
 from tiny_gguf_delta import DeltaSpec
 from tiny_gguf_hybrid import HybridSpec
+from tiny_gguf_jamba import JambaSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")    # pyopencl's build-log notes
 
 OPTIONS = SessionOptions(n_ctx=96, kv_bucket=32)
 N_PREDICT = 24
-TARGETS = {"lfm2": HybridSpec("lfm2"), "nemotron_h": HybridSpec("nemotron_h"),
-           "qwen35moe": DeltaSpec("qwen35moe", "f32")}
-# a draft of another architecture for each (tests/runtime/test_hybrid_sessions.py picks the
-# hybrids' pairs so that they disagree on its prompt)
-DRAFTS = {"lfm2": HybridSpec("nemotron_h"), "nemotron_h": HybridSpec("falcon-h1"),
-          "qwen35moe": DeltaSpec("qwen35", "f32")}
+TARGETS = {"lfm2": HybridSpec("lfm2"), "lfm2moe": HybridSpec("lfm2moe"),
+           "nemotron_h": HybridSpec("nemotron_h"), "falcon-h1": HybridSpec("falcon-h1"),
+           "jamba": JambaSpec(), "qwen35": DeltaSpec("qwen35", "f32"),
+           "qwen3next": DeltaSpec("qwen3next", "f32"), "qwen35moe": DeltaSpec("qwen35moe", "f32")}
+# a draft of another architecture for each, with the same tokenizer (tests/runtime/
+# test_hybrid_sessions.py picks the hybrids' pairs so that they disagree on its prompt)
+DRAFTS = {"lfm2": HybridSpec("nemotron_h"), "lfm2moe": HybridSpec("nemotron_h"),
+          "nemotron_h": HybridSpec("falcon-h1"), "falcon-h1": HybridSpec("lfm2moe"),
+          "jamba": HybridSpec("lfm2"), "qwen35": DeltaSpec("qwen3next", "f32"),
+          "qwen3next": DeltaSpec("qwen35", "f32"), "qwen35moe": DeltaSpec("qwen35", "f32")}
+
+
+# the prompt's seed per arch: a motif whose greedy continuation repeats earlier tokens, so that
+# n-grams find drafts (qwen35moe's is test_spec_rollback.py's; the hybrids' default that of
+# tests/runtime/test_hybrid_sessions.py; the others checked on the CPU to draft)
+PROMPT_SEEDS = {"qwen35moe": 2, "qwen35": 1, "qwen3next": 1, "jamba": 3}
 
 
 def repetitive_prompt(arch: str) -> list[int]:
-    """A motif repeated (the prompts of tests/runtime/test_hybrid_sessions.py and, for qwen35moe,
-    whose greedy text continues that one nowhere, of test_spec_rollback.py): n-grams find drafts."""
-    if arch == "qwen35moe":
-        motif = list(np.random.default_rng(2).integers(3, 200, size=4))
-    else:
-        motif = list(np.random.default_rng(7).integers(3, 300, size=4))
+    """A motif repeated four times (ids below 200 for the byte-level BPE vocabulary of the DeltaNet
+    files, below 300 for the others), cut to 12 tokens with BOS."""
+    high = 200 if isinstance(TARGETS[arch], DeltaSpec) else 300
+    motif = list(np.random.default_rng(PROMPT_SEEDS.get(arch, 7)).integers(3, high, size=4))
     return [1] + (motif * 4)[:11]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend_name", ["opencl", "vulkan"])
 @pytest.mark.parametrize("arch", list(TARGETS))
-@pytest.mark.parametrize("drafter", ["ngram", "model"])
-def test_gpu_hybrid_speculation_is_token_identical(tiny_files, backend_cache, backend_name, arch, drafter):
+@pytest.mark.parametrize("drafter, rollback", [("ngram", "states"), ("model", "states"), ("model", "redecode")],
+                         ids=["ngram", "model", "model-redecode"])
+def test_gpu_hybrid_speculation_is_token_identical(tiny_files, backend_cache, backend_name, arch, drafter,
+                                                   rollback):
     backend = make_backend(backend_name, backend_cache)
     model = load_model(tiny_files[TARGETS[arch]])
     tokenizer = Tokenizer.from_metadata(model.tokenizer)
@@ -59,8 +74,13 @@ def test_gpu_hybrid_speculation_is_token_identical(tiny_files, backend_cache, ba
     else:
         draft, draft_max = ModelDraft(Session(load_model(tiny_files[DRAFTS[arch]]), backend, OPTIONS)), 3
     got, stats = speculative_generate(target, draft, tokenizer, prompt, N_PREDICT, draft_max=draft_max,
-                                      ignore_eos=True)
+                                      ignore_eos=True, rollback=rollback)
     assert got.tokens == expected
-    assert stats.drafted > 0 and stats.rollback == "states" and stats.redecode_seconds == 0
+    assert stats.drafted > 0 and stats.rollback == rollback
+    if rollback == "states":
+        assert stats.redecode_seconds == 0
     if drafter == "ngram":
         assert stats.synced_bytes == 0
+    if drafter == "model":      # rejected tails: a rollback happened (re-decoding where asked)
+        assert stats.accepted < stats.drafted
+        assert (stats.redecode_seconds > 0) == (rollback == "redecode")

@@ -230,3 +230,35 @@ def test_export_gives_spirv_blobs_and_a_plan_naming_them(spirv_cache):
 def test_push_constants_beyond_the_device_limit_are_an_error():
     with pytest.raises(EmberError, match="push constants"):
         render_graph(small_graph("bad"), DeviceCaps("pushless", push_bytes=16))
+
+
+def _gdn_sequences(state_layout: str):
+    """gated_delta_net over 2 sequences of 3 tokens; v's sequences one after another, or
+    interleaved (a transpose of its sequence and token axes)."""
+    b = GraphBuilder("gdn_seqs")
+    q, k = b.input("q", "f32", (2, 3, 1, 16)), b.input("k", "f32", (2, 3, 1, 16))
+    if state_layout == "contiguous":
+        v = b.input("v", "f32", (2, 3, 2, 8))
+    else:
+        v = b.permute(b.input("v", "f32", (3, 2, 2, 8)), 1, 0, 2, 3)
+    g, beta = b.input("g", "f32", (2, 3, 2)), b.input("beta", "f32", (2, 3, 2))
+    state = b.input("state", "f32", (2, 2, 8, 16))
+    return b.build([b.gated_delta_net(q, k, v, g, beta, state, scale=0.25)])
+
+
+def test_gated_delta_net_sequences_share_the_one_sequence_shader():
+    """N rides in the push constants: two sequences run the shader of one (the decode path's)."""
+    b = GraphBuilder("gdn_one")
+    q, k = b.input("q", "f32", (1, 1, 16)), b.input("k", "f32", (1, 1, 16))
+    v, g, beta = b.input("v", "f32", (1, 2, 8)), b.input("g", "f32", (1, 2)), b.input("beta", "f32", (1, 2))
+    one = render_graph(b.build([b.gated_delta_net(q, k, v, g, beta, b.input("s", "f32", (2, 8, 16)), scale=0.25)]),
+                       LAVAPIPE)
+    two = render_graph(_gdn_sequences("contiguous"), LAVAPIPE)
+    assert [s.sha256 for s in two.shaders] == [s.sha256 for s in one.shaders]
+    assert [d.op for d in two.dispatches] == ["gated_delta_net"]
+
+
+def test_gated_delta_net_interleaved_sequences_are_refused_in_one_line():
+    with pytest.raises(EmberError, match=r"gated_delta_net: an operand \[2, 3, 2, 8\] .* does not lay its "
+                                         r"sequences out one after another"):
+        render_graph(_gdn_sequences("interleaved"), LAVAPIPE)

@@ -39,6 +39,42 @@ def test_shape_rule_errors_name_the_operand(shapes, message):
         _node(**shapes)
 
 
+SEQS = {name: (2,) + shape for name, shape in GOOD.items()}      # two sequences (ggml's n_seqs)
+
+
+def test_sequences_give_every_output_then_every_state():
+    assert str(_node(**SEQS).type) == f"f32[{2 * (3 * 4 * 5 + 4 * 5 * 8)}]"
+    assert str(_node(**dict(SEQS, g=(2, 3, 4, 8))).type) == f"f32[{2 * (3 * 4 * 5 + 4 * 5 * 8)}]"
+
+
+@pytest.mark.parametrize("shapes, message", [
+    (dict(SEQS, v=(3, 3, 4, 5)), r"v \[3, 3, 4, 5\] must have the state's 2 sequences first"),
+    (dict(SEQS, q=(3, 2, 8)), r"q \[3, 2, 8\] has rank 3; expected q, k \[N, T, H_k, S_k\]"),
+    (dict(SEQS, beta=(2, 3, 5)), r"beta \[3, 5\] must be \[3, 4\] per sequence"),
+], ids=["sequence-count", "operand-without-sequence-axis", "beta-heads"])
+def test_sequence_shape_errors_name_the_operand(shapes, message):
+    with pytest.raises(ShapeError, match="gated_delta_net: " + message):
+        _node(**shapes)
+
+
+def test_reference_runs_each_sequence_alone():
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in SEQS.values()]
+    xs[3] = -np.abs(xs[3])
+    node = _node(**SEQS)
+    together = run_reference_node(node, xs)
+    alone = [run_reference_node(_node(), [x[n] for x in xs]) for n in range(2)]
+    rows = 3 * 4 * 5
+    assert np.array_equal(together, np.concatenate([a[:rows] for a in alone] + [a[rows:] for a in alone]))
+
+
+def run_reference_node(node, xs):
+    b = GraphBuilder("one")
+    ins = [b.input(n, "f32", x.shape) for n, x in zip(GOOD, xs)]
+    out = b.gated_delta_net(*ins, scale=node.attr("scale"))
+    return run_reference(b.build([out]), dict(zip(GOOD, xs)))[0]
+
+
 def test_dtype_and_attribute_errors():
     operands = [input_node(n, "f16" if n == "v" else "f32", s) for n, s in GOOD.items()]
     with pytest.raises(ShapeError, match="gated_delta_net: v has dtype f16"):
