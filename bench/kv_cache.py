@@ -224,6 +224,9 @@ def measure(args, model_path, tokens, bos, ctx) -> list[tuple]:
         if engine == "ember" and args.configs:     # any other pair ember takes (e.g. turbo4/f16)
             listed = {f"{k}/{v}" for k, v, _ in EMBER_CONFIGS}
             configs += [(*pair.split("/"), True) for pair in args.configs.split(",") if pair not in listed]
+        if args.configs:                           # in the order given (f16/f16 first)
+            order = args.configs.split(",")
+            configs.sort(key=lambda c: order.index(f"{c[0]}/{c[1]}"))
         with tempfile.TemporaryDirectory(prefix="kv-cache-bench-") as scratch:
             # --reference-dir keeps the f16 run's rows, so a later run can score other cache types
             # against them without running f16 again (the name says text, token count and context)

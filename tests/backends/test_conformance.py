@@ -316,6 +316,8 @@ for _kv in KV_QUANTIZED:
     _kv_cache_case("prompt-gqa", _kv, 5, 21, 6, 2, _D, [16, 17, 18, 19, 20])
     _kv_cache_case("prompt-window-mqa", _kv, 3, 17, 2, 1, _D, [14, 15, 16], window=6)
 _kv_cache_case("decode", "turbo4", 1, 33, 4, 2, 128, [32], k_type="q8_0")   # the safe setting
+for _kv in ("turbo3", "turbo4"):     # the default model's head: 256 values, two turbo blocks
+    _kv_cache_case("prompt-head-256", _kv, 4, 21, 4, 1, 256, [17, 18, 19, 20])
 
 
 # state-space ops (Mamba-2)
