@@ -26,6 +26,8 @@ and q8_0 (flash attention on for both).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from ember.tools.perplexity import perplexity  # noqa: E402
+from ember.tools.perplexity import Perplexity, perplexity  # noqa: E402
 from bench.tables import print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,10 +62,30 @@ class Reference:
     """The log-probabilities (float32, in a file) and top-1 tokens of every scored row of one
     engine's f16 run, in the order perplexity() scores them."""
 
-    def __init__(self, folder: Path, rows: int, n_vocab: int):
-        self.logp = np.lib.format.open_memmap(folder / "reference.npy", mode="w+", dtype=np.float32,
+    def __init__(self, folder: Path, rows: int, n_vocab: int, name: str = "reference"):
+        self.logp = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32,
                                               shape=(rows, n_vocab))
         self.top = np.empty(rows, np.int64)
+        self.top_path = folder / f"{name}-top.npy"
+
+    def save(self, result) -> None:
+        """Keep the top-1 tokens and the f16 run's Perplexity beside the log-probabilities (a kept
+        reference, --reference-dir)."""
+        self.logp.flush()
+        np.save(self.top_path, self.top)
+        self.top_path.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(result)))
+
+    @classmethod
+    def kept(cls, folder: Path, name: str, rows: int):
+        """A reference an earlier run kept in folder, or None (absent or of another shape)."""
+        ref = cls.__new__(cls)
+        ref.top_path = folder / f"{name}-top.npy"
+        if not ref.top_path.exists() or not (folder / f"{name}.npy").exists():
+            return None
+        ref.logp = np.load(folder / f"{name}.npy", mmap_mode="r")
+        ref.top = np.load(ref.top_path)
+        ref.result = Perplexity(**json.loads(ref.top_path.with_suffix(".json").read_text()))
+        return ref if ref.logp.shape[0] == rows == ref.top.shape[0] else None
 
 
 class Scorer:
@@ -199,19 +221,37 @@ def measure(args, model_path, tokens, bos, ctx) -> list[tuple]:
         run, configs = (ember_run, EMBER_CONFIGS) if engine == "ember" else (llama_run, LLAMA_CONFIGS)
         configs = [c for c in configs if (c[2] or not args.no_rotation_off)
                    and (not args.configs or f"{c[0]}/{c[1]}" in args.configs.split(","))]
-        with tempfile.TemporaryDirectory(prefix="kv-cache-bench-") as folder:
-            reference = None
+        if engine == "ember" and args.configs:     # any other pair ember takes (e.g. turbo4/f16)
+            listed = {f"{k}/{v}" for k, v, _ in EMBER_CONFIGS}
+            configs += [(*pair.split("/"), True) for pair in args.configs.split(",") if pair not in listed]
+        if args.configs:                           # in the order given (f16/f16 first)
+            order = args.configs.split(",")
+            configs.sort(key=lambda c: order.index(f"{c[0]}/{c[1]}"))
+        with tempfile.TemporaryDirectory(prefix="kv-cache-bench-") as scratch:
+            # --reference-dir keeps the f16 run's rows, so a later run can score other cache types
+            # against them without running f16 again (the name says text, token count and context)
+            folder = Path(args.reference_dir or scratch)
+            name = f"{engine}-{Path(args.text).name}-{len(tokens)}-ctx{ctx}"
+            reference = Reference.kept(folder, name, scored_rows(len(tokens), ctx)) if args.reference_dir else None
+            if reference is not None:
+                configs = [c for c in configs if c[:2] != ("f16", "f16")]
+                kept = Scorer(None, reference, False)
+                kept.rows = kept.agree = 1          # the reference against itself: KL 0, top-1 100%
+                rows.append((engine, "f16", "f16", True, reference.result, kept))
+                print(f"ctx {ctx} {engine}: f16 reference kept in {folder}", file=sys.stderr, flush=True)
 
             def scorer_for(eval_chunk, n_vocab):
                 nonlocal reference
                 record = reference is None          # the first configuration is f16: the reference
                 if record:
-                    reference = Reference(Path(folder), scored_rows(len(tokens), ctx), n_vocab)
+                    reference = Reference(folder, scored_rows(len(tokens), ctx), n_vocab, name)
                 return Scorer(eval_chunk, reference, record)
 
             for k, v, rotation in configs:
                 start = time.perf_counter()
                 result, scorer = run(model_path, tokens, bos, ctx, args.threads, k, v, rotation, scorer_for)
+                if scorer.record and args.reference_dir:
+                    reference.save(result)
                 scorer.reference = None         # the file goes with the folder
                 rows.append((engine, k, v, rotation, result, scorer))
                 print(f"ctx {ctx} {engine} K {k} V {v} rotation {rotation}: {result.final_line()} "
@@ -251,9 +291,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default="ember,llama.cpp")
     parser.add_argument("--no-rotation-off", action="store_true", help="leave out the q8_0/q4_0 rows without rotation")
-    parser.add_argument("--configs", help="only these K/V pairs, e.g. f16/f16,q8_0/q8_0 (f16/f16 first: the reference)")
+    parser.add_argument("--configs", help="only these K/V pairs, e.g. f16/f16,q8_0/q8_0 (f16/f16 first: the "
+                        "reference); ember also runs pairs not in its list, e.g. turbo4/f16")
     parser.add_argument("--tokens", type=int, default=0, help="use only the text's first N tokens (0: all)")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--reference-dir", help="keep each engine's f16 rows here and reuse them in later runs "
+                        "(then only the other configurations run; several GB per context)")
     parser.add_argument("--speed", action="store_true", help="decode t/s per cache type instead of perplexity")
     parser.add_argument("--depths", default="0,4096", help="--speed: cache depths (llama-bench's -d)")
     parser.add_argument("--n-gen", type=int, default=32, help="--speed: decoded tokens per timed run")

@@ -709,9 +709,11 @@ class VulkanRenderer(Renderer, dialect="vulkan", templates=TEMPLATES, arena_alig
                     s_s0=src.type.strides[0] // 4, s_s1=src.type.strides[1] // 4, y_off=y_off, status=code)
         params = set_rows_params(dst.dtype, self.caps)
         items = D
-        if dst.dtype.is_quantized:     # a quantized cache: an invocation (turbo: a group) per block
-            push.update(y_row=dst.dtype.row_bytes(D))
-            items = D // dst.dtype.block_size * (params["wg"] if is_turbo(dst.dtype.name) else 1)
+        if dst.dtype.is_quantized:     # a quantized cache: an invocation per block (turbo: a group
+            push.update(y_row=dst.dtype.row_bytes(D))      # per token and block)
+            items = D // dst.dtype.block_size
+            if is_turbo(dst.dtype.name):
+                items *= params["wg"] * idx.shape[0]
         self.dispatch(node, "set_rows.comp.j2", params, [ib, sb, yb, stb], push,
                       -(-items // params["wg"]), reads=[ib, sb, yb], writes=[yb])   # status: atomics
 

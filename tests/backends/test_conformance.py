@@ -324,6 +324,8 @@ _kv_cache_case("decode", "turbo4", 1, 33, 4, 2, 128, [32], k_type="q8_0")   # th
 _kv_cache_case("swa-head-256-mqa", "turbo3", 3, 17, 8, 1, 256, [14, 15, 16], window=6, slow=True)
 _kv_cache_case("global-head-512-mqa", "turbo4", 2, 19, 8, 1, 512, [17, 18], k_type="q8_0", slow=True)
 _kv_cache_case("global-head-512-mqa", "q4_0", 2, 19, 8, 1, 512, [17, 18], slow=True)
+for _kv in ("turbo3", "turbo4"):     # the default model's head: 256 values, two turbo blocks
+    _kv_cache_case("prompt-head-256", _kv, 4, 21, 4, 1, 256, [17, 18, 19, 20])
 
 
 # state-space ops (Mamba-2)

@@ -87,6 +87,40 @@ def test_set_rows_without_fp64_stays_within_rounding_of_the_reference(which, bac
         assert err <= 1e-6, f"{kind}: NMSE {err:.3g} against the reference quantizer's values"
 
 
+def test_a_long_batch_into_a_two_block_turbo_head_is_written_and_read_back(backend):
+    """The default model's shape: one KV head of 256 values (two turbo blocks) and a prompt batch
+    of 300 tokens (a repeated slot: the last token wins), written by set_rows and read by
+    attention in one graph. Every block is the reference quantizer's and attention is within its
+    bound. (Vulkan's turbo set_rows once looped over the tokens in one work group; lavapipe wrote
+    wrong blocks from the 230th token on.)"""
+    T, D, HQ = 300, 256, 4
+    rng = np.random.default_rng(11)
+    slots = rng.permutation(T).astype(np.int32)
+    slots[T - 5] = slots[40]            # two tokens for one row: the later one is kept
+    b = GraphBuilder("kv_long_batch")
+    q = b.input("q", "f32", (3, HQ, D))
+    idx = b.input("slots", "i32", (T,))
+    outs = []
+    data = {"slots": slots, "q": rng.standard_normal((3, HQ, D)).astype(np.float32)}
+    for kind in ("turbo4", "turbo3"):
+        src = b.input(f"src_{kind}", "f32", (T, D))
+        cache = b.input(f"cache_{kind}", kind, (T, D))
+        kv = b.set_rows(cache, idx, src)
+        heads = b.reshape(kv, T, 1, D)
+        outs += [kv, b.attention(q, heads, heads, scale=D ** -0.5, causal=True)]
+        # a shared offset, as real keys have, on normal values
+        data[f"src_{kind}"] = (rng.standard_normal((T, D)) + 2 * rng.standard_normal(D)).astype(np.float32)
+        data[f"cache_{kind}"] = dtypes.from_float32(np.zeros((T, D), np.float32), dtypes.dtype(kind))
+    graph = b.build(outs)
+    got, expected = backend.compile(graph).run(data), run_reference(graph, data)
+    for n, kind in enumerate(("turbo4", "turbo3")):
+        cache, out = got[2 * n], got[2 * n + 1]
+        bad = np.argwhere((cache != expected[2 * n]).any(axis=1)).ravel().tolist()
+        assert not bad, f"{backend.name}: {kind}: rows {bad[:8]} ({len(bad)}) differ from the reference quantizer"
+        err = nmse(out, expected[2 * n + 1])
+        assert err <= F32_MATH, f"{backend.name}: {kind}: attention NMSE {err:.3g} > {F32_MATH:g}"
+
+
 # ---- attention over the caches -----------------------------------------------------------------
 # Every kind as K and as V, turbo on either side, q8_0 K with turbo4 V (the safe setting) and
 # plain caches beside quantized ones; the whole matrix of pairs is the slow variant.
