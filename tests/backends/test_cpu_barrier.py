@@ -62,11 +62,13 @@ double waiter_cpu_seconds(int nap_us) {
 
 /* The team sizes common.h's governor picks over `runs` runs asked for n threads, when a run of
  * team size s takes before[s] seconds until run change_at and after[s] from then on; at
- * change_at the barrier's spin limit becomes spins_after (0: left as it is). */
+ * change_at the barrier's spin limit goes from spins_before (0: the maximum, waits that end
+ * while spinning) to spins_after (0: left as it is; EMBER_BARRIER_SPINS_MIN: waits end in
+ * sleep, a teammate is held back). */
 void governor_sizes(int n, int runs, int change_at, const double *before, const double *after,
-                    int spins_after, int *sizes) {
+                    int spins_before, int spins_after, int *sizes) {
     memset(&ember_team, 0, sizeof ember_team);
-    ember_barrier_spins = EMBER_BARRIER_SPINS_MAX;
+    ember_barrier_spins = spins_before > 0 ? spins_before : EMBER_BARRIER_SPINS_MAX;
     for (int i = 0; i < runs; i++) {
         if (i == change_at && spins_after > 0) ember_barrier_spins = spins_after;
         int governed;
@@ -128,24 +130,32 @@ def test_default_thread_count_is_the_affinity_mask():
     assert CpuBackend().threads == expected
 
 
-def governor_sizes(lib, n: int, runs: int, before, after=None, change_at=None, spins_after=0) -> list[int]:
+def governor_sizes(lib, n: int, runs: int, before, after=None, change_at=None, spins_before=0,
+                   spins_after=0) -> list[int]:
     """The team size of every run (see SOURCE's governor_sizes); before/after: seconds per run
     of each team size 1..n."""
     costs = [(ctypes.c_double * (abs(n) + 1))(0.0, *seconds) for seconds in (before, after or before)]
     sizes = (ctypes.c_int * runs)()
-    lib.governor_sizes(n, runs, runs if change_at is None else change_at, costs[0], costs[1], spins_after, sizes)
+    lib.governor_sizes(n, runs, runs if change_at is None else change_at, costs[0], costs[1], spins_before, spins_after, sizes)
     return list(sizes)
 
 
+def test_governor_never_probes_a_smaller_team_on_a_quiet_machine(lib):
+    # the barrier's waits end while spinning: one thread less is never tried, whatever the times
+    assert set(governor_sizes(lib, 2, 4000, before=[1.5, 1.0])) == {2}
+    assert set(governor_sizes(lib, 2, 4000, before=[1.0, 1.3])) == {2}
+
+
 def test_governor_keeps_the_team_when_it_is_fastest(lib):
-    sizes = governor_sizes(lib, 2, 4000, before=[1.5, 1.0])     # a quiet machine: 2 threads win
+    # waits ending in sleep, yet 2 threads still win
+    sizes = governor_sizes(lib, 2, 4000, before=[1.5, 1.0], spins_before=64)
     assert set(sizes) == {1, 2}, "it never tried one thread less"
     # probes back off: in the last half, runs with one thread are a fraction of a percent
     assert sizes[2000:].count(1) / 2000 < 0.01
 
 
 def test_governor_drops_a_thread_held_back_by_another_process(lib):
-    sizes = governor_sizes(lib, 2, 2000, before=[1.0, 1.3])     # 2 threads slower than 1
+    sizes = governor_sizes(lib, 2, 2000, before=[1.0, 1.3], spins_before=64)   # 2 slower than 1
     assert sizes[:1] == [2]
     # settled on one thread, probing two for 6 runs in every 30 (below the count asked for the
     # probes do not back off: nothing else would tell when the other process is gone)
@@ -160,13 +170,13 @@ def test_governor_follows_contention_that_comes_and_goes(lib):
     assert sizes[3100:].count(1) / 2900 > 0.78
     # and two again soon after the other process is gone (one thread less backs off, one more
     # keeps probing often)
-    back = governor_sizes(lib, 2, 6000, before=busy, after=quiet, change_at=3000)
+    back = governor_sizes(lib, 2, 6000, before=busy, after=quiet, change_at=3000, spins_before=64)
     assert back[3100:].count(2) / 2900 > 0.95
 
 
 def test_governor_moves_one_thread_at_a_time_and_never_above_the_request(lib):
     # 4 threads asked for, 3 fastest (one core taken): it settles at 3, never tries 5
-    sizes = governor_sizes(lib, 4, 3000, before=[2.0, 1.4, 1.0, 1.2])
+    sizes = governor_sizes(lib, 4, 3000, before=[2.0, 1.4, 1.0, 1.2], spins_before=64)
     assert max(sizes) == 4 and min(sizes) >= 2
     assert sizes[1000:].count(3) / 2000 > 0.78
 
