@@ -47,8 +47,8 @@ from ember.tools.bench import BenchResult, decode_run, prompt_run, random_tokens
 from bench.tables import print_table  # noqa: E402
 
 ENGINES = ("ember", "llama.cpp")
-# a worker may also run ember with its thread count pinned (no team governor: bench/threads.py)
-WORKER_ENGINES = ENGINES + ("ember-pinned",)
+# a worker may also run ember with the team governor on (CpuBackend(adapt_threads=True): bench/threads.py)
+WORKER_ENGINES = ENGINES + ("ember-adaptive",)
 N_CTX = 1024
 PAUSE_S = 0.1        # lets the other engine's OpenMP threads go idle before a timed run
 REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print there too)
@@ -57,7 +57,7 @@ REPLY = "@@ "        # marks the workers' replies on stdout (libraries may print
 # ---- workers -----------------------------------------------------------------------------------
 class EmberEngine:
     def __init__(self, model_path: str, threads: int, n_ctx: int, cache: tuple[str, str] | None = None,
-                 adapt_threads: bool = True):
+                 adapt_threads: bool = False):
         from ember.backends import get_backend
         from ember.models import KVCacheTypes, load_model
         from ember.models.tokenizer import Tokenizer
@@ -149,7 +149,7 @@ def worker(engine_name: str, model_path: str, threads: int, n_prompt: int, n_gen
     if engine_name == "llama.cpp":
         engine = LlamaCppEngine(model_path, threads, n_ctx, cache)
     else:
-        engine = EmberEngine(model_path, threads, n_ctx, cache, adapt_threads=engine_name == "ember")
+        engine = EmberEngine(model_path, threads, n_ctx, cache, adapt_threads=engine_name == "ember-adaptive")
     rng = np.random.default_rng(seed)
 
     def tokens(n: int, bos: bool = True) -> list[int]:

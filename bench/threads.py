@@ -10,12 +10,12 @@ thread count, cache cleared before each run, one untimed warm-up) for ember and 
 workers take turns run by run, so load from elsewhere falls on all alike. The target: with
 the busy process, 2 threads never slower than 0.9x of 1 thread.
 
-ember's CPU backend lets each step graph's team governor (common.h) run fewer threads than asked
-when fewer have been faster lately; "ember-pinned" is ember with the thread count pinned
-(CpuBackend(adapt_threads=False)), what the barrier alone gives. --engines picks the engines
+"ember-adaptive" is ember with each step graph's team governor on (common.h;
+CpuBackend(adapt_threads=True)): it runs fewer threads than asked when fewer have been faster
+lately; "ember" (the default) pins the thread count, what the barrier alone gives. --engines picks the engines
 (on a loaded machine llama.cpp's 2-thread decode beside the spinner can take minutes per run).
 
-    python bench/threads.py [--model GGUF] [--n-gen 64] [--reps 3] [--engines ember,ember-pinned,llama.cpp]
+    python bench/threads.py [--model GGUF] [--n-gen 64] [--reps 3] [--engines ember,ember-adaptive,llama.cpp]
                             [--markdown]
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bench.models import Worker  # noqa: E402
 from ember.tools.bench import BenchResult, test_name  # noqa: E402
 from bench.tables import print_table  # noqa: E402
 
-ENGINES = ("ember", "ember-pinned", "llama.cpp")
+ENGINES = ("ember", "ember-adaptive", "llama.cpp")
 THREADS = (1, 2)
 CONDITIONS = ("alone", "busy")
 SPINNER = "while True:\n    pass\n"

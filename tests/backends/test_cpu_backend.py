@@ -187,10 +187,11 @@ def test_thread_counts_give_bit_identical_outputs(tmp_path):
 
 
 def test_the_team_governor_changes_no_bits(tmp_path):
-    """With the governor on, a graph run again and again (its first probe, one thread less,
-    comes at run 24 of 2 threads; common.h) gives the same bits every time."""
+    """With the governor on, a graph run again and again gives the same bits every time (on a
+    busy machine its probes, one thread less, come from run 24 of 2 threads; common.h; the
+    thread-count test above covers every team size)."""
     graph = mixed_graph()
-    run = CpuBackend(threads=2, cache_dir=tmp_path).compile(graph).bind(random_inputs(graph, seed=5))
+    run = CpuBackend(threads=2, cache_dir=tmp_path, adapt_threads=True).compile(graph).bind(random_inputs(graph, seed=5))
     first = [a.copy() for a in run()]
     for _ in range(40):
         for a, b in zip(first, run()):

@@ -51,7 +51,7 @@ class CpuBackend(Backend):
 
     def __init__(self, threads: int | None = None, isa: str = "native", cache_dir=None,
                  cc: str | None = None, profile: str | None = None, tiered: bool = False,
-                 adapt_threads: bool = True):
+                 adapt_threads: bool = False):
         if isa not in ISA_FLAGS:
             raise EmberError(f"cpu backend: unknown isa {isa!r}; known: {', '.join(ISA_FLAGS)}")
         if threads is not None and threads < 1:
@@ -234,7 +234,7 @@ class CpuExecutable(Executable):
     upgrade_error: Exception | None = None      # why that build failed (the quick tier stays)
 
     def __init__(self, graph: Graph, program: CpuProgram, library: ctypes.CDLL, threads: int,
-                 adapt_threads: bool = True):
+                 adapt_threads: bool = False):
         self.graph = graph
         self.program = program
         self.threads = threads
