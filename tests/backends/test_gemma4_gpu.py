@@ -25,13 +25,10 @@ import pytest
 from devices import make_backend
 from ember.backends import get_backend
 from ember.models import KVCacheTypes, load_model
-from ember.models.tokenizer import Tokenizer
-from ember.runtime.generate import generate
-from ember.runtime.sampling import Sampler, SamplingParams
 from ember.runtime.session import Session, SessionOptions
-from ember.runtime.speculative import NgramDraft, speculative_generate
 from ember.testing import nmse
 
+from speculation_checks import assert_ngram_speculation_is_greedy
 from tiny_gguf_gemma4 import Gemma4Spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")    # pyopencl's build-log notes
@@ -110,11 +107,4 @@ def test_greedy_speculation_over_a_quantized_cache_on_vulkan(tiny_files, backend
     types, spec = CACHES["q8_0-turbo4"]
     model = load_model(tiny_files[spec])
     session = Session(model, gpu, SessionOptions(n_ctx=32, ubatch=4, kv_bucket=16, cache=KVCacheTypes.of(*types)))
-    tokenizer = Tokenizer.from_metadata(model.tokenizer)
-    prompt = [1] + [17, 42, 99, 5] * 3 + [17, 42, 99]
-    expected = generate(session, tokenizer, prompt, 14, Sampler(SamplingParams(temperature=0)),
-                        ignore_eos=True).tokens
-    session.reset()
-    got, stats = speculative_generate(session, NgramDraft(), tokenizer, prompt, 14, draft_max=3,
-                                      ignore_eos=True)
-    assert got.tokens == expected and stats.drafted > 0
+    assert_ngram_speculation_is_greedy(session)

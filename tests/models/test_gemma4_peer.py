@@ -97,15 +97,7 @@ def test_graph_is_exact_with_ggmls_gelu_and_f32_caches(llama_cpp, tiny_files, mo
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, n_ubatch=64,
                           n_threads=THREADS, n_threads_batch=THREADS, type_k=llama_cpp.GGML_TYPE_F32,
                           type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
-    try:
-        llm.eval(PROMPT)
-        tokens = []
-        for _ in range(N_DECODE):
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval(tokens[-1:])
-        theirs = np.array(llm.scores[:llm.n_tokens], dtype=np.float32)
-    finally:
-        llm.close()
+    theirs, tokens = greedy_rows(llm)
     ref = ReferenceSession(load_model(path), 32, cache=KVCacheTypes.of("f32", "f32"))
     ours = np.concatenate([ref.step(PROMPT)] + [ref.step([t]) for t in tokens])
     assert_rows_match(ours, theirs, 1e-7)
@@ -118,6 +110,11 @@ def llama_rows_over_cache(llama_cpp, path, cache_type: str):
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, n_ubatch=64,
                           n_threads=THREADS, n_threads_batch=THREADS, flash_attn=True,
                           type_k=ggml_type, type_v=ggml_type, verbose=False)
+    return greedy_rows(llm)
+
+
+def greedy_rows(llm):
+    """llama.cpp's rows of PROMPT and of N_DECODE greedy tokens, and the tokens; closes llm."""
     try:
         llm.eval(PROMPT)
         tokens = []

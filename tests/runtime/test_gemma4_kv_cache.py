@@ -14,12 +14,9 @@ import pytest
 from ember.backends import get_backend
 from ember.errors import EmberError
 from ember.models import KVCacheTypes, load_model
-from ember.models.tokenizer import Tokenizer
-from ember.runtime.generate import generate
-from ember.runtime.sampling import Sampler, SamplingParams
 from ember.runtime.session import Session, SessionOptions, check_cache_support
-from ember.runtime.speculative import NgramDraft, speculative_generate
 from model_steps import ReferenceSession, nmse
+from speculation_checks import assert_ngram_speculation_is_greedy
 from tiny_gguf_gemma4 import N_HEAD_KV, Gemma4Spec
 
 # the window-5 layers keep a ring of 16 rows (5 + 4 rounded up to the bucket); 24 positions wrap it
@@ -93,15 +90,7 @@ def test_the_graph_over_a_mixed_cache_stays_near_the_f16_cache(tiny_files):
 def test_greedy_speculation_is_token_identical(session):
     """Verify steps of several tokens, their rejected tails truncated from the quantized caches
     (the ring's and the global layers'), give greedy decoding's tokens."""
-    tokenizer = Tokenizer.from_metadata(session.model.tokenizer)
-    prompt = [1] + [17, 42, 99, 5] * 3 + [17, 42, 99]
-    session.reset()
-    expected = generate(session, tokenizer, prompt, 14, Sampler(SamplingParams(temperature=0)),
-                        ignore_eos=True).tokens
-    session.reset()
-    got, stats = speculative_generate(session, NgramDraft(), tokenizer, prompt, 14, draft_max=3,
-                                      ignore_eos=True)
-    assert got.tokens == expected and stats.drafted > 0
+    assert_ngram_speculation_is_greedy(session)
 
 
 @pytest.mark.parametrize("types, message", [
