@@ -169,7 +169,7 @@ def llama_run(model_path, tokens, bos, ctx, threads, k, v, rotation, scorer_for)
 
 def speed(args) -> int:
     """Decode t/s per engine and cache type at each depth; ratios against ember's f16."""
-    from bench.models import Worker, context_size
+    from bench.models import Worker, context_size, kill_workers, quit_workers
     from ember.tools.bench import BenchResult, test_name
     load_before, start = os.getloadavg()[0], time.perf_counter()
     depths = [int(d) for d in args.depths.split(",")]
@@ -190,12 +190,9 @@ def speed(args) -> int:
                     table[(engine, kind)][-1].seconds.append(w.ask("tg")["seconds"])
                     print(f"d{depth} rep {rep} {engine} {kind}: {table[(engine, kind)][-1].samples[-1]:.2f} t/s",
                           file=sys.stderr, flush=True)
-            for _, _, w in workers:
-                w.ask("quit")
+            quit_workers([w for _, _, w in workers])
         finally:
-            for _, _, w in workers:
-                if w.proc.poll() is None:
-                    w.proc.kill()
+            kill_workers([w for _, _, w in workers])
     load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     base = table[("ember", "f16")]
     header = ["engine", "K = V"] + [r.test + " t/s" for r in base] + [f"vs ember f16 @ d{d}" for d in depths]

@@ -220,6 +220,22 @@ class Worker:
         return self.read()
 
 
+def quit_workers(workers: list[Worker]) -> list[dict]:
+    """Each worker's reply to quit (its info), its process waited for."""
+    replies = []
+    for w in workers:
+        replies.append(w.ask("quit"))
+        w.proc.wait(timeout=60)
+    return replies
+
+
+def kill_workers(workers: list[Worker]) -> None:
+    """Kill the workers still running (a driver's finally: an error must not leave them behind)."""
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.kill()
+
+
 def measure(args) -> tuple[dict, dict]:
     """{engine: [BenchResult pp, BenchResult tg]}, {engine: worker info}; info["stream"] holds
     the read bandwidths (GB/s) measured after each tg repetition."""
@@ -253,13 +269,10 @@ def measure(args) -> tuple[dict, dict]:
                     info["stream"].append(stream.gb_per_s())
         if bench:
             info["llama-bench"] = bench.info
-        for w in workers:
-            info[w.engine].update(w.ask("quit"))
-            w.proc.wait(timeout=60)
+        for w, reply in zip(workers, quit_workers(workers)):
+            info[w.engine].update(reply)
     finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                w.proc.kill()
+        kill_workers(workers)
     return results, info
 
 

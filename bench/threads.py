@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.models import Worker  # noqa: E402
+from bench.models import Worker, kill_workers, quit_workers  # noqa: E402
 from ember.tools.bench import BenchResult, test_name  # noqa: E402
 from bench.tables import print_table  # noqa: E402
 
@@ -85,12 +85,9 @@ def measure(args) -> tuple[dict, list[float]]:
                         print(f"rep {rep} {condition} {engine} {threads} thr: {result.samples[-1]:.2f} t/s "
                               f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
                 loads.append(os.getloadavg()[0])
-        for _, _, w in workers:
-            w.ask("quit")
+        quit_workers([w for _, _, w in workers])
     finally:
-        for _, _, w in workers:
-            if w.proc.poll() is None:
-                w.proc.kill()
+        kill_workers([w for _, _, w in workers])
     return results, loads
 
 
