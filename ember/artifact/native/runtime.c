@@ -946,7 +946,9 @@ static int run_step(ember_rt *rt, const int32_t *tokens, int n, int T) {
         case IN_TABLE: break;
         }
     }
-    int status = s->run(s->in, s->out, s->consts, rt->arena, rt->n_threads);
+    /* a negative count pins the team at that size: the graph library's governor (common.h) is
+     * opt-in, as in the Python session, since it cost quiet decodes ~12% (BENCHMARKS.md) */
+    int status = s->run(s->in, s->out, s->consts, rt->arena, -rt->n_threads);
     if (status != 0) {
         ember_set_error(rt, "step t%d_kv%d: a kernel found a bad index (code %d)", T, n_kv, status);
         return -1;
